@@ -1,0 +1,44 @@
+"""The root of fedge's exceptions, and the device runtime's own branch.
+
+Every package (toolkit, exporters, device_runtime, broker_server) raises only
+subclasses of its own base, and every base derives from ``FedgeError``. The CLI
+catches ``FedgeError``, prints its message on one line and exits with
+``exit_code``; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+# Exit codes shared by every package; README.md documents them.
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # bad argument, unknown name, malformed user file
+EXIT_DATA = 3  # dataset or input array unusable
+EXIT_CHECKPOINT = 4  # checkpoint missing, corrupt or inconsistent
+EXIT_MODEL = 5  # model cannot be built, traced or pruned
+EXIT_VERIFY = 6  # an artifact failed a hash, signature or parity check
+
+
+class FedgeError(Exception):
+    """Base of every error fedge reports to a user (one line, no traceback)."""
+
+    exit_code: int = EXIT_FAILURE
+
+
+class DeviceRuntimeError(FedgeError):
+    """Base of the device runtime's errors."""
+
+
+class ManifestError(DeviceRuntimeError):
+    """A manifest is missing, malformed, or names something that is not there."""
+
+    exit_code = EXIT_USAGE
+
+
+class ArtifactVerificationError(DeviceRuntimeError):
+    """An artifact's bytes do not match the manifest (sha256, size)."""
+
+    exit_code = EXIT_VERIFY
+
+
+class InputArrayError(DeviceRuntimeError):
+    """An input array does not fit the model (shape, dtype, finiteness)."""
+
+    exit_code = EXIT_DATA

@@ -1,0 +1,158 @@
+"""The export manifest, as a device reads it: schema checks and artifact verification.
+
+``manifest.json`` (format ``fedge-manifest/1``) lists per device profile the
+artifacts exported for it, each with its sha256. A device loads nothing whose
+bytes do not match. The exporters write this format; this module is the one
+reader, so a device needs neither torch nor the exporters to use it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from device_runtime.errors import ArtifactVerificationError, ManifestError
+
+FORMAT = "fedge-manifest/1"
+ROLES = ("full", "head", "tail", "base")
+PRECISIONS = ("fp32", "int8")
+FORMATS = ("onnx", "ort")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    role: str
+    index: int | None
+    precision: str
+    format: str
+    path: str
+    sha256: str
+    opset: int
+    params: int
+    macs: int
+    inputs: list
+    outputs: list
+    parity: dict
+
+    @classmethod
+    def from_json(cls, d: object, where: str) -> "Artifact":
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: expected an object, got {type(d).__name__}")
+        _expect(d, where, "role", str, ROLES)
+        _expect(d, where, "precision", str, PRECISIONS)
+        _expect(d, where, "format", str, FORMATS)
+        _expect(d, where, "path", str)
+        _expect(d, where, "sha256", str)
+        for key in ("opset", "params", "macs"):
+            _expect(d, where, key, int)
+        for key in ("inputs", "outputs"):
+            _expect(d, where, key, list)
+        if d.get("index") is not None and not isinstance(d["index"], int):
+            raise ManifestError(f"{where}.index: expected int or null, got {d['index']!r}")
+        if Path(d["path"]).is_absolute() or ".." in Path(d["path"]).parts:
+            raise ManifestError(f"{where}.path: expected a path inside the manifest's "
+                                f"folder, got {d['path']!r}")
+        return cls(d["role"], d.get("index"), d["precision"], d["format"], d["path"],
+                   d["sha256"], d["opset"], d["params"], d["macs"], d["inputs"],
+                   d["outputs"], dict(d.get("parity") or {}))
+
+
+def _expect(d: dict, where: str, key: str, typ: type, allowed: tuple | None = None) -> None:
+    if key not in d:
+        raise ManifestError(f"{where}: missing field {key!r}")
+    v = d[key]
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        raise ManifestError(f"{where}.{key}: expected {typ.__name__}, got {v!r}")
+    if allowed is not None and v not in allowed:
+        raise ManifestError(f"{where}.{key}: expected one of {', '.join(allowed)}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class DeviceEntry:
+    name: str
+    profile: dict
+    plan: dict
+    artifacts: list[Artifact]
+
+    def find(self, role: str = "full", precision: str = "fp32", fmt: str = "onnx",
+             index: int | None = None) -> Artifact:
+        for a in self.artifacts:
+            if (a.role, a.precision, a.format, a.index) == (role, precision, fmt, index):
+                return a
+        have = ", ".join(f"{a.role}/{a.precision}/{a.format}" for a in self.artifacts)
+        raise ManifestError(f"device {self.name}: no {role}/{precision}/{fmt} artifact "
+                            f"(has {have})")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path  # the folder that artifact paths are relative to
+    model: dict
+    devices: dict[str, DeviceEntry]
+
+    def device(self, name: str) -> DeviceEntry:
+        if name not in self.devices:
+            raise ManifestError(f"manifest has no device {name!r}; "
+                                f"has: {', '.join(self.devices)}")
+        return self.devices[name]
+
+    def path_of(self, artifact: Artifact) -> Path:
+        return self.root / artifact.path
+
+    def verify(self, artifact: Artifact) -> Path:
+        """The artifact's path, once its bytes match the manifest's sha256."""
+        path = self.path_of(artifact)
+        if not path.is_file():
+            raise ArtifactVerificationError(f"artifact {artifact.path} is missing")
+        digest = sha256_file(path)
+        if digest != artifact.sha256:
+            raise ArtifactVerificationError(
+                f"artifact {artifact.path} fails its sha256 check (manifest "
+                f"{artifact.sha256[:12]}..., file {digest[:12]}...)")
+        return path
+
+    def verify_all(self) -> int:
+        n = 0
+        for entry in self.devices.values():
+            for a in entry.artifacts:
+                self.verify(a)
+                n += 1
+        return n
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"manifest {path} is not readable JSON: {e}") from None
+    where = f"manifest {path.name}"
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ManifestError(f"{where}.format: expected {FORMAT!r}, got {got!r}")
+    _expect(data, where, "model", dict)
+    _expect(data, where, "devices", dict)
+    devices = {}
+    for name, entry in data["devices"].items():
+        w = f"{where}.devices.{name}"
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{w}: expected an object")
+        _expect(entry, w, "artifacts", list)
+        arts = [Artifact.from_json(a, f"{w}.artifacts[{i}]")
+                for i, a in enumerate(entry["artifacts"])]
+        devices[name] = DeviceEntry(name, dict(entry.get("profile") or {}),
+                                    dict(entry.get("plan") or {}), arts)
+    return Manifest(path.parent, data["model"], devices)

@@ -1,0 +1,172 @@
+"""Export one device's prepared model as verified artifacts, and write the manifest.
+
+For each part (full model, head and tail at the split point) an fp32 ONNX
+file; for the full model an int8 static QDQ copy; for mobile profiles ORT
+format copies. Every file is checked against torch before it is listed, and a
+failed check stops the export with an error naming the artifact.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from device_runtime.manifest import FORMAT, sha256_file
+from device_runtime.session import open_session, run
+from exporters.errors import ParityError
+from exporters.int8 import CALIBRATIONS, quantize_int8
+from exporters.onnx_fp32 import export_fp32, onnx_opset
+from exporters.ort_format import convert_to_ort
+from exporters.parity import ParityBounds, check_fp32, check_int8, compare, int8_failure
+
+NAMES = {"full": ("x", "logits"), "head": ("x", "act"), "tail": ("act", "logits"),
+         "base": ("x", "logits")}
+
+
+@dataclass
+class Part:
+    role: str  # "full" | "head" | "tail" | "base"
+    module: nn.Module
+    macs: int
+    params: int
+    index: int | None = None
+
+
+@dataclass
+class VariantRequest:
+    name: str  # the device profile; also the artifact folder
+    parts: list[Part]
+    opset: int
+    mobile: bool = False
+    int8: bool = True
+    metadata: dict = field(default_factory=dict)  # model config etc., into every file
+
+
+@dataclass(frozen=True)
+class ParityData:
+    calib_x: np.ndarray  # training samples for int8 calibration
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+@torch.no_grad()
+def _torch_out(module: nn.Module, x: np.ndarray) -> np.ndarray:
+    module.eval()
+    return module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+
+def _io(path: Path) -> tuple[list, list]:
+    s = open_session(path, threads=1)
+    conv = {"tensor(float)": "float32", "tensor(int64)": "int64"}
+    io = [[{"name": a.name, "shape": [d if isinstance(d, int) else str(d) for d in a.shape],
+            "dtype": conv.get(a.type, a.type)} for a in args]
+          for args in (s.get_inputs(), s.get_outputs())]
+    return io[0], io[1]
+
+
+def _record(root: Path, path: Path, part: Part, precision: str, fmt: str, opset: int,
+            parity: dict) -> dict:
+    inputs, outputs = _io(path)
+    return {"role": part.role, "index": part.index, "precision": precision, "format": fmt,
+            "path": path.relative_to(root).as_posix(), "sha256": sha256_file(path),
+            "opset": opset, "params": part.params, "macs": part.macs,
+            "inputs": inputs, "outputs": outputs, "parity": parity}
+
+
+def _stem(part: Part) -> str:
+    return part.role if part.index is None else f"{part.role}{part.index}"
+
+
+def export_variant(req: VariantRequest, data: ParityData, root: str | Path,
+                   bounds: ParityBounds = ParityBounds()) -> list[dict]:
+    """Write and verify every artifact of one device; manifest records in return."""
+    root = Path(root)
+    folder = root / req.name
+    records, ref_in = [], {"x": data.test_x}
+    for part in req.parts:
+        inp, outp = NAMES[part.role]
+        x = ref_in[inp]
+        ref = _torch_out(part.module, x)
+        if outp == "act":
+            ref_in["act"] = ref
+        meta = dict(req.metadata, **{"fedge.role": part.role, "fedge.device": req.name})
+        path = export_fp32(part.module, torch.from_numpy(x[:2]), folder /
+                           f"{_stem(part)}.fp32.onnx", req.opset, inp, outp, meta)
+        out = run(open_session(path, threads=1), x)
+        parity = compare(ref, out, data.test_y if outp == "logits" else None)
+        check_fp32(f"{req.name}/{path.name}", parity, bounds)
+        records.append(_record(root, path, part, "fp32", "onnx", req.opset, parity))
+        if req.mobile:
+            records.append(_ort_copy(root, path, part, x, ref, data, bounds, check_fp32))
+        if req.int8 and part.role in ("full", "base"):
+            q = _int8(root, path, part, data, ref, meta, bounds)
+            records.append(q)
+            if req.mobile:
+                records.append(_ort_copy(root, root / q["path"], part, x, ref, data,
+                                         bounds, check_int8, precision="int8"))
+    _check_chain(req, root, records, data, bounds)
+    return records
+
+
+def _int8(root: Path, fp32_path: Path, part: Part, data: ParityData, ref: np.ndarray,
+          meta: dict, bounds: ParityBounds) -> dict:
+    out_path = fp32_path.with_name(f"{_stem(part)}.int8.onnx")
+    why = ""
+    for method in CALIBRATIONS:
+        quantize_int8(fp32_path, out_path, data.calib_x, method, meta)
+        parity = compare(ref, run(open_session(out_path, threads=1), data.test_x), data.test_y)
+        why = int8_failure(parity, bounds)
+        if why is None:
+            parity["calibration"] = method.name
+            opset = onnx_opset(onnx.load(str(out_path)))
+            return _record(root, out_path, part, "int8", "onnx", opset, parity)
+    out_path.unlink(missing_ok=True)
+    raise ParityError(f"artifact {out_path.relative_to(root)} fails parity with every "
+                      f"calibration method: {why}")
+
+
+def _ort_copy(root: Path, src: Path, part: Part, x: np.ndarray, ref: np.ndarray,
+              data: ParityData, bounds: ParityBounds, check, precision: str = "fp32") -> dict:
+    dst = convert_to_ort(src, src.with_suffix(".ort"))
+    parity = compare(ref, run(open_session(dst, threads=1), x),
+                     data.test_y if ref.ndim == 2 and part.role != "head" else None)
+    check(f"{dst.relative_to(root)}", parity, bounds)
+    opset = onnx_opset(onnx.load(str(src)))
+    return _record(root, dst, part, precision, "ort", opset, parity)
+
+
+def _check_chain(req: VariantRequest, root: Path, records: list[dict], data: ParityData,
+                 bounds: ParityBounds) -> None:
+    """Head then tail (both in ONNX Runtime) must equal the full model."""
+    paths = {r["role"]: root / r["path"] for r in records
+             if r["precision"] == "fp32" and r["format"] == "onnx"}
+    if not {"full", "head", "tail"} <= set(paths):
+        return
+    act = run(open_session(paths["head"], threads=1), data.test_x)
+    chained = run(open_session(paths["tail"], threads=1), act)
+    full = run(open_session(paths["full"], threads=1), data.test_x)
+    parity = compare(full, chained, data.test_y)
+    check_fp32(f"{req.name}/head+tail", parity, bounds)
+    for r in records:
+        if r["role"] == "tail" and r["format"] == "onnx":
+            r["parity"]["chain_max_abs_err"] = parity["max_abs_err"]
+
+
+def write_manifest(root: str | Path, model: dict, devices: dict[str, dict]) -> Path:
+    """Write ``root/manifest.json`` atomically; ``devices[name]`` has profile, plan, artifacts."""
+    root = Path(root)
+    path = root / "manifest.json"
+    tmp = path.with_name("manifest.json.tmp")
+    body = {"format": FORMAT, "model": model, "devices": devices}
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(body, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

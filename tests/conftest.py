@@ -1,0 +1,70 @@
+"""Shared fixtures: real MNIST-1D, a real trained checkpoint, a real fleet export."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mnist1d():
+    from toolkit.datasets import load_mnist1d
+
+    return load_mnist1d()
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory, mnist1d):
+    """A cnn1d trained on MNIST-1D (short schedule, ~97% test accuracy)."""
+    import numpy as np
+    import torch
+
+    from toolkit import checkpoint, datasets, train, zoo
+
+    ds = mnist1d
+    cfg = zoo.make_config("cnn", ds.sample_shape, 10, 1.0, float(np.mean(ds.x_train)),
+                          float(np.std(ds.x_train)))
+    torch.manual_seed(0)
+    model = zoo.build_model(cfg)
+    train.train(model, ds.x_train, ds.y_train, train.TrainOptions(epochs=15, seed=0))
+    acc = train.accuracy(model, ds.x_test, ds.y_test)
+    path = tmp_path_factory.mktemp("ckpt") / "cnn.safetensors"
+    checkpoint.save(checkpoint.Checkpoint(cfg, model, dataset=datasets.DatasetSpec("mnist1d"),
+                                          metrics={"test_accuracy": acc}), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fleet_export(tmp_path_factory, trained_ckpt, mnist1d):
+    """Every built-in profile exported from the trained checkpoint."""
+    from toolkit import checkpoint
+    from toolkit.fleet import ExportOptions, export_fleet
+    from toolkit.profiles import ProfileCatalogue
+
+    out = tmp_path_factory.mktemp("export") / "fleet"
+    profiles = ProfileCatalogue.load().select("all")
+    return export_fleet(checkpoint.load(trained_ckpt), profiles, out, mnist1d,
+                        ExportOptions(finetune_epochs=3))
+
+
+def run_fedge(*args: str, cwd: Path | None = None, env: dict | None = None):
+    """Run the real ``fedge`` entry point in a subprocess (exit code, stdout, stderr)."""
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    p = subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True,
+                       text=True, cwd=cwd or ROOT, env=full_env, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_one_line_error(code: int, stderr: str, expected_code: int, *needles: str):
+    """A user mistake: the expected exit code, one line on stderr, no traceback."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert code == expected_code, (code, stderr)
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

@@ -1,0 +1,6 @@
+"""``python -m toolkit`` is the ``fedge`` command."""
+import sys
+
+from toolkit.cli.main import main
+
+sys.exit(main())

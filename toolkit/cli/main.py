@@ -1,0 +1,48 @@
+"""The ``fedge`` command: subcommands, and the one place errors become exit codes.
+
+Every subcommand lives in a small module with ``add(subparsers)`` that sets
+``func``; its heavy imports happen inside ``func`` so that device commands run
+with only ``fedge[device]`` installed. A ``FedgeError`` prints one line and
+exits with its ``exit_code``; argument mistakes exit 2, also on one line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from device_runtime.errors import EXIT_USAGE, FedgeError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from toolkit.cli import data_cmds, model_cmds
+
+    parser = _Parser(prog="fedge", description="Federated learning and inference on "
+                     "fleets of small devices.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for module in (data_cmds, model_cmds):
+        module.add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except FedgeError as e:
+        print(f"fedge {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"fedge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

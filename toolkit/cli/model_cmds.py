@@ -1,0 +1,105 @@
+"""``fedge pretrain`` and ``fedge export``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="centralized training (EcoFed's public "
+                       "pre-training and the centralized baseline)")
+    p.add_argument("--dataset", required=True, help="mnist1d, digits or a .npz file")
+    p.add_argument("--model", default="cnn", help="cnn, cnn1d, cnn2d or module:callable")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="checkpoint file (.safetensors)")
+    p.set_defaults(func=pretrain)
+
+    p = sub.add_parser("export", help="per-device variants as verified ONNX artifacts")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--profiles", default="all", help="comma list of profiles, or all")
+    p.add_argument("--profiles-file", help="TOML file adding or overriding profiles")
+    p.add_argument("--dataset", help="calibration/test data (default: the checkpoint's)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--split-after", type=int, default=None,
+                   help="force the split point (stage boundary) for every device")
+    p.add_argument("--min-macs-fraction", type=float, default=0.2)
+    p.add_argument("--no-int8", action="store_true")
+    p.set_defaults(func=export)
+
+
+def _positive(name: str, value: float) -> None:
+    from toolkit.errors import UsageError
+
+    if value <= 0:
+        raise UsageError(f"--{name}: expected > 0, got {value}")
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from toolkit import checkpoint, datasets, train, zoo
+
+    for name in ("epochs", "batch_size", "lr", "width"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    spec = datasets.spec_for(args.dataset)
+    ds = datasets.load(spec)
+    cfg = zoo.make_config(args.model, ds.sample_shape, ds.num_classes, args.width,
+                          float(np.mean(ds.x_train)), float(np.std(ds.x_train)) or 1.0)
+    torch.manual_seed(args.seed)
+    model = zoo.build_model(cfg)
+    t0 = time.time()
+    opts = train.TrainOptions(args.epochs, args.batch_size, args.lr, seed=args.seed)
+    train.train(model, ds.x_train, ds.y_train, opts,
+                on_epoch=lambda e, loss: print(f"\repoch {e + 1}/{args.epochs} loss {loss:.4f}",
+                                               end="", file=sys.stderr, flush=True))
+    print(file=sys.stderr)
+    acc = train.accuracy(model, ds.x_test, ds.y_test)
+    metrics = {"test_accuracy": acc, "train_seconds": round(time.time() - t0, 2),
+               "epochs": args.epochs, "seed": args.seed}
+    checkpoint.save(checkpoint.Checkpoint(cfg, model, dataset=spec, metrics=metrics), args.out)
+    print(f"{cfg.arch} width {cfg.width} on {ds.name}: test accuracy {acc:.4f}; "
+          f"wrote {args.out}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from toolkit import checkpoint, datasets
+    from toolkit.fleet import ExportOptions, export_fleet
+    from toolkit.plan import PlanOptions
+    from toolkit.profiles import ProfileCatalogue
+
+    profiles = ProfileCatalogue.load(args.profiles_file).select(args.profiles)
+    ckpt = checkpoint.load(args.checkpoint)
+    ds = datasets.load(args.dataset) if args.dataset else None
+    opts = ExportOptions(plan=PlanOptions(min_macs_fraction=args.min_macs_fraction,
+                                          split_after=args.split_after),
+                         finetune_epochs=args.finetune_epochs, int8=not args.no_int8)
+    t0 = time.time()
+    path = export_fleet(ckpt, profiles, args.out, ds, opts,
+                        progress=lambda name: print(f"exporting {name}", flush=True))
+    _summary(path)
+    print(f"wrote {path} in {time.time() - t0:.1f}s")
+    return 0
+
+
+def _summary(path) -> None:
+    from device_runtime.manifest import load_manifest
+
+    m = load_manifest(path)
+    for name, dev in m.devices.items():
+        full = dev.find("full")
+        acc = full.parity.get("accuracy", float("nan"))
+        q = next((a for a in dev.artifacts if a.precision == "int8" and a.format == "onnx"),
+                 None)
+        qacc = f"{q.parity['accuracy']:.4f}" if q else "-"
+        print(f"{name:18s} prune {dev.plan['prune_ratio']:.2f}  MACs {full.macs:>9,}  "
+              f"params {full.params:>7,}  opset {full.opset}  acc fp32 {acc:.4f} int8 {qacc}  "
+              f"split after {dev.plan['split']['after'] if dev.plan.get('split') else '-'}")

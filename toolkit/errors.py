@@ -1,0 +1,44 @@
+"""The toolkit's exceptions; each maps to a CLI exit code (see device_runtime.errors)."""
+from __future__ import annotations
+
+from device_runtime.errors import (
+    EXIT_CHECKPOINT,
+    EXIT_DATA,
+    EXIT_MODEL,
+    EXIT_USAGE,
+    FedgeError,
+)
+
+
+class ToolkitError(FedgeError):
+    """Base of the toolkit's errors."""
+
+
+class UsageError(ToolkitError):
+    """A bad argument or an unknown name."""
+
+    exit_code = EXIT_USAGE
+
+
+class ProfileError(ToolkitError):
+    """An unknown device profile or a malformed profiles file."""
+
+    exit_code = EXIT_USAGE
+
+
+class DatasetError(ToolkitError):
+    """A dataset cannot be loaded or is inconsistent."""
+
+    exit_code = EXIT_DATA
+
+
+class CheckpointError(ToolkitError):
+    """A checkpoint is missing, corrupt, or does not match its config."""
+
+    exit_code = EXIT_CHECKPOINT
+
+
+class ModelError(ToolkitError):
+    """A model cannot be built, traced, pruned or split."""
+
+    exit_code = EXIT_MODEL

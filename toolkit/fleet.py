@@ -1,0 +1,111 @@
+"""Export a checkpoint for a fleet: plan, prepare and export every device's variant.
+
+Orchestration only; the decisions live in plan.py, the edits in prepare.py
+and pruning.py, the files in exporters/. Everything is written to a staging
+folder and moved into place only when every artifact has passed its checks,
+so a failed export leaves the output folder as it was.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from exporters.parity import ParityBounds
+from exporters.variant import ParityData, Part, VariantRequest, export_variant, write_manifest
+from toolkit import datasets
+from toolkit.checkpoint import Checkpoint, example_input
+from toolkit.errors import CheckpointError, UsageError
+from toolkit.plan import PlanOptions, plan_fleet
+from toolkit.prepare import Variant, prepare_variant
+from toolkit.profiles import DeviceProfile
+from toolkit.pruning import count_macs
+from toolkit.train import TrainOptions
+from toolkit.zoo import split
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    finetune_epochs: int = 5  # short fine-tuning of pruned variants on the server's data
+    calib_samples: int = 512
+    int8: bool = True
+    bounds: ParityBounds = field(default_factory=ParityBounds)
+    seed: int = 0
+
+
+def _parts(v: Variant, example) -> list[Part]:
+    parts = [Part("full", v.model, v.plan.macs, v.plan.params)]
+    if v.plan.split is not None:
+        head, tail = split(v.model, v.plan.split.after)
+        hm, hp = count_macs(head, example)
+        tm, tp = count_macs(tail, head(example))
+        parts += [Part("head", head, hm, hp), Part("tail", tail, tm, tp)]
+    return parts
+
+
+def export_fleet(ckpt: Checkpoint, profiles: list[DeviceProfile], out: str | Path,
+                 ds: datasets.Dataset | None = None, opts: ExportOptions = ExportOptions(),
+                 progress: Callable[[str], None] | None = None) -> Path:
+    """Write ``out/manifest.json`` and every device's artifacts; returns the manifest path."""
+    out = Path(out)
+    _check_target(out)
+    if ds is None:
+        if ckpt.dataset is None:
+            raise CheckpointError("checkpoint records no dataset; name one with --dataset")
+        ds = datasets.load(ckpt.dataset)
+    if ds.sample_shape != tuple(ckpt.config.input_shape):
+        raise UsageError(f"dataset {ds.name} has samples of shape {ds.sample_shape}, the "
+                         f"model takes {tuple(ckpt.config.input_shape)}")
+    rng = np.random.default_rng(opts.seed)
+    calib = ds.x_train[rng.permutation(len(ds.x_train))[:opts.calib_samples]]
+    data = ParityData(calib, ds.x_test, ds.y_test)
+    example = example_input(ckpt.config)
+    full_macs, full_params = count_macs(ckpt.model, example)
+    plans = plan_fleet(profiles, full_macs, full_params, opts.plan)
+    ft = TrainOptions(epochs=opts.finetune_epochs, lr=2e-3, seed=opts.seed)
+    model_json = {"config": ckpt.config.to_json(), "macs": full_macs, "params": full_params,
+                  "prune": ckpt.prune.to_json(), "metrics": ckpt.metrics}
+    devices = {}
+    staging = Path(tempfile.mkdtemp(prefix=".fedge-export-", dir=out.parent))
+    try:
+        for p in profiles:
+            if progress:
+                progress(p.name)
+            v = prepare_variant(ckpt, p, plans[p.name], ft, (ds.x_train, ds.y_train),
+                                opts.plan.split_after)
+            meta = {"fedge.config": ckpt.config.to_json(), "fedge.prune": v.record.to_json()}
+            req = VariantRequest(p.name, _parts(v, example), v.plan.opset, p.mobile,
+                                 opts.int8, meta)
+            devices[p.name] = {"profile": p.to_json(), "plan": v.plan.to_json(),
+                               "artifacts": export_variant(req, data, staging, opts.bounds)}
+        write_manifest(staging, model_json, devices)
+        _replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "manifest.json"
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists():
+        raise UsageError(f"--out {out} is a non-empty folder without a manifest.json; "
+                         "refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Swap the finished staging folder in for ``out`` (an old export is replaced whole)."""
+    if out.exists():
+        old = out.with_name(out.name + ".old-fedge")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
