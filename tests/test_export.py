@@ -140,3 +140,14 @@ def test_export_refuses_to_overwrite_a_foreign_folder(trained_ckpt, tmp_path, ca
                  "--out", str(tmp_path)])
     assert_one_line_error(code, capsys.readouterr().err, 2, "refusing to overwrite")
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_unpruned_variant_computes_exactly_the_checkpoint(fleet_export, trained_ckpt, mnist1d):
+    """Export must not disturb the model (e.g. BatchNorm statistics) on its way out."""
+    from toolkit import checkpoint
+    from toolkit.train import predict_logits
+
+    ref = predict_logits(checkpoint.load(trained_ckpt).model, mnist1d.x_test)
+    m = load_manifest(fleet_export)
+    out = run(open_session(m.verify(m.device("jetson-orin-nano").find())), mnist1d.x_test)
+    assert np.max(np.abs(out - ref)) <= 1e-4

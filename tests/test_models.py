@@ -126,3 +126,15 @@ def test_pretrain_cli_user_module_on_digits(tmp_path, capsys):
     assert ck.config.arch == "custom" and ck.metrics["test_accuracy"] > 0.5
     x = np.zeros((2, 8, 8), np.float32)
     assert ck.model(torch.from_numpy(x)).shape == (2, 10)
+
+
+def test_counting_macs_of_a_split_keeps_batchnorm_in_eval_mode():
+    from toolkit.zoo import split
+
+    m = zoo.build_model(_cfg()).eval()
+    head, tail = split(m, 2)
+    count_macs(head, torch.zeros(1, 40))
+    assert not any(mod.training for mod in m.modules())
+    before = m.stages[0][2].running_mean.clone()
+    head(torch.randn(4, 40))
+    assert torch.equal(m.stages[0][2].running_mean, before)

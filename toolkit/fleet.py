@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from exporters.parity import ParityBounds
 from exporters.variant import ParityData, Part, VariantRequest, export_variant, write_manifest
@@ -43,15 +44,21 @@ def _parts(v: Variant, example) -> list[Part]:
     if v.plan.split is not None:
         head, tail = split(v.model, v.plan.split.after)
         hm, hp = count_macs(head, example)
-        tm, tp = count_macs(tail, head(example))
+        with torch.no_grad():
+            act = head(example)
+        tm, tp = count_macs(tail, act)
         parts += [Part("head", head, hm, hp), Part("tail", tail, tm, tp)]
     return parts
 
 
 def export_fleet(ckpt: Checkpoint, profiles: list[DeviceProfile], out: str | Path,
                  ds: datasets.Dataset | None = None, opts: ExportOptions = ExportOptions(),
-                 progress: Callable[[str], None] | None = None) -> Path:
-    """Write ``out/manifest.json`` and every device's artifacts; returns the manifest path."""
+                 progress: Callable[[str], None] | None = None,
+                 on_variant: Callable[[Variant], None] | None = None) -> Path:
+    """Write ``out/manifest.json`` and every device's artifacts; returns the manifest path.
+
+    ``on_variant`` sees each prepared torch model (benchmarks compare it with ORT).
+    """
     out = Path(out)
     _check_target(out)
     if ds is None:
@@ -78,6 +85,8 @@ def export_fleet(ckpt: Checkpoint, profiles: list[DeviceProfile], out: str | Pat
                 progress(p.name)
             v = prepare_variant(ckpt, p, plans[p.name], ft, (ds.x_train, ds.y_train),
                                 opts.plan.split_after)
+            if on_variant:
+                on_variant(v)
             meta = {"fedge.config": ckpt.config.to_json(), "fedge.prune": v.record.to_json()}
             req = VariantRequest(p.name, _parts(v, example), v.plan.opset, p.mobile,
                                  opts.int8, meta)

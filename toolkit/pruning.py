@@ -46,15 +46,19 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     """(MACs, parameters) of one forward pass on ``example``."""
     import torch_pruning as tp
 
-    was_training = model.training
+    # Restore each module's own mode: a container's train() would flip shared
+    # BatchNorm layers into training mode and let the next forward corrupt their stats.
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        macs, params = tp.utils.count_ops_and_params(model, example)
+        with torch.no_grad():
+            macs, params = tp.utils.count_ops_and_params(model, example)
     except Exception as e:
         raise ModelError(f"cannot count MACs of {type(model).__name__}: "
                          f"{type(e).__name__}: {e}") from None
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     return int(macs), int(params)
 
 

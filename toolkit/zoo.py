@@ -217,4 +217,6 @@ def split(model: nn.Module, after: int) -> tuple[nn.Module, nn.Module]:
         raise ModelError("model has no 'stages' ModuleList, so it cannot be split")
     if not 1 <= after < len(stages):
         raise ModelError(f"split point: expected 1..{len(stages) - 1}, got {after}")
-    return nn.Sequential(*stages[:after]), nn.Sequential(*stages[after:])
+    head, tail = nn.Sequential(*stages[:after]), nn.Sequential(*stages[after:])
+    head.training = tail.training = model.training  # containers only; children keep theirs
+    return head, tail

@@ -29,6 +29,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-after", type=int, default=None,
                    help="force the split point (stage boundary) for every device")
     p.add_argument("--min-macs-fraction", type=float, default=0.2)
+    p.add_argument("--reference-gflops", type=float, default=None,
+                   help="compute at which a device gets the full model "
+                        "(default: the strongest device of the fleet)")
     p.add_argument("--no-int8", action="store_true")
     p.set_defaults(func=export)
 
@@ -79,7 +82,14 @@ def export(args: argparse.Namespace) -> int:
     profiles = ProfileCatalogue.load(args.profiles_file).select(args.profiles)
     ckpt = checkpoint.load(args.checkpoint)
     ds = datasets.load(args.dataset) if args.dataset else None
+    if args.reference_gflops is not None:
+        _positive("reference-gflops", args.reference_gflops)
+    if not 0 < args.min_macs_fraction <= 1:
+        from toolkit.errors import UsageError
+
+        raise UsageError(f"--min-macs-fraction: expected in (0, 1], got {args.min_macs_fraction}")
     opts = ExportOptions(plan=PlanOptions(min_macs_fraction=args.min_macs_fraction,
+                                          reference_gflops=args.reference_gflops,
                                           split_after=args.split_after),
                          finetune_epochs=args.finetune_epochs, int8=not args.no_int8)
     t0 = time.time()
