@@ -4,6 +4,17 @@ Imports only numpy, onnxruntime and paho-mqtt at module level, so that
 ``pip install fedge[device]`` on a Raspberry Pi or phone is enough. Torch is
 imported only inside the local-training path.
 """
+from __future__ import annotations
+
 from device_runtime.errors import FedgeError
 
-__all__ = ["FedgeError"]
+__all__ = ["FedgeError", "Predictor"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that a device that only relays frames never loads onnxruntime.
+    if name == "Predictor":
+        from device_runtime.predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'device_runtime' has no attribute {name!r}")

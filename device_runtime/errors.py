@@ -38,7 +38,19 @@ class ArtifactVerificationError(DeviceRuntimeError):
     exit_code = EXIT_VERIFY
 
 
+class ModelBuildError(DeviceRuntimeError):
+    """A model cannot be built from its config (unknown arch, bad factory)."""
+
+    exit_code = EXIT_MODEL
+
+
 class InputArrayError(DeviceRuntimeError):
     """An input array does not fit the model (shape, dtype, finiteness)."""
+
+    exit_code = EXIT_DATA
+
+
+class WireError(DeviceRuntimeError):
+    """A frame or chunk is malformed, inconsistent, or not what the receiver expects."""
 
     exit_code = EXIT_DATA

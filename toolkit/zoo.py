@@ -1,70 +1,22 @@
-"""The model zoo: width-scalable CNNs for MNIST-1D and digits, and user modules.
+"""The model zoo, server side: naming models, splitting them, finding their classifier.
 
-A zoo model is a chain of *stages* (``model.stages``, run in order). The first
-stage owns input normalization, so exported graphs take raw float32 features;
-the last stage is the classifier. Split points are the boundaries between
-stages, and every channel count scales with ``width`` (SplitMix trains bases
-of width r, the planner prunes from width 1).
-
-A user model is any ``nn.Module`` built by a ``module:callable`` factory; give
-it a ``stages`` ``nn.ModuleList`` run in order to make it splittable.
+The definitions themselves live in ``device_runtime.training.models`` because
+devices that train locally build the same models from the job's config.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import json
-from dataclasses import dataclass, field
-
-import torch
 from torch import nn
 
+from device_runtime.training.models import (  # noqa: F401  (re-exported)
+    ARCHS,
+    Classifier,
+    ModelConfig,
+    Normalize,
+    StagedNet,
+    build_model,
+    scaled,
+)
 from toolkit.errors import ModelError
-
-# Base channel counts at width 1, per architecture.
-ARCHS = {
-    "cnn1d": {"channels": (32, 64, 128, 128), "kernels": (5, 3, 3, 3), "strides": (1, 2, 2, 2)},
-    "cnn2d": {"channels": (16, 32, 64), "kernels": (3, 3, 3), "strides": (1, 2, 2)},
-}
-ALIASES = {"cnn": None}  # resolved by the input rank: 1-D -> cnn1d, 2-D -> cnn2d
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a model; saved in every checkpoint and artifact."""
-
-    arch: str  # "cnn1d" | "cnn2d" | "custom"
-    input_shape: tuple[int, ...]  # one sample, as the dataset returns it
-    num_classes: int
-    width: float = 1.0
-    norm_mean: float = 0.0
-    norm_std: float = 1.0
-    factory: str | None = None  # "package.module:callable" for arch "custom"
-    kwargs: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["input_shape"] = list(self.input_shape)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ModelError(f"model config: unknown field {sorted(unknown)[0]!r}")
-        d = dict(d)
-        d["input_shape"] = tuple(d.get("input_shape", ()))
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ModelError(f"model config: {e}") from None
-
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
-
-    def __hash__(self) -> int:  # kwargs is a dict; hash the JSON form
-        return hash(json.dumps(self.to_json(), sort_keys=True))
 
 
 def resolve_arch(name: str, input_shape: tuple[int, ...]) -> str:
@@ -91,108 +43,6 @@ def make_config(name: str, input_shape: tuple[int, ...], num_classes: int,
         raise ModelError(f"width: expected > 0, got {width}")
     return ModelConfig(arch, tuple(input_shape), num_classes, width, float(norm_mean),
                        float(norm_std), name if arch == "custom" else None, dict(kwargs))
-
-
-class Normalize(nn.Module):
-    """Raw features -> standardized, reshaped to (N, 1, *sample) for the convs."""
-
-    def __init__(self, mean: float, std: float, sample_shape: tuple[int, ...]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("inv_std", torch.tensor(1.0 / std, dtype=torch.float32))
-        self.sample_shape = tuple(sample_shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.mean) * self.inv_std).reshape(-1, 1, *self.sample_shape)
-
-
-class Classifier(nn.Module):
-    """Flatten + linear; never pruned (its outputs are the classes)."""
-
-    def __init__(self, in_features: int, num_classes: int):
-        super().__init__()
-        self.fc = nn.Linear(in_features, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(x, 1))
-
-
-class StagedNet(nn.Module):
-    """A model that is a chain of stages; split points are stage boundaries."""
-
-    def __init__(self, stages: list[nn.Module]):
-        super().__init__()
-        self.stages = nn.ModuleList(stages)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self.stages:
-            x = stage(x)
-        return x
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.stages[-1].fc
-
-
-def _conv_block(dims: int, cin: int, cout: int, k: int, s: int) -> list[nn.Module]:
-    conv = nn.Conv1d if dims == 1 else nn.Conv2d
-    bn = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
-    return [conv(cin, cout, k, stride=s, padding=k // 2, bias=False), bn(cout), nn.ReLU()]
-
-
-def _out_len(n: int, k: int, s: int) -> int:
-    return (n + 2 * (k // 2) - k) // s + 1
-
-
-def scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
-
-
-def build_cnn(cfg: ModelConfig) -> StagedNet:
-    spec = ARCHS[cfg.arch]
-    dims = 1 if cfg.arch == "cnn1d" else 2
-    if len(cfg.input_shape) != dims:
-        raise ModelError(f"model {cfg.arch}: expects {dims}-D samples, got shape "
-                         f"{cfg.input_shape}")
-    stages: list[nn.Module] = []
-    cin, size = 1, list(cfg.input_shape)
-    for i, (c, k, s) in enumerate(zip(spec["channels"], spec["kernels"], spec["strides"])):
-        cout = scaled(c, cfg.width)
-        layers = _conv_block(dims, cin, cout, k, s)
-        if i == 0:
-            layers.insert(0, Normalize(cfg.norm_mean, cfg.norm_std, cfg.input_shape))
-        stages.append(nn.Sequential(*layers))
-        cin, size = cout, [_out_len(n, k, s) for n in size]
-    flat = cin
-    for n in size:
-        flat *= n
-    stages.append(Classifier(flat, cfg.num_classes))
-    return StagedNet(stages)
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """A fresh (untrained) model for ``cfg``."""
-    if cfg.arch in ARCHS:
-        return build_cnn(cfg)
-    if cfg.arch == "custom":
-        return _build_custom(cfg)
-    raise ModelError(f"unknown model arch {cfg.arch!r}; valid: {', '.join(ARCHS)}, custom")
-
-
-def _build_custom(cfg: ModelConfig) -> nn.Module:
-    mod_name, _, fn_name = (cfg.factory or "").partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ModelError(f"model factory {cfg.factory!r} cannot be imported: {e}") from None
-    try:
-        model = fn(input_shape=cfg.input_shape, num_classes=cfg.num_classes, **cfg.kwargs)
-    except Exception as e:  # user code: report it, do not crash
-        raise ModelError(f"model factory {cfg.factory!r} failed: {type(e).__name__}: {e}") from None
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model factory {cfg.factory!r} returned {type(model).__name__}, "
-                         "not an nn.Module")
-    return model
 
 
 def stages_of(model: nn.Module) -> list[nn.Module] | None:

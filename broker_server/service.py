@@ -1,0 +1,272 @@
+"""The aggregator service: rounds over MQTT with deadlines, quorum and checkpoints.
+
+One ``run()`` loop: publish the plan, wait for devices, and per round publish
+the model (retained, once per variant), send each assigned device its task,
+collect and validate updates until all are in or the deadline passes with a
+quorum, aggregate with the strategy, checkpoint, repeat. Transport callbacks
+only enqueue; everything happens on the loop's thread, so no state is shared.
+A malformed or unexpected message is logged and counted, never fatal.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from broker_server.errors import BrokerServerError
+from broker_server.state import ServerState, StateStore
+from broker_server.strategies import DeviceInfo, Update, create
+from device_runtime import codecs, messages, wire
+from device_runtime.codecs import CodecContext
+from device_runtime.errors import FedgeError, WireError
+from device_runtime.topics import Topics
+from device_runtime.transport.base import Transport
+
+log = logging.getLogger("fedge.server")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    job: str
+    state_dir: Path
+    strategy: str = "fedavg"
+    codec: str = "fp32"
+    rounds: int = 10
+    min_devices: int = 2
+    round_timeout: float = 60.0
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    seed: int = 0
+    wait_timeout: float | None = None  # for the first min_devices; None waits forever
+
+
+@dataclass
+class RoundState:
+    number: int
+    assigned: dict[str, messages.Task] = field(default_factory=dict)
+    accepted: dict[str, Update] = field(default_factory=dict)
+    deadline: float = 0.0
+    started: float = 0.0
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    model_sha: dict[str, str] = field(default_factory=dict)
+    model_bytes: dict[str, int] = field(default_factory=dict)
+
+
+class Aggregator:
+    def __init__(self, transport: Transport, opts: ServeOptions, model_config: dict,
+                 initial_weights: dict, evaluate: Callable[[dict], float] | None = None,
+                 on_round: Callable[[dict], None] | None = None):
+        self.t, self.opts = transport, opts
+        self.topics = Topics(opts.job)
+        self.codec = codecs.get(opts.codec)
+        self.strategy = create(opts.strategy, epochs=opts.epochs, batch_size=opts.batch_size,
+                               lr=opts.lr)
+        self.model_config = model_config
+        self.evaluate, self.on_round = evaluate, on_round
+        self.store = StateStore(opts.state_dir, opts.job)
+        self.state, saved = self.store.load()
+        self.weights = saved if saved is not None else initial_weights
+        self.resumed_from = self.state.completed
+        if saved is not None:
+            self.strategy.load_state(self.state.extra)
+        self.shapes = {k: tuple(v.shape) for k, v in self.weights.items()}
+        self.devices: dict[str, messages.Status] = {}
+        self.rejected: list[dict] = []
+        self.duplicates = 0
+        self.events: queue.Queue = queue.Queue()
+        self.round: RoundState | None = None
+
+    # --- transport side: enqueue only ------------------------------------------
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        self.events.put((topic, payload))
+
+    def _reject(self, where: dict, why: str) -> None:
+        log.warning("rejected %s from %s: %s", where.get("kind"), where.get("device"), why)
+        self.rejected.append({"round": where.get("round"), "device": where.get("device"),
+                              "kind": where.get("kind"), "reason": why})
+
+    # --- the loop ---------------------------------------------------------------
+    def run(self) -> dict:
+        plan = messages.Plan(self.opts.job, self.opts.strategy, self.opts.codec,
+                             self.opts.rounds, self.model_config, self.opts.min_devices,
+                             self.opts.round_timeout,
+                             {"epochs": self.opts.epochs, "batch_size": self.opts.batch_size,
+                              "lr": self.opts.lr},
+                             {"full": {"tensors": {k: list(s) for k, s in self.shapes.items()}}})
+        self.t.on_error = lambda topic, why: self._reject({"kind": "chunk", "topic": topic}, why)
+        self.t.subscribe(self.topics.status(), self._enqueue)
+        self.t.subscribe(self.topics.update(), self._enqueue)
+        self.t.publish(self.topics.plan, messages.dump(plan), retain=True)
+        if self.resumed_from:
+            log.info("resuming after round %d", self.resumed_from)
+        while self.state.completed < self.opts.rounds:
+            self._run_round(self.state.completed + 1)
+        self.t.publish(self.topics.control, messages.dump(messages.Control("stop", "done")))
+        return self.report()
+
+    def _wait_for_devices(self, start: float) -> None:
+        while len(self._online()) < self.opts.min_devices:
+            if self.opts.wait_timeout is not None and \
+                    time.time() - start > self.opts.wait_timeout:
+                raise BrokerServerError(
+                    f"only {len(self._online())} of {self.opts.min_devices} devices came "
+                    f"online within {self.opts.wait_timeout:g}s")
+            self._pump(0.2)
+
+    def _online(self) -> list[DeviceInfo]:
+        return [DeviceInfo(d, s.profile, s.samples) for d, s in sorted(self.devices.items())
+                if s.state == "online"]
+
+    def _run_round(self, r: int) -> None:
+        self._wait_for_devices(time.time())
+        rs = self.round = RoundState(r, started=time.time())
+        rs.deadline = rs.started + self.opts.round_timeout
+        self._publish_models(rs)
+        self._reload_accepted(rs)
+        self._assign(rs, self._online())
+        while True:
+            self._pump(0.05)
+            pending = set(rs.assigned) - set(rs.accepted)
+            if not pending and rs.accepted:
+                break
+            if time.time() >= rs.deadline:
+                if len(rs.accepted) >= self.opts.min_devices:
+                    break
+                self._assign(rs, [d for d in self._online() if d.id not in rs.assigned])
+        self._close_round(rs)
+
+    def _publish_models(self, rs: RoundState) -> None:
+        for variant, w in self.strategy.variants(self.weights).items():
+            frame = wire.encode(wire.Frame("model", self.opts.job, rs.number, "server",
+                                           "fp32", w))
+            rs.model_sha[variant] = hashlib.sha256(frame).hexdigest()
+            rs.model_bytes[variant] = self.t.publish(self.topics.model(rs.number, variant),
+                                                     frame, retain=True)
+
+    def _reload_accepted(self, rs: RoundState) -> None:
+        """Updates accepted before a crash count again; none is lost."""
+        for device, payload in self.store.accepted_updates(rs.number).items():
+            frame = wire.decode(payload)
+            rs.accepted[device] = self._to_update(frame, rs.number)
+            rs.uplink_bytes += len(payload)
+
+    def _assign(self, rs: RoundState, devices: list[DeviceInfo]) -> None:
+        for device, a in self.strategy.assign(rs.number, devices).items():
+            task = messages.Task(rs.number, device, a.variant, rs.model_sha[a.variant],
+                                 rs.deadline, a.epochs, a.batch_size, a.lr,
+                                 self.opts.seed * 100_003 + rs.number, self.opts.codec)
+            rs.assigned[device] = task
+            if device not in rs.accepted:
+                self._send_task(rs, task)
+
+    def _send_task(self, rs: RoundState, task: messages.Task) -> None:
+        rs.downlink_bytes += self.t.publish(self.topics.task(rs.number, task.device),
+                                            messages.dump(task))
+        rs.downlink_bytes += rs.model_bytes[task.variant]  # the device fetches the model
+
+    def _pump(self, timeout: float) -> None:
+        """Handle every queued message (waiting up to ``timeout`` for the first)."""
+        try:
+            item = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while item is not None:
+            topic, payload = item
+            where = self.topics.parse(topic)
+            try:
+                if where["kind"] == "status":
+                    self._on_status(where, payload)
+                elif where["kind"] == "update":
+                    self._on_update(where, payload)
+            except FedgeError as e:
+                self._reject(where, str(e))
+            except Exception as e:  # a bug here must not stop the service
+                log.exception("unexpected error handling %s", topic)
+                self._reject(where, f"internal error: {type(e).__name__}: {e}")
+            try:
+                item = self.events.get_nowait()
+            except queue.Empty:
+                item = None
+
+    def _on_status(self, where: dict, payload: bytes) -> None:
+        if payload in (b"offline", b""):
+            status = messages.Status(where["device"], "offline")
+        else:
+            status = messages.parse(messages.Status, payload)
+            if status.device != where["device"]:
+                raise messages.MessageError(f"status.device: expected {where['device']!r}, "
+                                            f"got {status.device!r}")
+        was = self.devices.get(status.device)
+        self.devices[status.device] = status
+        rs = self.round
+        if status.state != "online" or rs is None:
+            return
+        if status.device in rs.assigned and status.device not in rs.accepted and \
+                (was is None or was.state != "online" or status.ts != was.ts):
+            self._send_task(rs, rs.assigned[status.device])  # it came back mid-round
+
+    def _on_update(self, where: dict, payload: bytes) -> None:
+        rs = self.round
+        device, r = where["device"], where["round"]
+        if rs is None or r != rs.number:
+            raise WireError(f"round: expected {rs.number if rs else 'none'}, got {r} "
+                                 "(late or early update)")
+        if device not in rs.assigned:
+            raise WireError(f"device: {device!r} has no task in round {r}")
+        if device in rs.accepted:
+            self.duplicates += 1
+            log.info("duplicate update from %s in round %d ignored", device, r)
+            return
+        expect = wire.Expect(kind="update", job=self.opts.job, round=r,
+                             devices=frozenset([device]), codec=self.opts.codec,
+                             tensors=self.codec.wire_spec(self.shapes))
+        frame = wire.decode(payload, expect)
+        update = self._to_update(frame, r)
+        self.store.save_update(r, device, payload)
+        rs.accepted[device] = update
+        rs.uplink_bytes += len(payload)
+
+    def _to_update(self, frame: wire.Frame, r: int) -> Update:
+        samples = frame.meta.get("samples")
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples <= 0:
+            raise WireError(f"meta.samples: expected a positive int, got {samples!r}")
+        ctx = CodecContext(round=r, seed=self.opts.seed, reference=self.weights)
+        weights = self.codec.decode(frame.tensors, frame.params, ctx)
+        return Update(frame.device, r, weights, samples, dict(frame.meta))
+
+    def _close_round(self, rs: RoundState) -> None:
+        updates = [rs.accepted[d] for d in sorted(rs.accepted)]
+        self.weights = self.strategy.aggregate(rs.number, self.weights, updates)
+        acc = self.evaluate(self.weights) if self.evaluate else None
+        record = {"round": rs.number, "accuracy": acc, "uplink_bytes": rs.uplink_bytes,
+                  "downlink_bytes": rs.downlink_bytes, "devices_reporting": len(updates),
+                  "devices_assigned": len(rs.assigned),
+                  "seconds": round(time.time() - rs.started, 3),
+                  "train_seconds_max": max((u.meta.get("train_seconds", 0.0) for u in updates),
+                                           default=0.0),
+                  "accepted": sorted(rs.accepted)}
+        self.state.completed = rs.number
+        self.state.history.append(record)
+        self.state.extra = self.strategy.state()
+        self.store.save_round(self.state, self.weights)
+        if rs.number > 1:
+            self.t.clear_retained(self.topics.model(rs.number - 1, "full"),
+                                  chunks=rs.model_bytes.get("full", 0) // self.t.max_payload + 2)
+        self.round = None
+        if self.on_round:
+            self.on_round(record)
+
+    def report(self) -> dict:
+        hist = self.state.history
+        return {"job": self.opts.job, "strategy": self.opts.strategy, "codec": self.opts.codec,
+                "rounds": hist, "final_accuracy": hist[-1]["accuracy"] if hist else None,
+                "resumed_from": self.resumed_from, "rejected": self.rejected,
+                "duplicates": self.duplicates,
+                "uplink_bytes_total": sum(h["uplink_bytes"] for h in hist),
+                "downlink_bytes_total": sum(h["downlink_bytes"] for h in hist)}

@@ -1,0 +1,29 @@
+"""Strategies by name. ``register(name, factory)`` adds one; built-ins are registered here.
+
+A factory takes the job's local-training options (epochs, batch_size, lr) and
+returns a fresh strategy instance.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update
+from broker_server.strategies.fedavg import FedAvg
+from device_runtime.registry import Registry
+
+StrategyFactory = Callable[..., Strategy]
+STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
+
+
+def register(name: str, factory: StrategyFactory) -> StrategyFactory:
+    return STRATEGIES.register(name, factory)
+
+
+def create(name: str, **options) -> Strategy:
+    return STRATEGIES.get(name)(**options)
+
+
+register("fedavg", FedAvg)
+
+__all__ = ["Assignment", "DeviceInfo", "Strategy", "Update", "register", "create",
+           "STRATEGIES"]

@@ -1,0 +1,64 @@
+"""The strategy interface: what a round asks of each device, and how results merge.
+
+As in Flower, a strategy is a few hooks around one ``run()`` loop (the
+aggregator service owns the loop); the maths live in pure numpy functions in
+``aggregate.py``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    id: str
+    profile: str
+    samples: int
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One device's work this round (the service turns it into a Task message)."""
+
+    variant: str = "full"
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Update:
+    device: str
+    round: int
+    weights: Weights
+    samples: int
+    meta: dict = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    name: str = ""
+
+    def variants(self, global_weights: Weights) -> dict[str, Weights]:
+        """Model frames to publish this round, by variant (default: one, "full")."""
+        return {"full": global_weights}
+
+    @abstractmethod
+    def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
+        """Which devices work this round, and on what."""
+
+    @abstractmethod
+    def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
+        """The new global weights from the accepted updates (at least one)."""
+
+    def state(self) -> dict:
+        """JSON state saved with every checkpoint (e.g. FV voting weights)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass

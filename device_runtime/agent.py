@@ -1,0 +1,174 @@
+"""The device agent: announce, take tasks, verify the model, train, send the update.
+
+Runs until the job's ``control`` says stop. Transport callbacks only enqueue;
+the work happens on the agent's thread. Torch is imported only when a task
+asks for local training, so the module loads on a device without it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import queue
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_runtime import codecs, messages, wire
+from device_runtime.codecs import CodecContext
+from device_runtime.errors import FedgeError
+from device_runtime.topics import Topics, check_id
+from device_runtime.transport.base import Transport
+
+log = logging.getLogger("fedge.device")
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    job: str
+    device: str
+    profile: str
+    threads: int = 1  # torch threads for local training
+    idle_timeout: float | None = None  # give up after this long without a plan/task
+
+
+def status_will(topics: Topics, device: str) -> tuple[str, bytes]:
+    return topics.status(device), messages.dump(messages.Status(device, "offline"))
+
+
+class DeviceAgent:
+    def __init__(self, transport: Transport, opts: AgentOptions, x: np.ndarray, y: np.ndarray):
+        self.t, self.opts = transport, opts
+        self.device = check_id("device", opts.device)
+        self.topics = Topics(opts.job)
+        self.x, self.y = x, y
+        self.events: queue.Queue = queue.Queue()
+        self.plan: messages.Plan | None = None
+        self.models: dict[tuple[int, str], bytes] = {}
+        self.sent: dict[int, bytes] = {}  # round -> update frame, republished on a resent task
+        self.stopped = False
+        self.rounds_done = 0
+        self._model = None
+        self.started = time.time()
+
+    def announce(self, state: str = "online", error: str = "") -> None:
+        import onnxruntime
+
+        s = messages.Status(self.device, state, self.opts.profile, int(len(self.y)),
+                            {"python": platform.python_version(), "numpy": np.__version__,
+                             "onnxruntime": onnxruntime.__version__}, error, time.time())
+        self.t.publish(self.topics.status(self.device), messages.dump(s), retain=True)
+
+    def run(self) -> int:
+        """Process messages until the job stops; returns the rounds this device trained."""
+        self.t.on_connect = self.announce  # re-announce after every reconnect
+        self.t.subscribe(self.topics.plan, self._enqueue)
+        self.t.subscribe(self.topics.control, self._enqueue)
+        self.t.subscribe(self.topics.task("+", self.device), self._enqueue)
+        self.t.subscribe(self.topics.model("+", "+"), self._enqueue)
+        self.announce()
+        last = time.time()
+        while not self.stopped:
+            try:
+                topic, payload = self.events.get(timeout=0.2)
+            except queue.Empty:
+                if self.opts.idle_timeout and time.time() - last > self.opts.idle_timeout:
+                    log.warning("no message for %.0fs, giving up", self.opts.idle_timeout)
+                    break
+                continue
+            last = time.time()
+            self._handle(topic, payload)
+        return self.rounds_done
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        self.events.put((topic, payload))
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        where = self.topics.parse(topic)
+        try:
+            if where["kind"] == "plan":
+                self.plan = messages.parse(messages.Plan, payload)
+            elif where["kind"] == "control":
+                ctl = messages.parse(messages.Control, payload)
+                self.stopped = ctl.action == "stop"
+            elif where["kind"] == "model":
+                self.models[(where["round"], where["variant"])] = payload
+                self.models = {k: v for k, v in self.models.items() if k[0] >= where["round"] - 1}
+            elif where["kind"] == "task":
+                self._on_task(messages.parse(messages.Task, payload))
+        except FedgeError as e:
+            log.warning("%s on %s: %s", type(e).__name__, topic, e)
+            self.announce("online", error=f"{where.get('kind')}: {e}")
+        except Exception as e:  # a bug in one task must not take the device off the job
+            log.exception("unexpected error on %s", topic)
+            self.announce("online", error=f"{where.get('kind')}: {type(e).__name__}: {e}")
+
+    def _on_task(self, task: messages.Task) -> None:
+        if task.device != self.device:
+            raise messages.MessageError(f"task.device: expected {self.device!r}, "
+                                        f"got {task.device!r}")
+        if task.round in self.sent:  # the aggregator lost it or restarted: resend as is
+            self.t.publish(self.topics.update(task.round, self.device), self.sent[task.round])
+            return
+        frame_bytes = self._wait_model(task)
+        if frame_bytes is None:
+            log.warning("round %d: model never arrived before the deadline", task.round)
+            return
+        update = self._train(task, frame_bytes)
+        self.sent = {r: b for r, b in self.sent.items() if r >= task.round - 2}
+        self.sent[task.round] = update
+        self.t.publish(self.topics.update(task.round, self.device), update)
+        self.rounds_done += 1
+
+    def _wait_model(self, task: messages.Task) -> bytes | None:
+        """The model frame named by the task, once its sha256 matches."""
+        key = (task.round, task.variant)
+        while time.time() < task.deadline + 5:
+            data = self.models.get(key)
+            if data is not None:
+                digest = hashlib.sha256(data).hexdigest()
+                if digest == task.model_sha256:
+                    return data
+                log.warning("model %s fails its sha256 (%s.. != %s..)", key, digest[:8],
+                            task.model_sha256[:8])
+                self.models.pop(key)
+            try:  # keep handling other messages (e.g. the model) while waiting
+                topic, payload = self.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self._handle(topic, payload)
+            if self.stopped:
+                return None
+        return None
+
+    def _train(self, task: messages.Task, frame_bytes: bytes) -> bytes:
+        from device_runtime.training.local import LocalTrainOptions, load_weights, train_local
+
+        if self.plan is None:
+            raise messages.MessageError("task arrived before the plan")
+        shapes = {k: tuple(v) for k, v in self.plan.variants[task.variant]["tensors"].items()}
+        frame = wire.decode(frame_bytes, wire.Expect(
+            kind="model", job=self.opts.job, round=task.round,
+            tensors={k: wire.TensorSpec("float32", s) for k, s in shapes.items()}))
+        model = self._build()
+        load_weights(model, frame.tensors)
+        res = train_local(model, self.x, self.y, LocalTrainOptions(
+            task.epochs, task.batch_size, task.lr, seed=task.seed))
+        codec = codecs.get(task.codec)
+        ctx = CodecContext(round=task.round, seed=task.seed, reference=frame.tensors)
+        tensors, params = codec.encode(res.weights, ctx)
+        return wire.encode(wire.Frame(
+            "update", self.opts.job, task.round, self.device, task.codec, tensors, params,
+            {"samples": res.samples, "loss": round(res.loss, 6),
+             "train_seconds": round(res.seconds, 4)}))
+
+    def _build(self):
+        if self._model is None:
+            import torch
+
+            from device_runtime.training.models import ModelConfig, build_model
+
+            torch.set_num_threads(self.opts.threads)
+            self._model = build_model(ModelConfig.from_json(self.plan.model))
+        return self._model

@@ -1,0 +1,41 @@
+"""The codec interface: how a weights update becomes wire tensors and back.
+
+A codec turns ``{name: float32 array}`` into the tensors of a frame (with
+per-tensor JSON params) and back, and states the exact wire dtypes and shapes
+it will produce, so the receiver's decoder checks them before reading.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from device_runtime.wire import TensorSpec
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class CodecContext:
+    """What both ends share for one round (seed, the global model it is relative to)."""
+
+    round: int = 0
+    seed: int = 0
+    reference: Weights | None = field(default=None, compare=False)
+
+
+class Codec(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def encode(self, weights: Weights, ctx: CodecContext) -> tuple[Weights, dict[str, dict]]:
+        """Wire tensors and their per-tensor params."""
+
+    @abstractmethod
+    def decode(self, tensors: Weights, params: dict[str, dict], ctx: CodecContext) -> Weights:
+        """Back to float32 weights (raises WireError on an inconsistent payload)."""
+
+    @abstractmethod
+    def wire_spec(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorSpec]:
+        """The wire tensors a valid payload has, for weights of these shapes."""

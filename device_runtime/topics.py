@@ -1,0 +1,62 @@
+"""Topic names under ``fedge/<job>/`` (the table in docs/protocol.md)."""
+from __future__ import annotations
+
+import re
+
+from device_runtime.errors import EXIT_USAGE, DeviceRuntimeError
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class NameError_(DeviceRuntimeError):
+    exit_code = EXIT_USAGE
+
+
+def check_id(kind: str, value: str) -> str:
+    """Job and device ids become topic levels and file names: keep them plain."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise NameError_(f"{kind} id: expected 1-64 of [A-Za-z0-9._-] starting with a letter "
+                         f"or digit, got {value!r}")
+    return value
+
+
+class Topics:
+    def __init__(self, job: str):
+        self.job = check_id("job", job)
+        self.root = f"fedge/{job}"
+
+    @property
+    def plan(self) -> str:
+        return f"{self.root}/plan"
+
+    @property
+    def control(self) -> str:
+        return f"{self.root}/control"
+
+    def status(self, device: str = "+") -> str:
+        return f"{self.root}/devices/{device}/status"
+
+    def model(self, round_: int | str, variant: str) -> str:
+        return f"{self.root}/round/{round_}/model/{variant}"
+
+    def task(self, round_: int | str, device: str) -> str:
+        return f"{self.root}/round/{round_}/task/{device}"
+
+    def update(self, round_: int | str = "+", device: str = "+") -> str:
+        return f"{self.root}/round/{round_}/update/{device}"
+
+    def parse(self, topic: str) -> dict:
+        """The fields of one of our topics: {"kind", "round"?, "device"?, "variant"?}."""
+        parts = topic.split("/")
+        if parts[:2] != ["fedge", self.job]:
+            return {"kind": "foreign"}
+        rest = parts[2:]
+        if rest == ["plan"] or rest == ["control"]:
+            return {"kind": rest[0]}
+        if len(rest) == 3 and rest[0] == "devices" and rest[2] == "status":
+            return {"kind": "status", "device": rest[1]}
+        if len(rest) == 4 and rest[0] == "round" and rest[1].isdigit():
+            key = {"model": "variant", "task": "device", "update": "device"}.get(rest[2])
+            if key:
+                return {"kind": rest[2], "round": int(rest[1]), key: rest[3]}
+        return {"kind": "unknown"}

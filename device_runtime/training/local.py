@@ -1,0 +1,80 @@
+"""Local training on a device: SGD on its own shard, weights in and out as numpy.
+
+Weights travel as ``{name: float32 array}`` for every floating tensor of the
+state dict (parameters and BatchNorm statistics; integer counters stay local).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from device_runtime.errors import ModelBuildError
+
+
+@dataclass(frozen=True)
+class LocalTrainOptions:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    weights: dict[str, np.ndarray]
+    samples: int
+    loss: float
+    seconds: float
+
+
+def weights_of(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True)
+            for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def load_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Copy ``weights`` into ``model``; names and shapes must match exactly."""
+    state = model.state_dict()
+    expected = {k for k, v in state.items() if v.is_floating_point()}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ModelBuildError(f"weights do not fit the model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+    for k, w in weights.items():
+        if tuple(state[k].shape) != tuple(w.shape):
+            raise ModelBuildError(f"weights.{k}: expected shape {tuple(state[k].shape)}, "
+                                  f"got {tuple(w.shape)}")
+        state[k].copy_(torch.from_numpy(np.array(w, dtype=np.float32)))  # keeps 0-d shapes
+
+
+def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray,
+                opts: LocalTrainOptions) -> LocalResult:
+    """Plain local SGD (FedAvg's client update); returns the new weights."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(opts.seed)
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(y)
+    opt = torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=opts.momentum,
+                          weight_decay=opts.weight_decay)
+    model.train()
+    total, seen = 0.0, 0
+    for _ in range(opts.epochs):
+        perm = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt), opts.batch_size):
+            idx = perm[i:i + opts.batch_size]
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+    model.eval()
+    return LocalResult(weights_of(model), len(x), total / max(seen, 1),
+                       time.perf_counter() - t0)

@@ -1,0 +1,150 @@
+"""The transport interface: topics in, bytes out, the same for MQTT and in-memory.
+
+A transport carries opaque payloads (wire frames or small JSON documents) with
+QoS 1 semantics. Frames above ``max_payload`` are split into chunk frames on
+sub-topics ``<topic>/_c/<index>`` (distinct topics, so retained chunks do not
+overwrite one another) and reassembled before the handler sees them; a
+subscription to ``pattern`` therefore also covers ``pattern/_c/+``.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from device_runtime import wire
+from device_runtime.errors import WireError
+
+Handler = Callable[[str, bytes], None]
+CHUNK_SEP = "/_c/"
+
+
+@dataclass
+class TrafficStats:
+    """Bytes and messages actually handed to / received from the broker."""
+
+    sent_bytes: int = 0
+    sent_messages: int = 0
+    received_bytes: int = 0
+    received_messages: int = 0
+    by_topic_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def count_sent(self, topic: str, n: int) -> None:
+        self.sent_bytes += n
+        self.sent_messages += 1
+        self.by_topic_kind[topic_kind(topic)] += n
+
+    def count_received(self, n: int) -> None:
+        self.received_bytes += n
+        self.received_messages += 1
+
+
+def topic_kind(topic: str) -> str:
+    """The role of a fedge topic (``update``, ``model``, ``task``, ``status``, ...)."""
+    parts = topic.split(CHUNK_SEP)[0].split("/")
+    for kind in ("update", "model", "task", "status", "plan", "control"):
+        if kind in parts:
+            return kind
+    return parts[-1] if parts else ""
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT topic filter matching (``+`` one level, ``#`` the rest)."""
+    p, t = pattern.split("/"), topic.split("/")
+    for i, part in enumerate(p):
+        if part == "#":
+            return True
+        if i >= len(t) or (part != "+" and part != t[i]):
+            return False
+    return len(p) == len(t)
+
+
+class Transport(ABC):
+    """Publish/subscribe with chunking; subclasses move the bytes."""
+
+    def __init__(self, client_id: str, max_payload: int = 128 * 1024,
+                 reassembly_timeout: float = 60.0):
+        self.client_id = client_id
+        self.max_payload = max_payload
+        self.stats = TrafficStats()
+        self._handlers: dict[str, Handler] = {}
+        self._reassembler = wire.Reassembler(timeout_s=reassembly_timeout)
+        self._lock = threading.Lock()
+        self.on_error: Callable[[str, str], None] = lambda topic, why: None
+        # Called after every (re)connect, on the transport's thread: a device
+        # re-announces itself so the aggregator resends its task.
+        self.on_connect: Callable[[], None] = lambda: None
+
+    # --- what subclasses provide -------------------------------------------
+    @abstractmethod
+    def connect(self, timeout: float = 10.0) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def _publish_raw(self, topic: str, payload: bytes, retain: bool) -> None: ...
+
+    @abstractmethod
+    def _subscribe_raw(self, pattern: str) -> None: ...
+
+    @abstractmethod
+    def _unsubscribe_raw(self, pattern: str) -> None: ...
+
+    # --- the interface ---------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
+        """Send ``payload`` (chunked if needed); returns bytes put on the wire."""
+        parts = [payload]
+        if len(payload) > self.max_payload and payload[:4] == wire.MAGIC:
+            parts = wire.split(payload, self.max_payload, uuid.uuid4().hex[:16])
+        total = 0
+        for i, part in enumerate(parts):
+            t = topic if len(parts) == 1 else f"{topic}{CHUNK_SEP}{i}"
+            self._publish_raw(t, part, retain)
+            self.stats.count_sent(t, len(part))
+            total += len(part)
+        return total
+
+    def clear_retained(self, topic: str, chunks: int = 0) -> None:
+        """Delete a retained message (and its retained chunks) from the broker."""
+        self._publish_raw(topic, b"", True)
+        for i in range(chunks):
+            self._publish_raw(f"{topic}{CHUNK_SEP}{i}", b"", True)
+
+    def subscribe(self, pattern: str, handler: Handler) -> None:
+        with self._lock:
+            self._handlers[pattern] = handler
+        self._subscribe_raw(pattern)
+        if not pattern.endswith("#"):  # '#' already covers the chunk sub-topics
+            self._subscribe_raw(pattern + CHUNK_SEP + "+")
+
+    def unsubscribe(self, pattern: str) -> None:
+        with self._lock:
+            self._handlers.pop(pattern, None)
+        self._unsubscribe_raw(pattern)
+        if not pattern.endswith("#"):
+            self._unsubscribe_raw(pattern + CHUNK_SEP + "+")
+
+    def _deliver(self, topic: str, payload: bytes) -> None:
+        """Called by subclasses for every message received, on their delivery thread."""
+        self.stats.count_received(len(payload))
+        if not payload:  # a cleared retained message
+            return
+        if CHUNK_SEP in topic:
+            topic = topic.split(CHUNK_SEP)[0]
+            try:
+                whole = self._reassembler.add(payload)
+            except WireError as e:
+                self.on_error(topic, f"chunk rejected: {e}")
+                return
+            self._reassembler.expire()
+            if whole is None:
+                return
+            payload = whole
+        with self._lock:
+            handlers = [h for p, h in self._handlers.items() if topic_matches(p, topic)]
+        for h in handlers:
+            h(topic, payload)

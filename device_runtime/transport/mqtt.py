@@ -1,0 +1,132 @@
+"""MQTT transport over paho-mqtt: QoS 1, last will, persistent sessions, reconnects.
+
+The network loop runs in our own thread rather than paho's ``loop_start`` so
+that reconnection follows ``Backoff`` (exponential with jitter, reset on
+success). Subscriptions are renewed on every connect; QoS 1 messages published
+while disconnected stay in paho's queue and go out after the reconnect.
+"""
+from __future__ import annotations
+
+import ssl
+import threading
+
+import paho.mqtt.client as paho
+
+from device_runtime.backoff import Backoff
+from device_runtime.transport.base import Transport
+from device_runtime.transport.url import BrokerURL, TransportError
+
+
+class MqttTransport(Transport):
+    def __init__(self, url: BrokerURL | str, client_id: str, *, max_payload: int = 128 * 1024,
+                 will: tuple[str, bytes] | None = None, persistent: bool = False,
+                 backoff: Backoff | None = None, keepalive: int = 15,
+                 ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None, username: str | None = None,
+                 password: str | None = None):
+        super().__init__(client_id, max_payload)
+        self.url = BrokerURL.parse(url) if isinstance(url, str) else url
+        self.backoff = backoff or Backoff()
+        self.keepalive = keepalive
+        self._patterns: set[str] = set()
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._refused: str | None = None
+        self._thread: threading.Thread | None = None
+        self.reconnects = 0
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                        clean_session=not persistent, protocol=paho.MQTTv311)
+        c.max_queued_messages_set(0)  # unbounded: nothing accepted is dropped
+        c.max_inflight_messages_set(64)
+        user = username or self.url.username
+        if user:
+            c.username_pw_set(user, password or self.url.password)
+        if self.url.tls or ca_file:
+            ctx = ssl.create_default_context(cafile=ca_file)
+            if cert_file:
+                ctx.load_cert_chain(cert_file, key_file)
+            c.tls_set_context(ctx)
+        if will:
+            c.will_set(will[0], will[1], qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_message = lambda client, userdata, msg: self._deliver(msg.topic, msg.payload)
+        self._client = c
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Start the network thread and wait for the first CONNACK."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"mqtt-{self.client_id}")
+            self._thread.start()
+        if not self._connected.wait(timeout):
+            why = self._refused or "no answer"
+            self.close()
+            raise TransportError(f"cannot connect to broker {self.url} as "
+                                 f"{self.client_id!r}: {why}")
+
+    def close(self) -> None:
+        """A clean disconnect: the broker does not publish the last will."""
+        self._stop.set()
+        try:
+            self._client.disconnect()
+        except Exception:
+            pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._connected.clear()
+
+    def _run(self) -> None:
+        first = True
+        while not self._stop.is_set():
+            if not self._connected.is_set() or first:
+                try:
+                    if first:
+                        self._client.connect(self.url.host, self.url.port, self.keepalive)
+                    else:
+                        self._client.reconnect()
+                    first = False
+                except (OSError, ssl.SSLError, paho.WebsocketConnectionError) as e:
+                    self._refused = f"{type(e).__name__}: {e}"
+                    self._stop.wait(self.backoff.next_delay())
+                    continue
+            rc = self._client.loop(timeout=0.1)
+            if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
+                self._connected.clear()
+                self.reconnects += 1
+                self._stop.wait(self.backoff.next_delay())
+                try:
+                    self._client.reconnect()
+                except (OSError, ssl.SSLError):
+                    pass
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if reason_code.is_failure:
+            self._refused = f"broker refused the connection: {reason_code}"
+            return
+        self.backoff.reset()
+        for p in sorted(self._patterns):
+            client.subscribe(p, qos=1)
+        self._connected.set()
+        try:
+            self.on_connect()
+        except Exception as e:  # a handler's bug must not kill the network thread
+            self.on_error("", f"on_connect raised {type(e).__name__}: {e}")
+
+    def _publish_raw(self, topic: str, payload: bytes, retain: bool) -> None:
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+
+    def _subscribe_raw(self, pattern: str) -> None:
+        self._patterns.add(pattern)
+        if self._connected.is_set():
+            self._client.subscribe(pattern, qos=1)
+
+    def _unsubscribe_raw(self, pattern: str) -> None:
+        self._patterns.discard(pattern)
+        if self._connected.is_set():
+            self._client.unsubscribe(pattern)

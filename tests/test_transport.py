@@ -1,0 +1,192 @@
+"""Transports against real brokers: embedded amqtt, a private Mosquitto, in-memory."""
+from __future__ import annotations
+
+import json
+import queue
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from broker_server.embedded import EmbeddedBroker
+from device_runtime import wire
+from device_runtime.backoff import Backoff
+from device_runtime.transport.base import topic_matches
+from device_runtime.transport.memory import MemoryHub, MemoryTransport
+from device_runtime.transport.mqtt import MqttTransport
+from device_runtime.transport.url import BrokerURL, TransportError
+from tests.brokers import Mosquitto
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def amqtt_url():
+    with EmbeddedBroker() as b:
+        yield b.url
+
+
+@pytest.fixture(scope="module")
+def mosquitto(tmp_path_factory):
+    m = Mosquitto(tmp_path_factory.mktemp("mosq")).start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture(params=["memory", "amqtt", "mosquitto"])
+def pair(request, amqtt_url, mosquitto):
+    """Two connected transports on the same broker."""
+    made = []
+    if request.param == "memory":
+        hub = MemoryHub()
+        make = lambda cid, **kw: MemoryTransport(hub, cid, **kw)
+    else:
+        url = amqtt_url if request.param == "amqtt" else mosquitto.url
+        make = lambda cid, **kw: MqttTransport(url, cid, **kw)
+
+    def factory(cid, **kw):
+        t = make(f"{cid}-{random.randrange(1 << 30)}", **kw)
+        t.connect()
+        made.append(t)
+        return t
+    yield factory
+    for t in made:
+        t.close()
+
+
+def _collector():
+    q: queue.Queue = queue.Queue()
+    return q, lambda topic, payload: q.put((topic, payload))
+
+
+def _frame(n: int) -> bytes:
+    x = np.random.default_rng(n).normal(size=n).astype(np.float32)
+    return wire.encode(wire.Frame("update", "job", 3, "dev-1", "fp32", {"w": x}))
+
+
+def test_publish_subscribe_and_large_frames_are_chunked(pair):
+    a, b = pair("a", max_payload=16 * 1024), pair("b")
+    q, h = _collector()
+    b.subscribe("fedge/j/round/+/update/+", h)
+    time.sleep(0.3)
+    big, small = _frame(50_000), json.dumps({"status": "online"}).encode()
+    sent = a.publish("fedge/j/round/3/update/dev-1", big)
+    a.publish("fedge/j/round/3/update/dev-2", small)
+    got = dict(q.get(timeout=10) for _ in range(2))
+    assert got["fedge/j/round/3/update/dev-1"] == big
+    assert got["fedge/j/round/3/update/dev-2"] == small
+    assert sent >= len(big) and a.stats.sent_messages >= 1 + len(big) // (16 * 1024)
+    assert a.stats.by_topic_kind["update"] == sent + len(small)
+
+
+def test_retained_messages_reach_late_subscribers_and_can_be_cleared(pair):
+    a = pair("a", max_payload=8 * 1024)
+    model = _frame(10_000)
+    a.publish("fedge/r/round/1/model/full", model, retain=True)
+    a.publish("fedge/r/plan", b'{"rounds": 3}', retain=True)
+    time.sleep(0.3)
+    b = pair("b")
+    q, h = _collector()
+    b.subscribe("fedge/r/round/+/model/full", h)
+    b.subscribe("fedge/r/plan", h)
+    got = dict(q.get(timeout=10) for _ in range(2))
+    assert got["fedge/r/round/1/model/full"] == model
+    a.clear_retained("fedge/r/plan")
+    a.clear_retained("fedge/r/round/1/model/full", chunks=len(model) // 8192 + 2)
+    time.sleep(0.3)
+    c = pair("c")
+    q2, h2 = _collector()
+    c.subscribe("fedge/r/#", h2)
+    with pytest.raises(queue.Empty):
+        q2.get(timeout=0.7)
+
+
+def test_corrupted_chunk_is_reported_and_nothing_is_delivered():
+    hub = MemoryHub()
+    a, b = MemoryTransport(hub, "a", max_payload=4096), MemoryTransport(hub, "b")
+    q, h = _collector()
+    errors = []
+    b.on_error = lambda topic, why: errors.append(why)
+    b.subscribe("t/+", h)
+    chunks = wire.split(_frame(5000), 4096, "cid")
+    bad = bytearray(chunks[1])
+    bad[-1] ^= 0xFF
+    for i, c in enumerate([chunks[0], bytes(bad), *chunks[2:]]):
+        hub.publish(f"t/x/_c/{i}", c, False)
+    hub.drain()
+    assert q.empty() and errors
+
+
+def test_last_will_announces_a_killed_device(mosquitto, amqtt_url):
+    for url in (mosquitto.url, amqtt_url):
+        watcher = MqttTransport(url, f"watch-{random.randrange(1 << 30)}")
+        watcher.connect()
+        q, h = _collector()
+        watcher.subscribe("fedge/w/devices/+/status", h)
+        script = (f"import time; from device_runtime.transport.mqtt import MqttTransport; "
+                  f"t = MqttTransport({url!r}, 'victim', will=('fedge/w/devices/victim/status', "
+                  f"b'offline')); t.connect(); print('up', flush=True); time.sleep(60)")
+        p = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True)
+        assert p.stdout.readline().strip() == "up"
+        p.kill()
+        p.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            topic, payload = q.get(timeout=20)
+            if payload == b"offline":
+                break
+        assert payload == b"offline"
+        watcher.clear_retained("fedge/w/devices/victim/status")
+        watcher.close()
+
+
+def test_reconnects_after_a_broker_restart(tmp_path):
+    m = Mosquitto(tmp_path / "m").start()
+    try:
+        sub = MqttTransport(m.url, "sub", backoff=Backoff(base=0.1, cap=0.5))
+        pub = MqttTransport(m.url, "pub", backoff=Backoff(base=0.1, cap=0.5))
+        sub.connect(), pub.connect()
+        q, h = _collector()
+        sub.subscribe("fedge/x/+", h)
+        m.restart(down_seconds=1.0)
+        deadline = time.time() + 15
+        while not (sub.connected and pub.connected) and time.time() < deadline:
+            time.sleep(0.1)
+        assert sub.reconnects >= 1 and sub.connected and pub.connected
+        pub.publish("fedge/x/after", b"hello")
+        assert q.get(timeout=10) == ("fedge/x/after", b"hello")
+        sub.close(), pub.close()
+    finally:
+        m.stop()
+
+
+def test_connect_errors_are_one_line(tmp_path):
+    from broker_server.embedded import free_port
+
+    t = MqttTransport(f"mqtt://127.0.0.1:{free_port()}", "nobody")
+    with pytest.raises(TransportError, match="cannot connect to broker mqtt://127.0.0.1"):
+        t.connect(timeout=1.0)
+    with pytest.raises(TransportError, match="scheme must be mqtt or mqtts"):
+        BrokerURL.parse("http://x:1")
+    u = BrokerURL.parse("mqtts://dev%40a:s3cret@broker.local")
+    assert (u.port, u.tls, u.username, u.password) == (8883, True, "dev@a", "s3cret")
+    assert "s3cret" not in str(u)
+
+
+def test_backoff_grows_with_jitter_and_resets():
+    b = Backoff(base=1.0, cap=8.0, rng=random.Random(0))
+    delays = [b.next_delay() for _ in range(10)]
+    assert all(0 <= d <= 8.0 for d in delays)
+    assert delays[0] <= 1.0 and max(delays[4:]) > 1.0
+    assert len(set(delays)) == len(delays)  # jittered, not lockstep
+    b.reset()
+    assert b.next_delay() <= 1.0
+
+
+def test_topic_matching():
+    assert topic_matches("a/+/c", "a/b/c") and not topic_matches("a/+/c", "a/b/c/d")
+    assert topic_matches("a/#", "a") and topic_matches("a/#", "a/b/c")
+    assert not topic_matches("a/b", "a/b/_c/0")

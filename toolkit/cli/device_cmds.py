@@ -1,0 +1,97 @@
+"""``fedge infer``: run a device's verified artifact on a .npy array.
+
+Runs on a device with only ``fedge[device]`` installed: everything it needs is
+imported inside the command from ``device_runtime`` (numpy and onnxruntime),
+never torch nor the rest of the toolkit.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="predict labels for a .npy array with a device's "
+                       "exported model (no torch needed)")
+    p.add_argument("--manifest", required=True, help="DIR/manifest.json of an export")
+    p.add_argument("--device", required=True, help="device profile in the manifest")
+    p.add_argument("--input", required=True, help=".npy array, (N, *sample_shape)")
+    p.add_argument("--output", help=".npy file for the labels (int64) or --logits "
+                   "(float32); without it a summary is printed")
+    p.add_argument("--precision", default="fp32", help="fp32 or int8")
+    p.add_argument("--logits", action="store_true", help="write logits instead of labels")
+    p.set_defaults(func=infer)
+
+
+def load_npy(path: str | Path):
+    """The array in ``path``, or InputArrayError naming the file and what is wrong."""
+    import numpy as np
+
+    from device_runtime.errors import InputArrayError
+
+    path = Path(path)
+    if not path.is_file():
+        why = "not a file" if path.exists() else "no such file"
+        raise InputArrayError(f"--input {path}: {why}")
+    # Sniff the magic bytes ourselves: numpy's messages for a file that is not
+    # .npy talk about pickles and differ between numpy versions.
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise InputArrayError(f"--input {path}: cannot read ({e.strerror or e})") from None
+    if magic[:4] == b"PK\x03\x04":
+        raise InputArrayError(f"--input {path}: expected a .npy array, got a .npz archive")
+    if magic != b"\x93NUMPY":
+        raise InputArrayError(f"--input {path}: not a .npy array (no .npy header)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputArrayError(f"--input {path}: {_load_failure(e)}") from None
+
+
+def _load_failure(e: Exception) -> str:
+    msg = " ".join(str(e).split())  # the CLI prints one line
+    if "pickle" in msg.lower() or "object" in msg.lower():
+        # with a valid .npy header, the only pickled payload is an object array
+        return "an object array (needs pickle), which is refused"
+    return f"not a readable .npy array ({msg or type(e).__name__})"
+
+
+def infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from device_runtime.predictor import Predictor
+
+    x = load_npy(args.input)
+    pred = Predictor.from_manifest(args.manifest, args.device, args.precision)
+    t0 = time.perf_counter()
+    logits = pred.predict_logits(x)
+    ms = (time.perf_counter() - t0) * 1000 / len(logits)
+    labels = logits.argmax(axis=1).astype(np.int64)
+    if args.output:
+        out = logits if args.logits else labels
+        _save(args.output, out)
+        print(f"wrote {args.output}: {'logits' if args.logits else 'labels'} "
+              f"{out.dtype} {tuple(out.shape)}")
+        return 0
+    values, counts = np.unique(labels, return_counts=True)
+    spread = " ".join(f"{v}:{c}" for v, c in zip(values.tolist(), counts.tolist()))
+    print(f"{len(labels)} samples on {args.device} ({pred.artifact.path}): "
+          f"{ms:.4f} ms per sample")
+    print(f"labels {spread}")
+    return 0
+
+
+def _save(path: str, array) -> None:
+    import numpy as np
+
+    from toolkit.errors import UsageError  # light: only device_runtime.errors underneath
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:  # a file object, so numpy does not append ".npy"
+            np.save(f, array, allow_pickle=False)
+    except OSError as e:
+        raise UsageError(f"--output {path}: cannot write ({e.strerror or e})") from None

@@ -1,0 +1,93 @@
+"""``fedge serve``, ``fedge device`` and ``fedge demo``: the field loop over MQTT."""
+from __future__ import annotations
+
+import argparse
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the aggregator for a job")
+    p.add_argument("--broker", help="mqtt://host:port (default: start the embedded broker)")
+    p.add_argument("--job", required=True)
+    p.add_argument("--checkpoint", required=True, help="initial model")
+    p.add_argument("--strategy", default="fedavg")
+    p.add_argument("--codec", default="fp32")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--min-devices", type=int, default=2, help="quorum per round")
+    p.add_argument("--round-timeout", type=float, default=60.0, help="seconds")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--eval-data", help=".npz with x_test, y_test (default: the "
+                   "checkpoint's dataset)")
+    _train_args(p)
+    p.add_argument("--max-payload", type=int, default=128 * 1024)
+    p.set_defaults(func=serve)
+
+    p = sub.add_parser("device", help="run the device agent")
+    p.add_argument("--broker", required=True)
+    p.add_argument("--job", required=True)
+    p.add_argument("--id", required=True)
+    p.add_argument("--profile", required=True)
+    p.add_argument("--profiles-file")
+    p.add_argument("--data", required=True, help="the device's .npz shard (x, y)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-payload", type=int, default=128 * 1024)
+    p.add_argument("--idle-timeout", type=float, default=None)
+    p.set_defaults(func=device)
+
+    p = sub.add_parser("demo", help="the whole loop on one machine: 8 device processes, "
+                       "an aggregator and a broker")
+    p.add_argument("--broker", help="mqtt://host:port (default: the embedded broker)")
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--round-timeout", type=float, default=30.0)
+    p.add_argument("--workdir", help="keep shards, state and plots here")
+    p.add_argument("--json", default="fedge-demo.json", help="report (a PNG plot goes beside)")
+    _train_args(p)
+    p.set_defaults(func=demo)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from toolkit.field import run_serve
+
+    return run_serve(args)
+
+
+def device(args: argparse.Namespace) -> int:
+    import logging
+
+    from device_runtime.agent import AgentOptions, DeviceAgent, status_will
+    from device_runtime.data import load_shard
+    from device_runtime.topics import Topics, check_id
+    from device_runtime.transport.mqtt import MqttTransport
+    from toolkit.profiles import ProfileCatalogue
+
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.id} %(message)s")
+    ProfileCatalogue.load(args.profiles_file).get(args.profile)
+    check_id("device", args.id)
+    x, y = load_shard(args.data)
+    topics = Topics(args.job)
+    t = MqttTransport(args.broker, f"fedge-{args.job}-{args.id}", max_payload=args.max_payload,
+                      will=status_will(topics, args.id), persistent=True)
+    t.connect()
+    try:
+        agent = DeviceAgent(t, AgentOptions(args.job, args.id, args.profile, args.threads,
+                                            args.idle_timeout), x, y)
+        rounds = agent.run()
+    finally:
+        t.close()
+    print(f"device {args.id}: trained {rounds} rounds")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from toolkit.demo import run_demo
+
+    return run_demo(args)

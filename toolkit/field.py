@@ -1,0 +1,117 @@
+"""Server side of the field loop for the CLI: the broker, the aggregator, evaluation.
+
+The aggregator (broker_server) works on numpy weights; this module bridges it
+to torch checkpoints: the initial weights and config come from a checkpoint,
+the global model is evaluated with torch each round, and the final model is
+saved as a checkpoint again.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from toolkit.errors import UsageError
+
+
+@contextlib.contextmanager
+def broker_url(url: str | None) -> Iterator[str]:
+    """``url`` itself, or the URL of an embedded broker started for the duration."""
+    if url:
+        yield url
+        return
+    from broker_server.embedded import EmbeddedBroker
+
+    with EmbeddedBroker() as b:
+        yield b.url
+
+
+def evaluator(ckpt, x: np.ndarray, y: np.ndarray) -> Callable[[dict], float]:
+    """Test accuracy of numpy weights, computed with the checkpoint's torch model."""
+    import copy
+
+    from device_runtime.training.local import load_weights
+    from toolkit.train import accuracy
+
+    model = copy.deepcopy(ckpt.model)
+
+    def evaluate(weights: dict) -> float:
+        load_weights(model, weights)
+        return round(accuracy(model, x, y), 4)
+    return evaluate
+
+
+def eval_data(ckpt, path: str | None) -> tuple[np.ndarray, np.ndarray]:
+    from toolkit import datasets
+
+    if path:
+        ds = datasets.load_npz(path)
+    elif ckpt.dataset is not None:
+        ds = datasets.load(ckpt.dataset)
+    else:
+        raise UsageError("--eval-data: the checkpoint records no dataset; give a .npz")
+    return ds.x_test, ds.y_test
+
+
+def _check(args) -> None:
+    for name in ("rounds", "min_devices", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected >= 1, got "
+                             f"{getattr(args, name)}")
+    for name in ("round_timeout", "lr"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')}: expected > 0, got "
+                             f"{getattr(args, name)}")
+
+
+def run_serve(args, on_round: Callable[[dict], None] | None = None,
+              broker: str | None = None) -> int:
+    from broker_server.service import Aggregator, ServeOptions
+    from broker_server.strategies import STRATEGIES
+    from device_runtime import codecs
+    from device_runtime.topics import check_id
+    from device_runtime.training.local import weights_of
+    from device_runtime.transport.mqtt import MqttTransport
+    from toolkit import checkpoint
+
+    _check(args)
+    check_id("job", args.job)
+    STRATEGIES.get(args.strategy)
+    codecs.get(args.codec)
+    ckpt = checkpoint.load(args.checkpoint)
+    x, y = eval_data(ckpt, args.eval_data)
+    opts = ServeOptions(args.job, Path(args.state_dir), args.strategy, args.codec, args.rounds,
+                        args.min_devices, args.round_timeout, args.epochs, args.batch_size,
+                        args.lr)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s aggregator %(message)s")
+    with broker_url(broker or args.broker) as url:
+        t = MqttTransport(url, f"fedge-{args.job}-aggregator", persistent=True,
+                          max_payload=args.max_payload)
+        t.connect()
+        try:
+            agg = Aggregator(t, opts, ckpt.config.to_json(), weights_of(ckpt.model),
+                             evaluator(ckpt, x, y), on_round or _print_round)
+            report = agg.run()
+        finally:
+            t.close()
+    report["broker"] = url
+    from device_runtime.training.local import load_weights
+
+    load_weights(ckpt.model, agg.weights)
+    ckpt.metrics = {"test_accuracy": report["final_accuracy"], "rounds": args.rounds,
+                    "strategy": args.strategy, "codec": args.codec}
+    checkpoint.save(ckpt, Path(args.state_dir) / "final.safetensors")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f"done: {len(report['rounds'])} rounds, final accuracy {report['final_accuracy']}")
+    return 0
+
+
+def _print_round(rec: dict) -> None:
+    print(f"round {rec['round']:3d}  accuracy {rec['accuracy']}  up {rec['uplink_bytes']:,} B  "
+          f"down {rec['downlink_bytes']:,} B  devices {rec['devices_reporting']}", flush=True)
