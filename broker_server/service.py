@@ -27,6 +27,7 @@ from device_runtime.topics import Topics
 from device_runtime.transport.base import Transport
 
 log = logging.getLogger("fedge.server")
+RECONNECTED = "\0reconnected"  # an internal event, never a topic
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class RoundState:
     downlink_bytes: int = 0
     model_sha: dict[str, str] = field(default_factory=dict)
     model_bytes: dict[str, int] = field(default_factory=dict)
+    frames: dict[str, bytes] = field(default_factory=dict)
 
 
 class Aggregator:
@@ -100,14 +102,21 @@ class Aggregator:
                               "lr": self.opts.lr},
                              {"full": {"tensors": {k: list(s) for k, s in self.shapes.items()}}})
         self.t.on_error = lambda topic, why: self._reject({"kind": "chunk", "topic": topic}, why)
+        # A restarted broker may have lost retained messages: publish them again.
+        self.t.on_connect = lambda: self.events.put((RECONNECTED, b""))
         self.t.subscribe(self.topics.status(), self._enqueue)
         self.t.subscribe(self.topics.update(), self._enqueue)
-        self.t.publish(self.topics.plan, messages.dump(plan), retain=True)
+        self._plan = messages.dump(plan)
+        if self.state.completed < self.opts.rounds:
+            self.t.clear_retained(self.topics.control)  # a stop left by an earlier run
+        self.t.publish(self.topics.plan, self._plan, retain=True)
         if self.resumed_from:
             log.info("resuming after round %d", self.resumed_from)
         while self.state.completed < self.opts.rounds:
             self._run_round(self.state.completed + 1)
-        self.t.publish(self.topics.control, messages.dump(messages.Control("stop", "done")))
+        # Retained, so that a device that was away when the job ended learns it too.
+        self.t.publish(self.topics.control, messages.dump(messages.Control("stop", "done")),
+                       retain=True)
         return self.report()
 
     def _wait_for_devices(self, start: float) -> None:
@@ -146,6 +155,7 @@ class Aggregator:
             frame = wire.encode(wire.Frame("model", self.opts.job, rs.number, "server",
                                            "fp32", w))
             rs.model_sha[variant] = hashlib.sha256(frame).hexdigest()
+            rs.frames[variant] = frame
             rs.model_bytes[variant] = self.t.publish(self.topics.model(rs.number, variant),
                                                      frame, retain=True)
 
@@ -180,7 +190,9 @@ class Aggregator:
             topic, payload = item
             where = self.topics.parse(topic)
             try:
-                if where["kind"] == "status":
+                if topic == RECONNECTED:
+                    self._republish()
+                elif where["kind"] == "status":
                     self._on_status(where, payload)
                 elif where["kind"] == "update":
                     self._on_update(where, payload)
@@ -193,6 +205,13 @@ class Aggregator:
                 item = self.events.get_nowait()
             except queue.Empty:
                 item = None
+
+    def _republish(self) -> None:
+        log.info("reconnected to the broker: republishing the plan and the open round's models")
+        self.t.publish(self.topics.plan, self._plan, retain=True)
+        if self.round is not None:
+            for variant, frame in self.round.frames.items():
+                self.t.publish(self.topics.model(self.round.number, variant), frame, retain=True)
 
     def _on_status(self, where: dict, payload: bytes) -> None:
         if payload in (b"offline", b""):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 
 import paho.mqtt.client as paho
 
@@ -33,6 +34,8 @@ class MqttTransport(Transport):
         self._stop = threading.Event()
         self._refused: str | None = None
         self._thread: threading.Thread | None = None
+        self._pending: list[paho.MQTTMessageInfo] = []
+        self._pending_lock = threading.Lock()
         self.reconnects = 0
         c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                         clean_session=not persistent, protocol=paho.MQTTv311)
@@ -68,8 +71,21 @@ class MqttTransport(Transport):
             raise TransportError(f"cannot connect to broker {self.url} as "
                                  f"{self.client_id!r}: {why}")
 
-    def close(self) -> None:
-        """A clean disconnect: the broker does not publish the last will."""
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the broker has acknowledged every QoS 1 publish; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._pending_lock:
+                self._pending = [i for i in self._pending if not _acked(i)]
+                if not self._pending:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def close(self, flush_timeout: float = 5.0) -> None:
+        """A clean disconnect (no last will), after outstanding publishes are acknowledged."""
+        if self._connected.is_set():
+            self.flush(flush_timeout)
         self._stop.set()
         try:
             self._client.disconnect()
@@ -120,6 +136,10 @@ class MqttTransport(Transport):
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        with self._pending_lock:
+            self._pending.append(info)
+            if len(self._pending) > 1024:  # forget the acknowledged ones now and then
+                self._pending = [i for i in self._pending if not _acked(i)]
 
     def _subscribe_raw(self, pattern: str) -> None:
         self._patterns.add(pattern)
@@ -130,3 +150,12 @@ class MqttTransport(Transport):
         self._patterns.discard(pattern)
         if self._connected.is_set():
             self._client.unsubscribe(pattern)
+
+
+def _acked(info: paho.MQTTMessageInfo) -> bool:
+    """Whether the broker acknowledged a publish. paho raises from ``is_published``
+    for messages queued while disconnected, though it sends them after reconnecting."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return bool(getattr(info, "_published", True))

@@ -38,7 +38,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                        "an aggregator and a broker")
     p.add_argument("--broker", help="mqtt://host:port (default: the embedded broker)")
     p.add_argument("--devices", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--round-timeout", type=float, default=30.0)
@@ -49,9 +49,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    p.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.02)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,169 @@
+"""Benchmark the field loop's plumbing: broker throughput and round orchestration.
+
+1. Throughput: one publisher, one subscriber, QoS 1 frames of 1 KB .. 8 MB
+   through the embedded amqtt broker and a private Mosquitto, side by side;
+   frames/s and MB/s (median of --repeats runs).
+2. Orchestration overhead per round for 4, 16 and 64 devices: the aggregator
+   over Mosquitto with devices that answer at once (they echo the model, so
+   training time is zero); the round time is then all overhead: publishing the
+   model and tasks, fetching, decoding, validating, aggregating, checkpointing.
+
+    python bench/field.py --json docs/results/field.json --md docs/results/field.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from broker_server.embedded import EmbeddedBroker  # noqa: E402
+from broker_server.service import Aggregator, ServeOptions  # noqa: E402
+from device_runtime import messages, wire  # noqa: E402
+from device_runtime.agent import AgentOptions, DeviceAgent, status_will  # noqa: E402
+from device_runtime.topics import Topics  # noqa: E402
+from device_runtime.transport.mqtt import MqttTransport  # noqa: E402
+from tests.brokers import Mosquitto  # noqa: E402
+
+SIZES = [1 << 10, 16 << 10, 128 << 10, 1 << 20, 8 << 20]
+
+
+def throughput(url: str, size: int, count: int) -> dict:
+    # fedge's default payload limit (128 KB): larger frames travel as chunks, as in a
+    # deployment (amqtt drops connections on ~1 MB packets).
+    pub = MqttTransport(url, f"bench-pub-{size}")
+    sub = MqttTransport(url, f"bench-sub-{size}")
+    pub.connect(), sub.connect()
+    got: queue.Queue = queue.Queue()
+    sub.subscribe("bench/t", lambda t, p: got.put(len(p)))
+    time.sleep(0.3)
+    payload = wire.encode(wire.Frame("bench", "b", 0, "d", "fp32",
+                                     {"x": np.zeros(max(1, (size - 300) // 4), np.float32)}))
+    t0 = time.perf_counter()
+    for _ in range(count):
+        pub.publish("bench/t", payload)
+    try:
+        for _ in range(count):
+            got.get(timeout=60)
+    except queue.Empty:
+        return {"frames_per_s": None, "mb_per_s": None}  # the broker lost the stream
+    finally:
+        pub.close(), sub.close()
+    secs = time.perf_counter() - t0
+    return {"frames_per_s": count / secs, "mb_per_s": count * len(payload) / secs / 1e6}
+
+
+def run_throughput(url: str, repeats: int) -> list[dict]:
+    rows = []
+    for size in SIZES:
+        count = int(min(500, max(4, (32 << 20) // size)))
+        runs = [throughput(url, size, count) for _ in range(repeats)]
+        ok = [r for r in runs if r["frames_per_s"] is not None]
+        if len(ok) < len(runs):  # a broker that failed once is not measured further
+            rows.append({"size": size, "frames": count, "frames_per_s": None,
+                         "mb_per_s": None, "failed_runs": len(runs) - len(ok)})
+            continue
+        rows.append({"size": size, "frames": count,
+                     "frames_per_s": round(statistics.median(r["frames_per_s"] for r in ok), 1),
+                     "mb_per_s": round(statistics.median(r["mb_per_s"] for r in ok), 2)})
+    return rows
+
+
+class EchoAgent(DeviceAgent):
+    """Answers every task at once with the model it got: zero training time."""
+
+    def _train(self, task, frame_bytes):
+        frame = wire.decode(frame_bytes)
+        return wire.encode(wire.Frame("update", self.opts.job, task.round, self.device, "fp32",
+                                      frame.tensors, meta={"samples": 10, "train_seconds": 0.0}))
+
+
+def orchestration(url: str, devices: int, rounds: int) -> dict:
+    from device_runtime.training.local import weights_of
+    from device_runtime.training.models import ModelConfig, build_model
+
+    job = f"orch{devices}-{int(time.time() * 1000) % 100000}"
+    cfg = ModelConfig("cnn1d", (40,), 10)
+    topics = Topics(job)
+    agents = []
+    for k in range(devices):
+        t = MqttTransport(url, f"{job}-d{k}", will=status_will(topics, f"d{k}"))
+        t.connect()
+        a = EchoAgent(t, AgentOptions(job, f"d{k}", "rpi4"), np.zeros((10, 40), np.float32),
+                      np.zeros(10, np.int64))
+        threading.Thread(target=a.run, daemon=True).start()
+        agents.append(t)
+    agg_t = MqttTransport(url, f"{job}-agg", persistent=True)
+    agg_t.connect()
+    with tempfile.TemporaryDirectory() as state:
+        agg = Aggregator(agg_t, ServeOptions(job, Path(state), rounds=rounds,
+                                             min_devices=devices, round_timeout=120),
+                         cfg.to_json(), weights_of(build_model(cfg)))
+        report = agg.run()
+    for t in (agg_t, *agents):
+        t.close()
+    secs = [r["seconds"] for r in report["rounds"][1:]]  # round 1 includes start-up
+    return {"devices": devices, "rounds": rounds,
+            "overhead_s_median": round(statistics.median(secs), 3),
+            "model_bytes": report["rounds"][-1]["downlink_bytes"] // devices}
+
+
+def to_markdown(res: dict) -> str:
+    out = ["# Field loop benchmark\n", f"Machine: {res['machine']}. Command: `{res['command']}`.\n",
+           "## Broker throughput (QoS 1, one publisher, one subscriber, frames above "
+           "128 KB chunked as fedge sends them)\n",
+           "| frame size | amqtt frames/s | amqtt MB/s | Mosquitto frames/s | Mosquitto MB/s |",
+           "|---|---|---|---|---|"]
+    for a, m in zip(res["throughput"]["amqtt"], res["throughput"]["mosquitto"]):
+        fmt = lambda v: "failed" if v is None else v
+        out.append(f"| {a['size'] // 1024} KB | {fmt(a['frames_per_s'])} | {fmt(a['mb_per_s'])} "
+                   f"| {fmt(m['frames_per_s'])} | {fmt(m['mb_per_s'])} |")
+    out += ["\n## Orchestration overhead per round (Mosquitto, devices answer at once)\n",
+            "| devices | median round time = overhead (s) | model frame bytes |",
+            "|---|---|---|"]
+    for r in res["orchestration"]:
+        out.append(f"| {r['devices']} | {r['overhead_s_median']} | {r['model_bytes']:,} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--json", default="runs/bench_field.json")
+    ap.add_argument("--md")
+    args = ap.parse_args()
+    import os
+    import platform
+
+    res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "command": " ".join(["python", "bench/field.py", *sys.argv[1:]]),
+           "throughput": {}, "orchestration": []}
+    with EmbeddedBroker() as b:
+        res["throughput"]["amqtt"] = run_throughput(b.url, args.repeats)
+    with tempfile.TemporaryDirectory() as d:
+        m = Mosquitto(Path(d)).start()
+        try:
+            res["throughput"]["mosquitto"] = run_throughput(m.url, args.repeats)
+            for n in (4, 16, 64):
+                res["orchestration"].append(orchestration(m.url, n, args.rounds))
+        finally:
+            m.stop()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=1))
+    if args.md:
+        Path(args.md).write_text(to_markdown(res))
+    print(to_markdown(res))
+
+
+if __name__ == "__main__":
+    main()

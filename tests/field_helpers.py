@@ -1,0 +1,88 @@
+"""Helpers for the field-loop tests: real `fedge serve` / `fedge device` processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def prepare_job(work: Path, devices: int, seed: int = 0) -> Path:
+    """Partition MNIST-1D and write an untrained checkpoint; returns the checkpoint."""
+    import numpy as np
+    import torch
+
+    from toolkit import checkpoint, datasets, zoo
+    from toolkit.partition import write_partition
+
+    ds = datasets.load_mnist1d()
+    write_partition(ds, work / "data", devices, seed, 0.5)
+    cfg = zoo.make_config("cnn", ds.sample_shape, 10, 0.5, float(np.mean(ds.x_train)),
+                          float(np.std(ds.x_train)))
+    torch.manual_seed(seed)
+    path = work / "init.safetensors"
+    checkpoint.save(checkpoint.Checkpoint(cfg, zoo.build_model(cfg),
+                                          dataset=datasets.DatasetSpec("mnist1d")), path)
+    return path
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+
+
+def start_device(url: str, job: str, work: Path, k: int, profile: str = "rpi4"
+                 ) -> subprocess.Popen:
+    log = open(work / f"device-{k}.log", "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "toolkit", "device", "--broker", url, "--job", job,
+         "--id", f"dev-{k}", "--profile", profile, "--data",
+         str(work / "data" / f"device-{k}.npz"), "--idle-timeout", "120"],
+        stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+
+
+def start_server(url: str, job: str, work: Path, ckpt: Path, rounds: int, min_devices: int,
+                 round_timeout: float, extra: list[str] = ()) -> subprocess.Popen:
+    log = open(work / "server.log", "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "toolkit", "serve", "--broker", url, "--job", job,
+         "--checkpoint", str(ckpt), "--rounds", str(rounds), "--min-devices", str(min_devices),
+         "--round-timeout", str(round_timeout), "--state-dir", str(work / "state"),
+         "--json", str(work / "report.json"), "--epochs", "1", *extra],
+        stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+
+
+def completed_rounds(work: Path) -> int:
+    try:
+        return json.loads((work / "state" / "state.json").read_text())["completed"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.05) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def sigkill(p: subprocess.Popen) -> None:
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 60) -> list[int]:
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    return codes

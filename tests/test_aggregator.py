@@ -1,0 +1,139 @@
+"""The aggregator under bad input, live: every bad update is rejected with a
+logged reason while the service keeps serving, and the run completes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import struct
+import threading
+
+import numpy as np
+import pytest
+
+from broker_server.service import Aggregator, ServeOptions
+from broker_server.strategies.aggregate import PartialSum, weighted_average
+from device_runtime import messages, wire
+from device_runtime.agent import AgentOptions, DeviceAgent, status_will
+from device_runtime.topics import Topics
+from device_runtime.training.models import ModelConfig, build_model
+from device_runtime.training.local import weights_of
+from device_runtime.transport.mqtt import MqttTransport
+from tests.brokers import Mosquitto
+from tests.test_wire import _pack, _parts, _rewrite
+
+JOB = "badinput"
+
+
+def _nan(frame: bytes) -> bytes:
+    header, body = _parts(frame)
+    body = bytearray(body)
+    body[0:4] = struct.pack("<f", float("nan"))
+    return _rewrite(frame, body=bytes(body))
+
+
+def _bad_updates(good: bytes) -> dict[str, bytes]:
+    header, body = _parts(good)
+    first = header["tensors"][0]["name"]
+
+    def retype(h):
+        h["tensors"][0]["dtype"] = "int32"
+
+    def reshape(h):
+        t = h["tensors"][0]
+        t["shape"] = [int(np.prod(t["shape"]))]
+    return {
+        "truncated": good[: len(good) // 2],
+        "wrong magic": b"XXXX" + good[4:],
+        "oversize header": good[:4] + struct.pack("<I", 70_000) + good[8:],
+        "dtype mismatch": _rewrite(good, retype),
+        "shape mismatch": _rewrite(good, reshape),
+        "nan": _nan(good),
+        "not json header": _pack(b"{nope", body),
+    }, first
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    m = Mosquitto(tmp_path_factory.mktemp("mosq-agg")).start()
+    yield m
+    m.stop()
+
+
+def test_bad_updates_are_rejected_while_the_aggregator_keeps_serving(broker, tmp_path):
+    cfg = ModelConfig("cnn1d", (40,), 10, width=0.25)
+    init = weights_of(build_model(cfg))
+    topics = Topics(JOB)
+    agg_t = MqttTransport(broker.url, "agg", persistent=True)
+    agg_t.connect()
+    agg = Aggregator(agg_t, ServeOptions(JOB, tmp_path / "state", rounds=2, min_devices=2,
+                                         round_timeout=30.0, epochs=1), cfg.to_json(), init)
+    result: dict = {}
+    server = threading.Thread(target=lambda: result.update(agg.run()), daemon=True)
+    server.start()
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 40)).astype(np.float32), rng.integers(0, 10, 64)
+    good_t = MqttTransport(broker.url, "good", will=status_will(topics, "good"))
+    good_t.connect()
+    agent = DeviceAgent(good_t, AgentOptions(JOB, "good", "rpi4"), x, y)
+    threading.Thread(target=agent.run, daemon=True).start()
+
+    rogue = MqttTransport(broker.url, "rogue")
+    rogue.connect()
+    inbox = {"task": queue.Queue(), "model": queue.Queue()}
+    rogue.subscribe(topics.task("+", "rogue"), lambda t, p: inbox["task"].put(p))
+    rogue.subscribe(topics.model("+", "full"), lambda t, p: inbox["model"].put(p))
+    rogue.publish(topics.status("rogue"), messages.dump(
+        messages.Status("rogue", "online", "rpi3b", 50)), retain=True)
+
+    def next_of(kind):
+        return inbox[kind].get(timeout=60)
+    for r in (1, 2):
+        task = messages.parse(messages.Task, next_of("task"))
+        model = wire.decode(next_of("model"))
+        assert task.round == r and model.round == r
+        good = wire.encode(wire.Frame("update", JOB, r, "rogue", "fp32", model.tensors,
+                                      meta={"samples": 50}))
+        if r == 1:
+            bad, _ = _bad_updates(good)
+            for payload in bad.values():
+                rogue.publish(topics.update(1, "rogue"), payload)
+            rogue.publish(topics.update(7, "rogue"), good)  # wrong round
+            ghost = wire.encode(wire.Frame("update", JOB, 1, "ghost", "fp32", model.tensors,
+                                           meta={"samples": 5}))
+            rogue.publish(topics.update(1, "ghost"), ghost)  # unknown device
+            rogue.publish(topics.update(1, "rogue"), good)
+            rogue.publish(topics.update(1, "rogue"), good)  # duplicate
+        else:
+            rogue.publish(topics.update(2, "rogue"), good)
+    server.join(timeout=120)
+    assert not server.is_alive()
+    for t in (rogue, good_t, agg_t):
+        t.close()
+    reasons = [r["reason"] for r in result["rejected"]]
+    joined = "\n".join(reasons)
+    for needle in ("magic", "header length", "dtype", "shape", "finite", "JSON",
+                   "round: expected 1, got 7", "'ghost' has no task"):
+        assert needle.lower() in joined.lower(), (needle, joined)
+    assert len(reasons) >= 9  # seven malformed + wrong round + unknown device
+    assert result["duplicates"] >= 1
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert all(r["devices_reporting"] == 2 for r in result["rounds"])
+
+
+def test_weighted_average_and_partial_sums_agree():
+    rng = np.random.default_rng(1)
+    ups = [({"w": rng.normal(size=(3, 4)).astype(np.float32),
+             "b": rng.normal(size=4).astype(np.float32)}, float(n)) for n in (5, 10, 85)]
+    avg = weighted_average(ups)
+    expect = sum(u["w"].astype(np.float64) * n for u, n in ups) / 100
+    np.testing.assert_allclose(avg["w"], expect, rtol=1e-6)
+    left, right = PartialSum(), PartialSum()
+    left.add(*ups[0])
+    right.add(*ups[1])
+    right.add(*ups[2])
+    left.merge(right)
+    np.testing.assert_allclose(left.mean()["b"], avg["b"], rtol=1e-6)
+    with pytest.raises(ValueError):
+        weighted_average([])

@@ -1,0 +1,40 @@
+"""`fedge demo`, the README's main job, end to end (short run) on the embedded broker."""
+import json
+
+from tests.conftest import run_fedge
+
+
+def test_demo_runs_device_processes_over_the_embedded_broker(tmp_path):
+    report = tmp_path / "demo.json"
+    code, out, err = run_fedge("demo", "--devices", "3", "--rounds", "3",
+                               "--workdir", str(tmp_path / "w"), "--json", str(report))
+    assert code == 0, err
+    r = json.loads(report.read_text())
+    assert r["broker"] == "embedded" and r["strategy"] == "fedavg" and r["codec"] == "fp32"
+    assert [x["round"] for x in r["rounds"]] == [1, 2, 3]
+    for x in r["rounds"]:
+        assert set(x) >= {"round", "accuracy", "uplink_bytes", "downlink_bytes",
+                          "devices_reporting"}
+        assert x["uplink_bytes"] > 0 and x["devices_reporting"] >= 2
+    assert r["final_accuracy"] == r["rounds"][-1]["accuracy"] > 0.2
+    assert report.with_suffix(".png").stat().st_size > 1000
+    assert "[####################]  3/3" in out
+    for k in range(3):
+        assert "trained" in (tmp_path / "w" / f"device-{k}.log").read_text()
+
+
+def test_serve_bad_arguments_are_one_line(tmp_path):
+    from tests.conftest import assert_one_line_error
+
+    code, _, err = run_fedge("serve", "--job", "a/b", "--checkpoint", "x", "--state-dir",
+                             str(tmp_path))
+    assert_one_line_error(code, err, 2, "job id")
+    code, _, err = run_fedge("serve", "--job", "j", "--checkpoint", "x", "--strategy", "magic",
+                             "--state-dir", str(tmp_path))
+    assert_one_line_error(code, err, 2, "unknown strategy 'magic'", "fedavg")
+    code, _, err = run_fedge("device", "--broker", "http://x", "--job", "j", "--id", "d",
+                             "--profile", "rpi4", "--data", str(tmp_path / "none.npz"))
+    assert_one_line_error(code, err, 3, "does not exist")
+    code, _, err = run_fedge("device", "--broker", "http://x", "--job", "j", "--id", "d",
+                             "--profile", "toaster", "--data", "x.npz")
+    assert_one_line_error(code, err, 2, "unknown device profile 'toaster'")
