@@ -83,7 +83,7 @@ def measure(manifest_path: Path, models: dict, ds: datasets.Dataset, repeats: in
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"# Export benchmark\n",
+    lines = ["# Export benchmark\n",
              f"Machine: {result['machine']}; one thread for torch and ORT; medians of "
              f"{result['repeats']} runs. Command: `{result['command']}`.\n",
              f"Pre-training {result['pretrain_seconds']} s; export of "

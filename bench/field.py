@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker_server.embedded import EmbeddedBroker  # noqa: E402
 from broker_server.service import Aggregator, ServeOptions  # noqa: E402
-from device_runtime import messages, wire  # noqa: E402
+from device_runtime import wire  # noqa: E402
 from device_runtime.agent import AgentOptions, DeviceAgent, status_will  # noqa: E402
 from device_runtime.topics import Topics  # noqa: E402
 from device_runtime.transport.mqtt import MqttTransport  # noqa: E402

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from broker_server.errors import BrokerServerError
-from broker_server.state import ServerState, StateStore
+from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, Update, create
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -22,7 +23,8 @@ class MessageError(DeviceRuntimeError):
 
 _CHECKS = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    and math.isfinite(v),
     "str": lambda v: isinstance(v, str),
     "bool": lambda v: isinstance(v, bool),
     "dict": lambda v: isinstance(v, dict),

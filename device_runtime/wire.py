@@ -24,6 +24,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from device_runtime.errors import WireError
+from device_runtime.strict_json import JSON_NAMES, check_json, json_type, load_json, short
 
 T = TypeVar("T")
 
@@ -40,10 +41,7 @@ _REQUIRED = (("kind", str), ("job", str), ("round", int), ("device", str),
              ("codec", str), ("sha256", str), ("tensors", list), ("meta", dict))
 _TENSOR_FIELDS = (("name", str), ("dtype", str), ("shape", list), ("offset", int),
                   ("nbytes", int), ("params", dict))
-_JSON_NAMES = {type(None): "null", bool: "boolean", int: "integer", float: "number",
-               str: "string", list: "array", dict: "object"}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_JSON_DEPTH = 64  # header nesting; deeper would make every reader that recurses fragile
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,7 @@ def encode(frame: Frame, limits: Limits = Limits()) -> bytes:
     for key in frame.params:
         if key not in frame.tensors:
             raise WireError(f"frame.params: expected keys among the tensor names, got "
-                            f"{_short(key)}")
+                            f"{short(key)}")
     arrays = [_wire_array(name, value) for name, value in frame.tensors.items()]
     entries, offset = [], 0
     for name, arr in zip(frame.tensors, arrays):
@@ -125,7 +123,7 @@ def encode(frame: Frame, limits: Limits = Limits()) -> bytes:
               "meta": frame.meta}
     if frame.chunk is not None:
         header["chunk"] = frame.chunk
-    _check_json(header, "header", 1)
+    check_json(header, "header", 1)
     _check_header(header, len(body), limits)
     # ASCII-only JSON: lone surrogates in a str cannot break the UTF-8 encoding.
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("ascii")
@@ -138,7 +136,7 @@ def encode(frame: Frame, limits: Limits = Limits()) -> bytes:
 
 def _wire_array(name: object, value: object) -> np.ndarray:
     if not isinstance(name, str) or not name:
-        raise WireError(f"tensor name: expected a non-empty string, got {_short(name)}")
+        raise WireError(f"tensor name: expected a non-empty string, got {short(name)}")
     arr = np.asarray(value)
     if arr.dtype.name not in DTYPES:
         raise WireError(f"tensor {name!r}.dtype: expected one of {', '.join(DTYPES)}, "
@@ -148,28 +146,6 @@ def _wire_array(name: object, value: object) -> np.ndarray:
     return arr
 
 
-def _check_json(value: object, where: str, depth: int) -> None:
-    """Only plain JSON, nested no deeper than decode allows: json.dumps would quietly
-    turn int keys into strings, and numpy scalars would fail deep inside it."""
-    if isinstance(value, (list, tuple, dict)) and depth > _JSON_DEPTH:
-        raise WireError(f"{where}: expected JSON nested at most {_JSON_DEPTH} deep, got deeper")
-    if value is None or isinstance(value, (str, bool, int)):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise WireError(f"{where}: expected a finite number, got {value}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_json(v, f"{where}[{i}]", depth + 1)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise WireError(f"{where}: expected string keys, got {_short(k)}")
-            _check_json(v, f"{where}.{k}", depth + 1)
-    else:
-        kind = f"{type(value).__module__}.{type(value).__qualname__}"
-        raise WireError(f"{where}: expected a JSON value (dict, list, str, int, float, bool, "
-                        f"None), got {kind}")
 
 
 # --- decoding ---------------------------------------------------------------
@@ -235,63 +211,23 @@ def _parse(view: memoryview, limits: Limits) -> tuple[dict, memoryview]:
     if PREFIX + h > n:
         raise WireError(f"header length: expected at most {n - PREFIX} (the bytes after the "
                         f"prefix), got {h}")
-    header = _load_json(view[PREFIX:PREFIX + h])
+    header = load_json(view[PREFIX:PREFIX + h])
     body = view[PREFIX + h:]
     _check_header(header, len(body), limits)
     return header, body
 
 
-def _load_json(raw: memoryview) -> object:
-    try:
-        text = str(raw, "utf-8")
-    except UnicodeDecodeError as e:
-        raise WireError(f"header: expected UTF-8, got an invalid byte at offset {e.start}") \
-            from None
-    try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates,
-                            parse_constant=_finite_float, parse_float=_finite_float)
-    except RecursionError:
-        raise WireError("header: expected JSON of sane nesting depth, got nesting deeper than "
-                        "the parser's recursion limit") from None
-    except ValueError as e:  # JSONDecodeError, and ints too long to convert
-        raise WireError(f"header: expected a JSON object, got invalid JSON ({e})") from None
-    depth = _nesting(header)
-    if depth > _JSON_DEPTH:
-        raise WireError(f"header: expected JSON nested at most {_JSON_DEPTH} deep, got {depth}")
-    return header
 
 
-def _nesting(value: object) -> int:
-    """How deep lists and objects nest, counted without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, (list, dict)):
-            deepest = max(deepest, depth)
-            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
-    return deepest
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    # Two "round" keys would let two readers disagree on what the frame says.
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise WireError(f"header: expected unique keys, got {_short(k)} twice")
-        out[k] = v
-    return out
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # NaN, Infinity, and "1e999" which parses as inf
-        raise WireError(f"header: expected finite JSON numbers, got {_short(text)}")
-    return value
 
 
 def _check_header(header: object, body_len: int, limits: Limits) -> None:
     if not isinstance(header, dict):
-        raise WireError(f"header: expected a JSON object, got {_json_type(header)}")
+        raise WireError(f"header: expected a JSON object, got {json_type(header)}")
     v = header.get("v")
     if not _is_int(v) or v not in SUPPORTED_VERSIONS:
         raise WireError(f"header.v: expected one of {SUPPORTED_VERSIONS}, got "
@@ -303,7 +239,7 @@ def _check_header(header: object, body_len: int, limits: Limits) -> None:
             raise WireError(f"header.{key}: expected a non-empty string, got ''")
     if not _HEX64.fullmatch(header["sha256"]):
         raise WireError(f"header.sha256: expected 64 lowercase hex digits, got "
-                        f"{_short(header['sha256'])}")
+                        f"{short(header['sha256'])}")
     if header["round"] < 0:
         raise WireError(f"header.round: expected >= 0, got {header['round']}")
     if "chunk" in header:
@@ -324,7 +260,7 @@ def _check_header(header: object, body_len: int, limits: Limits) -> None:
 def _check_chunk(chunk: object) -> None:
     where = "header.chunk"
     if not isinstance(chunk, dict):
-        raise WireError(f"{where}: expected an object, got {_json_type(chunk)}")
+        raise WireError(f"{where}: expected an object, got {json_type(chunk)}")
     for key, typ in (("id", str), ("index", int), ("count", int), ("sha256", str)):
         _want(chunk, key, typ, where)
     if not chunk["id"]:
@@ -336,7 +272,7 @@ def _check_chunk(chunk: object) -> None:
                         f"got {chunk['index']}")
     if not _HEX64.fullmatch(chunk["sha256"]):
         raise WireError(f"{where}.sha256: expected 64 lowercase hex digits, got "
-                        f"{_short(chunk['sha256'])}")
+                        f"{short(chunk['sha256'])}")
 
 
 def _check_tensors(tensors: list, limits: Limits) -> int:
@@ -346,29 +282,29 @@ def _check_tensors(tensors: list, limits: Limits) -> int:
     for i, t in enumerate(tensors):
         where = f"header.tensors[{i}]"
         if not isinstance(t, dict):
-            raise WireError(f"{where}: expected an object, got {_json_type(t)}")
+            raise WireError(f"{where}: expected an object, got {json_type(t)}")
         for key, typ in _TENSOR_FIELDS:
             _want(t, key, typ, where)
         name = t["name"]
         if not name or name in seen:
             raise WireError(f"{where}.name: expected a unique non-empty string, got "
-                            f"{_short(name)}{' again' if name else ''}")
+                            f"{short(name)}{' again' if name else ''}")
         seen.add(name)
-        where = f"tensor {_short(name)}"
+        where = f"tensor {short(name)}"
         if t["dtype"] not in DTYPES:
             raise WireError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, "
-                            f"got {_short(t['dtype'])}")
+                            f"got {short(t['dtype'])}")
         shape = t["shape"]
         if len(shape) > limits.max_ndim:
             raise WireError(f"{where}.shape: expected at most {limits.max_ndim} dimensions, "
                             f"got {len(shape)}")
         if not all(_is_int(d) and d >= 0 for d in shape):
             raise WireError(f"{where}.shape: expected non-negative integers, got "
-                            f"{_short(shape)}")
+                            f"{short(shape)}")
         itemsize = np.dtype(t["dtype"]).itemsize
         nbytes = math.prod(shape) * itemsize
         if t["nbytes"] != nbytes:
-            raise WireError(f"{where}.nbytes: expected {nbytes} (shape {_short(shape)} x "
+            raise WireError(f"{where}.nbytes: expected {nbytes} (shape {short(shape)} x "
                             f"{itemsize} bytes), got {t['nbytes']}")
         if t["offset"] != offset:
             raise WireError(f"{where}.offset: expected {offset} (right after the previous "
@@ -383,7 +319,7 @@ def _check_expect(header: dict, expect: Expect) -> None:
         if want is None or (header[key] in want if key == "device" else header[key] == want):
             continue
         shown = f"a known device ({_names(sorted(want))})" if key == "device" else repr(want)
-        raise WireError(f"header.{key}: expected {shown}, got {_short(header[key])}")
+        raise WireError(f"header.{key}: expected {shown}, got {short(header[key])}")
     if expect.tensors is None:
         return
     got = [t["name"] for t in header["tensors"]]
@@ -418,7 +354,7 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
     if bad.any():
         n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
         first = int(np.flatnonzero(bad)[0])
-        raise WireError(f"tensor {_short(name)}: expected finite values, got {n_nan} NaN and "
+        raise WireError(f"tensor {short(name)}: expected finite values, got {n_nan} NaN and "
                         f"{n_inf} Inf (first at flat index {first})")
 
 
@@ -431,25 +367,19 @@ def _is_int(v: object) -> bool:
 def _want(obj: dict, key: str, typ: type, where: str) -> None:
     v = obj.get(key)
     if not (_is_int(v) if typ is int else isinstance(v, typ)):
-        raise WireError(f"{where}.{key}: expected {_JSON_NAMES[typ]}, got {_got(obj, key)}")
+        raise WireError(f"{where}.{key}: expected {JSON_NAMES[typ]}, got {_got(obj, key)}")
 
 
 def _got(obj: dict, key: str) -> str:
-    return f"{_json_type(obj[key])} {_short(obj[key])}" if key in obj else "nothing (missing)"
+    return f"{json_type(obj[key])} {short(obj[key])}" if key in obj else "nothing (missing)"
 
 
-def _json_type(v: object) -> str:
-    return _JSON_NAMES.get(type(v), type(v).__name__)
 
 
-def _short(v: object, limit: int = 60) -> str:
-    # Frames come from anywhere: never echo 64 KiB of junk into a log line.
-    text = repr(v)
-    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
 
 
 def _names(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(_short(n, 40) for n in names[:limit])
+    shown = ", ".join(short(n, 40) for n in names[:limit])
     return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 

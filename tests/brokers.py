@@ -1,6 +1,7 @@
 """Real brokers for the tests: the embedded amqtt, and a Mosquitto on a free port."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -26,13 +27,21 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on {host}:{port}")
 
 
+def _user_line() -> str:
+    # Started as root, Mosquitto drops to user "mosquitto", which cannot read the
+    # password and certificate files in pytest's private temp folders.
+    return "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+
+
 class Mosquitto:
     """A private Mosquitto process; ``restart()`` keeps the port (for fault tests)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = ""):
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "",
+                 anonymous: bool = True):
         self.workdir = Path(workdir)
         self.port = port or free_port()
         self.extra_conf = extra_conf
+        self.anonymous = anonymous
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -45,8 +54,9 @@ class Mosquitto:
             raise RuntimeError("mosquitto is not installed (.ci/run installs it)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                        f"persistence false\n{self.extra_conf}")
+        conf.write_text(f"listener {self.port} 127.0.0.1\n"
+                        f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
+                        f"persistence false\n{_user_line()}{self.extra_conf}")
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=open(self.workdir / "mosquitto.log", "ab"))
         wait_port("127.0.0.1", self.port)

@@ -2,8 +2,6 @@
 logged reason while the service keeps serving, and the run completes."""
 from __future__ import annotations
 
-import hashlib
-import json
 import queue
 import struct
 import threading

@@ -190,3 +190,22 @@ def test_topic_matching():
     assert topic_matches("a/+/c", "a/b/c") and not topic_matches("a/+/c", "a/b/c/d")
     assert topic_matches("a/#", "a") and topic_matches("a/#", "a/b/c")
     assert not topic_matches("a/b", "a/b/_c/0")
+
+
+def test_username_and_password_from_the_url(tmp_path):
+    import shutil
+
+    if not shutil.which("mosquitto_passwd"):
+        pytest.skip("mosquitto_passwd not installed")
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "alice", "s3cret"], check=True)
+    m = Mosquitto(tmp_path / "m", extra_conf=f"password_file {pw}\n", anonymous=False).start()
+    try:
+        ok = MqttTransport(f"mqtt://alice:s3cret@127.0.0.1:{m.port}", "alice-1")
+        ok.connect()
+        ok.close()
+        for url in (f"mqtt://alice:wrong@127.0.0.1:{m.port}", f"mqtt://127.0.0.1:{m.port}"):
+            with pytest.raises(TransportError, match="refused|cannot connect"):
+                MqttTransport(url, "intruder").connect(timeout=3)
+    finally:
+        m.stop()

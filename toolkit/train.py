@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from device_runtime.training.local import run_epoch
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -30,21 +32,9 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: TrainOptions,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.lr,
                                                 total_steps=opts.epochs * steps_per_epoch)
     for epoch in range(opts.epochs):
-        model.train()
-        perm = torch.randperm(len(xt), generator=gen)
-        total = 0.0
-        for i in range(0, len(xt), opts.batch_size):
-            idx = perm[i:i + opts.batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
+        total, seen = run_epoch(model, xt, yt, opt, opts.batch_size, gen, sched)
         if on_epoch is not None:
-            on_epoch(epoch, total / len(xt))
+            on_epoch(epoch, total / max(seen, 1))
     model.eval()
     return model
 

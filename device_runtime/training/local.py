@@ -53,6 +53,28 @@ def load_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
         state[k].copy_(torch.from_numpy(np.array(w, dtype=np.float32)))  # keeps 0-d shapes
 
 
+def run_epoch(model: nn.Module, xt: torch.Tensor, yt: torch.Tensor,
+              opt: torch.optim.Optimizer, batch_size: int, gen: torch.Generator,
+              sched=None) -> tuple[float, int]:
+    """One shuffled pass of minibatch SGD; (sum of losses, samples seen)."""
+    model.train()
+    total, seen = 0.0, 0
+    perm = torch.randperm(len(xt), generator=gen)
+    for i in range(0, len(xt), batch_size):
+        idx = perm[i:i + batch_size]
+        if len(idx) < 2:  # BatchNorm needs two samples
+            continue
+        loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+    return total, seen
+
+
 def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray,
                 opts: LocalTrainOptions) -> LocalResult:
     """Plain local SGD (FedAvg's client update); returns the new weights."""
@@ -61,20 +83,10 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray,
     xt, yt = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(y)
     opt = torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=opts.momentum,
                           weight_decay=opts.weight_decay)
-    model.train()
     total, seen = 0.0, 0
     for _ in range(opts.epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), opts.batch_size):
-            idx = perm[i:i + opts.batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
+        loss_sum, n = run_epoch(model, xt, yt, opt, opts.batch_size, gen)
+        total, seen = total + loss_sum, seen + n
     model.eval()
     return LocalResult(weights_of(model), len(x), total / max(seen, 1),
                        time.perf_counter() - t0)

@@ -1,0 +1,98 @@
+"""Strict JSON for untrusted messages: no duplicate keys, no NaN or Infinity,
+bounded nesting, and short error texts that never echo a whole payload.
+
+Used by the frame decoder (``wire``) for headers and by ``messages`` for the
+JSON control messages.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from device_runtime.errors import WireError
+
+JSON_DEPTH = 64  # nesting; deeper would make every reader that recurses fragile
+JSON_NAMES = {type(None): "null", bool: "boolean", int: "integer", float: "number",
+               str: "string", list: "array", dict: "object"}
+
+
+def check_json(value: object, where: str, depth: int) -> None:
+    """Only plain JSON, nested no deeper than decode allows: json.dumps would quietly
+    turn int keys into strings, and numpy scalars would fail deep inside it."""
+    if isinstance(value, (list, tuple, dict)) and depth > JSON_DEPTH:
+        raise WireError(f"{where}: expected JSON nested at most {JSON_DEPTH} deep, got deeper")
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise WireError(f"{where}: expected a finite number, got {value}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_json(v, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise WireError(f"{where}: expected string keys, got {short(k)}")
+            check_json(v, f"{where}.{k}", depth + 1)
+    else:
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        raise WireError(f"{where}: expected a JSON value (dict, list, str, int, float, bool, "
+                        f"None), got {kind}")
+
+
+def load_json(raw: memoryview) -> object:
+    try:
+        text = str(raw, "utf-8")
+    except UnicodeDecodeError as e:
+        raise WireError(f"header: expected UTF-8, got an invalid byte at offset {e.start}") \
+            from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates,
+                            parse_constant=_finite_float, parse_float=_finite_float)
+    except RecursionError:
+        raise WireError("header: expected JSON of sane nesting depth, got nesting deeper than "
+                        "the parser's recursion limit") from None
+    except ValueError as e:  # JSONDecodeError, and ints too long to convert
+        raise WireError(f"header: expected a JSON object, got invalid JSON ({e})") from None
+    depth = _nesting(header)
+    if depth > JSON_DEPTH:
+        raise WireError(f"header: expected JSON nested at most {JSON_DEPTH} deep, got {depth}")
+    return header
+
+
+def _nesting(value: object) -> int:
+    """How deep lists and objects nest, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    # Two "round" keys would let two readers disagree on what the frame says.
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise WireError(f"header: expected unique keys, got {short(k)} twice")
+        out[k] = v
+    return out
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # NaN, Infinity, and "1e999" which parses as inf
+        raise WireError(f"header: expected finite JSON numbers, got {short(text)}")
+    return value
+
+
+def json_type(v: object) -> str:
+    return JSON_NAMES.get(type(v), type(v).__name__)
+
+
+def short(v: object, limit: int = 60) -> str:
+    # Frames come from anywhere: never echo 64 KiB of junk into a log line.
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
