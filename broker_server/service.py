@@ -170,10 +170,14 @@ class Aggregator:
         for device, a in self.strategy.assign(rs.number, devices).items():
             task = messages.Task(rs.number, device, a.variant, rs.model_sha[a.variant],
                                  rs.deadline, a.epochs, a.batch_size, a.lr,
-                                 self.opts.seed * 100_003 + rs.number, self.opts.codec)
+                                 self._task_seed(rs.number), self.opts.codec)
             rs.assigned[device] = task
             if device not in rs.accepted:
                 self._send_task(rs, task)
+
+    def _task_seed(self, r: int) -> int:
+        """The round's seed (local shuffling, codec noise): both ends derive it."""
+        return self.opts.seed * 100_003 + r
 
     def _send_task(self, rs: RoundState, task: messages.Task) -> None:
         rs.downlink_bytes += self.t.publish(self.topics.task(rs.number, task.device),
@@ -255,7 +259,7 @@ class Aggregator:
         samples = frame.meta.get("samples")
         if not isinstance(samples, int) or isinstance(samples, bool) or samples <= 0:
             raise WireError(f"meta.samples: expected a positive int, got {samples!r}")
-        ctx = CodecContext(round=r, seed=self.opts.seed, reference=self.weights)
+        ctx = CodecContext(round=r, seed=self._task_seed(r), reference=self.weights)
         weights = self.codec.decode(frame.tensors, frame.params, ctx)
         return Update(frame.device, r, weights, samples, dict(frame.meta))
 

@@ -51,6 +51,8 @@ class DeviceAgent:
         self.rounds_done = 0
         self._model = None
         self.started = time.time()
+        # Per round: bytes in and out and the work done, for reports and simulated time.
+        self.history: list[dict] = []
 
     def announce(self, state: str = "online", error: str = "") -> None:
         import onnxruntime
@@ -115,11 +117,16 @@ class DeviceAgent:
         if frame_bytes is None:
             log.warning("round %d: model never arrived before the deadline", task.round)
             return
+        t0 = time.perf_counter()
         update = self._train(task, frame_bytes)
         self.sent = {r: b for r, b in self.sent.items() if r >= task.round - 2}
         self.sent[task.round] = update
-        self.t.publish(self.topics.update(task.round, self.device), update)
+        up = self.t.publish(self.topics.update(task.round, self.device), update)
         self.rounds_done += 1
+        self.history.append({"round": task.round, "uplink_bytes": up,
+                             "downlink_bytes": len(frame_bytes) + len(messages.dump(task)),
+                             "samples": int(len(self.y)), "epochs": task.epochs,
+                             "seconds": round(time.perf_counter() - t0, 4)})
 
     def _wait_model(self, task: messages.Task) -> bytes | None:
         """The model frame named by the task, once its sha256 matches."""
@@ -153,10 +160,16 @@ class DeviceAgent:
             tensors={k: wire.TensorSpec("float32", s) for k, s in shapes.items()}))
         model = self._build()
         load_weights(model, frame.tensors)
-        res = train_local(model, self.x, self.y, LocalTrainOptions(
-            task.epochs, task.batch_size, task.lr, seed=task.seed))
         codec = codecs.get(task.codec)
-        ctx = CodecContext(round=task.round, seed=task.seed, reference=frame.tensors)
+        local = LocalTrainOptions(task.epochs, task.batch_size, task.lr, seed=task.seed)
+        if getattr(codec, "trainer", "sgd") == "fedmrn":
+            from device_runtime.training.fedmrn import train_fedmrn
+
+            res = train_fedmrn(model, self.x, self.y, local, seed=task.seed)
+        else:
+            res = train_local(model, self.x, self.y, local)
+        ctx = CodecContext(round=task.round, seed=task.seed, reference=frame.tensors,
+                           device=self.device)
         tensors, params = codec.encode(res.weights, ctx)
         return wire.encode(wire.Frame(
             "update", self.opts.job, task.round, self.device, task.codec, tensors, params,

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 from device_runtime.codecs.base import Codec, CodecContext
+from device_runtime.codecs.fp16 import Fp16Codec
+from device_runtime.codecs.fedmrn import FedMRNCodec
 from device_runtime.codecs.fp32 import Fp32Codec
+from device_runtime.codecs.int8 import Int8Codec
+from device_runtime.codecs.sign import SignCodec
 from device_runtime.registry import Registry
 
 CODECS: Registry[Codec] = Registry("codec")
@@ -17,5 +21,9 @@ def get(name: str) -> Codec:
 
 
 register("fp32", Fp32Codec())
+register("fp16", Fp16Codec())
+register("int8", Int8Codec())
+register("sign", SignCodec())
+register("fedmrn", FedMRNCodec())
 
 __all__ = ["Codec", "CodecContext", "register", "get", "CODECS"]

@@ -23,6 +23,7 @@ class CodecContext:
     round: int = 0
     seed: int = 0
     reference: Weights | None = field(default=None, compare=False)
+    device: str = ""  # the sender: its own randomness (e.g. rounding) must differ per device
 
 
 class Codec(ABC):

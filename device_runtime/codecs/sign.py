@@ -1,0 +1,101 @@
+"""sign: one bit per weight, the sign of the update, plus one magnitude per tensor.
+
+Wire: per weight one uint8 tensor of the same name and shape ``(ceil(n/8),)``,
+``n`` the weight's element count (a 0-d weight counts 1): bit ``i`` (little bit
+order, see ``bits.py``) is ``delta.flat[i] >= 0``, so a zero update reads as +1.
+Params: ``{"scale": mean|delta| (float32), "shape": the weight's shape}``; the
+shape is there so that a payload decodes without a reference and so that a bit
+count that does not fit the shape is caught.
+
+``decode`` returns ``reference + scale * (2 * bit - 1)``: the mean-magnitude
+reconstruction, a usable FedAvg input. A signSGD / federated-voting strategy
+wants the raw signs instead: ``signs_of`` gives them without any float math.
+Updates are relative to ``ctx.reference`` (see ``fp16.RelativeCodec``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from device_runtime.codecs.base import CodecContext
+from device_runtime.codecs.bits import pack_bits, packed_size, unpack_bits
+from device_runtime.codecs.fp16 import RelativeCodec, read_scale
+from device_runtime.errors import WireError
+from device_runtime.wire import Limits, TensorSpec
+
+_MAX_NDIM = Limits().max_ndim  # the wire's own bound; numpy itself stops at 64
+# With a zero dimension the bit count cannot bound the others; numpy refuses shapes
+# whose extent (zeros aside) overflows, so refuse them first, with a reason.
+_MAX_EXTENT = 2**48
+
+
+class SignCodec(RelativeCodec):
+    name = "sign"
+    wire_dtype = "uint8"
+
+    def _encode_one(self, name: str, delta: np.ndarray, ctx: CodecContext
+                    ) -> tuple[np.ndarray, dict]:
+        scale = np.float32(np.abs(delta, dtype=np.float64).mean()) if delta.size else 0.0
+        return pack_bits(delta >= 0), {"scale": float(scale), "shape": list(delta.shape)}
+
+    def _decode_one(self, name: str, arr: np.ndarray, params: dict) -> np.ndarray:
+        scale = read_scale(params, name)
+        signs = _signs(name, arr, params)
+        return np.asarray(signs.astype(np.float32) * scale, np.float32)
+
+    def _spec_one(self, shape: tuple[int, ...]) -> TensorSpec:
+        return TensorSpec("uint8", (packed_size(math.prod(shape)),))
+
+
+def signs_of(tensors: dict[str, np.ndarray], params: dict[str, dict],
+             shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The update's signs per weight, int8 in {-1, +1} of the weight's shape (0 -> +1).
+
+    ``tensors`` / ``params`` are a sign frame's; ``shapes`` the weights' (from the
+    plan). Raises WireError on a missing or extra tensor, a shape that disagrees,
+    bad params or non-zero padding bits.
+    """
+    if set(tensors) != set(shapes):
+        raise WireError(f"sign tensors: expected names {sorted(shapes)}, got {sorted(tensors)}")
+    out = {}
+    for name, arr in tensors.items():
+        p = params.get(name, {})
+        if not isinstance(p, dict):
+            raise WireError(f"tensor {name!r}.params: expected an object, got "
+                            f"{type(p).__name__}")
+        read_scale(p, name)  # a corrupt scale means a corrupt payload, even unused here
+        signs = _signs(name, np.asarray(arr), p)
+        if signs.shape != tuple(shapes[name]):
+            raise WireError(f"tensor {name!r}.params.shape: expected {tuple(shapes[name])}, "
+                            f"got {signs.shape}")
+        out[name] = signs
+    return out
+
+
+def _signs(name: str, arr: np.ndarray, params: dict) -> np.ndarray:
+    """int8 +-1 of the shape in params, after checking the bits fit that shape exactly."""
+    shape = _read_shape(params, name)
+    n = math.prod(shape)
+    if arr.dtype != np.uint8 or arr.ndim != 1 or arr.size != packed_size(n):
+        raise WireError(f"tensor {name!r}: expected uint8 of shape ({packed_size(n)},) for "
+                        f"params.shape {list(shape)} ({n} bits), got {arr.dtype} of shape "
+                        f"{arr.shape}")
+    bits = unpack_bits(arr, n, name)
+    return np.where(bits, np.int8(1), np.int8(-1)).reshape(shape)
+
+
+def _read_shape(params: dict, name: str) -> tuple[int, ...]:
+    shape = params.get("shape")
+    if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise WireError(f"tensor {name!r}.params.shape: expected a list of at most {_MAX_NDIM} "
+                        f"non-negative integers, got {str(shape)[:60]}"
+                        f"{' (missing)' if 'shape' not in params else ''}")
+    if math.prod(max(d, 1) for d in shape) > _MAX_EXTENT:
+        raise WireError(f"tensor {name!r}.params.shape: expected at most {_MAX_EXTENT} "
+                        f"elements ignoring zero dimensions, got {str(shape)[:60]}")
+    return tuple(shape)
+
+
+__all__ = ["SignCodec", "signs_of"]

@@ -1,0 +1,79 @@
+"""FedMRN local training: learn a binary mask over seeded noise for every conv and
+linear weight, with progressive stochastic masking and the straight-through
+estimator (ALGORITHMS.md, section 4). BatchNorm and biases train as usual.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from device_runtime.codecs.fedmrn import NOISE_SCALE, masked, noise
+from device_runtime.training.local import LocalResult, LocalTrainOptions, weights_of
+
+
+def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrainOptions,
+                 seed: int, mask_lr: float = 0.1, scale: float = NOISE_SCALE) -> LocalResult:
+    """``model`` holds the round's global weights; returns reference + noise * final mask."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(opts.seed)
+    names = [k for k, p in model.named_parameters() if masked(tuple(p.shape))]
+    base = {k: p.detach().clone() for k, p in model.named_parameters() if k in names}
+    noises = {k: torch.from_numpy(noise(k, tuple(base[k].shape), seed, scale)) for k in names}
+    latent = {k: torch.zeros_like(base[k], requires_grad=True) for k in names}
+    others = [p for k, p in model.named_parameters() if k not in names]
+    opt = torch.optim.SGD([{"params": list(latent.values()), "lr": mask_lr},
+                           {"params": others, "lr": opts.lr, "momentum": opts.momentum}])
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(y)
+    steps = max(1, opts.epochs * (len(xt) // opts.batch_size))
+    step, total, seen = 0, 0.0, 0
+    model.train()
+    for _ in range(opts.epochs):
+        perm = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt), opts.batch_size):
+            idx = perm[i:i + opts.batch_size]
+            if len(idx) < 2:
+                continue
+            p_sample = min(1.0, step / steps)  # progressive stochastic masking
+            weights = {k: base[k] + noises[k] * _mask(latent[k], noises[k], p_sample, gen)
+                       for k in names}
+            loss = nn.functional.cross_entropy(functional_call(model, weights, (xt[idx],)),
+                                               yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():  # keep u/n near [0, 1] so a mask can always flip back
+                for k in names:
+                    lo, hi = torch.minimum(-0.5 * noises[k], 1.5 * noises[k]), \
+                        torch.maximum(-0.5 * noises[k], 1.5 * noises[k])
+                    latent[k].copy_(torch.maximum(torch.minimum(latent[k], hi), lo))
+            step += 1
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+    with torch.no_grad():  # the final mask is a sample, as the paper does
+        for k in names:
+            prob = (latent[k] / noises[k]).clamp(0, 1)
+            m = torch.bernoulli(prob, generator=gen)
+            dict(model.named_parameters())[k].copy_(base[k] + noises[k] * m)
+    model.eval()
+    return LocalResult(weights_of(model), len(x), total / max(seen, 1),
+                       time.perf_counter() - t0)
+
+
+def _mask(u: torch.Tensor, n: torch.Tensor, p_sample: float, gen: torch.Generator
+          ) -> torch.Tensor:
+    """Continuous clip(u/n, 0, 1), replaced with probability p by a Bernoulli sample whose
+    gradient passes straight through to the continuous value."""
+    ratio = u / n
+    # Straight through the clip as well: with clamp's own zero gradient outside
+    # [0, 1], a latent pushed out of range would never come back.
+    prob = ratio + (ratio.clamp(0, 1) - ratio).detach()
+    sampled = torch.bernoulli(prob.detach(), generator=gen)
+    ste = prob + (sampled - prob).detach()
+    if p_sample >= 1.0:
+        return ste
+    pick = torch.rand(prob.shape, generator=gen) < p_sample
+    return torch.where(pick, ste, prob)
