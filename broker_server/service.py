@@ -44,6 +44,7 @@ class ServeOptions:
     lr: float = 0.05
     seed: int = 0
     wait_timeout: float | None = None  # for the first min_devices; None waits forever
+    strategy_options: object | None = None  # the strategy's own typed options
 
 
 @dataclass
@@ -67,8 +68,9 @@ class Aggregator:
         self.t, self.opts = transport, opts
         self.topics = Topics(opts.job)
         self.codec = codecs.get(opts.codec)
+        extra = {"options": opts.strategy_options} if opts.strategy_options else {}
         self.strategy = create(opts.strategy, epochs=opts.epochs, batch_size=opts.batch_size,
-                               lr=opts.lr)
+                               lr=opts.lr, **extra)
         self.model_config = model_config
         self.evaluate, self.on_round = evaluate, on_round
         self.store = StateStore(opts.state_dir, opts.job)
@@ -170,7 +172,8 @@ class Aggregator:
         for device, a in self.strategy.assign(rs.number, devices).items():
             task = messages.Task(rs.number, device, a.variant, rs.model_sha[a.variant],
                                  rs.deadline, a.epochs, a.batch_size, a.lr,
-                                 self._task_seed(rs.number), self.opts.codec)
+                                 self._task_seed(rs.number), self.opts.codec,
+                                 int(a.extra.get("steps", 0)))
             rs.assigned[device] = task
             if device not in rs.accepted:
                 self._send_task(rs, task)
@@ -261,7 +264,8 @@ class Aggregator:
             raise WireError(f"meta.samples: expected a positive int, got {samples!r}")
         ctx = CodecContext(round=r, seed=self._task_seed(r), reference=self.weights)
         weights = self.codec.decode(frame.tensors, frame.params, ctx)
-        return Update(frame.device, r, weights, samples, dict(frame.meta))
+        return Update(frame.device, r, weights, samples, dict(frame.meta),
+                      (frame.tensors, frame.params) if frame.codec == "sign" else None)
 
     def _close_round(self, rs: RoundState) -> None:
         updates = [rs.accepted[d] for d in sorted(rs.accepted)]

@@ -125,7 +125,7 @@ class DeviceAgent:
         self.rounds_done += 1
         self.history.append({"round": task.round, "uplink_bytes": up,
                              "downlink_bytes": len(frame_bytes) + len(messages.dump(task)),
-                             "samples": int(len(self.y)), "epochs": task.epochs,
+                             "samples": _samples_seen(task, len(self.y)), "epochs": 1,
                              "seconds": round(time.perf_counter() - t0, 4)})
 
     def _wait_model(self, task: messages.Task) -> bytes | None:
@@ -161,11 +161,13 @@ class DeviceAgent:
         model = self._build()
         load_weights(model, frame.tensors)
         codec = codecs.get(task.codec)
-        local = LocalTrainOptions(task.epochs, task.batch_size, task.lr, seed=task.seed)
+        local = LocalTrainOptions(task.epochs, task.batch_size, task.lr, seed=task.seed,
+                                  steps=task.steps)
         if getattr(codec, "trainer", "sgd") == "fedmrn":
             from device_runtime.training.fedmrn import train_fedmrn
 
-            res = train_fedmrn(model, self.x, self.y, local, seed=task.seed)
+            res = train_fedmrn(model, self.x, self.y, local, seed=task.seed,
+                               scale=codec.scale, signed=codec.signed)
         else:
             res = train_local(model, self.x, self.y, local)
         ctx = CodecContext(round=task.round, seed=task.seed, reference=frame.tensors,
@@ -185,3 +187,8 @@ class DeviceAgent:
             torch.set_num_threads(self.opts.threads)
             self._model = build_model(ModelConfig.from_json(self.plan.model))
         return self._model
+
+
+def _samples_seen(task: messages.Task, n: int) -> int:
+    """Samples processed this round (for the simulated compute time)."""
+    return task.steps * min(task.batch_size, n) if task.steps > 0 else n * task.epochs

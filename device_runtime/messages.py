@@ -74,6 +74,7 @@ class Task:
     lr: float
     seed: int
     codec: str
+    steps: int = 0  # > 0: exactly this many local minibatch steps instead of epochs
 
 
 @dataclass(frozen=True)

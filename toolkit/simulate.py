@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +38,7 @@ class SimOptions:
     public_fraction: float = 0.1
     round_timeout: float = 600.0
     broker: str | None = None  # None: the in-memory transport
-    strategy_options: dict = field(default_factory=dict)
+    strategy_options: object | None = None  # e.g. SignSGDOptions
 
 
 def train_flops(macs: int, samples: int, epochs: int) -> float:
@@ -62,6 +62,13 @@ def simulated_round_times(histories: dict[str, list[dict]], profiles: dict[str, 
             t = device_round_seconds(profiles[dev], macs[dev], rec)
             out[rec["round"]] = max(out.get(rec["round"], 0.0), t)
     return out
+
+
+def batch_by_compute(profiles: list[DeviceProfile], largest: int = 128,
+                     smallest: int = 4) -> dict[str, int]:
+    """Minibatch size in proportion to sustained compute (signSGD-FV's heterogeneity)."""
+    top = max(p.gflops for p in profiles)
+    return {p.name: max(smallest, int(round(largest * p.gflops / top))) for p in profiles}
 
 
 def _fleet(opts: SimOptions, catalogue) -> list[DeviceProfile]:
@@ -132,7 +139,8 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     with tempfile.TemporaryDirectory() as state:
         agg = Aggregator(agg_t, ServeOptions(job, Path(state), opts.strategy, opts.codec,
                                              opts.rounds, opts.devices, opts.round_timeout,
-                                             opts.epochs, opts.batch_size, opts.lr, opts.seed),
+                                             opts.epochs, opts.batch_size, opts.lr, opts.seed,
+                                             strategy_options=opts.strategy_options),
                          cfg.to_json(), weights_of(model),
                          evaluator(ckpt, ds.x_test, ds.y_test), on_round)
         report = agg.run()

@@ -9,6 +9,7 @@ from typing import Callable
 
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update
 from broker_server.strategies.fedavg import FedAvg
+from broker_server.strategies.signsgd import SignSGD, SignSGDOptions
 from device_runtime.registry import Registry
 
 StrategyFactory = Callable[..., Strategy]
@@ -24,6 +25,7 @@ def create(name: str, **options) -> Strategy:
 
 
 register("fedavg", FedAvg)
+register("signsgd", SignSGD)
 
 __all__ = ["Assignment", "DeviceInfo", "Strategy", "Update", "register", "create",
-           "STRATEGIES"]
+           "STRATEGIES", "SignSGDOptions"]

@@ -39,6 +39,7 @@ class Update:
     weights: Weights
     samples: int
     meta: dict = field(default_factory=dict)
+    raw: tuple | None = None  # (wire tensors, params) as received, for sign voting
 
 
 class Strategy(ABC):

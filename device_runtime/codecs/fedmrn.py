@@ -1,10 +1,13 @@
 """FedMRN: 1-bit masks over seeded random noise (Li et al., arXiv 2408.03220).
 
-Conv and linear weights (every tensor of rank >= 2) travel as ``mask`` bits: the
+Conv and linear weights (every tensor of rank >= 2) travel as mask bits: the
 update is ``noise * mask`` where the noise is regenerated on both ends from
 the task's seed, so only the bits (and the seed) cross the uplink. BatchNorm
-parameters, biases and statistics travel in full precision, as the paper does.
-The device learns the mask with ``device_runtime.training.fedmrn``.
+parameters and biases travel in full precision, as the paper does; BatchNorm
+running statistics (not parameters) in float16. To keep the header small, all
+masks go in one bit tensor and all dense values in two vectors, in the order of
+the model's state dict, which both ends share. The device learns the mask with
+``device_runtime.training.fedmrn``.
 """
 from __future__ import annotations
 
@@ -18,11 +21,16 @@ from device_runtime.errors import WireError
 from device_runtime.wire import TensorSpec
 
 NOISE_SCALE = 0.01  # uniform noise U[-1, 1] * scale: the paper's default
+STATS = ("running_mean", "running_var")
 
 
 def masked(shape: tuple[int, ...]) -> bool:
     """Conv and linear weights get masks; BN, biases and statistics do not."""
     return len(shape) >= 2
+
+
+def _is_stat(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in STATS
 
 
 def noise(name: str, shape: tuple[int, ...], seed: int, scale: float = NOISE_SCALE
@@ -34,52 +42,78 @@ def noise(name: str, shape: tuple[int, ...], seed: int, scale: float = NOISE_SCA
     return n
 
 
+def _groups(shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
+    mask = [k for k, s in shapes.items() if masked(tuple(s))]
+    stats = [k for k, s in shapes.items() if not masked(tuple(s)) and _is_stat(k)]
+    dense = [k for k, s in shapes.items() if not masked(tuple(s)) and not _is_stat(k)]
+    return mask, dense, stats
+
+
+def _size(shapes: dict, names: list[str]) -> int:
+    return int(sum(int(np.prod(shapes[k], dtype=np.int64)) for k in names))
+
+
 class FedMRNCodec(Codec):
     name = "fedmrn"
     trainer = "fedmrn"  # the device trains masks, not weights
 
-    def __init__(self, scale: float = NOISE_SCALE):
-        self.scale = scale
+    def __init__(self, scale: float = NOISE_SCALE, signed: bool = False, name: str = "fedmrn"):
+        # Signed masks (m in {-1, +1}) let every weight move either way along its noise.
+        self.scale, self.signed, self.name = scale, signed, name
 
     def encode(self, weights: Weights, ctx: CodecContext) -> tuple[Weights, dict[str, dict]]:
-        if ctx.reference is None:
-            raise WireError("fedmrn: needs the round's global model as reference")
-        out, params = {}, {}
-        for k, w in weights.items():
-            if masked(w.shape):
-                n = noise(k, w.shape, ctx.seed, self.scale)
-                delta = w.astype(np.float32) - ctx.reference[k]
-                # The trainer produced reference + noise * mask: recover the mask as
-                # whichever of 0 and noise the delta is closer to.
-                bits = np.abs(delta - n) < np.abs(delta)
-                out[f"{k}.mask"] = pack_bits(bits)
-                params[f"{k}.mask"] = {"seed": int(ctx.seed), "scale": self.scale}
-            else:
-                out[k] = np.require(w, np.float32, "C")
-        return out, params
+        ref = self._reference(ctx)
+        mask, dense, stats = _groups({k: v.shape for k, v in weights.items()})
+        bits = []
+        for k in mask:
+            n = noise(k, weights[k].shape, ctx.seed, self.scale)
+            delta = weights[k].astype(np.float32) - ref[k]
+            # The trainer produced reference + noise * mask: recover the mask as
+            # whichever of 0 and the noise the delta is closer to.
+            zero = -n if self.signed else 0.0
+            bits.append((np.abs(delta - n) < np.abs(delta - zero)).reshape(-1))
+        flat = lambda names, dt: (np.concatenate([weights[k].reshape(-1) for k in names])
+                                  .astype(dt) if names else np.zeros(0, dt))
+        tensors = {"mask": pack_bits(np.concatenate(bits) if bits else np.zeros(0, bool)),
+                   "dense": flat(dense, np.float32), "stats": flat(stats, np.float16)}
+        return tensors, {"mask": {"seed": int(ctx.seed), "scale": self.scale,
+                                  "signed": self.signed}}
 
     def decode(self, tensors: Weights, params: dict[str, dict], ctx: CodecContext) -> Weights:
-        if ctx.reference is None:
-            raise WireError("fedmrn: needs the round's global model as reference")
-        out = {}
-        for k, ref in ctx.reference.items():
-            if masked(ref.shape):
-                p = params.get(f"{k}.mask") or {}
-                if p.get("seed") != ctx.seed or p.get("scale") != self.scale:
-                    raise WireError(f"tensor {k}.mask params: expected seed {ctx.seed} and "
-                                    f"scale {self.scale}, got {p!r}")
-                bits = unpack_bits(tensors[f"{k}.mask"], ref.size, f"{k}.mask")
-                n = noise(k, ref.shape, ctx.seed, self.scale)
-                out[k] = ref + n * bits.reshape(ref.shape).astype(np.float32)
-            else:
-                out[k] = tensors[k].astype(np.float32, copy=False)
-        return out
+        ref = self._reference(ctx)
+        shapes = {k: v.shape for k, v in ref.items()}
+        mask, dense, stats = _groups(shapes)
+        p = params.get("mask") or {}
+        if p.get("seed") != ctx.seed or p.get("scale") != self.scale or \
+                p.get("signed", False) != self.signed:
+            raise WireError(f"tensor mask params: expected seed {ctx.seed}, scale "
+                            f"{self.scale}, signed {self.signed}, got {p!r}")
+        bits = unpack_bits(tensors["mask"], _size(shapes, mask), "mask")
+        out, at = {}, 0
+        for k in mask:
+            n = noise(k, shapes[k], ctx.seed, self.scale)
+            m = bits[at:at + n.size].reshape(shapes[k]).astype(np.float32)
+            if self.signed:
+                m = 2 * m - 1
+            out[k], at = ref[k] + n * m, at + n.size
+        for names, vec in ((dense, tensors["dense"]), (stats, tensors["stats"])):
+            at = 0
+            for k in names:
+                size = int(np.prod(shapes[k], dtype=np.int64))
+                out[k] = vec[at:at + size].astype(np.float32).reshape(shapes[k])
+                at += size
+            if not np.isfinite(vec).all():
+                raise WireError("fedmrn: dense values must be finite")
+        return {k: out[k] for k in shapes}
 
     def wire_spec(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorSpec]:
-        spec = {}
-        for k, s in shapes.items():
-            if masked(s):
-                spec[f"{k}.mask"] = TensorSpec("uint8", (packed_size(int(np.prod(s))),))
-            else:
-                spec[k] = TensorSpec("float32", tuple(s))
-        return spec
+        mask, dense, stats = _groups(shapes)
+        return {"mask": TensorSpec("uint8", (packed_size(_size(shapes, mask)),)),
+                "dense": TensorSpec("float32", (_size(shapes, dense),)),
+                "stats": TensorSpec("float16", (_size(shapes, stats),))}
+
+    @staticmethod
+    def _reference(ctx: CodecContext) -> Weights:
+        if ctx.reference is None:
+            raise WireError("fedmrn: needs the round's global model as reference")
+        return ctx.reference

@@ -16,7 +16,8 @@ from device_runtime.training.local import LocalResult, LocalTrainOptions, weight
 
 
 def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrainOptions,
-                 seed: int, mask_lr: float = 0.1, scale: float = NOISE_SCALE) -> LocalResult:
+                 seed: int, mask_lr: float = 0.1, scale: float = NOISE_SCALE,
+                 signed: bool = False) -> LocalResult:
     """``model`` holds the round's global weights; returns reference + noise * final mask."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(opts.seed)
@@ -38,8 +39,8 @@ def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrai
             if len(idx) < 2:
                 continue
             p_sample = min(1.0, step / steps)  # progressive stochastic masking
-            weights = {k: base[k] + noises[k] * _mask(latent[k], noises[k], p_sample, gen)
-                       for k in names}
+            weights = {k: base[k] + noises[k] * _mask(latent[k], noises[k], p_sample, gen,
+                                                      signed) for k in names}
             loss = nn.functional.cross_entropy(functional_call(model, weights, (xt[idx],)),
                                                yt[idx])
             opt.zero_grad()
@@ -47,31 +48,37 @@ def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrai
             opt.step()
             with torch.no_grad():  # keep u/n near [0, 1] so a mask can always flip back
                 for k in names:
-                    lo, hi = torch.minimum(-0.5 * noises[k], 1.5 * noises[k]), \
-                        torch.maximum(-0.5 * noises[k], 1.5 * noises[k])
+                    a, b = (-1.5, 1.5) if signed else (-0.5, 1.5)
+                    lo, hi = torch.minimum(a * noises[k], b * noises[k]), \
+                        torch.maximum(a * noises[k], b * noises[k])
                     latent[k].copy_(torch.maximum(torch.minimum(latent[k], hi), lo))
             step += 1
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
     with torch.no_grad():  # the final mask is a sample, as the paper does
         for k in names:
-            prob = (latent[k] / noises[k]).clamp(0, 1)
+            ratio = latent[k] / noises[k]
+            prob = ((ratio + 1) / 2 if signed else ratio).clamp(0, 1)
             m = torch.bernoulli(prob, generator=gen)
+            m = 2 * m - 1 if signed else m
             dict(model.named_parameters())[k].copy_(base[k] + noises[k] * m)
     model.eval()
     return LocalResult(weights_of(model), len(x), total / max(seen, 1),
                        time.perf_counter() - t0)
 
 
-def _mask(u: torch.Tensor, n: torch.Tensor, p_sample: float, gen: torch.Generator
-          ) -> torch.Tensor:
-    """Continuous clip(u/n, 0, 1), replaced with probability p by a Bernoulli sample whose
-    gradient passes straight through to the continuous value."""
+def _mask(u: torch.Tensor, n: torch.Tensor, p_sample: float, gen: torch.Generator,
+          signed: bool = False) -> torch.Tensor:
+    """Continuous clip(u/n, 0, 1) (signed: clip(u/n, -1, 1)), replaced with probability p
+    by a Bernoulli sample whose gradient passes straight through to the continuous value."""
     ratio = u / n
-    # Straight through the clip as well: with clamp's own zero gradient outside
-    # [0, 1], a latent pushed out of range would never come back.
-    prob = ratio + (ratio.clamp(0, 1) - ratio).detach()
-    sampled = torch.bernoulli(prob.detach(), generator=gen)
+    lo = -1.0 if signed else 0.0
+    # Straight through the clip as well: with clamp's own zero gradient outside the
+    # range, a latent pushed out of it would never come back.
+    prob = ratio + (ratio.clamp(lo, 1) - ratio).detach()
+    p1 = (prob.detach() + 1) / 2 if signed else prob.detach()
+    sampled = torch.bernoulli(p1, generator=gen)
+    sampled = 2 * sampled - 1 if signed else sampled
     ste = prob + (sampled - prob).detach()
     if p_sample >= 1.0:
         return ste

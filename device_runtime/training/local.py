@@ -23,6 +23,7 @@ class LocalTrainOptions:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    steps: int = 0  # > 0: exactly this many minibatch steps (signSGD) instead of epochs
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,25 @@ def run_epoch(model: nn.Module, xt: torch.Tensor, yt: torch.Tensor,
     return total, seen
 
 
+def run_steps(model: nn.Module, xt: torch.Tensor, yt: torch.Tensor,
+              opt: torch.optim.Optimizer, batch_size: int, steps: int,
+              gen: torch.Generator) -> tuple[float, int]:
+    """Exactly ``steps`` minibatches of ``batch_size`` drawn at random (a device's
+    minibatch size is its own: signSGD-FV weighs devices by how reliable that makes them)."""
+    model.train()
+    total, seen = 0.0, 0
+    b = max(2, min(batch_size, len(xt)))
+    for _ in range(steps):
+        idx = torch.randperm(len(xt), generator=gen)[:b]
+        loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+    return total, seen
+
+
 def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray,
                 opts: LocalTrainOptions) -> LocalResult:
     """Plain local SGD (FedAvg's client update); returns the new weights."""
@@ -84,7 +104,9 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray,
     opt = torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=opts.momentum,
                           weight_decay=opts.weight_decay)
     total, seen = 0.0, 0
-    for _ in range(opts.epochs):
+    if opts.steps > 0:
+        total, seen = run_steps(model, xt, yt, opt, opts.batch_size, opts.steps, gen)
+    for _ in range(opts.epochs if opts.steps <= 0 else 0):
         loss_sum, n = run_epoch(model, xt, yt, opt, opts.batch_size, gen)
         total, seen = total + loss_sum, seen + n
     model.eval()

@@ -1,0 +1,76 @@
+"""signSGD with majority vote (mv) or federated voting (fv), in its FL form:
+devices run a few local steps with their own minibatch size and send the sign
+of their model delta (codec ``sign``); the server decodes the vote and takes
+one signed step of ``server_lr``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update, Weights
+from broker_server.strategies.voting import VotingWeights, majority_vote, weighted_vote
+
+
+@dataclass(frozen=True)
+class SignSGDOptions:
+    decoder: str = "fv"  # "mv" | "fv"
+    per_coordinate: bool = False
+    server_lr: float = 1e-3
+    warmup_rounds: int = 5  # plain majority vote while the FV counters fill
+    gamma: float = 0.99
+    local_steps: int = 1
+    batch_by_device: dict = field(default_factory=dict)  # explicit sizes win
+    batch_by_profile: dict = field(default_factory=dict)
+
+
+class SignSGD(Strategy):
+    name = "signsgd"
+
+    def __init__(self, epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
+                 options: SignSGDOptions | None = None):
+        self.opts = options or SignSGDOptions()
+        if self.opts.decoder not in ("mv", "fv"):
+            raise ValueError(f"decoder: expected mv or fv, got {self.opts.decoder!r}")
+        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+        self.votes = VotingWeights(self.opts.per_coordinate, self.opts.gamma)
+
+    def batch_for(self, d: DeviceInfo) -> int:
+        return int(self.opts.batch_by_device.get(d.id)
+                   or self.opts.batch_by_profile.get(d.profile) or self.batch_size)
+
+    def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
+        return {d.id: Assignment("full", self.epochs, self.batch_for(d), self.lr,
+                                 {"steps": self.opts.local_steps}) for d in devices}
+
+    def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
+        signs = [_signs(u, global_weights) for u in updates]
+        if self.opts.decoder == "fv" and round_ > self.opts.warmup_rounds:
+            decoded = weighted_vote(signs, [self.votes.weight(u.device) for u in updates])
+        else:
+            decoded = majority_vote(signs)
+        for u, s in zip(updates, signs):
+            self.votes.update(u.device, s, decoded)
+        out = {k: (w + self.opts.server_lr * decoded[k]).astype(np.float32)
+               for k, w in global_weights.items()}
+        for k in out:
+            if k.endswith("running_var"):  # a variance must stay positive
+                out[k] = np.maximum(out[k], 1e-5)
+        return out
+
+    def state(self) -> dict:
+        return self.votes.to_json()
+
+    def load_state(self, state: dict) -> None:
+        self.votes.load_json(state)
+
+
+def _signs(u: Update, reference: Weights) -> dict[str, np.ndarray]:
+    """The device's signs: from the raw sign frame when there is one, else from the delta."""
+    if u.raw is not None:
+        from device_runtime.codecs.sign import signs_of
+
+        return signs_of(u.raw[0], u.raw[1], {k: v.shape for k, v in reference.items()})
+    return {k: np.where(u.weights[k] - reference[k] >= 0, 1, -1).astype(np.int8)
+            for k in reference}

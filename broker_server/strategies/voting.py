@@ -1,0 +1,79 @@
+"""Sign voting as pure numpy functions: majority vote and federated voting (signSGD-FV).
+
+Signs are int8 arrays in {-1, +1}. The federated-voting weights are
+w_m = ln((1 - p_m) / p_m), clipped to +-10, where p_m estimates how often device
+m's sign disagrees with the decoded one (Park, Poor, Lee, arXiv 2403.16372),
+tracked with discounted counters per device or per device and coordinate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Signs = dict[str, np.ndarray]
+WEIGHT_CLIP = 10.0
+
+
+def weighted_vote(signs: list[Signs], weights: list[float | Signs]) -> Signs:
+    """sign(sum_m w_m * s_m) per coordinate; a tie decodes to 0 (no step)."""
+    out = {}
+    for name in signs[0]:
+        acc = np.zeros(signs[0][name].shape, np.float64)
+        for s, w in zip(signs, weights):
+            acc += s[name] * (w[name] if isinstance(w, dict) else w)
+        out[name] = np.sign(acc).astype(np.int8)
+    return out
+
+
+def majority_vote(signs: list[Signs]) -> Signs:
+    return weighted_vote(signs, [1.0] * len(signs))
+
+
+def reliability_weight(agree: np.ndarray | float, total: np.ndarray | float):
+    """ln((1 - p) / p) with p = 1 - agree/total, clipped; no history -> weight 1."""
+    total = np.asarray(total, np.float64)
+    p = np.clip(1.0 - np.asarray(agree, np.float64) / np.maximum(total, 1e-12), 1e-6, 1 - 1e-6)
+    w = np.clip(np.log((1 - p) / p), -WEIGHT_CLIP, WEIGHT_CLIP)
+    return np.where(total > 0, w, 1.0)
+
+
+@dataclass
+class VotingWeights:
+    """Discounted agreement counters: total <- g*total + 1, agree <- g*agree + [s == d]."""
+
+    per_coordinate: bool = False
+    gamma: float = 0.99
+    total: dict[str, object] = field(default_factory=dict)
+    agree: dict[str, object] = field(default_factory=dict)
+
+    def weight(self, device: str) -> float | Signs:
+        if device not in self.total:
+            return 1.0
+        if self.per_coordinate:
+            return {k: reliability_weight(self.agree[device][k], self.total[device][k])
+                    for k in self.total[device]}
+        return float(reliability_weight(self.agree[device], self.total[device]))
+
+    def update(self, device: str, signs: Signs, decoded: Signs) -> None:
+        if self.per_coordinate:
+            t = self.total.setdefault(device, {k: np.zeros(v.shape) for k, v in signs.items()})
+            a = self.agree.setdefault(device, {k: np.zeros(v.shape) for k, v in signs.items()})
+            for k in signs:
+                t[k] = self.gamma * t[k] + 1
+                a[k] = self.gamma * a[k] + (signs[k] == decoded[k])
+        else:
+            same = sum(int((signs[k] == decoded[k]).sum()) for k in signs)
+            n = sum(v.size for v in signs.values())
+            self.total[device] = self.gamma * self.total.get(device, 0.0) + 1
+            self.agree[device] = self.gamma * self.agree.get(device, 0.0) + same / max(n, 1)
+
+    def to_json(self) -> dict:
+        if self.per_coordinate:  # large arrays stay out of the JSON state
+            return {}
+        return {"total": self.total, "agree": self.agree}
+
+    def load_json(self, d: dict) -> None:
+        if not self.per_coordinate and d:
+            self.total = {k: float(v) for k, v in d.get("total", {}).items()}
+            self.agree = {k: float(v) for k, v in d.get("agree", {}).items()}

@@ -1,0 +1,126 @@
+"""FedMRN, sign voting and `fedge simulate`: the maths directly, the loop end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from broker_server.strategies.voting import (
+    VotingWeights,
+    majority_vote,
+    reliability_weight,
+    weighted_vote,
+)
+from device_runtime import codecs, wire
+from device_runtime.codecs import CodecContext
+from device_runtime.codecs.fedmrn import noise
+from device_runtime.errors import WireError
+from tests.conftest import run_fedge
+
+SHAPES = {"conv.weight": (8, 4, 3), "bn.weight": (8,), "bn.running_mean": (8,),
+          "fc.weight": (10, 8), "fc.bias": (10,), "norm.mean": ()}
+
+
+def _weights(rng) -> dict:
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+@pytest.mark.parametrize("name", ["fedmrn", "fedmrn-signed"])
+def test_fedmrn_sends_bits_and_the_server_rebuilds_reference_plus_noise_times_mask(name):
+    codec, rng = codecs.get(name), np.random.default_rng(0)
+    ref, ctx = _weights(rng), CodecContext(round=3, seed=1234, reference=None)
+    ctx = CodecContext(3, 1234, ref)
+    masks, trained = {}, dict(_weights(rng))
+    for k, s in SHAPES.items():
+        if len(s) >= 2:
+            m = rng.integers(0, 2, size=s).astype(np.float32)
+            m = 2 * m - 1 if codec.signed else m
+            masks[k] = m
+            trained[k] = ref[k] + noise(k, s, 1234, codec.scale) * m
+    tensors, params = codec.encode(trained, ctx)
+    frame = wire.decode(wire.encode(wire.Frame("update", "j", 3, "d", name, tensors, params)),
+                        wire.Expect(tensors=codec.wire_spec(SHAPES)))
+    out = codec.decode(frame.tensors, frame.params, ctx)
+    for k in SHAPES:
+        if k in masks:
+            np.testing.assert_array_equal(out[k], trained[k])
+        elif k.endswith("running_mean"):
+            np.testing.assert_allclose(out[k], trained[k], rtol=1e-3)  # float16 statistics
+        else:
+            np.testing.assert_array_equal(out[k], trained[k])
+    masked = sum(int(np.prod(s)) for s in SHAPES.values() if len(s) >= 2)
+    assert frame.tensors["mask"].nbytes == (masked + 7) // 8
+    bad = dict(frame.params, mask=dict(frame.params["mask"], seed=99))
+    with pytest.raises(WireError, match="seed"):
+        codec.decode(frame.tensors, bad, ctx)
+
+
+def test_fedmrn_local_training_moves_weights_only_along_the_noise():
+    import torch
+
+    from device_runtime.training.fedmrn import train_fedmrn
+    from device_runtime.training.local import LocalTrainOptions, weights_of
+    from device_runtime.training.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("cnn1d", (40,), 10, width=0.25))
+    ref = weights_of(model)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 40)).astype(np.float32), rng.integers(0, 10, 64)
+    res = train_fedmrn(model, x, y, LocalTrainOptions(1, 16, 0.05), seed=7)
+    moved = 0
+    for k, w in res.weights.items():
+        if w.ndim >= 2:
+            n = noise(k, w.shape, 7)
+            delta = w - ref[k]
+            assert np.all(np.isclose(delta, 0, atol=1e-7) | np.isclose(delta, n, atol=1e-7))
+            moved += int((~np.isclose(delta, 0, atol=1e-7)).sum())
+    assert moved > 0
+
+
+def test_votes_and_federated_voting_weights():
+    s = [{"w": np.array([1, 1, -1], np.int8)}, {"w": np.array([1, -1, -1], np.int8)},
+         {"w": np.array([-1, -1, 1], np.int8)}]
+    np.testing.assert_array_equal(majority_vote(s)["w"], [1, -1, -1])
+    np.testing.assert_array_equal(weighted_vote(s, [0.1, 0.1, 5.0])["w"], [-1, -1, 1])
+    assert reliability_weight(0.5, 1.0) == pytest.approx(0.0)
+    assert reliability_weight(0.9, 1.0) == pytest.approx(np.log(9))
+    assert reliability_weight(1.0, 1.0) == 10.0 and reliability_weight(0.0, 0.0) == 1.0
+    v = VotingWeights(gamma=1.0)
+    decoded = {"w": np.array([1, 1, 1, 1], np.int8)}
+    for _ in range(5):
+        v.update("good", {"w": np.array([1, 1, 1, -1], np.int8)}, decoded)
+        v.update("noisy", {"w": np.array([1, -1, -1, 1], np.int8)}, decoded)
+    assert v.weight("good") == pytest.approx(np.log(3)) and v.weight("noisy") == 0.0
+    pc = VotingWeights(per_coordinate=True, gamma=1.0)
+    pc.update("d", {"w": np.array([1, -1], np.int8)}, {"w": np.array([1, 1], np.int8)})
+    w = pc.weight("d")["w"]
+    assert w[0] == 10.0 and w[1] == -10.0
+
+
+def test_simulate_reports_traffic_per_device_and_simulated_time(tmp_path):
+    out = tmp_path / "sim.json"
+    code, _, err = run_fedge("simulate", "--devices", "4", "--rounds", "2", "--codec", "fedmrn",
+                             "--profiles", "rpi3b,jetson-orin-nano", "--json", str(out))
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["codec"] == "fedmrn" and len(r["rounds"]) == 2
+    assert {d["profile"] for d in r["devices"]} == {"rpi3b", "jetson-orin-nano"}
+    for d in r["devices"]:
+        assert d["macs"] > 0 and d["uplink_bytes"] > 0 and d["downlink_bytes"] > 0
+    assert r["uplink_bytes_total"] == sum(d["uplink_bytes"] for d in r["devices"])
+    assert all(x["simulated_seconds"] > 0 for x in r["rounds"])
+    per_update = r["rounds"][0]["uplink_bytes"] / 4
+    fp32_bytes = sum(d["downlink_bytes"] for d in r["devices"]) / 8  # model frames down
+    assert per_update < fp32_bytes / 15
+
+
+def test_simulate_bad_arguments(tmp_path):
+    from tests.conftest import assert_one_line_error
+
+    code, _, err = run_fedge("simulate", "--codec", "zip", "--json", str(tmp_path / "x"))
+    assert_one_line_error(code, err, 2, "unknown codec 'zip'", "fedmrn")
+    code, _, err = run_fedge("simulate", "--strategy", "signsgd", "--batch-sizes", "4,x",
+                             "--json", str(tmp_path / "x"))
+    assert_one_line_error(code, err, 2, "--batch-sizes")
