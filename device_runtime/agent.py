@@ -167,7 +167,7 @@ class DeviceAgent:
             from device_runtime.training.fedmrn import train_fedmrn
 
             res = train_fedmrn(model, self.x, self.y, local, seed=task.seed,
-                               scale=codec.scale, signed=codec.signed)
+                               mask_lr=codec.mask_lr, scale=codec.scale, signed=codec.signed)
         else:
             res = train_local(model, self.x, self.y, local)
         ctx = CodecContext(round=task.round, seed=task.seed, reference=frame.tensors,

@@ -72,7 +72,7 @@ def test_fedmrn_local_training_moves_weights_only_along_the_noise():
     moved = 0
     for k, w in res.weights.items():
         if w.ndim >= 2:
-            n = noise(k, w.shape, 7)
+            n = noise(k, w.shape, 7)  # the default scale, as the trainer used
             delta = w - ref[k]
             assert np.all(np.isclose(delta, 0, atol=1e-7) | np.isclose(delta, n, atol=1e-7))
             moved += int((~np.isclose(delta, 0, atol=1e-7)).sum())

@@ -25,6 +25,6 @@ register("fp16", Fp16Codec())
 register("int8", Int8Codec())
 register("sign", SignCodec())
 register("fedmrn", FedMRNCodec())
-register("fedmrn-signed", FedMRNCodec(scale=0.005, signed=True, name="fedmrn-signed"))
+register("fedmrn-signed", FedMRNCodec(scale=0.02, signed=True, name="fedmrn-signed"))
 
 __all__ = ["Codec", "CodecContext", "register", "get", "CODECS"]

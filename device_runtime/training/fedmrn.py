@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from device_runtime.codecs.fedmrn import NOISE_SCALE, masked, noise
+from device_runtime.codecs.fedmrn import MASK_LR, NOISE_SCALE, masked, noise
 from device_runtime.training.local import LocalResult, LocalTrainOptions, weights_of
 
 
 def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrainOptions,
-                 seed: int, mask_lr: float = 0.1, scale: float = NOISE_SCALE,
+                 seed: int, mask_lr: float = MASK_LR, scale: float = NOISE_SCALE,
                  signed: bool = False) -> LocalResult:
     """``model`` holds the round's global weights; returns reference + noise * final mask."""
     t0 = time.perf_counter()

@@ -1,0 +1,133 @@
+"""Benchmark the uplink codecs on MNIST-1D non-IID: accuracy against bytes.
+
+Arms (same seeds, same partition per seed): FedAvg with fp32, fp16, int8 and
+fedmrn updates; signSGD with majority vote and with federated voting, both with
+mixed minibatch sizes (60% of the devices at 4, 40% at 128, as in the paper).
+Per arm: final accuracy (mean and spread over seeds), uplink bytes per device
+per round and the ratio to fp32, and rounds to reach 90% of fp32's final
+accuracy. Writes JSON and a markdown table.
+
+    python bench/compression.py --seeds 0,1,2 --json docs/results/compression.json \\
+        --md docs/results/compression.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from broker_server.strategies import SignSGDOptions  # noqa: E402
+from toolkit.simulate import SimOptions, run_simulation  # noqa: E402
+
+
+def arms(devices: int, rounds: int, sign_rounds: int, fedmrn_codec: str) -> dict:
+    small = int(round(devices * 0.6))
+    mixed = {f"dev-{k}": (4 if k < small else 128) for k in range(devices)}
+    base = SimOptions(devices=devices, rounds=rounds, alpha=0.5,
+                      profiles=("rpi3b", "rpi4", "rpi5", "jetson-orin-nano"))
+    sign = dict(strategy="signsgd", codec="sign", rounds=sign_rounds)
+    return {
+        "fedavg-fp32": base,
+        "fedavg-fp16": replace(base, codec="fp16"),
+        "fedavg-int8": replace(base, codec="int8"),
+        "fedavg-fedmrn": replace(base, codec=fedmrn_codec),
+        "signsgd-mv": replace(base, **sign, strategy_options=SignSGDOptions(
+            "mv", server_lr=0.005, batch_by_device=mixed)),
+        "signsgd-fv": replace(base, **sign, strategy_options=SignSGDOptions(
+            "fv", server_lr=0.005, batch_by_device=mixed)),
+    }
+
+
+def run_arm(opts: SimOptions, seeds: list[int]) -> list[dict]:
+    runs = []
+    for s in seeds:
+        t0 = time.time()
+        report, _ = run_simulation(replace(opts, seed=s))
+        per_round = [r["uplink_bytes"] / max(r["devices_reporting"], 1) for r in report["rounds"]]
+        runs.append({"seed": s, "accuracy": [r["accuracy"] for r in report["rounds"]],
+                     "final_accuracy": report["final_accuracy"],
+                     "uplink_per_device_round": statistics.median(per_round),
+                     "seconds": round(time.time() - t0, 1)})
+        print(f"  seed {s}: final {report['final_accuracy']:.4f}, "
+              f"{runs[-1]['uplink_per_device_round']:,.0f} B/device/round", flush=True)
+    return runs
+
+
+def rounds_to(acc: list[float], target: float) -> int | None:
+    return next((i + 1 for i, a in enumerate(acc) if a >= target), None)
+
+
+def summarize(results: dict) -> dict:
+    fp32 = results["fedavg-fp32"]
+    fp32_final = statistics.mean(r["final_accuracy"] for r in fp32)
+    fp32_up = statistics.mean(r["uplink_per_device_round"] for r in fp32)
+    out = {}
+    for name, runs in results.items():
+        finals = [r["final_accuracy"] for r in runs]
+        up = statistics.mean(r["uplink_per_device_round"] for r in runs)
+        reach = [rounds_to(r["accuracy"], 0.9 * fp32_final) for r in runs]
+        out[name] = {"final_mean": round(statistics.mean(finals), 4),
+                     "final_std": round(statistics.pstdev(finals), 4),
+                     "uplink_bytes_per_device_round": round(up),
+                     "ratio_to_fp32": round(fp32_up / up, 2),
+                     "rounds": len(runs[0]["accuracy"]),
+                     "rounds_to_90pct_of_fp32": reach}
+    return out
+
+
+def to_markdown(res: dict) -> str:
+    lines = ["# Compression benchmark: MNIST-1D, Dirichlet 0.5\n",
+             f"{res['devices']} devices, seeds {res['seeds']}; machine {res['machine']}. "
+             f"Command: `{res['command']}`.\n",
+             "| arm | rounds | final accuracy (mean ± sd) | uplink B / device / round "
+             "| fp32 / arm | rounds to 90% of fp32 final (per seed) |",
+             "|---|---|---|---|---|---|"]
+    for name, s in res["summary"].items():
+        lines.append(f"| {name} | {s['rounds']} | {s['final_mean']:.4f} ± {s['final_std']:.4f} "
+                     f"| {s['uplink_bytes_per_device_round']:,} | {s['ratio_to_fp32']}x "
+                     f"| {s['rounds_to_90pct_of_fp32']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--devices", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--sign-rounds", type=int, default=150)
+    ap.add_argument("--fedmrn-codec", default="fedmrn")
+    ap.add_argument("--arms", help="comma list (default: all)")
+    ap.add_argument("--json", default="runs/bench_compression.json")
+    ap.add_argument("--md")
+    args = ap.parse_args()
+    import os
+    import platform
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    chosen = arms(args.devices, args.rounds, args.sign_rounds, args.fedmrn_codec)
+    if args.arms:
+        chosen = {k: v for k, v in chosen.items() if k in args.arms.split(",") or
+                  k == "fedavg-fp32"}
+    results = {}
+    for name, opts in chosen.items():
+        print(name, flush=True)
+        results[name] = run_arm(opts, seeds)
+    res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "seeds": seeds,
+           "devices": args.devices,
+           "command": " ".join(["python", "bench/compression.py", *sys.argv[1:]]),
+           "runs": results, "summary": summarize(results)}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=1))
+    if args.md:
+        Path(args.md).write_text(to_markdown(res))
+    print(to_markdown(res))
+
+
+if __name__ == "__main__":
+    main()
