@@ -13,7 +13,6 @@ accuracy. Writes JSON and a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,6 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import command, machine, write_results  # noqa: E402
 
 from broker_server.strategies import SignSGDOptions  # noqa: E402
 from toolkit.simulate import SimOptions, run_simulation  # noqa: E402
@@ -106,9 +107,6 @@ def main() -> None:
     ap.add_argument("--json", default="runs/bench_compression.json")
     ap.add_argument("--md")
     args = ap.parse_args()
-    import os
-    import platform
-
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = arms(args.devices, args.rounds, args.sign_rounds, args.fedmrn_codec)
     if args.arms:
@@ -118,15 +116,10 @@ def main() -> None:
     for name, opts in chosen.items():
         print(name, flush=True)
         results[name] = run_arm(opts, seeds)
-    res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "seeds": seeds,
-           "devices": args.devices,
-           "command": " ".join(["python", "bench/compression.py", *sys.argv[1:]]),
+    res = {"machine": machine(), "seeds": seeds, "devices": args.devices,
+           "command": command("bench/compression.py"),
            "runs": results, "summary": summarize(results)}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=1))
-    if args.md:
-        Path(args.md).write_text(to_markdown(res))
-    print(to_markdown(res))
+    write_results(res, args.json, args.md, to_markdown)
 
 
 if __name__ == "__main__":

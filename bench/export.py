@@ -11,7 +11,6 @@ this process). Writes JSON and a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import write_results  # noqa: E402
 
 from device_runtime.manifest import load_manifest  # noqa: E402
 from device_runtime.session import open_session, run  # noqa: E402
@@ -135,11 +136,7 @@ def main() -> None:
               "repeats": args.repeats, "pretrain_seconds": round(pre_s, 1),
               "export_seconds": round(export_s, 1),
               "profiles": measure(manifest, models, ds, args.repeats)}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    if args.md:
-        Path(args.md).write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_results(result, args.json, args.md, to_markdown)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import queue
 import statistics
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import command, machine, write_results  # noqa: E402
 
 from broker_server.embedded import EmbeddedBroker  # noqa: E402
 from broker_server.service import Aggregator, ServeOptions  # noqa: E402
@@ -142,11 +143,7 @@ def main() -> None:
     ap.add_argument("--json", default="runs/bench_field.json")
     ap.add_argument("--md")
     args = ap.parse_args()
-    import os
-    import platform
-
-    res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "command": " ".join(["python", "bench/field.py", *sys.argv[1:]]),
+    res = {"machine": machine(), "command": command("bench/field.py"),
            "throughput": {}, "orchestration": []}
     with EmbeddedBroker() as b:
         res["throughput"]["amqtt"] = run_throughput(b.url, args.repeats)
@@ -158,11 +155,7 @@ def main() -> None:
                 res["orchestration"].append(orchestration(m.url, n, args.rounds))
         finally:
             m.stop()
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=1))
-    if args.md:
-        Path(args.md).write_text(to_markdown(res))
-    print(to_markdown(res))
+    write_results(res, args.json, args.md, to_markdown)
 
 
 if __name__ == "__main__":
