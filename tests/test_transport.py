@@ -209,3 +209,22 @@ def test_username_and_password_from_the_url(tmp_path):
                 MqttTransport(url, "intruder").connect(timeout=3)
     finally:
         m.stop()
+
+
+def test_a_publish_during_a_lost_connection_is_kept_for_the_reconnect(monkeypatch):
+    """paho keeps a QoS 1 message whose send failed with CONN_LOST and resends it after
+    reconnecting; the transport must not turn that into an error (it once killed
+    `fedge serve` during a broker restart)."""
+    import paho.mqtt.client as paho
+
+    t = MqttTransport("mqtt://127.0.0.1:1", "lost")
+    for rc in (paho.MQTT_ERR_CONN_LOST, paho.MQTT_ERR_NO_CONN):
+        info = paho.MQTTMessageInfo(1)
+        info.rc = rc
+        monkeypatch.setattr(t._client, "publish", lambda *a, **k: info)
+        t.publish("fedge/x/y", b"payload")  # no exception
+    info = paho.MQTTMessageInfo(2)
+    info.rc = paho.MQTT_ERR_PAYLOAD_SIZE
+    monkeypatch.setattr(t._client, "publish", lambda *a, **k: info)
+    with pytest.raises(TransportError, match="publish to fedge/x/y failed"):
+        t.publish("fedge/x/y", b"payload")

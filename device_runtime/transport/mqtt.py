@@ -134,7 +134,10 @@ class MqttTransport(Transport):
 
     def _publish_raw(self, topic: str, payload: bytes, retain: bool) -> None:
         info = self._client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+        # NO_CONN and CONN_LOST leave the QoS 1 message in paho's queue; it goes out
+        # again after the reconnect, so only other codes are failures.
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN,
+                           paho.MQTT_ERR_CONN_LOST):
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         with self._pending_lock:
             self._pending.append(info)
