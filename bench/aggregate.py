@@ -1,0 +1,139 @@
+"""Benchmark decode + aggregate throughput per codec, side by side with Flower's FedAvg.
+
+For N updates of P parameters: fedge decodes each frame (wire checks + codec)
+and folds it into a running weighted sum (the aggregator's streaming path);
+Flower deserializes each update (``parameters_to_ndarrays``) and runs
+``flwr.server.strategy.aggregate.aggregate`` on fp32 arrays, all in memory, so
+combinations above --flower-max-gb are skipped for it. Throughput is MB/s of
+fp32-equivalent (N * P * 4 bytes / seconds), median of --repeats runs.
+
+flwr is a benchmark-only dependency; run it from a venv that has it, e.g.:
+
+    python -m venv --system-site-packages /tmp/flwrenv && /tmp/flwrenv/bin/pip install flwr
+    /tmp/flwrenv/bin/python bench/aggregate.py --md docs/results/aggregate.md
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import command, machine, write_results  # noqa: E402
+from broker_server.strategies.aggregate import PartialSum  # noqa: E402
+from device_runtime import codecs, wire  # noqa: E402
+from device_runtime.codecs import CodecContext  # noqa: E402
+
+CODECS = ("fp32", "fp16", "int8", "sign", "fedmrn")
+DISTINCT = 4  # distinct frames per run, reused cyclically (decoding cost is the same)
+
+
+def _model(params: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"w": rng.normal(size=(params // 1000, 1000)).astype(np.float32),
+            "b": rng.normal(size=1000).astype(np.float32)}
+
+
+def _frames(codec_name: str, ref: dict, seed: int = 7) -> tuple[list[bytes], dict]:
+    codec, rng = codecs.get(codec_name), np.random.default_rng(1)
+    frames = []
+    for k in range(DISTINCT):
+        ctx = CodecContext(1, seed, ref, f"d{k}")
+        if codec_name == "fedmrn":  # a trained mask: reference + noise * bits
+            from device_runtime.codecs.fedmrn import noise
+
+            w = {n: (ref[n] + noise(n, v.shape, seed, codec.scale) *
+                     rng.integers(0, 2, v.shape)).astype(np.float32) if v.ndim >= 2 else v
+                 for n, v in ref.items()}
+        else:
+            w = {n: v + rng.normal(scale=0.01, size=v.shape).astype(np.float32)
+                 for n, v in ref.items()}
+        t, p = codec.encode(w, ctx)
+        frames.append(wire.encode(wire.Frame("update", "b", 1, f"d{k}", codec_name, t, p)))
+    spec = codec.wire_spec({n: v.shape for n, v in ref.items()})
+    return frames, spec
+
+
+def fedge_seconds(codec_name: str, ref: dict, n: int) -> float:
+    codec = codecs.get(codec_name)
+    frames, spec = _frames(codec_name, ref)
+    ctx = CodecContext(1, 7, ref)
+    expect = wire.Expect(kind="update", codec=codec_name, tensors=spec)
+    t0 = time.perf_counter()
+    acc = PartialSum()
+    for i in range(n):
+        f = wire.decode(frames[i % DISTINCT], expect)
+        acc.add(codec.decode(f.tensors, f.params, ctx), 10.0 + i % 7)
+    acc.mean()
+    return time.perf_counter() - t0
+
+
+def flower_seconds(ref: dict, n: int) -> float:
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.strategy.aggregate import aggregate
+
+    rng = np.random.default_rng(1)
+    blobs = [ndarrays_to_parameters([v + rng.normal(scale=0.01, size=v.shape).astype(np.float32)
+                                     for v in ref.values()]) for _ in range(DISTINCT)]
+    t0 = time.perf_counter()
+    results = [(parameters_to_ndarrays(blobs[i % DISTINCT]), 10 + i % 7) for i in range(n)]
+    aggregate(results)
+    return time.perf_counter() - t0
+
+
+def run(sizes: list[int], counts: list[int], repeats: int, flower_max_gb: float) -> list[dict]:
+    rows = []
+    for p in sizes:
+        ref = _model(p)
+        total = sum(v.size for v in ref.values())
+        for n in counts:
+            mb = n * total * 4 / 1e6
+            reps = repeats if mb <= 4000 else 1
+            row = {"params": total, "updates": n, "fp32_mb": round(mb, 1)}
+            if mb / 1e3 <= flower_max_gb:
+                row["flower_fp32"] = round(mb / statistics.median(
+                    flower_seconds(ref, n) for _ in range(reps)), 1)
+            for c in CODECS:
+                row[c] = round(mb / statistics.median(
+                    fedge_seconds(c, ref, n) for _ in range(reps)), 1)
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def to_markdown(res: dict) -> str:
+    head = "| params | updates | Flower fp32 | " + " | ".join(f"fedge {c}" for c in CODECS) + " |"
+    lines = ["# Aggregation throughput (decode + FedAvg), MB/s of fp32-equivalent\n",
+             f"Machine: {res['machine']}; median of {res['repeats']} runs (1 above 4 GB). "
+             f"Command: `{res['command']}`. Flower is skipped where its all-in-memory "
+             "aggregation would exceed the memory cap.\n", head,
+             "|" + "---|" * (3 + len(CODECS))]
+    for r in res["rows"]:
+        cells = [f"{r['params']:,}", str(r["updates"]), str(r.get("flower_fp32", "skipped"))]
+        cells += [str(r[c]) for c in CODECS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="100000,1000000,10000000")
+    ap.add_argument("--counts", default="10,100,1000")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--flower-max-gb", type=float, default=4.0)
+    ap.add_argument("--json", default="runs/bench_aggregate.json")
+    ap.add_argument("--md")
+    args = ap.parse_args()
+    rows = run([int(s) for s in args.sizes.split(",")], [int(c) for c in args.counts.split(",")],
+               args.repeats, args.flower_max_gb)
+    write_results({"machine": machine(), "command": command("bench/aggregate.py"),
+                   "repeats": args.repeats, "rows": rows}, args.json, args.md, to_markdown)
+
+
+if __name__ == "__main__":
+    main()
