@@ -29,7 +29,7 @@ def _weights(rng) -> dict:
 @pytest.mark.parametrize("name", ["fedmrn", "fedmrn-signed"])
 def test_fedmrn_sends_bits_and_the_server_rebuilds_reference_plus_noise_times_mask(name):
     codec, rng = codecs.get(name), np.random.default_rng(0)
-    ref, ctx = _weights(rng), CodecContext(round=3, seed=1234, reference=None)
+    ref = _weights(rng)
     ctx = CodecContext(3, 1234, ref)
     masks, trained = {}, dict(_weights(rng))
     for k, s in SHAPES.items():

@@ -18,7 +18,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the report here")
     p.add_argument("--eval-data", help=".npz with x_test, y_test (default: the "
                    "checkpoint's dataset)")
-    _train_args(p)
+    train_args(p)
     p.add_argument("--max-payload", type=int, default=128 * 1024)
     p.set_defaults(func=serve)
 
@@ -44,11 +44,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round-timeout", type=float, default=30.0)
     p.add_argument("--workdir", help="keep shards, state and plots here")
     p.add_argument("--json", default="fedge-demo.json", help="report (a PNG plot goes beside)")
-    _train_args(p)
+    train_args(p)
     p.set_defaults(func=demo)
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def train_args(p: argparse.ArgumentParser) -> None:
+    """Local-training options shared by serve, demo and simulate."""
     p.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.02)

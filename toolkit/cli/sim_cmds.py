@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from toolkit.cli.field_cmds import train_args
+
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="a whole fleet in one process (in-memory "
@@ -22,9 +24,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profiles-file")
     p.add_argument("--model", default="cnn")
     p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.02)
+    train_args(p)
     p.add_argument("--broker", help="mqtt://host:port (default: in-memory transport)")
     g = p.add_argument_group("signsgd")
     g.add_argument("--sign-decoder", choices=("mv", "fv"), default="fv")
