@@ -19,7 +19,8 @@ from typing import Callable
 
 from broker_server.errors import BrokerServerError
 from broker_server.state import StateStore
-from broker_server.strategies import DeviceInfo, Update, create
+from broker_server.strategies import DeviceInfo, create
+from broker_server.strategies.folds import Fold
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import FedgeError, WireError
@@ -51,7 +52,8 @@ class ServeOptions:
 class RoundState:
     number: int
     assigned: dict[str, messages.Task] = field(default_factory=dict)
-    accepted: dict[str, Update] = field(default_factory=dict)
+    accepted: dict[str, dict] = field(default_factory=dict)  # device -> the update's meta
+    fold: Fold | None = None  # the round's aggregate so far
     deadline: float = 0.0
     started: float = 0.0
     uplink_bytes: int = 0
@@ -139,6 +141,8 @@ class Aggregator:
         rs = self.round = RoundState(r, started=time.time())
         rs.deadline = rs.started + self.opts.round_timeout
         self._publish_models(rs)
+        ctx = CodecContext(round=r, seed=self._task_seed(r), reference=self.weights)
+        rs.fold = self.strategy.fold(r, self.weights, self.codec, ctx)
         self._reload_accepted(rs)
         self._assign(rs, self._online())
         while True:
@@ -164,8 +168,7 @@ class Aggregator:
     def _reload_accepted(self, rs: RoundState) -> None:
         """Updates accepted before a crash count again; none is lost."""
         for device, payload in self.store.accepted_updates(rs.number).items():
-            frame = wire.decode(payload)
-            rs.accepted[device] = self._to_update(frame, rs.number)
+            self._fold_in(rs, wire.decode(payload))
             rs.uplink_bytes += len(payload)
 
     def _assign(self, rs: RoundState, devices: list[DeviceInfo]) -> None:
@@ -253,29 +256,28 @@ class Aggregator:
                              devices=frozenset([device]), codec=self.opts.codec,
                              tensors=self.codec.wire_spec(self.shapes))
         frame = wire.decode(payload, expect)
-        update = self._to_update(frame, r)
+        # Persisted only after the fold accepted it: a rejected payload leaves no trace.
+        self._fold_in(rs, frame)
         self.store.save_update(r, device, payload)
-        rs.accepted[device] = update
         rs.uplink_bytes += len(payload)
 
-    def _to_update(self, frame: wire.Frame, r: int) -> Update:
+    def _fold_in(self, rs: RoundState, frame: wire.Frame) -> None:
+        """Validate and fold one update into the round (WireError changes nothing)."""
         samples = frame.meta.get("samples")
         if not isinstance(samples, int) or isinstance(samples, bool) or samples <= 0:
             raise WireError(f"meta.samples: expected a positive int, got {samples!r}")
-        ctx = CodecContext(round=r, seed=self._task_seed(r), reference=self.weights)
-        weights = self.codec.decode(frame.tensors, frame.params, ctx)
-        return Update(frame.device, r, weights, samples, dict(frame.meta),
-                      (frame.tensors, frame.params) if frame.codec == "sign" else None)
+        rs.fold.add(frame.device, samples, frame.tensors, frame.params)
+        rs.accepted[frame.device] = dict(frame.meta)
 
     def _close_round(self, rs: RoundState) -> None:
         updates = [rs.accepted[d] for d in sorted(rs.accepted)]
-        self.weights = self.strategy.aggregate(rs.number, self.weights, updates)
+        self.weights = rs.fold.result()
         acc = self.evaluate(self.weights) if self.evaluate else None
         record = {"round": rs.number, "accuracy": acc, "uplink_bytes": rs.uplink_bytes,
                   "downlink_bytes": rs.downlink_bytes, "devices_reporting": len(updates),
                   "devices_assigned": len(rs.assigned),
                   "seconds": round(time.time() - rs.started, 3),
-                  "train_seconds_max": max((u.meta.get("train_seconds", 0.0) for u in updates),
+                  "train_seconds_max": max((u.get("train_seconds", 0.0) for u in updates),
                                            default=0.0),
                   "accepted": sorted(rs.accepted)}
         self.state.completed = rs.number

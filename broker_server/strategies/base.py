@@ -57,6 +57,13 @@ class Strategy(ABC):
     def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
         """The new global weights from the accepted updates (at least one)."""
 
+    def fold(self, round_: int, global_weights: Weights, codec, ctx):
+        """The round's ``Fold`` (see folds.py): how updates are folded in as they arrive.
+        The default decodes every update and calls ``aggregate`` on all of them."""
+        from broker_server.strategies.folds import DecodeAll
+
+        return DecodeAll(self, round_, global_weights, codec, ctx)
+
     def state(self) -> dict:
         """JSON state saved with every checkpoint (e.g. FV voting weights)."""
         return {}

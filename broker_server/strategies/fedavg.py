@@ -17,5 +17,10 @@ class FedAvg(Strategy):
     def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
         return {d.id: Assignment("full", self.epochs, self.batch_size, self.lr) for d in devices}
 
+    def fold(self, round_: int, global_weights: Weights, codec, ctx):
+        from broker_server.strategies.folds import mean_fold
+
+        return mean_fold(codec, ctx)
+
     def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
         return weighted_average([(u.weights, float(u.samples)) for u in updates])

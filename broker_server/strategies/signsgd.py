@@ -44,14 +44,28 @@ class SignSGD(Strategy):
         return {d.id: Assignment("full", self.epochs, self.batch_for(d), self.lr,
                                  {"steps": self.opts.local_steps}) for d in devices}
 
+    def weighted(self, round_: int) -> bool:
+        return self.opts.decoder == "fv" and round_ > self.opts.warmup_rounds
+
+    def fold(self, round_: int, global_weights: Weights, codec, ctx):
+        if codec.name != "sign" or self.opts.per_coordinate:
+            return super().fold(round_, global_weights, codec, ctx)
+        from broker_server.strategies.vote_fold import VoteFold
+
+        return VoteFold(self, round_, global_weights)
+
     def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
         signs = [_signs(u, global_weights) for u in updates]
-        if self.opts.decoder == "fv" and round_ > self.opts.warmup_rounds:
+        if self.weighted(round_):
             decoded = weighted_vote(signs, [self.votes.weight(u.device) for u in updates])
         else:
             decoded = majority_vote(signs)
         for u, s in zip(updates, signs):
             self.votes.update(u.device, s, decoded)
+        return self.step(global_weights, decoded)
+
+    def step(self, global_weights: Weights, decoded: dict[str, np.ndarray]) -> Weights:
+        """One signed step of server_lr along the decoded vote."""
         out = {k: (w + self.opts.server_lr * decoded[k]).astype(np.float32)
                for k, w in global_weights.items()}
         for k in out:

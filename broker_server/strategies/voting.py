@@ -13,6 +13,9 @@ import numpy as np
 
 Signs = dict[str, np.ndarray]
 WEIGHT_CLIP = 10.0
+# Weights are kept to multiples of 1/256, so that the bit-sliced vote (integer
+# weights, see signsgd.VoteFold) decides exactly as the float one does.
+WEIGHT_STEPS = 256
 
 
 def weighted_vote(signs: list[Signs], weights: list[float | Signs]) -> Signs:
@@ -34,8 +37,8 @@ def reliability_weight(agree: np.ndarray | float, total: np.ndarray | float):
     """ln((1 - p) / p) with p = 1 - agree/total, clipped; no history -> weight 1."""
     total = np.asarray(total, np.float64)
     p = np.clip(1.0 - np.asarray(agree, np.float64) / np.maximum(total, 1e-12), 1e-6, 1 - 1e-6)
-    w = np.clip(np.log((1 - p) / p), -WEIGHT_CLIP, WEIGHT_CLIP)
-    return np.where(total > 0, w, 1.0)
+    w = np.round(np.clip(np.log((1 - p) / p), -WEIGHT_CLIP, WEIGHT_CLIP) * WEIGHT_STEPS)
+    return np.where(total > 0, w / WEIGHT_STEPS, 1.0)
 
 
 @dataclass
@@ -63,10 +66,13 @@ class VotingWeights:
                 t[k] = self.gamma * t[k] + 1
                 a[k] = self.gamma * a[k] + (signs[k] == decoded[k])
         else:
-            same = sum(int((signs[k] == decoded[k]).sum()) for k in signs)
-            n = sum(v.size for v in signs.values())
-            self.total[device] = self.gamma * self.total.get(device, 0.0) + 1
-            self.agree[device] = self.gamma * self.agree.get(device, 0.0) + same / max(n, 1)
+            self.record(device, sum(int((signs[k] == decoded[k]).sum()) for k in signs),
+                        sum(v.size for v in signs.values()))
+
+    def record(self, device: str, same: int, n: int) -> None:
+        """Per-device counters from a count: ``same`` of ``n`` signs agreed with the vote."""
+        self.total[device] = self.gamma * self.total.get(device, 0.0) + 1
+        self.agree[device] = self.gamma * self.agree.get(device, 0.0) + same / max(n, 1)
 
     def to_json(self) -> dict:
         if self.per_coordinate:  # large arrays stay out of the JSON state

@@ -27,9 +27,9 @@ def pack_bits(bits: np.ndarray) -> np.ndarray:
     return np.packbits(flat, bitorder="little")
 
 
-def unpack_bits(packed: np.ndarray, n: int, name: str = "bits") -> np.ndarray:
-    """The ``n`` bits in ``packed`` as a flat bool array; WireError on a wrong length or dtype,
-    or on non-zero padding bits. ``name`` only labels the error message."""
+def check_bits(packed: np.ndarray, n: int, name: str = "bits") -> np.ndarray:
+    """``packed`` if it is a valid packing of ``n`` bits, without unpacking it; WireError
+    on a wrong length or dtype, or on non-zero padding bits. ``name`` labels the error."""
     packed = np.asarray(packed)
     if packed.dtype != np.uint8 or packed.ndim != 1:
         raise WireError(f"tensor {name!r}: expected a 1-D uint8 bit array, got "
@@ -41,7 +41,13 @@ def unpack_bits(packed: np.ndarray, n: int, name: str = "bits") -> np.ndarray:
     if used and int(packed[-1]) >> used:
         raise WireError(f"tensor {name!r}: expected zero padding bits after bit {n - 1}, got "
                         f"last byte 0x{int(packed[-1]):02x} (only its low {used} bits are used)")
+    return packed
+
+
+def unpack_bits(packed: np.ndarray, n: int, name: str = "bits") -> np.ndarray:
+    """The ``n`` bits in ``packed`` as a flat bool array (checked as ``check_bits`` does)."""
+    packed = check_bits(packed, n, name)
     return np.unpackbits(packed, count=n, bitorder="little").astype(bool)
 
 
-__all__ = ["pack_bits", "unpack_bits", "packed_size"]
+__all__ = ["pack_bits", "unpack_bits", "check_bits", "packed_size"]

@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 
 from device_runtime.codecs.base import Codec, CodecContext, Weights
-from device_runtime.codecs.bits import pack_bits, packed_size, unpack_bits
+from device_runtime.codecs.bits import check_bits, pack_bits, packed_size, unpack_bits
 from device_runtime.errors import WireError
 from device_runtime.wire import TensorSpec
 
@@ -51,6 +51,21 @@ def _groups(shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], l
     stats = [k for k, s in shapes.items() if not masked(tuple(s)) and _is_stat(k)]
     dense = [k for k, s in shapes.items() if not masked(tuple(s)) and not _is_stat(k)]
     return mask, dense, stats
+
+
+def layout(shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
+    """(masked, dense, stats) tensor names, in the order their values travel."""
+    return _groups(shapes)
+
+
+def split_flat(vec: np.ndarray, names: list[str], shapes: dict) -> Weights:
+    """A flat "dense" or "stats" vector back into float32 tensors of ``names``."""
+    out, at = {}, 0
+    for k in names:
+        size = int(np.prod(shapes[k], dtype=np.int64))
+        out[k] = vec[at:at + size].astype(np.float32).reshape(shapes[k])
+        at += size
+    return out
 
 
 def _size(shapes: dict, names: list[str]) -> int:
@@ -88,11 +103,7 @@ class FedMRNCodec(Codec):
         ref = self._reference(ctx)
         shapes = {k: v.shape for k, v in ref.items()}
         mask, dense, stats = _groups(shapes)
-        p = params.get("mask") or {}
-        if p.get("seed") != ctx.seed or p.get("scale") != self.scale or \
-                p.get("signed", False) != self.signed:
-            raise WireError(f"tensor mask params: expected seed {ctx.seed}, scale "
-                            f"{self.scale}, signed {self.signed}, got {p!r}")
+        self.check(tensors, params, ctx, shapes)
         bits = unpack_bits(tensors["mask"], _size(shapes, mask), "mask")
         out, at = {}, 0
         for k in mask:
@@ -102,14 +113,23 @@ class FedMRNCodec(Codec):
                 m = 2 * m - 1
             out[k], at = ref[k] + n * m, at + n.size
         for names, vec in ((dense, tensors["dense"]), (stats, tensors["stats"])):
-            at = 0
-            for k in names:
-                size = int(np.prod(shapes[k], dtype=np.int64))
-                out[k] = vec[at:at + size].astype(np.float32).reshape(shapes[k])
-                at += size
-            if not np.isfinite(vec).all():
-                raise WireError("fedmrn: dense values must be finite")
+            out.update(split_flat(vec, names, shapes))
         return {k: out[k] for k in shapes}
+
+    def check(self, tensors: Weights, params: dict[str, dict], ctx: CodecContext,
+              shapes: dict[str, tuple[int, ...]]) -> None:
+        """WireError unless the payload is one this codec sent for ``ctx``: the mask's
+        params, its padding bits, finite dense values (shapes: the wire decoder's)."""
+        mask, _, _ = _groups(shapes)
+        p = params.get("mask") or {}
+        if p.get("seed") != ctx.seed or p.get("scale") != self.scale or \
+                p.get("signed", False) != self.signed:
+            raise WireError(f"tensor mask params: expected seed {ctx.seed}, scale "
+                            f"{self.scale}, signed {self.signed}, got {p!r}")
+        check_bits(tensors["mask"], _size(shapes, mask), "mask")
+        for name in ("dense", "stats"):
+            if not np.isfinite(tensors[name]).all():
+                raise WireError(f"fedmrn: tensor {name!r}: values must be finite")
 
     def wire_spec(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorSpec]:
         mask, dense, stats = _groups(shapes)

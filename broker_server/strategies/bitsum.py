@@ -1,0 +1,182 @@
+"""Exact weighted sums of packed bit vectors, without unpacking them per update.
+
+A 1-bit update (sign bits, FedMRN mask bits) aggregates as ``sum_k w_k * b_k``
+per coordinate, with integer weights ``w_k`` (sample counts, quantized voting
+weights). Unpacking every update to floats would cost as much memory traffic as
+an fp32 update; here the sums are kept as *bit planes* (vertical counters:
+plane ``j`` holds bit ``j`` of every coordinate's sum, 64 coordinates per uint64
+word) and updates are added with bitwise adders:
+
+- an update of weight ``w`` goes into one pending group per set bit ``j`` of ``w``;
+- a full group of G rows is summed by a balanced adder tree (about 6 word
+  operations per row), then added, shifted by ``j``, into the planes;
+- the work runs over column blocks that fit in cache.
+
+``counts()`` turns the planes into integers once, at the end of the round.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+GROUP = 64  # rows summed per adder tree
+BLOCK = 2048  # uint64 words per column block (16 KiB per row)
+
+
+def _add_numbers(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
+    """Ripple-carry sum of two bit-sliced numbers (planes LSB first, same shapes)."""
+    if len(a) < len(b):
+        a, b = b, a
+    out, carry = [], None
+    for j, p in enumerate(a):
+        if j < len(b):
+            x = p ^ b[j]
+            out.append(x if carry is None else x ^ carry)
+            carry = (p & b[j]) if carry is None else (p & b[j]) | (carry & x)
+        elif carry is None:
+            out.extend(a[j:])
+            break
+        else:
+            out.append(p ^ carry)
+            carry = p & carry
+    if carry is not None:
+        out.append(carry)
+    return out
+
+
+def tree_sum(rows: np.ndarray) -> list[np.ndarray]:
+    """Bit-sliced per-bit sums of ``rows`` (g, W) uint64 -> planes of shape (W,), LSB first."""
+    planes = [rows]
+    while planes[0].shape[0] > 1:
+        if planes[0].shape[0] % 2:
+            planes = [np.concatenate([p, np.zeros((1,) + p.shape[1:], p.dtype)]) for p in planes]
+        planes = _add_numbers([p[0::2] for p in planes], [p[1::2] for p in planes])
+    return [p[0] for p in planes]
+
+
+class BitSum:
+    """``sum_k w_k * bits_k`` over packed bit vectors of ``nbytes`` bytes, exactly.
+
+    Bits are little-endian within each byte, as ``device_runtime.codecs.bits``
+    packs them; coordinate ``i`` is bit ``i % 8`` of byte ``i // 8``.
+    """
+
+    def __init__(self, nbytes: int, group: int = GROUP, block: int = BLOCK):
+        self.nbytes, self.group, self.block = nbytes, group, block
+        self.words = (nbytes + 7) // 8
+        self.planes: list[np.ndarray] = []
+        self.pending: dict[int, np.ndarray] = {}
+        self.filled: dict[int, int] = {}
+        self.total_weight = 0
+
+    def add(self, packed: np.ndarray, weight: int, invert: bool = False) -> None:
+        """Add ``weight * bits`` (``invert``: of the complemented bits) for weight >= 0."""
+        if packed.shape != (self.nbytes,) or packed.dtype != np.uint8:
+            raise ValueError(f"BitSum.add: expected uint8 of shape ({self.nbytes},), got "
+                             f"{packed.dtype} of shape {packed.shape}")
+        weight = int(weight)
+        if weight < 0:
+            raise ValueError(f"BitSum.add: weight must be >= 0, got {weight}")
+        self.total_weight += weight
+        self._grow(self.total_weight.bit_length())
+        j = 0
+        while weight:
+            if weight & 1:
+                self._push(j, packed, invert)
+            weight >>= 1
+            j += 1
+
+    def _grow(self, n: int) -> None:
+        while len(self.planes) < n:
+            self.planes.append(np.zeros(self.words, np.uint64))
+
+    def _push(self, j: int, packed: np.ndarray, invert: bool) -> None:
+        if j not in self.pending:
+            self.pending[j] = np.zeros((self.group, self.words), np.uint64)
+            self.filled[j] = 0
+        row = self.pending[j][self.filled[j]].view(np.uint8)
+        if invert:
+            np.invert(packed, out=row[:self.nbytes])
+        else:
+            row[:self.nbytes] = packed
+        self.filled[j] += 1
+        if self.filled[j] == self.group:
+            self._flush(j)
+
+    def _flush(self, j: int) -> None:
+        rows = self.pending[j][:self.filled[j]]
+        for start in range(0, self.words, self.block):
+            cols = slice(start, start + self.block)
+            self._add_at(j, tree_sum(rows[:, cols]), cols)
+        self.filled[j] = 0
+
+    def _add_at(self, j: int, number: list[np.ndarray], cols: slice) -> None:
+        """planes[j:] += number, on the words in ``cols``."""
+        carry = None
+        # Top planes of a tree sum may be all zero; the planes already hold any
+        # sum up to total_weight, so planes past them carry nothing.
+        for i, t in enumerate(number[:len(self.planes) - j]):
+            p = self.planes[j + i][cols]
+            x = p ^ t
+            new_carry = (p & t) if carry is None else (p & t) | (carry & x)
+            p[...] = x if carry is None else x ^ carry
+            carry = new_carry
+        i = j + min(len(number), len(self.planes) - j)
+        while carry is not None and i < len(self.planes) and carry.any():
+            p = self.planes[i][cols]
+            new_carry = p & carry
+            p ^= carry
+            carry, i = new_carry, i + 1
+
+    def settle(self) -> None:
+        """Fold every pending group into the planes."""
+        for j in list(self.pending):
+            if self.filled[j]:
+                self._flush(j)
+
+    def merge(self, other: "BitSum") -> None:
+        """Add another sum over vectors of the same size (a worker's partial sum)."""
+        if other.nbytes != self.nbytes:
+            raise ValueError(f"BitSum.merge: sizes differ ({self.nbytes} vs {other.nbytes})")
+        self.settle()
+        other.settle()
+        self.total_weight += other.total_weight
+        self._grow(self.total_weight.bit_length())
+        if other.planes:
+            for start in range(0, self.words, self.block):
+                cols = slice(start, start + self.block)
+                self._add_at(0, [p[cols] for p in other.planes], cols)
+
+    def counts(self, n: int | None = None) -> np.ndarray:
+        """The sums, one per bit (the first ``n``; default all ``8 * nbytes``).
+
+        uint32 while the total weight fits, else int64. Planes are unpacked a
+        column block at a time and combined 8 at a time as bytes (Horner's rule:
+        a = 2a + bit, most significant plane first), which keeps it in cache.
+        """
+        self.settle()
+        n = self.nbytes * 8 if n is None else n
+        dtype = np.uint32 if self.total_weight < 2**32 else np.int64
+        out = np.zeros(n, dtype)
+        if not self.planes:
+            return out
+        planes = np.stack(self.planes).view(np.uint8)[:, :self.nbytes]
+        step = self.block * 8  # bytes per column block
+        byte, wide = np.empty(step * 8, np.uint8), np.empty(step * 8, dtype)
+        for start in range(0, min(self.nbytes, (n + 7) // 8), step):
+            bits = np.unpackbits(planes[:, start:start + step], axis=1, bitorder="little")
+            k = min(bits.shape[1], n - start * 8)
+            o = out[start * 8:start * 8 + k]
+            for g, lo in enumerate(range(0, len(bits), 8)):
+                group, b = bits[lo:lo + 8, :k], byte[:k]
+                np.copyto(b, group[-1])
+                for row in group[-2::-1]:
+                    np.left_shift(b, 1, out=b)
+                    np.bitwise_or(b, row, out=b)
+                w = wide[:k]
+                np.copyto(w, b)
+                np.left_shift(w, 8 * g, out=w)
+                np.bitwise_or(o, w, out=o)
+        return out
+
+
+__all__ = ["BitSum", "tree_sum"]

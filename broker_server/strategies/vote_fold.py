@@ -1,0 +1,76 @@
+"""The signSGD vote folded straight from the sign bits (majority or federated voting).
+
+Each update's sign bits (all tensors' packed bytes, one after another) go into
+one ``BitSum`` with the device's integer voting weight: 1 for a majority vote,
+``WEIGHT_STEPS * w`` for federated voting (a negative weight adds the
+complemented bits, since ``-w * s = |w| * (-s)``). The vote is then
+``sign(2 * count - sum |w|)`` per coordinate, the same decision as
+``voting.weighted_vote`` on the unpacked signs, without unpacking any update.
+The per-device agreement counters are updated from popcounts of the kept bits.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from broker_server.strategies.base import Weights
+from broker_server.strategies.bitsum import BitSum
+from broker_server.strategies.folds import Fold
+from broker_server.strategies.voting import WEIGHT_STEPS
+from device_runtime.codecs.bits import check_bits, pack_bits, packed_size
+from device_runtime.codecs.fp16 import read_scale
+from device_runtime.errors import WireError
+
+
+class VoteFold(Fold):
+    def __init__(self, strategy, round_: int, global_weights: Weights):
+        self.strategy, self.weights = strategy, global_weights
+        self.shapes = {k: tuple(v.shape) for k, v in global_weights.items()}
+        self.sizes = {k: math.prod(s) for k, s in self.shapes.items()}
+        self.offsets, at = {}, 0
+        for k in self.shapes:
+            self.offsets[k], at = at, at + packed_size(self.sizes[k])
+        self.bits = BitSum(at)
+        self.weighted = strategy.weighted(round_)
+        self.kept: dict[str, np.ndarray] = {}
+
+    def add(self, device: str, samples: int, tensors: Weights, params: dict) -> None:
+        if set(tensors) != set(self.shapes):
+            raise WireError(f"sign tensors: expected names {sorted(self.shapes)}, got "
+                            f"{sorted(tensors)}")
+        for k, shape in self.shapes.items():
+            p = params.get(k, {})
+            if not isinstance(p, dict):
+                raise WireError(f"tensor {k!r}.params: expected an object, got "
+                                f"{type(p).__name__}")
+            read_scale(p, k)
+            if p.get("shape") != list(shape):
+                raise WireError(f"tensor {k!r}.params.shape: expected {list(shape)}, got "
+                                f"{str(p.get('shape'))[:60]}")
+            check_bits(tensors[k], self.sizes[k], k)
+        vec = np.concatenate([tensors[k] for k in self.shapes])
+        w = self.strategy.votes.weight(device) if self.weighted else 1.0
+        q = int(round(w * WEIGHT_STEPS))
+        self.bits.add(vec, abs(q), invert=q < 0)
+        self.kept[device] = vec
+
+    def result(self) -> Weights:
+        counts = self.bits.counts().astype(np.int64)
+        vote = np.sign(2 * counts - self.bits.total_weight).astype(np.int8)
+        decoded = {}
+        for k, shape in self.shapes.items():
+            start = self.offsets[k] * 8
+            decoded[k] = vote[start:start + self.sizes[k]].reshape(shape)
+        # Packed again per tensor, so that padding bits are zero in both.
+        pos = np.concatenate([pack_bits(decoded[k] > 0) for k in self.shapes])
+        neg = np.concatenate([pack_bits(decoded[k] < 0) for k in self.shapes])
+        n = sum(self.sizes.values())
+        for device in sorted(self.kept):
+            b = self.kept[device]
+            same = int(np.bitwise_count(b & pos).sum()) + int(np.bitwise_count(~b & neg).sum())
+            self.strategy.votes.record(device, same, n)
+        return self.strategy.step(self.weights, decoded)
+
+
+__all__ = ["VoteFold"]
