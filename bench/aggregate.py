@@ -1,7 +1,9 @@
 """Benchmark decode + aggregate throughput per codec, side by side with Flower's FedAvg.
 
-For N updates of P parameters: fedge decodes each frame (wire checks + codec)
-and folds it into a running weighted sum (the aggregator's streaming path);
+For N updates of P parameters: fedge decodes each frame (wire checks) and
+folds it into the round's aggregate exactly as the aggregator does (FedAvg's
+fold for fp32/fp16/int8/fedmrn, signSGD's vote for sign, majority and federated
+voting), then computes the new global model;
 Flower deserializes each update (``parameters_to_ndarrays``) and runs
 ``flwr.server.strategy.aggregate.aggregate`` on fp32 arrays, all in memory, so
 combinations above --flower-max-gb are skipped for it. Throughput is MB/s of
@@ -25,11 +27,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import command, machine, write_results  # noqa: E402
-from broker_server.strategies.aggregate import PartialSum  # noqa: E402
+from broker_server.strategies import SignSGDOptions, create  # noqa: E402
 from device_runtime import codecs, wire  # noqa: E402
 from device_runtime.codecs import CodecContext  # noqa: E402
 
-CODECS = ("fp32", "fp16", "int8", "sign", "fedmrn")
+CODECS = ("fp32", "fp16", "int8", "fedmrn", "sign-mv", "sign-fv")
 DISTINCT = 4  # distinct frames per run, reused cyclically (decoding cost is the same)
 
 
@@ -59,17 +61,26 @@ def _frames(codec_name: str, ref: dict, seed: int = 7) -> tuple[list[bytes], dic
     return frames, spec
 
 
-def fedge_seconds(codec_name: str, ref: dict, n: int) -> float:
-    codec = codecs.get(codec_name)
+def _strategy(arm: str, n: int):
+    if not arm.startswith("sign-"):
+        return create("fedavg")
+    s = create("signsgd", options=SignSGDOptions(arm[5:], warmup_rounds=0))
+    for i in range(n):  # federated voting with history: mixed, non-trivial weights
+        s.votes.record(f"d{i}", 600 + (i * 37) % 390, 1000)
+    return s
+
+
+def fedge_seconds(arm: str, ref: dict, n: int) -> float:
+    codec_name = arm.split("-")[0]
+    codec, strategy = codecs.get(codec_name), _strategy(arm, n)
     frames, spec = _frames(codec_name, ref)
-    ctx = CodecContext(1, 7, ref)
     expect = wire.Expect(kind="update", codec=codec_name, tensors=spec)
     t0 = time.perf_counter()
-    acc = PartialSum()
+    fold = strategy.fold(1, ref, codec, CodecContext(1, 7, ref))
     for i in range(n):
         f = wire.decode(frames[i % DISTINCT], expect)
-        acc.add(codec.decode(f.tensors, f.params, ctx), 10.0 + i % 7)
-    acc.mean()
+        fold.add(f"d{i}", 10 + i % 7 + 300 * (i % 3), f.tensors, f.params)
+    fold.result()
     return time.perf_counter() - t0
 
 
@@ -81,7 +92,8 @@ def flower_seconds(ref: dict, n: int) -> float:
     blobs = [ndarrays_to_parameters([v + rng.normal(scale=0.01, size=v.shape).astype(np.float32)
                                      for v in ref.values()]) for _ in range(DISTINCT)]
     t0 = time.perf_counter()
-    results = [(parameters_to_ndarrays(blobs[i % DISTINCT]), 10 + i % 7) for i in range(n)]
+    results = [(parameters_to_ndarrays(blobs[i % DISTINCT]), 10 + i % 7 + 300 * (i % 3))
+               for i in range(n)]
     aggregate(results)
     return time.perf_counter() - t0
 

@@ -90,10 +90,12 @@ class BitSum:
             self.planes.append(np.zeros(self.words, np.uint64))
 
     def _push(self, j: int, packed: np.ndarray, invert: bool) -> None:
-        if j not in self.pending:
-            self.pending[j] = np.zeros((self.group, self.words), np.uint64)
+        if j not in self.pending:  # empty, not zeros: pages are touched only as rows fill
+            self.pending[j] = np.empty((self.group, self.words), np.uint64)
             self.filled[j] = 0
-        row = self.pending[j][self.filled[j]].view(np.uint8)
+        row = self.pending[j][self.filled[j]]
+        row[-1] = 0  # the bytes past nbytes must read as zero bits
+        row = row.view(np.uint8)
         if invert:
             np.invert(packed, out=row[:self.nbytes])
         else:
