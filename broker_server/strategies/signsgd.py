@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from device_runtime.codecs.base import is_statistic
+
+from broker_server.strategies.aggregate import weighted_average
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update, Weights
 from broker_server.strategies.voting import VotingWeights, majority_vote, weighted_vote
 
@@ -56,22 +59,24 @@ class SignSGD(Strategy):
 
     def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
         signs = [_signs(u, global_weights) for u in updates]
+        stats = weighted_average([({k: u.weights[k] for k in global_weights if is_statistic(k)},
+                                   float(u.samples)) for u in updates])
         if self.weighted(round_):
             decoded = weighted_vote(signs, [self.votes.weight(u.device) for u in updates])
         else:
             decoded = majority_vote(signs)
         for u, s in zip(updates, signs):
             self.votes.update(u.device, s, decoded)
-        return self.step(global_weights, decoded)
+        return self.step(global_weights, decoded, stats)
 
-    def step(self, global_weights: Weights, decoded: dict[str, np.ndarray]) -> Weights:
-        """One signed step of server_lr along the decoded vote."""
+    def step(self, global_weights: Weights, decoded: dict[str, np.ndarray],
+             stats: Weights) -> Weights:
+        """One signed step of server_lr along the decoded vote; running statistics are
+        the devices' mean (they are measured, not trained)."""
         out = {k: (w + self.opts.server_lr * decoded[k]).astype(np.float32)
-               for k, w in global_weights.items()}
-        for k in out:
-            if k.endswith("running_var"):  # a variance must stay positive
-                out[k] = np.maximum(out[k], 1e-5)
-        return out
+               for k, w in global_weights.items() if k in decoded}
+        out.update({k: v.astype(np.float32) for k, v in stats.items()})
+        return {k: out[k] for k in global_weights}
 
     def state(self) -> dict:
         return self.votes.to_json()
@@ -87,4 +92,4 @@ def _signs(u: Update, reference: Weights) -> dict[str, np.ndarray]:
 
         return signs_of(u.raw[0], u.raw[1], {k: v.shape for k, v in reference.items()})
     return {k: np.where(u.weights[k] - reference[k] >= 0, 1, -1).astype(np.int8)
-            for k in reference}
+            for k in reference if not is_statistic(k)}

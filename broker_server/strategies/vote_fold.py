@@ -7,6 +7,7 @@ complemented bits, since ``-w * s = |w| * (-s)``). The vote is then
 ``sign(2 * count - sum |w|)`` per coordinate, the same decision as
 ``voting.weighted_vote`` on the unpacked signs, without unpacking any update.
 The per-device agreement counters are updated from popcounts of the kept bits.
+Running statistics arrive as float16 values and are averaged by samples.
 """
 from __future__ import annotations
 
@@ -14,19 +15,25 @@ import math
 
 import numpy as np
 
+from broker_server.strategies.aggregate import PartialSum
 from broker_server.strategies.base import Weights
 from broker_server.strategies.bitsum import BitSum
 from broker_server.strategies.folds import Fold
 from broker_server.strategies.voting import WEIGHT_STEPS
 from device_runtime.codecs.bits import check_bits, pack_bits, packed_size
+from device_runtime.codecs.base import is_statistic
 from device_runtime.codecs.fp16 import read_scale
+from device_runtime.codecs.sign import statistic_of
 from device_runtime.errors import WireError
 
 
 class VoteFold(Fold):
     def __init__(self, strategy, round_: int, global_weights: Weights):
         self.strategy, self.weights = strategy, global_weights
-        self.shapes = {k: tuple(v.shape) for k, v in global_weights.items()}
+        self.shapes = {k: tuple(v.shape) for k, v in global_weights.items()
+                       if not is_statistic(k)}
+        self.stat_names = [k for k in global_weights if is_statistic(k)]
+        self.stats = PartialSum()
         self.sizes = {k: math.prod(s) for k, s in self.shapes.items()}
         self.offsets, at = {}, 0
         for k in self.shapes:
@@ -36,9 +43,11 @@ class VoteFold(Fold):
         self.kept: dict[str, np.ndarray] = {}
 
     def add(self, device: str, samples: int, tensors: Weights, params: dict) -> None:
-        if set(tensors) != set(self.shapes):
-            raise WireError(f"sign tensors: expected names {sorted(self.shapes)}, got "
+        if set(tensors) != set(self.shapes) | set(self.stat_names):
+            raise WireError(f"sign tensors: expected names "
+                            f"{sorted(set(self.shapes) | set(self.stat_names))}, got "
                             f"{sorted(tensors)}")
+        stats = {k: statistic_of(k, tensors[k]) for k in self.stat_names}
         for k, shape in self.shapes.items():
             p = params.get(k, {})
             if not isinstance(p, dict):
@@ -54,6 +63,7 @@ class VoteFold(Fold):
         q = int(round(w * WEIGHT_STEPS))
         self.bits.add(vec, abs(q), invert=q < 0)
         self.kept[device] = vec
+        self.stats.add(stats, float(samples))
 
     def result(self) -> Weights:
         counts = self.bits.counts().astype(np.int64)
@@ -70,7 +80,8 @@ class VoteFold(Fold):
             b = self.kept[device]
             same = int(np.bitwise_count(b & pos).sum()) + int(np.bitwise_count(~b & neg).sum())
             self.strategy.votes.record(device, same, n)
-        return self.strategy.step(self.weights, decoded)
+        stats = self.stats.mean() if self.stat_names else {}
+        return self.strategy.step(self.weights, decoded, stats)
 
 
 __all__ = ["VoteFold"]

@@ -14,6 +14,12 @@ import numpy as np
 from device_runtime.wire import TensorSpec
 
 Weights = dict[str, np.ndarray]
+STATISTICS = ("running_mean", "running_var")
+
+
+def is_statistic(name: str) -> bool:
+    """BatchNorm running statistics: measured, not trained, so not coded as updates."""
+    return name.rsplit(".", 1)[-1] in STATISTICS
 
 
 @dataclass(frozen=True)

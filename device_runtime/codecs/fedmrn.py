@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-from device_runtime.codecs.base import Codec, CodecContext, Weights
+from device_runtime.codecs.base import Codec, CodecContext, Weights, is_statistic
 from device_runtime.codecs.bits import check_bits, pack_bits, packed_size, unpack_bits
 from device_runtime.errors import WireError
 from device_runtime.wire import TensorSpec
@@ -25,16 +25,11 @@ from device_runtime.wire import TensorSpec
 # (8-round sweep over 0.01..0.1 and 0.1..1.0; notes in docs/results/compression.md).
 NOISE_SCALE = 0.05
 MASK_LR = 0.3
-STATS = ("running_mean", "running_var")
 
 
 def masked(shape: tuple[int, ...]) -> bool:
     """Conv and linear weights get masks; BN, biases and statistics do not."""
     return len(shape) >= 2
-
-
-def _is_stat(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in STATS
 
 
 def noise(name: str, shape: tuple[int, ...], seed: int, scale: float = NOISE_SCALE
@@ -48,8 +43,8 @@ def noise(name: str, shape: tuple[int, ...], seed: int, scale: float = NOISE_SCA
 
 def _groups(shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
     mask = [k for k, s in shapes.items() if masked(tuple(s))]
-    stats = [k for k, s in shapes.items() if not masked(tuple(s)) and _is_stat(k)]
-    dense = [k for k, s in shapes.items() if not masked(tuple(s)) and not _is_stat(k)]
+    stats = [k for k, s in shapes.items() if not masked(tuple(s)) and is_statistic(k)]
+    dense = [k for k, s in shapes.items() if not masked(tuple(s)) and not is_statistic(k)]
     return mask, dense, stats
 
 

@@ -11,6 +11,10 @@ count that does not fit the shape is caught.
 reconstruction, a usable FedAvg input. A signSGD / federated-voting strategy
 wants the raw signs instead: ``signs_of`` gives them without any float math.
 Updates are relative to ``ctx.reference`` (see ``fp16.RelativeCodec``).
+
+BatchNorm running statistics are not trained, so they have no meaningful sign
+step: they travel as float16 values (the device's own statistics, not a
+delta; 2 bytes per channel), and the server averages them.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import math
 
 import numpy as np
 
-from device_runtime.codecs.base import CodecContext
+from device_runtime.codecs.base import CodecContext, Weights, is_statistic
 from device_runtime.codecs.bits import pack_bits, packed_size, unpack_bits
 from device_runtime.codecs.fp16 import RelativeCodec, read_scale
 from device_runtime.errors import WireError
@@ -34,6 +38,26 @@ class SignCodec(RelativeCodec):
     name = "sign"
     wire_dtype = "uint8"
 
+    def encode(self, weights: Weights, ctx: CodecContext) -> tuple[Weights, dict[str, dict]]:
+        stats = {k: v for k, v in weights.items() if is_statistic(k)}
+        tensors, params = super().encode({k: v for k, v in weights.items() if k not in stats},
+                                         ctx)
+        for k, v in stats.items():
+            if not np.isfinite(v).all():
+                raise WireError(f"tensor {k!r}: expected finite statistics")
+            tensors[k] = np.asarray(v, np.float16)
+        return {k: tensors[k] for k in weights}, params
+
+    def _decode_tensor(self, name: str, arr: np.ndarray, params: dict[str, dict],
+                       ctx: CodecContext) -> np.ndarray:
+        if not is_statistic(name):
+            return super()._decode_tensor(name, arr, params, ctx)
+        return statistic_of(name, arr)
+
+    def wire_spec(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorSpec]:
+        return {k: TensorSpec("float16", tuple(s)) if is_statistic(k) else self._spec_one(tuple(s))
+                for k, s in shapes.items()}
+
     def _encode_one(self, name: str, delta: np.ndarray, ctx: CodecContext
                     ) -> tuple[np.ndarray, dict]:
         scale = np.float32(np.abs(delta, dtype=np.float64).mean()) if delta.size else 0.0
@@ -48,9 +72,20 @@ class SignCodec(RelativeCodec):
         return TensorSpec("uint8", (packed_size(math.prod(shape)),))
 
 
+def statistic_of(name: str, arr: np.ndarray) -> np.ndarray:
+    """A running statistic's float16 wire values as float32 (WireError unless finite)."""
+    arr = np.asarray(arr)
+    if arr.dtype != np.float16:
+        raise WireError(f"tensor {name!r}.dtype: expected float16 (a statistic), got {arr.dtype}")
+    if not np.isfinite(arr).all():
+        raise WireError(f"tensor {name!r}: expected finite statistics")
+    return arr.astype(np.float32)
+
+
 def signs_of(tensors: dict[str, np.ndarray], params: dict[str, dict],
              shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """The update's signs per weight, int8 in {-1, +1} of the weight's shape (0 -> +1).
+    """The update's signs per weight, int8 in {-1, +1} of the weight's shape (0 -> +1);
+    running statistics (float16 values, not signs) are checked and left out.
 
     ``tensors`` / ``params`` are a sign frame's; ``shapes`` the weights' (from the
     plan). Raises WireError on a missing or extra tensor, a shape that disagrees,
@@ -60,6 +95,9 @@ def signs_of(tensors: dict[str, np.ndarray], params: dict[str, dict],
         raise WireError(f"sign tensors: expected names {sorted(shapes)}, got {sorted(tensors)}")
     out = {}
     for name, arr in tensors.items():
+        if is_statistic(name):
+            statistic_of(name, arr)
+            continue
         p = params.get(name, {})
         if not isinstance(p, dict):
             raise WireError(f"tensor {name!r}.params: expected an object, got "
@@ -98,4 +136,4 @@ def _read_shape(params: dict, name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-__all__ = ["SignCodec", "signs_of"]
+__all__ = ["SignCodec", "signs_of", "statistic_of"]

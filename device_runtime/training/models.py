@@ -24,8 +24,14 @@ from device_runtime.errors import ModelBuildError
 
 # Base channel counts at width 1, per architecture.
 ARCHS = {
-    "cnn1d": {"channels": (32, 64, 128, 128), "kernels": (5, 3, 3, 3), "strides": (1, 2, 2, 2)},
-    "cnn2d": {"channels": (16, 32, 64), "kernels": (3, 3, 3), "strides": (1, 2, 2)},
+    "cnn1d": {"dims": 1, "channels": (32, 64, 128, 128), "kernels": (5, 3, 3, 3),
+              "strides": (1, 2, 2, 2)},
+    "cnn2d": {"dims": 2, "channels": (16, 32, 64), "kernels": (3, 3, 3), "strides": (1, 2, 2)},
+    # Weights heavy next to activations (as VGG's classifier is): 1.4M parameters, most
+    # in a bias-free hidden layer, so that 1-bit codecs pay little for full-precision
+    # BN and biases, and a split after the convs sends 1,280 values per sample.
+    "cnn-wide": {"dims": 1, "channels": (64, 128, 128), "kernels": (5, 5, 5),
+                 "strides": (1, 2, 2), "hidden": 1024},
 }
 
 
@@ -33,7 +39,7 @@ ARCHS = {
 class ModelConfig:
     """Everything needed to rebuild a model; saved in every checkpoint and artifact."""
 
-    arch: str  # "cnn1d" | "cnn2d" | "custom"
+    arch: str  # a key of ARCHS, or "custom"
     input_shape: tuple[int, ...]  # one sample, as the dataset returns it
     num_classes: int
     width: float = 1.0
@@ -91,6 +97,17 @@ class Classifier(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class Hidden(nn.Module):
+    """Flatten + bias-free linear + ReLU: a wide fully connected stage."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.fc = nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(torch.flatten(x, 1)))
+
+
 class StagedNet(nn.Module):
     """A model that is a chain of stages; split points are stage boundaries."""
 
@@ -124,7 +141,7 @@ def scaled(channels: int, width: float) -> int:
 
 def build_cnn(cfg: ModelConfig) -> StagedNet:
     spec = ARCHS[cfg.arch]
-    dims = 1 if cfg.arch == "cnn1d" else 2
+    dims = spec["dims"]
     if len(cfg.input_shape) != dims:
         raise ModelBuildError(f"model {cfg.arch}: expects {dims}-D samples, got shape "
                          f"{cfg.input_shape}")
@@ -140,6 +157,10 @@ def build_cnn(cfg: ModelConfig) -> StagedNet:
     flat = cin
     for n in size:
         flat *= n
+    if "hidden" in spec:
+        hidden = scaled(spec["hidden"], cfg.width)
+        stages.append(Hidden(flat, hidden))
+        flat = hidden
     stages.append(Classifier(flat, cfg.num_classes))
     return StagedNet(stages)
 
