@@ -27,12 +27,14 @@ from broker_server.strategies import SignSGDOptions  # noqa: E402
 from toolkit.simulate import SimOptions, run_simulation  # noqa: E402
 
 
-def arms(devices: int, rounds: int, sign_rounds: int, fedmrn_codec: str) -> dict:
+def arms(devices: int, rounds: int, sign_rounds: int, wide_rounds: int, fedmrn_codec: str
+         ) -> dict:
     small = int(round(devices * 0.6))
     mixed = {f"dev-{k}": (4 if k < small else 128) for k in range(devices)}
     base = SimOptions(devices=devices, rounds=rounds, alpha=0.5,
                       profiles=("rpi3b", "rpi4", "rpi5", "jetson-orin-nano"))
     sign = dict(strategy="signsgd", codec="sign", rounds=sign_rounds)
+    wide = replace(base, model="cnn-wide", rounds=wide_rounds)
     return {
         "fedavg-fp32": base,
         "fedavg-fp16": replace(base, codec="fp16"),
@@ -42,6 +44,8 @@ def arms(devices: int, rounds: int, sign_rounds: int, fedmrn_codec: str) -> dict
             "mv", server_lr=0.005, batch_by_device=mixed)),
         "signsgd-fv": replace(base, **sign, strategy_options=SignSGDOptions(
             "fv", server_lr=0.005, batch_by_device=mixed)),
+        "fedavg-fp32-wide": wide,
+        "fedavg-fedmrn-wide": replace(wide, codec=fedmrn_codec),
     }
 
 
@@ -64,21 +68,29 @@ def rounds_to(acc: list[float], target: float) -> int | None:
     return next((i + 1 for i, a in enumerate(acc) if a >= target), None)
 
 
+def baseline_of(arm: str) -> str:
+    """Each arm is compared with FedAvg-fp32 on the same model."""
+    return "fedavg-fp32-wide" if arm.endswith("-wide") else "fedavg-fp32"
+
+
 def summarize(results: dict) -> dict:
-    fp32 = results["fedavg-fp32"]
-    fp32_final = statistics.mean(r["final_accuracy"] for r in fp32)
-    fp32_up = statistics.mean(r["uplink_per_device_round"] for r in fp32)
     out = {}
     for name, runs in results.items():
+        fp32 = results[baseline_of(name)]
+        fp32_final = statistics.mean(r["final_accuracy"] for r in fp32)
+        fp32_up = statistics.mean(r["uplink_per_device_round"] for r in fp32)
         finals = [r["final_accuracy"] for r in runs]
         up = statistics.mean(r["uplink_per_device_round"] for r in runs)
         reach = [rounds_to(r["accuracy"], 0.9 * fp32_final) for r in runs]
-        out[name] = {"final_mean": round(statistics.mean(finals), 4),
+        out[name] = {"model": "cnn-wide" if name.endswith("-wide") else "cnn",
+                     "final_mean": round(statistics.mean(finals), 4),
                      "final_std": round(statistics.pstdev(finals), 4),
                      "uplink_bytes_per_device_round": round(up),
                      "ratio_to_fp32": round(fp32_up / up, 2),
                      "rounds": len(runs[0]["accuracy"]),
-                     "rounds_to_90pct_of_fp32": reach}
+                     "rounds_to_90pct_of_fp32": reach,
+                     "gap_to_fp32_points": round(100 * (fp32_final - statistics.mean(finals)),
+                                                 2)}
     return out
 
 
@@ -86,11 +98,12 @@ def to_markdown(res: dict) -> str:
     lines = ["# Compression benchmark: MNIST-1D, Dirichlet 0.5\n",
              f"{res['devices']} devices, seeds {res['seeds']}; machine {res['machine']}. "
              f"Command: `{res['command']}`.\n",
-             "| arm | rounds | final accuracy (mean ± sd) | uplink B / device / round "
-             "| fp32 / arm | rounds to 90% of fp32 final (per seed) |",
-             "|---|---|---|---|---|---|"]
+             "| arm | model | rounds | final accuracy (mean ± sd) | points below fp32 "
+             "| uplink B / device / round | fp32 / arm | rounds to 90% of fp32 final (per seed) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, s in res["summary"].items():
-        lines.append(f"| {name} | {s['rounds']} | {s['final_mean']:.4f} ± {s['final_std']:.4f} "
+        lines.append(f"| {name} | {s['model']} | {s['rounds']} | {s['final_mean']:.4f} ± "
+                     f"{s['final_std']:.4f} | {s['gap_to_fp32_points']} "
                      f"| {s['uplink_bytes_per_device_round']:,} | {s['ratio_to_fp32']}x "
                      f"| {s['rounds_to_90pct_of_fp32']} |")
     return "\n".join(lines) + "\n"
@@ -102,16 +115,19 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--sign-rounds", type=int, default=150)
+    ap.add_argument("--wide-rounds", type=int, default=20)
     ap.add_argument("--fedmrn-codec", default="fedmrn")
     ap.add_argument("--arms", help="comma list (default: all)")
     ap.add_argument("--json", default="runs/bench_compression.json")
     ap.add_argument("--md")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    chosen = arms(args.devices, args.rounds, args.sign_rounds, args.fedmrn_codec)
+    chosen = arms(args.devices, args.rounds, args.sign_rounds, args.wide_rounds,
+                  args.fedmrn_codec)
     if args.arms:
-        chosen = {k: v for k, v in chosen.items() if k in args.arms.split(",") or
-                  k == "fedavg-fp32"}
+        wanted = set(args.arms.split(","))
+        chosen = {k: v for k, v in chosen.items()
+                  if k in wanted or k in {baseline_of(a) for a in wanted}}
     results = {}
     for name, opts in chosen.items():
         print(name, flush=True)

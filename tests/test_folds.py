@@ -145,3 +145,28 @@ def test_fedavg_uses_the_bit_fold_for_fedmrn_and_float_sums_otherwise():
     assert isinstance(fedavg.fold(1, ref, codecs.get("fedmrn"), CodecContext(1, 0, ref)),
                       FedMRNMean)
     assert isinstance(fedavg.fold(1, ref, codecs.get("int8"), CodecContext(1, 0, ref)), MeanFold)
+
+
+def test_sign_codec_sends_running_statistics_as_float16_and_the_vote_averages_them():
+    rng = np.random.default_rng(6)
+    ref = _ref(rng)
+    codec, strat = codecs.get("sign"), SignSGD(options=SignSGDOptions("mv", server_lr=0.01))
+    fold = VoteFold(strat, 1, ref)
+    variances = []
+    for k in range(3):
+        w = {n: v + 0.1 for n, v in ref.items()}
+        w["bn.running_var"] = np.full(8, 1.0 + k, np.float32)
+        t, p = codec.encode(w, CodecContext(1, 0, ref, f"d{k}"))
+        assert t["bn.running_var"].dtype == np.float16 and t["fc.weight"].dtype == np.uint8
+        fold.add(f"d{k}", 10 * (k + 1), t, p)
+        variances.append((w["bn.running_var"], 10 * (k + 1)))
+    out = fold.result()
+    np.testing.assert_allclose(out["bn.running_var"], (1 * 10 + 2 * 20 + 3 * 30) / 60, rtol=1e-3)
+    np.testing.assert_allclose(out["fc.weight"], ref["fc.weight"] + 0.01, rtol=1e-6)
+    t, p = codec.encode({n: v + 0.1 for n, v in ref.items()}, CodecContext(1, 0, ref, "bad"))
+    t["bn.running_var"] = t["bn.running_var"].copy()
+    t["bn.running_var"][2] = np.inf
+    with pytest.raises(WireError, match="bn.running_var.*finite"):
+        fold.add("bad", 10, t, p)
+    with pytest.raises(WireError, match="finite"):
+        codec.decode(t, p, CodecContext(1, 0, ref))
