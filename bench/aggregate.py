@@ -98,13 +98,16 @@ def flower_seconds(ref: dict, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def run(sizes: list[int], counts: list[int], repeats: int, flower_max_gb: float) -> list[dict]:
+def run(sizes: list[int], counts: list[int], repeats: int, flower_max_gb: float,
+        max_gb: float) -> list[dict]:
     rows = []
     for p in sizes:
         ref = _model(p)
         total = sum(v.size for v in ref.values())
         for n in counts:
             mb = n * total * 4 / 1e6
+            if mb / 1e3 > max_gb:  # too long for every arm on this machine
+                continue
             reps = repeats if mb <= 4000 else 1
             row = {"params": total, "updates": n, "fp32_mb": round(mb, 1)}
             if mb / 1e3 <= flower_max_gb:
@@ -138,11 +141,12 @@ def main() -> None:
     ap.add_argument("--counts", default="10,100,1000")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--flower-max-gb", type=float, default=4.0)
+    ap.add_argument("--max-gb", type=float, default=10.0, help="skip larger combinations")
     ap.add_argument("--json", default="runs/bench_aggregate.json")
     ap.add_argument("--md")
     args = ap.parse_args()
     rows = run([int(s) for s in args.sizes.split(",")], [int(c) for c in args.counts.split(",")],
-               args.repeats, args.flower_max_gb)
+               args.repeats, args.flower_max_gb, args.max_gb)
     write_results({"machine": machine(), "command": command("bench/aggregate.py"),
                    "repeats": args.repeats, "rows": rows}, args.json, args.md, to_markdown)
 

@@ -13,7 +13,7 @@ from device_runtime.codecs.base import is_statistic
 
 from broker_server.strategies.aggregate import weighted_average
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update, Weights
-from broker_server.strategies.voting import VotingWeights, majority_vote, weighted_vote
+from broker_server.strategies.voting import VotingWeights, others_vote, vote_sums
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,12 @@ class SignSGD(Strategy):
         signs = [_signs(u, global_weights) for u in updates]
         stats = weighted_average([({k: u.weights[k] for k in global_weights if is_statistic(k)},
                                    float(u.samples)) for u in updates])
-        if self.weighted(round_):
-            decoded = weighted_vote(signs, [self.votes.weight(u.device) for u in updates])
-        else:
-            decoded = majority_vote(signs)
-        for u, s in zip(updates, signs):
-            self.votes.update(u.device, s, decoded)
+        weights = [self.votes.weight(u.device) if self.weighted(round_) else 1.0
+                   for u in updates]
+        sums = vote_sums(signs, weights)
+        decoded = {k: np.sign(v).astype(np.int8) for k, v in sums.items()}
+        for u, s, w in zip(updates, signs, weights):
+            self.votes.update(u.device, s, others_vote(sums, s, w))
         return self.step(global_weights, decoded, stats)
 
     def step(self, global_weights: Weights, decoded: dict[str, np.ndarray],

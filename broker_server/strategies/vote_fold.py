@@ -6,7 +6,9 @@ one ``BitSum`` with the device's integer voting weight: 1 for a majority vote,
 complemented bits, since ``-w * s = |w| * (-s)``). The vote is then
 ``sign(2 * count - sum |w|)`` per coordinate, the same decision as
 ``voting.weighted_vote`` on the unpacked signs, without unpacking any update.
-The per-device agreement counters are updated from popcounts of the kept bits.
+The per-device agreement counters (against the others' vote, leave-one-out) are
+updated from popcounts of the kept bits, corrected on the few coordinates where
+one device could change the vote.
 Running statistics arrive as float16 values and are averaged by samples.
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ class VoteFold(Fold):
         self.bits = BitSum(at)
         self.weighted = strategy.weighted(round_)
         self.kept: dict[str, np.ndarray] = {}
+        self.q: dict[str, int] = {}
 
     def add(self, device: str, samples: int, tensors: Weights, params: dict) -> None:
         if set(tensors) != set(self.shapes) | set(self.stat_names):
@@ -63,11 +66,12 @@ class VoteFold(Fold):
         q = int(round(w * WEIGHT_STEPS))
         self.bits.add(vec, abs(q), invert=q < 0)
         self.kept[device] = vec
+        self.q[device] = q
         self.stats.add(stats, float(samples))
 
     def result(self) -> Weights:
-        counts = self.bits.counts().astype(np.int64)
-        vote = np.sign(2 * counts - self.bits.total_weight).astype(np.int8)
+        sums = 2 * self.bits.counts().astype(np.int64) - self.bits.total_weight  # sum q s
+        vote = np.sign(sums).astype(np.int8)
         decoded = {}
         for k, shape in self.shapes.items():
             start = self.offsets[k] * 8
@@ -76,12 +80,34 @@ class VoteFold(Fold):
         pos = np.concatenate([pack_bits(decoded[k] > 0) for k in self.shapes])
         neg = np.concatenate([pack_bits(decoded[k] < 0) for k in self.shapes])
         n = sum(self.sizes.values())
+        pivotal = self._pivotal(sums)
         for device in sorted(self.kept):
-            b = self.kept[device]
+            b, q = self.kept[device], self.q[device]
             same = int(np.bitwise_count(b & pos).sum()) + int(np.bitwise_count(~b & neg).sum())
-            self.strategy.votes.record(device, same, n)
+            self.strategy.votes.record(device, same + self._loo_change(sums, pivotal, b, q), n)
         stats = self.stats.mean() if self.stat_names else {}
         return self.strategy.step(self.weights, decoded, stats)
+
+    def _pivotal(self, sums: np.ndarray) -> np.ndarray:
+        """Coordinates where one device could change the vote (|sum| <= the largest
+        |q|), sorted by |sum|: only there does the leave-one-out vote differ."""
+        valid = np.zeros(sums.size, bool)
+        for k in self.shapes:
+            start = self.offsets[k] * 8
+            valid[start:start + self.sizes[k]] = True
+        top = max((abs(q) for q in self.q.values()), default=0)
+        idx = np.flatnonzero(valid & (np.abs(sums) <= top))
+        return idx[np.argsort(np.abs(sums[idx]), kind="stable")]
+
+    @staticmethod
+    def _loo_change(sums: np.ndarray, pivotal: np.ndarray, bits: np.ndarray, q: int) -> int:
+        """Agreements with the others' vote minus agreements with the full vote."""
+        sel = pivotal[:np.searchsorted(np.abs(sums[pivotal]), abs(q), side="right")]
+        if not sel.size:
+            return 0
+        s = ((bits[sel >> 3] >> (sel & 7).astype(np.uint8)) & 1).astype(np.int64) * 2 - 1
+        full, others = np.sign(sums[sel]), np.sign(sums[sel] - q * s)
+        return int((s == others).sum()) - int((s == full).sum())
 
 
 __all__ = ["VoteFold"]

@@ -2,8 +2,9 @@
 
 Signs are int8 arrays in {-1, +1}. The federated-voting weights are
 w_m = ln((1 - p_m) / p_m), clipped to +-10, where p_m estimates how often device
-m's sign disagrees with the decoded one (Park, Poor, Lee, arXiv 2403.16372),
-tracked with discounted counters per device or per device and coordinate.
+m's sign disagrees with the vote of the other devices (Park, Poor, Lee, arXiv
+2403.16372, with the vote taken leave-one-out, see ``others_vote``), tracked with
+discounted counters per device or per device and coordinate.
 """
 from __future__ import annotations
 
@@ -18,15 +19,34 @@ WEIGHT_CLIP = 10.0
 WEIGHT_STEPS = 256
 
 
-def weighted_vote(signs: list[Signs], weights: list[float | Signs]) -> Signs:
-    """sign(sum_m w_m * s_m) per coordinate; a tie decodes to 0 (no step)."""
+def vote_sums(signs: list[Signs], weights: list[float | Signs]) -> dict[str, np.ndarray]:
+    """sum_m w_m * s_m per coordinate (float64)."""
     out = {}
     for name in signs[0]:
         acc = np.zeros(signs[0][name].shape, np.float64)
         for s, w in zip(signs, weights):
-            acc += s[name] * (w[name] if isinstance(w, dict) else w)
-        out[name] = np.sign(acc).astype(np.int8)
+            acc += s[name] * _at(w, name)
+        out[name] = acc
     return out
+
+
+def weighted_vote(signs: list[Signs], weights: list[float | Signs]) -> Signs:
+    """sign(sum_m w_m * s_m) per coordinate; a tie decodes to 0 (no step)."""
+    return {k: np.sign(v).astype(np.int8) for k, v in vote_sums(signs, weights).items()}
+
+
+def others_vote(sums: dict[str, np.ndarray], signs: Signs, weight: float | Signs) -> Signs:
+    """The vote without one device (leave-one-out): sign(sums - w_m * s_m).
+
+    A device's reliability is measured against the others' vote, not one it took
+    part in: with a noisy majority, each noisy voter agrees with the full vote
+    partly because it cast it, and the estimates would not separate them.
+    """
+    return {k: np.sign(sums[k] - signs[k] * _at(weight, k)).astype(np.int8) for k in sums}
+
+
+def _at(w: float | Signs, name: str):
+    return w[name] if isinstance(w, dict) else w
 
 
 def majority_vote(signs: list[Signs]) -> Signs:
