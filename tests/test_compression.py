@@ -124,3 +124,23 @@ def test_simulate_bad_arguments(tmp_path):
     code, _, err = run_fedge("simulate", "--strategy", "signsgd", "--batch-sizes", "4,x",
                              "--json", str(tmp_path / "x"))
     assert_one_line_error(code, err, 2, "--batch-sizes")
+
+
+def test_federated_voting_measures_each_device_against_the_others_vote():
+    # 7 devices vote at random, 3 follow the truth: measured against the full vote
+    # the random ones look as reliable as the good ones (they cast most of it);
+    # against the others' vote they agree only by chance and lose their weight.
+    from broker_server.strategies.voting import others_vote, vote_sums
+
+    rng = np.random.default_rng(0)
+    truth = np.where(rng.random(20000) < 0.5, 1, -1).astype(np.int8)
+    signs = [{"w": np.where(rng.random(truth.size) < 0.5, 1, -1).astype(np.int8)}
+             for _ in range(7)]
+    signs += [{"w": np.where(rng.random(truth.size) < 0.8, truth, -truth).astype(np.int8)}
+              for _ in range(3)]
+    sums = vote_sums(signs, [1.0] * 10)
+    v = VotingWeights(gamma=1.0)
+    for k, s in enumerate(signs):
+        v.update(f"d{k}", s, others_vote(sums, s, 1.0))
+    noisy, good = [v.weight(f"d{k}") for k in range(7)], [v.weight(f"d{k}") for k in (7, 8, 9)]
+    assert max(noisy) < 0.05 and min(good) > 0.1

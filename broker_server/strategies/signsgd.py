@@ -65,8 +65,9 @@ class SignSGD(Strategy):
                    for u in updates]
         sums = vote_sums(signs, weights)
         decoded = {k: np.sign(v).astype(np.int8) for k, v in sums.items()}
-        for u, s, w in zip(updates, signs, weights):
-            self.votes.update(u.device, s, others_vote(sums, s, w))
+        if self.opts.decoder == "fv":  # a majority vote never reads the counters
+            for u, s, w in zip(updates, signs, weights):
+                self.votes.update(u.device, s, others_vote(sums, s, w))
         return self.step(global_weights, decoded, stats)
 
     def step(self, global_weights: Weights, decoded: dict[str, np.ndarray],

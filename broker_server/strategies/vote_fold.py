@@ -76,17 +76,21 @@ class VoteFold(Fold):
         for k, shape in self.shapes.items():
             start = self.offsets[k] * 8
             decoded[k] = vote[start:start + self.sizes[k]].reshape(shape)
+        if self.strategy.opts.decoder == "fv":  # a majority vote never reads the counters
+            self._record_agreement(sums, decoded)
+        stats = self.stats.mean() if self.stat_names else {}
+        return self.strategy.step(self.weights, decoded, stats)
+
+    def _record_agreement(self, sums: np.ndarray, decoded: Weights) -> None:
         # Packed again per tensor, so that padding bits are zero in both.
         pos = np.concatenate([pack_bits(decoded[k] > 0) for k in self.shapes])
         neg = np.concatenate([pack_bits(decoded[k] < 0) for k in self.shapes])
         n = sum(self.sizes.values())
-        pivotal = self._pivotal(sums)
+        change = self._loo_changes(sums)
         for device in sorted(self.kept):
-            b, q = self.kept[device], self.q[device]
+            b = self.kept[device]
             same = int(np.bitwise_count(b & pos).sum()) + int(np.bitwise_count(~b & neg).sum())
-            self.strategy.votes.record(device, same + self._loo_change(sums, pivotal, b, q), n)
-        stats = self.stats.mean() if self.stat_names else {}
-        return self.strategy.step(self.weights, decoded, stats)
+            self.strategy.votes.record(device, same + change[device], n)
 
     def _pivotal(self, sums: np.ndarray) -> np.ndarray:
         """Coordinates where one device could change the vote (|sum| <= the largest
@@ -99,15 +103,29 @@ class VoteFold(Fold):
         idx = np.flatnonzero(valid & (np.abs(sums) <= top))
         return idx[np.argsort(np.abs(sums[idx]), kind="stable")]
 
-    @staticmethod
-    def _loo_change(sums: np.ndarray, pivotal: np.ndarray, bits: np.ndarray, q: int) -> int:
-        """Agreements with the others' vote minus agreements with the full vote."""
-        sel = pivotal[:np.searchsorted(np.abs(sums[pivotal]), abs(q), side="right")]
-        if not sel.size:
-            return 0
-        s = ((bits[sel >> 3] >> (sel & 7).astype(np.uint8)) & 1).astype(np.int64) * 2 - 1
-        full, others = np.sign(sums[sel]), np.sign(sums[sel] - q * s)
-        return int((s == others).sum()) - int((s == full).sum())
+    def _loo_changes(self, sums: np.ndarray) -> dict[str, int]:
+        """Per device: agreements with the others' vote minus those with the full vote.
+
+        They differ only where one device's |q| can change the sign (|sum| <= |q|),
+        so only those coordinates are read; devices of equal |q| are done together."""
+        pivotal = self._pivotal(sums)
+        at = np.abs(sums[pivotal])
+        out: dict[str, int] = {}
+        by_weight: dict[int, list[str]] = {}
+        for d, q in self.q.items():
+            by_weight.setdefault(abs(q), []).append(d)
+        for w, devices in by_weight.items():
+            sel = pivotal[:np.searchsorted(at, w, side="right")]
+            if not sel.size:
+                out.update(dict.fromkeys(devices, 0))
+                continue
+            rows = np.stack([self.kept[d][sel >> 3] for d in devices])
+            s = ((rows >> (sel & 7).astype(np.uint8)) & 1).astype(np.int64) * 2 - 1
+            q = np.array([self.q[d] for d in devices], np.int64)[:, None]
+            full, others = np.sign(sums[sel]), np.sign(sums[sel] - q * s)
+            diff = (s == others).sum(axis=1) - (s == full).sum(axis=1)
+            out.update({d: int(x) for d, x in zip(devices, diff)})
+        return out
 
 
 __all__ = ["VoteFold"]
