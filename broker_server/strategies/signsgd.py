@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device_runtime.codecs.base import is_statistic
-
 from broker_server.strategies.aggregate import weighted_average
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update, Weights
 from broker_server.strategies.voting import VotingWeights, others_vote, vote_sums
+from device_runtime.codecs.base import is_statistic
 
 
 @dataclass(frozen=True)

@@ -22,18 +22,16 @@ from broker_server.strategies.base import Weights
 from broker_server.strategies.bitsum import BitSum
 from broker_server.strategies.folds import Fold
 from broker_server.strategies.voting import WEIGHT_STEPS
-from device_runtime.codecs.bits import check_bits, pack_bits, packed_size
 from device_runtime.codecs.base import is_statistic
-from device_runtime.codecs.fp16 import read_scale
-from device_runtime.codecs.sign import statistic_of
-from device_runtime.errors import WireError
+from device_runtime.codecs.bits import pack_bits, packed_size
+from device_runtime.codecs.sign import check_payload
 
 
 class VoteFold(Fold):
     def __init__(self, strategy, round_: int, global_weights: Weights):
         self.strategy, self.weights = strategy, global_weights
-        self.shapes = {k: tuple(v.shape) for k, v in global_weights.items()
-                       if not is_statistic(k)}
+        self.all_shapes = {k: tuple(v.shape) for k, v in global_weights.items()}
+        self.shapes = {k: s for k, s in self.all_shapes.items() if not is_statistic(k)}
         self.stat_names = [k for k in global_weights if is_statistic(k)]
         self.stats = PartialSum()
         self.sizes = {k: math.prod(s) for k, s in self.shapes.items()}
@@ -46,21 +44,7 @@ class VoteFold(Fold):
         self.q: dict[str, int] = {}
 
     def add(self, device: str, samples: int, tensors: Weights, params: dict) -> None:
-        if set(tensors) != set(self.shapes) | set(self.stat_names):
-            raise WireError(f"sign tensors: expected names "
-                            f"{sorted(set(self.shapes) | set(self.stat_names))}, got "
-                            f"{sorted(tensors)}")
-        stats = {k: statistic_of(k, tensors[k]) for k in self.stat_names}
-        for k, shape in self.shapes.items():
-            p = params.get(k, {})
-            if not isinstance(p, dict):
-                raise WireError(f"tensor {k!r}.params: expected an object, got "
-                                f"{type(p).__name__}")
-            read_scale(p, k)
-            if p.get("shape") != list(shape):
-                raise WireError(f"tensor {k!r}.params.shape: expected {list(shape)}, got "
-                                f"{str(p.get('shape'))[:60]}")
-            check_bits(tensors[k], self.sizes[k], k)
+        stats = check_payload(tensors, params, self.all_shapes)
         vec = np.concatenate([tensors[k] for k in self.shapes])
         w = self.strategy.votes.weight(device) if self.weighted else 1.0
         q = int(round(w * WEIGHT_STEPS))

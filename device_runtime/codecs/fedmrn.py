@@ -41,16 +41,12 @@ def noise(name: str, shape: tuple[int, ...], seed: int, scale: float = NOISE_SCA
     return n
 
 
-def _groups(shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
+def layout(shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
+    """(masked, dense, stats) tensor names, in the order their values travel."""
     mask = [k for k, s in shapes.items() if masked(tuple(s))]
     stats = [k for k, s in shapes.items() if not masked(tuple(s)) and is_statistic(k)]
     dense = [k for k, s in shapes.items() if not masked(tuple(s)) and not is_statistic(k)]
     return mask, dense, stats
-
-
-def layout(shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
-    """(masked, dense, stats) tensor names, in the order their values travel."""
-    return _groups(shapes)
 
 
 def split_flat(vec: np.ndarray, names: list[str], shapes: dict) -> Weights:
@@ -78,7 +74,7 @@ class FedMRNCodec(Codec):
 
     def encode(self, weights: Weights, ctx: CodecContext) -> tuple[Weights, dict[str, dict]]:
         ref = self._reference(ctx)
-        mask, dense, stats = _groups({k: v.shape for k, v in weights.items()})
+        mask, dense, stats = layout({k: v.shape for k, v in weights.items()})
         bits = []
         for k in mask:
             n = noise(k, weights[k].shape, ctx.seed, self.scale)
@@ -97,7 +93,7 @@ class FedMRNCodec(Codec):
     def decode(self, tensors: Weights, params: dict[str, dict], ctx: CodecContext) -> Weights:
         ref = self._reference(ctx)
         shapes = {k: v.shape for k, v in ref.items()}
-        mask, dense, stats = _groups(shapes)
+        mask, dense, stats = layout(shapes)
         self.check(tensors, params, ctx, shapes)
         bits = unpack_bits(tensors["mask"], _size(shapes, mask), "mask")
         out, at = {}, 0
@@ -115,7 +111,7 @@ class FedMRNCodec(Codec):
               shapes: dict[str, tuple[int, ...]]) -> None:
         """WireError unless the payload is one this codec sent for ``ctx``: the mask's
         params, its padding bits, finite dense values (shapes: the wire decoder's)."""
-        mask, _, _ = _groups(shapes)
+        mask, _, _ = layout(shapes)
         p = params.get("mask") or {}
         if p.get("seed") != ctx.seed or p.get("scale") != self.scale or \
                 p.get("signed", False) != self.signed:
@@ -127,7 +123,7 @@ class FedMRNCodec(Codec):
                 raise WireError(f"fedmrn: tensor {name!r}: values must be finite")
 
     def wire_spec(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorSpec]:
-        mask, dense, stats = _groups(shapes)
+        mask, dense, stats = layout(shapes)
         return {"mask": TensorSpec("uint8", (packed_size(_size(shapes, mask)),)),
                 "dense": TensorSpec("float32", (_size(shapes, dense),)),
                 "stats": TensorSpec("float16", (_size(shapes, stats),))}

@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from device_runtime.codecs.base import CodecContext, Weights, is_statistic
-from device_runtime.codecs.bits import pack_bits, packed_size, unpack_bits
+from device_runtime.codecs.bits import check_bits, pack_bits, packed_size
 from device_runtime.codecs.fp16 import RelativeCodec, read_scale
 from device_runtime.errors import WireError
 from device_runtime.wire import Limits, TensorSpec
@@ -82,10 +82,11 @@ def statistic_of(name: str, arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def signs_of(tensors: dict[str, np.ndarray], params: dict[str, dict],
-             shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """The update's signs per weight, int8 in {-1, +1} of the weight's shape (0 -> +1);
-    running statistics (float16 values, not signs) are checked and left out.
+def check_payload(tensors: dict[str, np.ndarray], params: dict[str, dict],
+                  shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Check a sign frame against the weights' shapes without unpacking a bit: names,
+    params, scales, shapes, padding bits and finite statistics. Returns the running
+    statistics as float32.
 
     ``tensors`` / ``params`` are a sign frame's; ``shapes`` the weights' (from the
     plan). Raises WireError on a missing or extra tensor, a shape that disagrees,
@@ -93,34 +94,49 @@ def signs_of(tensors: dict[str, np.ndarray], params: dict[str, dict],
     """
     if set(tensors) != set(shapes):
         raise WireError(f"sign tensors: expected names {sorted(shapes)}, got {sorted(tensors)}")
-    out = {}
+    stats = {}
     for name, arr in tensors.items():
         if is_statistic(name):
-            statistic_of(name, arr)
+            stats[name] = statistic_of(name, arr)
             continue
         p = params.get(name, {})
         if not isinstance(p, dict):
             raise WireError(f"tensor {name!r}.params: expected an object, got "
                             f"{type(p).__name__}")
         read_scale(p, name)  # a corrupt scale means a corrupt payload, even unused here
-        signs = _signs(name, np.asarray(arr), p)
-        if signs.shape != tuple(shapes[name]):
+        shape = _checked_shape(name, np.asarray(arr), p)
+        if shape != tuple(shapes[name]):
             raise WireError(f"tensor {name!r}.params.shape: expected {tuple(shapes[name])}, "
-                            f"got {signs.shape}")
-        out[name] = signs
-    return out
+                            f"got {shape}")
+    return stats
+
+
+def signs_of(tensors: dict[str, np.ndarray], params: dict[str, dict],
+             shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The update's signs per weight, int8 in {-1, +1} of the weight's shape (0 -> +1),
+    after ``check_payload``; running statistics (values, not signs) are left out."""
+    check_payload(tensors, params, shapes)
+    return {name: _signs(name, np.asarray(arr), params[name]) for name, arr in tensors.items()
+            if not is_statistic(name)}
 
 
 def _signs(name: str, arr: np.ndarray, params: dict) -> np.ndarray:
     """int8 +-1 of the shape in params, after checking the bits fit that shape exactly."""
+    shape = _checked_shape(name, arr, params)
+    bits = np.unpackbits(arr, count=math.prod(shape), bitorder="little")
+    return np.where(bits, np.int8(1), np.int8(-1)).reshape(shape)
+
+
+def _checked_shape(name: str, arr: np.ndarray, params: dict) -> tuple[int, ...]:
+    """The shape in params, once the packed bits are checked to fit it exactly."""
     shape = _read_shape(params, name)
     n = math.prod(shape)
     if arr.dtype != np.uint8 or arr.ndim != 1 or arr.size != packed_size(n):
         raise WireError(f"tensor {name!r}: expected uint8 of shape ({packed_size(n)},) for "
                         f"params.shape {list(shape)} ({n} bits), got {arr.dtype} of shape "
                         f"{arr.shape}")
-    bits = unpack_bits(arr, n, name)
-    return np.where(bits, np.int8(1), np.int8(-1)).reshape(shape)
+    check_bits(arr, n, name)
+    return shape
 
 
 def _read_shape(params: dict, name: str) -> tuple[int, ...]:
@@ -136,4 +152,4 @@ def _read_shape(params: dict, name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-__all__ = ["SignCodec", "signs_of", "statistic_of"]
+__all__ = ["SignCodec", "check_payload", "signs_of", "statistic_of"]
