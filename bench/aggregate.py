@@ -32,6 +32,7 @@ from device_runtime import codecs, wire  # noqa: E402
 from device_runtime.codecs import CodecContext  # noqa: E402
 
 CODECS = ("fp32", "fp16", "int8", "fedmrn", "sign-mv", "sign-fv")
+ONE_BIT = ("fedmrn", "sign-mv", "sign-fv")
 DISTINCT = 4  # distinct frames per run, reused cyclically (decoding cost is the same)
 ONE_BIT_DISTINCT = 32  # for sign votes
 
@@ -110,29 +111,46 @@ def run(sizes: list[int], counts: list[int], repeats: int, flower_max_gb: float,
             mb = n * total * 4 / 1e6
             if mb / 1e3 > max_gb:  # too long for every arm on this machine
                 continue
-            reps = repeats if mb <= 4000 else 1
-            row = {"params": total, "updates": n, "fp32_mb": round(mb, 1)}
+            arms = {c: (lambda c=c: fedge_seconds(c, ref, n)) for c in CODECS}
             if mb / 1e3 <= flower_max_gb:
-                row["flower_fp32"] = round(mb / statistics.median(
-                    flower_seconds(ref, n) for _ in range(reps)), 1)
-            for c in CODECS:
-                row[c] = round(mb / statistics.median(
-                    fedge_seconds(c, ref, n) for _ in range(reps)), 1)
+                arms = {"flower_fp32": lambda: flower_seconds(ref, n), **arms}
+            row = {"params": total, "updates": n, "fp32_mb": round(mb, 1)}
+            for name, seconds in _interleaved(arms, repeats if mb <= 4000 else 1,
+                                              warm=mb <= 1000).items():
+                row[name] = round(mb / seconds, 1)
+            if "flower_fp32" in row:
+                row["x_flower"] = {c: round(row[c] / row["flower_fp32"], 2) for c in ONE_BIT}
             print(row, flush=True)
             rows.append(row)
     return rows
 
 
+def _interleaved(arms: dict, repeats: int, warm: bool) -> dict[str, float]:
+    """Median seconds per arm, the arms taking turns in every repeat (and once untimed
+    first), so that allocator and cache state favour none of them."""
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for rep in range(repeats + (1 if warm else 0)):
+        for name, f in arms.items():
+            t = f()
+            if rep or not warm:
+                times[name].append(t)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def to_markdown(res: dict) -> str:
-    head = "| params | updates | Flower fp32 | " + " | ".join(f"fedge {c}" for c in CODECS) + " |"
+    head = ("| params | updates | Flower fp32 | " + " | ".join(f"fedge {c}" for c in CODECS)
+            + " | " + " | ".join(f"{c} / Flower" for c in ONE_BIT) + " |")
     lines = ["# Aggregation throughput (decode + FedAvg), MB/s of fp32-equivalent\n",
-             f"Machine: {res['machine']}; median of {res['repeats']} runs (1 above 4 GB). "
+             f"Machine: {res['machine']}; median of {res['repeats']} runs (1 above 4 GB), "
+             "the arms taking turns in each repeat after one untimed run. "
              f"Command: `{res['command']}`. Flower is skipped where its all-in-memory "
              "aggregation would exceed the memory cap.\n", head,
-             "|" + "---|" * (3 + len(CODECS))]
+             "|" + "---|" * (3 + len(CODECS) + len(ONE_BIT))]
     for r in res["rows"]:
         cells = [f"{r['params']:,}", str(r["updates"]), str(r.get("flower_fp32", "skipped"))]
         cells += [str(r[c]) for c in CODECS]
+        ratios = r.get("x_flower", {})
+        cells += [f"{ratios[c]:.2f}x" if c in ratios else "" for c in ONE_BIT]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -62,12 +62,14 @@ def load_json(raw: memoryview) -> object:
 
 def _nesting(value: object) -> int:
     """How deep lists and objects nest, counted without recursion."""
+    if not isinstance(value, (list, dict)):
+        return 0
     deepest, stack = 0, [(value, 1)]
     while stack:
         v, depth = stack.pop()
-        if isinstance(v, (list, dict)):
-            deepest = max(deepest, depth)
-            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+        deepest = max(deepest, depth)
+        stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v)
+                     if isinstance(c, (list, dict)))  # only containers nest
     return deepest
 
 

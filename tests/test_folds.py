@@ -136,7 +136,7 @@ def test_vote_fold_rejects_a_bad_shape_param():
     p = dict(p, **{"fc.weight": dict(p["fc.weight"], shape=[13, 10])})
     with pytest.raises(WireError, match="fc.weight"):
         fold.add("a", 1, t, p)
-    assert not fold.kept and fold.bits.total_weight == 0
+    assert not fold.q and fold.bits.total_weight == 0
 
 
 def test_fedavg_uses_the_bit_fold_for_fedmrn_and_float_sums_otherwise():
@@ -170,3 +170,33 @@ def test_sign_codec_sends_running_statistics_as_float16_and_the_vote_averages_th
         fold.add("bad", 10, t, p)
     with pytest.raises(WireError, match="finite"):
         codec.decode(t, p, CodecContext(1, 0, ref))
+
+
+def test_vote_fold_estimates_agreement_from_a_sample_of_coordinates():
+    # A large model: p_m is measured on agreement_sample coordinates, and lands
+    # within a few standard errors of the exact leave-one-out fraction.
+    rng = np.random.default_rng(5)
+    ref = {"w": np.zeros((300, 1000), np.float32)}
+    truth = rng.normal(size=ref["w"].shape)
+    codec = codecs.get("sign")
+    exact = SignSGD(options=SignSGDOptions("fv", agreement_sample=10**6, warmup_rounds=9))
+    sampled = SignSGD(options=SignSGDOptions("fv", agreement_sample=20000, warmup_rounds=9))
+    folds = [VoteFold(s, 1, ref) for s in (exact, sampled)]
+    assert folds[1].where.size == 20000 and folds[0].where.size == truth.size
+    for k in range(5):  # device k flips a growing share of the true signs
+        flip = rng.random(truth.shape) < 0.1 * k
+        t, p = codec.encode({"w": np.where(flip, -truth, truth).astype(np.float32)},
+                            CodecContext(1, 0, ref, f"d{k}"))
+        for f in folds:
+            f.add(f"d{k}", 10, t, p)
+    for f in folds:
+        f.result()
+    for k in range(5):
+        a, b = exact.votes.agree[f"d{k}"], sampled.votes.agree[f"d{k}"]
+        assert abs(a - b) < 4 * np.sqrt(a * (1 - a) / 20000) + 1e-9
+    assert exact.votes.agree["d0"] > exact.votes.agree["d4"] + 0.15
+
+
+def test_signsgd_rejects_a_nonpositive_agreement_sample():
+    with pytest.raises(ValueError, match="agreement_sample"):
+        SignSGD(options=SignSGDOptions("fv", agreement_sample=0))

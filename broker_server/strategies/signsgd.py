@@ -22,6 +22,7 @@ class SignSGDOptions:
     server_lr: float = 1e-3
     warmup_rounds: int = 5  # plain majority vote while the FV counters fill
     gamma: float = 0.99
+    agreement_sample: int = 8192  # coordinates per round on which p_m is measured
     local_steps: int = 1
     batch_by_device: dict = field(default_factory=dict)  # explicit sizes win
     batch_by_profile: dict = field(default_factory=dict)
@@ -35,6 +36,9 @@ class SignSGD(Strategy):
         self.opts = options or SignSGDOptions()
         if self.opts.decoder not in ("mv", "fv"):
             raise ValueError(f"decoder: expected mv or fv, got {self.opts.decoder!r}")
+        if self.opts.agreement_sample < 1:
+            raise ValueError("agreement_sample: expected >= 1 coordinates, got "
+                             f"{self.opts.agreement_sample}")
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.votes = VotingWeights(self.opts.per_coordinate, self.opts.gamma)
 
@@ -73,7 +77,8 @@ class SignSGD(Strategy):
              stats: Weights) -> Weights:
         """One signed step of server_lr along the decoded vote; running statistics are
         the devices' mean (they are measured, not trained)."""
-        out = {k: (w + self.opts.server_lr * decoded[k]).astype(np.float32)
+        lr = np.float32(self.opts.server_lr)  # float32 throughout: no float64 temporaries
+        out = {k: np.multiply(decoded[k], lr, dtype=np.float32) + w
                for k, w in global_weights.items() if k in decoded}
         out.update({k: v.astype(np.float32) for k, v in stats.items()})
         return {k: out[k] for k in global_weights}

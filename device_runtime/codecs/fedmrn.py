@@ -36,7 +36,10 @@ def noise(name: str, shape: tuple[int, ...], seed: int, scale: float = NOISE_SCA
           ) -> np.ndarray:
     """The same float32 noise on both ends: seeded by (seed, tensor name)."""
     rng = np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(name.encode())])
-    n = (rng.uniform(-1.0, 1.0, size=shape) * scale).astype(np.float32)
+    n = rng.random(size=shape, dtype=np.float32)  # float32 draws: half the cost of float64
+    n *= 2
+    n -= 1
+    n *= np.float32(scale)  # uniform on [-scale, scale)
     n[n == 0] = 1e-8  # a zero would make the mask meaningless there
     return n
 
