@@ -44,6 +44,8 @@ def arms(devices: int, rounds: int, sign_rounds: int, wide_rounds: int, fedmrn_c
             "mv", server_lr=0.005, batch_by_device=mixed)),
         "signsgd-fv": replace(base, **sign, strategy_options=SignSGDOptions(
             "fv", server_lr=0.005, batch_by_device=mixed)),
+        "signsgd-fv-coord": replace(base, **sign, strategy_options=SignSGDOptions(
+            "fv", per_coordinate=True, server_lr=0.005, batch_by_device=mixed)),
         "fedavg-fp32-wide": wide,
         "fedavg-fedmrn-wide": replace(wide, codec=fedmrn_codec),
     }

@@ -61,6 +61,7 @@ class RoundState:
     model_sha: dict[str, str] = field(default_factory=dict)
     model_bytes: dict[str, int] = field(default_factory=dict)
     frames: dict[str, bytes] = field(default_factory=dict)
+    shapes: dict[str, dict] = field(default_factory=dict)  # variant -> {name: shape}
 
 
 class Aggregator:
@@ -87,6 +88,7 @@ class Aggregator:
         self.duplicates = 0
         self.events: queue.Queue = queue.Queue()
         self.round: RoundState | None = None
+        self.last_models: dict[str, int] = {}  # variant -> bytes, of the last closed round
 
     # --- transport side: enqueue only ------------------------------------------
     def _enqueue(self, topic: str, payload: bytes) -> None:
@@ -158,12 +160,15 @@ class Aggregator:
 
     def _publish_models(self, rs: RoundState) -> None:
         for variant, w in self.strategy.variants(self.weights).items():
-            frame = wire.encode(wire.Frame("model", self.opts.job, rs.number, "server",
-                                           "fp32", w))
-            rs.model_sha[variant] = hashlib.sha256(frame).hexdigest()
-            rs.frames[variant] = frame
-            rs.model_bytes[variant] = self.t.publish(self.topics.model(rs.number, variant),
-                                                     frame, retain=True)
+            self._publish_variant(rs, variant, w)
+
+    def _publish_variant(self, rs: RoundState, variant: str, w: dict) -> None:
+        frame = wire.encode(wire.Frame("model", self.opts.job, rs.number, "server", "fp32", w))
+        rs.model_sha[variant] = hashlib.sha256(frame).hexdigest()
+        rs.frames[variant] = frame
+        rs.shapes[variant] = {k: tuple(v.shape) for k, v in w.items()}
+        rs.model_bytes[variant] = self.t.publish(self.topics.model(rs.number, variant),
+                                                 frame, retain=True)
 
     def _reload_accepted(self, rs: RoundState) -> None:
         """Updates accepted before a crash count again; none is lost."""
@@ -173,6 +178,9 @@ class Aggregator:
 
     def _assign(self, rs: RoundState, devices: list[DeviceInfo]) -> None:
         for device, a in self.strategy.assign(rs.number, devices).items():
+            if a.variant not in rs.model_sha:  # e.g. SplitMix: a set of bases, known now
+                self._publish_variant(rs, a.variant,
+                                      self.strategy.variant(self.weights, a.variant))
             task = messages.Task(rs.number, device, a.variant, rs.model_sha[a.variant],
                                  rs.deadline, a.epochs, a.batch_size, a.lr,
                                  self._task_seed(rs.number), self.opts.codec,
@@ -254,7 +262,8 @@ class Aggregator:
             return
         expect = wire.Expect(kind="update", job=self.opts.job, round=r,
                              devices=frozenset([device]), codec=self.opts.codec,
-                             tensors=self.codec.wire_spec(self.shapes))
+                             tensors=self.codec.wire_spec(
+                                 rs.shapes[rs.assigned[device].variant]))
         frame = wire.decode(payload, expect)
         # Persisted only after the fold accepted it: a rejected payload leaves no trace.
         self._fold_in(rs, frame)
@@ -266,7 +275,12 @@ class Aggregator:
         samples = frame.meta.get("samples")
         if not isinstance(samples, int) or isinstance(samples, bool) or samples <= 0:
             raise WireError(f"meta.samples: expected a positive int, got {samples!r}")
-        rs.fold.add(frame.device, samples, frame.tensors, frame.params)
+        variant = frame.meta.get("variant", "full")
+        task = rs.assigned.get(frame.device)
+        want = task.variant if task is not None else variant  # reloaded: it was checked
+        if variant != want:
+            raise WireError(f"meta.variant: expected {want!r}, got {variant!r}")
+        rs.fold.add(frame.device, samples, frame.tensors, frame.params, variant=variant)
         rs.accepted[frame.device] = dict(frame.meta)
 
     def _close_round(self, rs: RoundState) -> None:
@@ -284,9 +298,10 @@ class Aggregator:
         self.state.history.append(record)
         self.state.extra = self.strategy.state()
         self.store.save_round(self.state, self.weights)
-        if rs.number > 1:
-            self.t.clear_retained(self.topics.model(rs.number - 1, "full"),
-                                  chunks=rs.model_bytes.get("full", 0) // self.t.max_payload + 2)
+        for variant, size in self.last_models.items():  # the round before's, now unused
+            self.t.clear_retained(self.topics.model(rs.number - 1, variant),
+                                  chunks=size // self.t.max_payload + 2)
+        self.last_models = dict(rs.model_bytes)
         self.round = None
         if self.on_round:
             self.on_round(record)

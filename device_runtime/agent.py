@@ -49,7 +49,7 @@ class DeviceAgent:
         self.sent: dict[int, bytes] = {}  # round -> update frame, republished on a resent task
         self.stopped = False
         self.rounds_done = 0
-        self._model = None
+        self._models: dict = {}  # variant -> torch model
         self.started = time.time()
         # Per round: bytes in and out and the work done, for reports and simulated time.
         self.history: list[dict] = []
@@ -150,15 +150,24 @@ class DeviceAgent:
         return None
 
     def _train(self, task: messages.Task, frame_bytes: bytes) -> bytes:
-        from device_runtime.training.local import LocalTrainOptions, load_weights, train_local
+        from device_runtime.training.local import (
+            LocalTrainOptions,
+            load_weights,
+            train_local,
+            weights_of,
+        )
+        from device_runtime.training.splitmix import SplitMixNet, train_bases
 
         if self.plan is None:
             raise messages.MessageError("task arrived before the plan")
-        shapes = {k: tuple(v) for k, v in self.plan.variants[task.variant]["tensors"].items()}
+        model = self._build(task.variant)
+        if task.variant in self.plan.variants:
+            shapes = {k: tuple(v) for k, v in self.plan.variants[task.variant]["tensors"].items()}
+        else:  # a variant the model config defines (SplitMix bases): the model says
+            shapes = {k: tuple(v.shape) for k, v in weights_of(model).items()}
         frame = wire.decode(frame_bytes, wire.Expect(
             kind="model", job=self.opts.job, round=task.round,
             tensors={k: wire.TensorSpec("float32", s) for k, s in shapes.items()}))
-        model = self._build()
         load_weights(model, frame.tensors)
         codec = codecs.get(task.codec)
         local = LocalTrainOptions(task.epochs, task.batch_size, task.lr, seed=task.seed,
@@ -168,6 +177,8 @@ class DeviceAgent:
 
             res = train_fedmrn(model, self.x, self.y, local, seed=task.seed,
                                mask_lr=codec.mask_lr, scale=codec.scale, signed=codec.signed)
+        elif isinstance(model, SplitMixNet):
+            res = train_bases(model, self.x, self.y, local)
         else:
             res = train_local(model, self.x, self.y, local)
         ctx = CodecContext(round=task.round, seed=task.seed, reference=frame.tensors,
@@ -176,17 +187,25 @@ class DeviceAgent:
         return wire.encode(wire.Frame(
             "update", self.opts.job, task.round, self.device, task.codec, tensors, params,
             {"samples": res.samples, "loss": round(res.loss, 6),
-             "train_seconds": round(res.seconds, 4)}))
+             "train_seconds": round(res.seconds, 4), "variant": task.variant}))
 
-    def _build(self):
-        if self._model is None:
+    def _build(self, variant: str = "full"):
+        """The model to train for ``variant``: the plan's model, or (SplitMix) the bases
+        the variant names. Built once per variant; a few are kept."""
+        if variant not in self._models:
             import torch
 
             from device_runtime.training.models import ModelConfig, build_model
+            from device_runtime.training.splitmix import parse_variant
 
             torch.set_num_threads(self.opts.threads)
-            self._model = build_model(ModelConfig.from_json(self.plan.model))
-        return self._model
+            cfg = ModelConfig.from_json(self.plan.model)
+            if variant != "full" and cfg.arch == "splitmix":
+                cfg = cfg.replace(kwargs={**cfg.kwargs, "indices": parse_variant(variant)})
+            if len(self._models) >= 8:
+                self._models.pop(next(iter(self._models)))
+            self._models[variant] = build_model(cfg)
+        return self._models[variant]
 
 
 def _samples_seen(task: messages.Task, n: int) -> int:

@@ -119,6 +119,9 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     parts = dirichlet_split(ds.y_train[rest], opts.devices, opts.alpha, opts.seed)
     cfg = zoo.make_config(opts.model, ds.sample_shape, ds.num_classes, opts.width,
                           float(np.mean(ds.x_train[pub])), float(np.std(ds.x_train[pub])))
+    strategy_options = opts.strategy_options
+    if opts.strategy == "splitmix":
+        cfg, strategy_options = _splitmix(opts, cfg, fleet)
     torch.manual_seed(opts.seed)
     model = zoo.build_model(cfg)
     ckpt = checkpoint.Checkpoint(cfg, model, dataset=datasets.spec_for(opts.dataset))
@@ -140,7 +143,7 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
         agg = Aggregator(agg_t, ServeOptions(job, Path(state), opts.strategy, opts.codec,
                                              opts.rounds, opts.devices, opts.round_timeout,
                                              opts.epochs, opts.batch_size, opts.lr, opts.seed,
-                                             strategy_options=opts.strategy_options),
+                                             strategy_options=strategy_options),
                          cfg.to_json(), weights_of(model),
                          evaluator(ckpt, ds.x_test, ds.y_test), on_round)
         report = agg.run()
@@ -150,21 +153,45 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
         t.close()
     load_weights(ckpt.model, agg.weights)
     ckpt.metrics = {"test_accuracy": report["final_accuracy"]}
-    _add_fleet_figures(report, opts, agents, fleet, macs)
+    per_device = {a.device: macs for a in agents}
+    if opts.strategy == "splitmix":  # a device trains n of the M bases
+        from toolkit.splitmix import width_accuracy
+
+        report["width_accuracy"] = width_accuracy(ckpt.model, ds.x_test, ds.y_test)
+        per_device = {a.device: macs * strategy_options.bases_of(a.device, p.name)
+                      // strategy_options.bases for a, p in zip(agents, fleet)}
+    _add_fleet_figures(report, opts, agents, fleet, per_device)
     return report, ckpt
 
 
-def _add_fleet_figures(report: dict, opts: SimOptions, agents, fleet, macs: int) -> None:
+def _splitmix(opts: SimOptions, cfg, fleet: list[DeviceProfile]):
+    """The ensemble's config, and budgets from the fleet's profiles unless given."""
+    import dataclasses
+
+    from broker_server.strategies.splitmix import SplitMixOptions
+    from toolkit.splitmix import budgets_from_profiles, splitmix_config
+
+    sm = opts.strategy_options or SplitMixOptions()
+    if not isinstance(sm, SplitMixOptions):
+        raise UsageError(f"strategy_options: expected SplitMixOptions, got {type(sm).__name__}")
+    if not sm.budgets and not sm.budget_by_profile:
+        sm = dataclasses.replace(sm, budget_by_profile=budgets_from_profiles(fleet, sm.atom))
+    return splitmix_config(cfg, sm.atom), sm
+
+
+def _add_fleet_figures(report: dict, opts: SimOptions, agents, fleet,
+                       macs: dict[str, int]) -> None:
+    """Per device: the MACs of the model it trains, its bytes; per round: simulated time."""
     profiles = {a.device: p for a, p in zip(agents, fleet)}
     histories = {a.device: a.history for a in agents}
-    times = simulated_round_times(histories, profiles, {d: macs for d in profiles})
+    times = simulated_round_times(histories, profiles, macs)
     elapsed = 0.0
     for rec in report["rounds"]:
         rec["simulated_seconds"] = round(times.get(rec["round"], 0.0), 4)
         elapsed += rec["simulated_seconds"]
         rec["simulated_elapsed"] = round(elapsed, 4)
     report["devices"] = [
-        {"id": a.device, "profile": p.name, "macs": macs, "samples": int(len(a.y)),
+        {"id": a.device, "profile": p.name, "macs": macs[a.device], "samples": int(len(a.y)),
          "uplink_bytes": sum(h["uplink_bytes"] for h in a.history),
          "downlink_bytes": sum(h["downlink_bytes"] for h in a.history),
          "rounds_trained": len(a.history)} for a, p in zip(agents, fleet)]

@@ -10,6 +10,7 @@ from typing import Callable
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update
 from broker_server.strategies.fedavg import FedAvg
 from broker_server.strategies.signsgd import SignSGD, SignSGDOptions
+from broker_server.strategies.splitmix import SplitMix, SplitMixOptions
 from device_runtime.registry import Registry
 
 StrategyFactory = Callable[..., Strategy]
@@ -26,6 +27,8 @@ def create(name: str, **options) -> Strategy:
 
 register("fedavg", FedAvg)
 register("signsgd", SignSGD)
+register("splitmix", SplitMix)
 
 __all__ = ["Assignment", "DeviceInfo", "Strategy", "Update", "register", "create",
-           "STRATEGIES", "SignSGDOptions"]
+           "STRATEGIES", "SignSGDOptions",
+           "SplitMixOptions"]

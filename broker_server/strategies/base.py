@@ -49,6 +49,12 @@ class Strategy(ABC):
         """Model frames to publish this round, by variant (default: one, "full")."""
         return {"full": global_weights}
 
+    def variant(self, global_weights: Weights, name: str) -> Weights:
+        """The weights of a variant that ``assign`` named but ``variants`` did not publish."""
+        if name == "full":
+            return global_weights
+        raise ValueError(f"variant: strategy {self.name} has no variant {name!r}")
+
     @abstractmethod
     def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
         """Which devices work this round, and on what."""

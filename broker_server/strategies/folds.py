@@ -30,8 +30,10 @@ from device_runtime.codecs.fedmrn import FedMRNCodec, layout, noise, split_flat
 
 class Fold(ABC):
     @abstractmethod
-    def add(self, device: str, samples: int, tensors: Weights, params: dict) -> None:
-        """Fold one device's update (wire tensors and params) in, or raise WireError."""
+    def add(self, device: str, samples: int, tensors: Weights, params: dict,
+            variant: str = "full") -> None:
+        """Fold one device's update (wire tensors and params, for the model ``variant``
+        it trained) in, or raise WireError."""
 
     @abstractmethod
     def result(self) -> Weights:
@@ -47,7 +49,8 @@ class DecodeAll(Fold):
         self.codec, self.ctx = codec, ctx
         self.updates: dict[str, Update] = {}
 
-    def add(self, device: str, samples: int, tensors: Weights, params: dict) -> None:
+    def add(self, device: str, samples: int, tensors: Weights, params: dict,
+            variant: str = "full") -> None:
         w = self.codec.decode(tensors, params, self.ctx)
         self.updates[device] = Update(device, self.round, w, samples, raw=(tensors, params))
 
@@ -62,7 +65,8 @@ class MeanFold(Fold):
     def __init__(self, codec: Codec, ctx: CodecContext):
         self.codec, self.ctx, self.sum = codec, ctx, PartialSum()
 
-    def add(self, device: str, samples: int, tensors: Weights, params: dict) -> None:
+    def add(self, device: str, samples: int, tensors: Weights, params: dict,
+            variant: str = "full") -> None:
         self.sum.add(self.codec.decode(tensors, params, self.ctx), float(samples))
 
     def result(self) -> Weights:
@@ -83,7 +87,8 @@ class FedMRNMean(Fold):
         self.bits = BitSum((self.n_bits + 7) // 8)
         self.rest = PartialSum()  # the full-precision vectors
 
-    def add(self, device: str, samples: int, tensors: Weights, params: dict) -> None:
+    def add(self, device: str, samples: int, tensors: Weights, params: dict,
+            variant: str = "full") -> None:
         self.codec.check(tensors, params, self.ctx, self.shapes)
         self.bits.add(tensors["mask"], int(samples))
         self.rest.add({"dense": tensors["dense"], "stats": tensors["stats"]}, float(samples))

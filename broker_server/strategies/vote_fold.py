@@ -59,7 +59,8 @@ class VoteFold(Fold):
         tensor = np.searchsorted(starts, flat, side="right") - 1
         return bases[tensor] + (flat - starts[tensor])
 
-    def add(self, device: str, samples: int, tensors: Weights, params: dict) -> None:
+    def add(self, device: str, samples: int, tensors: Weights, params: dict,
+            variant: str = "full") -> None:
         stats = check_payload(tensors, params, self.all_shapes)
         vec = np.concatenate([tensors[k] for k in self.shapes])
         w = self.strategy.votes.weight(device) if self.weighted else 1.0

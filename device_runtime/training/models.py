@@ -171,7 +171,12 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         return build_cnn(cfg)
     if cfg.arch == "custom":
         return _build_custom(cfg)
-    raise ModelBuildError(f"unknown model arch {cfg.arch!r}; valid: {', '.join(ARCHS)}, custom")
+    if cfg.arch == "splitmix":
+        from device_runtime.training.splitmix import build_splitmix
+
+        return build_splitmix(cfg)
+    raise ModelBuildError(f"unknown model arch {cfg.arch!r}; valid: {', '.join(ARCHS)}, "
+                          "custom, splitmix")
 
 
 def _build_custom(cfg: ModelConfig) -> nn.Module:

@@ -1,0 +1,197 @@
+"""SplitMix: M narrow base networks; each device trains as many as its budget affords.
+
+ALGORITHMS.md, section 1. A device with width budget R trains n = floor(R / r)
+bases (at least 1, at most M): the first from a global shuffled cyclic sampler
+(so every base is trained within any ceil(M / devices) rounds), the others drawn at
+random without repeats. It uploads only those bases, through any codec; the
+server averages each base over the devices that trained it, weighted by samples,
+and a base nobody trained keeps its weights. The maths is ``average_bases``.
+
+Budgets come from ``SplitMixOptions.budgets`` (per device), else
+``budget_by_profile``, else ``default_budget``; ``budgets_from_profiles`` derives
+them from compute and memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from broker_server.strategies.aggregate import PartialSum
+from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update, Weights
+from broker_server.strategies.folds import Fold
+from device_runtime.codecs import CodecContext
+from device_runtime.training.splitmix import parse_variant, variant_name
+
+
+@dataclass(frozen=True)
+class SplitMixOptions:
+    atom: float = 0.125  # base width r: M = 1 / r bases
+    budgets: dict = field(default_factory=dict)  # device id -> width budget in (0, 1]
+    budget_by_profile: dict = field(default_factory=dict)
+    default_budget: float = 1.0
+
+    @property
+    def bases(self) -> int:
+        return int(round(1 / self.atom))
+
+    def budget_of(self, device: str, profile: str) -> float:
+        return float(self.budgets.get(device) or self.budget_by_profile.get(profile)
+                     or self.default_budget)
+
+    def bases_of(self, device: str, profile: str) -> int:
+        return bases_for(self.budget_of(device, profile), self.atom)
+
+    def check(self) -> None:
+        m = 1 / self.atom if self.atom > 0 else 0
+        if not 0 < self.atom <= 1 or abs(m - round(m)) > 1e-6:
+            raise ValueError(f"atom: expected 1/M for a whole number M (e.g. 0.125), "
+                             f"got {self.atom}")
+        for where, table in (("budgets", self.budgets),
+                             ("budget_by_profile", self.budget_by_profile),
+                             ("default_budget", {"": self.default_budget})):
+            for key, b in table.items():
+                if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0 < b <= 1:
+                    name = f"{where}[{key!r}]" if key else where
+                    raise ValueError(f"{name}: expected a width budget in (0, 1], got {b!r}")
+
+
+def bases_for(budget: float, atom: float) -> int:
+    """n = floor(budget / atom), at least 1 and at most 1 / atom."""
+    m = int(round(1 / atom))
+    return max(1, min(m, math.floor(budget / atom + 1e-9)))
+
+
+class CyclicSampler:
+    """The bases in one shuffled order, handed out cyclically.
+
+    The paper reshuffles once all bases are handed out; then a window that straddles
+    two cycles can miss a base. One fixed order means any M consecutive picks hold
+    every base, so n devices a round train all M within ceil(M / n) rounds; the
+    device order is shuffled each round instead (``SplitMix.assign``), so no device
+    is tied to a base.
+    """
+
+    def __init__(self, m: int, seed: int = 0):
+        self.m, self.seed, self.pos = m, seed, 0
+        self.order = np.random.default_rng([seed, m]).permutation(m)
+
+    def next(self) -> int:
+        i = int(self.order[self.pos % self.m])
+        self.pos += 1
+        return i
+
+    def state(self) -> dict:
+        return {"pos": self.pos}
+
+    def load(self, d: dict) -> None:
+        self.pos = int(d.get("pos", 0))
+
+
+def choose_bases(first: int, n: int, m: int, rng: np.random.Generator) -> list[int]:
+    """``first`` plus n - 1 other bases drawn without repeats."""
+    others = [i for i in range(m) if i != first]
+    return sorted([first, *rng.choice(others, size=n - 1, replace=False).tolist()])
+
+
+def base_of(name: str) -> int | None:
+    """``bases.3.stages.0.1.weight`` -> 3."""
+    parts = name.split(".", 2)
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "bases" and parts[1].isdigit() \
+        else None
+
+
+def subset(weights: Weights, indices: list[int]) -> Weights:
+    keep = set(indices)
+    return {k: v for k, v in weights.items() if base_of(k) in keep}
+
+
+def average_bases(global_weights: Weights, updates: list[tuple[Weights, float]]) -> Weights:
+    """Each tensor: the sample-weighted mean over the updates that hold it; a tensor
+    no update holds (a base nobody trained) keeps its global value."""
+    sums = PartialSumByTensor()
+    for w, n in updates:
+        sums.add(w, n)
+    return sums.result(global_weights)
+
+
+class PartialSumByTensor:
+    """Sample-weighted sums kept per tensor, since each update holds only some bases."""
+
+    def __init__(self):
+        self.parts: dict[str, PartialSum] = {}
+
+    def add(self, w: Weights, n: float) -> None:
+        for k, v in w.items():
+            self.parts.setdefault(k, PartialSum()).add({k: v}, n)
+
+    def result(self, global_weights: Weights) -> Weights:
+        out = dict(global_weights)
+        for k, part in self.parts.items():
+            out[k] = part.mean()[k]
+        return out
+
+
+class SplitMix(Strategy):
+    name = "splitmix"
+
+    def __init__(self, epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
+                 options: SplitMixOptions | None = None, seed: int = 0):
+        self.opts = options or SplitMixOptions()
+        self.opts.check()
+        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+        self.m, self.seed = self.opts.bases, seed
+        self.sampler = CyclicSampler(self.m, seed)
+
+
+    def variants(self, global_weights: Weights) -> dict[str, Weights]:
+        return {}  # published on demand, once the round's assignment names them
+
+    def variant(self, global_weights: Weights, name: str) -> Weights:
+        return subset(global_weights, parse_variant(name))
+
+    def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
+        out = {}
+        order = sorted(devices, key=lambda d: d.id)
+        np.random.default_rng([self.seed, round_]).shuffle(order)
+        for d in order:
+            n = self.opts.bases_of(d.id, d.profile)
+            rng = np.random.default_rng([self.seed, round_, *d.id.encode()])
+            bases = choose_bases(self.sampler.next(), n, self.m, rng)
+            out[d.id] = Assignment(variant_name(bases), self.epochs, self.batch_size, self.lr)
+        return out
+
+    def fold(self, round_: int, global_weights: Weights, codec, ctx):
+        return BaseMeanFold(self, global_weights, codec, ctx)
+
+    def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
+        return average_bases(global_weights, [(u.weights, float(u.samples)) for u in updates])
+
+    def state(self) -> dict:
+        return {"sampler": self.sampler.state()}
+
+    def load_state(self, state: dict) -> None:
+        self.sampler.load(state.get("sampler", {}))
+
+
+class BaseMeanFold(Fold):
+    """Decodes each update against its own bases, then sums it per tensor."""
+
+    def __init__(self, strategy: SplitMix, global_weights: Weights, codec, ctx: CodecContext):
+        self.strategy, self.weights, self.codec, self.ctx = strategy, global_weights, codec, ctx
+        self.sums = PartialSumByTensor()
+
+    def add(self, device: str, samples: int, tensors: Weights, params: dict,
+            variant: str = "full") -> None:
+        ref = self.strategy.variant(self.weights, variant)
+        ctx = CodecContext(self.ctx.round, self.ctx.seed, ref, device)
+        w = self.codec.decode(tensors, params, ctx)
+        self.sums.add(w, float(samples))
+
+    def result(self) -> Weights:
+        return self.sums.result(self.weights)
+
+
+__all__ = ["SplitMix", "SplitMixOptions", "CyclicSampler", "average_bases", "bases_for",
+           "choose_bases", "base_of", "subset"]
