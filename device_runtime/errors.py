@@ -50,6 +50,12 @@ class InputArrayError(DeviceRuntimeError):
     exit_code = EXIT_DATA
 
 
+class BudgetError(DeviceRuntimeError):
+    """An inference budget the loaded models cannot meet, or not a budget at all."""
+
+    exit_code = EXIT_USAGE
+
+
 class WireError(DeviceRuntimeError):
     """A frame or chunk is malformed, inconsistent, or not what the receiver expects."""
 

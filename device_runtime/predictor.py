@@ -1,9 +1,10 @@
 """On-device inference from a verified manifest, with ONNX Runtime only (no torch).
 
 A ``Predictor`` holds one ONNX Runtime session per loaded model and averages
-the logits of the active ones. Today that is one full model; SplitMix bases
-(artifacts with role "base" and an index) will load several and let
-``set_budget`` switch how many run, without reloading anything.
+the logits of the active ones: one full model, or SplitMix bases (artifacts
+with role "base" and an index), all loaded once, of which ``set_budget`` picks
+how many run (a number, a latency budget from each base's latency measured at
+load, or a memory budget from each base's artifact size) without reloading.
 
 Every artifact is checked against the manifest's sha256 before ONNX Runtime
 opens it, and every input array is checked (dtype, shape, finiteness) before
@@ -13,10 +14,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import time
+
 import numpy as np
 import onnxruntime as ort
 
-from device_runtime.errors import ArtifactVerificationError, InputArrayError, ManifestError
+from device_runtime.errors import (
+    ArtifactVerificationError,
+    BudgetError,
+    InputArrayError,
+    ManifestError,
+)
 from device_runtime.manifest import PRECISIONS, Artifact, DeviceEntry, Manifest, load_manifest
 from device_runtime.session import open_session, run
 
@@ -41,6 +49,8 @@ class Predictor:
         self.batch_size = batch_size
         self.sample_shape: tuple = tuple(self.artifact.inputs[0]["shape"][1:])
         self._active = len(sessions)
+        self.base_ms = [self._latency_ms(s) for s in sessions] if len(sessions) > 1 else []
+        self.base_mb = [manifest.path_of(a).stat().st_size / 1e6 for a in artifacts]
 
     @classmethod
     def from_manifest(cls, path: str | Path, device: str, precision: str = "fp32",
@@ -59,22 +69,61 @@ class Predictor:
                                 f"got {precision!r}")
         manifest = load_manifest(path)
         entry = manifest.device(device)
-        artifact = _pick_full(entry, precision)
-        session = _open_verified(manifest, artifact, threads)
-        return cls(manifest, entry, [artifact], [session], batch_size)
+        artifacts = _pick_bases(entry, precision) or [_pick_full(entry, precision)]
+        sessions = [_open_verified(manifest, a, threads) for a in artifacts]
+        return cls(manifest, entry, artifacts, sessions, batch_size)
 
     @property
     def active(self) -> int:
         """How many sessions ``predict_logits`` runs and averages."""
         return self._active
 
-    def set_budget(self, *, bases: int) -> None:
-        """Run the first ``bases`` loaded models from now on (nothing is reloaded)."""
+    def set_budget(self, *, bases: int | None = None, ms: float | None = None,
+                   mb: float | None = None) -> int:
+        """Run the first k loaded models from now on (nothing is reloaded); returns k.
+
+        Exactly one of: ``bases`` = k; ``ms``: the most bases whose latencies
+        (per sample, measured at load) add up to at most ``ms``; ``mb``: the most
+        whose artifacts add up to at most ``mb`` megabytes.
+        """
+        given = {k: v for k, v in (("bases", bases), ("ms", ms), ("mb", mb)) if v is not None}
+        if len(given) != 1:
+            raise BudgetError(f"budget: expected exactly one of bases, ms, mb, got "
+                              f"{', '.join(given) or 'none'}")
+        (kind, value), = given.items()
         n = len(self.sessions)
-        if isinstance(bases, bool) or not isinstance(bases, int) or not 1 <= bases <= n:
-            raise ManifestError(f"bases: expected an int in 1..{n} (device {self.entry.name} "
-                                f"has {n} loaded model{'s' if n > 1 else ''}), got {bases!r}")
-        self._active = bases
+        if kind == "bases":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= n:
+                raise BudgetError(f"bases: expected an int in 1..{n} (device "
+                                  f"{self.entry.name} holds {n} model{'s' if n > 1 else ''}), "
+                                  f"got {value!r}")
+            self._active = value
+            return value
+        costs = self.base_ms if kind == "ms" else self.base_mb
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not np.isfinite(value) or value <= 0:
+            raise BudgetError(f"{kind}: expected a positive number, got {value!r}")
+        if not costs:  # one model: nothing to choose
+            costs = [0.0]
+        k = int(np.searchsorted(np.cumsum(costs), value, side="right"))
+        if k == 0:
+            raise BudgetError(f"{kind}: {value:g} is below what the smallest model needs "
+                              f"({costs[0]:.3g} {kind})")
+        self._active = k
+        return k
+
+    @staticmethod
+    def _latency_ms(session: ort.InferenceSession, repeats: int = 15) -> float:
+        """Median milliseconds of one single-sample run on this device."""
+        inp = session.get_inputs()[0]
+        shape = [1] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
+        x = np.zeros(shape, np.float32)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            session.run(None, {inp.name: x})
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times[2:]) * 1e3)
 
     def predict_logits(self, x: np.ndarray) -> np.ndarray:
         """Float32 logits, shape (batch, classes): the mean over the active models."""
@@ -113,6 +162,17 @@ class Predictor:
             raise InputArrayError(f"input values: expected finite float32 values, got "
                                   f"{int(bad.sum())} NaN/inf (first at index {first})")
         return x
+
+
+def _pick_bases(entry: DeviceEntry, precision: str) -> list[Artifact]:
+    """SplitMix bases of ``precision``, by index (ONNX where listed, else ORT format)."""
+    by_index: dict[int, Artifact] = {}
+    for fmt in ("ort", "onnx"):  # ONNX last, so it wins
+        for a in entry.artifacts:
+            if a.role == "base" and a.precision == precision and a.format == fmt \
+                    and a.index is not None:
+                by_index[a.index] = a
+    return [by_index[i] for i in sorted(by_index)]
 
 
 def _pick_full(entry: DeviceEntry, precision: str) -> Artifact:

@@ -14,6 +14,7 @@ import pytest
 from device_runtime.errors import (
     EXIT_DATA,
     ArtifactVerificationError,
+    BudgetError,
     InputArrayError,
     ManifestError,
 )
@@ -131,7 +132,7 @@ def test_set_budget_bases(predictor, mnist1d):
     assert predictor.active == 1
     np.testing.assert_array_equal(predictor.predict_logits(mnist1d.x_test[:5]), before)
     for bad in (0, 2, True, 1.0):
-        with pytest.raises(ManifestError, match=r"bases: expected an int in 1\.\.1"):
+        with pytest.raises(BudgetError, match=r"bases: expected an int in 1\.\.1"):
             predictor.set_budget(bases=bad)
     assert predictor.active == 1
 

@@ -51,6 +51,22 @@ def _parts(v: Variant, example) -> list[Part]:
     return parts
 
 
+def _splitmix_variant(ckpt: Checkpoint, profile: DeviceProfile, plan, example
+                      ) -> tuple[Variant, list[Part]]:
+    """SplitMix: no pruning and no split; each base is its own artifact (role "base"),
+    so the device picks how many to run at inference."""
+    from toolkit.pruning import PruneRecord
+
+    plan.method, plan.prune_ratio, plan.split, plan.split_candidates = "splitmix", 0.0, None, []
+    plan.macs, plan.params = count_macs(ckpt.model, example)
+    parts = []
+    for i in ckpt.model.indices:
+        base = ckpt.model.bases[str(i)]
+        macs, params = count_macs(base, example)
+        parts.append(Part("base", base, macs, params, index=i))
+    return Variant(profile, plan, ckpt.model, PruneRecord()), parts
+
+
 def export_fleet(ckpt: Checkpoint, profiles: list[DeviceProfile], out: str | Path,
                  ds: datasets.Dataset | None = None, opts: ExportOptions = ExportOptions(),
                  progress: Callable[[str], None] | None = None,
@@ -83,13 +99,16 @@ def export_fleet(ckpt: Checkpoint, profiles: list[DeviceProfile], out: str | Pat
         for p in profiles:
             if progress:
                 progress(p.name)
-            v = prepare_variant(ckpt, p, plans[p.name], ft, (ds.x_train, ds.y_train),
-                                opts.plan.split_after)
+            if ckpt.config.arch == "splitmix":  # every device gets every base
+                v, parts = _splitmix_variant(ckpt, p, plans[p.name], example)
+            else:
+                v = prepare_variant(ckpt, p, plans[p.name], ft, (ds.x_train, ds.y_train),
+                                    opts.plan.split_after)
+                parts = _parts(v, example)
             if on_variant:
                 on_variant(v)
             meta = {"fedge.config": ckpt.config.to_json(), "fedge.prune": v.record.to_json()}
-            req = VariantRequest(p.name, _parts(v, example), v.plan.opset, p.mobile,
-                                 opts.int8, meta)
+            req = VariantRequest(p.name, parts, v.plan.opset, p.mobile, opts.int8, meta)
             devices[p.name] = {"profile": p.to_json(), "plan": v.plan.to_json(),
                                "artifacts": export_variant(req, data, staging, opts.bounds)}
         write_manifest(staging, model_json, devices)

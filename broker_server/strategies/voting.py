@@ -53,10 +53,19 @@ def majority_vote(signs: list[Signs]) -> Signs:
     return weighted_vote(signs, [1.0] * len(signs))
 
 
-def reliability_weight(agree: np.ndarray | float, total: np.ndarray | float):
-    """ln((1 - p) / p) with p = 1 - agree/total, clipped; no history -> weight 1."""
+def reliability_weight(agree: np.ndarray | float, total: np.ndarray | float,
+                       prior: float = 0.0):
+    """ln((1 - p) / p), clipped; no history -> weight 1.
+
+    p = (total - agree + prior) / (total + 2 * prior), clipped to (0, 1). Per
+    coordinate (one agreement bit a round) ``prior`` = 1 (Laplace): a few rounds
+    would otherwise give p = 0 or 1 and weights of +-10 from chance alone, and the
+    vote collapses. Per device, each round's agreement is a fraction over many
+    coordinates and needs no prior.
+    """
     total = np.asarray(total, np.float64)
-    p = np.clip(1.0 - np.asarray(agree, np.float64) / np.maximum(total, 1e-12), 1e-6, 1 - 1e-6)
+    p = (total - np.asarray(agree, np.float64) + prior) / np.maximum(total + 2 * prior, 1e-12)
+    p = np.clip(p, 1e-6, 1 - 1e-6)
     w = np.round(np.clip(np.log((1 - p) / p), -WEIGHT_CLIP, WEIGHT_CLIP) * WEIGHT_STEPS)
     return np.where(total > 0, w / WEIGHT_STEPS, 1.0)
 
@@ -74,7 +83,7 @@ class VotingWeights:
         if device not in self.total:
             return 1.0
         if self.per_coordinate:
-            return {k: reliability_weight(self.agree[device][k], self.total[device][k])
+            return {k: reliability_weight(self.agree[device][k], self.total[device][k], 1.0)
                     for k in self.total[device]}
         return float(reliability_weight(self.agree[device], self.total[device]))
 

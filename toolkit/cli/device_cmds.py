@@ -21,6 +21,12 @@ def add(sub: argparse._SubParsersAction) -> None:
                    "(float32); without it a summary is printed")
     p.add_argument("--precision", default="fp32", help="fp32 or int8")
     p.add_argument("--logits", action="store_true", help="write logits instead of labels")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--bases", type=int, help="SplitMix: run the first K bases")
+    size.add_argument("--budget-ms", type=float, help="SplitMix: the most bases that run "
+                      "within X ms per sample (latencies measured at load)")
+    size.add_argument("--budget-mb", type=float, help="SplitMix: the most bases whose "
+                      "models fit in Y MB")
     p.set_defaults(func=infer)
 
 
@@ -66,6 +72,8 @@ def infer(args: argparse.Namespace) -> int:
 
     x = load_npy(args.input)
     pred = Predictor.from_manifest(args.manifest, args.device, args.precision)
+    if args.bases is not None or args.budget_ms is not None or args.budget_mb is not None:
+        pred.set_budget(bases=args.bases, ms=args.budget_ms, mb=args.budget_mb)
     t0 = time.perf_counter()
     logits = pred.predict_logits(x)
     ms = (time.perf_counter() - t0) * 1000 / len(logits)
@@ -78,8 +86,9 @@ def infer(args: argparse.Namespace) -> int:
         return 0
     values, counts = np.unique(labels, return_counts=True)
     spread = " ".join(f"{v}:{c}" for v, c in zip(values.tolist(), counts.tolist()))
-    print(f"{len(labels)} samples on {args.device} ({pred.artifact.path}): "
-          f"{ms:.4f} ms per sample")
+    what = pred.artifact.path if len(pred.sessions) == 1 else \
+        f"{pred.active} of {len(pred.sessions)} bases"
+    print(f"{len(labels)} samples on {args.device} ({what}): {ms:.4f} ms per sample")
     print(f"labels {spread}")
     return 0
 
