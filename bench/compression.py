@@ -46,6 +46,11 @@ def arms(devices: int, rounds: int, sign_rounds: int, wide_rounds: int, fedmrn_c
             "fv", server_lr=0.005, batch_by_device=mixed)),
         "signsgd-fv-coord": replace(base, **sign, strategy_options=SignSGDOptions(
             "fv", per_coordinate=True, server_lr=0.005, batch_by_device=mixed)),
+        # The paper's setting: mixed minibatches on (near) IID shards.
+        "signsgd-mv-iid": replace(base, **sign, alpha=100.0, strategy_options=SignSGDOptions(
+            "mv", server_lr=0.005, batch_by_device=mixed)),
+        "signsgd-fv-iid": replace(base, **sign, alpha=100.0, strategy_options=SignSGDOptions(
+            "fv", server_lr=0.005, batch_by_device=mixed)),
         "fedavg-fp32-wide": wide,
         "fedavg-fedmrn-wide": replace(wide, codec=fedmrn_codec),
     }

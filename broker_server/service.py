@@ -184,7 +184,7 @@ class Aggregator:
             task = messages.Task(rs.number, device, a.variant, rs.model_sha[a.variant],
                                  rs.deadline, a.epochs, a.batch_size, a.lr,
                                  self._task_seed(rs.number), self.opts.codec,
-                                 int(a.extra.get("steps", 0)))
+                                 int(a.extra.get("steps", 0)), dict(a.extra.get("model", {})))
             rs.assigned[device] = task
             if device not in rs.accepted:
                 self._send_task(rs, task)

@@ -7,6 +7,7 @@ asks for local training, so the module loads on a device without it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import platform
 import queue
@@ -160,7 +161,7 @@ class DeviceAgent:
 
         if self.plan is None:
             raise messages.MessageError("task arrived before the plan")
-        model = self._build(task.variant)
+        model = self._build(task.variant, task.model)
         if task.variant in self.plan.variants:
             shapes = {k: tuple(v) for k, v in self.plan.variants[task.variant]["tensors"].items()}
         else:  # a variant the model config defines (SplitMix bases): the model says
@@ -189,23 +190,25 @@ class DeviceAgent:
             {"samples": res.samples, "loss": round(res.loss, 6),
              "train_seconds": round(res.seconds, 4), "variant": task.variant}))
 
-    def _build(self, variant: str = "full"):
-        """The model to train for ``variant``: the plan's model, or (SplitMix) the bases
-        the variant names. Built once per variant; a few are kept."""
-        if variant not in self._models:
+    def _build(self, variant: str = "full", config: dict | None = None):
+        """The model to train for ``variant``: the task's config (a pruned or narrower
+        model), else the plan's, or (SplitMix) the bases the variant names. Built once
+        per variant and config; a few are kept."""
+        key = (variant, json.dumps(config or {}, sort_keys=True))
+        if key not in self._models:
             import torch
 
             from device_runtime.training.models import ModelConfig, build_model
             from device_runtime.training.splitmix import parse_variant
 
             torch.set_num_threads(self.opts.threads)
-            cfg = ModelConfig.from_json(self.plan.model)
+            cfg = ModelConfig.from_json(config or self.plan.model)
             if variant != "full" and cfg.arch == "splitmix":
                 cfg = cfg.replace(kwargs={**cfg.kwargs, "indices": parse_variant(variant)})
             if len(self._models) >= 8:
                 self._models.pop(next(iter(self._models)))
-            self._models[variant] = build_model(cfg)
-        return self._models[variant]
+            self._models[key] = build_model(cfg)
+        return self._models[key]
 
 
 def _samples_seen(task: messages.Task, n: int) -> int:

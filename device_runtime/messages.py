@@ -75,6 +75,7 @@ class Task:
     seed: int
     codec: str
     steps: int = 0  # > 0: exactly this many local minibatch steps instead of epochs
+    model: dict = field(default_factory=dict)  # the variant's ModelConfig, if not the plan's
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,9 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     torch.manual_seed(opts.seed)
     model = zoo.build_model(cfg)
     ckpt = checkpoint.Checkpoint(cfg, model, dataset=datasets.spec_for(opts.dataset))
-    macs, _ = count_macs(model, checkpoint.example_input(cfg))
+    macs, params = count_macs(model, checkpoint.example_input(cfg))
+    if opts.strategy == "reft":
+        strategy_options = _reft(opts, cfg, fleet, ds.x_train[pub], macs, params)
     job = f"sim-{opts.seed}-{np.random.default_rng().integers(1 << 30):x}"
     make = _transports(opts, opts.devices, job)
     agents, threads = [], []
@@ -154,6 +156,8 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     load_weights(ckpt.model, agg.weights)
     ckpt.metrics = {"test_accuracy": report["final_accuracy"]}
     per_device = {a.device: macs for a in agents}
+    if opts.strategy == "reft":  # the pruned model each device trained (last round)
+        per_device = {a.device: agg.strategy.macs_of(p.name) for a, p in zip(agents, fleet)}
     if opts.strategy == "splitmix":  # a device trains n of the M bases
         from toolkit.splitmix import width_accuracy
 
@@ -162,6 +166,20 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
                       // strategy_options.bases for a, p in zip(agents, fleet)}
     _add_fleet_figures(report, opts, agents, fleet, per_device)
     return report, ckpt
+
+
+def _reft(opts: SimOptions, cfg, fleet: list[DeviceProfile], public_x: np.ndarray,
+          macs: int, params: int):
+    """REFT's setup: MAC fractions per profile from the planner, the public split."""
+    from toolkit.plan import plan_fleet
+    from toolkit.reft import REFTOptions, REFTSetup, register_reft
+
+    register_reft()
+    ro = opts.strategy_options or REFTOptions()
+    if not isinstance(ro, REFTOptions):
+        raise UsageError(f"strategy_options: expected REFTOptions, got {type(ro).__name__}")
+    plans = plan_fleet(list({p.name: p for p in fleet}.values()), macs, params)
+    return REFTSetup(cfg, public_x, {n: pl.compute_fraction for n, pl in plans.items()}, ro)
 
 
 def _splitmix(opts: SimOptions, cfg, fleet: list[DeviceProfile]):

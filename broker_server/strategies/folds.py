@@ -52,7 +52,8 @@ class DecodeAll(Fold):
     def add(self, device: str, samples: int, tensors: Weights, params: dict,
             variant: str = "full") -> None:
         w = self.codec.decode(tensors, params, self.ctx)
-        self.updates[device] = Update(device, self.round, w, samples, raw=(tensors, params))
+        self.updates[device] = Update(device, self.round, w, samples, {"variant": variant},
+                                      raw=(tensors, params))
 
     def result(self) -> Weights:
         ordered = [self.updates[d] for d in sorted(self.updates)]

@@ -69,8 +69,14 @@ class SignSGD(Strategy):
         sums = vote_sums(signs, weights)
         decoded = {k: np.sign(v).astype(np.int8) for k, v in sums.items()}
         if self.opts.decoder == "fv":  # a majority vote never reads the counters
+            # Per coordinate, the reference is the others' unweighted majority: measured
+            # against the weighted vote, a coordinate where noise made every weight
+            # negative inverts the vote, every device then disagrees with it, and the
+            # weights stay negative (the model climbs the loss there).
+            ref = vote_sums(signs, [1.0] * len(signs)) if self.opts.per_coordinate else sums
             for u, s, w in zip(updates, signs, weights):
-                self.votes.update(u.device, s, others_vote(sums, s, w))
+                self.votes.update(u.device, s,
+                                  others_vote(ref, s, 1.0 if self.opts.per_coordinate else w))
         return self.step(global_weights, decoded, stats)
 
     def step(self, global_weights: Weights, decoded: dict[str, np.ndarray],

@@ -147,8 +147,8 @@ def build_cnn(cfg: ModelConfig) -> StagedNet:
                          f"{cfg.input_shape}")
     stages: list[nn.Module] = []
     cin, size = 1, list(cfg.input_shape)
-    for i, (c, k, s) in enumerate(zip(spec["channels"], spec["kernels"], spec["strides"])):
-        cout = scaled(c, cfg.width)
+    channels = _channels(cfg, spec)
+    for i, (cout, k, s) in enumerate(zip(channels, spec["kernels"], spec["strides"])):
         layers = _conv_block(dims, cin, cout, k, s)
         if i == 0:
             layers.insert(0, Normalize(cfg.norm_mean, cfg.norm_std, cfg.input_shape))
@@ -158,11 +158,23 @@ def build_cnn(cfg: ModelConfig) -> StagedNet:
     for n in size:
         flat *= n
     if "hidden" in spec:
-        hidden = scaled(spec["hidden"], cfg.width)
+        hidden = int(cfg.kwargs.get("hidden") or scaled(spec["hidden"], cfg.width))
         stages.append(Hidden(flat, hidden))
         flat = hidden
     stages.append(Classifier(flat, cfg.num_classes))
     return StagedNet(stages)
+
+
+def _channels(cfg: ModelConfig, spec: dict) -> list[int]:
+    """Per conv: ``kwargs["channels"]`` (a pruned model's counts) or the arch's, scaled."""
+    given = cfg.kwargs.get("channels")
+    if given is None:
+        return [scaled(c, cfg.width) for c in spec["channels"]]
+    if not isinstance(given, list) or len(given) != len(spec["channels"]) or \
+            any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in given):
+        raise ModelBuildError(f"model {cfg.arch} kwargs.channels: expected "
+                              f"{len(spec['channels'])} positive ints, got {given!r}")
+    return list(given)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -1,0 +1,141 @@
+"""REFT: each device trains the global model pruned to its compute; the server distils
+the ensemble of returned client models into the global model (ALGORITHMS.md, section 3).
+
+Each round the global (student) model is pruned anew for every profile of the fleet
+(structured channel pruning to the planner's MAC budget); a device gets its profile's
+pruned weights and, in its task, the pruned model's config (the zoo architecture with
+the surviving channel counts), so it builds the same shapes without torch-pruning.
+The server then treats the returned client models as a teacher ensemble (their
+softmax at temperature T, weighted by samples) and trains the student on its public
+split with the KL loss (times T^2, as in FedDF).
+
+The strategy needs torch and the pruner, so it lives in the toolkit and is registered
+by ``register_reft()``; the aggregator service itself stays torch-free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from broker_server.strategies import Assignment, DeviceInfo, Strategy, Update, register
+from broker_server.strategies.base import Weights
+from device_runtime.training.local import load_weights, weights_of
+from device_runtime.training.models import ModelConfig, build_model
+from toolkit.checkpoint import example_input
+from toolkit.pruning import count_macs, prune_to_macs
+
+
+@dataclass(frozen=True)
+class REFTOptions:
+    temperature: float = 3.0
+    distill_epochs: int = 3
+    distill_lr: float = 0.01
+    distill_batch: int = 64
+
+
+@dataclass(frozen=True)
+class REFTSetup:
+    """What the server knows: the global config, its public split, and per profile the
+    MAC fraction the planner allows (``toolkit.plan.plan_fleet``)."""
+
+    config: ModelConfig
+    public_x: np.ndarray
+    fractions: dict  # profile -> fraction of the full model's MACs
+    options: REFTOptions = REFTOptions()
+
+
+def pruned_config(cfg: ModelConfig, model: nn.Module) -> ModelConfig:
+    """The zoo config that rebuilds ``model`` (a pruned zoo CNN): its channel counts."""
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    kwargs = dict(cfg.kwargs, channels=[m.out_channels for m in convs])
+    hidden = [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]
+    if hidden:
+        kwargs["hidden"] = hidden[0].out_features
+    return cfg.replace(kwargs=kwargs)
+
+
+def distill(student: nn.Module, teachers: list[tuple[nn.Module, float]], x: np.ndarray,
+            opts: REFTOptions, seed: int = 0) -> None:
+    """Train ``student`` towards the weighted mean of the teachers' softened outputs."""
+    t = opts.temperature
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    total = sum(w for _, w in teachers)
+    with torch.no_grad():
+        target = sum(w / total * torch.softmax(m.eval()(xt) / t, dim=1) for m, w in teachers)
+    opt = torch.optim.SGD(student.parameters(), lr=opts.distill_lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    student.train()
+    for _ in range(opts.distill_epochs):
+        perm = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt), opts.distill_batch):
+            idx = perm[i:i + opts.distill_batch]
+            if len(idx) < 2:
+                continue
+            log_p = torch.log_softmax(student(xt[idx]) / t, dim=1)
+            loss = nn.functional.kl_div(log_p, target[idx], reduction="batchmean") * t * t
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    student.eval()
+
+
+class REFT(Strategy):
+    name = "reft"
+
+    def __init__(self, epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
+                 options: REFTSetup | None = None):
+        if not isinstance(options, REFTSetup):
+            raise ValueError("reft: options must be a REFTSetup (config, public split, "
+                             "MAC fractions per profile)")
+        self.setup, self.epochs, self.batch_size, self.lr = options, epochs, batch_size, lr
+        self.example = example_input(options.config)
+        self.student = build_model(options.config)
+        self.full_macs, _ = count_macs(self.student, self.example)
+        self.pruned: dict[str, tuple[ModelConfig, Weights, int]] = {}  # profile -> variant
+        self.round = 0
+
+    def _prune_all(self, global_weights: Weights) -> None:
+        load_weights(self.student, global_weights)
+        self.pruned = {}
+        for profile, frac in self.setup.fractions.items():
+            model, _ = prune_to_macs(self.student, self.example, int(self.full_macs * frac))
+            macs, _ = count_macs(model, self.example)
+            self.pruned[profile] = (pruned_config(self.setup.config, model), weights_of(model),
+                                    macs)
+
+    def variants(self, global_weights: Weights) -> dict[str, Weights]:
+        self._prune_all(global_weights)  # anew every round, from the new global model
+        return {f"reft-{p}": w for p, (_, w, _) in self.pruned.items()}
+
+    def macs_of(self, profile: str) -> int:
+        return self.pruned[profile][2] if profile in self.pruned else self.full_macs
+
+    def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
+        out = {}
+        for d in devices:
+            if d.profile not in self.pruned:
+                raise ValueError(f"reft: no MAC budget for profile {d.profile!r}; known: "
+                                 f"{', '.join(sorted(self.pruned))}")
+            cfg = self.pruned[d.profile][0]
+            out[d.id] = Assignment(f"reft-{d.profile}", self.epochs, self.batch_size, self.lr,
+                                   {"model": cfg.to_json()})
+        return out
+
+    def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
+        by_variant = {f"reft-{p}": cfg for p, (cfg, _, _) in self.pruned.items()}
+        teachers = []
+        for u in updates:
+            m = build_model(by_variant[u.meta["variant"]])
+            load_weights(m, u.weights)
+            teachers.append((m, float(u.samples)))
+        load_weights(self.student, global_weights)
+        distill(self.student, teachers, self.setup.public_x, self.setup.options, seed=round_)
+        return weights_of(self.student)
+
+
+def register_reft() -> None:
+    """Make ``--strategy reft`` available (the aggregator then needs a REFTSetup)."""
+    register("reft", REFT)
