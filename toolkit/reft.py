@@ -22,7 +22,7 @@ from torch import nn
 
 from broker_server.strategies import Assignment, DeviceInfo, Strategy, Update, register
 from broker_server.strategies.base import Weights
-from device_runtime.training.local import load_weights, weights_of
+from device_runtime.training.local import load_weights, minibatches, weights_of
 from device_runtime.training.models import ModelConfig, build_model
 from toolkit.checkpoint import example_input
 from toolkit.pruning import count_macs, prune_to_macs
@@ -69,11 +69,7 @@ def distill(student: nn.Module, teachers: list[tuple[nn.Module, float]], x: np.n
     gen = torch.Generator().manual_seed(seed)
     student.train()
     for _ in range(opts.distill_epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), opts.distill_batch):
-            idx = perm[i:i + opts.distill_batch]
-            if len(idx) < 2:
-                continue
+        for idx in minibatches(len(xt), opts.distill_batch, gen):
             log_p = torch.log_softmax(student(xt[idx]) / t, dim=1)
             loss = nn.functional.kl_div(log_p, target[idx], reduction="batchmean") * t * t
             opt.zero_grad()

@@ -12,7 +12,12 @@ from torch import nn
 from torch.func import functional_call
 
 from device_runtime.codecs.fedmrn import MASK_LR, NOISE_SCALE, masked, noise
-from device_runtime.training.local import LocalResult, LocalTrainOptions, weights_of
+from device_runtime.training.local import (
+    LocalResult,
+    LocalTrainOptions,
+    minibatches,
+    weights_of,
+)
 
 
 def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrainOptions,
@@ -33,11 +38,7 @@ def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrai
     step, total, seen = 0, 0.0, 0
     model.train()
     for _ in range(opts.epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), opts.batch_size):
-            idx = perm[i:i + opts.batch_size]
-            if len(idx) < 2:
-                continue
+        for idx in minibatches(len(xt), opts.batch_size, gen):
             p_sample = min(1.0, step / steps)  # progressive stochastic masking
             weights = {k: base[k] + noises[k] * _mask(latent[k], noises[k], p_sample, gen,
                                                       signed) for k in names}

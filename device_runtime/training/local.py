@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -54,17 +55,23 @@ def load_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
         state[k].copy_(torch.from_numpy(np.array(w, dtype=np.float32)))  # keeps 0-d shapes
 
 
+def minibatches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """One shuffled pass over ``n`` samples, as index tensors; a last batch of one
+    sample is dropped (BatchNorm cannot train on it)."""
+    perm = torch.randperm(n, generator=gen)
+    for i in range(0, n, batch_size):
+        idx = perm[i:i + batch_size]
+        if len(idx) >= 2:
+            yield idx
+
+
 def run_epoch(model: nn.Module, xt: torch.Tensor, yt: torch.Tensor,
               opt: torch.optim.Optimizer, batch_size: int, gen: torch.Generator,
               sched=None) -> tuple[float, int]:
     """One shuffled pass of minibatch SGD; (sum of losses, samples seen)."""
     model.train()
     total, seen = 0.0, 0
-    perm = torch.randperm(len(xt), generator=gen)
-    for i in range(0, len(xt), batch_size):
-        idx = perm[i:i + batch_size]
-        if len(idx) < 2:  # BatchNorm needs two samples
-            continue
+    for idx in minibatches(len(xt), batch_size, gen):
         loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
         opt.zero_grad()
         loss.backward()

@@ -20,7 +20,12 @@ import torch
 from torch import nn
 
 from device_runtime.errors import ModelBuildError
-from device_runtime.training.local import LocalResult, LocalTrainOptions, weights_of
+from device_runtime.training.local import (
+    LocalResult,
+    LocalTrainOptions,
+    minibatches,
+    weights_of,
+)
 
 
 class SplitMixNet(nn.Module):
@@ -98,11 +103,7 @@ def train_bases(model: SplitMixNet, x: np.ndarray, y: np.ndarray,
     model.train()
     total, seen = 0.0, 0
     for _ in range(max(1, opts.epochs)):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), opts.batch_size):
-            idx = perm[i:i + opts.batch_size]
-            if len(idx) < 2:  # BatchNorm cannot train on one sample
-                continue
+        for idx in minibatches(len(xt), opts.batch_size, gen):
             loss = sum(nn.functional.cross_entropy(m(xt[idx]), yt[idx])
                        for m in model.bases.values())
             opt.zero_grad()
