@@ -298,6 +298,8 @@ class Aggregator:
         self.state.history.append(record)
         self.state.extra = self.strategy.state()
         self.store.save_round(self.state, self.weights)
+        if rs.number > 1 and not self.last_models:  # resumed: at least the shared model
+            self.last_models = {"full": rs.model_bytes.get("full", 0)}
         for variant, size in self.last_models.items():  # the round before's, now unused
             self.t.clear_retained(self.topics.model(rs.number - 1, variant),
                                   chunks=size // self.t.max_payload + 2)
