@@ -52,11 +52,11 @@ def test_fedmrn_bit_fold_equals_decoded_fedavg(codec_name):
     ref = _ref(rng)
     codec, seed = codecs.get(codec_name), 11
     ctx = CodecContext(3, seed, ref)
-    fold, frames, decoded = FedMRNMean(codec, ctx), [], []
+    fold, decoded = FedMRNMean(codec, ctx), []
     for k in range(9):
         low = -1 if codec.signed else 0
         w = {n: (ref[n] + noise(n, v.shape, seed, codec.scale) *
-                 rng.integers(low, 2, v.shape) * (1 if not codec.signed else 1)).astype(np.float32)
+                 rng.integers(low, 2, v.shape)).astype(np.float32)
              if v.ndim >= 2 else v + rng.normal(size=v.shape).astype(np.float32)
              for n, v in ref.items()}
         if codec.signed:  # signed masks are +-1 only

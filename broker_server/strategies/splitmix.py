@@ -8,8 +8,8 @@ server averages each base over the devices that trained it, weighted by samples,
 and a base nobody trained keeps its weights. The maths is ``average_bases``.
 
 Budgets come from ``SplitMixOptions.budgets`` (per device), else
-``budget_by_profile``, else ``default_budget``; ``budgets_from_profiles`` derives
-them from compute and memory.
+``budget_by_profile``, else ``default_budget``; ``toolkit.splitmix.budgets_from_profiles``
+derives them from compute and memory.
 """
 from __future__ import annotations
 
@@ -143,7 +143,6 @@ class SplitMix(Strategy):
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.m, self.seed = self.opts.bases, seed
         self.sampler = CyclicSampler(self.m, seed)
-
 
     def variants(self, global_weights: Weights) -> dict[str, Weights]:
         return {}  # published on demand, once the round's assignment names them

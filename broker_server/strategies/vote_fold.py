@@ -1,9 +1,9 @@
 """The signSGD vote folded straight from the sign bits (majority or federated voting).
 
 Each update's sign bits (all tensors' packed bytes, one after another) go into
-one ``BitSum`` with the device's integer voting weight: 1 for a majority vote,
-``WEIGHT_STEPS * w`` for federated voting (a negative weight adds the
-complemented bits, since ``-w * s = |w| * (-s)``). The vote is then
+one ``BitSum`` with the device's integer voting weight ``WEIGHT_STEPS * w`` (w = 1 for
+a majority vote and in federated voting's warm-up); a negative weight adds the
+complemented bits, since ``-w * s = |w| * (-s)``. The vote is then
 ``sign(2 * count - sum |w|)`` per coordinate, the same decision as
 ``voting.weighted_vote`` on the unpacked signs, without unpacking any update.
 For federated voting, each device's agreement with the others' vote
