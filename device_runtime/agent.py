@@ -47,6 +47,8 @@ class DeviceAgent:
         self.events: queue.Queue = queue.Queue()
         self.plan: messages.Plan | None = None
         self.models: dict[tuple[int, str], bytes] = {}
+        self.public: bytes = b""  # the server's public inputs frame (logits uplink)
+        self.public_x: np.ndarray | None = None  # decoded, once its sha256 matched
         self.sent: dict[int, bytes] = {}  # round -> update frame, republished on a resent task
         self.stopped = False
         self.rounds_done = 0
@@ -68,6 +70,7 @@ class DeviceAgent:
         self.t.on_connect = self.announce  # re-announce after every reconnect
         self.t.subscribe(self.topics.plan, self._enqueue)
         self.t.subscribe(self.topics.control, self._enqueue)
+        self.t.subscribe(self.topics.public, self._enqueue)
         self.t.subscribe(self.topics.task("+", self.device), self._enqueue)
         self.t.subscribe(self.topics.model("+", "+"), self._enqueue)
         self.announce()
@@ -95,6 +98,8 @@ class DeviceAgent:
             elif where["kind"] == "control":
                 ctl = messages.parse(messages.Control, payload)
                 self.stopped = ctl.action == "stop"
+            elif where["kind"] == "public":
+                self.public = payload
             elif where["kind"] == "model":
                 self.models[(where["round"], where["variant"])] = payload
                 self.models = {k: v for k, v in self.models.items() if k[0] >= where["round"] - 1}
@@ -114,10 +119,23 @@ class DeviceAgent:
         if task.round in self.sent:  # the aggregator lost it or restarted: resend as is
             self.t.publish(self.topics.update(task.round, self.device), self.sent[task.round])
             return
+        if task.uplink not in ("weights", "logits"):
+            raise messages.MessageError(f"task.uplink: expected 'weights' or 'logits', got "
+                                        f"{task.uplink!r}")
         frame_bytes = self._wait_model(task)
         if frame_bytes is None:
             log.warning("round %d: model never arrived before the deadline", task.round)
             return
+        down = len(frame_bytes) + len(messages.dump(task))
+        if task.uplink == "logits" and self.public_x is None:
+            public = self._wait_frame(lambda: self.public or None, task.public_sha256,
+                                      task.deadline, "public inputs", self._drop_public)
+            if public is None:
+                log.warning("round %d: public inputs never arrived", task.round)
+                return
+            self.public_x = wire.decode(public, wire.Expect(kind="public", job=self.opts.job,
+                                                            round=0)).tensors["x"]
+            down += len(public)
         t0 = time.perf_counter()
         update = self._train(task, frame_bytes)
         self.sent = {r: b for r, b in self.sent.items() if r >= task.round - 2}
@@ -125,23 +143,32 @@ class DeviceAgent:
         up = self.t.publish(self.topics.update(task.round, self.device), update)
         self.rounds_done += 1
         self.history.append({"round": task.round, "uplink_bytes": up,
-                             "downlink_bytes": len(frame_bytes) + len(messages.dump(task)),
+                             "downlink_bytes": down,
                              "samples": _samples_seen(task, len(self.y)), "epochs": 1,
                              "seconds": round(time.perf_counter() - t0, 4)})
 
     def _wait_model(self, task: messages.Task) -> bytes | None:
         """The model frame named by the task, once its sha256 matches."""
         key = (task.round, task.variant)
-        while time.time() < task.deadline + 5:
-            data = self.models.get(key)
+        return self._wait_frame(lambda: self.models.get(key), task.model_sha256, task.deadline,
+                                f"model {key}", lambda: self.models.pop(key, None))
+
+    def _drop_public(self) -> None:
+        self.public = b""
+
+    def _wait_frame(self, lookup, sha256: str, deadline: float, what: str, drop
+                    ) -> bytes | None:
+        """A frame once it arrived with the expected sha256; other messages are handled
+        meanwhile (the frame itself comes through them)."""
+        while time.time() < deadline + 5:
+            data = lookup()
             if data is not None:
                 digest = hashlib.sha256(data).hexdigest()
-                if digest == task.model_sha256:
+                if digest == sha256:
                     return data
-                log.warning("model %s fails its sha256 (%s.. != %s..)", key, digest[:8],
-                            task.model_sha256[:8])
-                self.models.pop(key)
-            try:  # keep handling other messages (e.g. the model) while waiting
+                log.warning("%s fails its sha256 (%s.. != %s..)", what, digest[:8], sha256[:8])
+                drop()
+            try:
                 topic, payload = self.events.get(timeout=0.2)
             except queue.Empty:
                 continue
@@ -182,9 +209,12 @@ class DeviceAgent:
             res = train_bases(model, self.x, self.y, local)
         else:
             res = train_local(model, self.x, self.y, local)
-        ctx = CodecContext(round=task.round, seed=task.seed, reference=frame.tensors,
+        sent, reference = res.weights, frame.tensors
+        if task.uplink == "logits":  # FedMD: the model's answers, not the model
+            sent, reference = {"logits": logits_of(model, self.public_x)}, None
+        ctx = CodecContext(round=task.round, seed=task.seed, reference=reference,
                            device=self.device)
-        tensors, params = codec.encode(res.weights, ctx)
+        tensors, params = codec.encode(sent, ctx)
         return wire.encode(wire.Frame(
             "update", self.opts.job, task.round, self.device, task.codec, tensors, params,
             {"samples": res.samples, "loss": round(res.loss, 6),
@@ -209,6 +239,17 @@ class DeviceAgent:
                 self._models.pop(next(iter(self._models)))
             self._models[key] = build_model(cfg)
         return self._models[key]
+
+
+def logits_of(model, x: np.ndarray, batch: int = 512) -> np.ndarray:
+    """The model's logits on ``x`` in eval mode, float32."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        out = [model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch], np.float32)))
+               for i in range(0, len(x), batch)]
+    return torch.cat(out).numpy().astype(np.float32)
 
 
 def _samples_seen(task: messages.Task, n: int) -> int:

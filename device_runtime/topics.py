@@ -33,6 +33,11 @@ class Topics:
     def control(self) -> str:
         return f"{self.root}/control"
 
+    @property
+    def public(self) -> str:
+        """Retained: the server's public inputs, for strategies whose devices send logits."""
+        return f"{self.root}/public"
+
     def status(self, device: str = "+") -> str:
         return f"{self.root}/devices/{device}/status"
 
@@ -51,7 +56,7 @@ class Topics:
         if parts[:2] != ["fedge", self.job]:
             return {"kind": "foreign"}
         rest = parts[2:]
-        if rest == ["plan"] or rest == ["control"]:
+        if rest in (["plan"], ["control"], ["public"]):
             return {"kind": rest[0]}
         if len(rest) == 3 and rest[0] == "devices" and rest[2] == "status":
             return {"kind": "status", "device": rest[1]}

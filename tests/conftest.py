@@ -11,6 +11,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A real Mosquitto on a free port, for one test."""
+    from tests.brokers import Mosquitto
+
+    m = Mosquitto(tmp_path / "mosq").start()
+    yield m
+    m.stop()
+
+
 @pytest.fixture(scope="session")
 def mnist1d():
     from toolkit.datasets import load_mnist1d

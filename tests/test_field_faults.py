@@ -10,7 +10,6 @@ import secrets
 import pytest
 
 from device_runtime.transport.mqtt import MqttTransport
-from tests.brokers import Mosquitto
 from tests.field_helpers import (
     completed_rounds,
     finish,
@@ -29,10 +28,8 @@ def job_files(tmp_path_factory):
 
 
 @pytest.fixture
-def broker(tmp_path):
-    m = Mosquitto(tmp_path / "mosq").start()
-    yield m
-    m.stop()
+def broker(mosquitto):
+    return mosquitto
 
 
 def _work(tmp_path, job_files):

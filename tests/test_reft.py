@@ -60,3 +60,46 @@ def test_reft_needs_its_setup():
 
     with pytest.raises(ValueError, match="REFTSetup"):
         REFT()
+
+
+def test_logits_uplink_sends_the_public_split_logits_and_distils_the_same_targets():
+    """Devices send N_public x classes float32 instead of their models; with a lossless
+    codec the server distils exactly what it distils from the models themselves."""
+    from toolkit.simulate import SimOptions, run_simulation
+
+    base = SimOptions(devices=3, rounds=2, strategy="reft", epochs=1, seed=3,
+                      profiles=("rpi3b", "jetson-orin-nano"))
+    weights, _ = run_simulation(base)
+    logits, _ = run_simulation(SimOptions(**{**base.__dict__, "strategy_options":
+                                             REFTOptions(uplink="logits")}))
+    assert logits["rejected"] == [] and logits["final_accuracy"] == weights["final_accuracy"]
+    n_public = 400  # 10% of MNIST-1D's 4,000 training samples, 10 classes, 4 bytes each
+    for d in logits["devices"]:
+        per_round = d["uplink_bytes"] / d["rounds_trained"]
+        assert n_public * 10 * 4 <= per_round < n_public * 10 * 4 + 1024
+    big = max(weights["devices"], key=lambda d: d["macs"])
+    assert big["uplink_bytes"] > 10 * max(d["uplink_bytes"] for d in logits["devices"])
+    # each device fetches the public inputs once per job, counted in its downlink
+    assert all(a["downlink_bytes"] > b["downlink_bytes"] for a, b in
+               zip(logits["devices"], weights["devices"]))
+
+
+def test_logits_uplink_refuses_codecs_that_code_model_updates():
+    from toolkit.errors import UsageError
+    from toolkit.simulate import SimOptions, run_simulation
+
+    with pytest.raises(UsageError, match="--reft-uplink logits: expected --codec fp32"):
+        run_simulation(SimOptions(devices=2, rounds=1, strategy="reft", codec="fedmrn",
+                                  strategy_options=REFTOptions(uplink="logits")))
+    with pytest.raises(UsageError, match="--reft-uplink: expected weights or logits"):
+        run_simulation(SimOptions(devices=2, rounds=1, strategy="reft",
+                                  strategy_options=REFTOptions(uplink="probs")))
+
+
+def test_logits_updates_are_validated_against_the_public_split_shape():
+    from toolkit.reft import REFT, REFTSetup
+
+    x = np.zeros((50, 40), np.float32)
+    s = REFT(options=REFTSetup(CFG, x, {"rpi4": 0.5}, REFTOptions(uplink="logits")))
+    assert s.update_shapes("reft-rpi4", {"w": (3, 3)}) == {"logits": (50, 10)}
+    assert s.public_inputs().shape == (50, 40)

@@ -103,6 +103,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from toolkit.cli.main import build_parser
     from toolkit.field import broker_url, run_serve
 
     if args.devices < 2:
@@ -117,11 +118,12 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"broker {url}{' (embedded amqtt)' if not args.broker else ''}; job {job}; "
               f"{args.devices} device processes; work dir {work}", flush=True)
         procs = _start_devices(url, job, work, args.devices)
-        serve_args = argparse.Namespace(
-            job=job, checkpoint=str(init), strategy="fedavg", codec="fp32", rounds=args.rounds,
-            min_devices=max(2, args.devices * 3 // 4), round_timeout=args.round_timeout,
-            state_dir=str(work / "state"), json=None, eval_data=None, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, max_payload=128 * 1024, broker=url)
+        serve_args = build_parser().parse_args([  # serve's own defaults for the rest
+            "serve", "--job", job, "--checkpoint", str(init), "--rounds", str(args.rounds),
+            "--min-devices", str(max(2, args.devices * 3 // 4)),
+            "--round-timeout", str(args.round_timeout), "--state-dir", str(work / "state"),
+            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+            "--lr", str(args.lr), "--broker", url])
         try:
             run_serve(serve_args, on_round=_Progress(args.rounds), broker=url)
         finally:

@@ -45,16 +45,21 @@ def evaluator(ckpt, x: np.ndarray, y: np.ndarray) -> Callable[[dict], float]:
     return evaluate
 
 
-def eval_data(ckpt, path: str | None) -> tuple[np.ndarray, np.ndarray]:
+def server_data(ckpt, path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(public inputs, x_test, y_test): from ``path`` (``fedge partition``'s server.npz:
+    the public split as x, y and the test set), else from the checkpoint's dataset
+    (the public split ``fedge partition --seed 0`` draws)."""
     from toolkit import datasets
+    from toolkit.partition import public_split
 
     if path:
         ds = datasets.load_npz(path)
-    elif ckpt.dataset is not None:
-        ds = datasets.load(ckpt.dataset)
-    else:
+        return ds.x_train, ds.x_test, ds.y_test
+    if ckpt.dataset is None:
         raise UsageError("--eval-data: the checkpoint records no dataset; give a .npz")
-    return ds.x_test, ds.y_test
+    ds = datasets.load(ckpt.dataset)
+    pub, _ = public_split(len(ds.y_train), 0.1, 0)
+    return ds.x_train[pub], ds.x_test, ds.y_test
 
 
 def _check(args) -> None:
@@ -77,16 +82,32 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
     from device_runtime.training.local import weights_of
     from device_runtime.transport.mqtt import MqttTransport
     from toolkit import checkpoint
+    from toolkit.cli import strategy_args
+    from toolkit.profiles import ProfileCatalogue
+    from toolkit.reft import register_reft
+    from toolkit.setups import setup_strategy
 
     _check(args)
     check_id("job", args.job)
+    register_reft()
     STRATEGIES.get(args.strategy)
     codecs.get(args.codec)
+    cat = ProfileCatalogue.load(args.profiles_file)
+    fleet = cat.select(args.profiles)
     ckpt = checkpoint.load(args.checkpoint)
-    x, y = eval_data(ckpt, args.eval_data)
+    public_x, x, y = server_data(ckpt, args.eval_data)
+    cfg, strategy_options = setup_strategy(
+        args.strategy, ckpt.config, fleet, public_x, args.codec,
+        strategy_args.options(args, cat, [p.name for p in fleet]))
+    if cfg != ckpt.config:  # e.g. SplitMix bases of the checkpoint's architecture
+        from toolkit import zoo
+
+        print(f"{args.strategy}: training a fresh {cfg.arch} model of the checkpoint's "
+              f"{ckpt.config.arch}", flush=True)
+        ckpt = checkpoint.Checkpoint(cfg, zoo.build_model(cfg), dataset=ckpt.dataset)
     opts = ServeOptions(args.job, Path(args.state_dir), args.strategy, args.codec, args.rounds,
                         args.min_devices, args.round_timeout, args.epochs, args.batch_size,
-                        args.lr)
+                        args.lr, strategy_options=strategy_options)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s aggregator %(message)s")
     with broker_url(broker or args.broker) as url:
         t = MqttTransport(url, f"fedge-{args.job}-aggregator", persistent=True,

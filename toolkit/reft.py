@@ -14,7 +14,7 @@ by ``register_reft()``; the aggregator service itself stays torch-free.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,12 +28,20 @@ from toolkit.checkpoint import example_input
 from toolkit.pruning import count_macs, prune_to_macs
 
 
+LOGIT_CODECS = ("fp32", "fp16", "int8")  # the codecs that code any tensor as it is
+
+
 @dataclass(frozen=True)
 class REFTOptions:
     temperature: float = 3.0
     distill_epochs: int = 3
     distill_lr: float = 0.01
     distill_batch: int = 64
+    # Per profile, the share of the full model's MACs; empty: the planner's.
+    fractions: dict = field(default_factory=dict)
+    # "weights": devices send their pruned models; "logits": only their logits on the
+    # public split (FedMD), whatever the model's size.
+    uplink: str = "weights"
 
 
 @dataclass(frozen=True)
@@ -57,14 +65,30 @@ def pruned_config(cfg: ModelConfig, model: nn.Module) -> ModelConfig:
     return cfg.replace(kwargs=kwargs)
 
 
+def soft_targets(teachers: list[tuple[np.ndarray, float]], t: float) -> torch.Tensor:
+    """The ensemble's target: the sample-weighted mean of softmax(logits / T)."""
+    total = sum(w for _, w in teachers)
+    return sum(w / total * torch.softmax(torch.from_numpy(np.asarray(z, np.float32)) / t, dim=1)
+               for z, w in teachers)
+
+
+def model_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+
+
 def distill(student: nn.Module, teachers: list[tuple[nn.Module, float]], x: np.ndarray,
             opts: REFTOptions, seed: int = 0) -> None:
     """Train ``student`` towards the weighted mean of the teachers' softened outputs."""
+    target = soft_targets([(model_logits(m, x), w) for m, w in teachers], opts.temperature)
+    distill_to(student, target, x, opts, seed)
+
+
+def distill_to(student: nn.Module, target: torch.Tensor, x: np.ndarray, opts: REFTOptions,
+               seed: int = 0) -> None:
+    """KL(target || softmax(student / T)) * T^2 on ``x``, by SGD with momentum."""
     t = opts.temperature
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-    total = sum(w for _, w in teachers)
-    with torch.no_grad():
-        target = sum(w / total * torch.softmax(m.eval()(xt) / t, dim=1) for m, w in teachers)
     opt = torch.optim.SGD(student.parameters(), lr=opts.distill_lr, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
     student.train()
@@ -86,6 +110,10 @@ class REFT(Strategy):
         if not isinstance(options, REFTSetup):
             raise ValueError("reft: options must be a REFTSetup (config, public split, "
                              "MAC fractions per profile)")
+        if options.options.uplink not in ("weights", "logits"):
+            raise ValueError(f"reft uplink: expected 'weights' or 'logits', got "
+                             f"{options.options.uplink!r}")
+        self.logits = options.options.uplink == "logits"
         self.setup, self.epochs, self.batch_size, self.lr = options, epochs, batch_size, lr
         self.example = example_input(options.config)
         self.student = build_model(options.config)
@@ -116,19 +144,44 @@ class REFT(Strategy):
                 raise ValueError(f"reft: no MAC budget for profile {d.profile!r}; known: "
                                  f"{', '.join(sorted(self.pruned))}")
             cfg = self.pruned[d.profile][0]
+            extra = {"model": cfg.to_json(), **({"uplink": "logits"} if self.logits else {})}
             out[d.id] = Assignment(f"reft-{d.profile}", self.epochs, self.batch_size, self.lr,
-                                   {"model": cfg.to_json()})
+                                   extra)
         return out
+
+    def public_inputs(self) -> np.ndarray | None:
+        return np.ascontiguousarray(self.setup.public_x, np.float32) if self.logits else None
+
+    def update_shapes(self, variant: str, model_shapes: dict) -> dict:
+        if not self.logits:
+            return model_shapes
+        return {"logits": (len(self.setup.public_x), self.setup.config.num_classes)}
+
+    def fold(self, round_: int, global_weights: Weights, codec, ctx):
+        from dataclasses import replace
+
+        from broker_server.strategies.folds import DecodeAll
+
+        if self.logits and codec.name not in LOGIT_CODECS:
+            raise ValueError(f"reft uplink logits: expected codec {', '.join(LOGIT_CODECS)}, "
+                             f"got {codec.name} (it codes model updates)")
+        # Logits have no reference model: both ends code them as they are.
+        return DecodeAll(self, round_, global_weights, codec,
+                         replace(ctx, reference=None) if self.logits else ctx)
 
     def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
         by_variant = {f"reft-{p}": cfg for p, (cfg, _, _) in self.pruned.items()}
         teachers = []
         for u in updates:
+            if self.logits:
+                teachers.append((u.weights["logits"], float(u.samples)))
+                continue
             m = build_model(by_variant[u.meta["variant"]])
             load_weights(m, u.weights)
-            teachers.append((m, float(u.samples)))
+            teachers.append((model_logits(m, self.setup.public_x), float(u.samples)))
         load_weights(self.student, global_weights)
-        distill(self.student, teachers, self.setup.public_x, self.setup.options, seed=round_)
+        target = soft_targets(teachers, self.setup.options.temperature)
+        distill_to(self.student, target, self.setup.public_x, self.setup.options, seed=round_)
         return weights_of(self.student)
 
 

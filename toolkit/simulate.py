@@ -109,6 +109,7 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     from toolkit.partition import dirichlet_split, public_split
     from toolkit.profiles import ProfileCatalogue
     from toolkit.pruning import count_macs
+    from toolkit.setups import setup_strategy
 
     if opts.devices < 1 or opts.rounds < 1:
         raise UsageError("--devices and --rounds: expected >= 1")
@@ -119,15 +120,12 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     parts = dirichlet_split(ds.y_train[rest], opts.devices, opts.alpha, opts.seed)
     cfg = zoo.make_config(opts.model, ds.sample_shape, ds.num_classes, opts.width,
                           float(np.mean(ds.x_train[pub])), float(np.std(ds.x_train[pub])))
-    strategy_options = opts.strategy_options
-    if opts.strategy == "splitmix":
-        cfg, strategy_options = _splitmix(opts, cfg, fleet)
+    cfg, strategy_options = setup_strategy(opts.strategy, cfg, fleet, ds.x_train[pub],
+                                           opts.codec, opts.strategy_options)
     torch.manual_seed(opts.seed)
     model = zoo.build_model(cfg)
     ckpt = checkpoint.Checkpoint(cfg, model, dataset=datasets.spec_for(opts.dataset))
-    macs, params = count_macs(model, checkpoint.example_input(cfg))
-    if opts.strategy == "reft":
-        strategy_options = _reft(opts, cfg, fleet, ds.x_train[pub], macs, params)
+    macs, _ = count_macs(model, checkpoint.example_input(cfg))
     job = f"sim-{opts.seed}-{np.random.default_rng().integers(1 << 30):x}"
     make = _transports(opts, opts.devices, job)
     agents, threads = [], []
@@ -156,6 +154,11 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     load_weights(ckpt.model, agg.weights)
     ckpt.metrics = {"test_accuracy": report["final_accuracy"]}
     per_device = {a.device: macs for a in agents}
+    if opts.strategy == "fedavg" and getattr(strategy_options, "profiles", ()):
+        per_device = {a.device: macs if p.name in strategy_options.profiles else 0
+                      for a, p in zip(agents, fleet)}
+    if opts.strategy == "heterofl":  # the width level each device trains
+        per_device = _heterofl_macs(strategy_options, agents, fleet)
     if opts.strategy == "reft":  # the pruned model each device trained (last round)
         per_device = {a.device: agg.strategy.macs_of(p.name) for a, p in zip(agents, fleet)}
     if opts.strategy == "splitmix":  # a device trains n of the M bases
@@ -168,33 +171,20 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     return report, ckpt
 
 
-def _reft(opts: SimOptions, cfg, fleet: list[DeviceProfile], public_x: np.ndarray,
-          macs: int, params: int):
-    """REFT's setup: MAC fractions per profile from the planner, the public split."""
-    from toolkit.plan import plan_fleet
-    from toolkit.reft import REFTOptions, REFTSetup, register_reft
+def _heterofl_macs(ho, agents, fleet) -> dict[str, int]:
+    from device_runtime.training.models import ModelConfig, build_model
+    from toolkit.checkpoint import example_input
+    from toolkit.pruning import count_macs
 
-    register_reft()
-    ro = opts.strategy_options or REFTOptions()
-    if not isinstance(ro, REFTOptions):
-        raise UsageError(f"strategy_options: expected REFTOptions, got {type(ro).__name__}")
-    plans = plan_fleet(list({p.name: p for p in fleet}.values()), macs, params)
-    return REFTSetup(cfg, public_x, {n: pl.compute_fraction for n, pl in plans.items()}, ro)
+    by_level = {}
+    for w, level in ho.levels.items():
+        cfg = ModelConfig.from_json(level["model"])
+        by_level[w] = count_macs(build_model(cfg), example_input(cfg))[0]
+    return {a.device: by_level[ho.level_of(a.device, p.name)] for a, p in zip(agents, fleet)}
 
 
-def _splitmix(opts: SimOptions, cfg, fleet: list[DeviceProfile]):
-    """The ensemble's config, and budgets from the fleet's profiles unless given."""
-    import dataclasses
-
-    from broker_server.strategies.splitmix import SplitMixOptions
-    from toolkit.splitmix import budgets_from_profiles, splitmix_config
-
-    sm = opts.strategy_options or SplitMixOptions()
-    if not isinstance(sm, SplitMixOptions):
-        raise UsageError(f"strategy_options: expected SplitMixOptions, got {type(sm).__name__}")
-    if not sm.budgets and not sm.budget_by_profile:
-        sm = dataclasses.replace(sm, budget_by_profile=budgets_from_profiles(fleet, sm.atom))
-    return splitmix_config(cfg, sm.atom), sm
+def _median(xs: list[float]) -> float:
+    return round(float(np.median(xs)), 4) if xs else 0.0
 
 
 def _add_fleet_figures(report: dict, opts: SimOptions, agents, fleet,
@@ -212,7 +202,10 @@ def _add_fleet_figures(report: dict, opts: SimOptions, agents, fleet,
         {"id": a.device, "profile": p.name, "macs": macs[a.device], "samples": int(len(a.y)),
          "uplink_bytes": sum(h["uplink_bytes"] for h in a.history),
          "downlink_bytes": sum(h["downlink_bytes"] for h in a.history),
-         "rounds_trained": len(a.history)} for a, p in zip(agents, fleet)]
+         "rounds_trained": len(a.history),
+         "simulated_round_seconds": _median([device_round_seconds(p, macs[a.device], h)
+                                             for h in a.history])}
+        for a, p in zip(agents, fleet)]
     report.update({"broker": opts.broker or "memory", "dataset": opts.dataset,
                    "alpha": opts.alpha, "seed": opts.seed,
                    "uplink_bytes_total": sum(d["uplink_bytes"] for d in report["devices"]),

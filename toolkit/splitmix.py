@@ -6,6 +6,8 @@ the bases are built by ``device_runtime.training.splitmix``.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from device_runtime.training.models import ModelConfig
@@ -26,13 +28,14 @@ def splitmix_config(cfg: ModelConfig, atom: float) -> ModelConfig:
 def budgets_from_profiles(profiles: list[DeviceProfile], atom: float,
                           ram_fraction: float = 0.25, bytes_per_base: int = 0
                           ) -> dict[str, float]:
-    """Width budget per profile: its compute relative to the fleet's strongest device,
-    capped by the bases its training memory holds (``bytes_per_base`` of parameters,
-    gradients and momentum), never below one base."""
+    """Width budget per profile: the width of the single network its compute affords,
+    sqrt(compute / strongest compute) since a width-w network costs about w^2 of the
+    full one's MACs; capped by the bases its training memory holds (``bytes_per_base``
+    of parameters, gradients and momentum), never below one base."""
     top = max(p.gflops for p in profiles)
     out = {}
     for p in profiles:
-        budget = p.gflops / top
+        budget = math.sqrt(p.gflops / top)
         if bytes_per_base:
             fits = int(p.ram_mb * 1e6 * ram_fraction // bytes_per_base)
             budget = min(budget, fits * atom)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Callable
 
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update
-from broker_server.strategies.fedavg import FedAvg
+from broker_server.strategies.fedavg import FedAvg, FedAvgOptions
+from broker_server.strategies.heterofl import HeteroFL, HeteroFLOptions
 from broker_server.strategies.signsgd import SignSGD, SignSGDOptions
 from broker_server.strategies.splitmix import SplitMix, SplitMixOptions
 from device_runtime.registry import Registry
@@ -28,7 +29,8 @@ def create(name: str, **options) -> Strategy:
 register("fedavg", FedAvg)
 register("signsgd", SignSGD)
 register("splitmix", SplitMix)
+register("heterofl", HeteroFL)
 
 __all__ = ["Assignment", "DeviceInfo", "Strategy", "Update", "register", "create",
-           "STRATEGIES", "SignSGDOptions",
+           "STRATEGIES", "FedAvgOptions", "HeteroFLOptions", "SignSGDOptions",
            "SplitMixOptions"]

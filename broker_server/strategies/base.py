@@ -55,6 +55,14 @@ class Strategy(ABC):
             return global_weights
         raise ValueError(f"variant: strategy {self.name} has no variant {name!r}")
 
+    def update_shapes(self, variant: str, model_shapes: dict) -> dict:
+        """The tensors an update for ``variant`` must hold (default: the variant's model)."""
+        return model_shapes
+
+    def public_inputs(self) -> np.ndarray | None:
+        """Inputs every device needs, published once per job (e.g. for logits uplink)."""
+        return None
+
     @abstractmethod
     def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
         """Which devices work this round, and on what."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from toolkit.cli import strategy_args
+
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the aggregator for a job")
@@ -18,7 +20,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the report here")
     p.add_argument("--eval-data", help=".npz with x_test, y_test (default: the "
                    "checkpoint's dataset)")
+    p.add_argument("--profiles", default="all", help="the fleet's profiles (comma list or "
+                   "all): they set SplitMix/HeteroFL budgets and REFT's pruning")
+    p.add_argument("--profiles-file")
     train_args(p)
+    strategy_args.add(p)
     p.add_argument("--max-payload", type=int, default=128 * 1024)
     p.set_defaults(func=serve)
 

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from toolkit.cli import strategy_args
 from toolkit.cli.field_cmds import train_args
 
 
@@ -26,14 +27,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=float, default=1.0)
     train_args(p)
     p.add_argument("--broker", help="mqtt://host:port (default: in-memory transport)")
-    g = p.add_argument_group("signsgd")
-    g.add_argument("--sign-decoder", choices=("mv", "fv"), default="fv")
-    g.add_argument("--sign-per-coordinate", action="store_true",
-                   help="FV weights per device and coordinate (default: per device)")
-    g.add_argument("--server-lr", type=float, default=1e-3)
-    g.add_argument("--local-steps", type=int, default=1)
-    g.add_argument("--batch-sizes", help="comma list, one per device (default: in proportion "
-                   "to each profile's compute, 4..128)")
+    strategy_args.add(p)
     p.add_argument("--export", help="write the final model's artifacts for the fleet here")
     p.add_argument("--json", required=True)
     p.set_defaults(func=simulate)
@@ -54,7 +48,7 @@ def simulate(args: argparse.Namespace) -> int:
     opts = SimOptions(args.dataset, args.devices, args.rounds, args.alpha, args.seed,
                       args.strategy, args.codec, args.model, args.width, tuple(profiles),
                       args.epochs, args.batch_size, args.lr, broker=args.broker,
-                      strategy_options=_strategy_options(args, cat, profiles))
+                      strategy_options=strategy_args.options(args, cat, profiles, args.devices))
 
     def show(rec: dict) -> None:
         print(f"round {rec['round']:3d}  accuracy {rec['accuracy']:.4f}  "
@@ -72,26 +66,3 @@ def simulate(args: argparse.Namespace) -> int:
           f"{report['uplink_bytes_total']:,} B, downlink {report['downlink_bytes_total']:,} B; "
           f"wrote {args.json}")
     return 0
-
-
-def _strategy_options(args: argparse.Namespace, cat, profiles: list[str]):
-    if args.strategy != "signsgd":
-        return None
-    from broker_server.strategies import SignSGDOptions
-    from toolkit.errors import UsageError
-    from toolkit.simulate import batch_by_compute
-
-    by_device = {}
-    if args.batch_sizes:
-        try:
-            sizes = [int(b) for b in args.batch_sizes.split(",")]
-        except ValueError:
-            raise UsageError(f"--batch-sizes: expected integers, got {args.batch_sizes!r}") \
-                from None
-        if len(sizes) != args.devices or min(sizes) < 1:
-            raise UsageError(f"--batch-sizes: expected {args.devices} positive sizes, got "
-                             f"{len(sizes)}")
-        by_device = {f"dev-{k}": b for k, b in enumerate(sizes)}
-    return SignSGDOptions(args.sign_decoder, args.sign_per_coordinate, args.server_lr,
-                          local_steps=args.local_steps, batch_by_device=by_device,
-                          batch_by_profile=batch_by_compute([cat.get(p) for p in profiles]))

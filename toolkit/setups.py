@@ -1,0 +1,89 @@
+"""Server-side strategy setup: from the model config and the fleet's profiles to the
+typed options a strategy needs (SplitMix budgets and the bases' config, HeteroFL's
+width levels, REFT's MAC shares and public split). Shared by ``fedge simulate`` and
+``fedge serve``, so both build a strategy the same way.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from device_runtime.training.models import ModelConfig
+from toolkit.errors import UsageError
+from toolkit.profiles import DeviceProfile
+
+
+def setup_strategy(strategy: str, cfg: ModelConfig, fleet: list[DeviceProfile],
+                   public_x: np.ndarray, codec: str, options: object | None
+                   ) -> tuple[ModelConfig, object | None]:
+    """The model config the job trains and the strategy's options (``options`` filled in
+    from the fleet where the user left them out)."""
+    if strategy == "splitmix":
+        return _splitmix(options, cfg, fleet)
+    if strategy == "heterofl":
+        return cfg, _heterofl(options, cfg, fleet)
+    if strategy == "reft":
+        return cfg, _reft(options, codec, cfg, fleet, public_x)
+    return cfg, options
+
+
+def _reft(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile],
+          public_x: np.ndarray):
+    """REFT's setup: MAC fractions per profile from the planner, the public split."""
+    from device_runtime.training.models import build_model
+    from toolkit.checkpoint import example_input
+    from toolkit.plan import plan_fleet
+    from toolkit.pruning import count_macs
+    from toolkit.reft import LOGIT_CODECS, REFTOptions, REFTSetup, register_reft
+
+    register_reft()
+    ro = options or REFTOptions()
+    if not isinstance(ro, REFTOptions):
+        raise UsageError(f"strategy_options: expected REFTOptions, got {type(ro).__name__}")
+    if ro.uplink not in ("weights", "logits"):
+        raise UsageError(f"--reft-uplink: expected weights or logits, got {ro.uplink!r}")
+    if ro.uplink == "logits" and codec not in LOGIT_CODECS:
+        raise UsageError(f"--reft-uplink logits: expected --codec {', '.join(LOGIT_CODECS)}, "
+                         f"got {codec}")
+    macs, params = count_macs(build_model(cfg), example_input(cfg))
+    plans = plan_fleet(list({p.name: p for p in fleet}.values()), macs, params)
+    fractions = {n: pl.compute_fraction for n, pl in plans.items()}
+    for name, f in ro.fractions.items():
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
+            raise UsageError(f"REFTOptions.fractions[{name!r}]: expected a MAC share in "
+                             f"(0, 1], got {f!r}")
+    return REFTSetup(cfg, public_x, {**fractions, **ro.fractions}, ro)
+
+
+def _splitmix(options, cfg: ModelConfig, fleet: list[DeviceProfile]):
+    """The ensemble's config, and budgets from the fleet's profiles unless given."""
+    import dataclasses
+
+    from broker_server.strategies.splitmix import SplitMixOptions
+    from toolkit.splitmix import budgets_from_profiles, splitmix_config
+
+    sm = options or SplitMixOptions()
+    if not isinstance(sm, SplitMixOptions):
+        raise UsageError(f"strategy_options: expected SplitMixOptions, got {type(sm).__name__}")
+    if not sm.budgets and not sm.budget_by_profile:
+        sm = dataclasses.replace(sm, budget_by_profile=budgets_from_profiles(fleet, sm.atom))
+    if cfg.arch != "splitmix":
+        return splitmix_config(cfg, sm.atom), sm
+    if cfg.kwargs.get("bases") != sm.bases:  # a SplitMix checkpoint: its M must agree
+        raise UsageError(f"--splitmix-atom: the checkpoint holds {cfg.kwargs.get('bases')} "
+                         f"bases, the options ask for {sm.bases}")
+    return cfg, sm
+
+
+def _heterofl(options, cfg: ModelConfig, fleet: list[DeviceProfile]):
+    """Nested width levels from the options' budgets, else from the fleet's profiles."""
+    from broker_server.strategies.heterofl import HeteroFLOptions
+    from toolkit.heterofl import heterofl_options
+    from toolkit.splitmix import budgets_from_profiles
+
+    ho = options or HeteroFLOptions()
+    if not isinstance(ho, HeteroFLOptions):
+        raise UsageError(f"strategy_options: expected HeteroFLOptions, got {type(ho).__name__}")
+    if ho.levels:
+        return ho
+    by_profile = ho.width_by_profile or budgets_from_profiles(fleet, 0.125)
+    return heterofl_options(cfg, by_profile, ho.widths)
