@@ -174,8 +174,8 @@ def to_markdown(res: dict) -> str:
     lines = ["# Heterogeneous fleet: MNIST-1D, Dirichlet 0.5\n",
              f"{res['devices']} devices ({', '.join(res['profiles'])}, dealt round-robin), "
              f"model {res['model']}, {res['rounds']} rounds, seeds {res['seeds']}; width "
-             f"budgets {res['budgets']}; machine {res['machine']}. Command: "
-             f"`{res['command']}`.\n",
+             f"budgets {res['budgets']}; machine {res['machine']}. Commands: "
+             + "; ".join(f"`{c}`" for c in _list(res["command"])) + ".\n",
              "| arm | final accuracy (mean ± sd) | simulated time (s) | "
              + " | ".join(f"{p}: MACs / uplink B per round / round s" for p in res["profiles"])
              + " |", "|---|---|---|" + "---|" * len(res["profiles"])]
@@ -199,6 +199,10 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _list(x) -> list:
+    return x if isinstance(x, list) else [x]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
@@ -209,21 +213,37 @@ def main() -> None:
     ap.add_argument("--arms", help="comma list (default: all)")
     ap.add_argument("--json", default="runs/bench_heterogeneous.json")
     ap.add_argument("--md")
+    ap.add_argument("--merge", action="store_true", help="keep the other arms' runs from "
+                    "--json (same seeds, devices, rounds and model) and rerun only --arms")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     profiles = tuple(args.profiles.split(","))
     chosen = arms(args.devices, args.rounds, args.model, profiles)
     if args.arms:
         chosen = {k: v for k, v in chosen.items() if k in set(args.arms.split(","))}
-    results, switch = {}, {}
-    for name, opts in chosen.items():
-        print(name, flush=True)
-        results[name] = run_arm(name, opts, seeds, switch)
     res = {"machine": machine(), "seeds": seeds, "devices": args.devices, "model": args.model,
            "rounds": args.rounds, "profiles": list(profiles), "budgets": budgets(profiles),
-           "command": command("bench/heterogeneous.py"), "runs": results,
-           "summary": summarize(results), "predictor_switch": switch}
+           "command": command("bench/heterogeneous.py"), "runs": {}, "predictor_switch": {}}
+    if args.merge:
+        res = merged(res, args.json)
+    for name, opts in chosen.items():
+        print(name, flush=True)
+        res["runs"][name] = run_arm(name, opts, seeds, res["predictor_switch"])
+    res["summary"] = summarize(res["runs"])
     write_results(res, args.json, args.md, to_markdown)
+
+
+def merged(res: dict, path: str) -> dict:
+    """``res`` with the runs (and commands) of an earlier result of the same setup."""
+    import json
+
+    old = json.loads(Path(path).read_text())
+    for key in ("seeds", "devices", "rounds", "model", "profiles"):
+        if old.get(key) != res[key]:
+            sys.exit(f"--merge: {path} has {key} {old.get(key)!r}, this run {res[key]!r}")
+    commands = old["command"] if isinstance(old["command"], list) else [old["command"]]
+    return {**res, "runs": old["runs"], "predictor_switch": old.get("predictor_switch", {}),
+            "command": [*commands, res["command"]]}
 
 
 if __name__ == "__main__":

@@ -64,14 +64,17 @@ def test_reft_needs_its_setup():
 
 def test_logits_uplink_sends_the_public_split_logits_and_distils_the_same_targets():
     """Devices send N_public x classes float32 instead of their models; with a lossless
-    codec the server distils exactly what it distils from the models themselves."""
+    codec the server distils exactly what it distils from the models themselves (when
+    it does not also average the models' weights first)."""
     from toolkit.simulate import SimOptions, run_simulation
 
     base = SimOptions(devices=3, rounds=2, strategy="reft", epochs=1, seed=3,
-                      profiles=("rpi3b", "jetson-orin-nano"))
+                      profiles=("rpi3b", "jetson-orin-nano"),
+                      strategy_options=REFTOptions(average_first=False))
     weights, _ = run_simulation(base)
     logits, _ = run_simulation(SimOptions(**{**base.__dict__, "strategy_options":
-                                             REFTOptions(uplink="logits")}))
+                                             REFTOptions(uplink="logits",
+                                                         average_first=False)}))
     assert logits["rejected"] == [] and logits["final_accuracy"] == weights["final_accuracy"]
     n_public = 400  # 10% of MNIST-1D's 4,000 training samples, 10 classes, 4 bytes each
     for d in logits["devices"]:
@@ -103,3 +106,24 @@ def test_logits_updates_are_validated_against_the_public_split_shape():
     s = REFT(options=REFTSetup(CFG, x, {"rpi4": 0.5}, REFTOptions(uplink="logits")))
     assert s.update_shapes("reft-rpi4", {"w": (3, 3)}) == {"logits": (50, 10)}
     assert s.public_inputs().shape == (50, 40)
+
+
+def test_pruned_entries_map_back_to_their_places_and_average_there():
+    from toolkit.reft import index_map, scatter_average
+
+    torch.manual_seed(2)
+    full = build_model(CFG)
+    ex = example_input(CFG)
+    pruned, rec = prune_to_macs(full, ex, count_macs(full, ex)[0] // 3)
+    index = index_map(CFG, rec, ex)
+    fw, pw = weights_of(full), weights_of(pruned)
+    for k, w in pw.items():  # every kept entry is the full entry at its mapped index
+        np.testing.assert_array_equal(fw[k].ravel()[index[k].ravel()], w.ravel(), err_msg=k)
+    moved = {k: w + 1.0 for k, w in pw.items()}
+    avg = scatter_average(fw, [(moved, index, 3.0), (fw, {k: np.arange(v.size).reshape(v.shape)
+                                                          for k, v in fw.items()}, 1.0)])
+    k = "stages.1.0.weight"
+    held = np.zeros(fw[k].size, bool)
+    held[index[k].ravel()] = True
+    np.testing.assert_allclose(avg[k].ravel()[held], fw[k].ravel()[held] + 0.75, rtol=1e-5)
+    np.testing.assert_allclose(avg[k].ravel()[~held], fw[k].ravel()[~held], rtol=1e-6)

@@ -111,3 +111,41 @@ def test_a_splitmix_job_runs_end_to_end_and_uplink_follows_the_bases_trained():
     assert max(per_base.values()) / min(per_base.values()) < 1.02
     macs = {d["id"]: d["macs"] for d in report["devices"]}
     assert macs["dev-2"] == 4 * macs["dev-0"] == 2 * macs["dev-1"]
+
+
+@pytest.mark.parametrize("trainer", ["sgd", "fedmrn"])
+def test_each_base_learns_alone_whatever_the_codec_trains(trainer):
+    """A base must learn the same beside any partner: the bases are trained on their
+    own losses (not on the averaged logits), by the plain trainer and by FedMRN's mask
+    trainer alike, so the first k bases stand on their own at inference."""
+    import torch
+
+    from device_runtime.training.local import LocalTrainOptions
+    from device_runtime.training.models import ModelConfig, build_model
+    from device_runtime.training.splitmix import SplitMixNet
+
+    rng = np.random.default_rng(0)
+    xs, ys = rng.normal(size=(64, 40)).astype(np.float32), rng.integers(0, 10, 64)
+    opts = LocalTrainOptions(epochs=1, batch_size=16, lr=0.05, seed=1)
+    one = ModelConfig("cnn1d", (40,), 10, width=0.125)
+    results = []
+    for partner_scale in (1.0, 3.0):
+        torch.manual_seed(0)
+        a, b = build_model(one), build_model(one)
+        with torch.no_grad():
+            for p in b.parameters():
+                p.mul_(partner_scale)
+        pair = SplitMixNet({0: a, 1: b})
+        if trainer == "sgd":
+            from device_runtime.training.splitmix import train_bases
+
+            res = train_bases(pair, xs, ys, opts)
+        else:
+            from device_runtime.training.fedmrn import train_fedmrn
+
+            res = train_fedmrn(pair, xs, ys, opts, seed=1)
+        results.append({k: v for k, v in res.weights.items() if k.startswith("bases.0.")})
+    assert results[0]
+    for k in results[0]:
+        np.testing.assert_allclose(results[0][k], results[1][k], rtol=1e-5, atol=1e-6,
+                                   err_msg=k)

@@ -25,7 +25,7 @@ from broker_server.strategies.base import Weights
 from device_runtime.training.local import load_weights, minibatches, weights_of
 from device_runtime.training.models import ModelConfig, build_model
 from toolkit.checkpoint import example_input
-from toolkit.pruning import count_macs, prune_to_macs
+from toolkit.pruning import PruneRecord, count_macs, prune_to_macs, replay
 
 
 LOGIT_CODECS = ("fp32", "fp16", "int8")  # the codecs that code any tensor as it is
@@ -42,6 +42,10 @@ class REFTOptions:
     # "weights": devices send their pruned models; "logits": only their logits on the
     # public split (FedMD), whatever the model's size.
     uplink: str = "weights"
+    # Start the student from the entry-wise average of the client models mapped back to
+    # their places in the global model (FedDF's initialization), then distil. False:
+    # distil into last round's global model alone.
+    average_first: bool = True
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,37 @@ def pruned_config(cfg: ModelConfig, model: nn.Module) -> ModelConfig:
     if hidden:
         kwargs["hidden"] = hidden[0].out_features
     return cfg.replace(kwargs=kwargs)
+
+
+def index_map(cfg: ModelConfig, record: PruneRecord, example: torch.Tensor
+              ) -> dict[str, np.ndarray]:
+    """Per tensor of the pruned model, the flat index in the full model's tensor of each
+    entry: replay the pruning on a model whose entries hold their own indices."""
+    model = build_model(cfg)
+    if max(t.numel() for t in model.state_dict().values()) > 1 << 24:
+        raise ValueError("index_map: a tensor has more entries than float32 counts exactly")
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.arange(t.numel(), dtype=torch.float64).reshape(t.shape))
+    replay(model, record, example)
+    return {k: np.rint(v).astype(np.int64) for k, v in weights_of(model).items()}
+
+
+def scatter_average(global_weights: Weights, updates: list[tuple[Weights, dict, float]]
+                    ) -> Weights:
+    """Each global entry: the sample-weighted mean over the updates that hold it (an
+    update's ``index`` maps its entries to flat global indices); others keep theirs."""
+    out = {}
+    for k, g in global_weights.items():
+        sums = np.zeros(g.size, np.float64)
+        mass = np.zeros(g.size, np.float64)
+        for w, index, n in updates:
+            np.add.at(sums, index[k].ravel(), w[k].astype(np.float64).ravel() * n)
+            np.add.at(mass, index[k].ravel(), n)
+        flat = np.where(mass > 0, sums / np.maximum(mass, 1e-300), g.ravel())
+        out[k] = flat.reshape(g.shape).astype(np.float32)
+    return out
 
 
 def soft_targets(teachers: list[tuple[np.ndarray, float]], t: float) -> torch.Tensor:
@@ -119,13 +154,16 @@ class REFT(Strategy):
         self.student = build_model(options.config)
         self.full_macs, _ = count_macs(self.student, self.example)
         self.pruned: dict[str, tuple[ModelConfig, Weights, int]] = {}  # profile -> variant
+        self.index: dict[str, dict[str, np.ndarray]] = {}  # profile -> index_map
         self.round = 0
 
     def _prune_all(self, global_weights: Weights) -> None:
         load_weights(self.student, global_weights)
         self.pruned = {}
         for profile, frac in self.setup.fractions.items():
-            model, _ = prune_to_macs(self.student, self.example, int(self.full_macs * frac))
+            model, rec = prune_to_macs(self.student, self.example, int(self.full_macs * frac))
+            if self.setup.options.average_first and not self.logits:
+                self.index[profile] = index_map(self.setup.config, rec, self.example)
             macs, _ = count_macs(model, self.example)
             self.pruned[profile] = (pruned_config(self.setup.config, model), weights_of(model),
                                     macs)
@@ -171,7 +209,7 @@ class REFT(Strategy):
 
     def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
         by_variant = {f"reft-{p}": cfg for p, (cfg, _, _) in self.pruned.items()}
-        teachers = []
+        teachers, placed = [], []
         for u in updates:
             if self.logits:
                 teachers.append((u.weights["logits"], float(u.samples)))
@@ -179,6 +217,11 @@ class REFT(Strategy):
             m = build_model(by_variant[u.meta["variant"]])
             load_weights(m, u.weights)
             teachers.append((model_logits(m, self.setup.public_x), float(u.samples)))
+            index = self.index.get(u.meta["variant"].removeprefix("reft-"))
+            if index is not None:
+                placed.append((u.weights, index, float(u.samples)))
+        if placed:
+            global_weights = scatter_average(global_weights, placed)
         load_weights(self.student, global_weights)
         target = soft_targets(teachers, self.setup.options.temperature)
         distill_to(self.student, target, self.setup.public_x, self.setup.options, seed=round_)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from device_runtime.codecs.fedmrn import MASK_LR, NOISE_SCALE, masked, noise
+from device_runtime.training.splitmix import supervised_loss
 from device_runtime.training.local import (
     LocalResult,
     LocalTrainOptions,
@@ -42,8 +43,9 @@ def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrai
             p_sample = min(1.0, step / steps)  # progressive stochastic masking
             weights = {k: base[k] + noises[k] * _mask(latent[k], noises[k], p_sample, gen,
                                                       signed) for k in names}
-            loss = nn.functional.cross_entropy(functional_call(model, weights, (xt[idx],)),
-                                               yt[idx])
+            loss, mean = supervised_loss(  # SplitMix bases: each its own loss
+                model, xt[idx], yt[idx],
+                lambda *a, **kw: functional_call(model, weights, a, kw))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -54,7 +56,7 @@ def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrai
                         torch.maximum(a * noises[k], b * noises[k])
                     latent[k].copy_(torch.maximum(torch.minimum(latent[k], hi), lo))
             step += 1
-            total += float(loss.detach()) * len(idx)
+            total += mean * len(idx)
             seen += len(idx)
     with torch.no_grad():  # the final mask is a sample, as the paper does
         for k in names:

@@ -41,8 +41,10 @@ class SplitMixNet(nn.Module):
     def indices(self) -> list[int]:
         return [int(k) for k in self.bases]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.bases.values()]).mean(0)
+    def forward(self, x: torch.Tensor, per_base: bool = False) -> torch.Tensor:
+        """The mean of the bases' logits; ``per_base``: all of them, stacked (k, N, C)."""
+        outs = torch.stack([m(x) for m in self.bases.values()])
+        return outs if per_base else outs.mean(0)
 
     def first(self, k: int) -> "SplitMixNet":
         """The width-k model: the first ``k`` bases (shares their modules)."""
@@ -91,6 +93,21 @@ def parse_variant(name: str) -> list[int]:
     return idx
 
 
+def supervised_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, call=None
+                    ) -> tuple[torch.Tensor, float]:
+    """(loss to minimize, mean loss per model). Cross-entropy; for SplitMix bases the sum
+    of each base's own, so every base learns alone, as the paper trains them (training
+    the averaged logits would make the bases co-adapt, and the first k would no longer
+    stand on their own). ``call`` replaces ``model(...)`` (e.g. a functional call)."""
+    call = call or model
+    if isinstance(model, SplitMixNet):
+        outs = call(x, per_base=True)
+        loss = sum(nn.functional.cross_entropy(o, y) for o in outs)
+        return loss, float(loss.detach()) / len(outs)
+    loss = nn.functional.cross_entropy(call(x), y)
+    return loss, float(loss.detach())
+
+
 def train_bases(model: SplitMixNet, x: np.ndarray, y: np.ndarray,
                 opts: LocalTrainOptions) -> LocalResult:
     """Each minibatch goes through every held base; their losses are summed (so each
@@ -104,12 +121,11 @@ def train_bases(model: SplitMixNet, x: np.ndarray, y: np.ndarray,
     total, seen = 0.0, 0
     for _ in range(max(1, opts.epochs)):
         for idx in minibatches(len(xt), opts.batch_size, gen):
-            loss = sum(nn.functional.cross_entropy(m(xt[idx]), yt[idx])
-                       for m in model.bases.values())
+            loss, mean = supervised_loss(model, xt[idx], yt[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss.detach()) / len(model.bases) * len(idx)
+            total += mean * len(idx)
             seen += len(idx)
     model.eval()
     return LocalResult(weights_of(model), len(x), total / max(seen, 1),
