@@ -1,6 +1,7 @@
 """Codecs by name. ``register(name, impl)`` adds one; the built-ins are registered here."""
 from __future__ import annotations
 
+from device_runtime.codecs.act import ActCodec
 from device_runtime.codecs.base import Codec, CodecContext
 from device_runtime.codecs.fp16 import Fp16Codec
 from device_runtime.codecs.fedmrn import FedMRNCodec
@@ -26,5 +27,7 @@ register("int8", Int8Codec())
 register("sign", SignCodec())
 register("fedmrn", FedMRNCodec())
 register("fedmrn-signed", FedMRNCodec(scale=0.02, signed=True, name="fedmrn-signed"))
+register("act8", ActCodec(8, "act8"))
+register("act4", ActCodec(4, "act4"))
 
 __all__ = ["Codec", "CodecContext", "register", "get", "CODECS"]
