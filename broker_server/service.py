@@ -89,8 +89,8 @@ class Aggregator:
         self.events: queue.Queue = queue.Queue()
         self.round: RoundState | None = None
         self.last_models: dict[str, int] = {}  # variant -> bytes, of the last closed round
-        self.public: bytes = b""  # the public inputs frame, for strategies that want logits
-        self.public_sent: set[str] = set()  # devices that fetched it (counted once each)
+        self.assets: dict[str, bytes] = {}  # name -> frame, published once per job
+        self.assets_sent: set[tuple[str, str]] = set()  # (device, asset): counted once each
 
     # --- transport side: enqueue only ------------------------------------------
     def _enqueue(self, topic: str, payload: bytes) -> None:
@@ -115,7 +115,7 @@ class Aggregator:
         self.t.subscribe(self.topics.status(), self._enqueue)
         self.t.subscribe(self.topics.update(), self._enqueue)
         self._plan = messages.dump(plan)
-        self._publish_public()
+        self._publish_assets()
         if self.state.completed < self.opts.rounds:
             self.t.clear_retained(self.topics.control)  # a stop left by an earlier run
         self.t.publish(self.topics.plan, self._plan, retain=True)
@@ -128,13 +128,11 @@ class Aggregator:
                        retain=True)
         return self.report()
 
-    def _publish_public(self) -> None:
-        x = self.strategy.public_inputs()
-        if x is None:
-            return
-        self.public = wire.encode(wire.Frame("public", self.opts.job, 0, "server", "fp32",
-                                             {"x": x}))
-        self.t.publish(self.topics.public, self.public, retain=True)
+    def _publish_assets(self) -> None:
+        for name, tensors in self.strategy.assets().items():
+            self.assets[name] = wire.encode(wire.Frame("asset", self.opts.job, 0, "server",
+                                                       "fp32", tensors))
+            self.t.publish(self.topics.asset(name), self.assets[name], retain=True)
 
     def _wait_for_devices(self, start: float) -> None:
         while len(self._online()) < self.opts.min_devices:
@@ -192,13 +190,13 @@ class Aggregator:
             if a.variant not in rs.model_sha:  # e.g. SplitMix: a set of bases, known now
                 self._publish_variant(rs, a.variant,
                                       self.strategy.variant(self.weights, a.variant))
-            uplink = a.extra.get("uplink", "weights")
             task = messages.Task(rs.number, device, a.variant, rs.model_sha[a.variant],
                                  rs.deadline, a.epochs, a.batch_size, a.lr,
                                  self._task_seed(rs.number), self.opts.codec,
                                  int(a.extra.get("steps", 0)), dict(a.extra.get("model", {})),
-                                 uplink, hashlib.sha256(self.public).hexdigest()
-                                 if uplink == "logits" else "")
+                                 a.extra.get("uplink", "weights"),
+                                 {n: hashlib.sha256(self.assets[n]).hexdigest()
+                                  for n in a.extra.get("assets", [])})
             rs.assigned[device] = task
             if device not in rs.accepted:
                 self._send_task(rs, task)
@@ -211,9 +209,10 @@ class Aggregator:
         rs.downlink_bytes += self.t.publish(self.topics.task(rs.number, task.device),
                                             messages.dump(task))
         rs.downlink_bytes += rs.model_bytes[task.variant]  # the device fetches the model
-        if task.uplink == "logits" and task.device not in self.public_sent:
-            self.public_sent.add(task.device)  # and, once per job, the public inputs
-            rs.downlink_bytes += len(self.public)
+        for name in task.assets:  # and, once per job, the assets it needs
+            if (task.device, name) not in self.assets_sent:
+                self.assets_sent.add((task.device, name))
+                rs.downlink_bytes += len(self.assets[name])
 
     def _pump(self, timeout: float) -> None:
         """Handle every queued message (waiting up to ``timeout`` for the first)."""
@@ -244,8 +243,8 @@ class Aggregator:
     def _republish(self) -> None:
         log.info("reconnected to the broker: republishing the plan and the open round's models")
         self.t.publish(self.topics.plan, self._plan, retain=True)
-        if self.public:
-            self.t.publish(self.topics.public, self.public, retain=True)
+        for name, frame in self.assets.items():
+            self.t.publish(self.topics.asset(name), frame, retain=True)
         if self.round is not None:
             for variant, frame in self.round.frames.items():
                 self.t.publish(self.topics.model(self.round.number, variant), frame, retain=True)

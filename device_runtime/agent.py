@@ -47,8 +47,8 @@ class DeviceAgent:
         self.events: queue.Queue = queue.Queue()
         self.plan: messages.Plan | None = None
         self.models: dict[tuple[int, str], bytes] = {}
-        self.public: bytes = b""  # the server's public inputs frame (logits uplink)
-        self.public_x: np.ndarray | None = None  # decoded, once its sha256 matched
+        self.assets: dict[str, bytes] = {}  # name -> frame as received
+        self._assets: dict[tuple[str, str], dict] = {}  # (name, sha256) -> decoded tensors
         self.sent: dict[int, bytes] = {}  # round -> update frame, republished on a resent task
         self.stopped = False
         self.rounds_done = 0
@@ -70,7 +70,7 @@ class DeviceAgent:
         self.t.on_connect = self.announce  # re-announce after every reconnect
         self.t.subscribe(self.topics.plan, self._enqueue)
         self.t.subscribe(self.topics.control, self._enqueue)
-        self.t.subscribe(self.topics.public, self._enqueue)
+        self.t.subscribe(self.topics.asset(), self._enqueue)
         self.t.subscribe(self.topics.task("+", self.device), self._enqueue)
         self.t.subscribe(self.topics.model("+", "+"), self._enqueue)
         self.announce()
@@ -98,8 +98,8 @@ class DeviceAgent:
             elif where["kind"] == "control":
                 ctl = messages.parse(messages.Control, payload)
                 self.stopped = ctl.action == "stop"
-            elif where["kind"] == "public":
-                self.public = payload
+            elif where["kind"] == "asset":
+                self.assets[where["asset"]] = payload
             elif where["kind"] == "model":
                 self.models[(where["round"], where["variant"])] = payload
                 self.models = {k: v for k, v in self.models.items() if k[0] >= where["round"] - 1}
@@ -127,15 +127,14 @@ class DeviceAgent:
             log.warning("round %d: model never arrived before the deadline", task.round)
             return
         down = len(frame_bytes) + len(messages.dump(task))
-        if task.uplink == "logits" and self.public_x is None:
-            public = self._wait_frame(lambda: self.public or None, task.public_sha256,
-                                      task.deadline, "public inputs", self._drop_public)
-            if public is None:
-                log.warning("round %d: public inputs never arrived", task.round)
+        for name, sha in task.assets.items():
+            fetched = self._asset(name, str(sha), task.deadline)
+            if fetched is None:
+                log.warning("round %d: asset %r never arrived", task.round, name)
                 return
-            self.public_x = wire.decode(public, wire.Expect(kind="public", job=self.opts.job,
-                                                            round=0)).tensors["x"]
-            down += len(public)
+            down += fetched
+        if task.uplink == "logits" and "public" not in task.assets:
+            raise messages.MessageError("task.assets: expected 'public' with uplink logits")
         t0 = time.perf_counter()
         update = self._train(task, frame_bytes)
         self.sent = {r: b for r, b in self.sent.items() if r >= task.round - 2}
@@ -153,8 +152,22 @@ class DeviceAgent:
         return self._wait_frame(lambda: self.models.get(key), task.model_sha256, task.deadline,
                                 f"model {key}", lambda: self.models.pop(key, None))
 
-    def _drop_public(self) -> None:
-        self.public = b""
+    def _asset(self, name: str, sha256: str, deadline: float) -> int | None:
+        """Make sure asset ``name`` with this sha256 is decoded; returns the bytes fetched
+        for it now (0 when already held), None when it never arrived."""
+        if (name, sha256) in self._assets:
+            return 0
+        data = self._wait_frame(lambda: self.assets.get(name), sha256, deadline,
+                                f"asset {name!r}", lambda: self.assets.pop(name, None))
+        if data is None:
+            return None
+        frame = wire.decode(data, wire.Expect(kind="asset", job=self.opts.job, round=0))
+        self._assets = {k: v for k, v in self._assets.items() if k[0] != name}
+        self._assets[(name, sha256)] = frame.tensors
+        return len(data)
+
+    def asset(self, task: messages.Task, name: str) -> dict:
+        return self._assets[(name, str(task.assets[name]))]
 
     def _wait_frame(self, lookup, sha256: str, deadline: float, what: str, drop
                     ) -> bytes | None:
@@ -211,7 +224,7 @@ class DeviceAgent:
             res = train_local(model, self.x, self.y, local)
         sent, reference = res.weights, frame.tensors
         if task.uplink == "logits":  # FedMD: the model's answers, not the model
-            sent, reference = {"logits": logits_of(model, self.public_x)}, None
+            sent, reference = {"logits": logits_of(model, self.asset(task, "public")["x"])}, None
         ctx = CodecContext(round=task.round, seed=task.seed, reference=reference,
                            device=self.device)
         tensors, params = codec.encode(sent, ctx)

@@ -76,8 +76,8 @@ class Task:
     codec: str
     steps: int = 0  # > 0: exactly this many local minibatch steps instead of epochs
     model: dict = field(default_factory=dict)  # the variant's ModelConfig, if not the plan's
-    uplink: str = "weights"  # "logits": send the trained model's logits on the public inputs
-    public_sha256: str = ""  # with "logits": sha256 of the public frame
+    uplink: str = "weights"  # "logits": the trained model's logits on the "public" asset
+    assets: dict = field(default_factory=dict)  # asset name -> sha256 of its frame
 
 
 @dataclass(frozen=True)

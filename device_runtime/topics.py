@@ -33,10 +33,9 @@ class Topics:
     def control(self) -> str:
         return f"{self.root}/control"
 
-    @property
-    def public(self) -> str:
-        """Retained: the server's public inputs, for strategies whose devices send logits."""
-        return f"{self.root}/public"
+    def asset(self, name: str = "+") -> str:
+        """Retained, once per job: a frame some tasks need (e.g. REFT's public inputs)."""
+        return f"{self.root}/asset/{name}"
 
     def status(self, device: str = "+") -> str:
         return f"{self.root}/devices/{device}/status"
@@ -56,8 +55,10 @@ class Topics:
         if parts[:2] != ["fedge", self.job]:
             return {"kind": "foreign"}
         rest = parts[2:]
-        if rest in (["plan"], ["control"], ["public"]):
+        if rest in (["plan"], ["control"]):
             return {"kind": rest[0]}
+        if len(rest) == 2 and rest[0] == "asset":
+            return {"kind": "asset", "asset": rest[1]}
         if len(rest) == 3 and rest[0] == "devices" and rest[2] == "status":
             return {"kind": "status", "device": rest[1]}
         if len(rest) == 4 and rest[0] == "round" and rest[1].isdigit():

@@ -182,13 +182,16 @@ class REFT(Strategy):
                 raise ValueError(f"reft: no MAC budget for profile {d.profile!r}; known: "
                                  f"{', '.join(sorted(self.pruned))}")
             cfg = self.pruned[d.profile][0]
-            extra = {"model": cfg.to_json(), **({"uplink": "logits"} if self.logits else {})}
+            extra = {"model": cfg.to_json(),
+                     **({"uplink": "logits", "assets": ["public"]} if self.logits else {})}
             out[d.id] = Assignment(f"reft-{d.profile}", self.epochs, self.batch_size, self.lr,
                                    extra)
         return out
 
-    def public_inputs(self) -> np.ndarray | None:
-        return np.ascontiguousarray(self.setup.public_x, np.float32) if self.logits else None
+    def assets(self) -> dict[str, Weights]:
+        if not self.logits:
+            return {}
+        return {"public": {"x": np.ascontiguousarray(self.setup.public_x, np.float32)}}
 
     def update_shapes(self, variant: str, model_shapes: dict) -> dict:
         if not self.logits:

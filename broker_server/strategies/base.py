@@ -59,9 +59,10 @@ class Strategy(ABC):
         """The tensors an update for ``variant`` must hold (default: the variant's model)."""
         return model_shapes
 
-    def public_inputs(self) -> np.ndarray | None:
-        """Inputs every device needs, published once per job (e.g. for logits uplink)."""
-        return None
+    def assets(self) -> dict[str, Weights]:
+        """Frames published once per job, retained, by name (e.g. REFT's public inputs);
+        an assignment lists those its device needs in ``extra["assets"]``."""
+        return {}
 
     @abstractmethod
     def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
