@@ -156,10 +156,11 @@ class Aggregator:
         rs.fold = self.strategy.fold(r, self.weights, self.codec, ctx)
         self._reload_accepted(rs)
         self._assign(rs, self._online())
+        alone = not self.strategy.needs_updates(r)
         while True:
             self._pump(0.05)
             pending = set(rs.assigned) - set(rs.accepted)
-            if not pending and rs.accepted:
+            if not pending and (rs.accepted or alone):
                 break
             if time.time() >= rs.deadline:
                 if len(rs.accepted) >= self.opts.min_devices:
@@ -282,7 +283,9 @@ class Aggregator:
                              devices=frozenset([device]), codec=self.opts.codec,
                              tensors=self.codec.wire_spec(self.strategy.update_shapes(
                                  rs.assigned[device].variant,
-                                 rs.shapes[rs.assigned[device].variant])))
+                                 rs.shapes[rs.assigned[device].variant],
+                                 self.devices[device].samples if device in self.devices
+                                 else 0)))
         frame = wire.decode(payload, expect)
         # Persisted only after the fold accepted it: a rejected payload leaves no trace.
         self._fold_in(rs, frame)

@@ -119,9 +119,9 @@ class DeviceAgent:
         if task.round in self.sent:  # the aggregator lost it or restarted: resend as is
             self.t.publish(self.topics.update(task.round, self.device), self.sent[task.round])
             return
-        if task.uplink not in ("weights", "logits"):
-            raise messages.MessageError(f"task.uplink: expected 'weights' or 'logits', got "
-                                        f"{task.uplink!r}")
+        if task.uplink not in ("weights", "logits", "acts"):
+            raise messages.MessageError(f"task.uplink: expected 'weights', 'logits' or 'acts', "
+                                        f"got {task.uplink!r}")
         frame_bytes = self._wait_model(task)
         if frame_bytes is None:
             log.warning("round %d: model never arrived before the deadline", task.round)
@@ -133,10 +133,15 @@ class DeviceAgent:
                 log.warning("round %d: asset %r never arrived", task.round, name)
                 return
             down += fetched
-        if task.uplink == "logits" and "public" not in task.assets:
-            raise messages.MessageError("task.assets: expected 'public' with uplink logits")
+        needed = {"logits": "public", "acts": "head"}.get(task.uplink)
+        if needed and needed not in task.assets:
+            raise messages.MessageError(f"task.assets: expected {needed!r} with uplink "
+                                        f"{task.uplink}")
         t0 = time.perf_counter()
-        update = self._train(task, frame_bytes)
+        if task.uplink == "acts":  # the frozen head in onnxruntime: no torch on this path
+            update = self._activations(task)
+        else:
+            update = self._train(task, frame_bytes)
         self.sent = {r: b for r, b in self.sent.items() if r >= task.round - 2}
         self.sent[task.round] = update
         up = self.t.publish(self.topics.update(task.round, self.device), update)
@@ -144,6 +149,7 @@ class DeviceAgent:
         self.history.append({"round": task.round, "uplink_bytes": up,
                              "downlink_bytes": down,
                              "samples": _samples_seen(task, len(self.y)), "epochs": 1,
+                             "passes": 1 if task.uplink == "acts" else 3,
                              "seconds": round(time.perf_counter() - t0, 4)})
 
     def _wait_model(self, task: messages.Task) -> bytes | None:
@@ -189,6 +195,29 @@ class DeviceAgent:
             if self.stopped:
                 return None
         return None
+
+    def _activations(self, task: messages.Task) -> bytes:
+        """EcoFed: run the frozen head (the ONNX asset "head") on every local sample and
+        send the activations, quantized by the task's codec, with their labels."""
+        from device_runtime.session import run
+
+        key = ("head-session", str(task.assets["head"]))
+        if key not in self._assets:
+            import onnxruntime as ort
+
+            onnx_bytes = self.asset(task, "head")["onnx"].tobytes()
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = self.opts.threads
+            self._assets = {k: v for k, v in self._assets.items() if k[0] != "head-session"}
+            self._assets[key] = ort.InferenceSession(onnx_bytes, opts,
+                                                     providers=["CPUExecutionProvider"])
+        acts = run(self._assets[key], np.ascontiguousarray(self.x, np.float32), 256)
+        codec = codecs.get(task.codec)
+        tensors, params = codec.encode({"acts": acts, "labels": self.y.astype(np.int64)},
+                                       CodecContext(task.round, task.seed, None, self.device))
+        return wire.encode(wire.Frame("update", self.opts.job, task.round, self.device,
+                                      task.codec, tensors, params,
+                                      {"samples": int(len(self.y)), "variant": task.variant}))
 
     def _train(self, task: messages.Task, frame_bytes: bytes) -> bytes:
         from device_runtime.training.local import (

@@ -104,7 +104,7 @@ def test_logits_updates_are_validated_against_the_public_split_shape():
 
     x = np.zeros((50, 40), np.float32)
     s = REFT(options=REFTSetup(CFG, x, {"rpi4": 0.5}, REFTOptions(uplink="logits")))
-    assert s.update_shapes("reft-rpi4", {"w": (3, 3)}) == {"logits": (50, 10)}
+    assert s.update_shapes("reft-rpi4", {"w": (3, 3)}, 7) == {"logits": (50, 10)}
     assert s.assets()["public"]["x"].shape == (50, 40)
 
 

@@ -84,12 +84,14 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
     from toolkit import checkpoint
     from toolkit.cli import strategy_args
     from toolkit.profiles import ProfileCatalogue
+    from toolkit.ecofed import register_ecofed
     from toolkit.reft import register_reft
     from toolkit.setups import setup_strategy
 
     _check(args)
     check_id("job", args.job)
     register_reft()
+    register_ecofed()
     STRATEGIES.get(args.strategy)
     codecs.get(args.codec)
     cat = ProfileCatalogue.load(args.profiles_file)
@@ -98,7 +100,7 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
     public_x, x, y = server_data(ckpt, args.eval_data)
     cfg, strategy_options = setup_strategy(
         args.strategy, ckpt.config, fleet, public_x, args.codec,
-        strategy_args.options(args, cat, [p.name for p in fleet]))
+        strategy_args.options(args, cat, [p.name for p in fleet]), ckpt.model)
     if cfg != ckpt.config:  # e.g. SplitMix bases of the checkpoint's architecture
         from toolkit import zoo
 

@@ -193,7 +193,7 @@ class REFT(Strategy):
             return {}
         return {"public": {"x": np.ascontiguousarray(self.setup.public_x, np.float32)}}
 
-    def update_shapes(self, variant: str, model_shapes: dict) -> dict:
+    def update_shapes(self, variant: str, model_shapes: dict, samples: int) -> dict:
         if not self.logits:
             return model_shapes
         return {"logits": (len(self.setup.public_x), self.setup.config.num_classes)}

@@ -13,17 +13,54 @@ from toolkit.profiles import DeviceProfile
 
 
 def setup_strategy(strategy: str, cfg: ModelConfig, fleet: list[DeviceProfile],
-                   public_x: np.ndarray, codec: str, options: object | None
-                   ) -> tuple[ModelConfig, object | None]:
+                   public_x: np.ndarray, codec: str, options: object | None,
+                   model=None) -> tuple[ModelConfig, object | None]:
     """The model config the job trains and the strategy's options (``options`` filled in
-    from the fleet where the user left them out)."""
+    from the fleet where the user left them out). ``model``: the pre-trained model
+    (EcoFed freezes its head)."""
     if strategy == "splitmix":
         return _splitmix(options, cfg, fleet)
     if strategy == "heterofl":
         return cfg, _heterofl(options, cfg, fleet)
     if strategy == "reft":
         return cfg, _reft(options, codec, cfg, fleet, public_x)
+    if strategy == "ecofed":
+        return cfg, _ecofed(options, codec, cfg, fleet, public_x, model)
     return cfg, options
+
+
+def _ecofed(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile],
+            public_x: np.ndarray, model):
+    """EcoFed's setup: the split point (given, else the earliest the planner picks for
+    any profile of the fleet among cuts whose head holds at most a quarter of the
+    parameters), the head's ONNX."""
+    from toolkit.analysis import stage_infos
+    from toolkit.checkpoint import example_input
+    from toolkit.ecofed import ACT_CODECS, EcoFedOptions, EcoFedSetup, export_head
+    from toolkit.plan import choose_split, split_candidates
+
+    eo = options or EcoFedOptions()
+    if not isinstance(eo, EcoFedOptions):
+        raise UsageError(f"strategy_options: expected EcoFedOptions, got {type(eo).__name__}")
+    try:
+        eo.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if codec not in ACT_CODECS:
+        raise UsageError(f"--codec: ecofed sends activations, expected "
+                         f"{' or '.join(ACT_CODECS)}, got {codec}")
+    if model is None:
+        raise UsageError("ecofed: needs the pre-trained model whose head it freezes")
+    infos = stage_infos(model, example_input(cfg))
+    total = sum(i.params for i in infos)
+    # The head is frozen: keep at most a quarter of the parameters in it, so that the
+    # server still trains most of the model (a cut after a wide FC layer would send
+    # fewer bytes and leave only the classifier to learn).
+    after = min(choose_split([c for c in split_candidates(infos, p) if eo.split_after or
+                              sum(i.params for i in infos[:c.after]) <= total * 0.25],
+                             eo.split_after).after for p in fleet)
+    head, act_shape = export_head(model, cfg, after, public_x[:64])
+    return EcoFedSetup(cfg, after, head, act_shape, eo)
 
 
 def _reft(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile],

@@ -47,7 +47,9 @@ def train_flops(macs: int, samples: int, epochs: int) -> float:
 
 
 def device_round_seconds(profile: DeviceProfile, macs: int, rec: dict) -> float:
-    compute = train_flops(macs, rec["samples"], rec["epochs"]) / (profile.gflops * 1e9)
+    # Training is ~3 passes (forward + backward); a frozen head runs forward only.
+    compute = train_flops(macs, rec["samples"], rec["epochs"]) * rec.get("passes", 3) / 3 \
+        / (profile.gflops * 1e9)
     down = rec["downlink_bytes"] * 8 / (profile.downlink_kbps * 1e3)
     up = rec["uplink_bytes"] * 8 / (profile.uplink_kbps * 1e3)
     return compute + down + up
@@ -120,10 +122,11 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     parts = dirichlet_split(ds.y_train[rest], opts.devices, opts.alpha, opts.seed)
     cfg = zoo.make_config(opts.model, ds.sample_shape, ds.num_classes, opts.width,
                           float(np.mean(ds.x_train[pub])), float(np.std(ds.x_train[pub])))
+    pretrained = _pretrained(opts, cfg, ds.x_train[pub], ds.y_train[pub])
     cfg, strategy_options = setup_strategy(opts.strategy, cfg, fleet, ds.x_train[pub],
-                                           opts.codec, opts.strategy_options)
+                                           opts.codec, opts.strategy_options, pretrained)
     torch.manual_seed(opts.seed)
-    model = zoo.build_model(cfg)
+    model = pretrained if pretrained is not None else zoo.build_model(cfg)
     ckpt = checkpoint.Checkpoint(cfg, model, dataset=datasets.spec_for(opts.dataset))
     macs, _ = count_macs(model, checkpoint.example_input(cfg))
     job = f"sim-{opts.seed}-{np.random.default_rng().integers(1 << 30):x}"
@@ -159,6 +162,14 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
                       for a, p in zip(agents, fleet)}
     if opts.strategy == "heterofl":  # the width level each device trains
         per_device = _heterofl_macs(strategy_options, agents, fleet)
+    if opts.strategy == "ecofed":  # the frozen head each device runs (forward only)
+        from toolkit.zoo import split
+
+        head = count_macs(split(ckpt.model, strategy_options.split_after)[0],
+                          checkpoint.example_input(cfg))[0]
+        per_device = {a.device: head for a in agents}
+        report["split_after"] = strategy_options.split_after
+        report["act_shape"] = list(strategy_options.act_shape)
     if opts.strategy == "reft":  # the pruned model each device trained (last round)
         per_device = {a.device: agg.strategy.macs_of(p.name) for a, p in zip(agents, fleet)}
     if opts.strategy == "splitmix":  # a device trains n of the M bases
@@ -169,6 +180,24 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
                       // strategy_options.bases for a, p in zip(agents, fleet)}
     _add_fleet_figures(report, opts, agents, fleet, per_device)
     return report, ckpt
+
+
+def _pretrained(opts: SimOptions, cfg, x: np.ndarray, y: np.ndarray):
+    """EcoFed's starting point: the model pre-trained on the server's public split."""
+    if opts.strategy != "ecofed":
+        return None
+    import torch
+
+    from toolkit import zoo
+    from toolkit.ecofed import EcoFedOptions, register_ecofed
+    from toolkit.train import TrainOptions, train
+
+    register_ecofed()
+    eo = opts.strategy_options if isinstance(opts.strategy_options, EcoFedOptions) \
+        else EcoFedOptions()
+    torch.manual_seed(opts.seed)
+    return train(zoo.build_model(cfg), x, y, TrainOptions(epochs=eo.pretrain_epochs,
+                                                          seed=opts.seed))
 
 
 def _heterofl_macs(ho, agents, fleet) -> dict[str, int]:

@@ -55,9 +55,15 @@ class Strategy(ABC):
             return global_weights
         raise ValueError(f"variant: strategy {self.name} has no variant {name!r}")
 
-    def update_shapes(self, variant: str, model_shapes: dict) -> dict:
-        """The tensors an update for ``variant`` must hold (default: the variant's model)."""
+    def update_shapes(self, variant: str, model_shapes: dict, samples: int) -> dict:
+        """The tensors an update for ``variant`` from a device holding ``samples`` must
+        hold (default: the variant's model)."""
         return model_shapes
+
+    def needs_updates(self, round_: int) -> bool:
+        """False for a round the server trains alone (e.g. EcoFed on its replay buffers):
+        it closes as soon as its tasks, if any, are sent."""
+        return True
 
     def assets(self) -> dict[str, Weights]:
         """Frames published once per job, retained, by name (e.g. REFT's public inputs);

@@ -21,6 +21,13 @@ def add(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reft-uplink", choices=("weights", "logits"), default="weights",
                    help="devices send their pruned models, or only their logits on the "
                    "server's public split")
+    g = p.add_argument_group("ecofed")
+    g.add_argument("--period", type=int, default=2, help="devices send activations every "
+                   "PERIOD rounds; the server trains on its replay buffers in between")
+    g.add_argument("--split-after", type=int, help="cut after this stage (default: the "
+                   "planner's choice for the fleet)")
+    g.add_argument("--shared-tail", action="store_true",
+                   help="one tail trained over all buffers (default: one per device, averaged)")
     g = p.add_argument_group("signsgd")
     g.add_argument("--sign-decoder", choices=("mv", "fv"), default="fv")
     g.add_argument("--sign-per-coordinate", action="store_true",
@@ -57,6 +64,11 @@ def options(args: argparse.Namespace, cat, profiles: list[str], devices: int = 0
         return REFTOptions(uplink=args.reft_uplink)
     if name == "signsgd":
         return _signsgd(args, cat, profiles, devices)
+    if name == "ecofed":
+        from toolkit.ecofed import EcoFedOptions
+
+        return EcoFedOptions(period=args.period, split_after=args.split_after,
+                             shared_tail=args.shared_tail)
     return None
 
 

@@ -1,0 +1,112 @@
+"""EcoFed: a frozen ONNX head on the device, activations up every `period` rounds, tails
+trained on the server's replay buffers; bad activation frames refused with a reason;
+and a device process that runs with torch made unimportable."""
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from device_runtime import codecs, wire
+from device_runtime.codecs import CodecContext
+from device_runtime.errors import WireError
+from tests.conftest import ROOT
+from tests.field_helpers import _env, finish, prepare_job, start_server
+from tests.test_device_runtime_no_torch import BLOCK_TORCH
+
+
+@pytest.fixture(scope="module")
+def ecofed_job():
+    from toolkit.ecofed import EcoFedOptions
+    from toolkit.simulate import SimOptions, run_simulation
+
+    report, ckpt = run_simulation(SimOptions(
+        devices=3, rounds=3, strategy="ecofed", codec="act8", epochs=1, seed=2,
+        profiles=("rpi4", "jetson-orin-nano"),
+        strategy_options=EcoFedOptions(pretrain_epochs=3, iterations=20)))
+    return report, ckpt
+
+
+def test_devices_send_every_period_rounds_and_the_server_trains_in_between(ecofed_job):
+    report, _ = ecofed_job
+    assert [r["devices_reporting"] for r in report["rounds"]] == [3, 0, 3]
+    assert report["rounds"][1]["uplink_bytes"] == 0 and not report["rejected"]
+    # one byte per activation value plus an int64 label per sample, and little else
+    # (frame and chunk headers)
+    act_elems = int(np.prod(report["act_shape"]))
+    assert report["split_after"] in (1, 2, 3) and act_elems >= 128
+    for d in report["devices"]:
+        per_send = d["uplink_bytes"] / 2
+        payload = d["samples"] * (act_elems + 8)
+        assert payload <= per_send < payload * 1.01 + 4096
+    accs = [r["accuracy"] for r in report["rounds"]]
+    assert accs[1] != accs[0]  # round 2 trained the tail on the buffers alone
+
+
+def _frame(acts, labels, codec="act8"):
+    tensors, params = codecs.get(codec).encode({"acts": acts, "labels": labels}, CodecContext())
+    return wire.encode(wire.Frame("update", "j", 1, "d", codec, tensors, params,
+                                  {"samples": len(labels), "variant": "head"}))
+
+
+def test_bad_activation_frames_are_refused_with_a_reason(ecofed_job):
+    from toolkit.ecofed import ActivationFold, EcoFed, EcoFedSetup
+
+    _, ckpt = ecofed_job
+    setup = EcoFedSetup(ckpt.config, 1, b"", (32, 40))
+    strategy = EcoFed(options=setup)
+    codec = codecs.get("act8")
+    spec = codec.wire_spec(strategy.update_shapes("head", {}, 4))
+    good = np.ones((4, 32, 40), np.float32)
+    wire.decode(_frame(good, np.arange(4)), wire.Expect(kind="update", tensors=spec))
+    with pytest.raises(WireError, match="acts"):  # another split point's shape
+        wire.decode(_frame(np.ones((4, 64, 20), np.float32), np.arange(4)),
+                    wire.Expect(kind="update", tensors=spec))
+    with pytest.raises(WireError, match="labels"):  # fewer labels than activations
+        wire.decode(_frame(good, np.arange(3)), wire.Expect(kind="update", tensors=spec))
+    fold = ActivationFold(strategy, 1, {}, codec, CodecContext())
+    tensors, params = codec.encode({"acts": good, "labels": np.array([0, 1, 2, 99])},
+                                   CodecContext())
+    with pytest.raises(WireError, match="classes 0..9"):
+        fold.add("d", 4, tensors, params)
+    tensors, params = codec.encode({"acts": good, "labels": np.arange(4)}, CodecContext())
+    with pytest.raises(WireError, match="params.scale"):  # a non-finite scale
+        fold.add("d", 4, tensors, {"acts": {"scale": float("nan")}})
+    with pytest.raises(WireError, match="finite activations"):
+        codec.encode({"acts": good * np.inf}, CodecContext())
+    fold.add("d", 4, tensors, params)
+    assert list(fold.updates) == ["d"]  # nothing refused was kept
+
+
+def test_the_ecofed_device_runs_with_torch_unimportable(tmp_path, mosquitto):
+    """`fedge serve --strategy ecofed` and two `fedge device` processes on a real
+    Mosquitto; the devices cannot import torch and still take part in every send round."""
+    work = tmp_path / "run"
+    work.mkdir()
+    ckpt = prepare_job(work, devices=2)
+    job = f"e{secrets.token_hex(3)}"
+    server = start_server(mosquitto.url, job, work, ckpt, rounds=3, min_devices=2,
+                          round_timeout=60, extra=["--strategy", "ecofed", "--codec", "act4",
+                                                   "--profiles", "rpi4"])
+    devices = []
+    for k in range(2):
+        code = BLOCK_TORCH + (
+            "from toolkit.cli.main import main\n"
+            f"rc = main(['device', '--broker', {mosquitto.url!r}, '--job', {job!r}, '--id', "
+            f"'dev-{k}', '--profile', 'rpi4', '--data', "
+            f"{str(work / 'data' / f'device-{k}.npz')!r}, '--idle-timeout', '120'])\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "sys.exit(rc)\n")
+        devices.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(),
+                                        stdout=open(work / f"device-{k}.log", "wb"),
+                                        stderr=subprocess.STDOUT))
+    codes = finish([server], timeout=240) + finish(devices, timeout=60)
+    logs = [(work / f"device-{k}.log").read_text() for k in range(2)]
+    assert codes == [0, 0, 0], (work / "server.log").read_text()[-1500:] + logs[0][-1500:]
+    report = json.loads((work / "report.json").read_text())
+    assert [r["devices_reporting"] for r in report["rounds"]] == [2, 0, 2]
+    assert all("trained 2 rounds" in log for log in logs)

@@ -1,0 +1,206 @@
+"""EcoFed: devices run a frozen, pre-trained head in onnxruntime and send quantized
+activations; the server trains the tail on replay buffers (ALGORITHMS.md, section 2).
+
+The head (stages before the split point) comes from pre-training on the server's
+public split and never changes; it reaches devices once per job as the asset
+``head`` (ONNX bytes, checked against torch before it is published). In a send
+round (every ``period`` rounds, from round 1) every device runs it on all its
+samples and sends the activations (``act8``/``act4``) with their labels; the
+server keeps the latest per device (its replay buffer). Every round, send round
+or not, the server trains one tail per device on that device's buffer
+(``iterations`` SGD steps from the global tail) and averages the tails with
+equal weights, or with ``shared_tail`` trains one tail over all buffers in turn;
+the global model is the frozen head and that tail.
+
+Needs torch, so it lives in the toolkit and is registered by ``register_ecofed()``.
+Replay buffers live in memory: an aggregator restarted between send rounds trains
+nothing until the next one refills them.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from broker_server.strategies import Assignment, DeviceInfo, Strategy, Update, register
+from broker_server.strategies.base import Weights
+from broker_server.strategies.folds import DecodeAll
+from device_runtime.errors import WireError
+from device_runtime.training.local import load_weights, weights_of
+from device_runtime.training.models import ModelConfig, build_model
+from device_runtime.wire import TensorSpec
+
+ACT_CODECS = ("act8", "act4")
+
+
+@dataclass(frozen=True)
+class EcoFedOptions:
+    period: int = 2  # devices send every ``period`` rounds
+    iterations: int = 50  # server SGD steps per tail per round
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 32
+    shared_tail: bool = False
+    split_after: int | None = None  # None: the planner's choice for the fleet
+    pretrain_epochs: int = 30  # ``fedge simulate``: the head's pre-training on public data
+
+    def check(self) -> None:
+        for name in ("period", "iterations", "batch_size", "pretrain_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name ==
+                                                                       "pretrain_epochs" else 1):
+                raise ValueError(f"ecofed {name}: expected a positive int, got {v!r}")
+        if not self.lr > 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"ecofed lr/momentum: expected lr > 0 and momentum in [0, 1), got "
+                             f"{self.lr}, {self.momentum}")
+
+
+@dataclass(frozen=True)
+class EcoFedSetup:
+    config: ModelConfig
+    split_after: int
+    head_onnx: bytes
+    act_shape: tuple[int, ...]  # one sample's activation at the cut
+    options: EcoFedOptions = EcoFedOptions()
+
+
+def export_head(model: nn.Module, cfg: ModelConfig, after: int, probe: np.ndarray,
+                opset: int = 17) -> tuple[bytes, tuple[int, ...]]:
+    """The head as ONNX bytes (checked against torch on ``probe``) and its output shape."""
+    from device_runtime.session import run
+    from exporters.onnx_fp32 import export_fp32
+    from toolkit.checkpoint import example_input
+    from toolkit.zoo import split
+
+    import onnxruntime as ort
+
+    head, _ = split(model, after)
+    head.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_fp32(head, example_input(cfg, 2), Path(tmp) / "head.onnx", opset,
+                           "x", "act", {"fedge.role": "head", "fedge.split_after": after})
+        data = path.read_bytes()
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = run(sess, np.ascontiguousarray(probe, np.float32))
+    with torch.no_grad():
+        want = head(torch.from_numpy(np.ascontiguousarray(probe, np.float32))).numpy()
+    err = float(np.abs(got - want).max())
+    if err > 1e-4 * max(1.0, float(np.abs(want).max())):
+        raise ValueError(f"ecofed head: onnxruntime differs from torch by {err:.3g}")
+    return data, tuple(want.shape[1:])
+
+
+def tail_names(weights: Weights, after: int) -> list[str]:
+    """The global tensors the server trains: those of stages ``after`` and later."""
+    return [k for k in weights if k.startswith("stages.") and int(k.split(".")[1]) >= after]
+
+
+def train_tail(model: nn.Module, after: int, acts: np.ndarray, labels: np.ndarray,
+               opts: EcoFedOptions, seed: int) -> None:
+    """``iterations`` SGD steps on the tail of ``model`` (in place) from random batches."""
+    tail = nn.Sequential(*model.stages[after:])
+    sgd = torch.optim.SGD(tail.parameters(), lr=opts.lr, momentum=opts.momentum)
+    gen = torch.Generator().manual_seed(seed)
+    xt, yt = torch.from_numpy(acts), torch.from_numpy(labels)
+    tail.train()
+    for _ in range(opts.iterations):
+        idx = torch.randint(0, len(xt), (min(opts.batch_size, len(xt)),), generator=gen)
+        loss = nn.functional.cross_entropy(tail(xt[idx]), yt[idx])
+        sgd.zero_grad()
+        loss.backward()
+        sgd.step()
+    tail.eval()
+
+
+class EcoFed(Strategy):
+    name = "ecofed"
+
+    def __init__(self, epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
+                 options: EcoFedSetup | None = None):
+        if not isinstance(options, EcoFedSetup):
+            raise ValueError("ecofed: options must be an EcoFedSetup (config, split point, "
+                             "head ONNX)")
+        options.options.check()
+        self.setup, self.opts = options, options.options
+        self.model = build_model(options.config)
+        self.replay: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # device -> buffer
+
+    def sends(self, round_: int) -> bool:
+        return (round_ - 1) % self.opts.period == 0
+
+    def assets(self) -> dict[str, Weights]:
+        return {"head": {"onnx": np.frombuffer(self.setup.head_onnx, np.uint8).copy()}}
+
+    def variants(self, global_weights: Weights) -> dict[str, Weights]:
+        return {}  # a device needs no weights: its head is the asset
+
+    def variant(self, global_weights: Weights, name: str) -> Weights:
+        if name != "head":
+            raise ValueError(f"variant: ecofed has only 'head', not {name!r}")
+        return {}
+
+    def needs_updates(self, round_: int) -> bool:
+        return self.sends(round_)
+
+    def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
+        if not self.sends(round_):
+            return {}
+        return {d.id: Assignment("head", 1, self.opts.batch_size, self.opts.lr,
+                                 {"uplink": "acts", "assets": ["head"]}) for d in devices}
+
+    def update_shapes(self, variant: str, model_shapes: dict, samples: int) -> dict:
+        return {"acts": (samples, *self.setup.act_shape),
+                "labels": TensorSpec("int64", (samples,))}
+
+    def fold(self, round_: int, global_weights: Weights, codec, ctx):
+        if codec.name not in ACT_CODECS:
+            raise ValueError(f"ecofed: expected codec {' or '.join(ACT_CODECS)}, got "
+                             f"{codec.name}")
+        return ActivationFold(self, round_, global_weights, codec, ctx)
+
+    def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
+        for u in updates:
+            self.replay[u.device] = (u.weights["acts"], u.weights["labels"])
+        if not self.replay:
+            return global_weights
+        after, tails = self.setup.split_after, []
+        names = tail_names(global_weights, after)
+        for k, dev in enumerate(sorted(self.replay)):
+            if not self.opts.shared_tail or k == 0:
+                load_weights(self.model, global_weights)
+            acts, labels = self.replay[dev]
+            train_tail(self.model, after, acts, labels, self.opts, seed=round_ * 7919 + k)
+            if not self.opts.shared_tail:
+                tails.append(weights_of(self.model))
+        if self.opts.shared_tail:
+            tails = [weights_of(self.model)]
+        out = dict(global_weights)
+        for name in names:  # equal weights, as the paper averages the tails
+            out[name] = np.mean([t[name] for t in tails], axis=0).astype(np.float32)
+        return out
+
+
+class ActivationFold(DecodeAll):
+    """Decodes a device's activations and checks its labels before accepting them."""
+
+    def add(self, device: str, samples: int, tensors: Weights, params: dict,
+            variant: str = "full") -> None:
+        w = self.codec.decode(tensors, params, self.ctx)
+        acts, labels = w["acts"], w["labels"]
+        classes = self.strategy.setup.config.num_classes
+        if len(labels) != samples or len(acts) != samples:
+            raise WireError(f"labels: expected {samples} (meta.samples), got {len(labels)} "
+                            f"labels and {len(acts)} activations")
+        if labels.size and (labels.min() < 0 or labels.max() >= classes):
+            raise WireError(f"labels: expected classes 0..{classes - 1}, got "
+                            f"{int(labels.min())}..{int(labels.max())}")
+        self.updates[device] = Update(device, self.round, {"acts": acts, "labels": labels},
+                                      samples, {"variant": variant})
+
+
+def register_ecofed() -> None:
+    register("ecofed", EcoFed)
