@@ -61,3 +61,13 @@ def test_bad_strategy_options_are_one_line(tmp_path):
                              "--json", str(tmp_path / "x.json"))
     assert_one_line_error(code, err, 2, "unknown device profile 'toaster'")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_splitmix_over_mosquitto_from_a_plain_checkpoint(tmp_path, job_files, mosquitto):
+    """`fedge serve --strategy splitmix` turns the checkpoint's architecture into bases;
+    the weak device trains one base, the strong one all of them."""
+    r = _run(tmp_path, job_files, mosquitto, ["--strategy", "splitmix",
+                                              "--budgets", "rpi3b=0.125,jetson-orin-nano=1"])
+    assert [x["devices_reporting"] for x in r["rounds"]] == [2, 2] and not r["rejected"]
+    log = (tmp_path / "run" / "server.log").read_text()
+    assert "training a fresh splitmix model" in log
