@@ -49,6 +49,7 @@ class DeviceAgent:
         self.models: dict[tuple[int, str], bytes] = {}
         self.assets: dict[str, bytes] = {}  # name -> frame as received
         self._assets: dict[tuple[str, str], dict] = {}  # (name, sha256) -> decoded tensors
+        self._head: tuple[str, object] | None = None  # (sha256, onnxruntime session), EcoFed
         self.sent: dict[int, bytes] = {}  # round -> update frame, republished on a resent task
         self.stopped = False
         self.rounds_done = 0
@@ -201,17 +202,15 @@ class DeviceAgent:
         send the activations, quantized by the task's codec, with their labels."""
         from device_runtime.session import run
 
-        key = ("head-session", str(task.assets["head"]))
-        if key not in self._assets:
+        sha = str(task.assets["head"])
+        if self._head is None or self._head[0] != sha:  # loaded once per head
             import onnxruntime as ort
 
-            onnx_bytes = self.asset(task, "head")["onnx"].tobytes()
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.opts.threads
-            self._assets = {k: v for k, v in self._assets.items() if k[0] != "head-session"}
-            self._assets[key] = ort.InferenceSession(onnx_bytes, opts,
-                                                     providers=["CPUExecutionProvider"])
-        acts = run(self._assets[key], np.ascontiguousarray(self.x, np.float32), 256)
+            self._head = (sha, ort.InferenceSession(self.asset(task, "head")["onnx"].tobytes(),
+                                                    opts, providers=["CPUExecutionProvider"]))
+        acts = run(self._head[1], np.ascontiguousarray(self.x, np.float32), 256)
         codec = codecs.get(task.codec)
         tensors, params = codec.encode({"acts": acts, "labels": self.y.astype(np.int64)},
                                        CodecContext(task.round, task.seed, None, self.device))
@@ -223,6 +222,7 @@ class DeviceAgent:
         from device_runtime.training.local import (
             LocalTrainOptions,
             load_weights,
+            predict_logits,
             train_local,
             weights_of,
         )
@@ -253,7 +253,8 @@ class DeviceAgent:
             res = train_local(model, self.x, self.y, local)
         sent, reference = res.weights, frame.tensors
         if task.uplink == "logits":  # FedMD: the model's answers, not the model
-            sent, reference = {"logits": logits_of(model, self.asset(task, "public")["x"])}, None
+            sent = {"logits": predict_logits(model, self.asset(task, "public")["x"])}
+            reference = None
         ctx = CodecContext(round=task.round, seed=task.seed, reference=reference,
                            device=self.device)
         tensors, params = codec.encode(sent, ctx)
@@ -281,17 +282,6 @@ class DeviceAgent:
                 self._models.pop(next(iter(self._models)))
             self._models[key] = build_model(cfg)
         return self._models[key]
-
-
-def logits_of(model, x: np.ndarray, batch: int = 512) -> np.ndarray:
-    """The model's logits on ``x`` in eval mode, float32."""
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        out = [model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch], np.float32)))
-               for i in range(0, len(x), batch)]
-    return torch.cat(out).numpy().astype(np.float32)
 
 
 def _samples_seen(task: messages.Task, n: int) -> int:

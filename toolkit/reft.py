@@ -22,7 +22,12 @@ from torch import nn
 
 from broker_server.strategies import Assignment, DeviceInfo, Strategy, Update, register
 from broker_server.strategies.base import Weights
-from device_runtime.training.local import load_weights, minibatches, weights_of
+from device_runtime.training.local import (
+    load_weights,
+    minibatches,
+    predict_logits,
+    weights_of,
+)
 from device_runtime.training.models import ModelConfig, build_model
 from toolkit.checkpoint import example_input
 from toolkit.pruning import PruneRecord, count_macs, prune_to_macs, replay
@@ -92,9 +97,10 @@ def scatter_average(global_weights: Weights, updates: list[tuple[Weights, dict, 
     for k, g in global_weights.items():
         sums = np.zeros(g.size, np.float64)
         mass = np.zeros(g.size, np.float64)
-        for w, index, n in updates:
-            np.add.at(sums, index[k].ravel(), w[k].astype(np.float64).ravel() * n)
-            np.add.at(mass, index[k].ravel(), n)
+        for w, index, n in updates:  # a kept entry has one place: indices are distinct
+            idx = index[k].ravel()
+            sums[idx] += w[k].astype(np.float64).ravel() * n
+            mass[idx] += n
         flat = np.where(mass > 0, sums / np.maximum(mass, 1e-300), g.ravel())
         out[k] = flat.reshape(g.shape).astype(np.float32)
     return out
@@ -107,15 +113,10 @@ def soft_targets(teachers: list[tuple[np.ndarray, float]], t: float) -> torch.Te
                for z, w in teachers)
 
 
-def model_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model.eval()(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
-
-
 def distill(student: nn.Module, teachers: list[tuple[nn.Module, float]], x: np.ndarray,
             opts: REFTOptions, seed: int = 0) -> None:
     """Train ``student`` towards the weighted mean of the teachers' softened outputs."""
-    target = soft_targets([(model_logits(m, x), w) for m, w in teachers], opts.temperature)
+    target = soft_targets([(predict_logits(m, x), w) for m, w in teachers], opts.temperature)
     distill_to(student, target, x, opts, seed)
 
 
@@ -219,7 +220,7 @@ class REFT(Strategy):
                 continue
             m = build_model(by_variant[u.meta["variant"]])
             load_weights(m, u.weights)
-            teachers.append((model_logits(m, self.setup.public_x), float(u.samples)))
+            teachers.append((predict_logits(m, self.setup.public_x), float(u.samples)))
             index = self.index.get(u.meta["variant"].removeprefix("reft-"))
             if index is not None:
                 placed.append((u.weights, index, float(u.samples)))

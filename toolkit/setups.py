@@ -56,9 +56,15 @@ def _ecofed(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile],
     # The head is frozen: keep at most a quarter of the parameters in it, so that the
     # server still trains most of the model (a cut after a wide FC layer would send
     # fewer bytes and leave only the classifier to learn).
-    after = min(choose_split([c for c in split_candidates(infos, p) if eo.split_after or
-                              sum(i.params for i in infos[:c.after]) <= total * 0.25],
-                             eo.split_after).after for p in fleet)
+    if len(infos) < 2:
+        raise UsageError(f"ecofed: the model has {len(infos)} stage(s); a split needs two")
+
+    def light(cands):  # heads within the quarter; at least the earliest cut
+        keep = [c for c in cands if sum(i.params for i in infos[:c.after]) <= total * 0.25]
+        return keep or cands[:1]
+    after = min(choose_split(split_candidates(infos, p) if eo.split_after else
+                             light(split_candidates(infos, p)), eo.split_after).after
+                for p in fleet)
     head, act_shape = export_head(model, cfg, after, public_x[:64])
     return EcoFedSetup(cfg, after, head, act_shape, eo)
 

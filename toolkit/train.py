@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from device_runtime.training.local import run_epoch
+from device_runtime.training.local import predict_logits, run_epoch
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,6 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: TrainOptions,
             on_epoch(epoch, total / max(seen, 1))
     model.eval()
     return model
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    model.eval()
-    out = [model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size]))).numpy()
-           for i in range(0, len(x), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:

@@ -40,6 +40,16 @@ def weights_of(model: nn.Module) -> dict[str, np.ndarray]:
             for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """The model's float32 logits on ``x`` in eval mode, in batches."""
+    model.eval()
+    out = [model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size], np.float32)))
+           .numpy() for i in range(0, len(x), batch_size)]
+    return np.concatenate(out).astype(np.float32, copy=False) if out else \
+        np.zeros((0, 0), np.float32)
+
+
 def load_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
     """Copy ``weights`` into ``model``; names and shapes must match exactly."""
     state = model.state_dict()
