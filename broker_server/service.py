@@ -91,6 +91,8 @@ class Aggregator:
         self.last_models: dict[str, int] = {}  # variant -> bytes, of the last closed round
         self.assets: dict[str, bytes] = {}  # name -> frame, published once per job
         self.assets_sent: set[tuple[str, str]] = set()  # (device, asset): counted once each
+        # dpfl: per device, the last batch answered ((attempt, step), reply frame)
+        self.batch_replies: dict[str, tuple[tuple, bytes]] = {}
 
     # --- transport side: enqueue only ------------------------------------------
     def _enqueue(self, topic: str, payload: bytes) -> None:
@@ -114,6 +116,7 @@ class Aggregator:
         self.t.on_connect = lambda: self.events.put((RECONNECTED, b""))
         self.t.subscribe(self.topics.status(), self._enqueue)
         self.t.subscribe(self.topics.update(), self._enqueue)
+        self.t.subscribe(self.topics.acts(), self._enqueue)
         self._plan = messages.dump(plan)
         self._publish_assets()
         if self.state.completed < self.opts.rounds:
@@ -231,6 +234,8 @@ class Aggregator:
                     self._on_status(where, payload)
                 elif where["kind"] == "update":
                     self._on_update(where, payload)
+                elif where["kind"] == "acts":
+                    self._on_acts(where, payload)
             except FedgeError as e:
                 self._reject(where, str(e))
             except Exception as e:  # a bug here must not stop the service
@@ -291,6 +296,31 @@ class Aggregator:
         self._fold_in(rs, frame)
         self.store.save_update(r, device, payload)
         rs.uplink_bytes += len(payload)
+
+    def _on_acts(self, where: dict, payload: bytes) -> None:
+        """dpfl: one batch of a device's activations in, the loss gradient back. A batch
+        seen before (a redelivery or a resend) gets the same reply, untrained."""
+        rs, device, r = self.round, where["device"], where["round"]
+        if rs is None or r != rs.number or device not in rs.assigned or device in rs.accepted:
+            raise WireError(f"round: {device!r} has no open split task in round {r}")
+        frame = wire.decode(payload, wire.Expect(kind="acts", job=self.opts.job, round=r,
+                                                 devices=frozenset([device]), codec="fp32"))
+        key = (r, str(frame.meta.get("attempt")), frame.meta.get("step"))
+        if not isinstance(key[2], int) or isinstance(key[2], bool) or key[2] < 0:
+            raise WireError(f"meta.step: expected an int >= 0, got {key[2]!r}")
+        last = self.batch_replies.get(device)
+        if last is not None and last[0] == key:
+            reply = last[1]
+        else:
+            grad, loss = self.strategy.on_batch(r, device, frame.tensors,
+                                                rs.assigned[device].batch_size)
+            reply = wire.encode(wire.Frame("grad", self.opts.job, r, "server", "fp32",
+                                           {"grad": grad}, meta={"attempt": key[1],
+                                                                 "step": key[2],
+                                                                 "loss": round(loss, 6)}))
+            self.batch_replies[device] = (key, reply)
+        rs.uplink_bytes += len(payload)
+        rs.downlink_bytes += self.t.publish(self.topics.grad(r, device), reply)
 
     def _fold_in(self, rs: RoundState, frame: wire.Frame) -> None:
         """Validate and fold one update into the round (WireError changes nothing)."""

@@ -18,11 +18,13 @@ import numpy as np
 
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
-from device_runtime.errors import FedgeError
+from device_runtime.errors import FedgeError, WireError
 from device_runtime.topics import Topics, check_id
 from device_runtime.transport.base import Transport
 
 log = logging.getLogger("fedge.device")
+UPLINKS = ("weights", "logits", "acts", "split")
+RESEND_SECONDS = 5.0  # dpfl: an unanswered batch is sent again after this long
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class DeviceAgent:
         self._assets: dict[tuple[str, str], dict] = {}  # (name, sha256) -> decoded tensors
         self._head: tuple[str, object] | None = None  # (sha256, onnxruntime session), EcoFed
         self.sent: dict[int, bytes] = {}  # round -> update frame, republished on a resent task
+        self.grads: dict[int, bytes] = {}  # round -> latest grad frame (dpfl)
+        self._deferred: list[tuple[str, bytes]] = []  # tasks that came mid split round
+        self._split_io = [0, 0, 0]  # dpfl this round: bytes up, bytes down, exchanges
         self.stopped = False
         self.rounds_done = 0
         self._models: dict = {}  # variant -> torch model
@@ -74,6 +79,7 @@ class DeviceAgent:
         self.t.subscribe(self.topics.asset(), self._enqueue)
         self.t.subscribe(self.topics.task("+", self.device), self._enqueue)
         self.t.subscribe(self.topics.model("+", "+"), self._enqueue)
+        self.t.subscribe(self.topics.grad("+", self.device), self._enqueue)
         self.announce()
         last = time.time()
         while not self.stopped:
@@ -86,6 +92,8 @@ class DeviceAgent:
                 continue
             last = time.time()
             self._handle(topic, payload)
+            while self._deferred:  # tasks that arrived during a split round
+                self._handle(*self._deferred.pop(0))
         return self.rounds_done
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
@@ -104,6 +112,9 @@ class DeviceAgent:
             elif where["kind"] == "model":
                 self.models[(where["round"], where["variant"])] = payload
                 self.models = {k: v for k, v in self.models.items() if k[0] >= where["round"] - 1}
+            elif where["kind"] == "grad":
+                self.grads = {r: b for r, b in self.grads.items() if r >= where["round"]}
+                self.grads[where["round"]] = payload
             elif where["kind"] == "task":
                 self._on_task(messages.parse(messages.Task, payload))
         except FedgeError as e:
@@ -120,8 +131,8 @@ class DeviceAgent:
         if task.round in self.sent:  # the aggregator lost it or restarted: resend as is
             self.t.publish(self.topics.update(task.round, self.device), self.sent[task.round])
             return
-        if task.uplink not in ("weights", "logits", "acts"):
-            raise messages.MessageError(f"task.uplink: expected 'weights', 'logits' or 'acts', "
+        if task.uplink not in UPLINKS:
+            raise messages.MessageError(f"task.uplink: expected one of {', '.join(UPLINKS)}, "
                                         f"got {task.uplink!r}")
         frame_bytes = self._wait_model(task)
         if frame_bytes is None:
@@ -139,6 +150,7 @@ class DeviceAgent:
             raise messages.MessageError(f"task.assets: expected {needed!r} with uplink "
                                         f"{task.uplink}")
         t0 = time.perf_counter()
+        self._split_io = [0, 0, 0]
         if task.uplink == "acts":  # the frozen head in onnxruntime: no torch on this path
             update = self._activations(task)
         else:
@@ -147,8 +159,9 @@ class DeviceAgent:
         self.sent[task.round] = update
         up = self.t.publish(self.topics.update(task.round, self.device), update)
         self.rounds_done += 1
-        self.history.append({"round": task.round, "uplink_bytes": up,
-                             "downlink_bytes": down,
+        self.history.append({"round": task.round, "uplink_bytes": up + self._split_io[0],
+                             "downlink_bytes": down + self._split_io[1],
+                             "exchanges": self._split_io[2],
                              "samples": _samples_seen(task, len(self.y)), "epochs": 1,
                              "passes": 1 if task.uplink == "acts" else 3,
                              "seconds": round(time.perf_counter() - t0, 4)})
@@ -230,15 +243,24 @@ class DeviceAgent:
 
         if self.plan is None:
             raise messages.MessageError("task arrived before the plan")
-        model = self._build(task.variant, task.model)
-        if task.variant in self.plan.variants:
+        model = self._build("full" if task.uplink == "split" else task.variant, task.model)
+        if task.uplink == "split":  # dpfl: the frame holds the head's tensors only
+            from device_runtime.training.split import head_names, parse_head_variant
+
+            w = weights_of(model)
+            shapes = {k: tuple(w[k].shape) for k in head_names(w, parse_head_variant(
+                task.variant))}
+        elif task.variant in self.plan.variants:
             shapes = {k: tuple(v) for k, v in self.plan.variants[task.variant]["tensors"].items()}
         else:  # a variant the model config defines (SplitMix bases): the model says
             shapes = {k: tuple(v.shape) for k, v in weights_of(model).items()}
         frame = wire.decode(frame_bytes, wire.Expect(
             kind="model", job=self.opts.job, round=task.round,
             tensors={k: wire.TensorSpec("float32", s) for k, s in shapes.items()}))
-        load_weights(model, frame.tensors)
+        if task.uplink == "split":
+            load_weights(model, {**weights_of(model), **frame.tensors})
+        else:
+            load_weights(model, frame.tensors)
         codec = codecs.get(task.codec)
         local = LocalTrainOptions(task.epochs, task.batch_size, task.lr, seed=task.seed,
                                   steps=task.steps)
@@ -247,6 +269,11 @@ class DeviceAgent:
 
             res = train_fedmrn(model, self.x, self.y, local, seed=task.seed,
                                mask_lr=codec.mask_lr, scale=codec.scale, signed=codec.signed)
+        elif task.uplink == "split":  # dpfl: the head here, the tail on the server
+            from device_runtime.training.split import parse_head_variant, train_head
+
+            res = train_head(model, parse_head_variant(task.variant), self.x, self.y, local,
+                             self._exchange(task))
         elif isinstance(model, SplitMixNet):
             res = train_bases(model, self.x, self.y, local)
         else:
@@ -262,6 +289,53 @@ class DeviceAgent:
             "update", self.opts.job, task.round, self.device, task.codec, tensors, params,
             {"samples": res.samples, "loss": round(res.loss, 6),
              "train_seconds": round(res.seconds, 4), "variant": task.variant}))
+
+    def _exchange(self, task: messages.Task):
+        """dpfl's link to the server: send one batch's activations, wait for their gradient
+        (resent every few seconds; the server answers a repeat from its cache)."""
+        attempt = f"{time.time_ns():x}"
+
+        def exchange(step: int, acts: np.ndarray, labels: np.ndarray):
+            frame = wire.encode(wire.Frame("acts", self.opts.job, task.round, self.device,
+                                           "fp32", {"acts": acts, "labels": labels},
+                                           meta={"attempt": attempt, "step": step}))
+            while time.time() < task.deadline + 5 and not self.stopped:
+                self._split_io[0] += self.t.publish(self.topics.acts(task.round, self.device),
+                                                    frame)
+                got = self._wait_grad(task, attempt, step, time.time() + RESEND_SECONDS)
+                if got is not None:
+                    self._split_io[2] += 1
+                    return got
+            raise FedgeError(f"round {task.round}: no gradient for batch {step} before the "
+                             "deadline")
+        return exchange
+
+    def _wait_grad(self, task: messages.Task, attempt: str, step: int, until: float):
+        """(grad, loss) for this batch once it arrives; other messages are handled
+        meanwhile, tasks are kept for after the round."""
+        while time.time() < until:
+            data = self.grads.pop(task.round, None)
+            if data is not None:
+                frame = wire.decode(data, wire.Expect(kind="grad", job=self.opts.job,
+                                                      round=task.round))
+                if frame.meta.get("attempt") == attempt and frame.meta.get("step") == step:
+                    self._split_io[1] += len(data)
+                    grad = frame.tensors.get("grad")
+                    if grad is None or grad.dtype != np.float32 or not np.isfinite(grad).all():
+                        raise WireError("grad: expected a finite float32 tensor 'grad'")
+                    return grad, float(frame.meta.get("loss", 0.0))
+                continue  # a stale reply (an earlier attempt or a resent batch)
+            try:
+                topic, payload = self.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if self.topics.parse(topic)["kind"] == "task":
+                self._deferred.append((topic, payload))
+            else:
+                self._handle(topic, payload)
+            if self.stopped:
+                return None
+        return None
 
     def _build(self, variant: str = "full", config: dict | None = None):
         """The model to train for ``variant``: the task's config (a pruned or narrower

@@ -49,6 +49,14 @@ class Topics:
     def update(self, round_: int | str = "+", device: str = "+") -> str:
         return f"{self.root}/round/{round_}/update/{device}"
 
+    def acts(self, round_: int | str = "+", device: str = "+") -> str:
+        """Split learning (dpfl): one minibatch's activations at the cut, device to server."""
+        return f"{self.root}/round/{round_}/acts/{device}"
+
+    def grad(self, round_: int | str = "+", device: str = "+") -> str:
+        """Split learning (dpfl): the loss gradient for those activations, server to device."""
+        return f"{self.root}/round/{round_}/grad/{device}"
+
     def parse(self, topic: str) -> dict:
         """The fields of one of our topics: {"kind", "round"?, "device"?, "variant"?}."""
         parts = topic.split("/")
@@ -62,7 +70,8 @@ class Topics:
         if len(rest) == 3 and rest[0] == "devices" and rest[2] == "status":
             return {"kind": "status", "device": rest[1]}
         if len(rest) == 4 and rest[0] == "round" and rest[1].isdigit():
-            key = {"model": "variant", "task": "device", "update": "device"}.get(rest[2])
+            key = {"model": "variant", "task": "device", "update": "device", "acts": "device",
+                   "grad": "device"}.get(rest[2])
             if key:
                 return {"kind": rest[2], "round": int(rest[1]), key: rest[3]}
         return {"kind": "unknown"}

@@ -83,8 +83,9 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
     from device_runtime.transport.mqtt import MqttTransport
     from toolkit import checkpoint
     from toolkit.cli import strategy_args
-    from toolkit.profiles import ProfileCatalogue
+    from toolkit.dpfl import register_dpfl
     from toolkit.ecofed import register_ecofed
+    from toolkit.profiles import ProfileCatalogue
     from toolkit.reft import register_reft
     from toolkit.setups import setup_strategy
 
@@ -92,6 +93,7 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
     check_id("job", args.job)
     register_reft()
     register_ecofed()
+    register_dpfl()
     STRATEGIES.get(args.strategy)
     codecs.get(args.codec)
     cat = ProfileCatalogue.load(args.profiles_file)

@@ -40,6 +40,7 @@ class SplitCandidate:
     act_bytes_fp32: int
     act_bytes_int8: int
     est_ms: float  # head compute + int8 activation upload, per sample
+    head_params: int = 0
 
 
 @dataclass
@@ -99,14 +100,15 @@ def plan_fleet(profiles: list[DeviceProfile], full_macs: int, full_params: int,
 
 def split_candidates(infos: list[StageInfo], profile: DeviceProfile) -> list[SplitCandidate]:
     """Every stage boundary that leaves the classifier on the server side."""
-    out, head_macs = [], 0
+    out, head_macs, head_params = [], 0, 0
     for info in infos[:-1]:
         head_macs += info.macs
+        head_params += info.params
         compute_ms = 2 * head_macs / (profile.gflops * 1e9) * 1e3
         send_ms = info.out_elems * 8 / (profile.uplink_kbps * 1e3) * 1e3
         out.append(SplitCandidate(info.index + 1, head_macs, info.out_shape,
                                   4 * info.out_elems, info.out_elems,
-                                  round(compute_ms + send_ms, 6)))
+                                  round(compute_ms + send_ms, 6), head_params))
     return out
 
 

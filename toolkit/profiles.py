@@ -46,6 +46,7 @@ class DeviceProfile:
     python: str = "3.11"
     mobile: bool = False  # ships the ORT-format (.ort) model for mobile runtimes
     accelerator: str = "cpu"  # "cpu" | "cuda"
+    rtt_ms: float = 60.0  # round trip to the broker: paid per exchange by split learning
     source: str = ""
 
     def to_json(self) -> dict:
@@ -71,6 +72,8 @@ class DeviceProfile:
 # - uplink/downlink: assumed field links, not board properties: LTE Cat-1
 #   modem (~2 Mbit/s up) on the Pis and Nano, 2.4 GHz Wi-Fi at range
 #   (~10 Mbit/s up) on the Orin, a mid 4G phone (~5 Mbit/s up).
+# - rtt_ms: typical round trips on those links: LTE Cat-1 ~60 ms, 4G ~40 ms,
+#   Wi-Fi to a nearby broker ~10 ms.
 BUILTIN_PROFILES: tuple[DeviceProfile, ...] = (
     DeviceProfile("rpi3b", ram_mb=1024, gflops=3.6, uplink_kbps=2000, downlink_kbps=10000,
                   int8_dot=False, ort_version="1.20", max_opset=21, python="3.11",
@@ -87,11 +90,11 @@ BUILTIN_PROFILES: tuple[DeviceProfile, ...] = (
                   source="Maxwell 128 cores, 236 GFLOP/s fp32 peak; JetPack 4.6, ORT 1.10"),
     DeviceProfile("jetson-orin-nano", ram_mb=8192, gflops=640.0, uplink_kbps=10000,
                   downlink_kbps=50000, int8_dot=True, ort_version="1.20", max_opset=21,
-                  python="3.10", accelerator="cuda",
+                  python="3.10", accelerator="cuda", rtt_ms=10.0,
                   source="Ampere 1024 cores, 1.28 TFLOP/s fp32 peak; JetPack 6, ORT 1.20"),
     DeviceProfile("android-mid", ram_mb=6144, gflops=23.0, uplink_kbps=5000,
                   downlink_kbps=20000, int8_dot=True, ort_version="1.20", max_opset=21,
-                  python="n/a", mobile=True,
+                  python="n/a", mobile=True, rtt_ms=40.0,
                   source="4x Cortex-A78 2.4GHz NEON estimate; onnxruntime-android"),
 )
 

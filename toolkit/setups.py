@@ -26,7 +26,37 @@ def setup_strategy(strategy: str, cfg: ModelConfig, fleet: list[DeviceProfile],
         return cfg, _reft(options, codec, cfg, fleet, public_x)
     if strategy == "ecofed":
         return cfg, _ecofed(options, codec, cfg, fleet, public_x, model)
+    if strategy == "dpfl":
+        return cfg, _dpfl(options, codec, cfg, fleet, model)
     return cfg, options
+
+
+def _dpfl(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile], model):
+    """dpfl's setup: per profile the cut with the shortest estimated round (given one,
+    that cut for all), and the activation shape at each cut."""
+    from device_runtime.training.models import build_model
+    from toolkit.analysis import stage_infos
+    from toolkit.checkpoint import example_input
+    from toolkit.dpfl import HEAD_CODECS, DPFLOptions, DPFLSetup, register_dpfl, round_seconds
+    from toolkit.plan import choose_split, split_candidates
+
+    register_dpfl()
+    do = options or DPFLOptions()
+    if not isinstance(do, DPFLOptions):
+        raise UsageError(f"strategy_options: expected DPFLOptions, got {type(do).__name__}")
+    if codec not in HEAD_CODECS:
+        raise UsageError(f"--codec: dpfl sends its head whole, expected "
+                         f"{' or '.join(HEAD_CODECS)}, got {codec}")
+    infos = stage_infos(model if model is not None else build_model(cfg), example_input(cfg))
+    if len(infos) < 2:
+        raise UsageError(f"dpfl: the model has {len(infos)} stage(s); a split needs two")
+    cuts, shapes = {}, {}
+    for p in fleet:
+        cands = split_candidates(infos, p)
+        c = choose_split(cands, do.split_after) if do.split_after else \
+            min(cands, key=lambda c: (round_seconds(c, p), c.after))
+        cuts[p.name], shapes[c.after] = c.after, tuple(c.act_shape)
+    return DPFLSetup(cfg, cuts, shapes, do)
 
 
 def _ecofed(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile],

@@ -52,7 +52,8 @@ def device_round_seconds(profile: DeviceProfile, macs: int, rec: dict) -> float:
         / (profile.gflops * 1e9)
     down = rec["downlink_bytes"] * 8 / (profile.downlink_kbps * 1e3)
     up = rec["uplink_bytes"] * 8 / (profile.uplink_kbps * 1e3)
-    return compute + down + up
+    # Split learning waits for the server once per batch: one round trip each.
+    return compute + down + up + rec.get("exchanges", 0) * profile.rtt_ms / 1e3
 
 
 def simulated_round_times(histories: dict[str, list[dict]], profiles: dict[str, DeviceProfile],
@@ -170,6 +171,14 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
         per_device = {a.device: head for a in agents}
         report["split_after"] = strategy_options.split_after
         report["act_shape"] = list(strategy_options.act_shape)
+    if opts.strategy == "dpfl":  # the head each device trains
+        from toolkit.zoo import split
+
+        heads = {c: count_macs(split(ckpt.model, c)[0], checkpoint.example_input(cfg))[0]
+                 for c in set(strategy_options.cuts.values())}
+        per_device = {a.device: heads[strategy_options.cut_of(p.name)]
+                      for a, p in zip(agents, fleet)}
+        report["cuts"] = dict(strategy_options.cuts)
     if opts.strategy == "reft":  # the pruned model each device trained (last round)
         per_device = {a.device: agg.strategy.macs_of(p.name) for a, p in zip(agents, fleet)}
     if opts.strategy == "splitmix":  # a device trains n of the M bases

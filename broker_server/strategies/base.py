@@ -70,6 +70,15 @@ class Strategy(ABC):
         an assignment lists those its device needs in ``extra["assets"]``."""
         return {}
 
+    def on_batch(self, round_: int, device: str, tensors: Weights,
+                 batch_size: int) -> tuple[np.ndarray, float]:
+        """Split learning (dpfl): train on one minibatch of a device's activations
+        (``tensors["acts"]``, ``tensors["labels"]``, at most ``batch_size``); returns the
+        loss gradient with respect to the activations, and the loss."""
+        from device_runtime.errors import WireError
+
+        raise WireError(f"acts: strategy {self.name} takes no per-batch activations")
+
     @abstractmethod
     def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
         """Which devices work this round, and on what."""

@@ -37,12 +37,14 @@ def simulate(args: argparse.Namespace) -> int:
     from broker_server.strategies import STRATEGIES
     from device_runtime import codecs
     from toolkit.profiles import ProfileCatalogue
+    from toolkit.dpfl import register_dpfl
     from toolkit.ecofed import register_ecofed
     from toolkit.reft import register_reft
     from toolkit.simulate import SimOptions, run_simulation
 
     register_reft()  # server-side strategies that need torch
     register_ecofed()
+    register_dpfl()
     STRATEGIES.get(args.strategy)
     codecs.get(args.codec)
     cat = ProfileCatalogue.load(args.profiles_file)

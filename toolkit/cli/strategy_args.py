@@ -21,11 +21,11 @@ def add(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reft-uplink", choices=("weights", "logits"), default="weights",
                    help="devices send their pruned models, or only their logits on the "
                    "server's public split")
-    g = p.add_argument_group("ecofed")
+    g = p.add_argument_group("ecofed / dpfl")
     g.add_argument("--period", type=int, default=2, help="devices send activations every "
                    "PERIOD rounds; the server trains on its replay buffers in between")
     g.add_argument("--split-after", type=int, help="cut after this stage (default: the "
-                   "planner's choice for the fleet)")
+                   "planner's choice, per profile for dpfl)")
     g.add_argument("--shared-tail", action="store_true",
                    help="one tail trained over all buffers (default: one per device, averaged)")
     g = p.add_argument_group("signsgd")
@@ -69,6 +69,10 @@ def options(args: argparse.Namespace, cat, profiles: list[str], devices: int = 0
 
         return EcoFedOptions(period=args.period, split_after=args.split_after,
                              shared_tail=args.shared_tail)
+    if name == "dpfl":
+        from toolkit.dpfl import DPFLOptions
+
+        return DPFLOptions(split_after=args.split_after)
     return None
 
 
