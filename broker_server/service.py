@@ -82,6 +82,7 @@ class Aggregator:
         self.resumed_from = self.state.completed
         if saved is not None:
             self.strategy.load_state(self.state.extra)
+            self.strategy.load_kept(self.store.load_kept(self.state))
         self.shapes = {k: tuple(v.shape) for k, v in self.weights.items()}
         self.devices: dict[str, messages.Status] = {}
         self.rejected: list[dict] = []
@@ -349,7 +350,7 @@ class Aggregator:
         self.state.completed = rs.number
         self.state.history.append(record)
         self.state.extra = self.strategy.state()
-        self.store.save_round(self.state, self.weights)
+        self.store.save_round(self.state, self.weights, self.strategy.kept())
         if rs.number > 1 and not self.last_models:  # resumed: at least the shared model
             self.last_models = {"full": rs.model_bytes.get("full", 0)}
         for variant, size in self.last_models.items():  # the round before's, now unused

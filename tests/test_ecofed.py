@@ -110,3 +110,66 @@ def test_the_ecofed_device_runs_with_torch_unimportable(tmp_path, mosquitto):
     report = json.loads((work / "report.json").read_text())
     assert [r["devices_reporting"] for r in report["rounds"]] == [2, 0, 2]
     assert all("trained 2 rounds" in log for log in logs)
+
+
+def test_replay_buffers_survive_an_aggregator_restart(tmp_path):
+    """Round 1 collects the buffers; a new aggregator on the same state dir runs round 2
+    (nobody sends) and still trains the tail, on the buffers it reloaded."""
+    import threading
+
+    import torch
+
+    from broker_server.service import Aggregator, ServeOptions
+    from device_runtime.agent import AgentOptions, DeviceAgent
+    from device_runtime.training.local import weights_of
+    from device_runtime.transport.memory import MemoryHub, MemoryTransport
+    from toolkit import datasets, zoo
+    from toolkit.ecofed import EcoFedOptions, register_ecofed, tail_names
+    from toolkit.profiles import ProfileCatalogue
+    from toolkit.setups import setup_strategy
+
+    register_ecofed()
+    ds = datasets.load("mnist1d")
+    cfg = zoo.make_config("cnn", ds.sample_shape, ds.num_classes)
+    torch.manual_seed(0)
+    model = zoo.build_model(cfg)
+    cfg, setup = setup_strategy("ecofed", cfg, [ProfileCatalogue.load().get("rpi4")],
+                                ds.x_train[:64], "act8", EcoFedOptions(iterations=5), model)
+    hub = MemoryHub()
+
+    def transport(name):
+        t = MemoryTransport(hub, name)
+        t.connect()
+        return t
+    agents = [DeviceAgent(transport(f"dev-{k}"), AgentOptions("eco", f"dev-{k}", "rpi4"),
+                          ds.x_train[k * 100:(k + 1) * 100], ds.y_train[k * 100:(k + 1) * 100])
+              for k in range(2)]
+    for a in agents:
+        threading.Thread(target=a.run, daemon=True).start()
+
+    def serve(rounds, name):
+        return Aggregator(transport(name), ServeOptions("eco", tmp_path, "ecofed", "act8",
+                                                        rounds, 2, 60.0,
+                                                        strategy_options=setup),
+                          cfg.to_json(), weights_of(model))
+    first = serve(1, "server-1")
+    first.run()
+    kept = sorted(p.name for p in tmp_path.glob("kept-*.fdg"))
+    assert kept == ["kept-replay-dev-0.fdg", "kept-replay-dev-1.fdg"]
+    values = 100 * int(np.prod(setup.act_shape))  # one byte per activation value
+    assert values < (tmp_path / kept[0]).stat().st_size < values + 4096
+    second = serve(2, "server-2")  # a restart: the buffers come from the state dir
+    report = second.run()
+    assert report["rounds"][-1]["devices_reporting"] == 0
+    assert sorted(second.strategy.replay) == ["dev-0", "dev-1"]
+    for k in tail_names(first.weights, setup.split_after):  # the tail trained in round 2
+        assert not np.array_equal(first.weights[k], second.weights[k]), k
+    # a damaged buffer file stops the restart with its name, and changes nothing
+    path = tmp_path / kept[0]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    from broker_server.errors import BrokerServerError
+
+    with pytest.raises(BrokerServerError, match="kept tensors 'replay-dev-0' are unreadable"):
+        serve(3, "server-3")

@@ -13,8 +13,8 @@ equal weights, or with ``shared_tail`` trains one tail over all buffers in turn;
 the global model is the frozen head and that tail.
 
 Needs torch, so it lives in the toolkit and is registered by ``register_ecofed()``.
-Replay buffers live in memory: an aggregator restarted between send rounds trains
-nothing until the next one refills them.
+The replay buffers are kept with every checkpoint as the devices coded them
+(``Strategy.kept``), so an aggregator restarted between send rounds trains on them.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ ACT_CODECS = ("act8", "act4")
 @dataclass(frozen=True)
 class EcoFedOptions:
     period: int = 2  # devices send every ``period`` rounds
-    iterations: int = 50  # server SGD steps per tail per round
+    iterations: int = 200  # server SGD steps per tail per round (50 in the paper: too few here)
     lr: float = 0.01
     momentum: float = 0.9
     batch_size: int = 32
@@ -128,6 +128,7 @@ class EcoFed(Strategy):
         self.setup, self.opts = options, options.options
         self.model = build_model(options.config)
         self.replay: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # device -> buffer
+        self.coded: dict[str, tuple[str, Weights, dict]] = {}  # device -> buffer as sent
 
     def sends(self, round_: int) -> bool:
         return (round_ - 1) % self.opts.period == 0
@@ -165,6 +166,8 @@ class EcoFed(Strategy):
     def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
         for u in updates:
             self.replay[u.device] = (u.weights["acts"], u.weights["labels"])
+            if u.raw is not None:
+                self.coded[u.device] = u.raw
         if not self.replay:
             return global_weights
         after, tails = self.setup.split_after, []
@@ -184,6 +187,22 @@ class EcoFed(Strategy):
         return out
 
 
+    def kept(self) -> dict[str, tuple[str, Weights, dict]]:
+        """The replay buffers, as the devices coded them (1 or half a byte per value)."""
+        return {f"replay-{d}": self.coded[d] for d in sorted(self.coded)}
+
+    def load_kept(self, kept: dict[str, tuple[str, Weights, dict]]) -> None:
+        from device_runtime import codecs
+        from device_runtime.codecs import CodecContext
+
+        for key, (codec, tensors, params) in kept.items():
+            if not key.startswith("replay-"):
+                continue
+            w = codecs.get(codec).decode(tensors, params, CodecContext())
+            self.replay[key[len("replay-"):]] = (w["acts"], w["labels"])
+            self.coded[key[len("replay-"):]] = (codec, tensors, params)
+
+
 class ActivationFold(DecodeAll):
     """Decodes a device's activations and checks its labels before accepting them."""
 
@@ -199,7 +218,8 @@ class ActivationFold(DecodeAll):
             raise WireError(f"labels: expected classes 0..{classes - 1}, got "
                             f"{int(labels.min())}..{int(labels.max())}")
         self.updates[device] = Update(device, self.round, {"acts": acts, "labels": labels},
-                                      samples, {"variant": variant})
+                                      samples, {"variant": variant},
+                                      raw=(self.codec.name, tensors, params))
 
 
 def register_ecofed() -> None:

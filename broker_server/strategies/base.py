@@ -39,7 +39,7 @@ class Update:
     weights: Weights
     samples: int
     meta: dict = field(default_factory=dict)
-    raw: tuple | None = None  # (wire tensors, params) as received, for sign voting
+    raw: tuple | None = None  # the update as coded on the wire (sign voting, EcoFed buffers)
 
 
 class Strategy(ABC):
@@ -99,4 +99,12 @@ class Strategy(ABC):
         return {}
 
     def load_state(self, state: dict) -> None:
+        pass
+
+    def kept(self) -> dict[str, tuple[str, Weights, dict]]:
+        """Tensors saved with every checkpoint beside the JSON state, by name, as
+        (codec, coded tensors, codec params) (e.g. EcoFed's replay buffers)."""
+        return {}
+
+    def load_kept(self, kept: dict[str, tuple[str, Weights, dict]]) -> None:
         pass
