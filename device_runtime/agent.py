@@ -146,7 +146,7 @@ class DeviceAgent:
                 return
             down += fetched
         needed = {"logits": "public", "acts": "head"}.get(task.uplink)
-        if needed and needed not in task.assets:
+        if needed and not any(n.split("-")[0] == needed for n in task.assets):
             raise messages.MessageError(f"task.assets: expected {needed!r} with uplink "
                                         f"{task.uplink}")
         t0 = time.perf_counter()
@@ -215,13 +215,14 @@ class DeviceAgent:
         send the activations, quantized by the task's codec, with their labels."""
         from device_runtime.session import run
 
-        sha = str(task.assets["head"])
+        name = next(n for n in task.assets if n.split("-")[0] == "head")  # head-<cut>
+        sha = str(task.assets[name])
         if self._head is None or self._head[0] != sha:  # loaded once per head
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.opts.threads
-            self._head = (sha, ort.InferenceSession(self.asset(task, "head")["onnx"].tobytes(),
+            self._head = (sha, ort.InferenceSession(self.asset(task, name)["onnx"].tobytes(),
                                                     opts, providers=["CPUExecutionProvider"]))
         acts = run(self._head[1], np.ascontiguousarray(self.x, np.float32), 256)
         codec = codecs.get(task.codec)

@@ -50,7 +50,7 @@ def test_devices_send_every_period_rounds_and_the_server_trains_in_between(ecofe
 def _frame(acts, labels, codec="act8"):
     tensors, params = codecs.get(codec).encode({"acts": acts, "labels": labels}, CodecContext())
     return wire.encode(wire.Frame("update", "j", 1, "d", codec, tensors, params,
-                                  {"samples": len(labels), "variant": "head"}))
+                                  {"samples": len(labels), "variant": "head-1"}))
 
 
 def test_bad_activation_frames_are_refused_with_a_reason(ecofed_job):
@@ -60,7 +60,7 @@ def test_bad_activation_frames_are_refused_with_a_reason(ecofed_job):
     setup = EcoFedSetup(ckpt.config, 1, b"", (32, 40))
     strategy = EcoFed(options=setup)
     codec = codecs.get("act8")
-    spec = codec.wire_spec(strategy.update_shapes("head", {}, 4))
+    spec = codec.wire_spec(strategy.update_shapes("head-1", {}, 4))
     good = np.ones((4, 32, 40), np.float32)
     wire.decode(_frame(good, np.arange(4)), wire.Expect(kind="update", tensors=spec))
     with pytest.raises(WireError, match="acts"):  # another split point's shape
@@ -72,13 +72,13 @@ def test_bad_activation_frames_are_refused_with_a_reason(ecofed_job):
     tensors, params = codec.encode({"acts": good, "labels": np.array([0, 1, 2, 99])},
                                    CodecContext())
     with pytest.raises(WireError, match="classes 0..9"):
-        fold.add("d", 4, tensors, params)
+        fold.add("d", 4, tensors, params, variant="head-1")
     tensors, params = codec.encode({"acts": good, "labels": np.arange(4)}, CodecContext())
     with pytest.raises(WireError, match="params.scale"):  # a non-finite scale
-        fold.add("d", 4, tensors, {"acts": {"scale": float("nan")}})
+        fold.add("d", 4, tensors, {"acts": {"scale": float("nan")}}, variant="head-1")
     with pytest.raises(WireError, match="finite activations"):
         codec.encode({"acts": good * np.inf}, CodecContext())
-    fold.add("d", 4, tensors, params)
+    fold.add("d", 4, tensors, params, variant="head-1")
     assert list(fold.updates) == ["d"]  # nothing refused was kept
 
 
@@ -155,7 +155,8 @@ def test_replay_buffers_survive_an_aggregator_restart(tmp_path):
     first = serve(1, "server-1")
     first.run()
     kept = sorted(p.name for p in tmp_path.glob("kept-*.fdg"))
-    assert kept == ["kept-replay-dev-0.fdg", "kept-replay-dev-1.fdg"]
+    cut = setup.split_after
+    assert kept == [f"kept-replay-{cut}-dev-0.fdg", f"kept-replay-{cut}-dev-1.fdg"]
     values = 100 * int(np.prod(setup.act_shape))  # one byte per activation value
     assert values < (tmp_path / kept[0]).stat().st_size < values + 4096
     second = serve(2, "server-2")  # a restart: the buffers come from the state dir
@@ -171,5 +172,55 @@ def test_replay_buffers_survive_an_aggregator_restart(tmp_path):
     path.write_bytes(bytes(data))
     from broker_server.errors import BrokerServerError
 
-    with pytest.raises(BrokerServerError, match="kept tensors 'replay-dev-0' are unreadable"):
+    with pytest.raises(BrokerServerError, match=f"kept tensors 'replay-{cut}-dev-0' are unreadable"):
         serve(3, "server-3")
+
+
+def test_profiles_with_an_earlier_cut_are_bridged_to_the_frozen_depth(tmp_path):
+    """rpi4 runs a one-stage head, the Orin a two-stage one; the server carries the rpi4's
+    activations through the frozen second stage, so both buffers live at the same cut."""
+    import threading
+
+    import torch
+
+    from broker_server.service import Aggregator, ServeOptions
+    from device_runtime.agent import AgentOptions, DeviceAgent
+    from device_runtime.training.local import weights_of
+    from device_runtime.transport.memory import MemoryHub, MemoryTransport
+    from toolkit import datasets, zoo
+    from toolkit.ecofed import EcoFedOptions, EcoFedSetup, export_head, register_ecofed
+
+    register_ecofed()
+    ds = datasets.load("mnist1d")
+    cfg = zoo.make_config("cnn", ds.sample_shape, ds.num_classes)
+    torch.manual_seed(0)
+    model = zoo.build_model(cfg)
+    heads = {c: export_head(model, cfg, c, ds.x_train[:64]) for c in (1, 2)}
+    setup = EcoFedSetup(cfg, 2, *heads[2], EcoFedOptions(iterations=2),
+                        {"rpi4": 1, "jetson-orin-nano": 2}, heads)
+    hub = MemoryHub()
+
+    def transport(name):
+        t = MemoryTransport(hub, name)
+        t.connect()
+        return t
+    profiles = ["rpi4", "jetson-orin-nano"]
+    agents = [DeviceAgent(transport(f"dev-{k}"), AgentOptions("br", f"dev-{k}", p),
+                          ds.x_train[k * 100:(k + 1) * 100], ds.y_train[k * 100:(k + 1) * 100])
+              for k, p in enumerate(profiles)]
+    for a in agents:
+        threading.Thread(target=a.run, daemon=True).start()
+    agg = Aggregator(transport("server"), ServeOptions("br", tmp_path, "ecofed", "act8", 1, 2,
+                                                       60.0, strategy_options=setup),
+                     cfg.to_json(), weights_of(model))
+    report = agg.run()
+    assert report["rounds"][0]["devices_reporting"] == 2 and not report["rejected"]
+    up = {a.device: a.history[0]["uplink_bytes"] for a in agents}
+    per_sample = {c: int(np.prod(heads[c][1])) + 8 for c in (1, 2)}
+    for dev, c in (("dev-0", 1), ("dev-1", 2)):  # each sent its own cut's activations
+        assert 100 * per_sample[c] <= up[dev] < 100 * per_sample[c] + 4096
+    acts0, _ = agg.strategy.replay["dev-0"]
+    assert acts0.shape[1:] == heads[2][1]  # carried to the frozen depth
+    with torch.no_grad():  # ... as the two-stage head computes it (up to act8's step)
+        want = zoo.split(model.eval(), 2)[0](torch.from_numpy(ds.x_train[:100])).numpy()
+    assert np.abs(acts0 - want).max() < 0.05 * np.abs(want).max()

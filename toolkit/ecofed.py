@@ -19,7 +19,7 @@ The replay buffers are kept with every checkpoint as the devices coded them
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +61,24 @@ class EcoFedOptions:
 
 @dataclass(frozen=True)
 class EcoFedSetup:
+    """``split_after`` is the frozen depth (the latest cut): every replay buffer holds
+    activations there. A profile with an earlier cut (``cuts``) runs the shorter head
+    of ``heads`` and the server runs the frozen stages in between."""
+
     config: ModelConfig
     split_after: int
     head_onnx: bytes
     act_shape: tuple[int, ...]  # one sample's activation at the cut
     options: EcoFedOptions = EcoFedOptions()
+    cuts: dict[str, int] = field(default_factory=dict)  # profile -> cut (default: the one)
+    heads: dict[int, tuple[bytes, tuple[int, ...]]] = field(default_factory=dict)
+
+    def cut_of(self, profile: str) -> int:
+        return self.cuts.get(profile, self.split_after)
+
+    def head(self, cut: int) -> tuple[bytes, tuple[int, ...]]:
+        """(ONNX, activation shape) of the head ending at ``cut``."""
+        return (self.head_onnx, self.act_shape) if cut == self.split_after else self.heads[cut]
 
 
 def export_head(model: nn.Module, cfg: ModelConfig, after: int, probe: np.ndarray,
@@ -128,20 +141,22 @@ class EcoFed(Strategy):
         self.setup, self.opts = options, options.options
         self.model = build_model(options.config)
         self.replay: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # device -> buffer
-        self.coded: dict[str, tuple[str, Weights, dict]] = {}  # device -> buffer as sent
+        # device -> (its cut, its buffer as sent: codec, tensors, params)
+        self.coded: dict[str, tuple[int, tuple[str, Weights, dict]]] = {}
 
     def sends(self, round_: int) -> bool:
         return (round_ - 1) % self.opts.period == 0
 
     def assets(self) -> dict[str, Weights]:
-        return {"head": {"onnx": np.frombuffer(self.setup.head_onnx, np.uint8).copy()}}
+        cuts = {self.setup.split_after, *self.setup.cuts.values()}
+        return {head_asset(c): {"onnx": np.frombuffer(self.setup.head(c)[0], np.uint8).copy()}
+                for c in sorted(cuts)}
 
     def variants(self, global_weights: Weights) -> dict[str, Weights]:
         return {}  # a device needs no weights: its head is the asset
 
     def variant(self, global_weights: Weights, name: str) -> Weights:
-        if name != "head":
-            raise ValueError(f"variant: ecofed has only 'head', not {name!r}")
+        cut_of_variant(name)
         return {}
 
     def needs_updates(self, round_: int) -> bool:
@@ -150,24 +165,40 @@ class EcoFed(Strategy):
     def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
         if not self.sends(round_):
             return {}
-        return {d.id: Assignment("head", 1, self.opts.batch_size, self.opts.lr,
-                                 {"uplink": "acts", "assets": ["head"]}) for d in devices}
+        out = {}
+        for d in devices:
+            c = self.setup.cut_of(d.profile)
+            out[d.id] = Assignment(f"head-{c}", 1, self.opts.batch_size, self.opts.lr,
+                                   {"uplink": "acts", "assets": [head_asset(c)]})
+        return out
 
     def update_shapes(self, variant: str, model_shapes: dict, samples: int) -> dict:
-        return {"acts": (samples, *self.setup.act_shape),
+        return {"acts": (samples, *self.setup.head(cut_of_variant(variant))[1]),
                 "labels": TensorSpec("int64", (samples,))}
+
+    @torch.no_grad()
+    def bridge(self, acts: np.ndarray, cut: int) -> np.ndarray:
+        """Activations at ``cut`` carried to the frozen depth by the frozen stages between."""
+        if cut == self.setup.split_after:
+            return acts
+        between = nn.Sequential(*self.model.stages[cut:self.setup.split_after]).eval()
+        return np.concatenate([between(torch.from_numpy(acts[i:i + 512])).numpy()
+                               for i in range(0, len(acts), 512)]).astype(np.float32)
 
     def fold(self, round_: int, global_weights: Weights, codec, ctx):
         if codec.name not in ACT_CODECS:
             raise ValueError(f"ecofed: expected codec {' or '.join(ACT_CODECS)}, got "
                              f"{codec.name}")
+        load_weights(self.model, global_weights)  # the frozen stages, for bridge()
         return ActivationFold(self, round_, global_weights, codec, ctx)
 
     def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:
+        load_weights(self.model, global_weights)  # the frozen stages, for _reload
         for u in updates:
             self.replay[u.device] = (u.weights["acts"], u.weights["labels"])
             if u.raw is not None:
-                self.coded[u.device] = u.raw
+                self.coded[u.device] = (cut_of_variant(u.meta["variant"]), u.raw)
+        self._reload()
         if not self.replay:
             return global_weights
         after, tails = self.setup.split_after, []
@@ -189,18 +220,23 @@ class EcoFed(Strategy):
 
     def kept(self) -> dict[str, tuple[str, Weights, dict]]:
         """The replay buffers, as the devices coded them (1 or half a byte per value)."""
-        return {f"replay-{d}": self.coded[d] for d in sorted(self.coded)}
+        return {f"replay-{c}-{d}": coded for d, (c, coded) in sorted(self.coded.items())}
 
     def load_kept(self, kept: dict[str, tuple[str, Weights, dict]]) -> None:
+        """Decoded (and carried to the frozen depth) in the next ``aggregate``."""
+        for key, coded in kept.items():
+            kind, cut, device = (key.split("-", 2) + ["", ""])[:3]
+            if kind == "replay" and cut.isdigit():
+                self.coded[device] = (int(cut), coded)
+
+    def _reload(self) -> None:
         from device_runtime import codecs
         from device_runtime.codecs import CodecContext
 
-        for key, (codec, tensors, params) in kept.items():
-            if not key.startswith("replay-"):
-                continue
-            w = codecs.get(codec).decode(tensors, params, CodecContext())
-            self.replay[key[len("replay-"):]] = (w["acts"], w["labels"])
-            self.coded[key[len("replay-"):]] = (codec, tensors, params)
+        for device, (cut, (codec, tensors, params)) in self.coded.items():
+            if device not in self.replay:
+                w = codecs.get(codec).decode(tensors, params, CodecContext())
+                self.replay[device] = (self.bridge(w["acts"], cut), w["labels"])
 
 
 class ActivationFold(DecodeAll):
@@ -217,9 +253,21 @@ class ActivationFold(DecodeAll):
         if labels.size and (labels.min() < 0 or labels.max() >= classes):
             raise WireError(f"labels: expected classes 0..{classes - 1}, got "
                             f"{int(labels.min())}..{int(labels.max())}")
+        acts = self.strategy.bridge(acts, cut_of_variant(variant))
         self.updates[device] = Update(device, self.round, {"acts": acts, "labels": labels},
                                       samples, {"variant": variant},
                                       raw=(self.codec.name, tensors, params))
+
+
+def head_asset(cut: int) -> str:
+    return f"head-{cut}"
+
+
+def cut_of_variant(name: str) -> int:
+    prefix, _, cut = name.partition("-")
+    if prefix != "head" or not cut.isdigit():
+        raise ValueError(f"variant: ecofed has 'head-<cut>', not {name!r}")
+    return int(cut)
 
 
 def register_ecofed() -> None:

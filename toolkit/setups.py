@@ -69,9 +69,9 @@ def _dpfl(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile], mod
 
 def _ecofed(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile],
             public_x: np.ndarray, model):
-    """EcoFed's setup: the split point (given, else the earliest the planner picks for
-    any profile of the fleet among cuts whose head holds at most FROZEN_SHARE of the
-    parameters), the head's ONNX."""
+    """EcoFed's setup: per profile the cut the planner picks among those whose head holds
+    at most FROZEN_SHARE of the parameters (or the given one for all), each cut's head
+    as ONNX; the latest cut is the frozen depth."""
     from toolkit.analysis import stage_infos
     from toolkit.checkpoint import example_input
     from toolkit.ecofed import ACT_CODECS, EcoFedOptions, EcoFedSetup, export_head
@@ -97,11 +97,12 @@ def _ecofed(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile],
     def light(cands):  # heads within FROZEN_SHARE; at least the earliest cut
         keep = [c for c in cands if c.head_params <= total * FROZEN_SHARE]
         return keep or cands[:1]
-    after = min(choose_split(split_candidates(infos, p) if eo.split_after else
-                             light(split_candidates(infos, p)), eo.split_after).after
-                for p in fleet)
-    head, act_shape = export_head(model, cfg, after, public_x[:64])
-    return EcoFedSetup(cfg, after, head, act_shape, eo)
+    cuts = {p.name: choose_split(split_candidates(infos, p) if eo.split_after else
+                                 light(split_candidates(infos, p)), eo.split_after).after
+            for p in fleet}
+    after = max(cuts.values())  # the frozen depth; earlier cuts are bridged by the server
+    heads = {c: export_head(model, cfg, c, public_x[:64]) for c in sorted(set(cuts.values()))}
+    return EcoFedSetup(cfg, after, *heads[after], eo, cuts, heads)
 
 
 def _reft(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile],

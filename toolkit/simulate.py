@@ -166,10 +166,12 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     if opts.strategy == "ecofed":  # the frozen head each device runs (forward only)
         from toolkit.zoo import split
 
-        head = count_macs(split(ckpt.model, strategy_options.split_after)[0],
-                          checkpoint.example_input(cfg))[0]
-        per_device = {a.device: head for a in agents}
+        heads = {c: count_macs(split(ckpt.model, c)[0], checkpoint.example_input(cfg))[0]
+                 for c in {strategy_options.cut_of(p.name) for p in fleet}}
+        per_device = {a.device: heads[strategy_options.cut_of(p.name)]
+                      for a, p in zip(agents, fleet)}
         report["split_after"] = strategy_options.split_after
+        report["cuts"] = {p.name: strategy_options.cut_of(p.name) for p in fleet}
         report["act_shape"] = list(strategy_options.act_shape)
     if opts.strategy == "dpfl":  # the head each device trains
         from toolkit.zoo import split
