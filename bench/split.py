@@ -142,6 +142,19 @@ def to_markdown(res: dict) -> str:
                      f"{_mb(a['bytes_to_target'])} | {ratio} | {a['seconds_to_target']} | "
                      f"{a['bytes_per_round'] / 1e6:,.2f} | {a['server_seconds_per_round']} | "
                      f"{a['cuts']} |")
+    lines += ["", "Reading the table:", "",
+              "- Bytes are every frame the aggregator sent or received: models, tasks, "
+              "updates, per-batch activations and gradients (dpfl), the head assets (EcoFed, "
+              "once per device).",
+              "- Simulated time adds up, round by round, the slowest device's compute (MACs x "
+              "samples x passes / GFLOP/s), transfer (its bytes / its link rates) and, for "
+              "dpfl, one round trip (`rtt_ms`) per batch. Server compute is not in it: EcoFed "
+              "trains the tail on the server every round (rounds without a send cost the "
+              "devices nothing), dpfl runs the tail once per batch; the last column gives the "
+              "server's wall time per round on this machine.",
+              "- `ecofed-*` use one shared tail (`--shared-tail`) and 200 server steps per "
+              "buffer; `ecofed-act8-pertail`, when present, averages one tail per device as "
+              "the paper does."]
     return "\n".join(lines) + "\n"
 
 
