@@ -141,6 +141,18 @@ def test_bad_batches_are_refused_with_a_reason():
             check_batch(tensors, (8, 5), 16, 10)
 
 
+def test_bad_dpfl_options_are_one_line(tmp_path):
+    from tests.conftest import assert_one_line_error, run_fedge
+
+    code, _, err = run_fedge("simulate", "--strategy", "dpfl", "--codec", "sign",
+                             "--json", str(tmp_path / "x.json"))
+    assert_one_line_error(code, err, 2, "--codec: dpfl sends its head whole")
+    code, _, err = run_fedge("simulate", "--strategy", "dpfl", "--split-after", "9",
+                             "--json", str(tmp_path / "x.json"))
+    assert_one_line_error(code, err, 2, "split_after: expected one of 1, 2, 3, 4, got 9")
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_dpfl_over_mosquitto_with_planned_cuts(tmp_path, mosquitto):
     job, work = f"d{secrets.token_hex(3)}", tmp_path
     ckpt = prepare_job(work, devices=2)
