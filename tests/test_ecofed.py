@@ -112,17 +112,35 @@ def test_the_ecofed_device_runs_with_torch_unimportable(tmp_path, mosquitto):
     assert all("trained 2 rounds" in log for log in logs)
 
 
+def memory_fleet(job: str, profiles: list[str], ds):
+    """Device agents (100 samples each) running on an in-memory hub; returns a factory of
+    more connected transports on it (for aggregators) and the agents."""
+    import threading
+
+    from device_runtime.agent import AgentOptions, DeviceAgent
+    from device_runtime.transport.memory import MemoryHub, MemoryTransport
+
+    hub = MemoryHub()
+
+    def transport(name):
+        t = MemoryTransport(hub, name)
+        t.connect()
+        return t
+    agents = [DeviceAgent(transport(f"dev-{k}"), AgentOptions(job, f"dev-{k}", p),
+                          ds.x_train[k * 100:(k + 1) * 100], ds.y_train[k * 100:(k + 1) * 100])
+              for k, p in enumerate(profiles)]
+    for a in agents:
+        threading.Thread(target=a.run, daemon=True).start()
+    return transport, agents
+
+
 def test_replay_buffers_survive_an_aggregator_restart(tmp_path):
     """Round 1 collects the buffers; a new aggregator on the same state dir runs round 2
     (nobody sends) and still trains the tail, on the buffers it reloaded."""
-    import threading
-
     import torch
 
     from broker_server.service import Aggregator, ServeOptions
-    from device_runtime.agent import AgentOptions, DeviceAgent
     from device_runtime.training.local import weights_of
-    from device_runtime.transport.memory import MemoryHub, MemoryTransport
     from toolkit import datasets, zoo
     from toolkit.ecofed import EcoFedOptions, register_ecofed, tail_names
     from toolkit.profiles import ProfileCatalogue
@@ -135,17 +153,7 @@ def test_replay_buffers_survive_an_aggregator_restart(tmp_path):
     model = zoo.build_model(cfg)
     cfg, setup = setup_strategy("ecofed", cfg, [ProfileCatalogue.load().get("rpi4")],
                                 ds.x_train[:64], "act8", EcoFedOptions(iterations=5), model)
-    hub = MemoryHub()
-
-    def transport(name):
-        t = MemoryTransport(hub, name)
-        t.connect()
-        return t
-    agents = [DeviceAgent(transport(f"dev-{k}"), AgentOptions("eco", f"dev-{k}", "rpi4"),
-                          ds.x_train[k * 100:(k + 1) * 100], ds.y_train[k * 100:(k + 1) * 100])
-              for k in range(2)]
-    for a in agents:
-        threading.Thread(target=a.run, daemon=True).start()
+    transport, _ = memory_fleet("eco", ["rpi4", "rpi4"], ds)
 
     def serve(rounds, name):
         return Aggregator(transport(name), ServeOptions("eco", tmp_path, "ecofed", "act8",
@@ -179,14 +187,10 @@ def test_replay_buffers_survive_an_aggregator_restart(tmp_path):
 def test_profiles_with_an_earlier_cut_are_bridged_to_the_frozen_depth(tmp_path):
     """rpi4 runs a one-stage head, the Orin a two-stage one; the server carries the rpi4's
     activations through the frozen second stage, so both buffers live at the same cut."""
-    import threading
-
     import torch
 
     from broker_server.service import Aggregator, ServeOptions
-    from device_runtime.agent import AgentOptions, DeviceAgent
     from device_runtime.training.local import weights_of
-    from device_runtime.transport.memory import MemoryHub, MemoryTransport
     from toolkit import datasets, zoo
     from toolkit.ecofed import EcoFedOptions, EcoFedSetup, export_head, register_ecofed
 
@@ -198,18 +202,7 @@ def test_profiles_with_an_earlier_cut_are_bridged_to_the_frozen_depth(tmp_path):
     heads = {c: export_head(model, cfg, c, ds.x_train[:64]) for c in (1, 2)}
     setup = EcoFedSetup(cfg, 2, *heads[2], EcoFedOptions(iterations=2),
                         {"rpi4": 1, "jetson-orin-nano": 2}, heads)
-    hub = MemoryHub()
-
-    def transport(name):
-        t = MemoryTransport(hub, name)
-        t.connect()
-        return t
-    profiles = ["rpi4", "jetson-orin-nano"]
-    agents = [DeviceAgent(transport(f"dev-{k}"), AgentOptions("br", f"dev-{k}", p),
-                          ds.x_train[k * 100:(k + 1) * 100], ds.y_train[k * 100:(k + 1) * 100])
-              for k, p in enumerate(profiles)]
-    for a in agents:
-        threading.Thread(target=a.run, daemon=True).start()
+    transport, agents = memory_fleet("br", ["rpi4", "jetson-orin-nano"], ds)
     agg = Aggregator(transport("server"), ServeOptions("br", tmp_path, "ecofed", "act8", 1, 2,
                                                        60.0, strategy_options=setup),
                      cfg.to_json(), weights_of(model))
