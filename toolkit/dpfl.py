@@ -26,7 +26,7 @@ from broker_server.strategies.folds import DecodeAll
 from device_runtime.errors import WireError
 from device_runtime.training.local import load_weights, weights_of
 from device_runtime.training.models import ModelConfig, build_model
-from device_runtime.training.split import head_names, parse_head_variant
+from device_runtime.training.split import head_names, parse_head_variant, stage_of
 from toolkit.profiles import DeviceProfile
 
 HEAD_CODECS = ("fp32", "fp16")  # the round's upload is the head itself
@@ -125,7 +125,7 @@ class DPFL(Strategy):
         server = weights_of(self.model)
         out = dict(global_weights)
         for name in global_weights:
-            stage = int(name.split(".")[1]) if name.startswith("stages.") else -1
+            stage = stage_of(name)
             parts = [({name: u.weights[name]}, u.samples) for u in updates if name in u.weights]
             by_server = sum(n for cut, n in self.trained.items() if cut <= stage)
             if by_server:

@@ -32,6 +32,7 @@ from broker_server.strategies.folds import DecodeAll
 from device_runtime.errors import WireError
 from device_runtime.training.local import load_weights, weights_of
 from device_runtime.training.models import ModelConfig, build_model
+from device_runtime.training.split import parse_head_variant, stage_of
 from device_runtime.wire import TensorSpec
 
 ACT_CODECS = ("act8", "act4")
@@ -109,7 +110,7 @@ def export_head(model: nn.Module, cfg: ModelConfig, after: int, probe: np.ndarra
 
 def tail_names(weights: Weights, after: int) -> list[str]:
     """The global tensors the server trains: those of stages ``after`` and later."""
-    return [k for k in weights if k.startswith("stages.") and int(k.split(".")[1]) >= after]
+    return [k for k in weights if stage_of(k) >= after]
 
 
 def train_tail(model: nn.Module, after: int, acts: np.ndarray, labels: np.ndarray,
@@ -156,7 +157,7 @@ class EcoFed(Strategy):
         return {}  # a device needs no weights: its head is the asset
 
     def variant(self, global_weights: Weights, name: str) -> Weights:
-        cut_of_variant(name)
+        parse_head_variant(name)
         return {}
 
     def needs_updates(self, round_: int) -> bool:
@@ -173,7 +174,7 @@ class EcoFed(Strategy):
         return out
 
     def update_shapes(self, variant: str, model_shapes: dict, samples: int) -> dict:
-        return {"acts": (samples, *self.setup.head(cut_of_variant(variant))[1]),
+        return {"acts": (samples, *self.setup.head(parse_head_variant(variant))[1]),
                 "labels": TensorSpec("int64", (samples,))}
 
     @torch.no_grad()
@@ -197,7 +198,7 @@ class EcoFed(Strategy):
         for u in updates:
             self.replay[u.device] = (u.weights["acts"], u.weights["labels"])
             if u.raw is not None:
-                self.coded[u.device] = (cut_of_variant(u.meta["variant"]), u.raw)
+                self.coded[u.device] = (parse_head_variant(u.meta["variant"]), u.raw)
         self._reload()
         if not self.replay:
             return global_weights
@@ -253,7 +254,7 @@ class ActivationFold(DecodeAll):
         if labels.size and (labels.min() < 0 or labels.max() >= classes):
             raise WireError(f"labels: expected classes 0..{classes - 1}, got "
                             f"{int(labels.min())}..{int(labels.max())}")
-        acts = self.strategy.bridge(acts, cut_of_variant(variant))
+        acts = self.strategy.bridge(acts, parse_head_variant(variant))
         self.updates[device] = Update(device, self.round, {"acts": acts, "labels": labels},
                                       samples, {"variant": variant},
                                       raw=(self.codec.name, tensors, params))
@@ -261,13 +262,6 @@ class ActivationFold(DecodeAll):
 
 def head_asset(cut: int) -> str:
     return f"head-{cut}"
-
-
-def cut_of_variant(name: str) -> int:
-    prefix, _, cut = name.partition("-")
-    if prefix != "head" or not cut.isdigit():
-        raise ValueError(f"variant: ecofed has 'head-<cut>', not {name!r}")
-    return int(cut)
 
 
 def register_ecofed() -> None:

@@ -23,9 +23,15 @@ from device_runtime.training.local import LocalResult, LocalTrainOptions, miniba
 Exchange = Callable[[int, np.ndarray, np.ndarray], tuple[np.ndarray, float]]
 
 
+def stage_of(name: str) -> int:
+    """The stage a tensor belongs to (names ``stages.<i>.…``), -1 for any other tensor."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "stages" and parts[1:2] and parts[1].isdigit() else -1
+
+
 def head_names(names, after: int) -> list[str]:
-    """The tensors of stages ``0..after-1`` (names ``stages.<i>.…``): the device's part."""
-    return [k for k in names if k.startswith("stages.") and int(k.split(".")[1]) < after]
+    """The tensors of stages ``0..after-1``: the device's part."""
+    return [k for k in names if 0 <= stage_of(k) < after]
 
 
 def parse_head_variant(variant: str) -> int:
