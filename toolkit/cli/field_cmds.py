@@ -29,15 +29,19 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=serve)
 
     p = sub.add_parser("device", help="run the device agent")
-    p.add_argument("--broker", required=True)
-    p.add_argument("--job", required=True)
-    p.add_argument("--id", required=True)
-    p.add_argument("--profile", required=True)
+    p.add_argument("--config", help="TOML file with these options (as `fedge bundle` "
+                   "writes it); options given here win")
+    p.add_argument("--broker")
+    p.add_argument("--job")
+    p.add_argument("--id")
+    p.add_argument("--profile")
     p.add_argument("--profiles-file")
-    p.add_argument("--data", required=True, help="the device's .npz shard (x, y)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--max-payload", type=int, default=128 * 1024)
+    p.add_argument("--data", help="the device's .npz shard (x, y)")
+    p.add_argument("--threads", type=int, help="torch threads for local training (1)")
+    p.add_argument("--max-payload", type=int, help="bytes per MQTT message (131072)")
     p.add_argument("--idle-timeout", type=float, default=None)
+    p.add_argument("--check", action="store_true", help="check the config, data, "
+                   "credentials and signed artifacts, then exit without connecting")
     p.set_defaults(func=device)
 
     p = sub.add_parser("demo", help="the whole loop on one machine: 8 device processes, "
@@ -71,26 +75,34 @@ def device(args: argparse.Namespace) -> int:
     import logging
 
     from device_runtime.agent import AgentOptions, DeviceAgent, status_will
+    from device_runtime.config import load_config, merge
     from device_runtime.data import load_shard
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
     from toolkit.profiles import ProfileCatalogue
 
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.id} %(message)s")
-    ProfileCatalogue.load(args.profiles_file).get(args.profile)
-    check_id("device", args.id)
-    x, y = load_shard(args.data)
-    topics = Topics(args.job)
-    t = MqttTransport(args.broker, f"fedge-{args.job}-{args.id}", max_payload=args.max_payload,
-                      will=status_will(topics, args.id), persistent=True)
+    config = load_config(args.config) if args.config else None
+    o = argparse.Namespace(**merge(vars(args), config))
+    o.threads = o.threads or 1
+    o.max_payload = o.max_payload or 128 * 1024
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {o.id} %(message)s")
+    ProfileCatalogue.load(o.profiles_file).get(o.profile)
+    check_id("device", o.id)
+    x, y = load_shard(o.data)
+    if o.check:
+        print(f"device {o.id}: ok ({o.profile}, {len(y)} samples, broker {o.broker})")
+        return 0
+    topics = Topics(o.job)
+    t = MqttTransport(o.broker, f"fedge-{o.job}-{o.id}", max_payload=o.max_payload,
+                      will=status_will(topics, o.id), persistent=True)
     t.connect()
     try:
-        agent = DeviceAgent(t, AgentOptions(args.job, args.id, args.profile, args.threads,
-                                            args.idle_timeout), x, y)
+        agent = DeviceAgent(t, AgentOptions(o.job, o.id, o.profile, o.threads,
+                                            o.idle_timeout), x, y)
         rounds = agent.run()
     finally:
         t.close()
-    print(f"device {args.id}: trained {rounds} rounds")
+    print(f"device {o.id}: trained {rounds} rounds")
     return 0
 
 

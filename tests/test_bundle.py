@@ -1,0 +1,136 @@
+"""`fedge bundle` -> `install.sh` -> the agent as a service: installed offline from a
+local wheelhouse into a fresh venv without torch, it joins a job on a real broker."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, assert_one_line_error, run_fedge
+from tests.field_helpers import finish, prepare_job, start_server
+
+WHEELHOUSE = Path(os.environ.get("FEDGE_WHEELHOUSE") or ROOT / ".wheelhouse")
+
+
+def _wheelhouse() -> Path:
+    if not any(WHEELHOUSE.glob("onnxruntime-*.whl")):
+        pytest.fail(f"no wheelhouse at {WHEELHOUSE}: run `fedge wheelhouse --out .wheelhouse` "
+                    "once (README's test command does)")
+    return WHEELHOUSE
+
+
+def _device_env() -> dict:
+    """What a device has: no checkout on the path, no pip config pointing at local
+    indexes or a torch wheel."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_"))}
+    return dict(env, PIP_CONFIG_FILE=os.devnull, PYTHONUNBUFFERED="1")
+
+
+def _bundle(tmp_path: Path, manifest: Path, url: str, job: str, *extra: str) -> Path:
+    out = tmp_path / "pi-1.tar.gz"
+    code, stdout, err = run_fedge("bundle", "--manifest", str(manifest), "--device", "rpi4",
+                                  "--broker", url, "--job", job, "--id", "pi-1",
+                                  "--out", str(out), *extra)
+    assert code == 0, err
+    assert "wrote" in stdout
+    return out
+
+
+def _unpack(bundle: Path, dest: Path) -> Path:
+    with tarfile.open(bundle) as tf:
+        tf.extractall(dest, filter="data")
+    return dest / "fedge-pi-1"
+
+
+def test_bundle_installs_offline_without_torch_and_joins_a_job(tmp_path, mosquitto,
+                                                               fleet_export):
+    wheels = _wheelhouse()
+    work = tmp_path / "run"
+    work.mkdir()
+    ckpt = prepare_job(work, devices=1)
+    job = f"b{secrets.token_hex(3)}"
+    bundle = _bundle(tmp_path, fleet_export / "manifest.json", mosquitto.url, job,
+                     "--strategy", "ecofed", "--data", str(work / "data" / "device-0.npz"))
+    unpacked = _unpack(bundle, tmp_path / "unpacked")
+    shipped = sorted(p.relative_to(unpacked / "artifacts").as_posix()
+                     for p in (unpacked / "artifacts").rglob("*.onnx"))
+    assert shipped and all(s.startswith("rpi4/") for s in shipped)  # its artifacts only
+
+    prefix = tmp_path / "opt" / "fedge"
+    p = subprocess.run(["sh", str(unpacked / "install.sh"), "--prefix", str(prefix),
+                        "--wheelhouse", str(wheels), "--no-systemd"], env=_device_env(),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    py = prefix / "venv" / "bin" / "python"
+    probe = subprocess.run([str(py), "-c", "import toolkit, importlib.util as u; "
+                            "print(toolkit.__file__); print(u.find_spec('torch'))"],
+                           env=_device_env(), cwd=tmp_path, capture_output=True, text=True)
+    where, torch_spec = probe.stdout.split()[:2]
+    assert where.startswith(str(prefix)) and torch_spec == "None", probe.stdout + probe.stderr
+    unit = prefix / "etc" / "fedge-device.service"
+    assert f"ExecStart={prefix}/venv/bin/fedge device --config {prefix}/etc/device.toml" \
+        in unit.read_text()
+    if shutil.which("systemd-analyze"):
+        v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                           text=True, timeout=60)
+        assert v.returncode == 0, v.stderr
+
+    server = start_server(mosquitto.url, job, work, ckpt, rounds=1, min_devices=1,
+                          round_timeout=60, extra=["--strategy", "ecofed", "--codec", "act4",
+                                                   "--profiles", "rpi4"])
+    device = subprocess.Popen([str(prefix / "venv" / "bin" / "fedge"), "device", "--config",
+                               str(prefix / "etc" / "device.toml"), "--idle-timeout", "120"],
+                              env=_device_env(), cwd=prefix / "var",
+                              stdout=open(work / "device.log", "wb"), stderr=subprocess.STDOUT)
+    codes = finish([server], timeout=240) + finish([device], timeout=60)
+    log = (work / "device.log").read_text()
+    assert codes == [0, 0], (work / "server.log").read_text()[-1500:] + log[-1500:]
+    report = json.loads((work / "report.json").read_text())
+    assert [r["devices_reporting"] for r in report["rounds"]] == [1]
+    assert "pi-1: trained 1 rounds" in log
+
+
+def test_a_modified_bundle_installs_nothing(tmp_path, fleet_export):
+    bundle = _bundle(tmp_path, fleet_export / "manifest.json", "mqtt://broker:1883", "j1")
+    unpacked = _unpack(bundle, tmp_path / "unpacked")
+    config = unpacked / "device.toml"
+    config.write_text(config.read_text().replace("mqtt://broker:1883", "mqtt://evil:1883"))
+    prefix = tmp_path / "opt"
+    p = subprocess.run(["sh", str(unpacked / "install.sh"), "--prefix", str(prefix),
+                        "--no-systemd"], env=_device_env(), capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines()[-1].startswith("install.sh: error: bundle files do "
+                                                         "not match SHA256SUMS")
+    assert not prefix.exists()
+
+
+def test_the_same_export_gives_the_same_bundle_bytes(tmp_path, fleet_export):
+    a = _bundle(tmp_path, fleet_export / "manifest.json", "mqtt://broker:1883", "j1")
+    first = a.read_bytes()
+    b = _bundle(tmp_path, fleet_export / "manifest.json", "mqtt://broker:1883", "j1")
+    assert b.read_bytes() == first
+
+
+@pytest.mark.parametrize("change, needle", [
+    (("--device", "no-such-board"), "no device 'no-such-board'"),
+    (("--broker", "http://broker"), "scheme must be mqtt or mqtts"),
+    (("--strategy", "fedsgd"), "unknown strategy 'fedsgd'"),
+    (("--id", "bad id"), "device id"),
+    (("--trust", "/no/such.pub"), "--trust /no/such.pub"),
+])
+def test_bad_bundle_inputs_are_one_line_and_write_nothing(tmp_path, fleet_export, change,
+                                                          needle):
+    args = {"--manifest": str(fleet_export / "manifest.json"), "--device": "rpi4",
+            "--broker": "mqtt://broker:1883", "--job": "j1", "--id": "pi-1",
+            "--out": str(tmp_path / "b.tar.gz")}
+    args[change[0]] = change[1]
+    code, _, err = run_fedge("bundle", *[x for kv in args.items() for x in kv])
+    assert_one_line_error(code, err, 2, needle)
+    assert list(tmp_path.iterdir()) == []

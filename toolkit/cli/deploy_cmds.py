@@ -1,0 +1,64 @@
+"""``fedge bundle`` and ``fedge wheelhouse``: from an export to an installable device."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bundle", help="one device's install bundle: fedge wheel, its "
+                       "artifacts and signed manifest, config, systemd unit, install.sh")
+    p.add_argument("--manifest", required=True, help="DIR/manifest.json of a signed export")
+    p.add_argument("--device", required=True, help="the device's profile in the manifest")
+    p.add_argument("--broker", required=True, help="mqtt[s]://host:port the device uses")
+    p.add_argument("--job", required=True)
+    p.add_argument("--id", help="device id (default: the profile's name)")
+    p.add_argument("--strategy", default="fedavg", help="the job's strategy: torch is "
+                   "installed unless the device only runs inference (ecofed)")
+    p.add_argument("--trust", help="the public key the manifest is signed with (default: "
+                   "$FEDGE_HOME/signing.pub, beside export's default key)")
+    p.add_argument("--credentials", help="DIR/credentials/<id>.json from `fedge secure init`")
+    p.add_argument("--data", help="the device's .npz shard, shipped in the bundle")
+    p.add_argument("--wheels", help="a wheelhouse (`fedge wheelhouse`) to ship, for "
+                   "devices that install offline")
+    p.add_argument("--out", required=True, help="BUNDLE.tar.gz")
+    p.set_defaults(func=bundle)
+
+    p = sub.add_parser("wheelhouse", help="download the third-party wheels a device "
+                       "install needs, for the device's platform (uses the network)")
+    p.add_argument("--target", default="host", help="host, rpi-bookworm or jetson-jp6")
+    p.add_argument("--torch", action="store_true", help="also torch (devices that train)")
+    p.add_argument("--out", required=True, help="folder for the wheels")
+    p.set_defaults(func=wheelhouse)
+
+
+def default_trust() -> Path:
+    home = Path(os.environ.get("FEDGE_HOME") or Path.home() / ".fedge")
+    return home / "signing.pub"
+
+
+def bundle(args: argparse.Namespace) -> int:
+    from toolkit.bundle import BundleOptions, make_bundle
+
+    opt = lambda v: Path(v) if v else None  # noqa: E731
+    o = BundleOptions(manifest=Path(args.manifest), device=args.device, broker=args.broker,
+                      job=args.job, id=args.id or args.device, out=Path(args.out),
+                      strategy=args.strategy, trust=opt(args.trust) or default_trust(),
+                      credentials=opt(args.credentials), data=opt(args.data),
+                      wheels=opt(args.wheels))
+    s = make_bundle(o)
+    extra = f" + {s['third_party_wheel_bytes'] / 1e6:.1f} MB of third-party wheels" \
+        if s["third_party_wheel_bytes"] else ""
+    print(f"wrote {s['bundle']}: {s['bytes'] / 1e6:.2f} MB, {s['files']} files for "
+          f"{s['device']} ({s['profile']}){extra}; torch: {'yes' if s['torch'] else 'no'}")
+    return 0
+
+
+def wheelhouse(args: argparse.Namespace) -> int:
+    from toolkit.wheelhouse import download
+
+    wheels = download(args.target, args.out, torch=args.torch)
+    mb = sum(w.stat().st_size for w in wheels) / 1e6
+    print(f"{args.out}: {len(wheels)} wheels, {mb:.1f} MB for {args.target}")
+    return 0
