@@ -38,6 +38,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-payload", type=int, default=128 * 1024)
     p.add_argument("--idle-timeout", type=float, default=None)
+    p.add_argument("--manifest", dest="manifest", help="the export's manifest.json: its "
+                   "signature and this profile's artifacts are verified before any task; "
+                   "a failure is published as the device's status and exits 6")
+    p.add_argument("--trust", dest="trust", metavar="PUBKEY", help="the public key the "
+                   "manifest must be signed with (required with --manifest)")
     p.set_defaults(func=device)
 
     p = sub.add_parser("demo", help="the whole loop on one machine: 8 device processes, "
@@ -72,6 +77,7 @@ def device(args: argparse.Namespace) -> int:
 
     from device_runtime.agent import AgentOptions, DeviceAgent, status_will
     from device_runtime.data import load_shard
+    from device_runtime.preflight import check_options
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
     from toolkit.profiles import ProfileCatalogue
@@ -79,6 +85,7 @@ def device(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.id} %(message)s")
     ProfileCatalogue.load(args.profiles_file).get(args.profile)
     check_id("device", args.id)
+    check_options(args.manifest, args.trust)  # usage mistakes: before anything is published
     x, y = load_shard(args.data)
     topics = Topics(args.job)
     t = MqttTransport(args.broker, f"fedge-{args.job}-{args.id}", max_payload=args.max_payload,
@@ -86,7 +93,8 @@ def device(args: argparse.Namespace) -> int:
     t.connect()
     try:
         agent = DeviceAgent(t, AgentOptions(args.job, args.id, args.profile, args.threads,
-                                            args.idle_timeout), x, y)
+                                            args.idle_timeout, manifest=args.manifest,
+                                            trust=args.trust), x, y)
         rounds = agent.run()
     finally:
         t.close()
