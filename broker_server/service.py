@@ -85,6 +85,8 @@ class Aggregator:
             self.strategy.load_kept(self.store.load_kept(self.state))
         self.shapes = {k: tuple(v.shape) for k, v in self.weights.items()}
         self.devices: dict[str, messages.Status] = {}
+        # device -> the last error it published with state "error" (e.g. a refused export)
+        self.device_errors: dict[str, str] = {}
         self.rejected: list[dict] = []
         self.duplicates = 0
         self.events: queue.Queue = queue.Queue()
@@ -266,6 +268,11 @@ class Aggregator:
                                             f"got {status.device!r}")
         was = self.devices.get(status.device)
         self.devices[status.device] = status
+        if status.state == "error" and self.device_errors.get(status.device) != status.error:
+            # Once per distinct error: a retained status comes back on every resubscribe.
+            # The device is not "online", so it is assigned nothing.
+            log.warning("device %s is in error: %s", status.device, status.error or "(no reason)")
+            self.device_errors[status.device] = status.error
         rs = self.round
         if status.state != "online" or rs is None:
             return
@@ -366,6 +373,7 @@ class Aggregator:
         return {"job": self.opts.job, "strategy": self.opts.strategy, "codec": self.opts.codec,
                 "rounds": hist, "final_accuracy": hist[-1]["accuracy"] if hist else None,
                 "resumed_from": self.resumed_from, "rejected": self.rejected,
+                "device_errors": dict(self.device_errors),
                 "duplicates": self.duplicates,
                 "uplink_bytes_total": sum(h["uplink_bytes"] for h in hist),
                 "downlink_bytes_total": sum(h["downlink_bytes"] for h in hist)}

@@ -1,8 +1,11 @@
 """The device agent: announce, take tasks, verify the model, train, send the update.
 
-Runs until the job's ``control`` says stop. Transport callbacks only enqueue;
-the work happens on the agent's thread. Torch is imported only when a task
-asks for local training, so the module loads on a device without it.
+Given an export (a manifest and a trusted key), it first checks it
+(``preflight``) and, if that fails, publishes the refusal as its status and
+stops before taking any task. Runs until the job's ``control`` says stop.
+Transport callbacks only enqueue; the work happens on the agent's thread.
+Torch is imported only when a task asks for local training, so the module
+loads on a device without it.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import numpy as np
 
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
-from device_runtime.errors import FedgeError, WireError
+from device_runtime.errors import FedgeError, RefusedError, WireError
 from device_runtime.topics import Topics, check_id
 from device_runtime.transport.base import Transport
 
@@ -34,6 +37,8 @@ class AgentOptions:
     profile: str
     threads: int = 1  # torch threads for local training
     idle_timeout: float | None = None  # give up after this long without a plan/task
+    manifest: str | None = None  # the export to check before any task (with trust)
+    trust: str | None = None  # the public key its signature must verify with
 
 
 def status_will(topics: Topics, device: str) -> tuple[str, bytes]:
@@ -62,17 +67,42 @@ class DeviceAgent:
         self.started = time.time()
         # Per round: bytes in and out and the work done, for reports and simulated time.
         self.history: list[dict] = []
+        from device_runtime.session import default_providers
+
+        # What ORT would use; a checked export replaces it with what it really got.
+        self.runtime = {"ort_provider": default_providers()[0]}
 
     def announce(self, state: str = "online", error: str = "") -> None:
         import onnxruntime
 
         s = messages.Status(self.device, state, self.opts.profile, int(len(self.y)),
                             {"python": platform.python_version(), "numpy": np.__version__,
-                             "onnxruntime": onnxruntime.__version__}, error, time.time())
+                             "onnxruntime": onnxruntime.__version__, **self.runtime},
+                            error, time.time())
         self.t.publish(self.topics.status(self.device), messages.dump(s), retain=True)
 
+    def check_export(self) -> None:
+        """Verify the export (opts.manifest, opts.trust) before any task; on failure
+        publish the refusal as the retained status (state "error") and raise it."""
+        from device_runtime.preflight import check_device
+
+        try:
+            checked = check_device(self.opts.manifest, self.opts.profile, self.opts.trust,
+                                   self.opts.threads)
+        except FedgeError as e:
+            refusal = RefusedError(e)  # the caller prints it; the status carries it
+            # Also after a reconnect: the broker must keep showing the refusal.
+            self.t.on_connect = lambda: self.announce("error", str(refusal))
+            self.announce("error", str(refusal))
+            raise refusal from None
+        self.runtime = checked.versions()
+
     def run(self) -> int:
-        """Process messages until the job stops; returns the rounds this device trained."""
+        """Process messages until the job stops; returns the rounds this device trained.
+
+        With ``opts.manifest``, the export is checked first (``check_export``)."""
+        if self.opts.manifest is not None:
+            self.check_export()
         self.t.on_connect = self.announce  # re-announce after every reconnect
         self.t.subscribe(self.topics.plan, self._enqueue)
         self.t.subscribe(self.topics.control, self._enqueue)
@@ -213,17 +243,13 @@ class DeviceAgent:
     def _activations(self, task: messages.Task) -> bytes:
         """EcoFed: run the frozen head (the ONNX asset "head") on every local sample and
         send the activations, quantized by the task's codec, with their labels."""
-        from device_runtime.session import run
+        from device_runtime.session import open_session, run
 
         name = next(n for n in task.assets if n.split("-")[0] == "head")  # head-<cut>
         sha = str(task.assets[name])
         if self._head is None or self._head[0] != sha:  # loaded once per head
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = self.opts.threads
-            self._head = (sha, ort.InferenceSession(self.asset(task, name)["onnx"].tobytes(),
-                                                    opts, providers=["CPUExecutionProvider"]))
+            self._head = (sha, open_session(self.asset(task, name)["onnx"].tobytes(),
+                                            self.opts.threads))
         acts = run(self._head[1], np.ascontiguousarray(self.x, np.float32), 256)
         codec = codecs.get(task.codec)
         tensors, params = codec.encode({"acts": acts, "labels": self.y.astype(np.int64)},

@@ -60,3 +60,28 @@ class WireError(DeviceRuntimeError):
     """A frame or chunk is malformed, inconsistent, or not what the receiver expects."""
 
     exit_code = EXIT_DATA
+
+
+class SignatureError(ArtifactVerificationError):
+    """A manifest's signature is missing, malformed, by another key, or does not verify."""
+
+
+class TrustError(DeviceRuntimeError):
+    """No trusted key where one is needed, or a key file that is not a usable key."""
+
+    exit_code = EXIT_USAGE
+
+
+class ProviderError(DeviceRuntimeError):
+    """An ONNX Runtime execution provider that is unknown or not available here."""
+
+    exit_code = EXIT_USAGE
+
+
+class RefusedError(DeviceRuntimeError):
+    """A device refuses to work on an export that failed its checks; keeps the cause's
+    exit code (6 for a hash or signature, 2 for a malformed manifest)."""
+
+    def __init__(self, cause: FedgeError) -> None:
+        super().__init__(f"refused: {cause}")
+        self.exit_code = cause.exit_code

@@ -3,7 +3,9 @@
 ``manifest.json`` (format ``fedge-manifest/1``) lists per device profile the
 artifacts exported for it, each with its sha256. A device loads nothing whose
 bytes do not match. The exporters write this format; this module is the one
-reader, so a device needs neither torch nor the exporters to use it.
+reader, so a device needs neither torch nor the exporters to use it. With a
+trusted public key, ``load_manifest`` checks the manifest's Ed25519 signature
+(``device_runtime.signing``) on the bytes it read before it parses them.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_runtime.errors import ArtifactVerificationError, ManifestError
+from device_runtime.signing import verify_bytes
 
 FORMAT = "fedge-manifest/1"
 ROLES = ("full", "head", "tail", "base")
@@ -98,6 +101,7 @@ class Manifest:
     root: Path  # the folder that artifact paths are relative to
     model: dict
     devices: dict[str, DeviceEntry]
+    key_id: str | None = None  # the trusted key that verified the signature, if any
 
     def device(self, name: str) -> DeviceEntry:
         if name not in self.devices:
@@ -129,15 +133,26 @@ class Manifest:
         return n
 
 
-def load_manifest(path: str | Path) -> Manifest:
+def load_manifest(path: str | Path, trust: str | Path | None = None) -> Manifest:
+    """The manifest at ``path`` (a manifest.json or its folder).
+
+    With ``trust`` (a public key file), the signature beside the manifest is
+    verified on the bytes read, before any of them is parsed or used; a failure
+    raises SignatureError. Artifacts are verified later, one by one, by ``verify``.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "manifest.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"manifest {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise ManifestError(f"manifest {path} is not readable: {e.strerror or e}") from None
+    key_id = verify_bytes(raw, path, trust) if trust is not None else None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"manifest {path} is not readable JSON: {e}") from None
     where = f"manifest {path.name}"
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -155,4 +170,4 @@ def load_manifest(path: str | Path) -> Manifest:
                 for i, a in enumerate(entry["artifacts"])]
         devices[name] = DeviceEntry(name, dict(entry.get("profile") or {}),
                                     dict(entry.get("plan") or {}), arts)
-    return Manifest(path.parent, data["model"], devices)
+    return Manifest(path.parent, data["model"], devices, key_id)

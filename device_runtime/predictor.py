@@ -7,7 +7,8 @@ how many run (a number, a latency budget from each base's latency measured at
 load, or a memory budget from each base's artifact size) without reloading.
 
 Every artifact is checked against the manifest's sha256 before ONNX Runtime
-opens it, and every input array is checked (dtype, shape, finiteness) before
+opens it (and, given a trusted key, the manifest against its signature before
+it is read), and every input array is checked (dtype, shape, finiteness) before
 it reaches a session, so a mistake gets an error naming it, not an ORT trace.
 """
 from __future__ import annotations
@@ -22,11 +23,12 @@ import onnxruntime as ort
 from device_runtime.errors import (
     ArtifactVerificationError,
     BudgetError,
+    FedgeError,
     InputArrayError,
     ManifestError,
 )
 from device_runtime.manifest import PRECISIONS, Artifact, DeviceEntry, Manifest, load_manifest
-from device_runtime.session import open_session, run
+from device_runtime.session import open_session, provider_of, run
 
 # Kinds numpy can cast to float32 without losing what the values mean: float,
 # signed and unsigned int. bool, complex, strings, objects and dates are refused.
@@ -46,6 +48,7 @@ class Predictor:
         self.artifacts = artifacts
         self.artifact = artifacts[0]
         self.sessions = sessions
+        self.provider = provider_of(sessions[0])  # e.g. CPUExecutionProvider after a fallback
         self.batch_size = batch_size
         self.sample_shape: tuple = tuple(self.artifact.inputs[0]["shape"][1:])
         self._active = len(sessions)
@@ -54,11 +57,13 @@ class Predictor:
 
     @classmethod
     def from_manifest(cls, path: str | Path, device: str, precision: str = "fp32",
-                      threads: int = 0, batch_size: int = 1024) -> "Predictor":
+                      threads: int = 0, batch_size: int = 1024,
+                      trust: str | Path | None = None) -> "Predictor":
         """A predictor on ``device``'s full model of ``precision`` from ``path``.
 
         ``path`` is a manifest.json or its folder. The ONNX artifact is
-        preferred; the ORT-format one is used where it is the only one.
+        preferred; the ORT-format one is used where it is the only one. With
+        ``trust`` (a public key file) the manifest's signature is verified first.
         """
         if threads < 0:
             raise ValueError(f"threads: expected >= 0, got {threads}")
@@ -67,10 +72,10 @@ class Predictor:
         if precision not in PRECISIONS:
             raise ManifestError(f"precision: expected one of {', '.join(PRECISIONS)}, "
                                 f"got {precision!r}")
-        manifest = load_manifest(path)
+        manifest = load_manifest(path, trust=trust)
         entry = manifest.device(device)
         artifacts = _pick_bases(entry, precision) or [_pick_full(entry, precision)]
-        sessions = [_open_verified(manifest, a, threads) for a in artifacts]
+        sessions = [open_verified(manifest, a, threads) for a in artifacts]
         return cls(manifest, entry, artifacts, sessions, batch_size)
 
     @property
@@ -185,11 +190,14 @@ def _pick_full(entry: DeviceEntry, precision: str) -> Artifact:
     return entry.find("full", precision, "onnx")
 
 
-def _open_verified(manifest: Manifest, artifact: Artifact,
-                   threads: int) -> ort.InferenceSession:
+def open_verified(manifest: Manifest, artifact: Artifact,
+                  threads: int = 0) -> ort.InferenceSession:
+    """A session on ``artifact``, once its bytes match the manifest's sha256."""
     path = manifest.verify(artifact)  # before ORT parses a single byte of it
     try:
         return open_session(path, threads)
+    except FedgeError:  # e.g. FEDGE_ORT_PROVIDERS names a provider this machine lacks
+        raise
     except Exception as e:  # ORT raises its own pybind types, with no common base
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactVerificationError(

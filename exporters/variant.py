@@ -25,6 +25,9 @@ from exporters.onnx_fp32 import export_fp32, onnx_opset
 from exporters.ort_format import convert_to_ort
 from exporters.parity import ParityBounds, check_fp32, check_int8, compare, int8_failure
 
+# Parity is measured on the CPU provider whatever GPU the export machine has: it is
+# the reference every device can run, and its results do not vary with the hardware.
+CPU = ["CPUExecutionProvider"]
 NAMES = {"full": ("x", "logits"), "head": ("x", "act"), "tail": ("act", "logits"),
          "base": ("x", "logits")}
 
@@ -62,7 +65,7 @@ def _torch_out(module: nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 def _io(path: Path) -> tuple[list, list]:
-    s = open_session(path, threads=1)
+    s = open_session(path, threads=1, providers=CPU)
     conv = {"tensor(float)": "float32", "tensor(int64)": "int64"}
     io = [[{"name": a.name, "shape": [d if isinstance(d, int) else str(d) for d in a.shape],
             "dtype": conv.get(a.type, a.type)} for a in args]
@@ -98,7 +101,7 @@ def export_variant(req: VariantRequest, data: ParityData, root: str | Path,
         meta = dict(req.metadata, **{"fedge.role": part.role, "fedge.device": req.name})
         path = export_fp32(part.module, torch.from_numpy(x[:2]), folder /
                            f"{_stem(part)}.fp32.onnx", req.opset, inp, outp, meta)
-        out = run(open_session(path, threads=1), x)
+        out = run(open_session(path, threads=1, providers=CPU), x)
         parity = compare(ref, out, data.test_y if outp == "logits" else None)
         check_fp32(f"{req.name}/{path.name}", parity, bounds)
         records.append(_record(root, path, part, "fp32", "onnx", req.opset, parity))
@@ -120,7 +123,8 @@ def _int8(root: Path, fp32_path: Path, part: Part, data: ParityData, ref: np.nda
     why = ""
     for method in CALIBRATIONS:
         quantize_int8(fp32_path, out_path, data.calib_x, method, meta)
-        parity = compare(ref, run(open_session(out_path, threads=1), data.test_x), data.test_y)
+        q_out = run(open_session(out_path, threads=1, providers=CPU), data.test_x)
+        parity = compare(ref, q_out, data.test_y)
         why = int8_failure(parity, bounds)
         if why is None:
             parity["calibration"] = method.name
@@ -134,7 +138,7 @@ def _int8(root: Path, fp32_path: Path, part: Part, data: ParityData, ref: np.nda
 def _ort_copy(root: Path, src: Path, part: Part, x: np.ndarray, ref: np.ndarray,
               data: ParityData, bounds: ParityBounds, check, precision: str = "fp32") -> dict:
     dst = convert_to_ort(src, src.with_suffix(".ort"))
-    parity = compare(ref, run(open_session(dst, threads=1), x),
+    parity = compare(ref, run(open_session(dst, threads=1, providers=CPU), x),
                      data.test_y if ref.ndim == 2 and part.role != "head" else None)
     check(f"{dst.relative_to(root)}", parity, bounds)
     opset = onnx_opset(onnx.load(str(src)))
@@ -148,9 +152,9 @@ def _check_chain(req: VariantRequest, root: Path, records: list[dict], data: Par
              if r["precision"] == "fp32" and r["format"] == "onnx"}
     if not {"full", "head", "tail"} <= set(paths):
         return
-    act = run(open_session(paths["head"], threads=1), data.test_x)
-    chained = run(open_session(paths["tail"], threads=1), act)
-    full = run(open_session(paths["full"], threads=1), data.test_x)
+    act = run(open_session(paths["head"], threads=1, providers=CPU), data.test_x)
+    chained = run(open_session(paths["tail"], threads=1, providers=CPU), act)
+    full = run(open_session(paths["full"], threads=1, providers=CPU), data.test_x)
     parity = compare(full, chained, data.test_y)
     check_fp32(f"{req.name}/head+tail", parity, bounds)
     for r in records:

@@ -11,6 +11,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fedge_home(tmp_path_factory):
+    """FEDGE_HOME in a temp folder for the whole session, so that no test writes a key
+    to the real home; subprocesses (run_fedge, field helpers) inherit it."""
+    home = tmp_path_factory.mktemp("fedge-home")
+    old = os.environ.get("FEDGE_HOME")
+    os.environ["FEDGE_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("FEDGE_HOME", None)
+    else:
+        os.environ["FEDGE_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def export_key(fedge_home):
+    """The session's default signing key (``toolkit.signing.SigningKey``)."""
+    from toolkit.signing import ensure_key
+
+    return ensure_key()
+
+
 @pytest.fixture
 def mosquitto(tmp_path):
     """A real Mosquitto on a free port, for one test."""
@@ -50,8 +72,8 @@ def trained_ckpt(tmp_path_factory, mnist1d):
 
 
 @pytest.fixture(scope="session")
-def fleet_export(tmp_path_factory, trained_ckpt, mnist1d):
-    """Every built-in profile exported from the trained checkpoint."""
+def fleet_export(tmp_path_factory, trained_ckpt, mnist1d, export_key):
+    """Every built-in profile exported from the trained checkpoint, signed by export_key."""
     from toolkit import checkpoint
     from toolkit.fleet import ExportOptions, export_fleet
     from toolkit.profiles import ProfileCatalogue
@@ -59,7 +81,7 @@ def fleet_export(tmp_path_factory, trained_ckpt, mnist1d):
     out = tmp_path_factory.mktemp("export") / "fleet"
     profiles = ProfileCatalogue.load().select("all")
     return export_fleet(checkpoint.load(trained_ckpt), profiles, out, mnist1d,
-                        ExportOptions(finetune_epochs=3))
+                        ExportOptions(finetune_epochs=3, signing_key=export_key.path))
 
 
 def run_fedge(*args: str, cwd: Path | None = None, env: dict | None = None):

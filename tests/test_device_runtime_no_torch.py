@@ -1,4 +1,4 @@
-"""The device runtime imports and verifies artifacts on a machine without torch."""
+"""The device runtime imports and verifies artifacts and signatures without torch."""
 import subprocess
 import sys
 
@@ -14,12 +14,18 @@ sys.meta_path.insert(0, _Block())
 """
 
 
-def test_import_device_runtime_without_torch(fleet_export):
+def test_import_device_runtime_without_torch(fleet_export, export_key):
     code = BLOCK_TORCH + f"""
-import device_runtime, device_runtime.manifest, device_runtime.session
+import device_runtime, device_runtime.manifest, device_runtime.session, device_runtime.signing
 from device_runtime.manifest import load_manifest
-m = load_manifest({str(fleet_export)!r})
+from device_runtime.preflight import check_device
+from device_runtime.signing import verify_manifest
+pub = {str(export_key.public_path)!r}
+assert verify_manifest({str(fleet_export)!r}, pub) == {export_key.key_id!r}
+m = load_manifest({str(fleet_export)!r}, trust=pub)
+assert m.key_id == {export_key.key_id!r}
 assert m.verify_all() > 0
+assert check_device({str(fleet_export)!r}, "rpi4", pub).artifacts > 0
 try:
     import torch
 except ImportError:

@@ -3,7 +3,8 @@
 Orchestration only; the decisions live in plan.py, the edits in prepare.py
 and pruning.py, the files in exporters/. Everything is written to a staging
 folder and moved into place only when every artifact has passed its checks,
-so a failed export leaves the output folder as it was.
+so a failed export leaves the output folder as it was. With a signing key the
+manifest is signed in the staging folder too (``manifest.json.sig``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from toolkit.errors import CheckpointError, UsageError
 from toolkit.plan import PlanOptions, plan_fleet
 from toolkit.prepare import Variant, prepare_variant
 from toolkit.profiles import DeviceProfile
+from toolkit.signing import load_key, sign_manifest
 from toolkit.pruning import count_macs
 from toolkit.train import TrainOptions
 from toolkit.zoo import split
@@ -37,6 +39,7 @@ class ExportOptions:
     int8: bool = True
     bounds: ParityBounds = field(default_factory=ParityBounds)
     seed: int = 0
+    signing_key: Path | None = None  # Ed25519 private key file: sign the manifest with it
 
 
 def _parts(v: Variant, example) -> list[Part]:
@@ -77,6 +80,7 @@ def export_fleet(ckpt: Checkpoint, profiles: list[DeviceProfile], out: str | Pat
     """
     out = Path(out)
     _check_target(out)
+    key = load_key(opts.signing_key) if opts.signing_key is not None else None  # fail fast
     if ds is None:
         if ckpt.dataset is None:
             raise CheckpointError("checkpoint records no dataset; name one with --dataset")
@@ -111,7 +115,9 @@ def export_fleet(ckpt: Checkpoint, profiles: list[DeviceProfile], out: str | Pat
             req = VariantRequest(p.name, parts, v.plan.opset, p.mobile, opts.int8, meta)
             devices[p.name] = {"profile": p.to_json(), "plan": v.plan.to_json(),
                                "artifacts": export_variant(req, data, staging, opts.bounds)}
-        write_manifest(staging, model_json, devices)
+        manifest = write_manifest(staging, model_json, devices)
+        if key is not None:
+            sign_manifest(manifest, key)
         _replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

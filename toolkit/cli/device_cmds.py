@@ -1,5 +1,9 @@
 """``fedge infer``: run a device's verified artifact on a .npy array.
 
+With ``--trust PUBKEY`` the manifest's signature is verified before it is read;
+every artifact is checked against the manifest's sha256 before it is loaded.
+The summary names the ONNX Runtime execution provider really in use.
+
 Runs on a device with only ``fedge[device]`` installed: everything it needs is
 imported inside the command from ``device_runtime`` (numpy and onnxruntime),
 never torch nor the rest of the toolkit.
@@ -16,6 +20,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                        "exported model (no torch needed)")
     p.add_argument("--manifest", required=True, help="DIR/manifest.json of an export")
     p.add_argument("--device", required=True, help="device profile in the manifest")
+    p.add_argument("--trust", metavar="PUBKEY", help="public key (PEM) the manifest must be "
+                   "signed with; a missing, foreign or broken signature exits 6")
     p.add_argument("--input", required=True, help=".npy array, (N, *sample_shape)")
     p.add_argument("--output", help=".npy file for the labels (int64) or --logits "
                    "(float32); without it a summary is printed")
@@ -71,7 +77,8 @@ def infer(args: argparse.Namespace) -> int:
     from device_runtime.predictor import Predictor
 
     x = load_npy(args.input)
-    pred = Predictor.from_manifest(args.manifest, args.device, args.precision)
+    pred = Predictor.from_manifest(args.manifest, args.device, args.precision,
+                                   trust=args.trust)
     if args.bases is not None or args.budget_ms is not None or args.budget_mb is not None:
         pred.set_budget(bases=args.bases, ms=args.budget_ms, mb=args.budget_mb)
     t0 = time.perf_counter()
@@ -88,7 +95,10 @@ def infer(args: argparse.Namespace) -> int:
     spread = " ".join(f"{v}:{c}" for v, c in zip(values.tolist(), counts.tolist()))
     what = pred.artifact.path if len(pred.sessions) == 1 else \
         f"{pred.active} of {len(pred.sessions)} bases"
-    print(f"{len(labels)} samples on {args.device} ({what}): {ms:.4f} ms per sample")
+    print(f"{len(labels)} samples on {args.device} ({what}, {pred.provider}): "
+          f"{ms:.4f} ms per sample")
+    if pred.manifest.key_id:
+        print(f"manifest signature verified (key {pred.manifest.key_id})")
     print(f"labels {spread}")
     return 0
 

@@ -40,6 +40,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch threads for local training (1)")
     p.add_argument("--max-payload", type=int, help="bytes per MQTT message (131072)")
     p.add_argument("--idle-timeout", type=float, default=None)
+    p.add_argument("--manifest", dest="manifest", help="the export's manifest.json: its "
+                   "signature and this profile's artifacts are verified before any task; "
+                   "a failure is published as the device's status and exits 6")
+    p.add_argument("--trust", dest="trust", metavar="PUBKEY", help="the public key the "
+                   "manifest must be signed with (required with --manifest)")
     p.add_argument("--check", action="store_true", help="check the config, data, "
                    "credentials and signed artifacts, then exit without connecting")
     p.set_defaults(func=device)
@@ -77,6 +82,7 @@ def device(args: argparse.Namespace) -> int:
     from device_runtime.agent import AgentOptions, DeviceAgent, status_will
     from device_runtime.config import load_config, merge
     from device_runtime.data import load_shard
+    from device_runtime.preflight import check_options
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
     from toolkit.profiles import ProfileCatalogue
@@ -88,21 +94,36 @@ def device(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {o.id} %(message)s")
     ProfileCatalogue.load(o.profiles_file).get(o.profile)
     check_id("device", o.id)
+    check_options(o.manifest, o.trust)  # usage mistakes: before anything is published
     x, y = load_shard(o.data)
     if o.check:
-        print(f"device {o.id}: ok ({o.profile}, {len(y)} samples, broker {o.broker})")
-        return 0
+        return _check(o, len(y))
     topics = Topics(o.job)
     t = MqttTransport(o.broker, f"fedge-{o.job}-{o.id}", max_payload=o.max_payload,
                       will=status_will(topics, o.id), persistent=True)
     t.connect()
     try:
         agent = DeviceAgent(t, AgentOptions(o.job, o.id, o.profile, o.threads,
-                                            o.idle_timeout), x, y)
+                                            o.idle_timeout, manifest=o.manifest,
+                                            trust=o.trust), x, y)
         rounds = agent.run()
     finally:
         t.close()
     print(f"device {o.id}: trained {rounds} rounds")
+    return 0
+
+
+def _check(o: argparse.Namespace, samples: int) -> int:
+    """`fedge device --check`: what install.sh runs before it enables the unit."""
+    from device_runtime.preflight import check_device
+    from device_runtime.transport.url import BrokerURL
+
+    BrokerURL.parse(o.broker)
+    what = f"{o.profile}, {samples} samples, broker {BrokerURL.parse(o.broker)}"
+    if o.manifest is not None:
+        c = check_device(o.manifest, o.profile, o.trust, o.threads)
+        what += f", {c.artifacts} artifacts verified (key {c.key_id}), {c.provider}"
+    print(f"device {o.id}: ok ({what})")
     return 0
 
 

@@ -33,7 +33,25 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="compute at which a device gets the full model "
                         "(default: the strongest device of the fleet)")
     p.add_argument("--no-int8", action="store_true")
+    signing_key_arg(p)
     p.set_defaults(func=export)
+
+
+def signing_key_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--signing-key", metavar="FILE", help="Ed25519 private key (PEM) that "
+                   "signs manifest.json (default: $FEDGE_HOME/signing.key, FEDGE_HOME "
+                   "defaulting to ~/.fedge); created if missing, its public key beside it")
+
+
+def signing_key(args: argparse.Namespace):
+    """The export's signing key (``toolkit.signing.SigningKey``), created if missing."""
+    from toolkit.signing import ensure_key
+
+    key = ensure_key(args.signing_key)
+    if key.created:
+        print(f"created signing key {key.path}; devices trust its public key "
+              f"{key.public_path}", flush=True)
+    return key
 
 
 def _positive(name: str, value: float) -> None:
@@ -88,15 +106,18 @@ def export(args: argparse.Namespace) -> int:
         from toolkit.errors import UsageError
 
         raise UsageError(f"--min-macs-fraction: expected in (0, 1], got {args.min_macs_fraction}")
+    key = signing_key(args)  # after the argument checks: a typo creates no key
     opts = ExportOptions(plan=PlanOptions(min_macs_fraction=args.min_macs_fraction,
                                           reference_gflops=args.reference_gflops,
                                           split_after=args.split_after),
-                         finetune_epochs=args.finetune_epochs, int8=not args.no_int8)
+                         finetune_epochs=args.finetune_epochs, int8=not args.no_int8,
+                         signing_key=key.path)
     t0 = time.time()
     path = export_fleet(ckpt, profiles, args.out, ds, opts,
                         progress=lambda name: print(f"exporting {name}", flush=True))
     _summary(path)
-    print(f"wrote {path} in {time.time() - t0:.1f}s")
+    print(f"wrote {path} in {time.time() - t0:.1f}s, signed by key {key.key_id} "
+          f"(devices: --trust {key.public_path})")
     return 0
 
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from toolkit.cli import strategy_args
+from toolkit.cli import model_cmds, strategy_args
 from toolkit.cli.field_cmds import train_args
 
 
@@ -29,6 +29,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--broker", help="mqtt://host:port (default: in-memory transport)")
     strategy_args.add(p)
     p.add_argument("--export", help="write the final model's artifacts for the fleet here")
+    model_cmds.signing_key_arg(p)
     p.add_argument("--json", required=True)
     p.set_defaults(func=simulate)
 
@@ -58,11 +59,13 @@ def simulate(args: argparse.Namespace) -> int:
         print(f"round {rec['round']:3d}  accuracy {rec['accuracy']:.4f}  "
               f"uplink {rec['uplink_bytes']:>10,} B  devices {rec['devices_reporting']}",
               file=sys.stderr, flush=True)
+    key = model_cmds.signing_key(args) if args.export else None  # before the long part
     report, ckpt = run_simulation(opts, show, cat)
     if args.export:
         from toolkit.fleet import ExportOptions, export_fleet
 
-        export_fleet(ckpt, cat.select(args.profiles), args.export, None, ExportOptions())
+        export_fleet(ckpt, cat.select(args.profiles), args.export, None,
+                     ExportOptions(signing_key=key.path))
         report["export"] = str(Path(args.export) / "manifest.json")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))

@@ -1,0 +1,73 @@
+"""What a device checks before it takes any task: the export it is given to run.
+
+With a manifest and the public key it trusts, the device verifies the
+manifest's signature, then every artifact of its own profile against the
+manifest's sha256, and opens its model once in ONNX Runtime (which also says
+which execution provider it really gets). Anything that fails is a refusal:
+the agent publishes it as its retained status (state ``"error"``), so the
+aggregator reports it and assigns the device nothing, and then stops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from device_runtime.errors import ManifestError, TrustError
+from device_runtime.manifest import Artifact, DeviceEntry, load_manifest
+from device_runtime.predictor import open_verified
+from device_runtime.session import provider_of
+from device_runtime.signing import load_public_key
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What a successful check found: reported in the device's status ``versions``."""
+
+    key_id: str  # the trusted key that signed the manifest
+    artifacts: int  # artifacts of the profile whose sha256 matched
+    provider: str  # the ONNX Runtime execution provider the model opened with
+
+    def versions(self) -> dict:
+        return {"ort_provider": self.provider, "manifest_key": self.key_id,
+                "artifacts_verified": self.artifacts}
+
+
+def check_options(manifest: str | Path | None, trust: str | Path | None) -> None:
+    """Refuse inconsistent options before anything is published: a manifest needs a
+    trusted key (without one, a manifest's sha256 values prove nothing about who
+    wrote them), a key needs a manifest to check, and the key file must be a key."""
+    if manifest is not None and trust is None:
+        raise TrustError("--manifest needs --trust PUBKEY: without a trusted key the "
+                         "manifest's sha256 values prove nothing")
+    if trust is not None and manifest is None:
+        raise TrustError("--trust needs --manifest (the export to check)")
+    if trust is not None:
+        load_public_key(trust)
+
+
+def check_device(manifest: str | Path, profile: str, trust: str | Path,
+                 threads: int = 1) -> Checked:
+    """Verify the signature and ``profile``'s artifacts, and open its model once.
+
+    Raises SignatureError / ArtifactVerificationError (exit 6) or ManifestError
+    (exit 2), each naming the file; nothing is loaded before its check passed.
+    """
+    m = load_manifest(manifest, trust=trust)
+    entry = m.device(profile)
+    model = _model_artifact(entry)
+    for a in entry.artifacts:
+        if a is not model:  # the model is verified by open_verified, just before it opens
+            m.verify(a)
+    session = open_verified(m, model, threads)
+    return Checked(m.key_id or "", len(entry.artifacts), provider_of(session))
+
+
+def _model_artifact(entry: DeviceEntry) -> Artifact:
+    """The artifact the device would run: the fp32 full model (ONNX, else ORT format),
+    else its first SplitMix base, else the first artifact listed."""
+    ranked = sorted(entry.artifacts, key=lambda a: (
+        a.role not in ("full", "base"), a.precision != "fp32", a.format != "onnx",
+        a.index or 0))
+    if not ranked:
+        raise ManifestError(f"device {entry.name}: the manifest lists no artifact")
+    return ranked[0]

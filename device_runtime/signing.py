@@ -1,0 +1,141 @@
+"""Ed25519 signatures on the export manifest, as a device checks them (no torch).
+
+``fedge export`` signs the exact bytes of ``manifest.json`` with the server's
+private key and writes the detached signature beside it, ``manifest.json.sig``::
+
+    {"format": "fedge-signature/1", "alg": "ed25519",
+     "key_id": "<16 hex digits>", "signature": "<base64 of 64 bytes>"}
+
+``key_id`` is the first 16 hex digits of the sha256 of the 32 raw public-key
+bytes: it tells "signed by another key" apart from "modified after signing".
+A device trusts one public key (a PEM SubjectPublicKeyInfo file); since the
+manifest lists every artifact's sha256, a verified manifest vouches for every
+artifact whose bytes match it. The toolkit (``toolkit.signing``) is the writer;
+this module is the one reader.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from device_runtime.errors import SignatureError, TrustError
+
+SIG_FORMAT = "fedge-signature/1"
+ALG = "ed25519"
+MAX_SIG_BYTES = 4096  # a signature file is ~200 bytes; never read a huge one
+_HEX = set("0123456789abcdef")
+
+
+def signature_path(manifest_path: str | Path) -> Path:
+    """Where the detached signature of ``manifest_path`` lives: ``<manifest>.sig``."""
+    manifest_path = Path(manifest_path)
+    return manifest_path.with_name(manifest_path.name + ".sig")
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """First 16 hex digits of the sha256 of the raw 32-byte public key."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    """The Ed25519 public key in PEM file ``path``, or TrustError naming the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TrustError(f"trusted key {path} does not exist") from None
+    except OSError as e:
+        raise TrustError(f"trusted key {path}: cannot read ({e.strerror or e})") from None
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        why = "a private key; trust its .pub" if b"PRIVATE KEY" in data else "not a PEM key"
+        raise TrustError(f"trusted key {path}: expected an Ed25519 public key (PEM), "
+                         f"got {why}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise TrustError(f"trusted key {path}: expected an Ed25519 public key, got "
+                         f"{type(key).__name__}")
+    return key
+
+
+def verify_manifest(manifest_path: str | Path, public_key_path: str | Path) -> str:
+    """Check ``manifest_path`` against its ``.sig`` and the trusted key; returns the key id.
+
+    Every failure raises SignatureError (exit code 6) naming the file and what
+    is wrong. A caller that then reads the manifest should parse the bytes it
+    verified (``load_manifest(path, trust=...)`` does), not read the file again.
+    """
+    manifest_path = Path(manifest_path)
+    try:
+        data = manifest_path.read_bytes()
+    except OSError as e:
+        raise SignatureError(f"manifest {manifest_path}: cannot read "
+                             f"({e.strerror or e})") from None
+    return verify_bytes(data, manifest_path, public_key_path)
+
+
+def verify_bytes(data: bytes, manifest_path: str | Path,
+                 public_key_path: str | Path) -> str:
+    """Check ``data`` (the bytes of ``manifest_path``) against the signature beside that
+    file and the trusted key; returns the key id."""
+    manifest_path = Path(manifest_path)
+    trusted = load_public_key(public_key_path)
+    trusted_id = key_id(trusted)
+    sig_path = signature_path(manifest_path)
+    doc = _read_signature(sig_path, manifest_path)
+    if doc["key_id"] != trusted_id:
+        raise SignatureError(f"manifest {manifest_path} is signed by key {doc['key_id']}, "
+                             f"not by the trusted key {trusted_id} ({public_key_path})")
+    try:
+        trusted.verify(doc["signature"], data)
+    except InvalidSignature:
+        raise SignatureError(f"manifest {manifest_path} does not match its signature "
+                             f"{sig_path.name} (key {trusted_id}): modified after "
+                             "signing") from None
+    return trusted_id
+
+
+def _read_signature(sig_path: Path, manifest_path: Path) -> dict:
+    """The parsed signature file: key_id (str) and signature (64 bytes)."""
+    try:
+        with open(sig_path, "rb") as f:
+            raw = f.read(MAX_SIG_BYTES + 1)
+    except FileNotFoundError:
+        raise SignatureError(f"signature {sig_path} is missing: manifest {manifest_path} "
+                             "is not signed") from None
+    except OSError as e:
+        raise SignatureError(f"signature {sig_path}: cannot read ({e.strerror or e})") from None
+
+    def bad(why: str) -> SignatureError:
+        return SignatureError(f"signature {sig_path} is malformed: {why}")
+    if len(raw) > MAX_SIG_BYTES:
+        raise bad(f"expected at most {MAX_SIG_BYTES} bytes")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise bad("not a JSON document") from None
+    if not isinstance(doc, dict):
+        raise bad(f"expected a JSON object, got {type(doc).__name__}")
+    for field, want in (("format", SIG_FORMAT), ("alg", ALG)):
+        if doc.get(field) != want:
+            raise bad(f"{field}: expected {want!r}, got {doc.get(field)!r}")
+    kid, sig = doc.get("key_id"), doc.get("signature")
+    if not isinstance(kid, str) or len(kid) != 16 or not set(kid) <= _HEX:
+        raise bad(f"key_id: expected 16 lowercase hex digits, got {str(kid)[:40]!r}")
+    if not isinstance(sig, str):
+        raise bad(f"signature: expected a base64 string, got {type(sig).__name__}")
+    try:
+        sig_bytes = base64.b64decode(sig, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad("signature: not valid base64") from None
+    if len(sig_bytes) != 64:
+        raise bad(f"signature: expected 64 bytes, got {len(sig_bytes)}")
+    return {"key_id": kid, "signature": sig_bytes}
