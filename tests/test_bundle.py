@@ -55,7 +55,7 @@ def test_bundle_installs_offline_without_torch_and_joins_a_job(tmp_path, mosquit
     work.mkdir()
     ckpt = prepare_job(work, devices=1)
     job = f"b{secrets.token_hex(3)}"
-    bundle = _bundle(tmp_path, fleet_export / "manifest.json", mosquitto.url, job,
+    bundle = _bundle(tmp_path, fleet_export, mosquitto.url, job,
                      "--strategy", "ecofed", "--data", str(work / "data" / "device-0.npz"))
     unpacked = _unpack(bundle, tmp_path / "unpacked")
     shipped = sorted(p.relative_to(unpacked / "artifacts").as_posix()
@@ -97,7 +97,7 @@ def test_bundle_installs_offline_without_torch_and_joins_a_job(tmp_path, mosquit
 
 
 def test_a_modified_bundle_installs_nothing(tmp_path, fleet_export):
-    bundle = _bundle(tmp_path, fleet_export / "manifest.json", "mqtt://broker:1883", "j1")
+    bundle = _bundle(tmp_path, fleet_export, "mqtt://broker:1883", "j1")
     unpacked = _unpack(bundle, tmp_path / "unpacked")
     config = unpacked / "device.toml"
     config.write_text(config.read_text().replace("mqtt://broker:1883", "mqtt://evil:1883"))
@@ -112,9 +112,9 @@ def test_a_modified_bundle_installs_nothing(tmp_path, fleet_export):
 
 
 def test_the_same_export_gives_the_same_bundle_bytes(tmp_path, fleet_export):
-    a = _bundle(tmp_path, fleet_export / "manifest.json", "mqtt://broker:1883", "j1")
+    a = _bundle(tmp_path, fleet_export, "mqtt://broker:1883", "j1")
     first = a.read_bytes()
-    b = _bundle(tmp_path, fleet_export / "manifest.json", "mqtt://broker:1883", "j1")
+    b = _bundle(tmp_path, fleet_export, "mqtt://broker:1883", "j1")
     assert b.read_bytes() == first
 
 
@@ -127,7 +127,7 @@ def test_the_same_export_gives_the_same_bundle_bytes(tmp_path, fleet_export):
 ])
 def test_bad_bundle_inputs_are_one_line_and_write_nothing(tmp_path, fleet_export, change,
                                                           needle):
-    args = {"--manifest": str(fleet_export / "manifest.json"), "--device": "rpi4",
+    args = {"--manifest": str(fleet_export), "--device": "rpi4",
             "--broker": "mqtt://broker:1883", "--job": "j1", "--id": "pi-1",
             "--out": str(tmp_path / "b.tar.gz")}
     args[change[0]] = change[1]

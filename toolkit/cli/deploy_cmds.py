@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
@@ -34,8 +33,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def default_trust() -> Path:
-    home = Path(os.environ.get("FEDGE_HOME") or Path.home() / ".fedge")
-    return home / "signing.pub"
+    from toolkit.signing import default_key_path, public_key_path
+
+    return public_key_path(default_key_path())
 
 
 def bundle(args: argparse.Namespace) -> int:
