@@ -16,7 +16,7 @@ sys.meta_path.insert(0, _Block())
 
 def test_import_device_runtime_without_torch(fleet_export):
     code = BLOCK_TORCH + f"""
-import device_runtime, device_runtime.manifest, device_runtime.session
+import device_runtime, device_runtime.manifest, device_runtime.session, device_runtime.credentials
 from device_runtime.manifest import load_manifest
 m = load_manifest({str(fleet_export)!r})
 assert m.verify_all() > 0

@@ -26,6 +26,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     train_args(p)
     strategy_args.add(p)
     p.add_argument("--max-payload", type=int, default=128 * 1024)
+    p.add_argument("--credentials", help="DIR/credentials/aggregator.json from fedge secure "
+                   "init: TLS with a client certificate, and a password")
     p.set_defaults(func=serve)
 
     p = sub.add_parser("device", help="run the device agent")
@@ -38,6 +40,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-payload", type=int, default=128 * 1024)
     p.add_argument("--idle-timeout", type=float, default=None)
+    p.add_argument("--credentials", help="DIR/credentials/<id>.json from fedge secure init: "
+                   "TLS with a client certificate, and a password")
     p.set_defaults(func=device)
 
     p = sub.add_parser("demo", help="the whole loop on one machine: 8 device processes, "
@@ -71,6 +75,7 @@ def device(args: argparse.Namespace) -> int:
     import logging
 
     from device_runtime.agent import AgentOptions, DeviceAgent, status_will
+    from device_runtime.credentials import transport_kwargs
     from device_runtime.data import load_shard
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
@@ -79,10 +84,11 @@ def device(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.id} %(message)s")
     ProfileCatalogue.load(args.profiles_file).get(args.profile)
     check_id("device", args.id)
+    creds = transport_kwargs(args.credentials, args.id)
     x, y = load_shard(args.data)
     topics = Topics(args.job)
     t = MqttTransport(args.broker, f"fedge-{args.job}-{args.id}", max_payload=args.max_payload,
-                      will=status_will(topics, args.id), persistent=True)
+                      will=status_will(topics, args.id), persistent=True, **creds)
     t.connect()
     try:
         agent = DeviceAgent(t, AgentOptions(args.job, args.id, args.profile, args.threads,
