@@ -34,14 +34,21 @@ def _user_line() -> str:
 
 
 class Mosquitto:
-    """A private Mosquitto process; ``restart()`` keeps the port (for fault tests)."""
+    """A private Mosquitto process; ``restart()`` keeps the port (for fault tests).
+
+    By default it listens on 127.0.0.1 with the settings below; with ``config`` it runs
+    that file's settings instead (e.g. ``fedge secure init``'s TLS listener, whose port
+    must then be given), plus ``extra_conf`` and, as root, ``user root``."""
 
     def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "",
-                 anonymous: bool = True):
+                 anonymous: bool = True, config: Path | None = None):
+        if config is not None and port is None:
+            raise ValueError("Mosquitto(config=...): give the port its listener uses")
         self.workdir = Path(workdir)
         self.port = port or free_port()
         self.extra_conf = extra_conf
         self.anonymous = anonymous
+        self.config = Path(config) if config is not None else None
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -54,9 +61,12 @@ class Mosquitto:
             raise RuntimeError("mosquitto is not installed (.ci/run installs it)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\n"
-                        f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
-                        f"persistence false\n{_user_line()}{self.extra_conf}")
+        if self.config is not None:
+            conf.write_text(f"{self.config.read_text()}\n{_user_line()}{self.extra_conf}")
+        else:
+            conf.write_text(f"listener {self.port} 127.0.0.1\n"
+                            f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
+                            f"persistence false\n{_user_line()}{self.extra_conf}")
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=open(self.workdir / "mosquitto.log", "ab"))
         wait_port("127.0.0.1", self.port)

@@ -35,13 +35,13 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 
 
-def start_device(url: str, job: str, work: Path, k: int, profile: str = "rpi4"
-                 ) -> subprocess.Popen:
+def start_device(url: str, job: str, work: Path, k: int, profile: str = "rpi4",
+                 extra: list[str] = ()) -> subprocess.Popen:
     log = open(work / f"device-{k}.log", "ab")
     return subprocess.Popen(
         [sys.executable, "-m", "toolkit", "device", "--broker", url, "--job", job,
          "--id", f"dev-{k}", "--profile", profile, "--data",
-         str(work / "data" / f"device-{k}.npz"), "--idle-timeout", "120"],
+         str(work / "data" / f"device-{k}.npz"), "--idle-timeout", "120", *extra],
         stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
 
 

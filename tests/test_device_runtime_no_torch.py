@@ -17,6 +17,7 @@ sys.meta_path.insert(0, _Block())
 def test_import_device_runtime_without_torch(fleet_export, export_key):
     code = BLOCK_TORCH + f"""
 import device_runtime, device_runtime.manifest, device_runtime.session, device_runtime.signing
+import device_runtime.config, device_runtime.credentials
 from device_runtime.manifest import load_manifest
 from device_runtime.preflight import check_device
 from device_runtime.signing import verify_manifest

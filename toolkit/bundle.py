@@ -104,6 +104,8 @@ def _checked(o: BundleOptions):
         load_shard(o.data)
     if o.credentials is not None:
         _credential_files(o.credentials)
+        from device_runtime.credentials import transport_kwargs
+        transport_kwargs(o.credentials, o.id)  # the broker's ACL is per username
     if o.wheels is not None and not o.wheels.is_dir():
         raise UsageError(f"--wheels {o.wheels}: no such folder")
     if o.out.exists() and o.out.is_dir():
@@ -115,9 +117,9 @@ def _checked(o: BundleOptions):
 
 def _credential_files(path: Path) -> dict[str, Path]:
     """The files a credentials JSON names, by their path relative to its DIR."""
-    from device_runtime.credentials import load_credentials
+    from device_runtime.credentials import Credentials
 
-    creds = load_credentials(path)  # checks the JSON and that every file exists
+    creds = Credentials.load(path)  # checks the JSON and that every file exists
     root = path.resolve().parent.parent
     files = {f"credentials/{path.name}": path.resolve()}
     for p in (creds.ca, creds.cert, creds.key):

@@ -42,3 +42,9 @@ class ModelError(ToolkitError):
     """A model cannot be built, traced, pruned or split."""
 
     exit_code = EXIT_MODEL
+
+
+class SecureError(ToolkitError):
+    """A bad ``fedge secure`` option, or a folder it must not overwrite."""
+
+    exit_code = EXIT_USAGE

@@ -91,6 +91,7 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
 
     _check(args)
     check_id("job", args.job)
+    creds = _credentials(args, broker or args.broker)
     register_reft()
     register_ecofed()
     register_dpfl()
@@ -115,7 +116,7 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s aggregator %(message)s")
     with broker_url(broker or args.broker) as url:
         t = MqttTransport(url, f"fedge-{args.job}-aggregator", persistent=True,
-                          max_payload=args.max_payload)
+                          max_payload=args.max_payload, **creds)
         t.connect()
         try:
             agg = Aggregator(t, opts, ckpt.config.to_json(), weights_of(ckpt.model),
@@ -135,6 +136,21 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"done: {len(report['rounds'])} rounds, final accuracy {report['final_accuracy']}")
     return 0
+
+
+def _credentials(args, url: str | None) -> dict:
+    """The aggregator's ``--credentials`` as MqttTransport arguments (``{}`` without)."""
+    from device_runtime.credentials import transport_kwargs
+
+    path = getattr(args, "credentials", None)  # fedge demo's arguments have none
+    if path and not url:
+        raise UsageError("--credentials needs --broker: the embedded broker has no TLS")
+    creds = transport_kwargs(path)
+    if creds and creds["username"] != "aggregator":
+        logging.getLogger(__name__).warning(
+            "--credentials are for %r: under fedge secure init's ACL only 'aggregator' "
+            "may publish plans, models and tasks", creds["username"])
+    return creds
 
 
 def _print_round(rec: dict) -> None:

@@ -45,10 +45,7 @@ class MqttTransport(Transport):
         if user:
             c.username_pw_set(user, password or self.url.password)
         if self.url.tls or ca_file:
-            ctx = ssl.create_default_context(cafile=ca_file)
-            if cert_file:
-                ctx.load_cert_chain(cert_file, key_file)
-            c.tls_set_context(ctx)
+            c.tls_set_context(_tls_context(ca_file, cert_file, key_file))
         if will:
             c.will_set(will[0], will[1], qos=1, retain=True)
         c.on_connect = self._on_connect
@@ -98,7 +95,10 @@ class MqttTransport(Transport):
     def _run(self) -> None:
         first = True
         while not self._stop.is_set():
-            if not self._connected.is_set() or first:
+            # (Re)connect only without a socket: with one, a CONNACK may still be on its
+            # way (over TLS it often takes more than one loop), and reconnecting then
+            # would drop that connection and start another, forever.
+            if first or self._client.socket() is None:
                 try:
                     if first:
                         self._client.connect(self.url.host, self.url.port, self.keepalive)
@@ -153,6 +153,23 @@ class MqttTransport(Transport):
         self._patterns.discard(pattern)
         if self._connected.is_set():
             self._client.unsubscribe(pattern)
+
+
+def _tls_context(ca_file: str | None, cert_file: str | None,
+                 key_file: str | None) -> ssl.SSLContext:
+    """TLS that checks the broker's certificate and name (against ``ca_file``, else the
+    system's CAs), with our client certificate if given; unreadable files are one error."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise TransportError(f"CA file {ca_file}: cannot load: {e}") from None
+    if cert_file:
+        try:
+            ctx.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as e:
+            raise TransportError(f"client certificate {cert_file} / key {key_file}: "
+                                 f"cannot load: {e}") from None
+    return ctx
 
 
 def _acked(info: paho.MQTTMessageInfo) -> bool:

@@ -26,6 +26,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     train_args(p)
     strategy_args.add(p)
     p.add_argument("--max-payload", type=int, default=128 * 1024)
+    p.add_argument("--credentials", help="DIR/credentials/aggregator.json from fedge secure "
+                   "init: TLS with a client certificate, and a password")
     p.set_defaults(func=serve)
 
     p = sub.add_parser("device", help="run the device agent")
@@ -40,6 +42,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch threads for local training (1)")
     p.add_argument("--max-payload", type=int, help="bytes per MQTT message (131072)")
     p.add_argument("--idle-timeout", type=float, default=None)
+    p.add_argument("--credentials", help="DIR/credentials/<id>.json from fedge secure init: "
+                   "TLS with a client certificate, and a password")
     p.add_argument("--manifest", dest="manifest", help="the export's manifest.json: its "
                    "signature and this profile's artifacts are verified before any task; "
                    "a failure is published as the device's status and exits 6")
@@ -81,6 +85,7 @@ def device(args: argparse.Namespace) -> int:
 
     from device_runtime.agent import AgentOptions, DeviceAgent, status_will
     from device_runtime.config import load_config, merge
+    from device_runtime.credentials import transport_kwargs
     from device_runtime.data import load_shard
     from device_runtime.preflight import check_options
     from device_runtime.topics import Topics, check_id
@@ -95,12 +100,13 @@ def device(args: argparse.Namespace) -> int:
     ProfileCatalogue.load(o.profiles_file).get(o.profile)
     check_id("device", o.id)
     check_options(o.manifest, o.trust)  # usage mistakes: before anything is published
+    creds = transport_kwargs(o.credentials, o.id)
     x, y = load_shard(o.data)
     if o.check:
         return _check(o, len(y))
     topics = Topics(o.job)
     t = MqttTransport(o.broker, f"fedge-{o.job}-{o.id}", max_payload=o.max_payload,
-                      will=status_will(topics, o.id), persistent=True)
+                      will=status_will(topics, o.id), persistent=True, **creds)
     t.connect()
     try:
         agent = DeviceAgent(t, AgentOptions(o.job, o.id, o.profile, o.threads,
@@ -120,6 +126,8 @@ def _check(o: argparse.Namespace, samples: int) -> int:
 
     BrokerURL.parse(o.broker)
     what = f"{o.profile}, {samples} samples, broker {BrokerURL.parse(o.broker)}"
+    if o.credentials is not None:
+        what += f", TLS as {o.id}"  # transport_kwargs already checked the files
     if o.manifest is not None:
         c = check_device(o.manifest, o.profile, o.trust, o.threads)
         what += f", {c.artifacts} artifacts verified (key {c.key_id}), {c.provider}"

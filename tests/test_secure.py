@@ -1,0 +1,357 @@
+"""fedge secure init: the layout and its refusals; then a real Mosquitto running the
+generated config: strangers refused, every topic a device agent uses granted, a device
+confined to its own topics, and a full round over mutual TLS with passwords."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import queue
+import secrets
+import ssl
+import stat
+import threading
+import time
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+
+from device_runtime import wire
+from device_runtime.credentials import Credentials, transport_kwargs
+from device_runtime.topics import Topics
+from device_runtime.transport.mqtt import MqttTransport
+from device_runtime.transport.url import TransportError
+from tests.brokers import Mosquitto, mosquitto_binary
+from tests.conftest import assert_one_line_error, run_fedge
+from tests.field_helpers import finish, prepare_job, start_device, start_server
+
+pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+JOB = "sec"
+CLIENTS = ("aggregator", "dev-0", "dev-1")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """``fedge secure init`` for dev-0 and dev-1, and a Mosquitto running its config:
+    (DIR, broker)."""
+    from broker_server.embedded import free_port
+
+    root = tmp_path_factory.mktemp("secure")
+    port = free_port()
+    code, out, err = run_fedge("secure", "init", "--devices", "dev-0", "dev-1", "--out",
+                               str(root / "sec"), "--port", str(port), "--host", "10.1.2.3")
+    assert code == 0, err
+    assert f"mosquitto -c {root / 'sec' / 'mosquitto.conf'}" in out
+    m = Mosquitto(root / "mosq", port=port, config=root / "sec" / "mosquitto.conf").start()
+    yield root / "sec", m
+    m.stop()
+
+
+def _creds(fleet, client: str) -> Credentials:
+    return Credentials.load(fleet[0] / "credentials" / f"{client}.json")
+
+
+class Raw:
+    """A bare paho client on the TLS listener, to see CONNACK, SUBACK and PUBACK codes."""
+
+    def __init__(self, fleet, client: str | None, *, cert: bool = True,
+                 password: str | None = None, tls: bool = True,
+                 protocol: int = paho.MQTTv311, ca=None):
+        self.connack: str | None = None
+        self.subacks: list[str] = []
+        self.pubacks: dict[int, str] = {}
+        self.messages: queue.Queue = queue.Queue()
+        self._connected = threading.Event()
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"raw-{secrets.token_hex(3)}",
+                        protocol=protocol)
+        creds = _creds(fleet, client or "dev-0")
+        if tls:
+            ctx = ssl.create_default_context(cafile=str(ca or creds.ca))
+            if cert:
+                ctx.load_cert_chain(str(creds.cert), str(creds.key))
+            c.tls_set_context(ctx)
+        if client:
+            c.username_pw_set(creds.username, password or creds.password)
+        c.on_connect = self._on_connect
+        c.on_subscribe = lambda cl, u, mid, codes, p=None: self.subacks.extend(map(str, codes))
+        c.on_publish = lambda cl, u, mid, rc, p=None: self.pubacks.__setitem__(mid, str(rc))
+        c.on_message = lambda cl, u, msg: self.messages.put((msg.topic, msg.payload))
+        c.on_disconnect = lambda *a: self._connected.set()  # refused during the handshake
+        c.reconnect_delay_set(0.1, 0.1)  # loop_stop waits out paho's retry delay
+        self.c = c
+        try:
+            c.connect("localhost", fleet[1].port)
+        except (OSError, ssl.SSLError):
+            return
+        c.loop_start()
+        self._connected.wait(5)
+        if self.connack != "Success":
+            self.close()  # paho would keep retrying
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
+        self.connack = str(reason_code)
+        self._connected.set()
+
+    def subscribe(self, *patterns: str) -> list[str]:
+        """SUBACK codes, in order."""
+        for p in patterns:
+            self.c.subscribe(p, 1)
+        _wait(lambda: len(self.subacks) == len(patterns), "SUBACKs")
+        return list(self.subacks)
+
+    def publish(self, topic: str, payload: bytes) -> str:
+        """The PUBACK's reason."""
+        info = self.c.publish(topic, payload, qos=1)
+        _wait(lambda: info.mid in self.pubacks, f"PUBACK for {topic}")
+        return self.pubacks[info.mid]
+
+    def received(self) -> list[tuple[str, bytes]]:
+        out = []
+        while not self.messages.empty():
+            out.append(self.messages.get())
+        return out
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def _wait(predicate, what: str, timeout: float = 5.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# --- the files ---------------------------------------------------------------------------
+
+
+def test_secure_init_writes_the_layout_with_private_keys_0600(fleet):
+    from cryptography import x509
+
+    root, broker = fleet
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(
+        ["mosquitto.conf", "ca.crt", "ca.key", "broker/server.crt", "broker/server.key",
+         "broker/passwd", "broker/acl"]
+        + [f"certs/{c}.{ext}" for c in CLIENTS for ext in ("crt", "key")]
+        + [f"credentials/{c}.json" for c in CLIENTS])
+    for rel in ["ca.key", "broker/server.key", "broker/passwd",
+                *[f"certs/{c}.key" for c in CLIENTS], *[f"credentials/{c}.json" for c in CLIENTS]]:
+        assert stat.S_IMODE((root / rel).stat().st_mode) == 0o600, rel
+    hashes = dict(line.split(":", 1) for line in (root / "broker/passwd").read_text().split())
+    assert sorted(hashes) == sorted(CLIENTS)
+    for c in CLIENTS:
+        raw = json.loads((root / "credentials" / f"{c}.json").read_text())
+        assert raw == {"username": c, "password": raw["password"], "cert": f"certs/{c}.crt",
+                       "key": f"certs/{c}.key", "ca": "ca.crt"}
+        assert len(raw["password"]) >= 24
+        # Mosquitto's $7$: PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt, 64-byte hash
+        _, kind, rounds, salt, digest = hashes[c].split("$")
+        assert (kind, rounds, len(base64.b64decode(salt))) == ("7", "101", 12)
+        assert base64.b64decode(digest) == hashlib.pbkdf2_hmac(
+            "sha512", raw["password"].encode(), base64.b64decode(salt), 101, 64)
+        creds = Credentials.load(root / "credentials" / f"{c}.json")
+        assert creds.cert == root / "certs" / f"{c}.crt" and creds.ca == root / "ca.crt"
+        assert raw["password"] not in repr(creds)
+    conf = (root / "mosquitto.conf").read_text()
+    for line in (f"listener {broker.port}", "require_certificate true", "allow_anonymous false",
+                 "per_listener_settings false", f"cafile {root / 'ca.crt'}",
+                 f"password_file {root / 'broker' / 'passwd'}"):
+        assert f"\n{line}\n" in conf, line
+    server = x509.load_pem_x509_certificate((root / "broker/server.crt").read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = {str(n.value) for n in sans}
+    assert {"localhost", "127.0.0.1", "::1", "10.1.2.3"} <= names
+
+
+def test_secure_init_refuses_bad_input_and_writes_nothing(tmp_path):
+    out = tmp_path / "sec"
+    for devices, needle in ((["pi-1", "aggregator"], "'aggregator' is the aggregator's id"),
+                            (["pi-1", "pi/2"], "device id: expected 1-64"),
+                            (["pi-1", "pi-1"], "'pi-1' given twice")):
+        code, _, err = run_fedge("secure", "init", "--devices", *devices, "--out", str(out))
+        assert_one_line_error(code, err, 2, "--devices", needle)
+    code, _, err = run_fedge("secure", "init", "--devices", "pi-1", "--out", str(out),
+                             "--port", "0")
+    assert_one_line_error(code, err, 2, "--port: expected 1-65535, got 0")
+    assert list(tmp_path.iterdir()) == []  # nothing, not even a staging folder
+    out.mkdir()
+    (out / "ca.key").write_text("the old key")
+    code, _, err = run_fedge("secure", "init", "--devices", "pi-1", "--out", str(out))
+    assert_one_line_error(code, err, 2, f"--out {out}: exists and is not an empty folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["sec"]
+    assert [p.name for p in out.iterdir()] == ["ca.key"]
+    assert (out / "ca.key").read_text() == "the old key"
+
+
+def test_bad_credentials_give_one_line_errors(tmp_path, fleet):
+    root = fleet[0]
+    bad = tmp_path / "credentials" / "dev-0.json"  # DIR = tmp_path: no certs there
+    bad.parent.mkdir()
+    device = ["device", "--broker", "mqtts://localhost:1", "--job", JOB, "--id", "dev-0",
+              "--profile", "rpi4", "--data", str(tmp_path / "none.npz"), "--credentials"]
+    raw = json.loads((root / "credentials" / "dev-0.json").read_text())
+    for text, needle in (("{not json", "not JSON"),
+                         (json.dumps({**raw, "password": 7}),
+                          "field 'password': expected a non-empty string, got int"),
+                         (json.dumps({k: v for k, v in raw.items() if k != "key"}),
+                          "field 'key': expected a non-empty string, got nothing"),
+                         (json.dumps(raw), f"field 'cert': no file {tmp_path / 'certs'}")):
+        bad.write_text(text)
+        code, _, err = run_fedge(*device, str(bad))
+        assert_one_line_error(code, err, 2, f"credentials {bad}", needle)
+        assert raw["password"] not in err
+    code, _, err = run_fedge(*device[:-1], "--credentials", str(tmp_path / "missing.json"))
+    assert_one_line_error(code, err, 2, "cannot read")
+    code, _, err = run_fedge(*device, str(root / "credentials" / "dev-1.json"))
+    assert_one_line_error(code, err, 2, "they are for 'dev-1', not for this client 'dev-0'")
+    code, _, err = run_fedge("serve", "--job", JOB, "--checkpoint", "x", "--state-dir",
+                             str(tmp_path / "s"), "--credentials",
+                             str(root / "credentials" / "aggregator.json"))
+    assert_one_line_error(code, err, 2, "--credentials needs --broker")
+
+
+# --- the broker ------------------------------------------------------------------------------
+
+
+def test_strangers_are_refused_and_a_device_is_accepted(fleet, tmp_path):
+    from toolkit import secure
+
+    # a certificate from another CA (someone else's fleet), with dev-0's password
+    key, other_key = secure.new_key(), secure.new_key()
+    other = secure.make_ca(other_key, 1)
+    (tmp_path / "other.crt").write_bytes(secure.cert_pem(secure.issue(other, other_key, key,
+                                                                      "dev-0", 1)))
+    (tmp_path / "other.key").write_bytes(secure.key_pem(key))
+    creds = _creds(fleet, "dev-0")
+    foreign = transport_kwargs(fleet[0] / "credentials" / "dev-0.json") | {
+        "cert_file": str(tmp_path / "other.crt"), "key_file": str(tmp_path / "other.key")}
+
+    anonymous = Raw(fleet, None)  # a valid certificate, no username
+    wrong = Raw(fleet, "dev-0", password="not-the-password")
+    no_cert = Raw(fleet, "dev-0", cert=False)
+    plain = Raw(fleet, "dev-0", tls=False)
+    assert (anonymous.connack, wrong.connack) == ("Not authorized", "Not authorized")
+    assert (no_cert.connack, plain.connack) == (None, None)  # TLS refused: no CONNACK at all
+    for r in (anonymous, wrong, no_cert, plain):
+        r.close()
+    t = MqttTransport(f"mqtts://localhost:{fleet[1].port}", "stranger", **foreign)
+    with pytest.raises(TransportError, match="cannot connect"):
+        t.connect(timeout=2)
+    t = MqttTransport(f"mqtts://localhost:{fleet[1].port}", "dev-0",
+                      **transport_kwargs(fleet[0] / "credentials" / "dev-0.json", "dev-0"))
+    t.connect(timeout=5)
+    assert t.connected and creds.username == "dev-0"
+    t.close()
+
+
+def _agent_patterns() -> list[str]:
+    """The topic filters a device agent subscribes to (its chunk twins included)."""
+    from device_runtime.agent import AgentOptions, DeviceAgent
+    from device_runtime.transport.memory import MemoryHub, MemoryTransport
+
+    class Recording(MemoryTransport):
+        def _subscribe_raw(self, pattern: str) -> None:
+            self.__dict__.setdefault("patterns", []).append(pattern)
+            super()._subscribe_raw(pattern)
+
+    t = Recording(MemoryHub(), "dev-0")
+    t.connect()
+    DeviceAgent(t, AgentOptions(JOB, "dev-0", "rpi4", idle_timeout=0.05),
+                np.zeros((1, 40), np.float32), np.zeros(1, np.int64)).run()
+    return t.patterns
+
+
+def test_the_acl_grants_a_device_agent_every_topic_it_uses(fleet):
+    """Each filter the agent subscribes to receives what the aggregator publishes there,
+    and every topic a device publishes on (chunks of frames too) reaches the aggregator."""
+    topics = Topics(JOB)
+    patterns = _agent_patterns()
+    assert any("/_c/+" in p for p in patterns) and len(patterns) >= 12
+    agg, dev = Raw(fleet, "aggregator"), Raw(fleet, "dev-0")
+    assert dev.subscribe(*patterns) == ["Granted QoS 1"] * len(patterns)
+    assert agg.subscribe(f"fedge/{JOB}/#") == ["Granted QoS 1"]
+    concrete = [p.replace("+", "1") for p in patterns]  # one topic under each filter
+    for topic in concrete:
+        assert agg.publish(topic, b"to the device") == "Success"
+    _wait(lambda: dev.messages.qsize() >= len(concrete), "the device's messages")
+    assert sorted(t for t, _ in dev.received()) == sorted(concrete)
+    agg.received()
+    mine = [topics.status("dev-0"), topics.update(1, "dev-0"), topics.acts(1, "dev-0")]
+    mine += [t + "/_c/0" for t in mine[1:]]
+    for topic in mine:
+        assert dev.publish(topic, b"from the device") == "Success"
+    _wait(lambda: agg.messages.qsize() >= len(mine), "the aggregator's messages")
+    assert sorted(t for t, _ in agg.received()) == sorted(mine)
+    agg.close()
+    dev.close()
+    # and the transport's own chunking end to end: a 20 kB frame in 2 kB chunks
+    frame = wire.encode(wire.Frame("update", JOB, 1, "dev-0", "fp32",
+                                   {"w": np.ones(5000, np.float32)}))
+    got: queue.Queue = queue.Queue()
+    url = f"mqtts://localhost:{fleet[1].port}"
+    a = MqttTransport(url, "agg-t", **_creds(fleet, "aggregator").transport_kwargs())
+    d = MqttTransport(url, "dev-t", max_payload=2048, **_creds(fleet, "dev-0").transport_kwargs())
+    a.connect()
+    d.connect()
+    a.subscribe(topics.update(), lambda t, p: got.put((t, p)))
+    time.sleep(0.2)
+    d.publish(topics.update(1, "dev-0"), frame)
+    assert got.get(timeout=5) == (topics.update(1, "dev-0"), frame)
+    d.close()
+    a.close()
+
+
+def test_a_device_can_neither_forge_nor_read_another_devices_update(fleet):
+    topics = Topics(JOB)
+    agg = Raw(fleet, "aggregator")
+    agg.subscribe(topics.update())
+    a, b = Raw(fleet, "dev-0"), Raw(fleet, "dev-1")
+    a5 = Raw(fleet, "dev-0", protocol=paho.MQTTv5)
+    # Publishing in B's name: MQTT 3.1.1 has no way to say no (PUBACK 0, message dropped);
+    # MQTT 5 gets PUBACK reason 0x87 "Not authorized". A's own update then arrives, after
+    # where the forged ones would have been (one publisher's messages keep their order).
+    assert a.publish(topics.update(1, "dev-1"), b"forged 3.1.1") == "Success"
+    assert a5.publish(topics.update(1, "dev-1"), b"forged 5") == "Not authorized"
+    assert a5.publish(topics.update(1, "dev-0"), b"own 5") == "Success"
+    assert a.publish(topics.update(1, "dev-0"), b"own") == "Success"
+    _wait(lambda: agg.messages.qsize() >= 2, "A's own updates")
+    time.sleep(0.2)
+    assert sorted(agg.received()) == sorted([(topics.update(1, "dev-0"), b"own 5"),
+                                             (topics.update(1, "dev-0"), b"own")])
+    # Reading B's updates: mosquitto 2.0 grants the subscription (SUBACK QoS 1) and
+    # applies the ACL at delivery, so A never gets them.
+    spying = [topics.update(1, "dev-1"), topics.update("+", "dev-1"), topics.update(),
+              f"fedge/{JOB}/#", "#"]
+    assert a.subscribe(*spying) == ["Granted QoS 1"] * len(spying)
+    assert b.publish(topics.update(1, "dev-1"), b"B's update") == "Success"
+    # A's subscriptions work (it gets its task, sent after B's update), B's update reached
+    # the aggregator, and A got only its task
+    assert agg.publish(topics.task(1, "dev-0"), b"A's task") == "Success"
+    _wait(lambda: not a.messages.empty(), "A's task")
+    _wait(lambda: not agg.messages.empty(), "B's update at the aggregator")
+    time.sleep(0.2)
+    assert agg.received() == [(topics.update(1, "dev-1"), b"B's update")]
+    assert set(a.received()) == {(topics.task(1, "dev-0"), b"A's task")}
+    for r in (agg, a, a5, b):
+        r.close()
+
+
+def test_a_full_round_over_mutual_tls(fleet, tmp_path):
+    root, broker = fleet
+    job, work = f"tls{secrets.token_hex(3)}", tmp_path
+    ckpt = prepare_job(work, devices=2)
+    url = f"mqtts://localhost:{broker.port}"
+    server = start_server(url, job, work, ckpt, rounds=2, min_devices=2, round_timeout=60,
+                          extra=["--credentials", str(root / "credentials/aggregator.json")])
+    devices = [start_device(url, job, work, k, extra=[
+        "--credentials", str(root / "credentials" / f"dev-{k}.json")]) for k in range(2)]
+    codes = finish([server], timeout=120) + finish(devices, timeout=60)
+    assert codes == [0, 0, 0], (work / "server.log").read_text()[-2000:]
+    r = json.loads((work / "report.json").read_text())
+    assert [x["round"] for x in r["rounds"]] == [1, 2]
+    assert [x["devices_reporting"] for x in r["rounds"]] == [2, 2] and not r["rejected"]
+    assert r["broker"] == url
