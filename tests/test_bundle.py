@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.brokers import Mosquitto
 from tests.conftest import ROOT, assert_one_line_error, run_fedge
 from tests.field_helpers import finish, prepare_job, start_server
 
@@ -48,19 +49,37 @@ def _unpack(bundle: Path, dest: Path) -> Path:
     return dest / "fedge-pi-1"
 
 
-def test_bundle_installs_offline_without_torch_and_joins_a_job(tmp_path, mosquitto,
-                                                               fleet_export):
+@pytest.fixture
+def secure_broker(tmp_path):
+    """`fedge secure init` for pi-1 and a real Mosquitto running its TLS config."""
+    from broker_server.embedded import free_port
+
+    port = free_port()
+    code, _, err = run_fedge("secure", "init", "--devices", "pi-1", "--out",
+                             str(tmp_path / "sec"), "--port", str(port))
+    assert code == 0, err
+    m = Mosquitto(tmp_path / "mosq", port=port, config=tmp_path / "sec" / "mosquitto.conf")
+    yield tmp_path / "sec", f"mqtts://localhost:{port}", m.start()
+    m.stop()
+
+
+def test_bundle_installs_offline_without_torch_and_joins_a_job_over_tls(tmp_path,
+                                                                        secure_broker,
+                                                                        fleet_export):
     wheels = _wheelhouse()
+    sec, url, _ = secure_broker
     work = tmp_path / "run"
     work.mkdir()
     ckpt = prepare_job(work, devices=1)
     job = f"b{secrets.token_hex(3)}"
-    bundle = _bundle(tmp_path, fleet_export, mosquitto.url, job,
-                     "--strategy", "ecofed", "--data", str(work / "data" / "device-0.npz"))
+    bundle = _bundle(tmp_path, fleet_export, url, job, "--strategy", "ecofed",
+                     "--data", str(work / "data" / "device-0.npz"),
+                     "--credentials", str(sec / "credentials" / "pi-1.json"))
     unpacked = _unpack(bundle, tmp_path / "unpacked")
     shipped = sorted(p.relative_to(unpacked / "artifacts").as_posix()
                      for p in (unpacked / "artifacts").rglob("*.onnx"))
     assert shipped and all(s.startswith("rpi4/") for s in shipped)  # its artifacts only
+    assert (unpacked / "certs" / "pi-1.key").stat().st_mode & 0o777 == 0o600
 
     prefix = tmp_path / "opt" / "fedge"
     p = subprocess.run(["sh", str(unpacked / "install.sh"), "--prefix", str(prefix),
@@ -81,9 +100,9 @@ def test_bundle_installs_offline_without_torch_and_joins_a_job(tmp_path, mosquit
                            text=True, timeout=60)
         assert v.returncode == 0, v.stderr
 
-    server = start_server(mosquitto.url, job, work, ckpt, rounds=1, min_devices=1,
-                          round_timeout=60, extra=["--strategy", "ecofed", "--codec", "act4",
-                                                   "--profiles", "rpi4"])
+    server = start_server(url, job, work, ckpt, rounds=1, min_devices=1, round_timeout=60,
+                          extra=["--strategy", "ecofed", "--codec", "act4", "--profiles", "rpi4",
+                                 "--credentials", str(sec / "credentials" / "aggregator.json")])
     device = subprocess.Popen([str(prefix / "venv" / "bin" / "fedge"), "device", "--config",
                                str(prefix / "etc" / "device.toml"), "--idle-timeout", "120"],
                               env=_device_env(), cwd=prefix / "var",
@@ -94,6 +113,7 @@ def test_bundle_installs_offline_without_torch_and_joins_a_job(tmp_path, mosquit
     report = json.loads((work / "report.json").read_text())
     assert [r["devices_reporting"] for r in report["rounds"]] == [1]
     assert "pi-1: trained 1 rounds" in log
+    assert report["broker"] == url and not report.get("device_errors")
 
 
 def test_a_modified_bundle_installs_nothing(tmp_path, fleet_export):

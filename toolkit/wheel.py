@@ -37,7 +37,11 @@ def build_wheel(out_dir: str | Path) -> Path:
     path = Path(out_dir) / f"{name}-py3-none-any.whl"
     entries = _package_files()
     info = f"{name}.dist-info"
-    meta = {f"{info}/METADATA": (dist.read_text("METADATA") or "").encode(),
+    # A checkout on sys.path finds its fedge.egg-info (PKG-INFO) before site-packages.
+    metadata = dist.read_text("METADATA") or dist.read_text("PKG-INFO")
+    if not metadata:
+        raise UsageError("fedge's installed metadata has no METADATA; reinstall fedge")
+    meta = {f"{info}/METADATA": metadata.encode(),
             f"{info}/WHEEL": _WHEEL.encode(),
             f"{info}/entry_points.txt": (dist.read_text("entry_points.txt") or "").encode(),
             f"{info}/top_level.txt": "\n".join(PACKAGES).encode() + b"\n"}

@@ -96,8 +96,11 @@ rm -rf "$PREFIX/etc.old"
 mv "$PREFIX/etc.new" "$PREFIX/etc"
 rm -rf "$PREFIX/etc.old"
 
-# 4. The unit: a system user when root, else the installing user.
-if [ "$(id -u)" = 0 ]; then
+# 4. The unit: run by a `fedge` system user when installed as a service, else by
+#    whoever installs.
+SERVICE=
+if [ "$SYSTEMD" = auto ] && [ "$(id -u)" = 0 ] && [ -d /run/systemd/system ]; then SERVICE=1; fi
+if [ -n "$SERVICE" ]; then
   RUN_AS=fedge
   id -u fedge >/dev/null 2>&1 || useradd --system --home-dir "$PREFIX" --shell /usr/sbin/nologin fedge
   chown -R fedge "$PREFIX/etc" "$PREFIX/var"
@@ -107,7 +110,7 @@ fi
 UNIT="$PREFIX/etc/$UNIT_NAME.service"
 sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@USER@|$RUN_AS|g" -e "s|@ID@|$DEVICE_ID|g" \
     -e "s|@JOB@|$JOB|g" "$HERE/fedge-device.service.in" > "$UNIT"
-if [ "$SYSTEMD" = auto ] && [ "$(id -u)" = 0 ] && [ -d /run/systemd/system ]; then
+if [ -n "$SERVICE" ]; then
   cp "$UNIT" "/etc/systemd/system/$UNIT_NAME.service"
   systemctl daemon-reload
   systemctl enable --now "$UNIT_NAME.service"
