@@ -3,6 +3,7 @@ artifact before it loads anything, and a device that refuses says so to the aggr
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import queue
@@ -17,6 +18,7 @@ from device_runtime.errors import ManifestError, SignatureError
 from device_runtime.manifest import load_manifest, sha256_file
 from device_runtime.predictor import Predictor
 from device_runtime.signing import key_id, load_public_key, verify_manifest
+from device_runtime.transport.mqtt import MqttTransport
 from tests.conftest import assert_one_line_error, run_fedge
 from tests.field_helpers import wait_for
 from toolkit.cli.main import main
@@ -244,3 +246,29 @@ def test_device_refuses_a_tampered_export_and_the_aggregator_reports_it(
     assert versions["manifest_key"] == export_key.key_id
     assert versions["artifacts_verified"] == len(
         load_manifest(fleet_export).device(DEVICE).artifacts)
+
+
+def test_device_refuses_a_manifest_edited_after_signing(fleet_export, export_key, mosquitto,
+                                                        tmp_path):
+    """The edit keeps the manifest valid JSON and consistent with the files (a swapped
+    artifact with its new sha256): only the signature can tell, and the device's
+    retained status says so."""
+    bad = _copy(fleet_export, tmp_path)
+    data = json.loads(bad.read_text())
+    art = data["devices"][DEVICE]["artifacts"][0]
+    _flip_byte(bad.parent / art["path"])
+    art["sha256"] = hashlib.sha256((bad.parent / art["path"]).read_bytes()).hexdigest()
+    bad.write_text(json.dumps(data, indent=2))
+    shard = tmp_path / "shard.npz"
+    np.savez(shard, x=np.zeros((8, 40), np.float32), y=np.zeros(8, np.int64))
+    code, _, err = run_fedge("device", "--broker", mosquitto.url, "--job", "edited", "--id",
+                             "pi-9", "--profile", DEVICE, "--data", str(shard), "--manifest",
+                             str(bad), "--trust", str(export_key.public_path))
+    assert_one_line_error(code, err, 6, "refused: manifest", "does not match its signature")
+    watch = MqttTransport(mosquitto.url, "watcher-edited")
+    watch.connect()
+    seen: queue.Queue = queue.Queue()
+    watch.subscribe("fedge/edited/devices/pi-9/status", lambda t, p: seen.put(p))
+    status = messages.parse(messages.Status, seen.get(timeout=10))
+    watch.close()
+    assert status.state == "error" and "does not match its signature" in status.error
