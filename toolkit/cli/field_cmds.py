@@ -101,9 +101,9 @@ def device(args: argparse.Namespace) -> int:
     check_id("device", o.id)
     check_options(o.manifest, o.trust)  # usage mistakes: before anything is published
     creds = transport_kwargs(o.credentials, o.id)
-    x, y = load_shard(o.data)
     if o.check:
-        return _check(o, len(y))
+        return _check(o)
+    x, y = load_shard(o.data)
     topics = Topics(o.job)
     t = MqttTransport(o.broker, f"fedge-{o.job}-{o.id}", max_payload=o.max_payload,
                       will=status_will(topics, o.id), persistent=True, **creds)
@@ -119,18 +119,25 @@ def device(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(o: argparse.Namespace, samples: int) -> int:
-    """`fedge device --check`: what install.sh runs before it enables the unit."""
+def _check(o: argparse.Namespace) -> int:
+    """`fedge device --check`: what install.sh runs before it enables the unit. The data
+    shard may come later (devices collect it); a shard that is there must load."""
+    from pathlib import Path
+
+    from device_runtime.data import load_shard
     from device_runtime.preflight import check_device
     from device_runtime.transport.url import BrokerURL
 
-    BrokerURL.parse(o.broker)
-    what = f"{o.profile}, {samples} samples, broker {BrokerURL.parse(o.broker)}"
+    what = f"{o.profile}, broker {BrokerURL.parse(o.broker)}"
     if o.credentials is not None:
         what += f", TLS as {o.id}"  # transport_kwargs already checked the files
     if o.manifest is not None:
         c = check_device(o.manifest, o.profile, o.trust, o.threads)
         what += f", {c.artifacts} artifacts verified (key {c.key_id}), {c.provider}"
+    if Path(o.data).exists():
+        what += f", {len(load_shard(o.data)[1])} samples"
+    else:
+        what += f"; no data yet at {o.data}"
     print(f"device {o.id}: ok ({what})")
     return 0
 
