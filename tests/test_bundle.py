@@ -30,7 +30,7 @@ def _device_env() -> dict:
     """What a device has: no checkout on the path, no pip config pointing at local
     indexes or a torch wheel."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_"))}
-    return dict(env, PIP_CONFIG_FILE=os.devnull, PYTHONUNBUFFERED="1")
+    return dict(env, PIP_CONFIG_FILE=os.devnull, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
 
 
 def _bundle(tmp_path: Path, manifest: Path, url: str, job: str, *extra: str) -> Path:
