@@ -13,7 +13,6 @@ only when complete.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from device_runtime.manifest import sha256_file
 from toolkit.errors import UsageError
 from toolkit.wheel import build_wheel, device_requirements, fedge_version
 from toolkit.wheelhouse import TORCH, TORCH_INDEX
@@ -80,20 +80,17 @@ def make_bundle(o: BundleOptions) -> dict:
 
 def _checked(o: BundleOptions):
     """The manifest entry and artifacts to ship, once every input is known good."""
-    from broker_server.strategies import STRATEGIES
+    from device_runtime.credentials import transport_kwargs
     from device_runtime.data import load_shard
     from device_runtime.manifest import load_manifest
     from device_runtime.topics import check_id
     from device_runtime.transport.url import BrokerURL
-    from toolkit.dpfl import register_dpfl
-    from toolkit.ecofed import register_ecofed
-    from toolkit.reft import register_reft
+    from toolkit.setups import check_strategy
 
     BrokerURL.parse(o.broker)
     check_id("job", o.job)
     check_id("device", o.id)
-    register_reft(), register_ecofed(), register_dpfl()
-    STRATEGIES.get(o.strategy)
+    check_strategy(o.strategy)
     if o.trust is None or not o.trust.is_file():
         raise UsageError(f"--trust {o.trust}: no such public key file")
     manifest = load_manifest(o.manifest, trust=o.trust)
@@ -103,9 +100,7 @@ def _checked(o: BundleOptions):
     if o.data is not None:
         load_shard(o.data)
     if o.credentials is not None:
-        _credential_files(o.credentials)
-        from device_runtime.credentials import transport_kwargs
-        transport_kwargs(o.credentials, o.id)  # the broker's ACL is per username
+        transport_kwargs(o.credentials, o.id)  # files exist; the ACL is per username
     if o.wheels is not None and not o.wheels.is_dir():
         raise UsageError(f"--wheels {o.wheels}: no such folder")
     if o.out.exists() and o.out.is_dir():
@@ -185,8 +180,7 @@ def _write_install_files(stage: Path, o: BundleOptions, needs_torch: bool) -> No
 def _sha256sums(stage: Path) -> str:
     rows = []
     for f in sorted(p for p in stage.rglob("*") if p.is_file()):
-        digest = hashlib.sha256(f.read_bytes()).hexdigest()
-        rows.append(f"{digest}  {f.relative_to(stage).as_posix()}")
+        rows.append(f"{sha256_file(f)}  {f.relative_to(stage).as_posix()}")
     return "\n".join(rows) + "\n"
 
 

@@ -76,26 +76,19 @@ def _check(args) -> None:
 def run_serve(args, on_round: Callable[[dict], None] | None = None,
               broker: str | None = None) -> int:
     from broker_server.service import Aggregator, ServeOptions
-    from broker_server.strategies import STRATEGIES
     from device_runtime import codecs
     from device_runtime.topics import check_id
     from device_runtime.training.local import weights_of
     from device_runtime.transport.mqtt import MqttTransport
     from toolkit import checkpoint
     from toolkit.cli import strategy_args
-    from toolkit.dpfl import register_dpfl
-    from toolkit.ecofed import register_ecofed
     from toolkit.profiles import ProfileCatalogue
-    from toolkit.reft import register_reft
-    from toolkit.setups import setup_strategy
+    from toolkit.setups import check_strategy, setup_strategy
 
     _check(args)
     check_id("job", args.job)
     creds = _credentials(args, broker or args.broker)
-    register_reft()
-    register_ecofed()
-    register_dpfl()
-    STRATEGIES.get(args.strategy)
+    check_strategy(args.strategy)
     codecs.get(args.codec)
     cat = ProfileCatalogue.load(args.profiles_file)
     fleet = cat.select(args.profiles)

@@ -20,6 +20,21 @@ from toolkit.profiles import DeviceProfile
 FROZEN_SHARE = 0.05
 
 
+def check_strategy(name: str) -> None:
+    """Register the toolkit's server-trained strategies (reft, ecofed, dpfl: they need
+    torch, so broker_server cannot) and check ``name``: an unknown one is a one-line
+    error listing the valid names. Shared by serve, simulate and bundle."""
+    from broker_server.strategies import STRATEGIES
+    from toolkit.dpfl import register_dpfl
+    from toolkit.ecofed import register_ecofed
+    from toolkit.reft import register_reft
+
+    register_reft()
+    register_ecofed()
+    register_dpfl()
+    STRATEGIES.get(name)
+
+
 def setup_strategy(strategy: str, cfg: ModelConfig, fleet: list[DeviceProfile],
                    public_x: np.ndarray, codec: str, options: object | None,
                    model=None) -> tuple[ModelConfig, object | None]:

@@ -128,7 +128,7 @@ def _check(o: argparse.Namespace) -> int:
     from device_runtime.preflight import check_device
     from device_runtime.transport.url import BrokerURL
 
-    what = f"{o.profile}, broker {BrokerURL.parse(o.broker)}"
+    what = f"{o.profile}, broker {BrokerURL.parse(o.broker)}"  # a bad URL: one-line error
     if o.credentials is not None:
         what += f", TLS as {o.id}"  # transport_kwargs already checked the files
     if o.manifest is not None:

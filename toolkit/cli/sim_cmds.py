@@ -35,18 +35,12 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    from broker_server.strategies import STRATEGIES
     from device_runtime import codecs
     from toolkit.profiles import ProfileCatalogue
-    from toolkit.dpfl import register_dpfl
-    from toolkit.ecofed import register_ecofed
-    from toolkit.reft import register_reft
+    from toolkit.setups import check_strategy
     from toolkit.simulate import SimOptions, run_simulation
 
-    register_reft()  # server-side strategies that need torch
-    register_ecofed()
-    register_dpfl()
-    STRATEGIES.get(args.strategy)
+    check_strategy(args.strategy)
     codecs.get(args.codec)
     cat = ProfileCatalogue.load(args.profiles_file)
     profiles = [p.name for p in cat.select(args.profiles)]
