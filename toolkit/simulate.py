@@ -39,6 +39,7 @@ class SimOptions:
     round_timeout: float = 600.0
     broker: str | None = None  # None: the in-memory transport
     strategy_options: object | None = None  # e.g. SignSGDOptions
+    downlink: str = "fp32"  # the model to devices: whole, or a coded change (downlink.py)
 
 
 def train_flops(macs: int, samples: int, epochs: int) -> float:
@@ -147,7 +148,8 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
         agg = Aggregator(agg_t, ServeOptions(job, Path(state), opts.strategy, opts.codec,
                                              opts.rounds, opts.devices, opts.round_timeout,
                                              opts.epochs, opts.batch_size, opts.lr, opts.seed,
-                                             strategy_options=strategy_options),
+                                             strategy_options=strategy_options,
+                                             downlink=opts.downlink),
                          cfg.to_json(), weights_of(model),
                          evaluator(ckpt, ds.x_test, ds.y_test), on_round)
         report = agg.run()

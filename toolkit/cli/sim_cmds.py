@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from toolkit.cli import model_cmds, strategy_args
-from toolkit.cli.field_cmds import train_args
+from toolkit.cli.field_cmds import downlink_arg, train_args
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="cnn")
     p.add_argument("--width", type=float, default=1.0)
     train_args(p)
+    downlink_arg(p)
     p.add_argument("--broker", help="mqtt://host:port (default: in-memory transport)")
     strategy_args.add(p)
     p.add_argument("--export", help="write the final model's artifacts for the fleet here")
@@ -35,6 +36,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def simulate(args: argparse.Namespace) -> int:
+    from broker_server.downlink import check_downlink
     from device_runtime import codecs
     from toolkit.profiles import ProfileCatalogue
     from toolkit.setups import check_strategy
@@ -42,11 +44,13 @@ def simulate(args: argparse.Namespace) -> int:
 
     check_strategy(args.strategy)
     codecs.get(args.codec)
+    check_downlink(args.downlink, args.strategy)
     cat = ProfileCatalogue.load(args.profiles_file)
     profiles = [p.name for p in cat.select(args.profiles)]
     opts = SimOptions(args.dataset, args.devices, args.rounds, args.alpha, args.seed,
                       args.strategy, args.codec, args.model, args.width, tuple(profiles),
                       args.epochs, args.batch_size, args.lr, broker=args.broker,
+                      downlink=args.downlink,
                       strategy_options=strategy_args.options(args, cat, profiles, args.devices))
 
     def show(rec: dict) -> None:
