@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Callable
 
 from broker_server.errors import BrokerServerError
-from broker_server.intake import update_expect, update_meta
+from broker_server.intake import pump, update_expect, update_meta
 from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, create
 from broker_server.strategies.folds import Fold
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
-from device_runtime.errors import FedgeError, WireError
+from device_runtime.errors import WireError
 from device_runtime.topics import Topics
 from device_runtime.transport.base import Transport
 
@@ -234,33 +234,19 @@ class Aggregator:
 
     def _pump(self, timeout: float) -> None:
         """Handle every queued message (waiting up to ``timeout`` for the first)."""
-        try:
-            item = self.events.get(timeout=timeout)
-        except queue.Empty:
-            return
-        while item is not None:
-            topic, payload = item
-            where = self.topics.parse(topic)
-            try:
-                if topic == RECONNECTED:
-                    self._republish()
-                elif where["kind"] == "status":
-                    self._on_status(where, payload)
-                elif where["kind"] == "update":
-                    self._on_update(where, payload)
-                elif where["kind"] == "acts":
-                    self._on_acts(where, payload)
-                elif where["kind"] == "worker" and self.scale:
-                    self.scale.handle(self, where, payload)
-            except FedgeError as e:
-                self._reject(where, str(e))
-            except Exception as e:  # a bug here must not stop the service
-                log.exception("unexpected error handling %s", topic)
-                self._reject(where, f"internal error: {type(e).__name__}: {e}")
-            try:
-                item = self.events.get_nowait()
-            except queue.Empty:
-                item = None
+        pump(self.events, timeout, self.topics.parse, self._handle, self._reject)
+
+    def _handle(self, topic: str, where: dict, payload: bytes) -> None:
+        if topic == RECONNECTED:
+            self._republish()
+        elif where["kind"] == "status":
+            self._on_status(where, payload)
+        elif where["kind"] == "update":
+            self._on_update(where, payload)
+        elif where["kind"] == "acts":
+            self._on_acts(where, payload)
+        elif where["kind"] == "worker" and self.scale:
+            self.scale.handle(self, where, payload)
 
     def _republish(self) -> None:
         log.info("reconnected to the broker: republishing the plan and the open round's models")

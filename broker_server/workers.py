@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker_server.intake import update_expect, update_meta
+from broker_server.intake import pump, update_expect, update_meta
 from broker_server.scaleout import (Accepted, WorkRound, check_worker_id, fold_strategy,
                                     parse_work, status)
 from broker_server.state import atomic_write
@@ -108,34 +108,20 @@ class Worker:
 
     def _pump(self, timeout: float) -> bool:
         """Handle every queued message; whether a round message was among them."""
-        try:
-            item = self.events.get(timeout=timeout)
-        except queue.Empty:
-            return False
-        saw_work = False
-        while item is not None:
-            topic, payload = item
-            where = self.topics.parse(topic)
-            try:
-                if topic == RECONNECTED:
-                    self._status("online")  # the will may have said "offline"
-                elif where["kind"] == "work":
-                    saw_work = True
-                    self._on_work(payload)
-                elif where["kind"] == "model":
-                    self._on_model(where, payload)
-                elif where["kind"] == "update":
-                    self._on_update(where, payload)
-            except FedgeError as e:
-                self._reject(where, str(e))
-            except Exception as e:  # a bug here must not stop the worker
-                log.exception("unexpected error handling %s", topic)
-                self._reject(where, f"internal error: {type(e).__name__}: {e}")
-            try:
-                item = self.events.get_nowait()
-            except queue.Empty:
-                item = None
-        return saw_work
+        self._saw_work = False
+        pump(self.events, timeout, self.topics.parse, self._handle, self._reject)
+        return self._saw_work
+
+    def _handle(self, topic: str, where: dict, payload: bytes) -> None:
+        if topic == RECONNECTED:
+            self._status("online")  # the will may have said "offline"
+        elif where["kind"] == "work":
+            self._saw_work = True
+            self._on_work(payload)
+        elif where["kind"] == "model":
+            self._on_model(where, payload)
+        elif where["kind"] == "update":
+            self._on_update(where, payload)
 
     # --- rounds -----------------------------------------------------------------
     def _on_work(self, payload: bytes) -> None:
