@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue
 import shutil
 import time
@@ -50,6 +51,7 @@ class WorkerOptions:
     worker: str  # this worker's id (a topic level and a file name)
     state_dir: Path
     idle_timeout: float | None = None  # exit after this long without a round message
+    parent_pid: int | None = None  # started by fedge serve: exit when it is gone
 
 
 class Worker:
@@ -63,6 +65,9 @@ class Worker:
         self.work: WorkRound | None = None  # the latest round message
         self.model_sha, self.model_topic = "", ""
         self.fold = None  # the open round's, once its model frame is here
+        self.reference: dict = {}  # its model frame's tensors, and their shapes
+        self.shapes: dict = {}
+        self.strategy = self.codec = None  # the round's, for its checks and fold
         self.held: dict[str, bytes] = {}  # device -> its Accepted report, this round
         self.pending: list[tuple[dict, bytes]] = []
         self.served: set[str] = set()  # coordinator sessions whose rounds we saw
@@ -93,6 +98,10 @@ class Worker:
         self._status("online")
         last = time.time()
         while not self.stopping:
+            if self.opts.parent_pid and os.getppid() != self.opts.parent_pid:
+                # An orphan would fight its successor for the same client id.
+                log.warning("worker %s: fedge serve is gone, stopping", self.id)
+                break
             if self._pump(0.2):
                 last = time.time()
             elif self.opts.idle_timeout and time.time() - last > self.opts.idle_timeout:

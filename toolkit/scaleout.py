@@ -63,7 +63,7 @@ def spawn(args: argparse.Namespace, url: str, state_dir: Path) -> list[subproces
         d = state_dir / "workers" / f"w{i}"
         d.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "toolkit", "worker", "--broker", url, "--job", args.job,
-               "--id", f"w{i}", "--state-dir", str(d)]
+               "--id", f"w{i}", "--state-dir", str(d), "--parent-pid", str(os.getpid())]
         if getattr(args, "credentials", None):
             cmd += ["--credentials", args.credentials]
         log = open(d / "worker.log", "ab")
@@ -103,6 +103,7 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
                    "init)")
     p.add_argument("--idle-timeout", type=float, default=None,
                    help="exit after this many seconds without a round")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by serve --workers
     p.set_defaults(func=run_worker)
 
 
@@ -122,7 +123,7 @@ def run_worker(args: argparse.Namespace) -> int:
     t.connect()
     try:
         counts = Worker(t, WorkerOptions(args.job, args.id, Path(args.state_dir),
-                                         args.idle_timeout)).run()
+                                         args.idle_timeout, args.parent_pid)).run()
     finally:
         t.close()
     print(f"worker {args.id}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
