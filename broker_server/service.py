@@ -20,12 +20,13 @@ from typing import Callable
 from broker_server.batches import BatchReplies
 from broker_server.downlink import HELD_KEY, Downlink, check_downlink
 from broker_server.errors import BrokerServerError
+from broker_server.intake import pump, update_expect, update_meta
 from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, create
 from broker_server.strategies.folds import Fold
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
-from device_runtime.errors import FedgeError, WireError
+from device_runtime.errors import WireError
 from device_runtime.topics import Topics
 from device_runtime.transport.base import Transport
 
@@ -74,8 +75,9 @@ class RoundState:
 class Aggregator:
     def __init__(self, transport: Transport, opts: ServeOptions, model_config: dict,
                  initial_weights: dict, evaluate: Callable[[dict], float] | None = None,
-                 on_round: Callable[[dict], None] | None = None):
+                 on_round: Callable[[dict], None] | None = None, scale_out=None):
         self.t, self.opts = transport, opts
+        self.scale = scale_out  # coordinator.ScaleOut: workers fold the updates
         self.topics = Topics(opts.job)
         self.codec = codecs.get(opts.codec)
         extra = {"options": opts.strategy_options} if opts.strategy_options else {}
@@ -131,7 +133,10 @@ class Aggregator:
         # A restarted broker may have lost retained messages: publish them again.
         self.t.on_connect = lambda: self.events.put((RECONNECTED, b""))
         self.t.subscribe(self.topics.status(), self._enqueue)
-        self.t.subscribe(self.topics.update(), self._enqueue)
+        if self.scale:
+            self.scale.subscribe(self._enqueue)
+        else:
+            self.t.subscribe(self.topics.update(), self._enqueue)
         self.t.subscribe(self.topics.acts(), self._enqueue)
         self._plan = messages.dump(plan)
         self._publish_assets()
@@ -140,6 +145,8 @@ class Aggregator:
         self.t.publish(self.topics.plan, self._plan, retain=True)
         if self.resumed_from:
             log.info("resuming after round %d", self.resumed_from)
+        if self.scale:
+            self.scale.wait_ready(self)
         while self.state.completed < self.opts.rounds:
             self._run_round(self.state.completed + 1)
         # Retained, so that a device that was away when the job ended learns it too.
@@ -185,6 +192,8 @@ class Aggregator:
                 if len(rs.accepted) >= self.opts.min_devices:
                     break
                 self._assign(rs, [d for d in self._online() if d.id not in rs.assigned])
+        if self.scale:
+            self.scale.gather(self, rs)  # the workers' partial sums into rs.fold
         self._close_round(rs)
 
     def _publish_models(self, rs: RoundState) -> None:
@@ -227,6 +236,8 @@ class Aggregator:
             rs.assigned[device] = task
             if device not in rs.accepted:
                 self._send_task(rs, task)
+        if self.scale:
+            self.scale.announce(self, rs)
 
     def _sync_of(self, rs: RoundState, variant: str) -> tuple[str, str]:
         """(base_sha256, sync_sha256) for a task: the coded change, if there is one."""
@@ -252,31 +263,19 @@ class Aggregator:
 
     def _pump(self, timeout: float) -> None:
         """Handle every queued message (waiting up to ``timeout`` for the first)."""
-        try:
-            item = self.events.get(timeout=timeout)
-        except queue.Empty:
-            return
-        while item is not None:
-            topic, payload = item
-            where = self.topics.parse(topic)
-            try:
-                if topic == RECONNECTED:
-                    self._republish()
-                elif where["kind"] == "status":
-                    self._on_status(where, payload)
-                elif where["kind"] == "update":
-                    self._on_update(where, payload)
-                elif where["kind"] == "acts":
-                    self._on_acts(where, payload)
-            except FedgeError as e:
-                self._reject(where, str(e))
-            except Exception as e:  # a bug here must not stop the service
-                log.exception("unexpected error handling %s", topic)
-                self._reject(where, f"internal error: {type(e).__name__}: {e}")
-            try:
-                item = self.events.get_nowait()
-            except queue.Empty:
-                item = None
+        pump(self.events, timeout, self.topics.parse, self._handle, self._reject)
+
+    def _handle(self, topic: str, where: dict, payload: bytes) -> None:
+        if topic == RECONNECTED:
+            self._republish()
+        elif where["kind"] == "status":
+            self._on_status(where, payload)
+        elif where["kind"] == "update":
+            self._on_update(where, payload)
+        elif where["kind"] == "acts":
+            self._on_acts(where, payload)
+        elif where["kind"] == "worker" and self.scale:
+            self.scale.handle(self, where, payload)
 
     def _republish(self) -> None:
         log.info("reconnected to the broker: republishing the plan and the open round's models")
@@ -289,6 +288,8 @@ class Aggregator:
             if self.round.sync is not None:
                 self.t.publish(self.topics.sync(self.round.number, "full"), self.round.sync,
                                retain=True)
+        if self.scale:
+            self.scale.republish()
 
     def _on_status(self, where: dict, payload: bytes) -> None:
         if payload in (b"offline", b""):
@@ -324,14 +325,10 @@ class Aggregator:
             self.duplicates += 1
             log.info("duplicate update from %s in round %d ignored", device, r)
             return
-        expect = wire.Expect(kind="update", job=self.opts.job, round=r,
-                             devices=frozenset([device]), codec=self.opts.codec,
-                             tensors=self.codec.wire_spec(self.strategy.update_shapes(
-                                 rs.assigned[device].variant,
-                                 rs.shapes[rs.assigned[device].variant],
-                                 self.devices[device].samples if device in self.devices
-                                 else 0)))
-        frame = wire.decode(payload, expect)
+        variant = rs.assigned[device].variant
+        frame = wire.decode(payload, update_expect(
+            self.opts.job, r, device, self.codec, self.strategy, variant, rs.shapes[variant],
+            self.devices[device].samples if device in self.devices else 0))
         # Persisted only after the fold accepted it: a rejected payload leaves no trace.
         self._fold_in(rs, frame)
         self.store.save_update(r, device, payload)
@@ -349,14 +346,8 @@ class Aggregator:
 
     def _fold_in(self, rs: RoundState, frame: wire.Frame) -> None:
         """Validate and fold one update into the round (WireError changes nothing)."""
-        samples = frame.meta.get("samples")
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples <= 0:
-            raise WireError(f"meta.samples: expected a positive int, got {samples!r}")
-        variant = frame.meta.get("variant", "full")
         task = rs.assigned.get(frame.device)
-        want = task.variant if task is not None else variant  # reloaded: it was checked
-        if variant != want:
-            raise WireError(f"meta.variant: expected {want!r}, got {variant!r}")
+        samples, variant = update_meta(frame, task.variant if task is not None else None)
         rs.fold.add(frame.device, samples, frame.tensors, frame.params, variant=variant)
         rs.accepted[frame.device] = dict(frame.meta)
         via, counted = frame.meta.get("via"), rs.via.get(frame.device)

@@ -61,6 +61,22 @@ class Topics:
         """Split learning (dpfl): the loss gradient for those activations, server to device."""
         return f"{self.root}/round/{round_}/grad/{device}"
 
+    # Scale-out (broker_server/workers.py): the coordinator and its aggregator workers.
+    @property
+    def work(self) -> str:
+        """Retained, coordinator to workers: the open round, then which devices to merge."""
+        return f"{self.root}/workers/round"
+
+    def worker(self, worker: str = "+", what: str = "+") -> str:
+        """Worker to coordinator: ``status`` (retained, will "offline"), ``accepted`` (one
+        per update it folded in) and ``partial`` (its share of the round, a frame)."""
+        return f"{self.root}/workers/{worker}/{what}"
+
+    def shared_update(self, group: str) -> str:
+        """Every update, each delivered to one member of ``group`` (MQTT shared
+        subscription; the broker must support ``$share``)."""
+        return f"$share/{group}/{self.update()}"
+
     def parse(self, topic: str) -> dict:
         """The fields of one of our topics: {"kind", "round"?, "device"?, "variant"?}."""
         parts = topic.split("/")
@@ -71,6 +87,11 @@ class Topics:
             return {"kind": rest[0]}
         if len(rest) == 2 and rest[0] == "asset":
             return {"kind": "asset", "asset": rest[1]}
+        if rest == ["workers", "round"]:
+            return {"kind": "work"}
+        if len(rest) == 3 and rest[0] == "workers" and \
+                rest[2] in ("status", "accepted", "partial"):
+            return {"kind": "worker", "worker": rest[1], "what": rest[2]}
         if len(rest) == 3 and rest[0] == "devices" and rest[2] == "status":
             return {"kind": "status", "device": rest[1]}
         if len(rest) == 4 and rest[0] == "round" and rest[1].isdigit():

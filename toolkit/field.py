@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from toolkit import scaleout
 from toolkit.errors import UsageError
 
 
@@ -88,6 +89,9 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
 
     _check(args)
     check_id("job", args.job)
+    workers = getattr(args, "workers", None)  # fedge demo's arguments have none
+    fold_options = scaleout.check_args(args, broker or args.broker) if workers is not None \
+        else None
     creds = _credentials(args, broker or args.broker)
     check_strategy(args.strategy)
     codecs.get(args.codec)
@@ -109,16 +113,27 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
                         args.min_devices, args.round_timeout, args.epochs, args.batch_size,
                         args.lr, strategy_options=strategy_options,
                         downlink=args.downlink)
+    weights = weights_of(ckpt.model)
+    if fold_options is not None:
+        scaleout.check_size(args.codec, {k: v.shape for k, v in weights.items()},
+                            args.max_payload)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s aggregator %(message)s")
     with broker_url(broker or args.broker) as url:
         t = MqttTransport(url, f"fedge-{args.job}-aggregator", persistent=True,
                           max_payload=args.max_payload, **creds)
         t.connect()
+        scale = scaleout.start(args, t, url, fold_options) if fold_options is not None else None
         try:
-            agg = Aggregator(t, opts, ckpt.config.to_json(), weights_of(ckpt.model),
-                             evaluator(ckpt, x, y), on_round or _print_round)
+            agg = Aggregator(t, opts, ckpt.config.to_json(), weights, evaluator(ckpt, x, y),
+                             on_round or _print_round, scale_out=scale)
             report = agg.run()
+            if scale:
+                scale.finish()  # the workers stop on it
+                report["scale_out"] = scale.report()
         finally:
+            if scale:  # after a failure, at once
+                scaleout.stop(scale.procs, 10.0 if scale.work and scale.work.state == "done"
+                              else 0.0)
             t.close()
     report["broker"] = url
     from device_runtime.training.local import load_weights

@@ -11,6 +11,11 @@ fold as it was.
 - ``FedMRNMean``: FedAvg over FedMRN masks: integer sums of the mask bits
   (``BitSum``), so the noise is regenerated once per round, not per update.
 
+Scale-out (``broker_server/workers.py``): a fold that can be split over workers
+has ``splittable`` True, ``partial()`` (its sums as wire tensors and JSON, see
+``partials.py``) and ``merge_partial()``, which adds a worker's partial or
+raises WireError having changed nothing.
+
 ``mean_fold(codec, ctx)`` picks the mean fold registered for the codec's name
 (``register_mean(name, factory)``), else ``MeanFold``.
 """
@@ -24,6 +29,7 @@ import numpy as np
 from broker_server.strategies.aggregate import PartialSum
 from broker_server.strategies.base import Strategy, Update, Weights
 from broker_server.strategies.bitsum import BitSum
+from broker_server.strategies.partials import bits_in, bits_out, only, sums_in, sums_out
 from device_runtime.codecs import Codec, CodecContext
 from device_runtime.codecs.fedmrn import FedMRNCodec, layout, noise, split_flat
 
@@ -38,6 +44,19 @@ class Fold(ABC):
     @abstractmethod
     def result(self) -> Weights:
         """The new global weights from everything added (at least one update)."""
+
+    @property
+    def splittable(self) -> bool:
+        """Whether ``partial`` and ``merge_partial`` work (scale-out workers)."""
+        return False
+
+    def partial(self) -> tuple[Weights, dict]:
+        """This fold's sums as wire tensors and JSON, for the coordinator to merge."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be split over workers")
+
+    def merge_partial(self, tensors: Weights, meta: dict) -> None:
+        """Add another fold's ``partial()``; WireError (and no change) if it does not fit."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be split over workers")
 
 
 class DecodeAll(Fold):
@@ -72,6 +91,19 @@ class MeanFold(Fold):
 
     def result(self) -> Weights:
         return self.sum.mean()
+
+    @property
+    def splittable(self) -> bool:
+        return self.ctx.reference is not None  # the sums' shapes, to check a partial
+
+    def partial(self) -> tuple[Weights, dict]:
+        tensors, meta = sums_out(self.sum, "sum.")
+        return tensors, {"sum": meta}
+
+    def merge_partial(self, tensors: Weights, meta: dict) -> None:
+        shapes = {k: tuple(v.shape) for k, v in self.ctx.reference.items()}
+        only(tensors, {"sum." + k for k in shapes})
+        self.sum.merge(sums_in(tensors, meta.get("sum"), "sum.", shapes))
 
 
 class FedMRNMean(Fold):
@@ -108,6 +140,24 @@ class FedMRNMean(Fold):
         for name, names in (("dense", self.dense), ("stats", self.stats)):
             out.update(split_flat(rest[name] / self.rest.weight, names, self.shapes))
         return {k: out[k].astype(np.float32, copy=False) for k in self.shapes}
+
+    @property
+    def splittable(self) -> bool:
+        return True
+
+    def partial(self) -> tuple[Weights, dict]:
+        bits, bits_meta = bits_out(self.bits, "bits")
+        rest, rest_meta = sums_out(self.rest, "rest.")
+        return {**bits, **rest}, {"bits": bits_meta, "rest": rest_meta}
+
+    def merge_partial(self, tensors: Weights, meta: dict) -> None:
+        size = lambda names: (sum(int(np.prod(self.shapes[k], dtype=np.int64)) for k in names),)
+        only(tensors, {"bits", "rest.dense", "rest.stats"})
+        bits = bits_in(tensors, meta.get("bits"), "bits", self.bits.nbytes)
+        rest = sums_in(tensors, meta.get("rest"), "rest.",
+                       {"dense": size(self.dense), "stats": size(self.stats)})
+        self.bits.merge(bits)  # both read and checked: the merge cannot fail half-way
+        self.rest.merge(rest)
 
 
 MeanFactory = Callable[[Codec, CodecContext], Fold]

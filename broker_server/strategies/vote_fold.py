@@ -24,6 +24,7 @@ from broker_server.strategies.aggregate import PartialSum
 from broker_server.strategies.base import Weights
 from broker_server.strategies.bitsum import BitSum
 from broker_server.strategies.folds import Fold
+from broker_server.strategies.partials import bits_in, bits_out, only, sums_in, sums_out
 from broker_server.strategies.voting import WEIGHT_STEPS
 from device_runtime.codecs.base import is_statistic
 from device_runtime.codecs.bits import packed_size
@@ -85,6 +86,28 @@ class VoteFold(Fold):
             self._record_agreement()
         stats = self.stats.mean() if self.stat_names else {}
         return self.strategy.step(self.weights, decoded, stats)
+
+    @property
+    def splittable(self) -> bool:
+        # A majority vote is a sum; federated voting also needs every device's weight
+        # and sampled signs, which the workers do not have.
+        return not self.weighted and not self.records
+
+    def partial(self) -> tuple[Weights, dict]:
+        if not self.splittable:
+            return super().partial()
+        bits, bits_meta = bits_out(self.bits, "bits")
+        stats, stats_meta = sums_out(self.stats, "stats.")
+        return {**bits, **stats}, {"bits": bits_meta, "stats": stats_meta}
+
+    def merge_partial(self, tensors: Weights, meta: dict) -> None:
+        if not self.splittable:
+            return super().merge_partial(tensors, meta)
+        shapes = {k: self.all_shapes[k] for k in self.stat_names}
+        only(tensors, {"bits"} | {"stats." + k for k in shapes})
+        bits = bits_in(tensors, meta.get("bits"), "bits", self.bits.nbytes)
+        self.stats.merge(sums_in(tensors, meta.get("stats"), "stats.", shapes))
+        self.bits.merge(bits)
 
     def _record_agreement(self) -> None:
         """Each device against the others' vote, sign(sum - q_m s_m), on the sample."""

@@ -20,6 +20,7 @@ from device_runtime.errors import WireError
 
 Handler = Callable[[str, bytes], None]
 CHUNK_SEP = "/_c/"
+SHARE = "$share/"  # MQTT v5 shared subscriptions: $share/<group>/<filter>
 
 
 @dataclass
@@ -52,7 +53,10 @@ def topic_kind(topic: str) -> str:
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
-    """MQTT topic filter matching (``+`` one level, ``#`` the rest)."""
+    """MQTT topic filter matching (``+`` one level, ``#`` the rest). A shared
+    subscription (``$share/<group>/<filter>``) matches as its filter does."""
+    if pattern.startswith(SHARE):
+        pattern = pattern.split("/", 2)[2] if pattern.count("/") >= 2 else ""
     p, t = pattern.split("/"), topic.split("/")
     for i, part in enumerate(p):
         if part == "#":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from toolkit import scaleout
 from toolkit.cli import strategy_args
 
 
@@ -29,7 +30,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-payload", type=int, default=128 * 1024)
     p.add_argument("--credentials", help="DIR/credentials/aggregator.json from fedge secure "
                    "init: TLS with a client certificate, and a password")
+    p.add_argument("--workers", type=int, help="fold the updates in N worker processes "
+                   "sharing the update topic ($share; needs --broker with shared "
+                   "subscriptions: Mosquitto, EMQX, HiveMQ)")
     p.set_defaults(func=serve)
+    scaleout.add_worker_parser(sub)
 
     p = sub.add_parser("device", help="run the device agent")
     p.add_argument("--config", help="TOML file with these options (as `fedge bundle` "

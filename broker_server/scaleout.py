@@ -1,0 +1,139 @@
+"""Scale-out: what the coordinator and its aggregator workers say to each other, and
+which strategy and codec combinations can be split over workers.
+
+The messages are typed dataclasses read with ``messages.parse`` (field types
+checked at the boundary); what that cannot see (the contents of nested dicts)
+is checked here, and every error names the field, what was expected and what came.
+Topics are in ``device_runtime.topics`` (``work``, ``worker``, ``shared_update``);
+docs/DESIGN.md, "Scale-out", has the whole exchange.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from broker_server.errors import BrokerServerError
+from broker_server.strategies import FedAvg, SignSGD, SignSGDOptions, Strategy
+from device_runtime import messages
+from device_runtime.errors import EXIT_USAGE
+from device_runtime.messages import MessageError
+from device_runtime.topics import check_id
+
+MEAN_CODECS = ("fp32", "fp16", "int8", "sign", "fedmrn", "fedmrn-signed")
+VALID = ("fedavg with --codec " + ", ".join(MEAN_CODECS) + "; signsgd with --codec sign "
+         "and --sign-decoder mv")
+
+
+class ScaleOutError(BrokerServerError):
+    """A job that cannot run with workers (strategy, codec, broker, sizes)."""
+
+    exit_code = EXIT_USAGE
+
+
+@dataclass(frozen=True)
+class WorkRound:
+    """Retained on ``workers/round``: the open round, then (``state`` "close") which
+    devices each worker's partial must hold; "done" when the job ends."""
+
+    round: int
+    session: str  # the coordinator's run: a new one asks workers to report their updates again
+    state: str  # "open" | "close" | "done"
+    strategy: str
+    codec: str
+    seed: int  # the round's codec seed (CodecContext.seed)
+    models: dict  # variant -> sha256 of the round's model frame
+    devices: dict  # device -> {"variant": str, "samples": int}: the round's tasks
+    options: dict = field(default_factory=dict)  # the fold's strategy options (decoder)
+    close: dict = field(default_factory=dict)  # worker -> [devices], at "close"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """On ``workers/<id>/accepted``: one update a worker validated, folded and saved."""
+
+    worker: str
+    round: int
+    device: str
+    samples: int
+    sha256: str  # of the update's payload
+    nbytes: int
+    meta: dict  # the update frame's meta (train_seconds, variant, ...)
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """Retained on ``workers/<id>/status``; the broker publishes the will (offline)."""
+
+    worker: str
+    state: str  # "online" | "offline"
+    ts: float = 0.0
+    counts: dict = field(default_factory=dict)
+
+
+def parse_work(payload: bytes) -> WorkRound:
+    w = messages.parse(WorkRound, payload)
+    if w.state not in ("open", "close", "done"):
+        raise MessageError(f"workround.state: expected open, close or done, got {w.state!r}")
+    for d, task in w.devices.items():
+        if not isinstance(task, dict) or not isinstance(task.get("variant"), str) or \
+                not isinstance(task.get("samples"), int) or isinstance(task["samples"], bool):
+            raise MessageError(f"workround.devices[{d!r}]: expected {{variant: str, "
+                               f"samples: int}}, got {task!r}")
+    for wid, devices in w.close.items():
+        if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+            raise MessageError(f"workround.close[{wid!r}]: expected a list of device ids, "
+                               f"got {devices!r}")
+    for variant, sha in w.models.items():
+        if not isinstance(sha, str) or len(sha) != 64:
+            raise MessageError(f"workround.models[{variant!r}]: expected a sha256, got {sha!r}")
+    return w
+
+
+def parse_accepted(payload: bytes, worker: str) -> Accepted:
+    a = messages.parse(Accepted, payload)
+    if a.worker != worker:
+        raise MessageError(f"accepted.worker: expected {worker!r} (the topic's), "
+                           f"got {a.worker!r}")
+    if a.samples <= 0 or a.nbytes <= 0:
+        raise MessageError(f"accepted.samples, nbytes: expected > 0, got {a.samples}, "
+                           f"{a.nbytes}")
+    return a
+
+
+def status(worker: str, state: str, counts: dict | None = None) -> bytes:
+    return messages.dump(WorkerStatus(worker, state, time.time(), dict(counts or {})))
+
+
+def check_split(strategy: str, codec: str, options: object = None) -> dict:
+    """The fold options the workers need (JSON), or ScaleOutError naming the valid
+    combinations: a fold splits only when its aggregate is a sum of the updates."""
+    if strategy == "fedavg" and codec in MEAN_CODECS:
+        return {}
+    if strategy == "signsgd" and codec == "sign":
+        opts = options if isinstance(options, SignSGDOptions) else SignSGDOptions()
+        if opts.decoder == "mv" and not opts.per_coordinate:
+            return {"decoder": "mv"}
+    raise ScaleOutError(f"--workers: {strategy} with --codec {codec} cannot be split over "
+                        f"workers; valid: {VALID}")
+
+
+def fold_strategy(name: str, options: dict) -> Strategy:
+    """The strategy a worker folds with: only its fold matters, so defaults but the
+    options ``check_split`` returned."""
+    if name == "fedavg":
+        return FedAvg()
+    if name == "signsgd" and options.get("decoder") == "mv":
+        return SignSGD(options=SignSGDOptions(decoder="mv"))
+    raise ScaleOutError(f"workround: {name} with options {options!r} cannot be split; "
+                        f"valid: {VALID}")
+
+
+def check_worker_id(worker: str) -> str:
+    if worker == "round":  # workers/round is the coordinator's topic
+        raise ScaleOutError("worker id: 'round' is reserved")
+    return check_id("worker", worker)
+
+
+__all__ = ["WorkRound", "Accepted", "WorkerStatus", "ScaleOutError", "parse_work",
+           "parse_accepted", "status", "check_split", "fold_strategy", "check_worker_id",
+           "VALID", "MEAN_CODECS"]

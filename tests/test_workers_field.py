@@ -1,0 +1,74 @@
+"""`fedge serve --workers 2` in the field: real serve, worker and device processes on a
+real Mosquitto reach the same models as `fedge serve` alone; usage mistakes are one line."""
+from __future__ import annotations
+
+import json
+import secrets
+
+import numpy as np
+import pytest
+
+from device_runtime import wire
+
+from tests.conftest import assert_one_line_error, run_fedge
+from tests.field_helpers import finish, prepare_job, start_device, start_server
+
+DEVICES = 3
+
+
+@pytest.fixture(scope="module")
+def job_files(tmp_path_factory):
+    work = tmp_path_factory.mktemp("workers-job")
+    return work, prepare_job(work, devices=DEVICES)
+
+
+def _job(tmp_path, job_files, url: str, name: str, extra: list[str]) -> tuple[dict, dict]:
+    work = tmp_path / name
+    work.mkdir()
+    (work / "data").symlink_to(job_files[0] / "data")
+    job = f"wf{secrets.token_hex(3)}"
+    server = start_server(url, job, work, job_files[1], rounds=2, min_devices=DEVICES,
+                          round_timeout=60, extra=["--codec", "fedmrn", "--eval-data",
+                                                   str(work / "data" / "server.npz"), *extra])
+    devices = [start_device(url, job, work, k) for k in range(DEVICES)]
+    codes = finish([server], timeout=240) + finish(devices, timeout=60)
+    assert codes == [0] * (1 + DEVICES), (work / "server.log").read_text()[-3000:]
+    report = json.loads((work / "report.json").read_text())
+    return report, wire.decode((work / "state" / "global-2.fdg").read_bytes()).tensors
+
+
+def test_serve_with_two_workers_reaches_the_same_model(tmp_path, job_files, mosquitto):
+    alone, model_alone = _job(tmp_path, job_files, mosquitto.url, "alone", [])
+    spread, model_spread = _job(tmp_path, job_files, mosquitto.url, "spread",
+                                ["--workers", "2"])
+    # Devices train deterministically from the task seed, and FedMRN's mean is integer
+    # mask counts plus float64 sums: the same weights (biases and BN parameters up to
+    # float32 rounding, which the sums merged in another order may differ by).
+    assert model_spread.keys() == model_alone.keys()
+    for name, value in model_alone.items():
+        np.testing.assert_array_max_ulp(model_spread[name], value, maxulp=1)
+    assert [r["accuracy"] for r in spread["rounds"]] == [r["accuracy"] for r in alone["rounds"]]
+    assert [r["devices_reporting"] for r in spread["rounds"]] == [DEVICES, DEVICES]
+    assert not spread["rejected"]
+    scale = spread["scale_out"]
+    assert sum(scale["updates_by_worker"].values()) == 2 * DEVICES, scale
+    assert len(scale["rounds"]) == 2
+
+
+def test_workers_usage_mistakes_are_one_line(tmp_path, job_files):
+    base = ["serve", "--job", "j", "--checkpoint", str(job_files[1]), "--state-dir",
+            str(tmp_path / "s")]
+    code, _, err = run_fedge(*base, "--workers", "0", "--broker", "mqtt://127.0.0.1:1")
+    assert_one_line_error(code, err, 2, "--workers: expected >= 1, got 0")
+    code, _, err = run_fedge(*base, "--workers", "2")
+    assert_one_line_error(code, err, 2, "--workers needs --broker", "shared subscriptions")
+    code, _, err = run_fedge(*base, "--workers", "2", "--broker", "mqtt://127.0.0.1:1",
+                             "--strategy", "signsgd", "--codec", "sign")
+    assert_one_line_error(code, err, 2, "signsgd with --codec sign cannot be split",
+                          "valid: fedavg with --codec fp32")
+    code, _, err = run_fedge(*base, "--workers", "2", "--broker", "mqtt://127.0.0.1:1",
+                             "--max-payload", "50000")
+    assert_one_line_error(code, err, 2, "over --max-payload 50000", "chunks")
+    code, _, err = run_fedge("worker", "--broker", "mqtt://127.0.0.1:1", "--job", "j",
+                             "--id", "round", "--state-dir", str(tmp_path / "w"))
+    assert_one_line_error(code, err, 2, "worker id: 'round' is reserved")
