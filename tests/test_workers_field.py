@@ -38,9 +38,12 @@ def _job(tmp_path, job_files, url: str, name: str, extra: list[str]) -> tuple[di
 
 
 def test_serve_with_two_workers_reaches_the_same_model(tmp_path, job_files, mosquitto):
-    alone, model_alone = _job(tmp_path, job_files, mosquitto.url, "alone", [])
+    # With the coded downlink, so round 2's fold is relative to the model devices rebuilt
+    # from the sync frame, which the workers read from the broker.
+    alone, model_alone = _job(tmp_path, job_files, mosquitto.url, "alone",
+                              ["--downlink", "fedmrn"])
     spread, model_spread = _job(tmp_path, job_files, mosquitto.url, "spread",
-                                ["--workers", "2"])
+                                ["--workers", "2", "--downlink", "fedmrn"])
     # Devices train deterministically from the task seed, and FedMRN's mean is integer
     # mask counts plus float64 sums: the same weights (biases and BN parameters up to
     # float32 rounding, which the sums merged in another order may differ by).
@@ -53,6 +56,8 @@ def test_serve_with_two_workers_reaches_the_same_model(tmp_path, job_files, mosq
     scale = spread["scale_out"]
     assert sum(scale["updates_by_worker"].values()) == 2 * DEVICES, scale
     assert len(scale["rounds"]) == 2
+    down = [r["downlink_bytes"] for r in spread["rounds"]]
+    assert down[1] < down[0] / 5, down  # round 2: the change, not the model
 
 
 def test_workers_usage_mistakes_are_one_line(tmp_path, job_files):
