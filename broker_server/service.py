@@ -96,6 +96,10 @@ class Aggregator:
         self.assets_sent: set[tuple[str, str]] = set()  # (device, asset): counted once each
         # dpfl: per device, the last batch answered ((attempt, step), reply frame)
         self.batch_replies: dict[str, tuple[tuple, bytes]] = {}
+        # Called whenever the loop waits for messages; raising from it ends run() with that
+        # error (``fedge simulate --procs``: a device process died, the round would wait
+        # for its devices forever).
+        self.watch: Callable[[], None] | None = None
 
     # --- transport side: enqueue only ------------------------------------------
     def _enqueue(self, topic: str, payload: bytes) -> None:
@@ -223,6 +227,8 @@ class Aggregator:
 
     def _pump(self, timeout: float) -> None:
         """Handle every queued message (waiting up to ``timeout`` for the first)."""
+        if self.watch is not None:
+            self.watch()
         try:
             item = self.events.get(timeout=timeout)
         except queue.Empty:
