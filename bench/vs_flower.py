@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import command, machine, write_results  # noqa: E402
 
-ARMS = ("flower-fedavg", "fedge-fp32", "fedge-fedmrn")
+# fedge-<uplink codec>[+<downlink codec>]
+ARMS = ("flower-fedavg", "fedge-fp32", "fedge-fedmrn", "fedge-fedmrn+fedmrn")
 EPOCHS, BATCH, LR, ALPHA, PUBLIC = 2, 32, 0.02, 0.5, 0.1
 
 
@@ -69,19 +70,21 @@ def median_delta(stamps: list[float]) -> float:
 
 
 def run_fedge(codec: str, seed: int, devices: int, rounds: int, model: str,
-              broker: str) -> dict:
+              broker: str, downlink: str = "fp32") -> dict:
     """One fedge run over the broker; bytes are the frames fedge published."""
     from toolkit.simulate import SimOptions, run_simulation
 
     stamps = [time.time()]
     report, _ = run_simulation(SimOptions(
         devices=devices, rounds=rounds, alpha=ALPHA, seed=seed, codec=codec, model=model,
-        epochs=EPOCHS, batch_size=BATCH, lr=LR, public_fraction=PUBLIC, broker=broker),
+        epochs=EPOCHS, batch_size=BATCH, lr=LR, public_fraction=PUBLIC, broker=broker,
+        downlink=downlink),
         on_round=lambda rec: stamps.append(time.time()))
     rr = report["rounds"]
     return {"accuracy": [r["accuracy"] for r in rr], "final_accuracy": report["final_accuracy"],
             "up_bytes_per_round": statistics.median(r["uplink_bytes"] for r in rr),
             "down_bytes_per_round": statistics.median(r["downlink_bytes"] for r in rr),
+            "bytes_total": sum(r["uplink_bytes"] + r["downlink_bytes"] for r in rr),
             "seconds_per_round": median_delta(stamps), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -164,6 +167,7 @@ def run_flower(seed: int, devices: int, rounds: int, model_name: str) -> dict:
     return {"accuracy": acc, "final_accuracy": acc[-1],
             "up_bytes_per_round": statistics.median(counts["up"]),
             "down_bytes_per_round": statistics.median(counts["down"]),
+            "bytes_total": sum(counts["up"]) + sum(counts["down"]),
             "seconds_per_round": median_delta(stamps), "peak_rss_mb": peak_rss_mb(),
             "flwr_version": flwr.__version__}
 
@@ -184,8 +188,9 @@ def run_child(args: argparse.Namespace) -> dict:
     """The body of one ``--one ARM --seed S`` process."""
     if args.one == "flower-fedavg":
         return run_flower(args.seed, args.devices, args.rounds, args.model)
-    codec = args.one.split("-", 1)[1]
-    return run_fedge(codec, args.seed, args.devices, args.rounds, args.model, args.broker)
+    codec, _, downlink = args.one.split("-", 1)[1].partition("+")
+    return run_fedge(codec, args.seed, args.devices, args.rounds, args.model, args.broker,
+                     downlink or "fp32")
 
 
 def spawn(arm: str, seed: int, args: argparse.Namespace, python: str, broker: str) -> dict:
@@ -219,6 +224,8 @@ def summarize(runs: dict) -> dict:
         out[arm] = {"final_median": round(statistics.median(finals), 4),
                     "final_spread": spread(finals), "up_bytes": up, "down_bytes": down,
                     "mb_per_round": round((up + down) / 1e6, 4),
+                    # every round's bytes / rounds: includes round 1's whole model
+                    "bytes_total": statistics.median(r["bytes_total"] for r in rs),
                     "s_per_round": round(statistics.median(r["seconds_per_round"]
                                                            for r in rs), 3),
                     "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in rs), 1)}
@@ -228,6 +235,7 @@ def summarize(runs: dict) -> dict:
             s["flower_over_arm_total"] = round((fl["up_bytes"] + fl["down_bytes"])
                                                / (s["up_bytes"] + s["down_bytes"]), 2)
             s["flower_over_arm_uplink"] = round(fl["up_bytes"] / s["up_bytes"], 2)
+            s["flower_over_arm_all_rounds"] = round(fl["bytes_total"] / s["bytes_total"], 2)
             s["points_below_flower"] = round(100 * (fl["final_median"] - s["final_median"]), 2)
     return out
 
@@ -243,17 +251,22 @@ def to_markdown(res: dict) -> str:
              f"{res['seeds']}; machine {res['machine']}; flwr {res['flwr'] or 'not installed'}. "
              f"Command: `{res['command']}`.\n",
              "Medians over seeds; accuracy ± half the range. Bytes per round are summed "
-             "over all devices.\n",
+             "over all devices; the per-round columns are the median round (a round after "
+             "the first), \"all rounds\" divides every byte of the run, round 1's whole "
+             "model included, by the rounds. Arm `fedge-A+B`: uplink codec A, downlink "
+             "codec B (default fp32: the whole model every round).\n",
              "| system / arm | final accuracy | points below Flower | MB / round (up + down) "
-             "| up MB | down MB | Flower / arm (total) | Flower / arm (uplink) | s / round "
+             "| up MB | down MB | Flower / arm (per round) | Flower / arm (uplink) "
+             "| Flower / arm (all rounds) | s / round "
              "| peak RSS MB (server + clients, one process) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, s in res["summary"].items():
         lines.append(f"| {arm} | {s['final_median']:.4f} ± {s['final_spread']:.4f} "
                      f"| {s.get('points_below_flower', '-')} | {s['mb_per_round']:.3f} "
                      f"| {s['up_bytes'] / 1e6:.3f} | {s['down_bytes'] / 1e6:.3f} "
                      f"| {_ratio(s, 'flower_over_arm_total')} "
-                     f"| {_ratio(s, 'flower_over_arm_uplink')} | {s['s_per_round']} "
+                     f"| {_ratio(s, 'flower_over_arm_uplink')} "
+                     f"| {_ratio(s, 'flower_over_arm_all_rounds')} | {s['s_per_round']} "
                      f"| {s['peak_rss_mb']} |")
     if res.get("note"):
         lines.append(f"\n{res['note']}")

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from broker_server.batches import BatchReplies
+from broker_server.downlink import HELD_KEY, Downlink, check_downlink
 from broker_server.errors import BrokerServerError
 from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, create
@@ -46,6 +48,7 @@ class ServeOptions:
     seed: int = 0
     wait_timeout: float | None = None  # for the first min_devices; None waits forever
     strategy_options: object | None = None  # the strategy's own typed options
+    downlink: str = "fp32"  # how the model reaches devices: fp32 whole, or a coded change
 
 
 @dataclass
@@ -62,6 +65,10 @@ class RoundState:
     model_bytes: dict[str, int] = field(default_factory=dict)
     frames: dict[str, bytes] = field(default_factory=dict)
     shapes: dict[str, dict] = field(default_factory=dict)  # variant -> {name: shape}
+    reference: dict = field(default_factory=dict)  # the full model devices train from
+    sync: bytes | None = None  # the coded change to it from last round's (downlink)
+    base_sha: str = ""  # sha256 of last round's model frame, the sync's base
+    via: dict[str, str] = field(default_factory=dict)  # device -> "sync"/"full", counted
 
 
 class Aggregator:
@@ -74,6 +81,8 @@ class Aggregator:
         extra = {"options": opts.strategy_options} if opts.strategy_options else {}
         self.strategy = create(opts.strategy, epochs=opts.epochs, batch_size=opts.batch_size,
                                lr=opts.lr, **extra)
+        check_downlink(opts.downlink, opts.strategy)
+        self.downlink = Downlink(opts.downlink, opts.job, opts.seed)
         self.model_config = model_config
         self.evaluate, self.on_round = evaluate, on_round
         self.store = StateStore(opts.state_dir, opts.job)
@@ -82,7 +91,11 @@ class Aggregator:
         self.resumed_from = self.state.completed
         if saved is not None:
             self.strategy.load_state(self.state.extra)
-            self.strategy.load_kept(self.store.load_kept(self.state))
+            kept = self.store.load_kept(self.state)
+            held = kept.pop(HELD_KEY, None)
+            self.downlink.restore(held[1] if held else None, self.state.completed)
+            self.strategy.load_kept(kept)
+        self.in_sync: set[str] = set()  # devices that trained from last round's model
         self.shapes = {k: tuple(v.shape) for k, v in self.weights.items()}
         self.devices: dict[str, messages.Status] = {}
         # device -> the last error it published with state "error" (e.g. a refused export)
@@ -92,10 +105,10 @@ class Aggregator:
         self.events: queue.Queue = queue.Queue()
         self.round: RoundState | None = None
         self.last_models: dict[str, int] = {}  # variant -> bytes, of the last closed round
+        self.last_sync = 0  # bytes of the last closed round's sync frame
         self.assets: dict[str, bytes] = {}  # name -> frame, published once per job
         self.assets_sent: set[tuple[str, str]] = set()  # (device, asset): counted once each
-        # dpfl: per device, the last batch answered ((attempt, step), reply frame)
-        self.batch_replies: dict[str, tuple[tuple, bytes]] = {}
+        self.batch_replies = BatchReplies(opts.job)  # dpfl
         # Called whenever the loop waits for messages; raising from it ends run() with that
         # error (``fedge simulate --procs``: a device process died, the round would wait
         # for its devices forever).
@@ -162,8 +175,8 @@ class Aggregator:
         rs = self.round = RoundState(r, started=time.time())
         rs.deadline = rs.started + self.opts.round_timeout
         self._publish_models(rs)
-        ctx = CodecContext(round=r, seed=self._task_seed(r), reference=self.weights)
-        rs.fold = self.strategy.fold(r, self.weights, self.codec, ctx)
+        ctx = CodecContext(round=r, seed=self._task_seed(r), reference=rs.reference)
+        rs.fold = self.strategy.fold(r, rs.reference, self.codec, ctx)
         self._reload_accepted(rs)
         self._assign(rs, self._online())
         alone = not self.strategy.needs_updates(r)
@@ -179,11 +192,17 @@ class Aggregator:
         self._close_round(rs)
 
     def _publish_models(self, rs: RoundState) -> None:
-        for variant, w in self.strategy.variants(self.weights).items():
-            self._publish_variant(rs, variant, w)
+        rm = self.downlink.advance(self.weights, rs.number)
+        rs.reference, rs.sync, rs.base_sha = rm.weights, rm.sync, rm.base_sha256
+        if rm.sync is not None:
+            self.t.publish(self.topics.sync(rs.number, "full"), rm.sync, retain=True)
+        for variant, w in self.strategy.variants(rm.weights).items():
+            self._publish_variant(rs, variant, w, rm.frame if variant == "full" else None)
 
-    def _publish_variant(self, rs: RoundState, variant: str, w: dict) -> None:
-        frame = wire.encode(wire.Frame("model", self.opts.job, rs.number, "server", "fp32", w))
+    def _publish_variant(self, rs: RoundState, variant: str, w: dict,
+                         frame: bytes | None = None) -> None:
+        frame = frame or wire.encode(wire.Frame("model", self.opts.job, rs.number, "server",
+                                                "fp32", w))
         rs.model_sha[variant] = hashlib.sha256(frame).hexdigest()
         rs.frames[variant] = frame
         rs.shapes[variant] = {k: tuple(v.shape) for k, v in w.items()}
@@ -200,17 +219,24 @@ class Aggregator:
         for device, a in self.strategy.assign(rs.number, devices).items():
             if a.variant not in rs.model_sha:  # e.g. SplitMix: a set of bases, known now
                 self._publish_variant(rs, a.variant,
-                                      self.strategy.variant(self.weights, a.variant))
+                                      self.strategy.variant(rs.reference, a.variant))
             task = messages.Task(rs.number, device, a.variant, rs.model_sha[a.variant],
                                  rs.deadline, a.epochs, a.batch_size, a.lr,
                                  self._task_seed(rs.number), self.opts.codec,
                                  int(a.extra.get("steps", 0)), dict(a.extra.get("model", {})),
                                  a.extra.get("uplink", "weights"),
                                  {n: hashlib.sha256(self.assets[n]).hexdigest()
-                                  for n in a.extra.get("assets", [])})
+                                  for n in a.extra.get("assets", [])},
+                                 *self._sync_of(rs, a.variant))
             rs.assigned[device] = task
             if device not in rs.accepted:
                 self._send_task(rs, task)
+
+    def _sync_of(self, rs: RoundState, variant: str) -> tuple[str, str]:
+        """(base_sha256, sync_sha256) for a task: the coded change, if there is one."""
+        if rs.sync is None or variant != "full":
+            return "", ""
+        return rs.base_sha, hashlib.sha256(rs.sync).hexdigest()
 
     def _task_seed(self, r: int) -> int:
         """The round's seed (local shuffling, codec noise): both ends derive it."""
@@ -219,7 +245,10 @@ class Aggregator:
     def _send_task(self, rs: RoundState, task: messages.Task) -> None:
         rs.downlink_bytes += self.t.publish(self.topics.task(rs.number, task.device),
                                             messages.dump(task))
-        rs.downlink_bytes += rs.model_bytes[task.variant]  # the device fetches the model
+        # What the device fetches: the change if it trained last round, else the model.
+        via = "sync" if task.sync_sha256 and task.device in self.in_sync else "full"
+        rs.via[task.device] = via
+        rs.downlink_bytes += len(rs.sync) if via == "sync" else rs.model_bytes[task.variant]
         for name in task.assets:  # and, once per job, the assets it needs
             if (task.device, name) not in self.assets_sent:
                 self.assets_sent.add((task.device, name))
@@ -263,6 +292,9 @@ class Aggregator:
         if self.round is not None:
             for variant, frame in self.round.frames.items():
                 self.t.publish(self.topics.model(self.round.number, variant), frame, retain=True)
+            if self.round.sync is not None:
+                self.t.publish(self.topics.sync(self.round.number, "full"), self.round.sync,
+                               retain=True)
 
     def _on_status(self, where: dict, payload: bytes) -> None:
         if payload in (b"offline", b""):
@@ -312,27 +344,12 @@ class Aggregator:
         rs.uplink_bytes += len(payload)
 
     def _on_acts(self, where: dict, payload: bytes) -> None:
-        """dpfl: one batch of a device's activations in, the loss gradient back. A batch
-        seen before (a redelivery or a resend) gets the same reply, untrained."""
+        """dpfl: one batch of a device's activations in, the loss gradient back."""
         rs, device, r = self.round, where["device"], where["round"]
         if rs is None or r != rs.number or device not in rs.assigned or device in rs.accepted:
             raise WireError(f"round: {device!r} has no open split task in round {r}")
-        frame = wire.decode(payload, wire.Expect(kind="acts", job=self.opts.job, round=r,
-                                                 devices=frozenset([device]), codec="fp32"))
-        key = (r, str(frame.meta.get("attempt")), frame.meta.get("step"))
-        if not isinstance(key[2], int) or isinstance(key[2], bool) or key[2] < 0:
-            raise WireError(f"meta.step: expected an int >= 0, got {key[2]!r}")
-        last = self.batch_replies.get(device)
-        if last is not None and last[0] == key:
-            reply = last[1]
-        else:
-            grad, loss = self.strategy.on_batch(r, device, frame.tensors,
-                                                rs.assigned[device].batch_size)
-            reply = wire.encode(wire.Frame("grad", self.opts.job, r, "server", "fp32",
-                                           {"grad": grad}, meta={"attempt": key[1],
-                                                                 "step": key[2],
-                                                                 "loss": round(loss, 6)}))
-            self.batch_replies[device] = (key, reply)
+        reply = self.batch_replies.reply(self.strategy, r, device, payload,
+                                         rs.assigned[device].batch_size)
         rs.uplink_bytes += len(payload)
         rs.downlink_bytes += self.t.publish(self.topics.grad(r, device), reply)
 
@@ -348,6 +365,12 @@ class Aggregator:
             raise WireError(f"meta.variant: expected {want!r}, got {variant!r}")
         rs.fold.add(frame.device, samples, frame.tensors, frame.params, variant=variant)
         rs.accepted[frame.device] = dict(frame.meta)
+        via, counted = frame.meta.get("via"), rs.via.get(frame.device)
+        if rs.sync is not None and counted and via in ("sync", "full") and via != counted:
+            # The device knew better what it held: count what it really fetched.
+            sizes = {"sync": len(rs.sync), "full": rs.model_bytes.get(variant, 0)}
+            rs.downlink_bytes += sizes[via] - sizes[counted]
+            rs.via[frame.device] = via
 
     def _close_round(self, rs: RoundState) -> None:
         updates = [rs.accepted[d] for d in sorted(rs.accepted)]
@@ -363,13 +386,21 @@ class Aggregator:
         self.state.completed = rs.number
         self.state.history.append(record)
         self.state.extra = self.strategy.state()
-        self.store.save_round(self.state, self.weights, self.strategy.kept())
+        kept = self.strategy.kept()
+        if self.downlink.coded:  # a restart must rebuild the same frames
+            kept = {**kept, HELD_KEY: ("fp32", rs.reference, {})}
+        self.store.save_round(self.state, self.weights, kept)
+        self.in_sync = set(rs.accepted)
         if rs.number > 1 and not self.last_models:  # resumed: at least the shared model
             self.last_models = {"full": rs.model_bytes.get("full", 0)}
         for variant, size in self.last_models.items():  # the round before's, now unused
             self.t.clear_retained(self.topics.model(rs.number - 1, variant),
                                   chunks=size // self.t.max_payload + 2)
         self.last_models = dict(rs.model_bytes)
+        if rs.number > 1:
+            self.t.clear_retained(self.topics.sync(rs.number - 1, "full"),
+                                  chunks=self.last_sync // self.t.max_payload + 2)
+        self.last_sync = len(rs.sync or b"")
         self.round = None
         if self.on_round:
             self.on_round(record)
@@ -377,6 +408,7 @@ class Aggregator:
     def report(self) -> dict:
         hist = self.state.history
         return {"job": self.opts.job, "strategy": self.opts.strategy, "codec": self.opts.codec,
+                "downlink": self.opts.downlink,
                 "rounds": hist, "final_accuracy": hist[-1]["accuracy"] if hist else None,
                 "resumed_from": self.resumed_from, "rejected": self.rejected,
                 "device_errors": dict(self.device_errors),

@@ -22,12 +22,13 @@ import numpy as np
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import FedgeError, RefusedError, WireError
+from device_runtime.model_sync import rebuild
 from device_runtime.topics import Topics, check_id
 from device_runtime.transport.base import Transport
 
 log = logging.getLogger("fedge.device")
 UPLINKS = ("weights", "logits", "acts", "split")
-RESEND_SECONDS = 5.0  # dpfl: an unanswered batch is sent again after this long
+SYNC_PATIENCE = 10.0  # seconds to wait for a sync frame before fetching the whole model
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class DeviceAgent:
         self.x, self.y = x, y
         self.events: queue.Queue = queue.Queue()
         self.plan: messages.Plan | None = None
-        self.models: dict[tuple[int, str], bytes] = {}
+        self.models: dict[tuple[str, int, str], bytes] = {}  # (kind, round, variant) -> frame
+        self.held: tuple[str, bytes] | None = None  # (sha256, frame) of the model last used
         self.assets: dict[str, bytes] = {}  # name -> frame as received
         self._assets: dict[tuple[str, str], dict] = {}  # (name, sha256) -> decoded tensors
         self._head: tuple[str, object] | None = None  # (sha256, onnxruntime session), EcoFed
@@ -61,6 +63,7 @@ class DeviceAgent:
         self.grads: dict[int, bytes] = {}  # round -> latest grad frame (dpfl)
         self._deferred: list[tuple[str, bytes]] = []  # tasks that came mid split round
         self._split_io = [0, 0, 0]  # dpfl this round: bytes up, bytes down, exchanges
+        self._via = "full"  # how this round's model came: "sync" or "full"
         self.stopped = False
         self.rounds_done = 0
         self._models: dict = {}  # variant -> torch model
@@ -108,7 +111,6 @@ class DeviceAgent:
         self.t.subscribe(self.topics.control, self._enqueue)
         self.t.subscribe(self.topics.asset(), self._enqueue)
         self.t.subscribe(self.topics.task("+", self.device), self._enqueue)
-        self.t.subscribe(self.topics.model("+", "+"), self._enqueue)
         self.t.subscribe(self.topics.grad("+", self.device), self._enqueue)
         self.announce()
         last = time.time()
@@ -142,9 +144,9 @@ class DeviceAgent:
                 self.stopped = ctl.action == "stop"
             elif where["kind"] == "asset":
                 self.assets[where["asset"]] = payload
-            elif where["kind"] == "model":
-                self.models[(where["round"], where["variant"])] = payload
-                self.models = {k: v for k, v in self.models.items() if k[0] >= where["round"] - 1}
+            elif where["kind"] in ("model", "sync"):
+                self.models[(where["kind"], where["round"], where["variant"])] = payload
+                self.models = {k: v for k, v in self.models.items() if k[1] >= where["round"] - 1}
             elif where["kind"] == "grad":
                 self.grads = {r: b for r, b in self.grads.items() if r >= where["round"]}
                 self.grads[where["round"]] = payload
@@ -167,11 +169,12 @@ class DeviceAgent:
         if task.uplink not in UPLINKS:
             raise messages.MessageError(f"task.uplink: expected one of {', '.join(UPLINKS)}, "
                                         f"got {task.uplink!r}")
-        frame_bytes = self._wait_model(task)
-        if frame_bytes is None:
+        got = self._wait_model(task)
+        if got is None:
             log.warning("round %d: model never arrived before the deadline", task.round)
             return
-        down = len(frame_bytes) + len(messages.dump(task))
+        frame_bytes, fetched, self._via = got
+        down = fetched + len(messages.dump(task))
         for name, sha in task.assets.items():
             fetched = self._asset(name, str(sha), task.deadline)
             if fetched is None:
@@ -199,11 +202,40 @@ class DeviceAgent:
                              "passes": 1 if task.uplink == "acts" else 3,
                              "seconds": round(time.perf_counter() - t0, 4)})
 
-    def _wait_model(self, task: messages.Task) -> bytes | None:
-        """The model frame named by the task, once its sha256 matches."""
-        key = (task.round, task.variant)
-        return self._wait_frame(lambda: self.models.get(key), task.model_sha256, task.deadline,
-                                f"model {key}", lambda: self.models.pop(key, None))
+    def _wait_model(self, task: messages.Task) -> tuple[bytes, int, str] | None:
+        """(the model frame named by the task, bytes fetched for it, "sync" or "full"):
+        rebuilt from the held model and the round's sync frame when the device holds
+        the sync's base, else fetched whole (see model_sync.py)."""
+        if task.sync_sha256 and self.held is not None and self.held[0] == task.base_sha256:
+            # Retained, so it comes at once; if not, the whole model while there is time.
+            sync = self._fetch("sync", task, task.sync_sha256,
+                               min(task.deadline, time.time() + SYNC_PATIENCE))
+            try:
+                if sync is not None:
+                    frame = rebuild(self.opts.job, task.round, self.held[1], sync,
+                                    task.model_sha256)
+                    self.held = (task.model_sha256, frame)
+                    return frame, len(sync), "sync"
+            except WireError as e:
+                log.warning("round %d: %s; fetching the whole model", task.round, e)
+        frame = self._fetch("model", task, task.model_sha256, task.deadline)
+        if frame is None:
+            return None
+        self.held = (task.model_sha256, frame)
+        return frame, len(frame), "full"
+
+    def _fetch(self, kind: str, task: messages.Task, sha256: str, until: float
+               ) -> bytes | None:
+        """A retained model or sync frame of the task's round, subscribed to only while
+        needed, so a device receives just the frames it uses."""
+        key = (kind, task.round, task.variant)
+        topic = getattr(self.topics, kind)(task.round, task.variant)
+        self.t.subscribe(topic, self._enqueue)
+        try:
+            return self._wait_frame(lambda: self.models.get(key), sha256, until,
+                                    f"{kind} {key[1:]}", lambda: self.models.pop(key, None))
+        finally:
+            self.t.unsubscribe(topic)
 
     def _asset(self, name: str, sha256: str, deadline: float) -> int | None:
         """Make sure asset ``name`` with this sha256 is decoded; returns the bytes fetched
@@ -318,54 +350,14 @@ class DeviceAgent:
         return wire.encode(wire.Frame(
             "update", self.opts.job, task.round, self.device, task.codec, tensors, params,
             {"samples": res.samples, "loss": round(res.loss, 6),
-             "train_seconds": round(res.seconds, 4), "variant": task.variant}))
+             "train_seconds": round(res.seconds, 4), "variant": task.variant,
+             "via": self._via}))
 
     def _exchange(self, task: messages.Task):
-        """dpfl's link to the server: send one batch's activations, wait for their gradient
-        (resent every few seconds; the server answers a repeat from its cache)."""
-        attempt = f"{time.time_ns():x}"
+        """dpfl's link to the server (split_link.py)."""
+        from device_runtime.split_link import exchanger
 
-        def exchange(step: int, acts: np.ndarray, labels: np.ndarray):
-            frame = wire.encode(wire.Frame("acts", self.opts.job, task.round, self.device,
-                                           "fp32", {"acts": acts, "labels": labels},
-                                           meta={"attempt": attempt, "step": step}))
-            while time.time() < task.deadline + 5 and not self.stopped:
-                self._split_io[0] += self.t.publish(self.topics.acts(task.round, self.device),
-                                                    frame)
-                got = self._wait_grad(task, attempt, step, time.time() + RESEND_SECONDS)
-                if got is not None:
-                    self._split_io[2] += 1
-                    return got
-            raise FedgeError(f"round {task.round}: no gradient for batch {step} before the "
-                             "deadline")
-        return exchange
-
-    def _wait_grad(self, task: messages.Task, attempt: str, step: int, until: float):
-        """(grad, loss) for this batch once it arrives; other messages are handled
-        meanwhile, tasks are kept for after the round."""
-        while time.time() < until:
-            data = self.grads.pop(task.round, None)
-            if data is not None:
-                frame = wire.decode(data, wire.Expect(kind="grad", job=self.opts.job,
-                                                      round=task.round))
-                if frame.meta.get("attempt") == attempt and frame.meta.get("step") == step:
-                    self._split_io[1] += len(data)
-                    grad = frame.tensors.get("grad")
-                    if grad is None or grad.dtype != np.float32 or not np.isfinite(grad).all():
-                        raise WireError("grad: expected a finite float32 tensor 'grad'")
-                    return grad, float(frame.meta.get("loss", 0.0))
-                continue  # a stale reply (an earlier attempt or a resent batch)
-            try:
-                topic, payload = self.events.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if self.topics.parse(topic)["kind"] == "task":
-                self._deferred.append((topic, payload))
-            else:
-                self._handle(topic, payload)
-            if self.stopped:
-                return None
-        return None
+        return exchanger(self, task)
 
     def _build(self, variant: str = "full", config: dict | None = None):
         """The model to train for ``variant``: the task's config (a pruned or narrower

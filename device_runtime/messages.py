@@ -78,6 +78,10 @@ class Task:
     model: dict = field(default_factory=dict)  # the variant's ModelConfig, if not the plan's
     uplink: str = "weights"  # "logits": the trained model's logits on the "public" asset
     assets: dict = field(default_factory=dict)  # asset name -> sha256 of its frame
+    # The coded downlink: a device holding the model frame with sha256 base_sha256 may
+    # fetch the (small) sync frame instead, apply it, and check the result's sha256.
+    base_sha256: str = ""
+    sync_sha256: str = ""
 
 
 @dataclass(frozen=True)

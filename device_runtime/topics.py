@@ -43,6 +43,10 @@ class Topics:
     def model(self, round_: int | str, variant: str) -> str:
         return f"{self.root}/round/{round_}/model/{variant}"
 
+    def sync(self, round_: int | str, variant: str) -> str:
+        """Retained: the model's coded change from the round before (the coded downlink)."""
+        return f"{self.root}/round/{round_}/sync/{variant}"
+
     def task(self, round_: int | str, device: str) -> str:
         return f"{self.root}/round/{round_}/task/{device}"
 
@@ -70,7 +74,7 @@ class Topics:
         if len(rest) == 3 and rest[0] == "devices" and rest[2] == "status":
             return {"kind": "status", "device": rest[1]}
         if len(rest) == 4 and rest[0] == "round" and rest[1].isdigit():
-            key = {"model": "variant", "task": "device", "update": "device", "acts": "device",
+            key = {"model": "variant", "sync": "variant", "task": "device", "update": "device", "acts": "device",
                    "grad": "device"}.get(rest[2])
             if key:
                 return {"kind": rest[2], "round": int(rest[1]), key: rest[3]}

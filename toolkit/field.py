@@ -75,6 +75,7 @@ def _check(args) -> None:
 
 def run_serve(args, on_round: Callable[[dict], None] | None = None,
               broker: str | None = None) -> int:
+    from broker_server.downlink import check_downlink
     from broker_server.service import Aggregator, ServeOptions
     from device_runtime import codecs
     from device_runtime.topics import check_id
@@ -90,6 +91,7 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
     creds = _credentials(args, broker or args.broker)
     check_strategy(args.strategy)
     codecs.get(args.codec)
+    check_downlink(args.downlink, args.strategy)
     cat = ProfileCatalogue.load(args.profiles_file)
     fleet = cat.select(args.profiles)
     ckpt = checkpoint.load(args.checkpoint)
@@ -105,7 +107,8 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
         ckpt = checkpoint.Checkpoint(cfg, zoo.build_model(cfg), dataset=ckpt.dataset)
     opts = ServeOptions(args.job, Path(args.state_dir), args.strategy, args.codec, args.rounds,
                         args.min_devices, args.round_timeout, args.epochs, args.batch_size,
-                        args.lr, strategy_options=strategy_options)
+                        args.lr, strategy_options=strategy_options,
+                        downlink=args.downlink)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s aggregator %(message)s")
     with broker_url(broker or args.broker) as url:
         t = MqttTransport(url, f"fedge-{args.job}-aggregator", persistent=True,

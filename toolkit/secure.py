@@ -62,6 +62,7 @@ DEVICE_RULES: tuple[tuple[str, str], ...] = (
     ("read", "fedge/+/control"),
     ("read", "fedge/+/asset/+"),
     ("read", "fedge/+/round/+/model/+"),
+    ("read", "fedge/+/round/+/sync/+"),
     ("read", "fedge/+/round/+/task/%u"),
     ("read", "fedge/+/round/+/grad/%u"),
 )

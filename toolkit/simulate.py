@@ -45,6 +45,7 @@ class SimOptions:
     # The aggregator fsyncs every accepted update; on tmpfs (/dev/shm) that costs nothing.
     state_parent: str | None = None
     strategy_options: object | None = None  # e.g. SignSGDOptions
+    downlink: str = "fp32"  # the model to devices: whole, or a coded change (downlink.py)
 
 
 def train_flops(macs: int, samples: int, epochs: int) -> float:
@@ -189,7 +190,8 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     with tempfile.TemporaryDirectory(prefix="fedge-sim-", dir=opts.state_parent) as state:
         serve = ServeOptions(job, Path(state), opts.strategy, opts.codec, opts.rounds,
                              opts.devices, opts.round_timeout, opts.epochs, opts.batch_size,
-                             opts.lr, opts.seed, strategy_options=strategy_options)
+                             opts.lr, opts.seed, strategy_options=strategy_options,
+                             downlink=opts.downlink)
 
         def make_aggregator(transport, hook):
             return Aggregator(transport, serve, cfg.to_json(), weights_of(model),

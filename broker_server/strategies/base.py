@@ -44,6 +44,9 @@ class Update:
 
 class Strategy(ABC):
     name: str = ""
+    # Every device trains the one "full" model from its weights: the model can reach
+    # devices as a coded change (``--downlink``, broker_server/downlink.py).
+    coded_downlink: bool = False
 
     def variants(self, global_weights: Weights) -> dict[str, Weights]:
         """Model frames to publish this round, by variant (default: one, "full")."""

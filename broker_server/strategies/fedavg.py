@@ -24,6 +24,7 @@ class FedAvg(Strategy):
     lr: float = 0.05
     options: FedAvgOptions = field(default_factory=FedAvgOptions)
     name: str = "fedavg"
+    coded_downlink = True  # a class attribute, not a field
 
     def __post_init__(self):
         if not isinstance(self.options, FedAvgOptions):

@@ -30,6 +30,7 @@ class SignSGDOptions:
 
 class SignSGD(Strategy):
     name = "signsgd"
+    coded_downlink = True
 
     def __init__(self, epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
                  options: SignSGDOptions | None = None):

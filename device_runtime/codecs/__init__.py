@@ -7,6 +7,7 @@ from device_runtime.codecs.fp16 import Fp16Codec
 from device_runtime.codecs.fedmrn import FedMRNCodec
 from device_runtime.codecs.fp32 import Fp32Codec
 from device_runtime.codecs.int8 import Int8Codec
+from device_runtime.codecs.mixed import SplitCodec
 from device_runtime.codecs.sign import SignCodec
 from device_runtime.registry import Registry
 
@@ -27,6 +28,7 @@ register("int8", Int8Codec())
 register("sign", SignCodec())
 register("fedmrn", FedMRNCodec())
 register("fedmrn-signed", FedMRNCodec(scale=0.02, signed=True, name="fedmrn-signed"))
+register("signmix", SplitCodec("signmix", SignCodec(), Fp16Codec()))
 register("act8", ActCodec(8, "act8"))
 register("act4", ActCodec(4, "act4"))
 

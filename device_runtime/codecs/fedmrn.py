@@ -69,6 +69,8 @@ def _size(shapes: dict, names: list[str]) -> int:
 class FedMRNCodec(Codec):
     name = "fedmrn"
     trainer = "fedmrn"  # the device trains masks, not weights
+    # As a downlink code (seeded like the round it sums): the majority of the masks.
+    relative = True
 
     def __init__(self, scale: float = NOISE_SCALE, signed: bool = False, name: str = "fedmrn",
                  mask_lr: float = MASK_LR):

@@ -33,6 +33,7 @@ class RelativeCodec(Codec):
     """Codes ``w - reference`` per tensor (``w`` itself when there is no reference)."""
 
     wire_dtype: str = ""
+    relative = True  # codes ``w - ctx.reference``: usable for the coded downlink
 
     @abstractmethod
     def _encode_one(self, name: str, delta: np.ndarray, ctx: CodecContext

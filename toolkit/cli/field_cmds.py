@@ -17,6 +17,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-devices", type=int, default=2, help="quorum per round")
     p.add_argument("--round-timeout", type=float, default=60.0, help="seconds")
     p.add_argument("--state-dir", required=True)
+    downlink_arg(p)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--eval-data", help=".npz with x_test, y_test (default: the "
                    "checkpoint's dataset)")
@@ -65,6 +66,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default="fedge-demo.json", help="report (a PNG plot goes beside)")
     train_args(p)
     p.set_defaults(func=demo)
+
+
+def downlink_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--downlink", default="fp32", help="how the model reaches devices each "
+                   "round: fp32 (whole) or a codec (sign, int8, fp16) for the change against "
+                   "the model they hold, with error feedback")
 
 
 def train_args(p: argparse.ArgumentParser) -> None:

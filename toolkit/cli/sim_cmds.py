@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from toolkit.cli import model_cmds, strategy_args
-from toolkit.cli.field_cmds import train_args
+from toolkit.cli.field_cmds import downlink_arg, train_args
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="cnn")
     p.add_argument("--width", type=float, default=1.0)
     train_args(p)
+    downlink_arg(p)
     p.add_argument("--broker", help="mqtt://host:port (default: in-memory transport)")
     p.add_argument("--procs", type=int, default=1,
                    help="with --broker: run the devices, one MQTT client each, in this many "
@@ -42,6 +43,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def simulate(args: argparse.Namespace) -> int:
+    from broker_server.downlink import check_downlink
     from device_runtime import codecs
     from toolkit.profiles import ProfileCatalogue
     from toolkit.setups import check_strategy
@@ -51,12 +53,14 @@ def simulate(args: argparse.Namespace) -> int:
                              procs=args.procs, min_samples=args.min_samples))
     check_strategy(args.strategy)
     codecs.get(args.codec)
+    check_downlink(args.downlink, args.strategy)
     cat = ProfileCatalogue.load(args.profiles_file)
     profiles = [p.name for p in cat.select(args.profiles)]
     opts = SimOptions(args.dataset, args.devices, args.rounds, args.alpha, args.seed,
                       args.strategy, args.codec, args.model, args.width, tuple(profiles),
                       args.epochs, args.batch_size, args.lr, broker=args.broker,
                       procs=args.procs, min_samples=args.min_samples,
+                      downlink=args.downlink,
                       strategy_options=strategy_args.options(args, cat, profiles, args.devices))
 
     def show(rec: dict) -> None:

@@ -1,0 +1,37 @@
+"""Split learning's batch exchange on the server: activations in, the loss gradient out.
+
+dpfl trains the model's tail on the server one minibatch at a time, while the
+device waits. A batch seen before (a QoS 1 redelivery, or the device resending
+after a timeout) must get the same reply without training the tail twice, so
+the last reply per device is kept, keyed by (round, attempt, step).
+"""
+from __future__ import annotations
+
+from device_runtime import wire
+from device_runtime.errors import WireError
+
+
+class BatchReplies:
+    """The last gradient reply per device, answered again for a repeated batch."""
+
+    def __init__(self, job: str):
+        self.job = job
+        self._last: dict[str, tuple[tuple, bytes]] = {}
+
+    def reply(self, strategy, round_: int, device: str, payload: bytes,
+              batch_size: int) -> bytes:
+        """The grad frame for one acts frame (WireError on a malformed one)."""
+        frame = wire.decode(payload, wire.Expect(kind="acts", job=self.job, round=round_,
+                                                 devices=frozenset([device]), codec="fp32"))
+        key = (round_, str(frame.meta.get("attempt")), frame.meta.get("step"))
+        if not isinstance(key[2], int) or isinstance(key[2], bool) or key[2] < 0:
+            raise WireError(f"meta.step: expected an int >= 0, got {key[2]!r}")
+        last = self._last.get(device)
+        if last is not None and last[0] == key:
+            return last[1]
+        grad, loss = strategy.on_batch(round_, device, frame.tensors, batch_size)
+        reply = wire.encode(wire.Frame("grad", self.job, round_, "server", "fp32",
+                                       {"grad": grad}, meta={"attempt": key[1], "step": key[2],
+                                                             "loss": round(loss, 6)}))
+        self._last[device] = (key, reply)
+        return reply

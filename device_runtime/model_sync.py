@@ -1,0 +1,53 @@
+"""The model a device trains from: fetched whole, or rebuilt from the one it holds.
+
+With the coded downlink (broker_server/downlink.py) a task names two frames:
+the round's full model frame (``model_sha256``) and a sync frame, the coded
+change from the model of the round before (``base_sha256``). A device that
+holds that base fetches only the sync frame, decodes it against the held
+weights with the same codec code as the aggregator, and re-encodes the model
+frame; its sha256 must equal ``model_sha256``, so a device never trains from a
+model the aggregator did not publish. Anything else (no base, a bad sync frame,
+a digest that differs) falls back to fetching the full frame.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from device_runtime import codecs, wire
+from device_runtime.codecs import CodecContext
+from device_runtime.errors import WireError
+
+SYNC_KIND = "sync"
+
+
+def model_frame(job: str, round_: int, weights: dict[str, np.ndarray]) -> bytes:
+    """The model frame both ends build for ``weights``: its sha256 names the model."""
+    return wire.encode(wire.Frame("model", job, round_, "server", "fp32", weights))
+
+
+def sync_context(round_: int, seed: int, held: dict[str, np.ndarray]) -> CodecContext:
+    # ``device`` seeds int8's stochastic rounding: the server is the sender here.
+    return CodecContext(round=round_, seed=seed, reference=held, device="server")
+
+
+def rebuild(job: str, round_: int, held_frame: bytes, sync: bytes, model_sha256: str) -> bytes:
+    """The round's model frame from the held model frame and the sync frame
+    (WireError when the sync frame is malformed or the result is not that model)."""
+    held = wire.decode(held_frame, wire.Expect(kind="model", job=job)).tensors
+    head = wire.decode(sync, wire.Expect(kind=SYNC_KIND, job=job, round=round_))
+    codec = codecs.get(head.codec)
+    shapes = {k: tuple(v.shape) for k, v in held.items()}
+    frame = wire.decode(sync, wire.Expect(kind=SYNC_KIND, job=job, round=round_,
+                                          codec=head.codec, tensors=codec.wire_spec(shapes)))
+    seed = frame.meta.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise WireError(f"sync frame meta.seed: expected an int, got {seed!r}")
+    weights = codec.decode(frame.tensors, frame.params, sync_context(round_, seed, held))
+    out = model_frame(job, round_, {k: weights[k] for k in held})
+    digest = hashlib.sha256(out).hexdigest()
+    if digest != model_sha256:
+        raise WireError(f"sync frame of round {round_}: the rebuilt model's sha256 is "
+                        f"{digest[:12]}.., expected {model_sha256[:12]}..")
+    return out

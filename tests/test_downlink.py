@@ -1,0 +1,181 @@
+"""The coded downlink: devices holding last round's model fetch only the coded change,
+rebuild exactly the model the aggregator published, and fall back to the whole model
+when they cannot."""
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import numpy as np
+import pytest
+
+from broker_server.downlink import Downlink, downlink_codecs
+from broker_server.service import Aggregator, ServeOptions
+from device_runtime.agent import AgentOptions, DeviceAgent, status_will
+from device_runtime.errors import WireError
+from device_runtime.model_sync import model_frame, rebuild
+from device_runtime.topics import Topics
+from device_runtime.training.local import weights_of
+from device_runtime.training.models import ModelConfig, build_model
+from device_runtime.transport.memory import MemoryHub, MemoryTransport
+from tests.conftest import assert_one_line_error, run_fedge
+
+JOB = "down"
+
+
+def _models(seed: int = 0) -> tuple[dict, dict]:
+    """Two successive global models: x2 = x1 + a change of FedMRN's shape."""
+    import torch
+
+    torch.manual_seed(seed)
+    x1 = weights_of(build_model(ModelConfig("cnn1d", (40,), 10, width=1.0)))
+    rng = np.random.default_rng(seed)
+    x2 = {k: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32) for k, v in x1.items()}
+    return x1, x2
+
+
+@pytest.mark.parametrize("codec", ["sign", "int8", "fedmrn", "signmix"])
+def test_a_device_rebuilds_the_exact_model_from_the_change(codec):
+    x1, x2 = _models()
+    dl = Downlink(codec, JOB, seed=3)
+    first = dl.advance(x1, 1)
+    assert first.sync is None  # nothing held yet: the whole model
+    second = dl.advance(x2, 2)
+    assert second.base_sha256 == hashlib.sha256(first.frame).hexdigest()
+    sha = hashlib.sha256(second.frame).hexdigest()
+    assert rebuild(JOB, 2, first.frame, second.sync, sha) == second.frame
+    assert len(second.sync) < len(second.frame) / (1.8 if codec == "int8" else 8)
+
+
+def test_the_error_stays_small_round_over_round():
+    """A sign-coded change is lossy; what devices hold stays near the server's model."""
+    x1, x2 = _models()
+    dl = Downlink("int8", JOB, seed=0)
+    dl.advance(x1, 1)
+    held = dl.advance(x2, 2).weights
+    for k in x2:
+        assert np.abs(held[k] - x2[k]).max() <= np.abs(x2[k] - x1[k]).max() / 50 + 1e-7
+
+
+def test_a_bad_sync_frame_or_base_is_refused_with_a_reason():
+    x1, x2 = _models()
+    dl = Downlink("sign", JOB, seed=0)
+    first, second = dl.advance(x1, 1), dl.advance(x2, 2)
+    sha = hashlib.sha256(second.frame).hexdigest()
+    flipped = bytearray(second.sync)
+    flipped[-3] ^= 0xFF  # a mask bit: decodes, but to another model
+    with pytest.raises(WireError, match="sha256"):
+        rebuild(JOB, 2, first.frame, bytes(flipped), sha)
+    other = model_frame(JOB, 1, {k: v + 1 for k, v in x1.items()})
+    with pytest.raises(WireError, match="sha256"):
+        rebuild(JOB, 2, other, second.sync, sha)
+    with pytest.raises(WireError):
+        rebuild(JOB, 2, first.frame, second.sync[: len(second.sync) // 2], sha)
+
+
+def test_a_restarted_aggregator_rebuilds_the_same_frames():
+    x1, x2 = _models()
+    x3 = {k: v * 0.99 for k, v in x2.items()}
+    a = Downlink("fedmrn", JOB, seed=5)
+    a.advance(x1, 1)
+    held2 = a.advance(x2, 2).weights
+    third = a.advance(x3, 3)
+    b = Downlink("fedmrn", JOB, seed=5)
+    b.restore(held2, 2)  # what the state store keeps after round 2
+    again = b.advance(x3, 3)
+    assert (again.frame, again.sync, again.base_sha256) == \
+        (third.frame, third.sync, third.base_sha256)
+
+
+def _fleet(tmp_path, downlink: str, rounds: int, devices: int = 3):
+    cfg = ModelConfig("cnn1d", (40,), 10, width=0.25)
+    hub, topics = MemoryHub(), Topics(JOB)
+    agg_t = MemoryTransport(hub, "agg")
+    agg_t.connect()
+    agg = Aggregator(agg_t, ServeOptions(JOB, tmp_path / "state", codec="fedmrn",
+                                         rounds=rounds, min_devices=devices,
+                                         round_timeout=60.0, epochs=1, downlink=downlink),
+                     cfg.to_json(), weights_of(build_model(cfg)))
+    rng = np.random.default_rng(0)
+    agents = []
+    for k in range(devices):
+        t = MemoryTransport(hub, f"d{k}", will=status_will(topics, f"d{k}"))
+        t.connect()
+        x = rng.normal(size=(48, 40)).astype(np.float32)
+        agents.append(DeviceAgent(t, AgentOptions(JOB, f"d{k}", "rpi4"), x,
+                                  rng.integers(0, 10, 48)))
+    return agg, agents
+
+
+def _run(agg, agents, on_round=None) -> dict:
+    for a in agents:
+        threading.Thread(target=a.run, daemon=True).start()
+    agg.on_round = on_round
+    report = agg.run()
+    for a in agents:
+        a.t.close()
+    return report
+
+
+def test_devices_in_sync_fetch_only_the_change_and_a_stale_one_the_whole_model(tmp_path):
+    agg, agents = _fleet(tmp_path, "fedmrn", rounds=4)
+    # After round 2, device d0 forgets what it holds (as a restarted agent would).
+    report = _run(agg, agents, lambda rec: setattr(agents[0], "held", None)
+                  if rec["round"] == 2 else None)
+    full = len(model_frame(JOB, 1, agg.weights))
+    down = {a.device: {h["round"]: h["downlink_bytes"] for h in a.history} for a in agents}
+    for dev, rounds in down.items():
+        assert rounds[1] > full  # the whole model, and the task
+        assert rounds[2] < full / 10  # the change only
+    assert down["d0"][3] > full and down["d1"][3] < full / 10
+    # The aggregator counts what the devices fetched (d0's report corrects its guess).
+    by_round = {r["round"]: r["downlink_bytes"] for r in report["rounds"]}
+    assert by_round == {r: sum(d[r] for d in down.values()) for r in range(1, 5)}
+    assert report["downlink"] == "fedmrn" and not report["rejected"]
+
+
+def test_the_whole_model_every_round_without_a_coded_downlink(tmp_path):
+    agg, agents = _fleet(tmp_path, "fp32", rounds=2, devices=2)
+    _run(agg, agents)
+    full = len(model_frame(JOB, 1, agg.weights))
+    assert all(h["downlink_bytes"] > full for a in agents for h in a.history)
+
+
+def test_bad_downlink_choices_are_one_line_errors(tmp_path, trained_ckpt):
+    state = tmp_path / "state"
+    code, _, err = run_fedge("serve", "--job", "j", "--checkpoint", str(trained_ckpt),
+                             "--state-dir", str(state), "--downlink", "gzip")
+    assert_one_line_error(code, err, 2, "--downlink", "gzip", *downlink_codecs())
+    assert not state.exists()
+    code, _, err = run_fedge("simulate", "--devices", "2", "--rounds", "1", "--strategy",
+                             "heterofl", "--downlink", "sign", "--json",
+                             str(tmp_path / "r.json"))
+    assert_one_line_error(code, err, 2, "--downlink sign", "heterofl")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_signmix_codes_matrices_as_signs_and_vectors_as_float16():
+    from device_runtime import codecs, wire
+    from device_runtime.codecs import CodecContext
+
+    x1, x2 = _models()
+    codec, ctx = codecs.get("signmix"), CodecContext(round=2, seed=1, reference=x1)
+    tensors, params = codec.encode(x2, ctx)
+    frame = wire.decode(wire.encode(wire.Frame("sync", JOB, 2, "server", "signmix", tensors,
+                                               params)),
+                        wire.Expect(tensors=codec.wire_spec({k: v.shape for k, v in x1.items()})))
+    out = codec.decode(frame.tensors, frame.params, ctx)
+    for k, v in x2.items():
+        delta = v - x1[k]
+        if v.ndim >= 2:
+            assert frame.tensors[k].dtype == np.uint8
+            np.testing.assert_array_equal(out[k] - x1[k] >= 0, delta >= 0)
+        else:
+            assert frame.tensors[k].dtype == np.float16
+            assert (np.abs(out[k] - v) <= np.abs(delta) * 2**-10 + 1e-6).all(), k
+    with pytest.raises(WireError, match="reference"):
+        codec.decode(frame.tensors, frame.params, CodecContext(round=2, seed=1))
+    big = next(k for k, v in x1.items() if v.ndim >= 2)
+    cut = {**frame.tensors, big: frame.tensors[big][:-1]}
+    with pytest.raises(WireError, match=big):
+        codec.decode(cut, frame.params, ctx)
