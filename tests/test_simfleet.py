@@ -24,6 +24,9 @@ def test_procs_usage_errors(tmp_path):
     assert_one_line_error(code, err, 2, "--procs")
     code, _, err = run_fedge("simulate", *SMALL, "--procs", "2", "--json", str(tmp_path / "b"))
     assert_one_line_error(code, err, 2, "--procs 2", "--broker")
+    code, _, err = run_fedge("simulate", *SMALL[2:], "--devices", "1000", "--procs", "2",
+                             "--broker", "mqtt://127.0.0.1:1", "--json", str(tmp_path / "c"))
+    assert_one_line_error(code, err, 2, "500 MQTT clients", "--procs 4")
 
 
 def test_top_up_gives_every_device_of_a_big_fleet_samples():

@@ -106,6 +106,12 @@ def _transports(opts: SimOptions, n: int, job: str):
     return make
 
 
+# paho waits on select(), which takes file descriptors below 1024 only, and each client
+# holds 3 (its socket and a wake-up pair): past ~330 clients a process's next client
+# never sees its CONNACK. 300 leaves room for the process's other files.
+MAX_CLIENTS_PER_PROCESS = 300
+
+
 def check_options(opts: SimOptions) -> None:
     """The user's mistakes, before anything is loaded."""
     if opts.devices < 1 or opts.rounds < 1:
@@ -117,6 +123,13 @@ def check_options(opts: SimOptions) -> None:
                          "the aggregator only through a broker)")
     if opts.min_samples < 1:
         raise UsageError(f"--min-samples: expected >= 1, got {opts.min_samples}")
+    per = -(-opts.devices // opts.procs)
+    if opts.broker and per > MAX_CLIENTS_PER_PROCESS:
+        need = -(-opts.devices // MAX_CLIENTS_PER_PROCESS)
+        raise UsageError(f"--devices {opts.devices} over --procs {opts.procs}: {per} MQTT "
+                         f"clients in one process, at most {MAX_CLIENTS_PER_PROCESS} fit "
+                         f"(paho's select() takes file descriptors below 1024); use --procs "
+                         f"{need} or more")
 
 
 def _shards(opts: SimOptions, labels: np.ndarray) -> list[np.ndarray]:

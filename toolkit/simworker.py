@@ -7,9 +7,9 @@ and per device its id, profile and the indices of its samples in them). The main
 process writes the training set once as plain ``.npy`` (read here memory-mapped,
 without pickle), rather than each worker generating MNIST-1D again (2 s of CPU
 each). When the job's ``control`` says stop, every agent's ``history`` goes back
-as JSON in RESULT.json. An agent
-that raises ends the process at once with a non-zero code, so the main process sees
-a dead worker instead of waiting for that device forever.
+as JSON in RESULT.json. An agent that raises ends the process at once with a
+non-zero code, so the main process sees a dead worker instead of waiting for that
+device forever.
 """
 from __future__ import annotations
 
@@ -32,19 +32,20 @@ LOOP_TIMEOUT = 5.0
 # GIL; the usual 15 s would have the broker drop healthy devices (the first 1,000-device
 # run lost 2,000 connections that way, and every reconnect re-announced, re-sent a task).
 KEEPALIVE = 60
-# Agents that train at once per process. Training holds the GIL anyway; with all 250
-# agents of a process runnable at a round's start, CPython's GIL hand-offs between
-# hundreds of threads cost more than the training itself (see docs/results/fleet.md).
-TRAINING_SLOTS = 1
-_SLOTS = threading.BoundedSemaphore(TRAINING_SLOTS)
+# One agent of a process handles a task at a time (fetching or rebuilding the model,
+# training, coding the update). That work holds the GIL anyway; with all 250 agents of
+# a process runnable at a round's start, CPython's GIL hand-offs between hundreds of
+# threads cost more than the work itself (docs/DESIGN.md, Scale). Reentrant: while an
+# agent waits for its model frame it handles other messages, a resent task among them.
+_TURN = threading.RLock()
 
 
 def raise_fd_limit() -> int:
     """Lift the soft open-files limit to the hard one; returns the limit in force.
 
-    Each paho client holds three descriptors (its socket and a wake-up socket pair),
-    so 250 clients need 750 and a whole fleet in one process more than the usual
-    soft limit of 1024."""
+    Each paho client holds three descriptors (its socket and a wake-up socket pair):
+    300 clients need 900, close to the usual soft limit of 1024; the main process
+    and the Mosquitto it may start need one per connection too."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         try:
@@ -76,13 +77,13 @@ def _agents(spec: dict) -> list:
 
 
 def _paced_agent():
-    """DeviceAgent whose local training waits for one of the process's training slots."""
+    """DeviceAgent that handles a task only in its turn (``_TURN``)."""
     from device_runtime.agent import DeviceAgent
 
     class PacedAgent(DeviceAgent):
-        def _train(self, task, frame_bytes: bytes) -> bytes:
-            with _SLOTS:
-                return super()._train(task, frame_bytes)
+        def _on_task(self, task) -> None:
+            with _TURN:
+                super()._on_task(task)
     return PacedAgent
 
 
