@@ -111,6 +111,10 @@ class Aggregator:
         self.assets: dict[str, bytes] = {}  # name -> frame, published once per job
         self.assets_sent: set[tuple[str, str]] = set()  # (device, asset): counted once each
         self.batch_replies = BatchReplies(opts.job)  # dpfl
+        # Called whenever the loop waits for messages; raising from it ends run() with that
+        # error (``fedge simulate --procs``: a device process died, the round would wait
+        # for its devices forever).
+        self.watch: Callable[[], None] | None = None
 
     # --- transport side: enqueue only ------------------------------------------
     def _enqueue(self, topic: str, payload: bytes) -> None:
@@ -263,6 +267,8 @@ class Aggregator:
 
     def _pump(self, timeout: float) -> None:
         """Handle every queued message (waiting up to ``timeout`` for the first)."""
+        if self.watch is not None:
+            self.watch()
         pump(self.events, timeout, self.topics.parse, self._handle, self._reject)
 
     def _handle(self, topic: str, where: dict, payload: bytes) -> None:

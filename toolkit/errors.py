@@ -4,6 +4,7 @@ from __future__ import annotations
 from device_runtime.errors import (
     EXIT_CHECKPOINT,
     EXIT_DATA,
+    EXIT_FAILURE,
     EXIT_MODEL,
     EXIT_USAGE,
     FedgeError,
@@ -48,3 +49,10 @@ class SecureError(ToolkitError):
     """A bad ``fedge secure`` option, or a folder it must not overwrite."""
 
     exit_code = EXIT_USAGE
+
+
+class SimulationError(ToolkitError):
+    """A simulation's own machinery failed (``fedge simulate --procs``: a device process
+    died); not the user's mistake, so the generic failure code."""
+
+    exit_code = EXIT_FAILURE

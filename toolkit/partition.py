@@ -15,11 +15,15 @@ from toolkit.errors import UsageError
 
 
 def dirichlet_split(labels: np.ndarray, devices: int, alpha: float, seed: int,
-                    min_samples: int = 10, max_tries: int = 100) -> list[np.ndarray]:
+                    min_samples: int = 10, max_tries: int = 100,
+                    top_up: bool = False) -> list[np.ndarray]:
     """Per class, split its samples over devices by proportions ~ Dir(alpha).
 
     Redraws (up to ``max_tries``) until every device holds ``min_samples``; a
-    small alpha gives each device few classes.
+    small alpha gives each device few classes. With ``top_up``, when no draw fits,
+    the last one is topped up instead of refused: each short device gets random
+    samples of the largest shards. A fleet with a few samples per device needs it
+    (1,000 devices on 3,600 samples: some hold none in any draw, whatever alpha).
     """
     if devices < 1:
         raise UsageError(f"devices: expected >= 1, got {devices}")
@@ -40,8 +44,23 @@ def dirichlet_split(labels: np.ndarray, devices: int, alpha: float, seed: int,
                 shards[k].extend(part.tolist())
         if min(len(s) for s in shards) >= min_samples:
             return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
+    if top_up:
+        _top_up(shards, min_samples, rng)
+        return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
     raise UsageError(f"alpha: no Dirichlet({alpha}) split gave every one of {devices} "
                      f"devices {min_samples} samples in {max_tries} draws; raise alpha")
+
+
+def _top_up(shards: list[list[int]], min_samples: int, rng: np.random.Generator) -> None:
+    """Move random samples from the largest shard to each short one, until every shard
+    holds ``min_samples`` (the caller checked there are enough in all)."""
+    sizes = np.array([len(s) for s in shards])
+    for k in np.flatnonzero(sizes < min_samples):
+        while sizes[k] < min_samples:
+            donor = int(np.argmax(sizes))
+            shards[k].append(shards[donor].pop(int(rng.integers(sizes[donor]))))
+            sizes[k] += 1
+            sizes[donor] -= 1
 
 
 def classes_split(labels: np.ndarray, devices: int, classes_per_device: int,

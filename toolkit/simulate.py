@@ -1,5 +1,6 @@
 """``fedge simulate``: the deployment's own aggregator, strategies, codecs and device
-agents, in one process, over the in-memory transport (or a real broker).
+agents, in one process, over the in-memory transport (or a real broker); with
+``procs`` > 1 the agents run in worker processes instead (``toolkit.simfleet``).
 
 Every byte counted is a frame that was really encoded and sent; each device's
 simulated round time comes from its profile (compute from MACs and GFLOP/s,
@@ -38,6 +39,11 @@ class SimOptions:
     public_fraction: float = 0.1
     round_timeout: float = 600.0
     broker: str | None = None  # None: the in-memory transport
+    procs: int = 1  # > 1 (needs broker): the devices in this many worker processes
+    min_samples: int = 10  # per device; short shards are topped up from the largest
+    # Parent of the aggregator's throwaway state folder (None: the system's temp folder).
+    # The aggregator fsyncs every accepted update; on tmpfs (/dev/shm) that costs nothing.
+    state_parent: str | None = None
     strategy_options: object | None = None  # e.g. SignSGDOptions
     downlink: str = "fp32"  # the model to devices: whole, or a coded change (downlink.py)
 
@@ -100,28 +106,89 @@ def _transports(opts: SimOptions, n: int, job: str):
     return make
 
 
+# paho waits on select(), which takes file descriptors below 1024 only, and each client
+# holds 3 (its socket and a wake-up pair): past ~330 clients a process's next client
+# never sees its CONNACK. 300 leaves room for the process's other files.
+MAX_CLIENTS_PER_PROCESS = 300
+
+
+def check_options(opts: SimOptions) -> None:
+    """The user's mistakes, before anything is loaded."""
+    if opts.devices < 1 or opts.rounds < 1:
+        raise UsageError("--devices and --rounds: expected >= 1")
+    if opts.procs < 1:
+        raise UsageError(f"--procs: expected >= 1, got {opts.procs}")
+    if opts.procs > 1 and not opts.broker:
+        raise UsageError(f"--procs {opts.procs}: needs --broker (device processes reach "
+                         "the aggregator only through a broker)")
+    if opts.min_samples < 1:
+        raise UsageError(f"--min-samples: expected >= 1, got {opts.min_samples}")
+    per = -(-opts.devices // opts.procs)
+    if opts.broker and per > MAX_CLIENTS_PER_PROCESS:
+        need = -(-opts.devices // MAX_CLIENTS_PER_PROCESS)
+        raise UsageError(f"--devices {opts.devices} over --procs {opts.procs}: {per} MQTT "
+                         f"clients in one process, at most {MAX_CLIENTS_PER_PROCESS} fit "
+                         f"(paho's select() takes file descriptors below 1024); use --procs "
+                         f"{need} or more")
+
+
+def _shards(opts: SimOptions, labels: np.ndarray) -> list[np.ndarray]:
+    """Each device's indices into ``labels``: Dirichlet, short shards topped up."""
+    from toolkit.partition import dirichlet_split
+
+    if len(labels) < opts.devices * opts.min_samples:
+        raise UsageError(f"--devices {opts.devices} x --min-samples {opts.min_samples} "
+                         f"exceed the {len(labels)} training samples; lower --min-samples")
+    return dirichlet_split(labels, opts.devices, opts.alpha, opts.seed, opts.min_samples,
+                           top_up=True)
+
+
+def _run_local(opts: SimOptions, job: str, ds, fleet: list[DeviceProfile], shards,
+               make_aggregator, on_round):
+    """Every agent a thread of this process; returns (aggregator, report, devices)."""
+    from device_runtime.agent import AgentOptions, DeviceAgent
+    from toolkit.simfleet import SimDevice
+
+    make = _transports(opts, opts.devices, job)
+    agents, threads = [], []
+    for k, (prof, idx) in enumerate(zip(fleet, shards)):
+        dev = f"dev-{k}"
+        a = DeviceAgent(make(dev, dev), AgentOptions(job, dev, prof.name),
+                        ds.x_train[idx], ds.y_train[idx])
+        agents.append(a)
+        threads.append(threading.Thread(target=a.run, daemon=True, name=dev))
+    for th in threads:
+        th.start()
+    agg_t = make("aggregator", persistent=True)
+    agg = make_aggregator(agg_t, on_round)
+    report = agg.run()
+    for th in threads:
+        th.join(timeout=30)
+    for t in [agg_t, *(a.t for a in agents)]:
+        t.close()
+    return agg, report, [SimDevice(a.device, int(len(a.y)), a.history) for a in agents]
+
+
 def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = None,
                    catalogue=None) -> tuple[dict, object]:
     """Run the job; returns (report, final checkpoint)."""
     import torch
 
     from broker_server.service import Aggregator, ServeOptions
-    from device_runtime.agent import AgentOptions, DeviceAgent
     from device_runtime.training.local import load_weights, weights_of
     from toolkit import checkpoint, datasets, zoo
     from toolkit.field import evaluator
-    from toolkit.partition import dirichlet_split, public_split
+    from toolkit.partition import public_split
     from toolkit.profiles import ProfileCatalogue
     from toolkit.pruning import count_macs
     from toolkit.setups import setup_strategy
 
-    if opts.devices < 1 or opts.rounds < 1:
-        raise UsageError("--devices and --rounds: expected >= 1")
+    check_options(opts)
     catalogue = catalogue or ProfileCatalogue.load()
     fleet = _fleet(opts, catalogue)
     ds = datasets.load(opts.dataset)
     pub, rest = public_split(len(ds.y_train), opts.public_fraction, opts.seed)
-    parts = dirichlet_split(ds.y_train[rest], opts.devices, opts.alpha, opts.seed)
+    parts = _shards(opts, ds.y_train[rest])
     cfg = zoo.make_config(opts.model, ds.sample_shape, ds.num_classes, opts.width,
                           float(np.mean(ds.x_train[pub])), float(np.std(ds.x_train[pub])))
     pretrained = _pretrained(opts, cfg, ds.x_train[pub], ds.y_train[pub])
@@ -132,31 +199,24 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     ckpt = checkpoint.Checkpoint(cfg, model, dataset=datasets.spec_for(opts.dataset))
     macs, _ = count_macs(model, checkpoint.example_input(cfg))
     job = f"sim-{opts.seed}-{np.random.default_rng().integers(1 << 30):x}"
-    make = _transports(opts, opts.devices, job)
-    agents, threads = [], []
-    for k, prof in enumerate(fleet):
-        idx = rest[parts[k]]
-        dev = f"dev-{k}"
-        a = DeviceAgent(make(dev, dev), AgentOptions(job, dev, prof.name),
-                        ds.x_train[idx], ds.y_train[idx])
-        agents.append(a)
-        threads.append(threading.Thread(target=a.run, daemon=True, name=dev))
-    for th in threads:
-        th.start()
-    agg_t = make("aggregator", persistent=True)
-    with tempfile.TemporaryDirectory() as state:
-        agg = Aggregator(agg_t, ServeOptions(job, Path(state), opts.strategy, opts.codec,
-                                             opts.rounds, opts.devices, opts.round_timeout,
-                                             opts.epochs, opts.batch_size, opts.lr, opts.seed,
-                                             strategy_options=strategy_options,
-                                             downlink=opts.downlink),
-                         cfg.to_json(), weights_of(model),
-                         evaluator(ckpt, ds.x_test, ds.y_test), on_round)
-        report = agg.run()
-    for th in threads:
-        th.join(timeout=30)
-    for t in [agg_t, *(a.t for a in agents)]:
-        t.close()
+    shards = [rest[p] for p in parts]
+    with tempfile.TemporaryDirectory(prefix="fedge-sim-", dir=opts.state_parent) as state:
+        serve = ServeOptions(job, Path(state), opts.strategy, opts.codec, opts.rounds,
+                             opts.devices, opts.round_timeout, opts.epochs, opts.batch_size,
+                             opts.lr, opts.seed, strategy_options=strategy_options,
+                             downlink=opts.downlink)
+
+        def make_aggregator(transport, hook):
+            return Aggregator(transport, serve, cfg.to_json(), weights_of(model),
+                              evaluator(ckpt, ds.x_test, ds.y_test), hook)
+        if opts.procs > 1:
+            from toolkit.simfleet import run_fleet
+
+            agg, report, agents = run_fleet(opts, job, (ds.x_train, ds.y_train), fleet,
+                                            shards, make_aggregator, on_round)
+        else:
+            agg, report, agents = _run_local(opts, job, ds, fleet, shards, make_aggregator,
+                                             on_round)
     load_weights(ckpt.model, agg.weights)
     ckpt.metrics = {"test_accuracy": report["final_accuracy"]}
     per_device = {a.device: macs for a in agents}
@@ -231,7 +291,8 @@ def _median(xs: list[float]) -> float:
 
 def _add_fleet_figures(report: dict, opts: SimOptions, agents, fleet,
                        macs: dict[str, int]) -> None:
-    """Per device: the MACs of the model it trains, its bytes; per round: simulated time."""
+    """Per device: the MACs of the model it trains, its bytes; per round: simulated time.
+    ``agents`` are ``SimDevice`` records, wherever the agents ran."""
     profiles = {a.device: p for a, p in zip(agents, fleet)}
     histories = {a.device: a.history for a in agents}
     times = simulated_round_times(histories, profiles, macs)
@@ -241,7 +302,7 @@ def _add_fleet_figures(report: dict, opts: SimOptions, agents, fleet,
         elapsed += rec["simulated_seconds"]
         rec["simulated_elapsed"] = round(elapsed, 4)
     report["devices"] = [
-        {"id": a.device, "profile": p.name, "macs": macs[a.device], "samples": int(len(a.y)),
+        {"id": a.device, "profile": p.name, "macs": macs[a.device], "samples": a.samples,
          "uplink_bytes": sum(h["uplink_bytes"] for h in a.history),
          "downlink_bytes": sum(h["downlink_bytes"] for h in a.history),
          "rounds_trained": len(a.history),

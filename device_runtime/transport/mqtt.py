@@ -24,11 +24,15 @@ class MqttTransport(Transport):
                  backoff: Backoff | None = None, keepalive: int = 15,
                  ca_file: str | None = None, cert_file: str | None = None,
                  key_file: str | None = None, username: str | None = None,
-                 password: str | None = None):
+                 password: str | None = None, loop_timeout: float = 0.1):
         super().__init__(client_id, max_payload)
         self.url = BrokerURL.parse(url) if isinstance(url, str) else url
         self.backoff = backoff or Backoff()
         self.keepalive = keepalive
+        # How long one network-loop pass may wait on the socket. paho wakes the loop for a
+        # publish from another thread, so a longer wait costs no latency, only less idle
+        # CPU: ``fedge simulate --procs`` runs hundreds of clients per process.
+        self.loop_timeout = loop_timeout
         self._patterns: set[str] = set()
         self._connected = threading.Event()
         self._stop = threading.Event()
@@ -109,7 +113,7 @@ class MqttTransport(Transport):
                     self._refused = f"{type(e).__name__}: {e}"
                     self._stop.wait(self.backoff.next_delay())
                     continue
-            rc = self._client.loop(timeout=0.1)
+            rc = self._client.loop(timeout=self.loop_timeout)
             if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 self._connected.clear()
                 self.reconnects += 1

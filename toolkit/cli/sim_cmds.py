@@ -12,7 +12,8 @@ from toolkit.cli.field_cmds import downlink_arg, train_args
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="a whole fleet in one process (in-memory "
-                       "transport, or --broker), with real frames and per-device figures")
+                       "transport, or --broker [--procs K]), with real frames and per-device "
+                       "figures")
     p.add_argument("--dataset", default="mnist1d")
     p.add_argument("--devices", type=int, default=10)
     p.add_argument("--rounds", type=int, default=20)
@@ -28,6 +29,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     train_args(p)
     downlink_arg(p)
     p.add_argument("--broker", help="mqtt://host:port (default: in-memory transport)")
+    p.add_argument("--procs", type=int, default=1,
+                   help="with --broker: run the devices, one MQTT client each, in this many "
+                   "processes (the aggregator alone in the main one; its CPU, memory and "
+                   "the broker's throughput are reported per round)")
+    p.add_argument("--min-samples", type=int, default=10,
+                   help="per device; shards left shorter by the Dirichlet draw are topped up")
     strategy_args.add(p)
     p.add_argument("--export", help="write the final model's artifacts for the fleet here")
     model_cmds.signing_key_arg(p)
@@ -40,8 +47,10 @@ def simulate(args: argparse.Namespace) -> int:
     from device_runtime import codecs
     from toolkit.profiles import ProfileCatalogue
     from toolkit.setups import check_strategy
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.simulate import SimOptions, check_options, run_simulation
 
+    check_options(SimOptions(devices=args.devices, rounds=args.rounds, broker=args.broker,
+                             procs=args.procs, min_samples=args.min_samples))
     check_strategy(args.strategy)
     codecs.get(args.codec)
     check_downlink(args.downlink, args.strategy)
@@ -50,13 +59,16 @@ def simulate(args: argparse.Namespace) -> int:
     opts = SimOptions(args.dataset, args.devices, args.rounds, args.alpha, args.seed,
                       args.strategy, args.codec, args.model, args.width, tuple(profiles),
                       args.epochs, args.batch_size, args.lr, broker=args.broker,
+                      procs=args.procs, min_samples=args.min_samples,
                       downlink=args.downlink,
                       strategy_options=strategy_args.options(args, cat, profiles, args.devices))
 
     def show(rec: dict) -> None:
+        fleet = (f"  aggregator {rec['aggregator_cpu_seconds']:.2f} CPU s, "
+                 f"{rec['aggregator_rss_mb']:.0f} MB") if "aggregator_cpu_seconds" in rec else ""
         print(f"round {rec['round']:3d}  accuracy {rec['accuracy']:.4f}  "
-              f"uplink {rec['uplink_bytes']:>10,} B  devices {rec['devices_reporting']}",
-              file=sys.stderr, flush=True)
+              f"uplink {rec['uplink_bytes']:>10,} B  devices {rec['devices_reporting']}  "
+              f"{rec['seconds']:.1f} s{fleet}", file=sys.stderr, flush=True)
     key = model_cmds.signing_key(args) if args.export else None  # before the long part
     report, ckpt = run_simulation(opts, show, cat)
     if args.export:
