@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from broker_server.errors import BrokerServerError
+from broker_server.evidence import digest, round_evidence
 from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, create
 from broker_server.strategies.folds import Fold
@@ -62,6 +63,10 @@ class RoundState:
     model_bytes: dict[str, int] = field(default_factory=dict)
     frames: dict[str, bytes] = field(default_factory=dict)
     shapes: dict[str, dict] = field(default_factory=dict)  # variant -> {name: shape}
+    # Exactly-once evidence: (device, sha256 of the payload) in fold order, and the
+    # number of successful Fold.add calls, counted apart so the two can be compared.
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    fold_calls: int = 0
 
 
 class Aggregator:
@@ -189,7 +194,7 @@ class Aggregator:
     def _reload_accepted(self, rs: RoundState) -> None:
         """Updates accepted before a crash count again; none is lost."""
         for device, payload in self.store.accepted_updates(rs.number).items():
-            self._fold_in(rs, wire.decode(payload))
+            self._fold_in(rs, wire.decode(payload), payload)
             rs.uplink_bytes += len(payload)
 
     def _assign(self, rs: RoundState, devices: list[DeviceInfo]) -> None:
@@ -301,7 +306,7 @@ class Aggregator:
                                  else 0)))
         frame = wire.decode(payload, expect)
         # Persisted only after the fold accepted it: a rejected payload leaves no trace.
-        self._fold_in(rs, frame)
+        self._fold_in(rs, frame, payload)
         self.store.save_update(r, device, payload)
         rs.uplink_bytes += len(payload)
 
@@ -330,7 +335,7 @@ class Aggregator:
         rs.uplink_bytes += len(payload)
         rs.downlink_bytes += self.t.publish(self.topics.grad(r, device), reply)
 
-    def _fold_in(self, rs: RoundState, frame: wire.Frame) -> None:
+    def _fold_in(self, rs: RoundState, frame: wire.Frame, payload: bytes) -> None:
         """Validate and fold one update into the round (WireError changes nothing)."""
         samples = frame.meta.get("samples")
         if not isinstance(samples, int) or isinstance(samples, bool) or samples <= 0:
@@ -341,6 +346,8 @@ class Aggregator:
         if variant != want:
             raise WireError(f"meta.variant: expected {want!r}, got {variant!r}")
         rs.fold.add(frame.device, samples, frame.tensors, frame.params, variant=variant)
+        rs.fold_calls += 1
+        rs.folded.append((frame.device, digest(payload)))
         rs.accepted[frame.device] = dict(frame.meta)
 
     def _close_round(self, rs: RoundState) -> None:
@@ -353,7 +360,9 @@ class Aggregator:
                   "seconds": round(time.time() - rs.started, 3),
                   "train_seconds_max": max((u.get("train_seconds", 0.0) for u in updates),
                                            default=0.0),
-                  "accepted": sorted(rs.accepted)}
+                  "accepted": sorted(rs.accepted),
+                  **round_evidence(rs.folded, rs.fold_calls, self.duplicates,
+                                   len(self.rejected))}
         self.state.completed = rs.number
         self.state.history.append(record)
         self.state.extra = self.strategy.state()
