@@ -107,11 +107,13 @@ def summarize(cfg, report: dict, checks: dict, seen: Seen, samples: dict, done: 
     fails = list(checks["failures"])
     for pid, f in agg.items():
         s = f["slope_mib_per_round"]
-        if s is not None and s >= cfg.rss_bound_mb:
+        if s is not None and f["fit_rounds"] >= cfg.min_fit_rounds and \
+                s >= cfg.rss_bound_mb:
             fails.append(f"aggregator pid {pid}: RSS grows {s:.3f} MiB/round over rounds "
                          f"{f['rounds']} (bound {cfg.rss_bound_mb})")
-    if not any(f["slope_mib_per_round"] is not None for f in agg.values()):
-        fails.append("no aggregator process ran long enough to fit its RSS")
+    if not any(f["fit_rounds"] >= cfg.min_fit_rounds for f in agg.values()):
+        fails.append(f"no aggregator process ran {cfg.min_fit_rounds} rounds past its "
+                     "warm-up: its memory is not judged")
     if any(codes):
         fails.append(f"exit codes (aggregator, devices): {codes}")
     kinds = {e["kind"] for e in done}
@@ -125,6 +127,7 @@ def summarize(cfg, report: dict, checks: dict, seen: Seen, samples: dict, done: 
             "aggregator_rss": {str(k): v for k, v in agg.items()},
             "device_rss": _device_fits(samples, cfg.warmup),
             "phases": _phases(cfg, rows, done, wall), "per_round": rows,
+            "rejected": report.get("rejected", [])[:50],  # the last process's, with reasons
             "last_process": {"duplicates": report.get("duplicates"),
                              "rejected": len(report.get("rejected", [])),
                              "resumed_from": report.get("resumed_from")}}
@@ -155,8 +158,9 @@ def to_markdown(res: dict) -> str:
                      f"{p['resends_seen']} | {p['duplicates']} | {p['rejected']} | "
                      f"{p['exactly_once']} | {'-' if s is None else f'{s:+.4f}'} | "
                      f"{p['wall_seconds']} |")
-    lines += ["", "Aggregator RSS per process (fit after the warm-up rounds, bound "
-              f"{res['config']['rss_bound_mb']} MiB/round):", ""]
+    lines += ["", "Aggregator RSS per process (Theil-Sen slope after the warm-up rounds; "
+              f"judged against {res['config']['rss_bound_mb']} MiB/round over at least "
+              f"{res['config']['min_fit_rounds']} rounds):", ""]
     for pid, f in res["aggregator_rss"].items():
         lines.append(f"- pid {pid}: rounds {f['rounds']}, {f['first_mib']} -> "
                      f"{f['last_mib']} MiB, slope {f['slope_mib_per_round']} MiB/round over "

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from broker_server.errors import BrokerServerError
-from broker_server.evidence import digest, round_evidence
+from broker_server.records import digest, round_record
 from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, create
 from broker_server.strategies.folds import Fold
@@ -94,6 +94,7 @@ class Aggregator:
         self.device_errors: dict[str, str] = {}
         self.rejected: list[dict] = []
         self.duplicates = 0
+        self.waiting: list[tuple[str, bytes]] = []  # updates for the round not yet open
         self.events: queue.Queue = queue.Queue()
         self.round: RoundState | None = None
         self.last_models: dict[str, int] = {}  # variant -> bytes, of the last closed round
@@ -192,10 +193,14 @@ class Aggregator:
                                                  frame, retain=True)
 
     def _reload_accepted(self, rs: RoundState) -> None:
-        """Updates accepted before a crash count again; none is lost."""
+        """Updates accepted before a crash count again; none is lost. Updates that came
+        before the round opened are handled again once its devices are assigned."""
         for device, payload in self.store.accepted_updates(rs.number).items():
             self._fold_in(rs, wire.decode(payload), payload)
             rs.uplink_bytes += len(payload)
+        for item in self.waiting:
+            self.events.put(item)
+        self.waiting = []
 
     def _assign(self, rs: RoundState, devices: list[DeviceInfo]) -> None:
         for device, a in self.strategy.assign(rs.number, devices).items():
@@ -288,6 +293,11 @@ class Aggregator:
     def _on_update(self, where: dict, payload: bytes) -> None:
         rs = self.round
         device, r = where["device"], where["round"]
+        if rs is None and r == self.state.completed + 1 and len(self.waiting) < 1024:
+            # Queued by the broker while a restarted aggregator was down; they arrive
+            # before it reopens their round: keep them for it (the soak found them lost).
+            self.waiting.append((self.topics.update(r, device), payload))
+            return
         if rs is None or r != rs.number:
             raise WireError(f"round: expected {rs.number if rs else 'none'}, got {r} "
                                  "(late or early update)")
@@ -351,18 +361,9 @@ class Aggregator:
         rs.accepted[frame.device] = dict(frame.meta)
 
     def _close_round(self, rs: RoundState) -> None:
-        updates = [rs.accepted[d] for d in sorted(rs.accepted)]
         self.weights = rs.fold.result()
         acc = self.evaluate(self.weights) if self.evaluate else None
-        record = {"round": rs.number, "accuracy": acc, "uplink_bytes": rs.uplink_bytes,
-                  "downlink_bytes": rs.downlink_bytes, "devices_reporting": len(updates),
-                  "devices_assigned": len(rs.assigned),
-                  "seconds": round(time.time() - rs.started, 3),
-                  "train_seconds_max": max((u.get("train_seconds", 0.0) for u in updates),
-                                           default=0.0),
-                  "accepted": sorted(rs.accepted),
-                  **round_evidence(rs.folded, rs.fold_calls, self.duplicates,
-                                   len(self.rejected))}
+        record = round_record(rs, acc, self.duplicates, len(self.rejected))
         self.state.completed = rs.number
         self.state.history.append(record)
         self.state.extra = self.strategy.state()
