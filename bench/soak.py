@@ -60,11 +60,11 @@ class SoakConfig:
     strategy: str = "fedavg"
     warmup: int = 5  # rounds of each aggregator process left out of the RSS fit
     min_fit_rounds: int = 10  # a shorter fit is reported, not judged
-    # MiB/round. What legitimately grows is the history (a record of ~3 KB a round)
-    # and paho's list of publishes awaiting their ack (trimmed at 1024): ~0.01 MiB/round
-    # measured, with RSS read after malloc_trim. Keeping one model frame a round
-    # (94 KiB here), a fold's float64 state or a round's decoded updates would pass
-    # 0.05; a leak below ~50 KiB a round (the raw updates alone: ~40 KiB) would not.
+    # MiB/round. What legitimately grows is the history (a record of ~3.5 KB a round),
+    # ~0.003 MiB/round; RSS is read after malloc_trim, and its fitted slope wanders by
+    # a few hundredths of a MiB/round (Python's own arenas). Keeping one model frame a
+    # round (94 KiB here), a fold's state or a round's decoded updates passes 0.05; a
+    # leak below ~50 KiB a round (the raw updates alone, ~40 KiB) would not.
     rss_bound_mb: float = 0.05
     max_seconds: float = 1500.0
     workdir: str | None = None

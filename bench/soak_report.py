@@ -133,6 +133,71 @@ def summarize(cfg, report: dict, checks: dict, seen: Seen, samples: dict, done: 
                              "resumed_from": report.get("resumed_from")}}
 
 
+def _fault(e: dict) -> str:
+    r = e["at_round"]
+    if e["kind"] == "kill_device":
+        return f"r{r} SIGKILL dev-{e['device']} ({e['delay']} s in)"
+    if e["kind"] == "restart_device":
+        return f"r{r} restart dev-{e['device']}"
+    if e["kind"] == "kill_aggregator":
+        return (f"r{r} SIGKILL aggregator (persisted then: "
+                f"{', '.join(e.get('persisted_at_kill', [])) or 'none'}), restarted")
+    return f"r{r} broker restarted ({e.get('delay', 0)} s in, 1.5 s down)"
+
+
+NOTES = """
+## How it is proven
+
+- Every round record of the aggregator lists `updates`, the `[device, sha256]` of each
+  payload its fold folded, in fold order, and `folded`, the successful `Fold.add` calls
+  counted apart (`broker_server/records.py`). Per round the checker
+  (`bench/soak_check.py`) requires (a) distinct devices, `folded == len(updates)` and the
+  same devices as `accepted`; (b) each sha256 to be that of a payload an independent
+  observer client saw that device publish for that round; (c) folding exactly those
+  payloads, in that order, into the round's observed model frame with the job's own fold
+  to reproduce the next round's model frame (for the last round: the saved
+  `global-<R>.fdg`) bit for bit. FedAvg over `fedmrn` sums integer mask bits, so the
+  recomputation is exact. It also folds each round's first update twice and checks the
+  result differs: a double fold would have been seen in every round (so the check does
+  not pass vacuously; `tests/test_soak.py` also feeds it forged records and a real
+  double fold and sees each one fail).
+- "resends seen" are update publications beyond a device's first for that round (a
+  device resends its stored update when its task comes again: after the aggregator
+  restart, after the broker restart, after a reconnect); "duplicates" are those the
+  aggregator counted and ignored. None was folded twice: (a) and (c) hold in every round.
+- "quorum misses": rounds that closed more than 1 s after their deadline (the quorum was
+  not in at the deadline); round 1 is one when the devices' first training (torch import)
+  outlasts the round timeout. "deadline closes": rounds closed at the deadline with the
+  quorum but not every assigned device (a killed one).
+- Memory: the record's `rss_bytes` is read after `malloc_trim(0)` (without it the
+  allocator's kept pages made RSS jump by +-10 MiB between rounds); the slope is
+  Theil-Sen (median of pairwise slopes) per aggregator process, leaving out each
+  process's first rounds. Legitimate growth is the history (~3.5 KB a round,
+  ~0.003 MiB/round). The bound, 0.05 MiB/round, fails a leak of one model frame a round
+  (94 KiB here), of a fold's state or of a round's decoded updates; it would not see a
+  leak below ~50 KiB a round (the raw updates alone, ~40 KiB, would take a longer soak).
+  The phase column is the same fit over that phase only (fewer rounds: noisier, not
+  judged).
+
+## What the soak found in fedge (fixed with it)
+
+- A restarted aggregator lost the updates the broker had queued for its persistent
+  session: they arrived right after the CONNACK, before it subscribed its handlers again,
+  and the transport dropped messages no handler matched. The transport now keeps them
+  (up to 32 MiB) for the first handler subscribed for them
+  (`device_runtime/transport/base.py`).
+- With that, they reached the aggregator while it waited for devices, before it reopened
+  their round, and were rejected as late. Updates for the round about to open now wait
+  for it (`Aggregator.waiting`, handled once its devices are assigned). Before both
+  fixes the restart round recovered only through the devices' resends; now the queued
+  updates are folded and the resends are counted as duplicates.
+- The aggregator's RSS climbed ~15-45 KiB a round: the MQTT transport kept every
+  publish's paho `MQTTMessageInfo` (~1.5 KB each) until it held 1024 of them. It now
+  forgets the acknowledged ones whenever the list passes twice what was left unacknowledged
+  the last time (at least 64), so the list stays small at an amortized O(1) per publish.
+"""
+
+
 def to_markdown(res: dict) -> str:
     c = res["checks"]
     lines = [f"# Soak: {res['rounds_completed']} rounds under faults",
@@ -158,6 +223,8 @@ def to_markdown(res: dict) -> str:
                      f"{p['resends_seen']} | {p['duplicates']} | {p['rejected']} | "
                      f"{p['exactly_once']} | {'-' if s is None else f'{s:+.4f}'} | "
                      f"{p['wall_seconds']} |")
+    faults = "; ".join(_fault(e) for e in res["faults"])
+    lines += ["", f"Faults injected (seeded schedule): {faults}."]
     lines += ["", "Aggregator RSS per process (Theil-Sen slope after the warm-up rounds; "
               f"judged against {res['config']['rss_bound_mb']} MiB/round over at least "
               f"{res['config']['min_fit_rounds']} rounds):", ""]
@@ -174,4 +241,4 @@ def to_markdown(res: dict) -> str:
                   f"{max(f['slope_mib_per_round'] for f in dev):+.4f} MiB/round."]
     if res["failures"]:
         lines += ["", "Failures:", ""] + [f"- {f}" for f in res["failures"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + NOTES
