@@ -21,6 +21,7 @@ from broker_server.batches import BatchReplies
 from broker_server.downlink import HELD_KEY, Downlink, check_downlink
 from broker_server.errors import BrokerServerError
 from broker_server.intake import pump, update_expect, update_meta
+from broker_server.records import digest, round_record
 from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, create
 from broker_server.strategies.folds import Fold
@@ -70,6 +71,10 @@ class RoundState:
     sync: bytes | None = None  # the coded change to it from last round's (downlink)
     base_sha: str = ""  # sha256 of last round's model frame, the sync's base
     via: dict[str, str] = field(default_factory=dict)  # device -> "sync"/"full", counted
+    # Exactly-once evidence: (device, sha256 of the payload) in fold order, and the
+    # number of successful Fold.add calls, counted apart so the two can be compared.
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    fold_calls: int = 0
 
 
 class Aggregator:
@@ -104,6 +109,7 @@ class Aggregator:
         self.device_errors: dict[str, str] = {}
         self.rejected: list[dict] = []
         self.duplicates = 0
+        self.waiting: list[tuple[str, bytes]] = []  # updates for the round not yet open
         self.events: queue.Queue = queue.Queue()
         self.round: RoundState | None = None
         self.last_models: dict[str, int] = {}  # variant -> bytes, of the last closed round
@@ -219,10 +225,14 @@ class Aggregator:
                                                  frame, retain=True)
 
     def _reload_accepted(self, rs: RoundState) -> None:
-        """Updates accepted before a crash count again; none is lost."""
+        """Updates accepted before a crash count again; none is lost. Updates that came
+        before the round opened are handled again once its devices are assigned."""
         for device, payload in self.store.accepted_updates(rs.number).items():
-            self._fold_in(rs, wire.decode(payload))
+            self._fold_in(rs, wire.decode(payload), payload)
             rs.uplink_bytes += len(payload)
+        for item in self.waiting:
+            self.events.put(item)
+        self.waiting = []
 
     def _assign(self, rs: RoundState, devices: list[DeviceInfo]) -> None:
         for device, a in self.strategy.assign(rs.number, devices).items():
@@ -322,6 +332,11 @@ class Aggregator:
     def _on_update(self, where: dict, payload: bytes) -> None:
         rs = self.round
         device, r = where["device"], where["round"]
+        if rs is None and r == self.state.completed + 1 and len(self.waiting) < 1024:
+            # Queued by the broker while a restarted aggregator was down; they arrive
+            # before it reopens their round: keep them for it (the soak found them lost).
+            self.waiting.append((self.topics.update(r, device), payload))
+            return
         if rs is None or r != rs.number:
             raise WireError(f"round: expected {rs.number if rs else 'none'}, got {r} "
                                  "(late or early update)")
@@ -336,7 +351,7 @@ class Aggregator:
             self.opts.job, r, device, self.codec, self.strategy, variant, rs.shapes[variant],
             self.devices[device].samples if device in self.devices else 0))
         # Persisted only after the fold accepted it: a rejected payload leaves no trace.
-        self._fold_in(rs, frame)
+        self._fold_in(rs, frame, payload)
         self.store.save_update(r, device, payload)
         rs.uplink_bytes += len(payload)
 
@@ -350,11 +365,13 @@ class Aggregator:
         rs.uplink_bytes += len(payload)
         rs.downlink_bytes += self.t.publish(self.topics.grad(r, device), reply)
 
-    def _fold_in(self, rs: RoundState, frame: wire.Frame) -> None:
+    def _fold_in(self, rs: RoundState, frame: wire.Frame, payload: bytes) -> None:
         """Validate and fold one update into the round (WireError changes nothing)."""
         task = rs.assigned.get(frame.device)
         samples, variant = update_meta(frame, task.variant if task is not None else None)
         rs.fold.add(frame.device, samples, frame.tensors, frame.params, variant=variant)
+        rs.fold_calls += 1
+        rs.folded.append((frame.device, digest(payload)))
         rs.accepted[frame.device] = dict(frame.meta)
         via, counted = frame.meta.get("via"), rs.via.get(frame.device)
         if rs.sync is not None and counted and via in ("sync", "full") and via != counted:
@@ -364,16 +381,9 @@ class Aggregator:
             rs.via[frame.device] = via
 
     def _close_round(self, rs: RoundState) -> None:
-        updates = [rs.accepted[d] for d in sorted(rs.accepted)]
         self.weights = rs.fold.result()
         acc = self.evaluate(self.weights) if self.evaluate else None
-        record = {"round": rs.number, "accuracy": acc, "uplink_bytes": rs.uplink_bytes,
-                  "downlink_bytes": rs.downlink_bytes, "devices_reporting": len(updates),
-                  "devices_assigned": len(rs.assigned),
-                  "seconds": round(time.time() - rs.started, 3),
-                  "train_seconds_max": max((u.get("train_seconds", 0.0) for u in updates),
-                                           default=0.0),
-                  "accepted": sorted(rs.accepted)}
+        record = round_record(rs, acc, self.duplicates, len(self.rejected))
         self.state.completed = rs.number
         self.state.history.append(record)
         self.state.extra = self.strategy.state()

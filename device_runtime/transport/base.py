@@ -5,6 +5,11 @@ QoS 1 semantics. Frames above ``max_payload`` are split into chunk frames on
 sub-topics ``<topic>/_c/<index>`` (distinct topics, so retained chunks do not
 overwrite one another) and reassembled before the handler sees them; a
 subscription to ``pattern`` therefore also covers ``pattern/_c/+``.
+
+A persistent session's queued messages arrive right after the (re)connect, often
+before the client has subscribed its handlers again (a restarted aggregator loads
+its state first): a message no handler matches is kept (up to ``EARLY_BYTES``)
+and handed to the first handler subscribed for it, instead of being dropped.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from device_runtime.errors import WireError
 Handler = Callable[[str, bytes], None]
 CHUNK_SEP = "/_c/"
 SHARE = "$share/"  # MQTT v5 shared subscriptions: $share/<group>/<filter>
+EARLY_BYTES = 32 << 20  # unclaimed messages kept for a handler still to subscribe
 
 
 @dataclass
@@ -77,6 +83,8 @@ class Transport(ABC):
         self._handlers: dict[str, Handler] = {}
         self._reassembler = wire.Reassembler(timeout_s=reassembly_timeout)
         self._lock = threading.Lock()
+        self._early: list[tuple[str, bytes]] = []  # arrived before any handler matched
+        self._early_bytes = 0
         self.on_error: Callable[[str, str], None] = lambda topic, why: None
         # Called after every (re)connect, on the transport's thread: a device
         # re-announces itself so the aggregator resends its task.
@@ -121,6 +129,12 @@ class Transport(ABC):
     def subscribe(self, pattern: str, handler: Handler) -> None:
         with self._lock:
             self._handlers[pattern] = handler
+            early = [(t, p) for t, p in self._early if topic_matches(pattern, t)]
+            if early:
+                self._early = [(t, p) for t, p in self._early if not topic_matches(pattern, t)]
+                self._early_bytes = sum(len(p) for _, p in self._early)
+        for t, p in early:  # oldest first, as the broker sent them
+            handler(t, p)
         self._subscribe_raw(pattern)
         if not pattern.endswith("#"):  # '#' already covers the chunk sub-topics
             self._subscribe_raw(pattern + CHUNK_SEP + "+")
@@ -150,5 +164,15 @@ class Transport(ABC):
             payload = whole
         with self._lock:
             handlers = [h for p, h in self._handlers.items() if topic_matches(p, topic)]
+            if not handlers:
+                self._keep_early(topic, payload)
         for h in handlers:
             h(topic, payload)
+
+    def _keep_early(self, topic: str, payload: bytes) -> None:
+        """Keep a message no handler wants yet (called under the lock); the oldest go
+        first when the kept bytes pass EARLY_BYTES."""
+        self._early.append((topic, payload))
+        self._early_bytes += len(payload)
+        while self._early_bytes > EARLY_BYTES and self._early:
+            self._early_bytes -= len(self._early.pop(0)[1])

@@ -1,0 +1,168 @@
+"""The soak (issue 8): real processes under device kills, an aggregator kill and a broker
+restart, with every round proven exactly-once and the aggregator's memory flat; and
+the checker itself, shown to catch a double fold rather than pass vacuously."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from bench.soak_check import Seen, check_history, check_round, slope
+from broker_server.records import digest, rss_bytes
+from broker_server.service import Aggregator, RoundState, ServeOptions
+from device_runtime import codecs, wire
+from device_runtime.codecs import CodecContext
+from device_runtime.errors import WireError
+from device_runtime.training.local import weights_of
+from device_runtime.training.models import ModelConfig, build_model
+from device_runtime.transport.memory import MemoryHub, MemoryTransport
+
+JOB = "soakunit"
+
+
+def _updates(ref: dict, seed: int, devices: list[str]) -> list[tuple[str, bytes]]:
+    """FedMRN update frames of round 1 from weights moved at random off ``ref``."""
+    codec, rng, out = codecs.get("fedmrn"), np.random.default_rng(3), []
+    for i, d in enumerate(devices):
+        moved = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) if v.ndim else v
+                 for k, v in ref.items()}
+        tensors, params = codec.encode(moved, CodecContext(1, seed, ref, d))
+        out.append((d, wire.encode(wire.Frame("update", JOB, 1, d, "fedmrn", tensors, params,
+                                              {"samples": 40 + 10 * i, "variant": "full"}))))
+    return out
+
+
+def _round_one(tmp_path, double: str | None = None):
+    """Round 1 through the real Aggregator (fold, record, checkpoint) with three updates;
+    ``double``: a device whose update a buggy fold adds a second time, unrecorded."""
+    cfg = ModelConfig("cnn1d", (40,), 10, width=0.25)
+    t = MemoryTransport(MemoryHub(), "agg")
+    t.connect()
+    agg = Aggregator(t, ServeOptions(JOB, tmp_path / "state", codec="fedmrn", rounds=1,
+                                     min_devices=1), cfg.to_json(), weights_of(build_model(cfg)))
+    ref, seed = agg.weights, agg._task_seed(1)
+    model_1 = wire.encode(wire.Frame("model", JOB, 1, "server", "fp32", ref))
+    rs = RoundState(1, started=time.time())
+    rs.fold = agg.strategy.fold(1, ref, agg.codec, CodecContext(1, seed, ref))
+    sent = _updates(ref, seed, ["a", "b", "c"])
+    for d, payload in sent:
+        frame = wire.decode(payload)
+        agg._fold_in(rs, frame, payload)
+        if d == double:
+            rs.fold.add(d, frame.meta["samples"], frame.tensors, frame.params)
+    agg._close_round(rs)
+    seen = Seen()
+    seen.add_model(1, model_1, 0.0)
+    seen.seeds[1] = {seed}
+    for d, payload in sent:
+        seen.add_update(1, d, payload)
+    after = wire.encode(wire.Frame("model", JOB, 1, "server", "fp32", agg.weights))
+    return agg.state.history[-1], seen, after, sent
+
+
+def test_round_record_carries_the_evidence_and_the_checker_recomputes_it(tmp_path):
+    rec, seen, after, sent = _round_one(tmp_path)
+    assert rec["updates"] == [[d, digest(p)] for d, p in sent]  # in fold order
+    assert rec["folded"] == 3 and rec["accepted"] == ["a", "b", "c"]
+    assert rec["rss_bytes"] > 10 << 20 and rec["pid"] > 0
+    assert rec["duplicates_so_far"] == 0 and rec["rejected_so_far"] == 0
+    res = check_history([rec], seen, after, 1, "fedavg", "fedmrn")
+    assert res["passed"], res["failures"]
+    assert res["rounds_passed"] == 1 and res["double_fold_detectable"] == 1
+
+
+def test_the_checker_catches_a_double_fold_and_every_forged_record(tmp_path):
+    rec, seen, after, sent = _round_one(tmp_path, double="b")  # b folded twice
+    fails = check_round(rec, seen, after, "fedavg", "fedmrn")["failures"]
+    assert any("does not reproduce the next model" in f for f in fails), fails
+
+    rec, seen, after, sent = _round_one(tmp_path / "honest")
+    twice = {**rec, "updates": rec["updates"] + [rec["updates"][0]], "folded": 4}
+    fails = check_round(twice, seen, after, "fedavg", "fedmrn")["failures"]
+    assert any("listed twice" in f for f in fails) and \
+        any("does not reproduce" in f for f in fails), fails
+    assert any("folded 2 != 3" in f for f in check_round(
+        {**rec, "folded": 2}, seen, after, "fedavg", "fedmrn")["failures"])
+    forged = {**rec, "updates": [[d, "0" * 64 if d == "c" else s] for d, s in rec["updates"]]}
+    assert any("nobody was seen sending" in f for f in check_round(
+        forged, seen, after, "fedavg", "fedmrn")["failures"])
+    seen.add_model(1, wire.encode(wire.Frame("model", JOB, 1, "server", "fp32",
+                                             wire.decode(after).tensors)), 0.0)
+    assert any("2 distinct model frames" in f for f in check_round(
+        rec, seen, after, "fedavg", "fedmrn")["failures"])
+    assert check_history([rec, {**rec}], Seen(), after, 1, "fedavg", "fedmrn")["failures"][0] \
+        .startswith("rounds in the history")
+
+
+def test_rss_and_slope():
+    assert rss_bytes() > 10 << 20 and rss_bytes("no-such-pid") == 0
+    assert abs(slope([1, 2, 3, 4], [10, 10.5, 11, 11.5]) - 0.5) < 1e-9
+    assert slope([1, 2], [1, 2]) is None
+
+
+def test_updates_that_come_before_their_round_opens_wait_for_it(tmp_path):
+    """Found by the soak: a restarted aggregator got its queued updates while it waited
+    for devices, before it reopened their round, and rejected them as late."""
+    rec, seen, after, sent = _round_one(tmp_path)  # round 1 closed: completed == 1
+    cfg = ModelConfig("cnn1d", (40,), 10, width=0.25)
+    t = MemoryTransport(MemoryHub(), "agg2")
+    t.connect()
+    agg = Aggregator(t, ServeOptions(JOB, tmp_path / "state", codec="fedmrn", rounds=2,
+                                     min_devices=1), cfg.to_json(), weights_of(build_model(cfg)))
+    agg._on_update({"kind": "update", "round": 2, "device": "a"}, b"queued")
+    with pytest.raises(WireError, match="expected none, got 3"):  # not the next round
+        agg._on_update({"kind": "update", "round": 3, "device": "a"}, b"early")
+    assert agg.waiting == [(f"fedge/{JOB}/round/2/update/a", b"queued")] and agg.rejected == []
+    rs = RoundState(2, started=time.time())
+    rs.fold = agg.strategy.fold(2, agg.weights, agg.codec, CodecContext(2, 2, agg.weights))
+    agg._reload_accepted(rs)  # the round opens: handled after its devices are assigned
+    assert agg.waiting == [] and agg.events.get_nowait() == (f"fedge/{JOB}/round/2/update/a",
+                                                             b"queued")
+
+
+def test_messages_queued_for_a_persistent_session_reach_handlers_subscribed_late(mosquitto):
+    """Found by the soak: a restarted aggregator's queued updates came before it
+    subscribed and were dropped; now they wait for the handler."""
+    from device_runtime.transport.mqtt import MqttTransport
+
+    first = MqttTransport(mosquitto.url, "late-sub", persistent=True)
+    first.connect()
+    first.subscribe("soak/+", lambda t, p: None)
+    time.sleep(0.3)
+    first.close()  # clean: the broker keeps the session and queues for it
+    pub = MqttTransport(mosquitto.url, "late-pub")
+    pub.connect()
+    for i in range(3):
+        pub.publish("soak/x", b"m%d" % i)
+    assert pub.flush()
+    again = MqttTransport(mosquitto.url, "late-sub", persistent=True)
+    again.connect()
+    time.sleep(0.5)  # loading state before subscribing, as the aggregator does
+    got: list[bytes] = []
+    again.subscribe("soak/+", lambda t, p: got.append(p))
+    deadline = time.time() + 5
+    while len(got) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    again.close()
+    pub.close()
+    assert got == [b"m0", b"m1", b"m2"]
+
+
+def test_soak_under_faults_every_round_exactly_once_and_flat_memory(tmp_path):
+    from bench.soak import SoakConfig, run_soak
+
+    # 20 rounds keep CI near two minutes; bench/soak.py runs the 50-round schedule
+    # (docs/results/soak.md). The aggregator restarted in round 8 runs 13 rounds: 10
+    # after its warm-up, enough to judge its memory.
+    res = run_soak(SoakConfig(rounds=20, warmup=3, workdir=str(tmp_path / "soak")))
+    (tmp_path / "soak.json").write_text(json.dumps(res, indent=1))  # for a post-mortem
+    assert res["passed"], res["failures"]
+    assert res["rounds_completed"] == 20
+    kinds = [e["kind"] for e in res["faults"]]
+    assert kinds.count("kill_aggregator") == 1 and kinds.count("restart_broker") == 1
+    assert kinds.count("kill_device") >= 3 and kinds.count("restart_device") >= 3
+    assert res["checks"]["rounds_passed"] == 20 and res["checks"]["updates_checked"] >= 100
+    # The restarted aggregator rejects none of the updates queued for it while it was down.
+    assert not [r for r in res["rejected"] if "expected none" in r["reason"]], res["rejected"]
