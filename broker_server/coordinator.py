@@ -24,6 +24,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from broker_server.downlink import recount_fetch
 from broker_server.errors import BrokerServerError
 from broker_server.scaleout import WorkRound, WorkerStatus, parse_accepted
 from device_runtime import messages, wire
@@ -115,6 +116,8 @@ class ScaleOut:
         merged = {}
         for worker in sorted(include):  # a fixed order: the same sums every time
             merged[worker] = self._merge(agg, rs, worker, include[worker])
+            # The round record's evidence, as if the aggregator had folded them itself.
+            rs.folded += [(d, self.reporter[d][1]) for d in merged[worker]]
         self.closing = None
         for device in set(rs.accepted) - {d for ds in merged.values() for d in ds}:
             del rs.accepted[device]  # its worker did not deliver it: not in this round
@@ -164,6 +167,7 @@ class ScaleOut:
         self.reporter[a.device] = (worker, a.sha256)
         rs.accepted[a.device] = dict(a.meta)
         rs.uplink_bytes += a.nbytes
+        recount_fetch(rs, a.device, a.meta, rs.assigned[a.device].variant)
 
     def _on_partial(self, agg, worker: str, payload: bytes) -> None:
         if self.closing is None or worker not in self.closing:

@@ -2,26 +2,24 @@
 
 Without it (``--downlink fp32``) every device fetches the whole fp32 model every
 round, and with a 1-bit uplink codec that download is ~95% of the traffic. With
-``--downlink sign`` (or ``int8``, ``fp16``) the aggregator keeps two models:
-
-- ``x``, its own (what it evaluates, checkpoints and exports), and
-- ``held``, the model the devices hold (``x̂``), which it publishes.
-
-Each round it codes the change ``x - held`` with the downlink codec (relative to
-``held``, as an uplink update is coded relative to the global model), publishes
-that sync frame, and advances ``held`` by exactly what the frame decodes to:
-``held' = decode(encode(x; held); held)``. A device holding ``held`` applies the
-same decode and, by construction, gets the bytes the aggregator got; it checks
-that by the sha256 of the re-encoded model frame. What the code drops stays in
-``x - held`` and is sent in later rounds (error feedback), so ``held`` tracks
-``x`` rather than drifting. Devices train from ``held`` and their updates are
-relative to it, so the round's aggregate ``R`` is folded against ``held`` and the
-server model becomes ``x + (R - held)``.
+a downlink codec the aggregator keeps ``held``, the model the devices hold, next
+to its own model (the last round's aggregate: what it evaluates, checkpoints and
+exports). Each round it codes the change from ``held`` to its own model with the
+downlink codec (relative to ``held``, as an uplink update is coded relative to
+the global model), publishes that sync frame, and advances ``held`` by exactly
+what the frame decodes to: ``held' = decode(encode(model; held); held)``. A
+device holding ``held`` applies the same decode and, by construction, gets the
+bytes the aggregator got; it checks that by the sha256 of the re-encoded model
+frame. Devices train from ``held`` and their updates are relative to it, so the
+round is folded against ``held``; the fold's result is the aggregator's new
+model. The coding error is not carried into the next change (error feedback):
+local training from ``held`` already corrects toward the data, and adding the
+error again counted it twice (docs/DESIGN.md has the measurements).
 
 A device that does not hold the base (new, restarted, or away last round)
 fetches the full model frame of ``held``, which is published retained as before.
 
-Everything here is a pure function of its inputs (the sign codec is
+Everything here is a pure function of its inputs (sign and fedmrn codes are
 deterministic; int8's stochastic rounding is seeded by the round), so a
 restarted aggregator recomputes the same frames.
 """
@@ -81,13 +79,6 @@ def code_change(codec_name: str, target: Weights, held: Weights, ctx: CodecConte
     return tensors, params, {k: decoded[k] for k in held}
 
 
-def carry(result: Weights, x: Weights, held: Weights) -> Weights:
-    """The server model after a round aggregated to ``result`` against ``held``:
-    ``x + (result - held)``, float32; the coding error ``x - held`` is kept."""
-    return {k: np.asarray(v + (x[k] - held[k]), np.float32) if k in x and k in held else v
-            for k, v in result.items()}
-
-
 @dataclass
 class RoundModel:
     """What one round publishes for the full model."""
@@ -101,8 +92,8 @@ class RoundModel:
 class Downlink:
     """Keeps ``held`` and produces each round's frames (see the module docstring)."""
 
-    def __init__(self, codec_name: str, job: str, seed: int):
-        self.codec, self.job, self.seed = check_downlink(codec_name), job, seed
+    def __init__(self, codec_name: str, job: str):
+        self.codec, self.job = check_downlink(codec_name), job
         self.held: Weights | None = None
         self.held_round = 0  # the round whose model ``held`` is
         self.held_sha = ""  # sha256 of held's model frame (of round held_round)
@@ -113,18 +104,17 @@ class Downlink:
 
     def restore(self, held: Weights | None, round_: int) -> None:
         """After a restart: the held model of the last closed round (None: none)."""
-        self.held, self.held_round = held, round_
-        self.held_sha = sha256(model_frame(self.job, round_, held)) if held is not None else ""
+        if held is not None:
+            self._hold(RoundModel(held, model_frame(self.job, round_, held)), round_)
 
-    def advance(self, x: Weights, round_: int) -> RoundModel:
+    def advance(self, x: Weights, round_: int, seed: int) -> RoundModel:
         """The round's model: ``x`` itself when uncoded or nothing is held, else held
-        advanced by the coded change toward ``x``."""
+        advanced by the coded change toward ``x``. ``seed`` is the previous round's task
+        seed: the change is that round's aggregate, and a FedMRN aggregate is a sum of
+        masks over that round's noise."""
         if not self.coded or self.held is None or self.held_round != round_ - 1:
             return self._hold(RoundModel(x, model_frame(self.job, round_, x)), round_)
         base = self.held_sha
-        # The previous round's seed: the change is that round's aggregate, and a FedMRN
-        # aggregate is a sum of masks over that round's noise.
-        seed = self.seed * 100_003 + round_ - 1
         tensors, params, held = code_change(self.codec, x, self.held,
                                             sync_context(round_, seed, self.held))
         sync = wire.encode(wire.Frame(SYNC_KIND, self.job, round_, "server", self.codec,
@@ -133,5 +123,18 @@ class Downlink:
                           round_)
 
     def _hold(self, rm: RoundModel, round_: int) -> RoundModel:
-        self.held, self.held_round, self.held_sha = rm.weights, round_, sha256(rm.frame)
+        self.held, self.held_round = rm.weights, round_
+        # The base of the next change; uncoded, there is none to name.
+        self.held_sha = sha256(rm.frame) if self.coded else ""
         return rm
+
+
+def recount_fetch(rs, device: str, meta: dict, variant: str) -> None:
+    """An accepted update says how its device got the model ("sync" or "full"); the
+    aggregator counted what it expected when it sent the task. The device knew better
+    what it held: correct the round's (a service ``RoundState``) downlink bytes."""
+    via, counted = meta.get("via"), rs.via.get(device)
+    if rs.sync is not None and counted and via in ("sync", "full") and via != counted:
+        sizes = {"sync": len(rs.sync), "full": rs.model_bytes.get(variant, 0)}
+        rs.downlink_bytes += sizes[via] - sizes[counted]
+        rs.via[device] = via

@@ -69,7 +69,7 @@ def trim_heap() -> None:
 def round_evidence(updates: list[tuple[str, str]], folded: int, duplicates: int,
                    rejected: int) -> dict:
     """The record's evidence fields: ``updates`` (device, sha256 in fold order),
-    ``folded`` (successful ``Fold.add`` calls, counted apart from the list), this
+    ``folded`` (successful ``Fold.add`` calls), this
     process's cumulative ``duplicates`` and ``rejected`` counts (a restarted aggregator
     starts them at 0 again; ``pid`` tells the processes apart) and ``rss_bytes``
     (after ``trim_heap``)."""
@@ -89,4 +89,18 @@ def round_record(rs, accuracy: float | None, duplicates: int, rejected: int) -> 
             "train_seconds_max": max((u.get("train_seconds", 0.0) for u in updates),
                                      default=0.0),
             "accepted": sorted(rs.accepted),
-            **round_evidence(rs.folded, rs.fold_calls, duplicates, rejected)}
+            **round_evidence(rs.folded, len(rs.folded), duplicates, rejected)}
+
+
+def job_report(agg) -> dict:
+    """The job's report from an ``Aggregator``: its settings, every round's record and
+    the totals."""
+    hist = agg.state.history
+    return {"job": agg.opts.job, "strategy": agg.opts.strategy, "codec": agg.opts.codec,
+            "downlink": agg.opts.downlink,
+            "rounds": hist, "final_accuracy": hist[-1]["accuracy"] if hist else None,
+            "resumed_from": agg.resumed_from, "rejected": agg.rejected,
+            "device_errors": dict(agg.device_errors),
+            "duplicates": agg.duplicates,
+            "uplink_bytes_total": sum(h["uplink_bytes"] for h in hist),
+            "downlink_bytes_total": sum(h["downlink_bytes"] for h in hist)}

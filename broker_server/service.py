@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 from broker_server.batches import BatchReplies
-from broker_server.downlink import HELD_KEY, Downlink, check_downlink
+from broker_server.downlink import HELD_KEY, Downlink, check_downlink, recount_fetch
 from broker_server.errors import BrokerServerError
 from broker_server.intake import pump, update_expect, update_meta
-from broker_server.records import digest, round_record
+from broker_server.records import digest, job_report, round_record
 from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, create
 from broker_server.strategies.folds import Fold
@@ -70,11 +70,11 @@ class RoundState:
     reference: dict = field(default_factory=dict)  # the full model devices train from
     sync: bytes | None = None  # the coded change to it from last round's (downlink)
     base_sha: str = ""  # sha256 of last round's model frame, the sync's base
+    sync_sha: str = ""  # sha256 of the sync frame, named in every task
     via: dict[str, str] = field(default_factory=dict)  # device -> "sync"/"full", counted
-    # Exactly-once evidence: (device, sha256 of the payload) in fold order, and the
-    # number of successful Fold.add calls, counted apart so the two can be compared.
+    # Exactly-once evidence: (device, sha256 of the payload) of each successful
+    # Fold.add, in fold order (a device folded twice shows twice).
     folded: list[tuple[str, str]] = field(default_factory=list)
-    fold_calls: int = 0
 
 
 class Aggregator:
@@ -89,7 +89,7 @@ class Aggregator:
         self.strategy = create(opts.strategy, epochs=opts.epochs, batch_size=opts.batch_size,
                                lr=opts.lr, **extra)
         check_downlink(opts.downlink, opts.strategy)
-        self.downlink = Downlink(opts.downlink, opts.job, opts.seed)
+        self.downlink = Downlink(opts.downlink, opts.job)
         self.model_config = model_config
         self.evaluate, self.on_round = evaluate, on_round
         self.store = StateStore(opts.state_dir, opts.job)
@@ -207,9 +207,10 @@ class Aggregator:
         self._close_round(rs)
 
     def _publish_models(self, rs: RoundState) -> None:
-        rm = self.downlink.advance(self.weights, rs.number)
+        rm = self.downlink.advance(self.weights, rs.number, self._task_seed(rs.number - 1))
         rs.reference, rs.sync, rs.base_sha = rm.weights, rm.sync, rm.base_sha256
         if rm.sync is not None:
+            rs.sync_sha = hashlib.sha256(rm.sync).hexdigest()
             self.t.publish(self.topics.sync(rs.number, "full"), rm.sync, retain=True)
         for variant, w in self.strategy.variants(rm.weights).items():
             self._publish_variant(rs, variant, w, rm.frame if variant == "full" else None)
@@ -257,7 +258,7 @@ class Aggregator:
         """(base_sha256, sync_sha256) for a task: the coded change, if there is one."""
         if rs.sync is None or variant != "full":
             return "", ""
-        return rs.base_sha, hashlib.sha256(rs.sync).hexdigest()
+        return rs.base_sha, rs.sync_sha
 
     def _task_seed(self, r: int) -> int:
         """The round's seed (local shuffling, codec noise): both ends derive it."""
@@ -370,15 +371,9 @@ class Aggregator:
         task = rs.assigned.get(frame.device)
         samples, variant = update_meta(frame, task.variant if task is not None else None)
         rs.fold.add(frame.device, samples, frame.tensors, frame.params, variant=variant)
-        rs.fold_calls += 1
         rs.folded.append((frame.device, digest(payload)))
         rs.accepted[frame.device] = dict(frame.meta)
-        via, counted = frame.meta.get("via"), rs.via.get(frame.device)
-        if rs.sync is not None and counted and via in ("sync", "full") and via != counted:
-            # The device knew better what it held: count what it really fetched.
-            sizes = {"sync": len(rs.sync), "full": rs.model_bytes.get(variant, 0)}
-            rs.downlink_bytes += sizes[via] - sizes[counted]
-            rs.via[frame.device] = via
+        recount_fetch(rs, frame.device, frame.meta, variant)
 
     def _close_round(self, rs: RoundState) -> None:
         self.weights = rs.fold.result()
@@ -407,12 +402,4 @@ class Aggregator:
             self.on_round(record)
 
     def report(self) -> dict:
-        hist = self.state.history
-        return {"job": self.opts.job, "strategy": self.opts.strategy, "codec": self.opts.codec,
-                "downlink": self.opts.downlink,
-                "rounds": hist, "final_accuracy": hist[-1]["accuracy"] if hist else None,
-                "resumed_from": self.resumed_from, "rejected": self.rejected,
-                "device_errors": dict(self.device_errors),
-                "duplicates": self.duplicates,
-                "uplink_bytes_total": sum(h["uplink_bytes"] for h in hist),
-                "downlink_bytes_total": sum(h["downlink_bytes"] for h in hist)}
+        return job_report(self)

@@ -56,6 +56,10 @@ def test_serve_with_two_workers_reaches_the_same_model(tmp_path, job_files, mosq
     scale = spread["scale_out"]
     assert sum(scale["updates_by_worker"].values()) == 2 * DEVICES, scale
     assert len(scale["rounds"]) == 2
+    # The exactly-once evidence names every merged update once, as without workers.
+    for r in spread["rounds"]:
+        assert r["folded"] == len(r["updates"]) == DEVICES, r
+        assert sorted(d for d, _ in r["updates"]) == r["accepted"]
     down = [r["downlink_bytes"] for r in spread["rounds"]]
     assert down[1] < down[0] / 5, down  # round 2: the change, not the model
 
