@@ -153,16 +153,18 @@ def test_messages_queued_for_a_persistent_session_reach_handlers_subscribed_late
 def test_soak_under_faults_every_round_exactly_once_and_flat_memory(tmp_path):
     from bench.soak import SoakConfig, run_soak
 
-    # 20 rounds keep CI near two minutes; bench/soak.py runs the 50-round schedule
-    # (docs/results/soak.md). The aggregator restarted in round 8 runs 13 rounds: 10
-    # after its warm-up, enough to judge its memory.
-    res = run_soak(SoakConfig(rounds=20, warmup=3, workdir=str(tmp_path / "soak")))
+    # 22 rounds keep CI near two minutes; bench/soak.py runs the 50-round schedule
+    # (docs/results/soak.md). The aggregator is killed in round 9, mid-round or, when
+    # that round closes first, just after: the restarted process runs 13 or 14 rounds,
+    # at least 10 after its warm-up, enough to judge its memory either way (with 20
+    # rounds, a kill after the close left it 9: not judged, and the soak failed).
+    res = run_soak(SoakConfig(rounds=22, warmup=3, workdir=str(tmp_path / "soak")))
     (tmp_path / "soak.json").write_text(json.dumps(res, indent=1))  # for a post-mortem
     assert res["passed"], res["failures"]
-    assert res["rounds_completed"] == 20
+    assert res["rounds_completed"] == 22
     kinds = [e["kind"] for e in res["faults"]]
     assert kinds.count("kill_aggregator") == 1 and kinds.count("restart_broker") == 1
     assert kinds.count("kill_device") >= 3 and kinds.count("restart_device") >= 3
-    assert res["checks"]["rounds_passed"] == 20 and res["checks"]["updates_checked"] >= 100
+    assert res["checks"]["rounds_passed"] == 22 and res["checks"]["updates_checked"] >= 100
     # The restarted aggregator rejects none of the updates queued for it while it was down.
     assert not [r for r in res["rejected"] if "expected none" in r["reason"]], res["rejected"]
