@@ -44,6 +44,8 @@ def arms(devices: int, rounds: int, sign_rounds: int, wide_rounds: int, fedmrn_c
             "mv", server_lr=0.005, batch_by_device=mixed)),
         "signsgd-fv": replace(base, **sign, strategy_options=SignSGDOptions(
             "fv", server_lr=0.005, batch_by_device=mixed)),
+        "signsgd-fv-pairs": replace(base, **sign, strategy_options=SignSGDOptions(
+            "fv", server_lr=0.005, batch_by_device=mixed, estimate="pairs")),
         "signsgd-fv-coord": replace(base, **sign, strategy_options=SignSGDOptions(
             "fv", per_coordinate=True, server_lr=0.005, batch_by_device=mixed)),
         # The paper's setting: mixed minibatches on (near) IID shards.
@@ -51,6 +53,9 @@ def arms(devices: int, rounds: int, sign_rounds: int, wide_rounds: int, fedmrn_c
             "mv", server_lr=0.005, batch_by_device=mixed)),
         "signsgd-fv-iid": replace(base, **sign, alpha=100.0, strategy_options=SignSGDOptions(
             "fv", server_lr=0.005, batch_by_device=mixed)),
+        "signsgd-fv-pairs-iid": replace(base, **sign, alpha=100.0,
+                                        strategy_options=SignSGDOptions(
+            "fv", server_lr=0.005, batch_by_device=mixed, estimate="pairs")),
         "fedavg-fp32-wide": wide,
         "fedavg-fedmrn-wide": replace(wide, codec=fedmrn_codec),
     }

@@ -73,7 +73,7 @@ def code_change(codec_name: str, target: Weights, held: Weights, ctx: CodecConte
     """(wire tensors, params, new held): ``target - held`` coded, and held advanced by
     exactly what those tensors decode to."""
     codec = codecs.get(codec_name)
-    tensors, params = codec.encode(target, ctx)
+    tensors, params = codec.encode_change(target, ctx)
     decoded = codec.decode(tensors, params, ctx)
     # In held's order: the device rebuilds the frame in the order of the one it holds.
     return tensors, params, {k: decoded[k] for k in held}

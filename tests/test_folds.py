@@ -96,12 +96,13 @@ def test_fedmrn_fold_rejects_corrupt_payload_and_stays_unchanged():
         np.testing.assert_array_equal(before[n], after[n])
 
 
-@pytest.mark.parametrize("decoder", ["mv", "fv"])
-def test_vote_fold_decides_exactly_as_the_float_vote(decoder):
+@pytest.mark.parametrize("decoder,estimate", [("mv", "vote"), ("fv", "vote"), ("fv", "pairs")])
+def test_vote_fold_decides_exactly_as_the_float_vote(decoder, estimate):
     rng = np.random.default_rng(3)
     ref = _ref(rng)
     codec = codecs.get("sign")
-    opts = SignSGDOptions(decoder, server_lr=0.01, warmup_rounds=1, gamma=0.9)
+    opts = SignSGDOptions(decoder, server_lr=0.01, warmup_rounds=1, gamma=0.9,
+                          estimate=estimate)
     fast, slow = SignSGD(options=opts), SignSGD(options=opts)
     weights_fast = weights_slow = ref
     for r in range(1, 5):

@@ -11,7 +11,8 @@ import numpy as np
 
 from broker_server.strategies.aggregate import weighted_average
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update, Weights
-from broker_server.strategies.voting import VotingWeights, others_vote, vote_sums
+from broker_server.strategies.voting import (VotingWeights, others_vote, pairwise_reliability,
+                                             vote_sums)
 from device_runtime.codecs.base import is_statistic
 
 
@@ -19,6 +20,8 @@ from device_runtime.codecs.base import is_statistic
 class SignSGDOptions:
     decoder: str = "fv"  # "mv" | "fv"
     per_coordinate: bool = False
+    # How FV estimates p_m: "vote" (agreement with the others' vote, the paper's) or
+    # "pairs" (pairwise agreement, voting.pairwise_reliability); per device only.
     server_lr: float = 1e-3
     warmup_rounds: int = 5  # plain majority vote while the FV counters fill
     gamma: float = 0.99
@@ -26,6 +29,7 @@ class SignSGDOptions:
     local_steps: int = 1
     batch_by_device: dict = field(default_factory=dict)  # explicit sizes win
     batch_by_profile: dict = field(default_factory=dict)
+    estimate: str = "vote"
 
 
 class SignSGD(Strategy):
@@ -37,6 +41,10 @@ class SignSGD(Strategy):
         self.opts = options or SignSGDOptions()
         if self.opts.decoder not in ("mv", "fv"):
             raise ValueError(f"decoder: expected mv or fv, got {self.opts.decoder!r}")
+        if self.opts.estimate not in ("vote", "pairs"):
+            raise ValueError(f"estimate: expected vote or pairs, got {self.opts.estimate!r}")
+        if self.opts.estimate == "pairs" and self.opts.per_coordinate:
+            raise ValueError("estimate pairs: per device only, not with per_coordinate")
         if self.opts.agreement_sample < 1:
             raise ValueError("agreement_sample: expected >= 1 coordinates, got "
                              f"{self.opts.agreement_sample}")
@@ -69,7 +77,15 @@ class SignSGD(Strategy):
                    for u in updates]
         sums = vote_sums(signs, weights)
         decoded = {k: np.sign(v).astype(np.int8) for k, v in sums.items()}
-        if self.opts.decoder == "fv":  # a majority vote never reads the counters
+        if self.opts.decoder == "fv" and self.opts.estimate == "pairs":
+            flat = np.stack([np.concatenate([x[k].reshape(-1) for k in sorted(x)])
+                             for x in signs])
+            n, k = flat.shape[1], self.opts.agreement_sample
+            if n > k:  # as VoteFold samples; the estimate ignores the coordinates' order
+                flat = flat[:, np.random.default_rng(round_).integers(0, n, k)]
+            for u, v in zip(updates, pairwise_reliability(flat)):
+                self.votes.record(u.device, (1 + float(v)) / 2, 1)
+        elif self.opts.decoder == "fv":  # a majority vote never reads the counters
             # Per coordinate, the reference is the others' unweighted majority: measured
             # against the weighted vote, a coordinate where noise made every weight
             # negative inverts the vote, every device then disagrees with it, and the

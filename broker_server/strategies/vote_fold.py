@@ -25,7 +25,7 @@ from broker_server.strategies.base import Weights
 from broker_server.strategies.bitsum import BitSum
 from broker_server.strategies.folds import Fold
 from broker_server.strategies.partials import bits_in, bits_out, only, sums_in, sums_out
-from broker_server.strategies.voting import WEIGHT_STEPS
+from broker_server.strategies.voting import WEIGHT_STEPS, pairwise_reliability
 from device_runtime.codecs.base import is_statistic
 from device_runtime.codecs.bits import packed_size
 from device_runtime.codecs.sign import check_payload
@@ -113,6 +113,10 @@ class VoteFold(Fold):
         """Each device against the others' vote, sign(sum - q_m s_m), on the sample."""
         devices = sorted(self.sampled)
         s = np.stack([self.sampled[d] for d in devices])
+        if self.strategy.opts.estimate == "pairs":
+            for d, v in zip(devices, pairwise_reliability(s)):
+                self.strategy.votes.record(d, (1 + float(v)) / 2, 1)
+            return
         q = np.array([self.q[d] for d in devices], np.int32)
         sums = q @ s.astype(np.int32)  # |q| <= 2560: 800k devices fit in int32
         # s == sign(sums - q s)  <=>  s * sums > q, for s in {-1, +1}

@@ -5,6 +5,12 @@ w_m = ln((1 - p_m) / p_m), clipped to +-10, where p_m estimates how often device
 m's sign disagrees with the vote of the other devices (Park, Poor, Lee, arXiv
 2403.16372, with the vote taken leave-one-out, see ``others_vote``), tracked with
 discounted counters per device or per device and coordinate.
+
+``pairwise_reliability`` is the other estimate of p_m (``SignSGDOptions.estimate
+= "pairs"``): from how often each pair of devices agrees, with no vote as the
+reference. A vote is itself noisy, and a device's agreement with it understates
+how much better a reliable device is (measured: weights 2x apart where the true
+ones are 8x apart, docs/results/compression.md).
 """
 from __future__ import annotations
 
@@ -43,6 +49,29 @@ def others_vote(sums: dict[str, np.ndarray], signs: Signs, weight: float | Signs
     partly because it cast it, and the estimates would not separate them.
     """
     return {k: np.sign(sums[k] - signs[k] * _at(weight, k)).astype(np.int8) for k in sums}
+
+
+def pairwise_reliability(s: np.ndarray, iters: int = 30) -> np.ndarray:
+    """v_m = 1 - 2 p_m per row of ``s`` (devices x coordinates, signs in {-1, +1}).
+
+    With independent errors, two devices agree in sign on a coordinate with
+    E[s_i s_j] = v_i v_j, so the off-diagonal agreement matrix is rank one: v is
+    its leading eigenvector, with the unknown diagonal filled in by iteration
+    (the moment method for the Dawid-Skene model). Fewer than three devices do
+    not identify v: all get 0 (no evidence either way).
+    """
+    m, k = s.shape
+    if m < 3:
+        return np.zeros(m)
+    x = s.astype(np.float32)
+    c = (x @ x.T).astype(np.float64) / k
+    off = c - np.diag(np.diag(c))
+    v = np.full(m, np.sqrt(max(off.sum() / (m * (m - 1)), 0.0)))
+    for _ in range(iters):
+        vals, vecs = np.linalg.eigh(off + np.diag(v * v))
+        u = vecs[:, -1] * np.sqrt(max(vals[-1], 0.0))
+        v = u if u.sum() >= 0 else -u  # most devices are better than chance
+    return np.clip(v, -0.999, 0.999)
 
 
 def _at(w: float | Signs, name: str):
@@ -98,8 +127,9 @@ class VotingWeights:
             self.record(device, sum(int((signs[k] == decoded[k]).sum()) for k in signs),
                         sum(v.size for v in signs.values()))
 
-    def record(self, device: str, same: int, n: int) -> None:
-        """Per-device counters from a count: ``same`` of ``n`` signs agreed with the vote."""
+    def record(self, device: str, same: float, n: int) -> None:
+        """Per-device counters from a count: ``same`` of ``n`` signs agreed (or, from
+        ``pairwise_reliability``, the probability of agreeing: ``n`` = 1)."""
         self.total[device] = self.gamma * self.total.get(device, 0.0) + 1
         self.agree[device] = self.gamma * self.agree.get(device, 0.0) + same / max(n, 1)
 

@@ -39,6 +39,12 @@ class Codec(ABC):
     def encode(self, weights: Weights, ctx: CodecContext) -> tuple[Weights, dict[str, dict]]:
         """Wire tensors and their per-tensor params."""
 
+    def encode_change(self, weights: Weights, ctx: CodecContext
+                      ) -> tuple[Weights, dict[str, dict]]:
+        """``encode`` for the coded downlink, whose change is an aggregate rather than
+        one device's update; a codec that can code an aggregate better overrides it."""
+        return self.encode(weights, ctx)
+
     @abstractmethod
     def decode(self, tensors: Weights, params: dict[str, dict], ctx: CodecContext) -> Weights:
         """Back to float32 weights (raises WireError on an inconsistent payload)."""

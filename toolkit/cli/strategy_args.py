@@ -32,6 +32,9 @@ def add(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sign-decoder", choices=("mv", "fv"), default="fv")
     g.add_argument("--sign-per-coordinate", action="store_true",
                    help="FV weights per device and coordinate (default: per device)")
+    g.add_argument("--sign-estimate", choices=("vote", "pairs"), default="vote",
+                   help="how FV estimates each device's error rate: agreement with the "
+                   "others' vote, or pairwise agreement between devices")
     g.add_argument("--server-lr", type=float, default=1e-3)
     g.add_argument("--local-steps", type=int, default=1)
     g.add_argument("--batch-sizes", help="comma list, one per device (default: in proportion "
@@ -110,4 +113,5 @@ def _signsgd(args: argparse.Namespace, cat, profiles: list[str], devices: int):
         by_device = {f"dev-{k}": b for k, b in enumerate(sizes)}
     return SignSGDOptions(args.sign_decoder, args.sign_per_coordinate, args.server_lr,
                           local_steps=args.local_steps, batch_by_device=by_device,
+                          estimate=args.sign_estimate,
                           batch_by_profile=batch_by_compute([cat.get(p) for p in profiles]))
