@@ -73,6 +73,37 @@ def test_a_bad_sync_frame_or_base_is_refused_with_a_reason():
         rebuild(JOB, 2, first.frame, second.sync[: len(second.sync) // 2], sha)
 
 
+def test_fedmrn_codes_an_aggregate_with_two_levels_closer_than_the_majority():
+    """A FedMRN round moves each weight by noise * f, f the fraction of masks set;
+    two levels per tensor fitted to f lose less than the majority's 0 and 1."""
+    from device_runtime import codecs, wire
+    from device_runtime.codecs import CodecContext
+    from device_runtime.codecs.fedmrn import layout, noise
+
+    x1, _ = _models()
+    rng, seed = np.random.default_rng(3), 2
+    frac = {k: rng.binomial(10, rng.uniform(0.2, 0.8, v.shape)) / 10 for k, v in x1.items()}
+    x2 = {k: (v + noise(k, v.shape, seed) * frac[k]).astype(np.float32) if v.ndim >= 2 else v
+          for k, v in x1.items()}
+    dl = Downlink("fedmrn", JOB)
+    first, second = dl.advance(x1, 1, seed=1), dl.advance(x2, 2, seed=seed)
+    sha = hashlib.sha256(second.frame).hexdigest()
+    assert rebuild(JOB, 2, first.frame, second.sync, sha) == second.frame
+    codec, ctx = codecs.get("fedmrn"), CodecContext(2, seed, x1)
+    majority = codec.decode(*codec.encode(x2, ctx), ctx)
+    masked = layout({k: v.shape for k, v in x1.items()})[0]
+    err = lambda w: sum(float(((w[k] - x2[k]) ** 2).sum()) for k in masked)
+    assert err(second.weights) < 0.6 * err(majority)
+    # Levels that are not pairs of numbers, one per masked tensor: refused by name.
+    frame = wire.decode(second.sync)
+    for bad in ([[0.1, "x"]] * len(masked), [[0.1, 0.9]]):
+        params = {"mask": dict(frame.params["mask"], levels=bad)}
+        forged = wire.encode(wire.Frame("sync", JOB, 2, "server", "fedmrn", frame.tensors,
+                                        dict(frame.params, **params), frame.meta))
+        with pytest.raises(WireError, match="levels"):
+            rebuild(JOB, 2, first.frame, forged, sha)
+
+
 def test_a_restarted_aggregator_rebuilds_the_same_frames():
     x1, x2 = _models()
     x3 = {k: v * 0.99 for k, v in x2.items()}
