@@ -74,7 +74,7 @@ def code_change(codec_name: str, target: Weights, held: Weights, ctx: CodecConte
     exactly what those tensors decode to."""
     codec = codecs.get(codec_name)
     tensors, params = codec.encode_change(target, ctx)
-    decoded = codec.decode(tensors, params, ctx)
+    decoded = codec.decode_change(tensors, params, ctx)
     # In held's order: the device rebuilds the frame in the order of the one it holds.
     return tensors, params, {k: decoded[k] for k in held}
 

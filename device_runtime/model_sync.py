@@ -40,11 +40,11 @@ def rebuild(job: str, round_: int, held_frame: bytes, sync: bytes, model_sha256:
     codec = codecs.get(head.codec)
     shapes = {k: tuple(v.shape) for k, v in held.items()}
     frame = wire.decode(sync, wire.Expect(kind=SYNC_KIND, job=job, round=round_,
-                                          codec=head.codec, tensors=codec.wire_spec(shapes)))
+                                          codec=head.codec, tensors=codec.change_spec(shapes)))
     seed = frame.meta.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise WireError(f"sync frame meta.seed: expected an int, got {seed!r}")
-    weights = codec.decode(frame.tensors, frame.params, sync_context(round_, seed, held))
+    weights = codec.decode_change(frame.tensors, frame.params, sync_context(round_, seed, held))
     out = model_frame(job, round_, {k: weights[k] for k in held})
     digest = hashlib.sha256(out).hexdigest()
     if digest != model_sha256:

@@ -56,7 +56,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor as the plan expects it."""
+    """One tensor as the plan expects it (a ``None`` in ``shape``: any length)."""
 
     dtype: str
     shape: tuple[int, ...]
@@ -334,7 +334,9 @@ def _check_expect(header: dict, expect: Expect) -> None:
         if t["dtype"] != spec.dtype:
             raise WireError(f"tensor {t['name']!r}.dtype: expected {spec.dtype}, "
                             f"got {t['dtype']}")
-        if tuple(t["shape"]) != tuple(spec.shape):
+        # A None dimension is any length (a compressed stream; the codec checks it).
+        if len(t["shape"]) != len(spec.shape) or any(
+                s is not None and d != s for d, s in zip(t["shape"], spec.shape)):
             raise WireError(f"tensor {t['name']!r}.shape: expected {tuple(spec.shape)}, "
                             f"got {tuple(t['shape'])}")
 

@@ -73,16 +73,18 @@ def test_a_bad_sync_frame_or_base_is_refused_with_a_reason():
         rebuild(JOB, 2, first.frame, second.sync[: len(second.sync) // 2], sha)
 
 
-def test_fedmrn_codes_an_aggregate_with_two_levels_closer_than_the_majority():
-    """A FedMRN round moves each weight by noise * f, f the fraction of masks set;
-    two levels per tensor fitted to f lose less than the majority's 0 and 1."""
+def test_fedmrn_codes_an_aggregate_in_a_bit_a_weight_far_closer_than_the_majority():
+    """A FedMRN round moves each weight by noise * f, f the fraction of masks set, mostly
+    0 or small; its entropy-coded levels cost at most a bit a weight and lose a fraction
+    of what the majority (f > 0.5, one plain bit) loses."""
     from device_runtime import codecs, wire
     from device_runtime.codecs import CodecContext
     from device_runtime.codecs.fedmrn import layout, noise
 
     x1, _ = _models()
     rng, seed = np.random.default_rng(3), 2
-    frac = {k: rng.binomial(10, rng.uniform(0.2, 0.8, v.shape)) / 10 for k, v in x1.items()}
+    # As measured on cnn-wide: 64% of weights at 0, most of the rest at 0.1 to 0.3.
+    frac = {k: rng.binomial(10, rng.beta(0.3, 3, v.shape)) / 10 for k, v in x1.items()}
     x2 = {k: (v + noise(k, v.shape, seed) * frac[k]).astype(np.float32) if v.ndim >= 2 else v
           for k, v in x1.items()}
     dl = Downlink("fedmrn", JOB)
@@ -90,18 +92,29 @@ def test_fedmrn_codes_an_aggregate_with_two_levels_closer_than_the_majority():
     sha = hashlib.sha256(second.frame).hexdigest()
     assert rebuild(JOB, 2, first.frame, second.sync, sha) == second.frame
     codec, ctx = codecs.get("fedmrn"), CodecContext(2, seed, x1)
-    majority = codec.decode(*codec.encode(x2, ctx), ctx)
     masked = layout({k: v.shape for k, v in x1.items()})[0]
-    err = lambda w: sum(float(((w[k] - x2[k]) ** 2).sum()) for k in masked)
-    assert err(second.weights) < 0.6 * err(majority)
-    # Levels that are not pairs of numbers, one per masked tensor: refused by name.
+    n = sum(x1[k].size for k in masked)
     frame = wire.decode(second.sync)
-    for bad in ([[0.1, "x"]] * len(masked), [[0.1, 0.9]]):
-        params = {"mask": dict(frame.params["mask"], levels=bad)}
-        forged = wire.encode(wire.Frame("sync", JOB, 2, "server", "fedmrn", frame.tensors,
-                                        dict(frame.params, **params), frame.meta))
-        with pytest.raises(WireError, match="levels"):
+    assert frame.tensors["codes"].size * 8 <= 1.0 * n
+    majority = codec.decode(*codec.encode(x2, ctx), ctx)
+    err = lambda w: sum(float(((w[k] - x2[k]) ** 2).sum()) for k in masked)
+    assert err(second.weights) < 0.3 * err(majority)
+    # Levels that are not numbers, a symbol with no level, a stream that is not xz, or
+    # one longer than the model: each refused with its reason, before any model is built.
+    codes = frame.tensors["codes"]
+    bad = [({"levels": [0.1, "x"]}, codes, "levels"),
+           ({}, codes[::-1].copy(), "xz"),
+           ({}, np.frombuffer(__import__("lzma").compress(bytes(n)), np.uint8), "bytes")]
+    for change, tensor, reason in bad:
+        forged = wire.encode(wire.Frame(
+            "sync", JOB, 2, "server", "fedmrn", dict(frame.tensors, codes=tensor),
+            {"codes": dict(frame.params["codes"], **change)}, frame.meta))
+        with pytest.raises(WireError, match=reason):
             rebuild(JOB, 2, first.frame, forged, sha)
+    from device_runtime.codecs import fedmrn_change
+
+    with pytest.raises(WireError, match="no level"):
+        fedmrn_change.unpack(fedmrn_change.pack(np.array([0, 3]), 2), 2, levels=3)
 
 
 def test_a_restarted_aggregator_rebuilds_the_same_frames():

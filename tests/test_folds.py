@@ -90,9 +90,7 @@ def test_fedmrn_fold_rejects_corrupt_payload_and_stays_unchanged():
     nan["dense"][0] = np.nan
     with pytest.raises(WireError, match="finite"):
         fold.add("b", 10, nan, p)
-    # Levels belong to the downlink's code of an aggregate; an update is a plain mask.
-    with pytest.raises(WireError, match="levels"):
-        fold.add("b", 10, t, {"mask": dict(p["mask"], levels=[[0.0, 1.0]] * 2)})
+
     after = fold.result()
     assert fold.bits.total_weight == 10
     for n in ref:

@@ -32,7 +32,6 @@ from broker_server.strategies.bitsum import BitSum
 from broker_server.strategies.partials import bits_in, bits_out, only, sums_in, sums_out
 from device_runtime.codecs import Codec, CodecContext
 from device_runtime.codecs.fedmrn import FedMRNCodec, layout, noise, split_flat
-from device_runtime.errors import WireError
 
 
 class Fold(ABC):
@@ -124,9 +123,6 @@ class FedMRNMean(Fold):
     def add(self, device: str, samples: int, tensors: Weights, params: dict,
             variant: str = "full") -> None:
         self.codec.check(tensors, params, self.ctx, self.shapes)
-        if "levels" in params["mask"]:  # an update is one device's plain mask
-            raise WireError("fedmrn: tensor mask params.levels: expected none in an update, "
-                            "got levels")
         self.bits.add(tensors["mask"], int(samples))
         self.rest.add({"dense": tensors["dense"], "stats": tensors["stats"]}, float(samples))
 

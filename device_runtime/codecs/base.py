@@ -45,6 +45,15 @@ class Codec(ABC):
         one device's update; a codec that can code an aggregate better overrides it."""
         return self.encode(weights, ctx)
 
+    def decode_change(self, tensors: Weights, params: dict[str, dict], ctx: CodecContext
+                      ) -> Weights:
+        """``decode`` of what ``encode_change`` sent."""
+        return self.decode(tensors, params, ctx)
+
+    def change_spec(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorSpec]:
+        """``wire_spec`` of what ``encode_change`` sends."""
+        return self.wire_spec(shapes)
+
     @abstractmethod
     def decode(self, tensors: Weights, params: dict[str, dict], ctx: CodecContext) -> Weights:
         """Back to float32 weights (raises WireError on an inconsistent payload)."""

@@ -9,12 +9,9 @@ masks go in one bit tensor and all dense values in two vectors, in the order of
 the model's state dict, which both ends share. The device learns the mask with
 ``device_runtime.training.fedmrn``.
 
-As a downlink code (``encode_change``) the change to send is a FedMRN aggregate,
-``noise * f`` with ``f`` the devices' mask fraction. One bit per weight still
-travels, but it is the better half of a two-level quantizer of ``f`` per tensor
-(Lloyd-Max, weighted by the noise's square), and the two levels go in the params:
-the plain majority (levels 0 and 1) moved weights whose fraction was 0.4 by 0
-and those at 0.6 by the whole noise, which cost about 3 points on cnn-wide.
+As a downlink code (``encode_change``, ``decode_change``) the change to send is a
+FedMRN aggregate, ``noise * f``: ``fedmrn_change`` codes ``f`` in about one bit
+per weight, entropy-coded.
 """
 from __future__ import annotations
 
@@ -22,6 +19,7 @@ import zlib
 
 import numpy as np
 
+from device_runtime.codecs import fedmrn_change as change
 from device_runtime.codecs.base import Codec, CodecContext, Weights, is_statistic
 from device_runtime.codecs.bits import check_bits, pack_bits, packed_size, unpack_bits
 from device_runtime.errors import WireError
@@ -69,20 +67,6 @@ def split_flat(vec: np.ndarray, names: list[str], shapes: dict) -> Weights:
     return out
 
 
-def two_levels(f: np.ndarray, w: np.ndarray, lo: float, hi: float, steps: int = 4
-               ) -> tuple[np.ndarray, float, float]:
-    """(bits, lo, hi): the 1-bit quantizer of ``f`` with the least ``w``-weighted squared
-    error (Lloyd iterations from levels ``lo``, ``hi``); levels are float32 values."""
-    for _ in range(steps):
-        bits = f > (lo + hi) / 2
-        w1 = float(w[bits].sum())
-        w0 = float(w.sum()) - w1
-        # An empty side keeps its level: nothing is coded with it.
-        hi = float(np.float32((w[bits] * f[bits]).sum() / w1)) if w1 > 0 else hi
-        lo = float(np.float32((w[~bits] * f[~bits]).sum() / w0)) if w0 > 0 else lo
-    return f > (lo + hi) / 2, lo, hi
-
-
 def _size(shapes: dict, names: list[str]) -> int:
     return int(sum(int(np.prod(shapes[k], dtype=np.int64)) for k in names))
 
@@ -90,7 +74,7 @@ def _size(shapes: dict, names: list[str]) -> int:
 class FedMRNCodec(Codec):
     name = "fedmrn"
     trainer = "fedmrn"  # the device trains masks, not weights
-    # As a downlink code (seeded like the round it sums): the majority of the masks.
+    # As a downlink code (seeded like the round it sums): entropy-coded mask fractions.
     relative = True
 
     def __init__(self, scale: float = NOISE_SCALE, signed: bool = False, name: str = "fedmrn",
@@ -118,24 +102,42 @@ class FedMRNCodec(Codec):
 
     def encode_change(self, weights: Weights, ctx: CodecContext
                       ) -> tuple[Weights, dict[str, dict]]:
-        """As ``encode``, for an aggregate: per masked tensor the two levels of the
-        mask fraction that best code it, in params ``levels`` (module docstring)."""
+        """A FedMRN aggregate ``reference + noise * f`` as entropy-coded levels of f
+        (``fedmrn_change``); BN, biases and statistics as ``encode`` sends them."""
         tensors, params = self.encode(weights, ctx)
-        ref, bits, levels = self._reference(ctx), [], []
+        ref, fs, ws = self._reference(ctx), [], []
         for k in layout({k: v.shape for k, v in weights.items()})[0]:
             n = noise(k, weights[k].shape, ctx.seed, self.scale).reshape(-1)
-            f = (weights[k].astype(np.float32) - ref[k]).reshape(-1) / n
-            b, lo, hi = two_levels(f, n * n, *self._levels())
-            bits.append(b)
-            # The shortest decimal that is the same float32: a short header, exact levels.
-            levels.append([float(str(np.float32(v))) for v in (lo, hi)])
-        tensors["mask"] = pack_bits(np.concatenate(bits) if bits else np.zeros(0, bool))
-        params["mask"]["levels"] = levels
-        return tensors, params
+            fs.append((weights[k].astype(np.float32) - ref[k]).reshape(-1) / n)
+            ws.append(n.astype(np.float64) ** 2)  # error in weight space: noise² * error in f
+        f = np.concatenate(fs) if fs else np.zeros(0, np.float32)
+        data, levels = change.code(f, np.concatenate(ws) if ws else np.zeros(0))
+        codes = np.frombuffer(data, np.uint8)
+        return ({"codes": codes, "dense": tensors["dense"], "stats": tensors["stats"]},
+                {"codes": dict(params["mask"], levels=levels)})
 
-    def _levels(self) -> tuple[float, float]:
-        """The plain mask's two levels: what bit 0 and bit 1 multiply the noise by."""
-        return (-1.0, 1.0) if self.signed else (0.0, 1.0)
+    def decode_change(self, tensors: Weights, params: dict[str, dict], ctx: CodecContext
+                      ) -> Weights:
+        ref = self._reference(ctx)
+        shapes = {k: v.shape for k, v in ref.items()}
+        mask, dense, stats = layout(shapes)
+        p = params.get("codes") or {}
+        self._check_params(p, ctx)
+        levels = np.array(change.check_levels(p.get("levels")), np.float32)
+        self._check_dense(tensors)
+        sym = change.unpack(tensors["codes"].tobytes(), _size(shapes, mask), len(levels))
+        out, at = {}, 0
+        for k in mask:
+            n = noise(k, shapes[k], ctx.seed, self.scale)
+            out[k], at = ref[k] + n * levels[sym[at:at + n.size]].reshape(n.shape), at + n.size
+        for names, vec in ((dense, tensors["dense"]), (stats, tensors["stats"])):
+            out.update(split_flat(vec, names, shapes))
+        return {k: out[k] for k in shapes}
+
+    def change_spec(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorSpec]:
+        spec = self.wire_spec(shapes)
+        return {"codes": TensorSpec("uint8", (None,)), "dense": spec["dense"],
+                "stats": spec["stats"]}
 
     def decode(self, tensors: Weights, params: dict[str, dict], ctx: CodecContext) -> Weights:
         ref = self._reference(ctx)
@@ -143,17 +145,12 @@ class FedMRNCodec(Codec):
         mask, dense, stats = layout(shapes)
         self.check(tensors, params, ctx, shapes)
         bits = unpack_bits(tensors["mask"], _size(shapes, mask), "mask")
-        levels = params["mask"].get("levels")
         out, at = {}, 0
-        for i, k in enumerate(mask):
+        for k in mask:
             n = noise(k, shapes[k], ctx.seed, self.scale)
-            m = bits[at:at + n.size].reshape(shapes[k])
-            if levels is None:
-                m = m.astype(np.float32)
-                if self.signed:
-                    m = 2 * m - 1
-            else:
-                m = np.where(m, np.float32(levels[i][1]), np.float32(levels[i][0]))
+            m = bits[at:at + n.size].reshape(shapes[k]).astype(np.float32)
+            if self.signed:
+                m = 2 * m - 1
             out[k], at = ref[k] + n * m, at + n.size
         for names, vec in ((dense, tensors["dense"]), (stats, tensors["stats"])):
             out.update(split_flat(vec, names, shapes))
@@ -164,20 +161,19 @@ class FedMRNCodec(Codec):
         """WireError unless the payload is one this codec sent for ``ctx``: the mask's
         params, its padding bits, finite dense values (shapes: the wire decoder's)."""
         mask, _, _ = layout(shapes)
-        p = params.get("mask") or {}
+        self._check_params(params.get("mask") or {}, ctx, "mask")
+        check_bits(tensors["mask"], _size(shapes, mask), "mask")
+        self._check_dense(tensors)
+
+    def _check_params(self, p: dict, ctx: CodecContext, name: str = "codes") -> None:
         if p.get("seed") != ctx.seed or p.get("scale") != self.scale or \
                 p.get("signed", False) != self.signed:
-            raise WireError(f"tensor mask params: expected seed {ctx.seed}, scale "
-                            f"{self.scale}, signed {self.signed}, got {p!r}")
-        check_bits(tensors["mask"], _size(shapes, mask), "mask")
-        levels = p.get("levels")
-        if levels is not None and not (
-                isinstance(levels, list) and len(levels) == len(mask) and all(
-                    isinstance(v, list) and len(v) == 2 and all(
-                        isinstance(x, (int, float)) and not isinstance(x, bool)
-                        and np.isfinite(x) for x in v) for v in levels)):
-            raise WireError(f"tensor mask params.levels: expected {len(mask)} pairs of "
-                            f"finite numbers, got {str(levels)[:60]}")
+            raise WireError(f"tensor {name} params: expected seed {ctx.seed}, scale "
+                            f"{self.scale}, signed {self.signed}, got "
+                            f"{ {k: p.get(k) for k in ('seed', 'scale', 'signed')}!r}")
+
+    @staticmethod
+    def _check_dense(tensors: Weights) -> None:
         for name in ("dense", "stats"):
             if not np.isfinite(tensors[name]).all():
                 raise WireError(f"fedmrn: tensor {name!r}: values must be finite")

@@ -1,0 +1,130 @@
+"""FedMRN's downlink code: a round's aggregate as entropy-coded levels of the mask fraction.
+
+A FedMRN aggregate moves each masked weight by ``noise * f``, ``f`` the devices'
+(sample-weighted) fraction of set mask bits. ``f`` is sparse and skewed (cnn-wide
+on MNIST-1D, round 6: 64% of weights at exactly 0, 90% below 0.27), so one plain
+bit per weight spends most of its bit on zeros: the majority (f > 0.5) left 94% of
+the change's squared error, and the best two levels per tensor 23%. Here ``f`` is
+quantized with a uniform step, the finest whose symbol entropy fits ``BITS`` bits
+per weight; each symbol is rebuilt at the noise²-weighted mean of the ``f`` it
+stands for (the levels travel in the params), and the symbols, packed 1, 2, 4 or 8
+bits each, are compressed with LZMA (the standard library's, in C on both ends).
+On that round: step 1/3, 0.86 bits per weight, 11% of the squared error.
+
+Everything is a pure function of the inputs, so a restarted aggregator and every
+device compute the same values; the device's sha256 check of the rebuilt model
+frame covers the whole chain.
+"""
+from __future__ import annotations
+
+import lzma
+
+import numpy as np
+
+from device_runtime.errors import WireError
+
+BITS = 1.0  # per masked weight, as the uplink's mask: the downlink costs no more
+STEPS = (1 / 16, 1 / 12, 1 / 10, 1 / 8, 1 / 6, 1 / 5, 1 / 4, 1 / 3, 1 / 2)  # finest first
+MAX_LEVELS = 256  # symbols are bytes at most
+# LZMA's output over the entropy, measured on FedMRN aggregates: about 1.0 for 2-bit
+# symbols and 1.09 for 4-bit ones (their high bits cost it something).
+OVERHEAD = {1: 1.0, 2: 1.0, 4: 1.1, 8: 1.1}
+
+
+def width_for(levels: int) -> int:
+    """Bits per packed symbol for ``levels`` distinct symbols."""
+    return next(w for w in (1, 2, 4, 8) if levels <= 1 << w)
+
+
+def code(f: np.ndarray, w: np.ndarray, bits: float = BITS) -> tuple[bytes, list[float]]:
+    """(the compressed symbols, the level of each symbol) for ``f`` with weights ``w``:
+    the finest step whose entropy fits ``bits`` a weight, coarser while LZMA's output
+    does not (the estimate is close, not a bound)."""
+    first = next((i for i, step in enumerate(STEPS) if _bits(_symbols(f, step)[0]) <= bits),
+                 len(STEPS) - 1)
+    for step in STEPS[first:]:
+        sym, lo = _symbols(f, step)
+        levels = _levels(f, w, sym, lo, step)
+        data = pack(sym, width_for(len(levels)))
+        if len(data) * 8 <= bits * f.size + 512 or step == STEPS[-1]:  # + the xz container
+            return data, levels
+    raise AssertionError("unreachable: the coarsest step returns")
+
+
+def _symbols(f: np.ndarray, step: float) -> tuple[np.ndarray, int]:
+    s = np.rint(f / np.float32(step)).astype(np.int64)
+    lo = int(s.min()) if s.size else 0
+    return np.minimum(s - lo, MAX_LEVELS - 1), lo  # a rare outlier shares the top level
+
+
+def _bits(sym: np.ndarray) -> float:
+    """Estimated compressed bits per symbol: the entropy, times LZMA's overhead."""
+    n = int(sym.max()) + 1 if sym.size else 1
+    p = np.bincount(sym, minlength=n) / max(sym.size, 1)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum()) * OVERHEAD[width_for(n)]
+
+
+def _levels(f: np.ndarray, w: np.ndarray, sym: np.ndarray, lo: int, step: float
+            ) -> list[float]:
+    """Each symbol's level: the ``w``-weighted mean of its ``f`` (its centre if unused)."""
+    n = int(sym.max()) + 1 if sym.size else 1
+    weight = np.bincount(sym, weights=w, minlength=n)
+    mean = np.bincount(sym, weights=w * f, minlength=n) / np.maximum(weight, 1e-30)
+    centre = (lo + np.arange(n)) * step
+    # The shortest decimal that is the same float32: a short header, exact levels.
+    return [float(str(np.float32(m if wt > 0 else c))) for m, wt, c in zip(mean, weight, centre)]
+
+
+def pack(sym: np.ndarray, width: int) -> bytes:
+    """Symbols of ``width`` bits, little-endian within each byte, compressed."""
+    sym = sym.astype(np.uint8)
+    per = 8 // width
+    padded = np.zeros(-(-sym.size // per) * per, np.uint8)
+    padded[:sym.size] = sym
+    rows = padded.reshape(-1, per)
+    out = np.zeros(len(rows), np.uint8)
+    for i in range(per):
+        out |= rows[:, i] << np.uint8(i * width)
+    return lzma.compress(out.tobytes(), format=lzma.FORMAT_XZ, preset=6)
+
+
+def unpack(data: bytes, count: int, levels: int) -> np.ndarray:
+    """The ``count`` symbols in ``data`` (WireError unless it is exactly what ``pack``
+    makes of ``count`` symbols below ``levels``; never expands past that size)."""
+    width = width_for(levels)
+    per = 8 // width
+    size = -(-count // per)
+    dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    try:
+        raw = dec.decompress(data, max_length=size + 1)
+    except lzma.LZMAError as e:
+        raise WireError(f"tensor 'codes': not an xz stream ({e})") from None
+    if len(raw) != size or not dec.eof or dec.unused_data:
+        raise WireError(f"tensor 'codes': expected {size} bytes of symbols in one xz stream, "
+                        f"got {len(raw)}{'' if dec.eof else ' and more'}")
+    packed = np.frombuffer(raw, np.uint8)
+    sym = np.empty((size, per), np.uint8)
+    for i in range(per):
+        sym[:, i] = (packed >> np.uint8(i * width)) & np.uint8((1 << width) - 1)
+    sym = sym.reshape(-1)
+    if sym[count:].any():
+        raise WireError(f"tensor 'codes': expected zero padding after symbol {count - 1}")
+    sym = sym[:count]
+    if sym.size and int(sym.max()) >= levels:
+        raise WireError(f"tensor 'codes': symbol {int(sym.max())} has no level "
+                        f"(params.levels has {levels})")
+    return sym
+
+
+def check_levels(levels) -> list[float]:
+    """``levels`` if it is a list of 1..MAX_LEVELS finite numbers, else WireError."""
+    if not (isinstance(levels, list) and 1 <= len(levels) <= MAX_LEVELS and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+            for x in levels)):
+        raise WireError(f"tensor codes params.levels: expected 1 to {MAX_LEVELS} finite "
+                        f"numbers, got {str(levels)[:60]}")
+    return levels
+
+
+__all__ = ["BITS", "code", "pack", "unpack", "check_levels", "width_for"]
