@@ -174,3 +174,31 @@ def test_pairwise_reliability_recovers_each_devices_error_rate_without_a_vote():
     # Measured: pairs 6.8, the others' vote 4.4.
     assert abs(ratio(pairs) - true) < 0.2 * true < true - ratio(vote)
     assert not pairwise_reliability(s[:2]).any()  # two devices do not identify v
+
+
+def test_federated_voting_counts_a_tied_vote_as_no_evidence():
+    # 15 devices, each right on 60% of coordinates: against the other 14, a fifth of
+    # the coordinates tie. Counted as disagreements, ties gave every device a weight
+    # below zero (the vote then inverted and training collapsed to chance).
+    from broker_server.strategies import SignSGD, SignSGDOptions
+    from broker_server.strategies.vote_fold import VoteFold
+    from broker_server.strategies.voting import others_vote, vote_sums
+    from device_runtime.codecs.sign import SignCodec
+
+    rng = np.random.default_rng(0)
+    truth = np.where(rng.random(4000) < 0.5, 1, -1).astype(np.int8)
+    signs = [{"w": np.where(rng.random(truth.size) < 0.6, truth, -truth).astype(np.int8)}
+             for _ in range(15)]
+    sums, v = vote_sums(signs, [1.0] * 15), VotingWeights(gamma=1.0)
+    for k, s in enumerate(signs):
+        v.update(f"d{k}", s, others_vote(sums, s, 1.0))
+    assert min(v.weight(f"d{k}") for k in range(15)) > 0.1
+    ref = {"w": np.zeros(truth.size, np.float32)}
+    strat = SignSGD(options=SignSGDOptions("fv", warmup_rounds=5))
+    fold, codec = VoteFold(strat, 1, ref), SignCodec()
+    for k, s in enumerate(signs):
+        t, p = codec.encode({"w": s["w"].astype(np.float32) * 0.01},
+                            CodecContext(1, 0, ref, f"d{k}"))
+        fold.add(f"d{k}", 10, t, p)
+    fold.result()
+    assert min(strat.votes.weight(f"d{k}") for k in range(15)) > 0.1

@@ -119,10 +119,13 @@ class VoteFold(Fold):
             return
         q = np.array([self.q[d] for d in devices], np.int32)
         sums = q @ s.astype(np.int32)  # |q| <= 2560: 800k devices fit in int32
-        # s == sign(sums - q s)  <=>  s * sums > q, for s in {-1, +1}
-        same = np.count_nonzero(s * sums[None, :] > q[:, None], axis=1)
-        for d, x in zip(devices, same):
-            self.strategy.votes.record(d, int(x), s.shape[1])
+        # s == sign(sums - q s)  <=>  s * sums > q, for s in {-1, +1}; a tie (the others'
+        # vote is 0) <=> s * sums == q, and is no evidence (VotingWeights.update)
+        agree = s * sums[None, :]
+        same = np.count_nonzero(agree > q[:, None], axis=1)
+        decided = s.shape[1] - np.count_nonzero(agree == q[:, None], axis=1)
+        for d, x, n in zip(devices, same, decided):
+            self.strategy.votes.record(d, int(x), int(n))
 
 
 __all__ = ["VoteFold"]

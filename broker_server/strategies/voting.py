@@ -117,19 +117,24 @@ class VotingWeights:
         return float(reliability_weight(self.agree[device], self.total[device]))
 
     def update(self, device: str, signs: Signs, decoded: Signs) -> None:
+        """Count agreement where the vote decided; a tie (0) is no evidence either way.
+        Counted as a disagreement, ties made every device look worse than chance when
+        the others are an even number (15 devices: 21% ties, all weights negative)."""
         if self.per_coordinate:
             t = self.total.setdefault(device, {k: np.zeros(v.shape) for k, v in signs.items()})
             a = self.agree.setdefault(device, {k: np.zeros(v.shape) for k, v in signs.items()})
             for k in signs:
-                t[k] = self.gamma * t[k] + 1
+                t[k] = self.gamma * t[k] + (decoded[k] != 0)
                 a[k] = self.gamma * a[k] + (signs[k] == decoded[k])
         else:
             self.record(device, sum(int((signs[k] == decoded[k]).sum()) for k in signs),
-                        sum(v.size for v in signs.values()))
+                        sum(int(np.count_nonzero(decoded[k])) for k in signs))
 
     def record(self, device: str, same: float, n: int) -> None:
         """Per-device counters from a count: ``same`` of ``n`` signs agreed (or, from
         ``pairwise_reliability``, the probability of agreeing: ``n`` = 1)."""
+        if n <= 0:  # the vote tied everywhere: nothing learned about this device
+            return
         self.total[device] = self.gamma * self.total.get(device, 0.0) + 1
         self.agree[device] = self.gamma * self.agree.get(device, 0.0) + same / max(n, 1)
 
