@@ -20,8 +20,6 @@ from device_runtime.codecs.base import is_statistic
 class SignSGDOptions:
     decoder: str = "fv"  # "mv" | "fv"
     per_coordinate: bool = False
-    # How FV estimates p_m: "vote" (agreement with the others' vote, the paper's) or
-    # "pairs" (pairwise agreement, voting.pairwise_reliability); per device only.
     server_lr: float = 1e-3
     warmup_rounds: int = 5  # plain majority vote while the FV counters fill
     gamma: float = 0.99
@@ -29,6 +27,8 @@ class SignSGDOptions:
     local_steps: int = 1
     batch_by_device: dict = field(default_factory=dict)  # explicit sizes win
     batch_by_profile: dict = field(default_factory=dict)
+    # How FV estimates p_m: "vote" (agreement with the others' vote, the paper's) or
+    # "pairs" (pairwise agreement, voting.pairwise_reliability); per device only.
     estimate: str = "vote"
 
 

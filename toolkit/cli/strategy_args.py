@@ -100,6 +100,9 @@ def _signsgd(args: argparse.Namespace, cat, profiles: list[str], devices: int):
     from broker_server.strategies import SignSGDOptions
     from toolkit.simulate import batch_by_compute
 
+    if args.sign_estimate == "pairs" and args.sign_per_coordinate:
+        raise UsageError("--sign-estimate pairs: estimates one weight per device; drop "
+                         "--sign-per-coordinate")
     by_device = {}
     if args.batch_sizes:
         try:
