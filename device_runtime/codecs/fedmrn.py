@@ -67,6 +67,13 @@ def split_flat(vec: np.ndarray, names: list[str], shapes: dict) -> Weights:
     return out
 
 
+def _vectors(weights: Weights, dense: list[str], stats: list[str]) -> Weights:
+    """The full-precision part of a payload: dense values as float32, statistics float16."""
+    flat = lambda names, dt: (np.concatenate([weights[k].reshape(-1) for k in names])
+                              .astype(dt) if names else np.zeros(0, dt))
+    return {"dense": flat(dense, np.float32), "stats": flat(stats, np.float16)}
+
+
 def _size(shapes: dict, names: list[str]) -> int:
     return int(sum(int(np.prod(shapes[k], dtype=np.int64)) for k in names))
 
@@ -93,28 +100,27 @@ class FedMRNCodec(Codec):
             # whichever of 0 and the noise the delta is closer to.
             zero = -n if self.signed else 0.0
             bits.append((np.abs(delta - n) < np.abs(delta - zero)).reshape(-1))
-        flat = lambda names, dt: (np.concatenate([weights[k].reshape(-1) for k in names])
-                                  .astype(dt) if names else np.zeros(0, dt))
         tensors = {"mask": pack_bits(np.concatenate(bits) if bits else np.zeros(0, bool)),
-                   "dense": flat(dense, np.float32), "stats": flat(stats, np.float16)}
-        return tensors, {"mask": {"seed": int(ctx.seed), "scale": self.scale,
-                                  "signed": self.signed}}
+                   **_vectors(weights, dense, stats)}
+        return tensors, {"mask": self._params(ctx)}
+
+    def _params(self, ctx: CodecContext) -> dict:
+        return {"seed": int(ctx.seed), "scale": self.scale, "signed": self.signed}
 
     def encode_change(self, weights: Weights, ctx: CodecContext
                       ) -> tuple[Weights, dict[str, dict]]:
         """A FedMRN aggregate ``reference + noise * f`` as entropy-coded levels of f
         (``fedmrn_change``); BN, biases and statistics as ``encode`` sends them."""
-        tensors, params = self.encode(weights, ctx)
         ref, fs, ws = self._reference(ctx), [], []
-        for k in layout({k: v.shape for k, v in weights.items()})[0]:
+        mask, dense, stats = layout({k: v.shape for k, v in weights.items()})
+        for k in mask:
             n = noise(k, weights[k].shape, ctx.seed, self.scale).reshape(-1)
             fs.append((weights[k].astype(np.float32) - ref[k]).reshape(-1) / n)
             ws.append(n.astype(np.float64) ** 2)  # error in weight space: noise² * error in f
         f = np.concatenate(fs) if fs else np.zeros(0, np.float32)
         data, levels = change.code(f, np.concatenate(ws) if ws else np.zeros(0))
-        codes = np.frombuffer(data, np.uint8)
-        return ({"codes": codes, "dense": tensors["dense"], "stats": tensors["stats"]},
-                {"codes": dict(params["mask"], levels=levels)})
+        return ({"codes": np.frombuffer(data, np.uint8), **_vectors(weights, dense, stats)},
+                {"codes": dict(self._params(ctx), levels=levels)})
 
     def decode_change(self, tensors: Weights, params: dict[str, dict], ctx: CodecContext
                       ) -> Weights:

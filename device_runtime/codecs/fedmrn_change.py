@@ -46,10 +46,10 @@ def code(f: np.ndarray, w: np.ndarray, bits: float = BITS) -> tuple[bytes, list[
     levels split at their midpoint, one plain bit a weight."""
     if f.size == 0:  # nothing masked: one unused level
         return pack(np.zeros(0, np.uint8), 1), [0.0]
-    first = next((i for i, step in enumerate(STEPS) if _bits(_symbols(f, step)[0]) <= bits),
-                 len(STEPS))
-    for step in STEPS[first:]:
+    for step in STEPS:
         sym, lo = _symbols(f, step)
+        if _bits(sym) > bits:
+            continue
         levels = _levels(f, w, sym, (lo + np.arange(int(sym.max()) + 1)) * step)
         data = pack(sym, width_for(len(levels)))
         if len(data) * 8 <= bits * f.size + 64:  # + LZMA2's chunk headers
