@@ -60,6 +60,7 @@ class DeviceAgent:
         self._assets: dict[tuple[str, str], dict] = {}  # (name, sha256) -> decoded tensors
         self._head: tuple[str, object] | None = None  # (sha256, onnxruntime session), EcoFed
         self.sent: dict[int, bytes] = {}  # round -> update frame, republished on a resent task
+        self.working: set[int] = set()  # rounds whose task is being worked on
         self.grads: dict[int, bytes] = {}  # round -> latest grad frame (dpfl)
         self._deferred: list[tuple[str, bytes]] = []  # tasks that came mid split round
         self._split_io = [0, 0, 0]  # dpfl this round: bytes up, bytes down, exchanges
@@ -166,6 +167,17 @@ class DeviceAgent:
         if task.round in self.sent:  # the aggregator lost it or restarted: resend as is
             self.t.publish(self.topics.update(task.round, self.device), self.sent[task.round])
             return
+        # Waiting for its model or assets, a task handles the messages that arrive; a
+        # copy of itself among them (the aggregator re-sent it) would train it twice.
+        if task.round in self.working:
+            return
+        self.working.add(task.round)
+        try:
+            self._work(task)
+        finally:
+            self.working.discard(task.round)
+
+    def _work(self, task: messages.Task) -> None:
         if task.uplink not in UPLINKS:
             raise messages.MessageError(f"task.uplink: expected one of {', '.join(UPLINKS)}, "
                                         f"got {task.uplink!r}")

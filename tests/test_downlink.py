@@ -224,3 +224,22 @@ def test_signmix_codes_matrices_as_signs_and_vectors_as_float16():
     cut = {**frame.tensors, big: frame.tensors[big][:-1]}
     with pytest.raises(WireError, match=big):
         codec.decode(cut, frame.params, ctx)
+
+
+def test_a_task_resent_while_the_device_fetches_its_model_is_trained_once(tmp_path):
+    """The device handles messages while it waits for the round's model; a copy of the
+    task among them (the aggregator re-sends tasks) trained the round twice and sent
+    a second update (seen in CI: "trained 2 rounds" in a one-round job)."""
+    agg, agents = _fleet(tmp_path, "fp32", rounds=2, devices=1)
+    agent = agents[0]
+    enqueue = agent._enqueue
+
+    def twice(topic: str, payload: bytes) -> None:  # every task arrives twice, at once
+        enqueue(topic, payload)
+        if "/task/" in topic:
+            enqueue(topic, payload)
+
+    agent._enqueue = twice
+    report = _run(agg, agents)
+    assert agent.rounds_done == 2 and [h["round"] for h in agent.history] == [1, 2]
+    assert not report["rejected"], report["rejected"]
