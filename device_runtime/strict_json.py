@@ -61,16 +61,16 @@ def load_json(raw: memoryview) -> object:
 
 
 def _nesting(value: object) -> int:
-    """How deep lists and objects nest, counted without recursion."""
-    if not isinstance(value, (list, dict)):
+    """How deep lists and objects nest, counted a level at a time (no recursion)."""
+    if type(value) is not dict and type(value) is not list:
         return 0
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        deepest = max(deepest, depth)
-        stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v)
-                     if isinstance(c, (list, dict)))  # only containers nest
-    return deepest
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        # json.loads builds exact dicts and lists; only containers nest.
+        level = [c for v in level for c in (v.values() if type(v) is dict else v)
+                 if type(c) is dict or type(c) is list]
+    return depth
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:

@@ -42,6 +42,7 @@ _REQUIRED = (("kind", str), ("job", str), ("round", int), ("device", str),
 _TENSOR_FIELDS = (("name", str), ("dtype", str), ("shape", list), ("offset", int),
                   ("nbytes", int), ("params", dict))
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_LITTLE = {d: np.dtype(d).newbyteorder("<") for d in DTYPES}
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,7 @@ def _check_header(header: object, body_len: int, limits: Limits) -> None:
     if not _is_int(v) or v not in SUPPORTED_VERSIONS:
         raise WireError(f"header.v: expected one of {SUPPORTED_VERSIONS}, got "
                         f"{_got(header, 'v')}")
-    for key, typ in _REQUIRED:
-        _want(header, key, typ, "header")
+    _fields(header, _REQUIRED, "header")
     for key in ("kind", "job", "device", "codec"):
         if not header[key]:
             raise WireError(f"header.{key}: expected a non-empty string, got ''")
@@ -261,8 +261,7 @@ def _check_chunk(chunk: object) -> None:
     where = "header.chunk"
     if not isinstance(chunk, dict):
         raise WireError(f"{where}: expected an object, got {json_type(chunk)}")
-    for key, typ in (("id", str), ("index", int), ("count", int), ("sha256", str)):
-        _want(chunk, key, typ, where)
+    _fields(chunk, (("id", str), ("index", int), ("count", int), ("sha256", str)), where)
     if not chunk["id"]:
         raise WireError(f"{where}.id: expected a non-empty string, got ''")
     if chunk["count"] < 1:
@@ -283,8 +282,7 @@ def _check_tensors(tensors: list, limits: Limits) -> int:
         where = f"header.tensors[{i}]"
         if not isinstance(t, dict):
             raise WireError(f"{where}: expected an object, got {json_type(t)}")
-        for key, typ in _TENSOR_FIELDS:
-            _want(t, key, typ, where)
+        _fields(t, _TENSOR_FIELDS, where)
         name = t["name"]
         if not name or name in seen:
             raise WireError(f"{where}.name: expected a unique non-empty string, got "
@@ -344,26 +342,34 @@ def _check_expect(header: dict, expect: Expect) -> None:
 def _array(body: memoryview, t: dict) -> np.ndarray:
     """A native-endian copy: independent of ``data`` (which a caller may reuse) and writable."""
     shape = tuple(t["shape"])
-    view = np.frombuffer(body, np.dtype(t["dtype"]).newbyteorder("<"), math.prod(shape),
-                         t["offset"]).reshape(shape)
+    view = np.frombuffer(body, _LITTLE[t["dtype"]], math.prod(shape), t["offset"]).reshape(shape)
     if t["dtype"] in FLOAT_DTYPES:
         _check_finite(view, t["name"])
     return view.astype(view.dtype.newbyteorder("="), copy=True)
 
 
 def _check_finite(arr: np.ndarray, name: str) -> None:
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
-        first = int(np.flatnonzero(bad)[0])
-        raise WireError(f"tensor {short(name)}: expected finite values, got {n_nan} NaN and "
-                        f"{n_inf} Inf (first at flat index {first})")
+    if np.isfinite(arr).all():
+        return
+    n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+    first = int(np.flatnonzero(~np.isfinite(arr))[0])
+    raise WireError(f"tensor {short(name)}: expected finite values, got {n_nan} NaN and "
+                    f"{n_inf} Inf (first at flat index {first})")
 
 
 # --- small helpers ----------------------------------------------------------
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _fields(obj: dict, fields: tuple, where: str) -> None:
+    """Each (key, type) of ``fields`` present in ``obj`` with that JSON type."""
+    for key, typ in fields:
+        # JSON gives exact types (and True is a bool, not an int): the common case
+        # costs one comparison, and ``_want`` words the error.
+        if type(obj.get(key)) is not typ:
+            _want(obj, key, typ, where)
 
 
 def _want(obj: dict, key: str, typ: type, where: str) -> None:

@@ -26,12 +26,15 @@ def _ref(rng):
             "fc.bias": rng.normal(size=10).astype(np.float32)}
 
 
-@pytest.mark.parametrize("nbits", [1, 9, 64, 1000, 4099])
-def test_bitsum_counts_weighted_bits_exactly(nbits):
+# 140,001 bits span two of counts()' chunks and end mid-byte; weights near 2**33 make
+# the sums int64.
+@pytest.mark.parametrize("nbits,max_weight", [(1, 5000), (9, 5000), (64, 5000), (1000, 5000),
+                                              (4099, 5000), (140_001, 5000), (777, 2**33)])
+def test_bitsum_counts_weighted_bits_exactly(nbits, max_weight):
     rng = np.random.default_rng(nbits)
     n = 70
     bits = rng.integers(0, 2, size=(n, nbits)).astype(bool)
-    w = rng.integers(0, 5000, size=n)
+    w = rng.integers(0, max_weight, size=n)
     inv = rng.integers(0, 2, size=n).astype(bool)
     whole, a, b = BitSum((nbits + 7) // 8, group=16, block=8), BitSum((nbits + 7) // 8), \
         BitSum((nbits + 7) // 8, group=4)
@@ -44,6 +47,25 @@ def test_bitsum_counts_weighted_bits_exactly(nbits):
     a.merge(b)  # workers' partial sums merge to the same counts
     np.testing.assert_array_equal(a.counts(nbits), expected)
     assert a.total_weight == whole.total_weight == int(w.sum())
+
+
+def test_bitsum_small_rounds_in_lanes_merge_and_count_exactly():
+    # A few updates of a small vector go to 16-bit lanes; a worker's partial travels as
+    # planes, so the lanes must move into them exactly, and a weight that would
+    # overflow a lane goes to the planes.
+    rng = np.random.default_rng(5)
+    nbits = 1003
+    bits = rng.integers(0, 2, size=(6, nbits)).astype(bool)
+    w = [3, 0, 65534, 7, 1, 200]
+    a, b = BitSum((nbits + 7) // 8), BitSum((nbits + 7) // 8)
+    for k in range(6):
+        (a if k < 3 else b).add(np.packbits(bits[k], bitorder="little"), w[k], invert=k == 4)
+    assert a.planes and b.lanes is not None and not b.planes  # 65534 left the lanes
+    each = np.where(np.arange(6)[:, None] == 4, ~bits, bits) * np.array(w)[:, None]
+    expected = each.sum(0)
+    np.testing.assert_array_equal(b.counts(nbits), each[3:].sum(0))
+    a.merge(b)
+    np.testing.assert_array_equal(a.counts(nbits), expected)
 
 
 @pytest.mark.parametrize("codec_name", ["fedmrn", "fedmrn-signed"])

@@ -13,13 +13,18 @@ word) and updates are added with bitwise adders:
 - the work runs over column blocks that fit in cache.
 
 ``counts()`` turns the planes into integers once, at the end of the round.
+The first few updates of a small vector go to 16-bit counters instead
+(``lanes.LaneSum``), which have no fixed cost per round.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from broker_server.strategies.lanes import LANE_BYTES, LaneSum
+
 GROUP = 64  # rows summed per adder tree
 BLOCK = 2048  # uint64 words per column block (16 KiB per row)
+COUNT_CHUNK = 16384  # bytes of each plane that counts() unpacks at once (128 KiB out)
 
 
 def _add_numbers(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
@@ -67,6 +72,7 @@ class BitSum:
         self.pending: dict[int, np.ndarray] = {}
         self.filled: dict[int, int] = {}
         self.total_weight = 0
+        self.lanes = LaneSum(nbytes) if nbytes <= LANE_BYTES else None
 
     def add(self, packed: np.ndarray, weight: int, invert: bool = False) -> None:
         """Add ``weight * bits`` (``invert``: of the complemented bits) for weight >= 0."""
@@ -77,6 +83,9 @@ class BitSum:
         if weight < 0:
             raise ValueError(f"BitSum.add: weight must be >= 0, got {weight}")
         self.total_weight += weight
+        if self.lanes is not None and self.lanes.fits(weight):
+            self.lanes.add(packed, weight, invert)
+            return
         self._grow(self.total_weight.bit_length())
         j = 0
         while weight:
@@ -90,9 +99,16 @@ class BitSum:
             self.planes.append(np.zeros(self.words, np.uint64))
 
     def _push(self, j: int, packed: np.ndarray, invert: bool) -> None:
-        if j not in self.pending:  # empty, not zeros: pages are touched only as rows fill
-            self.pending[j] = np.empty((self.group, self.words), np.uint64)
+        if j not in self.pending:
+            self.pending[j] = np.empty((min(4, self.group), self.words), np.uint64)
             self.filled[j] = 0
+        elif self.filled[j] == len(self.pending[j]):
+            # Grown by doubling up to a full group: a small round's few rows per bit of
+            # the weights then stay in small, reused allocations (a whole group's
+            # buffer for each of ~12 bits cost fresh pages every round).
+            grown = np.empty((min(2 * self.filled[j], self.group), self.words), np.uint64)
+            grown[:self.filled[j]] = self.pending[j]
+            self.pending[j] = grown
         row = self.pending[j][self.filled[j]]
         row[-1] = 0  # the bytes past nbytes must read as zero bits
         row = row.view(np.uint8)
@@ -133,7 +149,17 @@ class BitSum:
             carry, i = new_carry, i + 1
 
     def settle(self) -> None:
-        """Fold every pending group into the planes."""
+        """Fold the lanes and every pending group into the planes (before they are
+        merged or sent: partial sums travel as planes)."""
+        if self.lanes is not None and self.lanes.weight:
+            counts, self.lanes = self.lanes.counts(self.nbytes * 8), None
+            self._grow(self.total_weight.bit_length())
+            for j in range(int(counts.max()).bit_length()):
+                self._push(j, np.packbits(((counts >> j) & 1).astype(np.uint8),
+                                          bitorder="little"), False)
+        self._flush_pending()
+
+    def _flush_pending(self) -> None:
         for j in list(self.pending):
             if self.filled[j]:
                 self._flush(j)
@@ -154,39 +180,38 @@ class BitSum:
     def counts(self, n: int | None = None) -> np.ndarray:
         """The sums, one per bit (the first ``n``; default all ``8 * nbytes``).
 
-        uint32 while the total weight fits, else int64. Planes are unpacked a
-        column block at a time (so it stays in cache) to one byte per bit, and 8
-        planes are combined by Horner's rule (a = 2a + bit, most significant
-        first) on uint64 views, 8 coordinates per word: a byte stays below 256
-        through 8 planes, so no bit crosses into its neighbour.
+        uint32 while the total weight fits, else int64. Each plane is unpacked a
+        chunk at a time to one byte per bit, and 8 planes are combined by Horner's
+        rule (a = 2a + bit, most significant first) on uint64 views, 8 coordinates
+        per word: a byte stays below 256 through 8 planes, so no bit crosses into
+        its neighbour. The chunk keeps every temporary small enough to be reused
+        from the allocator (one large unpack per round cost page faults, 3x the
+        arithmetic at 100k parameters).
         """
-        self.settle()
+        self._flush_pending()
         n = self.nbytes * 8 if n is None else n
         dtype = np.uint32 if self.total_weight < 2**32 else np.int64
-        out = np.empty(n, dtype)
+        lanes = self.lanes.counts(n) if self.lanes is not None and self.lanes.weight else None
         if not self.planes:
-            out[:] = 0
-            return out
-        planes = np.stack(self.planes).view(np.uint8)[:, :self.nbytes]
-        step = self.block * 8  # bytes per column block
-        for start in range(0, min(self.nbytes, (n + 7) // 8), step):
-            # Copied first: np.unpackbits on a strided view is ten times slower.
-            block = np.ascontiguousarray(planes[:, start:start + step])
-            bits = np.unpackbits(block.ravel(), bitorder="little").reshape(len(block), -1)
-            k = min(bits.shape[1], n - start * 8)
-            o = out[start * 8:start * 8 + k]
-            words = bits.view(np.uint64)
-            for g, lo in enumerate(range(0, len(words), 8)):
-                group = words[lo:lo + 8]
-                acc = group[-1].copy()
-                for row in group[-2::-1]:
+            return lanes.astype(dtype, copy=False) if lanes is not None else np.zeros(n, dtype)
+        out = np.empty(n, dtype)
+        planes = [p.view(np.uint8) for p in self.planes]
+        for start in range(0, (n + 7) // 8, COUNT_CHUNK):
+            stop = min(start + COUNT_CHUNK, (n + 7) // 8)
+            o = out[start * 8:stop * 8]
+            for g in range(0, len(planes), 8):
+                group = [p[start:stop] for p in planes[g:g + 8]]
+                acc = np.unpackbits(group[-1], bitorder="little").view(np.uint64)
+                for p in group[-2::-1]:
                     acc <<= np.uint64(1)
-                    acc |= row
-                byte = acc.view(np.uint8)[:k]
+                    acc |= np.unpackbits(p, bitorder="little").view(np.uint64)
+                byte = acc.view(np.uint8)[:len(o)]
                 if g == 0:
                     o[...] = byte
                 else:
-                    o |= byte.astype(dtype) << (8 * g)
+                    o |= byte.astype(dtype) << np.array(g, dtype)
+        if lanes is not None:
+            out += lanes
         return out
 
 

@@ -23,7 +23,7 @@ class SignSGDOptions:
     server_lr: float = 1e-3
     warmup_rounds: int = 5  # plain majority vote while the FV counters fill
     gamma: float = 0.99
-    agreement_sample: int = 8192  # coordinates per round on which p_m is measured
+    agreement_sample: int = 2048  # coordinates per round on which p_m is measured
     local_steps: int = 1
     batch_by_device: dict = field(default_factory=dict)  # explicit sizes win
     batch_by_profile: dict = field(default_factory=dict)

@@ -14,6 +14,7 @@ ones are 8x apart, docs/results/compression.md).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,6 +100,16 @@ def reliability_weight(agree: np.ndarray | float, total: np.ndarray | float,
     return np.where(total > 0, w / WEIGHT_STEPS, 1.0)
 
 
+def _scalar_weight(agree: float, total: float) -> float:
+    """``reliability_weight`` for one device's counters (no prior), in plain floats:
+    read once per update, where numpy's per-call cost was a tenth of the vote's."""
+    if total <= 0:
+        return 1.0
+    p = min(max((total - agree) / max(total, 1e-12), 1e-6), 1 - 1e-6)
+    w = min(max(math.log((1 - p) / p), -WEIGHT_CLIP), WEIGHT_CLIP)
+    return float(np.round(w * WEIGHT_STEPS)) / WEIGHT_STEPS
+
+
 @dataclass
 class VotingWeights:
     """Discounted agreement counters: total <- g*total + 1, agree <- g*agree + [s == d]."""
@@ -114,7 +125,7 @@ class VotingWeights:
         if self.per_coordinate:
             return {k: reliability_weight(self.agree[device][k], self.total[device][k], 1.0)
                     for k in self.total[device]}
-        return float(reliability_weight(self.agree[device], self.total[device]))
+        return _scalar_weight(float(self.agree[device]), float(self.total[device]))
 
     def update(self, device: str, signs: Signs, decoded: Signs) -> None:
         """Count agreement where the vote decided; a tie (0) is no evidence either way.
