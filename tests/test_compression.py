@@ -131,6 +131,9 @@ def test_simulate_bad_arguments(tmp_path):
     code, _, err = run_fedge("simulate", "--strategy", "signsgd", "--sign-estimate", "pairs",
                              "--sign-per-coordinate", "--json", str(tmp_path / "x"))
     assert_one_line_error(code, err, 2, "--sign-estimate pairs")
+    code, _, err = run_fedge("simulate", "--strategy", "signsgd", "--server-lr-half-life", "-5",
+                             "--json", str(tmp_path / "x"))
+    assert_one_line_error(code, err, 2, "--server-lr-half-life")
 
 
 def test_federated_voting_measures_each_device_against_the_others_vote():

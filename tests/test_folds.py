@@ -125,7 +125,7 @@ def test_vote_fold_decides_exactly_as_the_float_vote(decoder, estimate):
     ref = _ref(rng)
     codec = codecs.get("sign")
     opts = SignSGDOptions(decoder, server_lr=0.01, warmup_rounds=1, gamma=0.9,
-                          estimate=estimate)
+                          estimate=estimate, server_lr_half_life=2)
     fast, slow = SignSGD(options=opts), SignSGD(options=opts)
     weights_fast = weights_slow = ref
     for r in range(1, 5):
@@ -219,6 +219,22 @@ def test_vote_fold_estimates_agreement_from_a_sample_of_coordinates():
         a, b = exact.votes.agree[f"d{k}"], sampled.votes.agree[f"d{k}"]
         assert abs(a - b) < 4 * np.sqrt(a * (1 - a) / 20000) + 1e-9
     assert exact.votes.agree["d0"] > exact.votes.agree["d4"] + 0.15
+
+
+def test_signsgd_server_step_halves_every_half_life():
+    # Without a schedule a sign step moves every coordinate by the full server lr to
+    # the end of training; with one, round r steps lr * 0.5 ** ((r - 1) / half_life).
+    rng = np.random.default_rng(6)
+    ref = {"w": rng.normal(size=(20, 30)).astype(np.float32)}
+    codec = codecs.get("sign")
+    strat = SignSGD(options=SignSGDOptions("mv", server_lr=0.01, server_lr_half_life=2))
+    assert [strat.server_lr(r) for r in (1, 3, 5)] == pytest.approx([0.01, 0.005, 0.0025])
+    fold = VoteFold(strat, 5, ref)
+    t, p = codec.encode({"w": ref["w"] + 1}, CodecContext(5, 0, ref, "a"))
+    fold.add("a", 10, t, p)
+    np.testing.assert_allclose(fold.result()["w"] - ref["w"], 0.0025, rtol=1e-3)
+    with pytest.raises(ValueError, match="server_lr_half_life"):
+        SignSGD(options=SignSGDOptions("fv", server_lr_half_life=-1))
 
 
 def test_signsgd_rejects_a_nonpositive_agreement_sample():

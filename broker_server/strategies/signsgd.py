@@ -12,7 +12,7 @@ import numpy as np
 from broker_server.strategies.aggregate import weighted_average
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update, Weights
 from broker_server.strategies.voting import (VotingWeights, others_vote, pairwise_reliability,
-                                             vote_sums)
+                                             sample_positions, vote_sums)
 from device_runtime.codecs.base import is_statistic
 
 
@@ -21,6 +21,9 @@ class SignSGDOptions:
     decoder: str = "fv"  # "mv" | "fv"
     per_coordinate: bool = False
     server_lr: float = 1e-3
+    # Rounds over which the server step halves (0: constant). A fixed sign step keeps the
+    # model oscillating by +-server_lr per coordinate at the end of training.
+    server_lr_half_life: float = 0.0
     warmup_rounds: int = 5  # plain majority vote while the FV counters fill
     gamma: float = 0.99
     agreement_sample: int = 2048  # coordinates per round on which p_m is measured
@@ -45,6 +48,9 @@ class SignSGD(Strategy):
             raise ValueError(f"estimate: expected vote or pairs, got {self.opts.estimate!r}")
         if self.opts.estimate == "pairs" and self.opts.per_coordinate:
             raise ValueError("estimate pairs: per device only, not with per_coordinate")
+        if not self.opts.server_lr_half_life >= 0:
+            raise ValueError("server_lr_half_life: expected >= 0 rounds (0: constant), got "
+                             f"{self.opts.server_lr_half_life}")
         if self.opts.agreement_sample < 1:
             raise ValueError("agreement_sample: expected >= 1 coordinates, got "
                              f"{self.opts.agreement_sample}")
@@ -81,8 +87,7 @@ class SignSGD(Strategy):
             flat = np.stack([np.concatenate([x[k].reshape(-1) for k in sorted(x)])
                              for x in signs])
             n, k = flat.shape[1], self.opts.agreement_sample
-            if n > k:  # as VoteFold samples; the estimate ignores the coordinates' order
-                flat = flat[:, np.random.default_rng(round_).integers(0, n, k)]
+            flat = flat[:, sample_positions(n, k, round_)]  # as VoteFold samples
             for u, v in zip(updates, pairwise_reliability(flat)):
                 self.votes.record(u.device, (1 + float(v)) / 2, 1)
         elif self.opts.decoder == "fv":  # a majority vote never reads the counters
@@ -94,13 +99,18 @@ class SignSGD(Strategy):
             for u, s, w in zip(updates, signs, weights):
                 self.votes.update(u.device, s,
                                   others_vote(ref, s, 1.0 if self.opts.per_coordinate else w))
-        return self.step(global_weights, decoded, stats)
+        return self.step(round_, global_weights, decoded, stats)
 
-    def step(self, global_weights: Weights, decoded: dict[str, np.ndarray],
+    def server_lr(self, round_: int) -> float:
+        """The server step of round ``round_`` (1-based): halved every half-life."""
+        h = self.opts.server_lr_half_life
+        return self.opts.server_lr * (0.5 ** ((round_ - 1) / h) if h else 1.0)
+
+    def step(self, round_: int, global_weights: Weights, decoded: dict[str, np.ndarray],
              stats: Weights) -> Weights:
-        """One signed step of server_lr along the decoded vote; running statistics are
-        the devices' mean (they are measured, not trained)."""
-        lr = np.float32(self.opts.server_lr)  # float32 throughout: no float64 temporaries
+        """One signed step of the round's server lr along the decoded vote; running
+        statistics are the devices' mean (they are measured, not trained)."""
+        lr = np.float32(self.server_lr(round_))  # float32 throughout: no float64 temporaries
         out = {k: np.multiply(decoded[k], lr, dtype=np.float32) + w
                for k, w in global_weights.items() if k in decoded}
         out.update({k: v.astype(np.float32) for k, v in stats.items()})

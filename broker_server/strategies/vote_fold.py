@@ -26,7 +26,8 @@ from broker_server.strategies.base import Weights
 from broker_server.strategies.bitsum import BitSum
 from broker_server.strategies.folds import Fold
 from broker_server.strategies.partials import bits_in, bits_out, only, sums_in, sums_out
-from broker_server.strategies.voting import WEIGHT_STEPS, pairwise_reliability
+from broker_server.strategies.voting import (WEIGHT_STEPS, pairwise_reliability,
+                                             sample_positions)
 from device_runtime.codecs.base import is_statistic
 from device_runtime.codecs.bits import packed_size
 from device_runtime.codecs.sign import check_payload
@@ -34,7 +35,7 @@ from device_runtime.codecs.sign import check_payload
 
 class VoteFold(Fold):
     def __init__(self, strategy, round_: int, global_weights: Weights):
-        self.strategy, self.weights = strategy, global_weights
+        self.strategy, self.weights, self.round = strategy, global_weights, round_
         self.all_shapes = {k: tuple(v.shape) for k, v in global_weights.items()}
         self.shapes = {k: s for k, s in self.all_shapes.items() if not is_statistic(k)}
         self.stat_names = [k for k in global_weights if is_statistic(k)]
@@ -56,15 +57,7 @@ class VoteFold(Fold):
         """Bit positions (in the concatenated packed vector) where agreement is measured."""
         n = sum(self.sizes.values())
         k = self.strategy.opts.agreement_sample
-        if n <= k:
-            flat = np.arange(n)
-        else:
-            # A systematic sample, k coordinates n/k apart from an offset that moves by
-            # golden-ratio steps each round (so rounds cover the gaps evenly): sorted,
-            # spread over every tensor, and no random generator to build per round
-            # (which cost more than the vote at 100k parameters).
-            u = (round_ * 0.6180339887498949) % 1.0
-            flat = np.minimum(((np.arange(k) + u) * (n / k)).astype(np.int64), n - 1)
+        flat = sample_positions(n, k, round_)
         starts = np.cumsum([0] + list(self.sizes.values()))
         bases = np.array([self.offsets[t] * 8 for t in self.shapes], np.int64)
         tensor = np.searchsorted(starts, flat, side="right") - 1
@@ -94,7 +87,7 @@ class VoteFold(Fold):
         if self.records:
             self._record_agreement()
         stats = self.stats.mean() if self.stat_names else {}
-        return self.strategy.step(self.weights, decoded, stats)
+        return self.strategy.step(self.round, self.weights, decoded, stats)
 
     @property
     def splittable(self) -> bool:

@@ -75,6 +75,18 @@ def pairwise_reliability(s: np.ndarray, iters: int = 30) -> np.ndarray:
     return np.clip(v, -0.999, 0.999)
 
 
+def sample_positions(n: int, k: int, round_: int) -> np.ndarray:
+    """Where round ``round_`` measures agreement among ``n`` coordinates: all if n <= k,
+    else a systematic sample, k positions n/k apart from an offset that moves by
+    golden-ratio steps each round (so rounds cover the gaps evenly): sorted, spread
+    over every tensor, and no random generator to build per round (which cost more
+    than the whole vote at 100k parameters)."""
+    if n <= k:
+        return np.arange(n)
+    u = (round_ * 0.6180339887498949) % 1.0
+    return np.minimum(((np.arange(k) + u) * (n / k)).astype(np.int64), n - 1)
+
+
 def _at(w: float | Signs, name: str):
     return w[name] if isinstance(w, dict) else w
 

@@ -36,6 +36,8 @@ def add(p: argparse.ArgumentParser) -> None:
                    help="how FV estimates each device's error rate: agreement with the "
                    "others' vote, or pairwise agreement between devices")
     g.add_argument("--server-lr", type=float, default=1e-3)
+    g.add_argument("--server-lr-half-life", type=float, default=0.0, metavar="ROUNDS",
+                   help="halve the server step every ROUNDS rounds (default 0: constant)")
     g.add_argument("--local-steps", type=int, default=1)
     g.add_argument("--batch-sizes", help="comma list, one per device (default: in proportion "
                    "to each profile's compute, 4..128)")
@@ -100,6 +102,9 @@ def _signsgd(args: argparse.Namespace, cat, profiles: list[str], devices: int):
     from broker_server.strategies import SignSGDOptions
     from toolkit.simulate import batch_by_compute
 
+    if not args.server_lr_half_life >= 0:
+        raise UsageError(f"--server-lr-half-life: expected >= 0 rounds (0: constant), got "
+                         f"{args.server_lr_half_life}")
     if args.sign_estimate == "pairs" and args.sign_per_coordinate:
         raise UsageError("--sign-estimate pairs: estimates one weight per device; drop "
                          "--sign-per-coordinate")
@@ -117,4 +122,5 @@ def _signsgd(args: argparse.Namespace, cat, profiles: list[str], devices: int):
     return SignSGDOptions(args.sign_decoder, args.sign_per_coordinate, args.server_lr,
                           local_steps=args.local_steps, batch_by_device=by_device,
                           estimate=args.sign_estimate,
+                          server_lr_half_life=args.server_lr_half_life,
                           batch_by_profile=batch_by_compute([cat.get(p) for p in profiles]))
