@@ -24,6 +24,7 @@ from broker_server.strategies.lanes import LANE_BYTES, LaneSum
 
 GROUP = 64  # rows summed per adder tree
 BLOCK = 2048  # uint64 words per column block (16 KiB per row)
+GROW_BELOW = 65536  # bytes per row under which a pending group's buffer grows
 COUNT_CHUNK = 16384  # bytes of each plane that counts() unpacks at once (128 KiB out)
 
 
@@ -100,12 +101,14 @@ class BitSum:
 
     def _push(self, j: int, packed: np.ndarray, invert: bool) -> None:
         if j not in self.pending:
-            self.pending[j] = np.empty((min(4, self.group), self.words), np.uint64)
+            # A large row's group is one empty buffer whose pages are touched only as
+            # rows fill; a small row's grows by doubling, so that a small round's few
+            # rows per bit of the weights stay in small, reused allocations (a whole
+            # group's buffer for each of ~12 bits cost fresh pages every round).
+            rows = self.group if self.words * 8 >= GROW_BELOW else min(4, self.group)
+            self.pending[j] = np.empty((rows, self.words), np.uint64)
             self.filled[j] = 0
         elif self.filled[j] == len(self.pending[j]):
-            # Grown by doubling up to a full group: a small round's few rows per bit of
-            # the weights then stay in small, reused allocations (a whole group's
-            # buffer for each of ~12 bits cost fresh pages every round).
             grown = np.empty((min(2 * self.filled[j], self.group), self.words), np.uint64)
             grown[:self.filled[j]] = self.pending[j]
             self.pending[j] = grown
