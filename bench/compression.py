@@ -31,6 +31,7 @@ def arms(devices: int, rounds: int, sign_rounds: int, wide_rounds: int, fedmrn_c
          ) -> dict:
     small = int(round(devices * 0.6))
     mixed = {f"dev-{k}": (4 if k < small else 128) for k in range(devices)}
+    mixed32 = {d: min(b, 32) for d, b in mixed.items()}
     base = SimOptions(devices=devices, rounds=rounds, alpha=0.5,
                       profiles=("rpi3b", "rpi4", "rpi5", "jetson-orin-nano"))
     sign = dict(strategy="signsgd", codec="sign", rounds=sign_rounds)
@@ -56,6 +57,12 @@ def arms(devices: int, rounds: int, sign_rounds: int, wide_rounds: int, fedmrn_c
         "signsgd-fv-pairs-iid": replace(base, **sign, alpha=100.0,
                                         strategy_options=SignSGDOptions(
             "fv", server_lr=0.005, batch_by_device=mixed, estimate="pairs")),
+        # Big devices at batch 32 (not 128, over half of a 240-sample shard) and the
+        # server step halved every 50 rounds (a constant step swings the last round).
+        "signsgd-mv-iid32-hl": replace(base, **sign, alpha=100.0, strategy_options=SignSGDOptions(
+            "mv", server_lr=0.005, batch_by_device=mixed32, server_lr_half_life=50)),
+        "signsgd-fv-iid32-hl": replace(base, **sign, alpha=100.0, strategy_options=SignSGDOptions(
+            "fv", server_lr=0.005, batch_by_device=mixed32, server_lr_half_life=50)),
         "fedavg-fp32-wide": wide,
         "fedavg-fedmrn-wide": replace(wide, codec=fedmrn_codec),
     }
