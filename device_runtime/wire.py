@@ -147,8 +147,6 @@ def _wire_array(name: object, value: object) -> np.ndarray:
     return arr
 
 
-
-
 # --- decoding ---------------------------------------------------------------
 
 def decode(data: bytes | bytearray | memoryview, expect: Expect | None = None,
@@ -216,14 +214,6 @@ def _parse(view: memoryview, limits: Limits) -> tuple[dict, memoryview]:
     body = view[PREFIX + h:]
     _check_header(header, len(body), limits)
     return header, body
-
-
-
-
-
-
-
-
 
 
 def _check_header(header: object, body_len: int, limits: Limits) -> None:
@@ -380,10 +370,6 @@ def _want(obj: dict, key: str, typ: type, where: str) -> None:
 
 def _got(obj: dict, key: str) -> str:
     return f"{json_type(obj[key])} {short(obj[key])}" if key in obj else "nothing (missing)"
-
-
-
-
 
 
 def _names(names: list[str], limit: int = 8) -> str:
