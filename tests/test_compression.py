@@ -208,3 +208,16 @@ def test_federated_voting_counts_a_tied_vote_as_no_evidence():
         fold.add(f"d{k}", 10, t, p)
     fold.result()
     assert min(strat.votes.weight(f"d{k}") for k in range(15)) > 0.1
+
+
+def test_a_devices_weight_read_in_plain_floats_equals_the_vectorised_formula():
+    # VotingWeights.weight computes a device's weight without numpy (it is read once per
+    # update); it must stay the same number as reliability_weight, which the float path
+    # and per-coordinate FV use.
+    from broker_server.strategies.voting import _scalar_weight, reliability_weight
+
+    rng = np.random.default_rng(9)
+    totals = np.concatenate([[0.0, 1e-13, 1.0, 100.0], rng.uniform(0, 100, 2000)])
+    for total in totals:
+        for agree in (0.0, total, *rng.uniform(0, 1, 5) * total):
+            assert _scalar_weight(agree, total) == float(reliability_weight(agree, total))
