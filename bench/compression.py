@@ -3,6 +3,8 @@
 Arms (same seeds, same partition per seed): FedAvg with fp32, fp16, int8 and
 fedmrn updates; signSGD with majority vote and with federated voting, both with
 mixed minibatch sizes (60% of the devices at 4, 40% at 128, as in the paper).
+Arms ending in ``-50k`` run on a 50,000-sample MNIST-1D (``mnist1d:50000``), where
+a shard is many times the big minibatch (154, the paper's), as in the paper.
 Per arm: final accuracy (mean and spread over seeds), uplink bytes per device
 per round and the ratio to fp32, and rounds to reach 90% of fp32's final
 accuracy. Writes JSON and a markdown table.
@@ -32,10 +34,12 @@ def arms(devices: int, rounds: int, sign_rounds: int, wide_rounds: int, fedmrn_c
     small = int(round(devices * 0.6))
     mixed = {f"dev-{k}": (4 if k < small else 128) for k in range(devices)}
     mixed32 = {d: min(b, 32) for d, b in mixed.items()}
+    mixed154 = {d: (154 if b > 4 else 4) for d, b in mixed.items()}
     base = SimOptions(devices=devices, rounds=rounds, alpha=0.5,
                       profiles=("rpi3b", "rpi4", "rpi5", "jetson-orin-nano"))
     sign = dict(strategy="signsgd", codec="sign", rounds=sign_rounds)
     wide = replace(base, model="cnn-wide", rounds=wide_rounds)
+    big = replace(base, dataset=f"mnist1d:{BIG_SAMPLES}")
     return {
         "fedavg-fp32": base,
         "fedavg-fp16": replace(base, codec="fp16"),
@@ -63,9 +67,19 @@ def arms(devices: int, rounds: int, sign_rounds: int, wide_rounds: int, fedmrn_c
             "mv", server_lr=0.005, batch_by_device=mixed32, server_lr_half_life=50)),
         "signsgd-fv-iid32-hl": replace(base, **sign, alpha=100.0, strategy_options=SignSGDOptions(
             "fv", server_lr=0.005, batch_by_device=mixed32, server_lr_half_life=50)),
+        # The paper's regime: shards of ~2,700 (15 devices) against a big batch of 154.
+        "fedavg-fp32-50k": big,
+        "signsgd-mv-50k": replace(big, **sign, strategy_options=SignSGDOptions(
+            "mv", server_lr=0.005, batch_by_device=mixed154, server_lr_half_life=50)),
+        "signsgd-fv-50k": replace(big, **sign, strategy_options=SignSGDOptions(
+            "fv", server_lr=0.005, batch_by_device=mixed154, server_lr_half_life=50)),
         "fedavg-fp32-wide": wide,
         "fedavg-fedmrn-wide": replace(wide, codec=fedmrn_codec),
     }
+
+
+BIG_SAMPLES = 50_000
+SUFFIXES = ("-wide", "-50k")  # an arm is compared with fedavg-fp32 of its suffix
 
 
 def run_arm(opts: SimOptions, seeds: list[int]) -> list[dict]:
@@ -88,8 +102,8 @@ def rounds_to(acc: list[float], target: float) -> int | None:
 
 
 def baseline_of(arm: str) -> str:
-    """Each arm is compared with FedAvg-fp32 on the same model."""
-    return "fedavg-fp32-wide" if arm.endswith("-wide") else "fedavg-fp32"
+    """Each arm is compared with FedAvg-fp32 on the same model and data."""
+    return "fedavg-fp32" + next((x for x in SUFFIXES if arm.endswith(x)), "")
 
 
 def summarize(results: dict) -> dict:
@@ -102,6 +116,7 @@ def summarize(results: dict) -> dict:
         up = statistics.mean(r["uplink_per_device_round"] for r in runs)
         reach = [rounds_to(r["accuracy"], 0.9 * fp32_final) for r in runs]
         out[name] = {"model": "cnn-wide" if name.endswith("-wide") else "cnn",
+                     "dataset": f"mnist1d:{BIG_SAMPLES}" if name.endswith("-50k") else "mnist1d",
                      "final_mean": round(statistics.mean(finals), 4),
                      "final_std": round(statistics.pstdev(finals), 4),
                      "uplink_bytes_per_device_round": round(up),
@@ -117,11 +132,11 @@ def to_markdown(res: dict) -> str:
     lines = ["# Compression benchmark: MNIST-1D, Dirichlet 0.5\n",
              f"{res['devices']} devices, seeds {res['seeds']}; machine {res['machine']}. "
              f"Command: `{res['command']}`.\n",
-             "| arm | model | rounds | final accuracy (mean ± sd) | points below fp32 "
+             "| arm | model | data | rounds | final accuracy (mean ± sd) | points below fp32 "
              "| uplink B / device / round | fp32 / arm | rounds to 90% of fp32 final (per seed) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, s in res["summary"].items():
-        lines.append(f"| {name} | {s['model']} | {s['rounds']} | {s['final_mean']:.4f} ± "
+        lines.append(f"| {name} | {s['model']} | {s['dataset']} | {s['rounds']} | {s['final_mean']:.4f} ± "
                      f"{s['final_std']:.4f} | {s['gap_to_fp32_points']} "
                      f"| {s['uplink_bytes_per_device_round']:,} | {s['ratio_to_fp32']}x "
                      f"| {s['rounds_to_90pct_of_fp32']} |")

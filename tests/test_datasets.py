@@ -15,6 +15,27 @@ def test_mnist1d_is_the_standard_split(mnist1d):
     assert set(np.unique(mnist1d.y_train)) == set(range(10))
 
 
+def test_mnist1d_with_n_samples_keeps_the_split_and_the_generator(mnist1d, tmp_path):
+    ds = datasets.load("mnist1d:600")
+    assert ds.x_train.shape == (480, 40) and ds.x_test.shape == (120, 40)
+    assert ds.name == "mnist1d:600" and datasets.spec_for("mnist1d:600").samples == 600
+    assert datasets.spec_for("mnist1d:5_000") == datasets.DatasetSpec("mnist1d", samples=5000)
+    # The same generator and seed: a larger set is a different draw of the same task
+    # (same sample shape and classes), not a different dataset.
+    assert set(np.unique(ds.y_train)) == set(range(10)) == set(np.unique(mnist1d.y_train))
+    # Cached generation hands out copies: a caller editing its arrays edits only its own.
+    ds.x_train[:] = 0
+    assert datasets.load("mnist1d:600").x_train.any()
+
+
+@pytest.mark.parametrize("arg", ["mnist1d:", "mnist1d:ten", "mnist1d:10", "mnist1d:-5",
+                                 "mnist1d:1e6", "mnist1d:5000000"])
+def test_mnist1d_with_a_bad_sample_count_names_the_bound(arg):
+    with pytest.raises(DatasetError, match=r"mnist1d:N: expected N a whole number of samples "
+                                           r"in 50\.\.1_000_000"):
+        datasets.spec_for(arg)
+
+
 def test_digits_are_8x8_images_with_a_stratified_test_split():
     ds = datasets.load("digits")
     assert ds.sample_shape == (8, 8)
@@ -96,6 +117,9 @@ def test_partition_cli_writes_shards_and_server_split(tmp_path, capsys):
 def test_partition_cli_bad_input(tmp_path, capsys):
     code = main(["partition", "--dataset", "nope", "--devices", "4", "--out", str(tmp_path)])
     assert_one_line_error(code, capsys.readouterr().err, 3, "unknown dataset 'nope'")
+    code = main(["partition", "--dataset", "mnist1d:lots", "--devices", "4",
+                 "--out", str(tmp_path / "x")])
+    assert_one_line_error(code, capsys.readouterr().err, 3, "got 'lots'")
     code = main(["partition", "--dataset", "mnist1d", "--devices", "4", "--alpha", "0",
                  "--out", str(tmp_path / "x")])
     assert_one_line_error(code, capsys.readouterr().err, 2, "alpha")
