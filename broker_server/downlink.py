@@ -132,7 +132,7 @@ class Downlink:
 def recount_fetch(rs, device: str, meta: dict, variant: str) -> None:
     """An accepted update says how its device got the model ("sync" or "full"); the
     aggregator counted what it expected when it sent the task. The device knew better
-    what it held: correct the round's (a service ``RoundState``) downlink bytes."""
+    what it held: correct the round's (a ``records.RoundState``) downlink bytes."""
     via, counted = meta.get("via"), rs.via.get(device)
     if rs.sync is not None and counted and via in ("sync", "full") and via != counted:
         sizes = {"sync": len(rs.sync), "full": rs.model_bytes.get(variant, 0)}

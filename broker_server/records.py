@@ -12,12 +12,18 @@ aggregate and compare it with the next round's model bit for bit
 sent, cannot go unnoticed. A list rather than a dict, so that a device listed
 twice stays visible after a JSON round trip and the fold order is kept (float
 sums depend on it).
+
+``RoundState`` is what the aggregator keeps about the open round, the record's source.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import time
+from dataclasses import dataclass, field
+
+from broker_server.strategies.folds import Fold
+from device_runtime import messages
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _LIBC = None  # glibc, loaded on first use; False where there is none
@@ -80,7 +86,7 @@ def round_evidence(updates: list[tuple[str, str]], folded: int, duplicates: int,
 
 
 def round_record(rs, accuracy: float | None, duplicates: int, rejected: int) -> dict:
-    """The record of the closed round ``rs`` (a service ``RoundState``), evidence included."""
+    """The record of the closed round ``rs`` (a ``RoundState``), evidence included."""
     updates = [rs.accepted[d] for d in sorted(rs.accepted)]
     return {"round": rs.number, "accuracy": accuracy, "uplink_bytes": rs.uplink_bytes,
             "downlink_bytes": rs.downlink_bytes, "devices_reporting": len(updates),
@@ -104,3 +110,27 @@ def job_report(agg) -> dict:
             "duplicates": agg.duplicates,
             "uplink_bytes_total": sum(h["uplink_bytes"] for h in hist),
             "downlink_bytes_total": sum(h["downlink_bytes"] for h in hist)}
+
+
+@dataclass
+class RoundState:
+    number: int
+    assigned: dict[str, messages.Task] = field(default_factory=dict)
+    accepted: dict[str, dict] = field(default_factory=dict)  # device -> the update's meta
+    fold: Fold | None = None  # the round's aggregate so far
+    deadline: float = 0.0
+    started: float = 0.0
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    model_sha: dict[str, str] = field(default_factory=dict)
+    model_bytes: dict[str, int] = field(default_factory=dict)
+    frames: dict[str, bytes] = field(default_factory=dict)
+    shapes: dict[str, dict] = field(default_factory=dict)  # variant -> {name: shape}
+    reference: dict = field(default_factory=dict)  # the full model devices train from
+    sync: bytes | None = None  # the coded change to it from last round's (downlink)
+    base_sha: str = ""  # sha256 of last round's model frame, the sync's base
+    sync_sha: str = ""  # sha256 of the sync frame, named in every task
+    via: dict[str, str] = field(default_factory=dict)  # device -> "sync"/"full", counted
+    # Exactly-once evidence: (device, sha256 of the payload) of each successful
+    # Fold.add, in fold order (a device folded twice shows twice).
+    folded: list[tuple[str, str]] = field(default_factory=list)

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import queue
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,10 +21,9 @@ from broker_server.batches import BatchReplies
 from broker_server.downlink import HELD_KEY, Downlink, check_downlink, recount_fetch
 from broker_server.errors import BrokerServerError
 from broker_server.intake import pump, update_expect, update_meta
-from broker_server.records import digest, job_report, round_record
+from broker_server.records import RoundState, digest, job_report, round_record
 from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, create
-from broker_server.strategies.folds import Fold
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import WireError
@@ -51,30 +50,6 @@ class ServeOptions:
     wait_timeout: float | None = None  # for the first min_devices; None waits forever
     strategy_options: object | None = None  # the strategy's own typed options
     downlink: str = "fp32"  # how the model reaches devices: fp32 whole, or a coded change
-
-
-@dataclass
-class RoundState:
-    number: int
-    assigned: dict[str, messages.Task] = field(default_factory=dict)
-    accepted: dict[str, dict] = field(default_factory=dict)  # device -> the update's meta
-    fold: Fold | None = None  # the round's aggregate so far
-    deadline: float = 0.0
-    started: float = 0.0
-    uplink_bytes: int = 0
-    downlink_bytes: int = 0
-    model_sha: dict[str, str] = field(default_factory=dict)
-    model_bytes: dict[str, int] = field(default_factory=dict)
-    frames: dict[str, bytes] = field(default_factory=dict)
-    shapes: dict[str, dict] = field(default_factory=dict)  # variant -> {name: shape}
-    reference: dict = field(default_factory=dict)  # the full model devices train from
-    sync: bytes | None = None  # the coded change to it from last round's (downlink)
-    base_sha: str = ""  # sha256 of last round's model frame, the sync's base
-    sync_sha: str = ""  # sha256 of the sync frame, named in every task
-    via: dict[str, str] = field(default_factory=dict)  # device -> "sync"/"full", counted
-    # Exactly-once evidence: (device, sha256 of the payload) of each successful
-    # Fold.add, in fold order (a device folded twice shows twice).
-    folded: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Aggregator:

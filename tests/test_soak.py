@@ -11,7 +11,8 @@ import pytest
 
 from bench.soak_check import Seen, check_history, check_round, slope
 from broker_server.records import digest, rss_bytes
-from broker_server.service import Aggregator, RoundState, ServeOptions
+from broker_server.records import RoundState
+from broker_server.service import Aggregator, ServeOptions
 from device_runtime import codecs, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import WireError

@@ -14,7 +14,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="a whole fleet in one process (in-memory "
                        "transport, or --broker [--procs K]), with real frames and per-device "
                        "figures")
-    p.add_argument("--dataset", default="mnist1d")
+    p.add_argument("--dataset", default="mnist1d",
+                   help="mnist1d, mnist1d:N (N samples), digits or a .npz file")
     p.add_argument("--devices", type=int, default=10)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--alpha", type=float, default=0.5)
