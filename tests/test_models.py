@@ -48,6 +48,24 @@ def test_checkpoint_roundtrip_keeps_config_and_weights(tmp_path):
     assert torch.equal(ck.model(x), m.eval()(x))
 
 
+def test_checkpoint_keeps_its_dataset_spec_and_refuses_a_malformed_one(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from toolkit import datasets
+
+    spec = datasets.spec_for("mnist1d:600")
+    path = checkpoint.save(checkpoint.Checkpoint(_cfg(), zoo.build_model(_cfg()),
+                                                 dataset=spec), tmp_path / "d")
+    assert checkpoint.load(path).dataset == spec  # export calibrates on the same data
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for bad in ('{"name": "mnist1d", "size": 600}', '"mnist1d"'):
+        save_file(tensors, str(tmp_path / "bad.safetensors"), dict(meta, dataset=bad))
+        with pytest.raises(CheckpointError, match="bad.safetensors: metadata is malformed"):
+            checkpoint.load(tmp_path / "bad.safetensors")
+
+
 def test_pruned_checkpoint_rebuilds_its_shapes(tmp_path):
     m = zoo.build_model(_cfg()).eval()
     rec = prune(m, torch.zeros(1, 40), 0.5)

@@ -80,8 +80,9 @@ def load(path: str | Path) -> Checkpoint:
         cfg = ModelConfig.from_json(json.loads(meta["config"]))
         record = PruneRecord.from_json(json.loads(meta["prune"]))
         ds = json.loads(meta.get("dataset", "null"))
+        dataset = DatasetSpec(**ds) if ds else None
         metrics = json.loads(meta.get("metrics", "{}"))
-    except (KeyError, json.JSONDecodeError, FedgeError) as e:
+    except (KeyError, TypeError, json.JSONDecodeError, FedgeError) as e:
         raise CheckpointError(f"checkpoint {path}: metadata is malformed: {e}") from None
     try:
         model = build_model(cfg)
@@ -92,4 +93,4 @@ def load(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: weights do not match its config: "
                               f"{first}") from None
     model.eval()
-    return Checkpoint(cfg, model, record, DatasetSpec(**ds) if ds else None, metrics)
+    return Checkpoint(cfg, model, record, dataset, metrics)
