@@ -73,6 +73,10 @@ def arms(devices: int, rounds: int, sign_rounds: int, wide_rounds: int, fedmrn_c
             "mv", server_lr=0.005, batch_by_device=mixed154, server_lr_half_life=50)),
         "signsgd-fv-50k": replace(big, **sign, strategy_options=SignSGDOptions(
             "fv", server_lr=0.005, batch_by_device=mixed154, server_lr_half_life=50)),
+        "signsgd-mv-iid-50k": replace(big, **sign, alpha=100.0, strategy_options=SignSGDOptions(
+            "mv", server_lr=0.005, batch_by_device=mixed154, server_lr_half_life=50)),
+        "signsgd-fv-iid-50k": replace(big, **sign, alpha=100.0, strategy_options=SignSGDOptions(
+            "fv", server_lr=0.005, batch_by_device=mixed154, server_lr_half_life=50)),
         "fedavg-fp32-wide": wide,
         "fedavg-fedmrn-wide": replace(wide, codec=fedmrn_codec),
     }
