@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from broker_server.downlink import recount_fetch
 from broker_server.errors import BrokerServerError
@@ -45,13 +46,16 @@ class ScaleOutOptions:
 
 
 class ScaleOut:
-    def __init__(self, transport, job: str, opts: ScaleOutOptions, procs: list = ()):
+    def __init__(self, transport, job: str, opts: ScaleOutOptions,
+                 alive: Callable[[], None] | None = None):
         if opts.workers < 1:
             raise BrokerServerError(f"workers: expected >= 1, got {opts.workers}")
         self.t, self.job, self.opts = transport, job, opts
         self.topics = Topics(job)
         self.session = uuid.uuid4().hex[:16]
-        self.procs = list(procs)  # worker processes we started: a dead one is an error
+        # Raises if a worker process we started has exited (fedge serve --workers): before
+        # the first round that is a setup error, not something to wait out.
+        self.alive = alive
         self.online: set[str] = set()
         self.round = 0
         self.reporter: dict[str, tuple[str, str]] = {}  # device -> (worker, sha256), first
@@ -69,10 +73,8 @@ class ScaleOut:
     def wait_ready(self, agg) -> None:
         deadline = time.time() + self.opts.ready_timeout
         while len(self.online) < self.opts.workers:
-            for p in self.procs:
-                if p.poll() is not None:
-                    raise BrokerServerError(f"worker process {p.pid} exited with code "
-                                            f"{p.returncode} before the first round")
+            if self.alive is not None:
+                self.alive()
             if time.time() > deadline:
                 raise BrokerServerError(
                     f"only {len(self.online)} of {self.opts.workers} workers came online "

@@ -1,15 +1,24 @@
 """`fedge serve --workers 2` in the field: real serve, worker and device processes on a
-real Mosquitto reach the same models as `fedge serve` alone; usage mistakes are one line."""
+real Mosquitto reach the same models as `fedge serve` alone, also when a worker is
+killed mid-round; usage mistakes are one line."""
 from __future__ import annotations
 
 import json
+import os
+import queue
 import secrets
+import signal
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from device_runtime import wire
+from device_runtime.topics import Topics
+from device_runtime.transport.mqtt import MqttTransport
 
+from tests.brokers import Mosquitto
 from tests.conftest import assert_one_line_error, run_fedge
 from tests.field_helpers import finish, prepare_job, start_device, start_server
 
@@ -22,11 +31,26 @@ def job_files(tmp_path_factory):
     return work, prepare_job(work, devices=DEVICES)
 
 
-def _job(tmp_path, job_files, url: str, name: str, extra: list[str]) -> tuple[dict, dict]:
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    m = Mosquitto(tmp_path_factory.mktemp("mosq-workers-field")).start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory, job_files, broker):
+    """`fedge serve` without workers, the reference (with the coded downlink)."""
+    return _job(tmp_path_factory.mktemp("alone"), job_files, broker.url, "alone",
+                ["--downlink", "fedmrn"])
+
+
+def _job(tmp_path, job_files, url: str, name: str, extra: list[str],
+         job: str | None = None) -> tuple[dict, dict]:
     work = tmp_path / name
     work.mkdir()
     (work / "data").symlink_to(job_files[0] / "data")
-    job = f"wf{secrets.token_hex(3)}"
+    job = job or f"wf{secrets.token_hex(3)}"
     server = start_server(url, job, work, job_files[1], rounds=2, min_devices=DEVICES,
                           round_timeout=60, extra=["--codec", "fedmrn", "--eval-data",
                                                    str(work / "data" / "server.npz"), *extra])
@@ -37,12 +61,11 @@ def _job(tmp_path, job_files, url: str, name: str, extra: list[str]) -> tuple[di
     return report, wire.decode((work / "state" / "global-2.fdg").read_bytes()).tensors
 
 
-def test_serve_with_two_workers_reaches_the_same_model(tmp_path, job_files, mosquitto):
+def test_serve_with_two_workers_reaches_the_same_model(tmp_path, job_files, broker, alone):
     # With the coded downlink, so round 2's fold is relative to the model devices rebuilt
     # from the sync frame, which the workers read from the broker.
-    alone, model_alone = _job(tmp_path, job_files, mosquitto.url, "alone",
-                              ["--downlink", "fedmrn"])
-    spread, model_spread = _job(tmp_path, job_files, mosquitto.url, "spread",
+    alone, model_alone = alone
+    spread, model_spread = _job(tmp_path, job_files, broker.url, "spread",
                                 ["--workers", "2", "--downlink", "fedmrn"])
     # Devices train deterministically from the task seed, and FedMRN's mean is integer
     # mask counts plus float64 sums: the same weights (biases and BN parameters up to
@@ -62,6 +85,58 @@ def test_serve_with_two_workers_reaches_the_same_model(tmp_path, job_files, mosq
         assert sorted(d for d, _ in r["updates"]) == r["accepted"]
     down = [r["downlink_bytes"] for r in spread["rounds"]]
     assert down[1] < down[0] / 5, down  # round 2: the change, not the model
+
+
+def _worker_pid(job: str, worker: str) -> int | None:
+    """The pid of ``fedge worker --job JOB --id WORKER`` (started by fedge serve)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in args]
+        if "worker" in words and f"--job {job} --id {worker}" in " ".join(words):
+            return int(proc.name)
+    return None
+
+
+def test_a_worker_killed_mid_round_is_restarted_and_loses_nothing(tmp_path, job_files,
+                                                                   broker, alone):
+    job = f"wk{secrets.token_hex(3)}"
+    reports: queue.Queue = queue.Queue()
+    spy = MqttTransport(broker.url, f"spy-{job}")
+    spy.connect()
+    spy.subscribe(Topics(job).worker("+", "accepted"), lambda t, p: reports.put(t))
+    killed: list[str] = []
+
+    def kill_first_reporter() -> None:  # SIGKILL: no clean disconnect, the will fires
+        topic = reports.get(timeout=200)
+        worker = topic.split("/")[-2]
+        pid = _worker_pid(job, worker)
+        assert pid is not None, topic
+        os.kill(pid, signal.SIGKILL)
+        killed.append(worker)
+
+    killer = threading.Thread(target=kill_first_reporter, daemon=True)
+    killer.start()
+    try:
+        report, model = _job(tmp_path, job_files, broker.url, "killed",
+                             ["--workers", "2", "--downlink", "fedmrn"], job=job)
+    finally:
+        spy.close()
+    killer.join(5)
+    assert killed, "no worker reported an update"
+    # The killed worker's update, accepted and reported before the kill, is still in
+    # round 1: the restarted worker reloaded it from its state dir and sent it in its
+    # partial. So every device counts and the model is the one serve alone made.
+    assert [r["devices_reporting"] for r in report["rounds"]] == [DEVICES, DEVICES]
+    assert report["scale_out"]["restarts"] == 1, report["scale_out"]
+    for name, value in alone[1].items():
+        np.testing.assert_array_max_ulp(model[name], value, maxulp=1)
+    for r in report["rounds"]:
+        assert r["folded"] == len(r["updates"]) == DEVICES, r
+    log = (tmp_path / "killed" / "server.log").read_text()
+    assert f"worker {killed[0]} (pid" in log and "restarting in" in log
 
 
 def test_workers_usage_mistakes_are_one_line(tmp_path, job_files):

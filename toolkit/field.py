@@ -122,18 +122,20 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
         t = MqttTransport(url, f"fedge-{args.job}-aggregator", persistent=True,
                           max_payload=args.max_payload, **creds)
         t.connect()
-        scale = scaleout.start(args, t, url, fold_options) if fold_options is not None else None
+        scale, sup = scaleout.start(args, t, url, fold_options) if fold_options is not None \
+            else (None, None)
         try:
             agg = Aggregator(t, opts, ckpt.config.to_json(), weights, evaluator(ckpt, x, y),
                              on_round or _print_round, scale_out=scale)
+            if sup:
+                agg.watch = sup.check  # a worker that exits mid-job is started again
             report = agg.run()
             if scale:
                 scale.finish()  # the workers stop on it
-                report["scale_out"] = scale.report()
+                report["scale_out"] = dict(scale.report(), restarts=sup.restarts)
         finally:
-            if scale:  # after a failure, at once
-                scaleout.stop(scale.procs, 10.0 if scale.work and scale.work.state == "done"
-                              else 0.0)
+            if sup:  # after a failure, at once
+                sup.stop(10.0 if scale.work and scale.work.state == "done" else 0.0)
             t.close()
     report["broker"] = url
     from device_runtime.training.local import load_weights

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -55,40 +54,33 @@ def _nbytes(spec) -> int:
     return int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
 
 
-def spawn(args: argparse.Namespace, url: str, state_dir: Path) -> list[subprocess.Popen]:
-    """``args.workers`` local ``fedge worker`` processes, logs and state under
-    ``state_dir/workers/w<i>``."""
-    procs = []
+def supervisor(args: argparse.Namespace, url: str, state_dir: Path):
+    """``args.workers`` local ``fedge worker`` processes (not yet started), logs and
+    state under ``state_dir/workers/w<i>``."""
+    from toolkit.supervisor import Supervisor
+
+    cmds, logs = {}, {}
     for i in range(args.workers):
-        d = state_dir / "workers" / f"w{i}"
+        name, d = f"w{i}", state_dir / "workers" / f"w{i}"
         d.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "toolkit", "worker", "--broker", url, "--job", args.job,
-               "--id", f"w{i}", "--state-dir", str(d), "--parent-pid", str(os.getpid())]
+               "--id", name, "--state-dir", str(d), "--parent-pid", str(os.getpid())]
         if getattr(args, "credentials", None):
             cmd += ["--credentials", args.credentials]
-        log = open(d / "worker.log", "ab")
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                      env=dict(os.environ, PYTHONUNBUFFERED="1")))
-    return procs
+        cmds[name], logs[name] = cmd, d / "worker.log"
+    return Supervisor(cmds, logs)
 
 
 def start(args: argparse.Namespace, transport, url: str, fold_options: dict):
-    """The aggregator's ScaleOut, with its worker processes started."""
+    """The aggregator's ScaleOut and the Supervisor of its worker processes, started."""
     from broker_server.coordinator import ScaleOut, ScaleOutOptions
 
-    procs = spawn(args, url, Path(args.state_dir))
-    return ScaleOut(transport, args.job, ScaleOutOptions(args.workers, args.strategy,
-                                                         args.codec, fold_options), procs)
-
-
-def stop(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
-    """Wait for the workers to stop on "done"; terminate the ones that do not."""
-    for p in procs:
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.terminate()
-            p.wait(5)
+    sup = supervisor(args, url, Path(args.state_dir))
+    sup.start()
+    scale = ScaleOut(transport, args.job, ScaleOutOptions(args.workers, args.strategy,
+                                                          args.codec, fold_options),
+                     alive=sup.check_started)
+    return scale, sup
 
 
 def add_worker_parser(sub: argparse._SubParsersAction) -> None:
