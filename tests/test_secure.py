@@ -344,13 +344,18 @@ def test_a_device_can_neither_forge_nor_read_another_devices_update(fleet):
         r.close()
 
 
-def test_a_full_round_over_mutual_tls(fleet, tmp_path):
+@pytest.mark.parametrize("workers", [[], ["--workers", "2", "--codec", "fedmrn"]],
+                         ids=["aggregator", "workers"])
+def test_a_full_round_over_mutual_tls(fleet, tmp_path, workers):
+    # With --workers, the workers connect with the aggregator's credentials and the ACL
+    # must let them take a shared subscription and publish under workers/.
     root, broker = fleet
     job, work = f"tls{secrets.token_hex(3)}", tmp_path
     ckpt = prepare_job(work, devices=2)
     url = f"mqtts://localhost:{broker.port}"
     server = start_server(url, job, work, ckpt, rounds=2, min_devices=2, round_timeout=60,
-                          extra=["--credentials", str(root / "credentials/aggregator.json")])
+                          extra=["--credentials", str(root / "credentials/aggregator.json"),
+                                 *workers])
     devices = [start_device(url, job, work, k, extra=[
         "--credentials", str(root / "credentials" / f"dev-{k}.json")]) for k in range(2)]
     codes = finish([server], timeout=120) + finish(devices, timeout=60)
@@ -359,3 +364,5 @@ def test_a_full_round_over_mutual_tls(fleet, tmp_path):
     assert [x["round"] for x in r["rounds"]] == [1, 2]
     assert [x["devices_reporting"] for x in r["rounds"]] == [2, 2] and not r["rejected"]
     assert r["broker"] == url
+    if workers:
+        assert sum(r["scale_out"]["updates_by_worker"].values()) == 4, r["scale_out"]
