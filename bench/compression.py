@@ -140,8 +140,8 @@ def to_markdown(res: dict) -> str:
              "| uplink B / device / round | fp32 / arm | rounds to 90% of fp32 final (per seed) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, s in res["summary"].items():
-        lines.append(f"| {name} | {s['model']} | {s['dataset']} | {s['rounds']} | {s['final_mean']:.4f} ± "
-                     f"{s['final_std']:.4f} | {s['gap_to_fp32_points']} "
+        lines.append(f"| {name} | {s['model']} | {s['dataset']} | {s['rounds']} "
+                     f"| {s['final_mean']:.4f} ± {s['final_std']:.4f} | {s['gap_to_fp32_points']} "
                      f"| {s['uplink_bytes_per_device_round']:,} | {s['ratio_to_fp32']}x "
                      f"| {s['rounds_to_90pct_of_fp32']} |")
     return "\n".join(lines) + "\n"

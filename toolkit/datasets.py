@@ -21,7 +21,6 @@ import numpy as np
 from toolkit.errors import DatasetError
 
 BUILTIN = ("mnist1d", "digits")
-MNIST1D_SAMPLES = 5000  # the package's standard size: 4,000 train / 1,000 test
 # Bounds for mnist1d:N. Below 50 a 20% test split has under ten samples; generation
 # runs at ~5k samples a second, so the cap (~3 minutes) keeps a typo from a long hang.
 MNIST1D_MIN, MNIST1D_MAX = 50, 1_000_000
@@ -69,7 +68,7 @@ def spec_for(arg: str) -> DatasetSpec:
 
 def _mnist1d_samples(text: str) -> int:
     try:
-        n = int(text.replace("_", ""))
+        n = int(text)  # 50000 or 50_000
     except ValueError:
         n = None
     if n is None or not MNIST1D_MIN <= n <= MNIST1D_MAX:

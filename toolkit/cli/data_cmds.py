@@ -12,7 +12,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=profiles)
 
     p = sub.add_parser("partition", help="split a dataset non-IID over devices")
-    p.add_argument("--dataset", required=True, help="mnist1d, mnist1d:N (N samples), digits or a .npz file")
+    p.add_argument("--dataset", required=True,
+                   help="mnist1d, mnist1d:N (N samples), digits or a .npz file")
     p.add_argument("--devices", type=int, required=True)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     p.add_argument("--classes-per-device", type=int, default=None,

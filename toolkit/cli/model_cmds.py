@@ -9,7 +9,8 @@ import time
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="centralized training (EcoFed's public "
                        "pre-training and the centralized baseline)")
-    p.add_argument("--dataset", required=True, help="mnist1d, mnist1d:N (N samples), digits or a .npz file")
+    p.add_argument("--dataset", required=True,
+                   help="mnist1d, mnist1d:N (N samples), digits or a .npz file")
     p.add_argument("--model", default="cnn", help="cnn, cnn1d, cnn2d, cnn-wide or module:callable")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=30)
