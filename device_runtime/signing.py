@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from device_runtime.errors import SignatureError, TrustError
+from device_runtime.errors import SignatureError
+from device_runtime.keys import key_id, load_public_key  # noqa: F401  (re-exported)
 
 SIG_FORMAT = "fedge-signature/1"
 ALG = "ed25519"
@@ -37,33 +35,6 @@ def signature_path(manifest_path: str | Path) -> Path:
     """Where the detached signature of ``manifest_path`` lives: ``<manifest>.sig``."""
     manifest_path = Path(manifest_path)
     return manifest_path.with_name(manifest_path.name + ".sig")
-
-
-def key_id(public_key: Ed25519PublicKey) -> str:
-    """First 16 hex digits of the sha256 of the raw 32-byte public key."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def load_public_key(path: str | Path) -> Ed25519PublicKey:
-    """The Ed25519 public key in PEM file ``path``, or TrustError naming the file."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TrustError(f"trusted key {path} does not exist") from None
-    except OSError as e:
-        raise TrustError(f"trusted key {path}: cannot read ({e.strerror or e})") from None
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError):
-        why = "a private key; trust its .pub" if b"PRIVATE KEY" in data else "not a PEM key"
-        raise TrustError(f"trusted key {path}: expected an Ed25519 public key (PEM), "
-                         f"got {why}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise TrustError(f"trusted key {path}: expected an Ed25519 public key, got "
-                         f"{type(key).__name__}")
-    return key
 
 
 def verify_manifest(manifest_path: str | Path, public_key_path: str | Path) -> str:
