@@ -38,6 +38,7 @@ from bench.common import command, machine, write_results  # noqa: E402
 from bench.soak_check import Observer, check_history  # noqa: E402
 from bench.soak_report import summarize, to_markdown  # noqa: E402
 from broker_server.records import rss_bytes  # noqa: E402
+from device_runtime.keys import PublicKey  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
 from tests.field_helpers import (  # noqa: E402
     completed_rounds,
@@ -105,7 +106,8 @@ class Fleet:
         self.ckpt = prepare_job(work, cfg.devices, cfg.seed)
         self.broker = Mosquitto(work / "mosq").start()
         self.job = f"soak-{cfg.seed}-{secrets.token_hex(3)}"
-        self.observer = Observer(self.broker.url, self.job)
+        self.observer = Observer(self.broker.url, self.job,
+                                 PublicKey.load(work / "keys" / "server.pub"))
         self.devices: dict[int, object] = {}
         self.server = None
         self.done: list[dict] = []  # the faults as injected, with what was seen then

@@ -30,6 +30,7 @@ from broker_server.strategies import create
 from device_runtime import codecs, messages, wire
 from device_runtime.backoff import Backoff
 from device_runtime.codecs import CodecContext
+from device_runtime.errors import WireError
 from device_runtime.topics import Topics
 
 
@@ -60,12 +61,13 @@ class Observer:
     """Subscribes to the job's updates, models and tasks; reconnects fast after a broker
     restart (before the devices' backoff), so that it misses as little as possible."""
 
-    def __init__(self, url: str, job: str, clock=None):
+    def __init__(self, url: str, job: str, server_key, clock=None):
         import time
 
         from device_runtime.transport.mqtt import MqttTransport
 
         self.topics, self.seen, self.lock = Topics(job), Seen(), threading.Lock()
+        self.job, self.server_key = job, server_key  # tasks are signed: checked as devices do
         self.clock = clock or time.time
         self.t = MqttTransport(url, f"soak-observer-{job}", backoff=Backoff(0.02, 0.2))
         self.errors: list[str] = []
@@ -93,8 +95,9 @@ class Observer:
                 self.seen.add_model(where["round"], payload, self.clock())
             elif where["kind"] == "task":
                 try:
-                    seed = messages.parse(messages.Task, payload).seed
-                except messages.MessageError as e:
+                    seed = messages.unseal(messages.Task, payload, self.server_key,
+                                           self.job).msg.seed
+                except (messages.MessageError, WireError) as e:
                     self.errors.append(f"{topic}: {e}")
                     return
                 self.seen.seeds.setdefault(where["round"], set()).add(seed)

@@ -27,8 +27,9 @@ from typing import Callable
 
 from broker_server.downlink import recount_fetch
 from broker_server.errors import BrokerServerError
-from broker_server.scaleout import WorkRound, WorkerStatus, parse_accepted
-from device_runtime import messages, wire
+from broker_server.scaleout import WorkRound, parse_accepted, parse_status
+from broker_server.trust import ServerTrust
+from device_runtime import wire
 from device_runtime.errors import WireError
 from device_runtime.topics import Topics
 
@@ -46,11 +47,13 @@ class ScaleOutOptions:
 
 
 class ScaleOut:
-    def __init__(self, transport, job: str, opts: ScaleOutOptions,
+    def __init__(self, transport, job: str, opts: ScaleOutOptions, trust: ServerTrust,
                  alive: Callable[[], None] | None = None):
         if opts.workers < 1:
             raise BrokerServerError(f"workers: expected >= 1, got {opts.workers}")
         self.t, self.job, self.opts = transport, job, opts
+        self.trust = trust  # workers sign with the aggregator's key; so does the round message
+        self.key = trust.signer.public
         self.topics = Topics(job)
         self.session = uuid.uuid4().hex[:16]
         # Raises if a worker process we started has exited (fedge serve --workers): before
@@ -85,7 +88,8 @@ class ScaleOut:
         if rs.number != self.round:
             self.round, self.reporter = rs.number, {}
         devices = {d: {"variant": t.variant,
-                       "samples": agg.devices[d].samples if d in agg.devices else 0}
+                       "samples": agg.devices[d].samples if d in agg.devices else 0,
+                       "nonce": t.nonce}
                    for d, t in rs.assigned.items()}
         self._publish(WorkRound(rs.number, self.session, "open", self.opts.strategy,
                                 self.opts.codec, agg._task_seed(rs.number), dict(rs.model_sha),
@@ -94,10 +98,7 @@ class ScaleOut:
     def handle(self, agg, where: dict, payload: bytes) -> None:
         worker, what = where["worker"], where["what"]
         if what == "status":
-            s = messages.parse(WorkerStatus, payload)
-            if s.worker != worker:
-                raise messages.MessageError(f"workerstatus.worker: expected {worker!r}, "
-                                            f"got {s.worker!r}")
+            s = parse_status(payload, worker, self.key, self.job)
             (self.online.add if s.state == "online" else self.online.discard)(worker)
         elif what == "accepted":
             self._on_accepted(agg, worker, payload)
@@ -134,7 +135,7 @@ class ScaleOut:
     def republish(self) -> None:
         """After a reconnect: a broker without persistence lost the retained round."""
         if self.work is not None:
-            self.t.publish(self.topics.work, messages.dump(self.work), retain=True)
+            self.t.publish(self.topics.work, self.trust.seal(self.work), retain=True)
 
     def finish(self) -> None:
         """The job is over: workers that served it stop."""
@@ -148,10 +149,10 @@ class ScaleOut:
     # --- messages ---------------------------------------------------------------
     def _publish(self, w: WorkRound) -> None:
         self.work = w
-        self.t.publish(self.topics.work, messages.dump(w), retain=True)
+        self.t.publish(self.topics.work, self.trust.seal(w), retain=True)
 
     def _on_accepted(self, agg, worker: str, payload: bytes) -> None:
-        a = parse_accepted(payload, worker)
+        a = parse_accepted(payload, worker, self.key, self.job)
         rs = agg.round
         if rs is None or a.round != rs.number or self.closing is not None:
             log.info("report of %s's update in round %d from worker %s after the close: "
@@ -178,7 +179,7 @@ class ScaleOut:
         rs = agg.round
         frame = wire.decode(payload, wire.Expect(kind="partial", job=self.job,
                                                  round=rs.number, devices=frozenset([worker]),
-                                                 codec=self.opts.codec))
+                                                 codec=self.opts.codec), key=self.key)
         devices, model = frame.meta.get("devices"), frame.meta.get("model")
         want = set(self.closing[worker])
         if not isinstance(devices, list) or len(set(devices)) != len(devices) or \

@@ -10,9 +10,11 @@ the global model), publishes that sync frame, and advances ``held`` by exactly
 what the frame decodes to: ``held' = decode(encode(model; held); held)``. A
 device holding ``held`` applies the same decode and, by construction, gets the
 bytes the aggregator got; it checks that by the sha256 of the re-encoded model
-frame. Devices train from ``held`` and their updates are relative to it, so the
-round is folded against ``held``; the fold's result is the aggregator's new
-model. The coding error is not carried into the next change (error feedback):
+frame's body (the frames the aggregator publishes are signed; the one a device
+rebuilds is not, and the signed header is what names the body). Devices
+train from ``held`` and their updates are relative to it, so the round is
+folded against ``held``; the fold's result is the aggregator's new model. The
+coding error is not carried into the next change (error feedback):
 local training from ``held`` already corrects toward the data, and adding the
 error again counted it twice (docs/DESIGN.md has the measurements).
 
@@ -25,7 +27,6 @@ restarted aggregator recomputes the same frames.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ from device_runtime.errors import EXIT_USAGE
 from device_runtime import codecs, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.model_sync import SYNC_KIND, model_frame, sync_context
+from device_runtime.keys import Signer
 
 Weights = dict[str, np.ndarray]
 HELD_KEY = "_downlink_held"  # the state store's kept-tensors entry for ``held``
@@ -64,10 +66,6 @@ def check_downlink(name: str, strategy: str | None = None) -> str:
     return name
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def code_change(codec_name: str, target: Weights, held: Weights, ctx: CodecContext
                 ) -> tuple[Weights, dict, Weights]:
     """(wire tensors, params, new held): ``target - held`` coded, and held advanced by
@@ -86,17 +84,18 @@ class RoundModel:
     weights: Weights  # what devices train from this round (``held``)
     frame: bytes  # its full model frame
     sync: bytes | None = None  # the change from the previous round's held model
-    base_sha256: str = ""  # sha256 of that previous model frame
+    base_sha256: str = ""  # body sha256 of that previous model frame
 
 
 class Downlink:
     """Keeps ``held`` and produces each round's frames (see the module docstring)."""
 
-    def __init__(self, codec_name: str, job: str):
+    def __init__(self, codec_name: str, job: str, signer: Signer | None = None):
         self.codec, self.job = check_downlink(codec_name), job
+        self.signer = signer  # the aggregator's: every frame it publishes is signed
         self.held: Weights | None = None
         self.held_round = 0  # the round whose model ``held`` is
-        self.held_sha = ""  # sha256 of held's model frame (of round held_round)
+        self.held_sha = ""  # body sha256 of held's model frame (of round held_round)
 
     @property
     def coded(self) -> bool:
@@ -105,7 +104,7 @@ class Downlink:
     def restore(self, held: Weights | None, round_: int) -> None:
         """After a restart: the held model of the last closed round (None: none)."""
         if held is not None:
-            self._hold(RoundModel(held, model_frame(self.job, round_, held)), round_)
+            self._hold(RoundModel(held, model_frame(self.job, round_, held, self.signer)), round_)
 
     def advance(self, x: Weights, round_: int, seed: int) -> RoundModel:
         """The round's model: ``x`` itself when uncoded or nothing is held, else held
@@ -113,19 +112,20 @@ class Downlink:
         seed: the change is that round's aggregate, and a FedMRN aggregate is a sum of
         masks over that round's noise."""
         if not self.coded or self.held is None or self.held_round != round_ - 1:
-            return self._hold(RoundModel(x, model_frame(self.job, round_, x)), round_)
+            return self._hold(RoundModel(x, model_frame(self.job, round_, x, self.signer)), round_)
         base = self.held_sha
         tensors, params, held = code_change(self.codec, x, self.held,
                                             sync_context(round_, seed, self.held))
         sync = wire.encode(wire.Frame(SYNC_KIND, self.job, round_, "server", self.codec,
-                                      tensors, params, {"base": base, "seed": seed}))
-        return self._hold(RoundModel(held, model_frame(self.job, round_, held), sync, base),
-                          round_)
+                                      tensors, params, {"base": base, "seed": seed}),
+                           signer=self.signer)
+        frame = model_frame(self.job, round_, held, self.signer)
+        return self._hold(RoundModel(held, frame, sync, base), round_)
 
     def _hold(self, rm: RoundModel, round_: int) -> RoundModel:
         self.held, self.held_round = rm.weights, round_
         # The base of the next change; uncoded, there is none to name.
-        self.held_sha = sha256(rm.frame) if self.coded else ""
+        self.held_sha = wire.content_sha(rm.frame) if self.coded else ""
         return rm
 
 

@@ -16,11 +16,13 @@ log = logging.getLogger("fedge.server")
 
 
 def update_expect(job: str, round_: int, device: str, codec: Codec, strategy, variant: str,
-                  shapes: dict, samples: int) -> wire.Expect:
-    """What ``device``'s update frame for ``variant`` (model tensors ``shapes``) must be."""
+                  shapes: dict, samples: int, nonce: str | None = None) -> wire.Expect:
+    """What ``device``'s update frame for ``variant`` (model tensors ``shapes``) must be;
+    ``nonce``: the nonce of the task it answers."""
     return wire.Expect(kind="update", job=job, round=round_, devices=frozenset([device]),
                        codec=codec.name,
-                       tensors=codec.wire_spec(strategy.update_shapes(variant, shapes, samples)))
+                       tensors=codec.wire_spec(strategy.update_shapes(variant, shapes, samples)),
+                       nonce=nonce)
 
 
 def update_meta(frame: wire.Frame, want_variant: str | None) -> tuple[int, str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -98,6 +99,31 @@ def round_record(rs, accuracy: float | None, duplicates: int, rejected: int) -> 
             **round_evidence(rs.folded, len(rs.folded), duplicates, rejected)}
 
 
+class Refusals:
+    """Refused messages: a count per kind and reason, the first ``KEEP`` in full, and a
+    log line for the first of each reason (then every 1000th), so that a flood of
+    forged chunks costs neither memory nor log. Called from the transport's thread too."""
+
+    KEEP = 200
+
+    def __init__(self, log) -> None:
+        self.log, self.total, self.kept = log, 0, []
+        self.by_reason: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, where: dict, why: str) -> None:
+        reason = f"{where.get('kind')}: {why.split(':')[0][:80]}"
+        with self._lock:
+            self.total += 1
+            n = self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+            if len(self.kept) < self.KEEP:
+                self.kept.append({"round": where.get("round"), "device": where.get("device"),
+                                  "kind": where.get("kind"), "reason": why})
+        if n == 1 or n % 1000 == 0:
+            self.log.warning("rejected %s from %s (#%d of its kind): %s", where.get("kind"),
+                             where.get("device"), n, why)
+
+
 def job_report(agg) -> dict:
     """The job's report from an ``Aggregator``: its settings, every round's record and
     the totals."""
@@ -105,7 +131,9 @@ def job_report(agg) -> dict:
     return {"job": agg.opts.job, "strategy": agg.opts.strategy, "codec": agg.opts.codec,
             "downlink": agg.opts.downlink,
             "rounds": hist, "final_accuracy": hist[-1]["accuracy"] if hist else None,
-            "resumed_from": agg.resumed_from, "rejected": agg.rejected,
+            "resumed_from": agg.resumed_from, "rejected": agg.rejected.kept,
+            "rejected_total": agg.rejected.total,
+            "rejected_by_reason": dict(agg.rejected.by_reason),
             "device_errors": dict(agg.device_errors),
             "duplicates": agg.duplicates,
             "uplink_bytes_total": sum(h["uplink_bytes"] for h in hist),
@@ -134,3 +162,4 @@ class RoundState:
     # Exactly-once evidence: (device, sha256 of the payload) of each successful
     # Fold.add, in fold order (a device folded twice shows twice).
     folded: list[tuple[str, str]] = field(default_factory=list)
+    resent_at: float = 0.0  # when tasks were last re-sent past the deadline

@@ -1,7 +1,7 @@
 """Scale-out: what the coordinator and its aggregator workers say to each other, and
 which strategy and codec combinations can be split over workers.
 
-The messages are typed dataclasses read with ``messages.parse`` (field types
+The messages are typed dataclasses, signed frames (``messages.seal``/``unseal``) read (field types
 checked at the boundary); what that cannot see (the contents of nested dicts)
 is checked here, and every error names the field, what was expected and what came.
 Topics are in ``device_runtime.topics`` (``work``, ``worker``, ``shared_update``);
@@ -16,6 +16,7 @@ from broker_server.errors import BrokerServerError
 from broker_server.strategies import FedAvg, SignSGD, SignSGDOptions, Strategy
 from device_runtime import messages
 from device_runtime.errors import EXIT_USAGE
+from device_runtime.keys import PublicKey, Signer
 from device_runtime.messages import MessageError
 from device_runtime.topics import check_id
 
@@ -42,7 +43,7 @@ class WorkRound:
     codec: str
     seed: int  # the round's codec seed (CodecContext.seed)
     models: dict  # variant -> sha256 of the round's model frame
-    devices: dict  # device -> {"variant": str, "samples": int}: the round's tasks
+    devices: dict  # device -> {"variant": str, "samples": int, "nonce": str}: its task
     options: dict = field(default_factory=dict)  # the fold's strategy options (decoder)
     close: dict = field(default_factory=dict)  # worker -> [devices], at "close"
 
@@ -70,15 +71,17 @@ class WorkerStatus:
     counts: dict = field(default_factory=dict)
 
 
-def parse_work(payload: bytes) -> WorkRound:
-    w = messages.parse(WorkRound, payload)
+def parse_work(payload: bytes, key: PublicKey, job: str) -> WorkRound:
+    """The round message, signed with the aggregator's key (workers hold it too)."""
+    w = messages.unseal(WorkRound, payload, key, job, sender="server").msg
     if w.state not in ("open", "close", "done"):
         raise MessageError(f"workround.state: expected open, close or done, got {w.state!r}")
     for d, task in w.devices.items():
         if not isinstance(task, dict) or not isinstance(task.get("variant"), str) or \
-                not isinstance(task.get("samples"), int) or isinstance(task["samples"], bool):
+                not isinstance(task.get("samples"), int) or isinstance(task["samples"], bool) \
+                or not isinstance(task.get("nonce"), str):
             raise MessageError(f"workround.devices[{d!r}]: expected {{variant: str, "
-                               f"samples: int}}, got {task!r}")
+                               f"samples: int, nonce: str}}, got {task!r}")
     for wid, devices in w.close.items():
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise MessageError(f"workround.close[{wid!r}]: expected a list of device ids, "
@@ -89,8 +92,8 @@ def parse_work(payload: bytes) -> WorkRound:
     return w
 
 
-def parse_accepted(payload: bytes, worker: str) -> Accepted:
-    a = messages.parse(Accepted, payload)
+def parse_accepted(payload: bytes, worker: str, key: PublicKey, job: str) -> Accepted:
+    a = messages.unseal(Accepted, payload, key, job, sender=worker).msg
     if a.worker != worker:
         raise MessageError(f"accepted.worker: expected {worker!r} (the topic's), "
                            f"got {a.worker!r}")
@@ -100,8 +103,18 @@ def parse_accepted(payload: bytes, worker: str) -> Accepted:
     return a
 
 
-def status(worker: str, state: str, counts: dict | None = None) -> bytes:
-    return messages.dump(WorkerStatus(worker, state, time.time(), dict(counts or {})))
+def status(worker: str, state: str, signer: Signer, job: str, counts: dict | None = None
+           ) -> bytes:
+    """A worker's status, signed with the aggregator's key it runs with."""
+    return messages.seal(WorkerStatus(worker, state, time.time(), dict(counts or {})), job,
+                         worker, signer)
+
+
+def parse_status(payload: bytes, worker: str, key: PublicKey, job: str) -> WorkerStatus:
+    s = messages.unseal(WorkerStatus, payload, key, job, sender=worker).msg
+    if s.worker != worker:
+        raise MessageError(f"workerstatus.worker: expected {worker!r}, got {s.worker!r}")
+    return s
 
 
 def check_split(strategy: str, codec: str, options: object = None) -> dict:

@@ -9,7 +9,6 @@ A malformed or unexpected message is logged and counted, never fatal.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import time
@@ -21,9 +20,10 @@ from broker_server.batches import BatchReplies
 from broker_server.downlink import HELD_KEY, Downlink, check_downlink, recount_fetch
 from broker_server.errors import BrokerServerError
 from broker_server.intake import pump, update_expect, update_meta
-from broker_server.records import RoundState, digest, job_report, round_record
+from broker_server.records import Refusals, RoundState, digest, job_report, round_record
 from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, create
+from broker_server.trust import SERVER, ServerTrust
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import WireError
@@ -55,8 +55,11 @@ class ServeOptions:
 class Aggregator:
     def __init__(self, transport: Transport, opts: ServeOptions, model_config: dict,
                  initial_weights: dict, evaluate: Callable[[dict], float] | None = None,
-                 on_round: Callable[[dict], None] | None = None, scale_out=None):
+                 on_round: Callable[[dict], None] | None = None, scale_out=None, *,
+                 trust: ServerTrust):
         self.t, self.opts = transport, opts
+        self.trust = trust  # signs what it sends, checks what devices send
+        transport.signer = trust.signer
         self.scale = scale_out  # coordinator.ScaleOut: workers fold the updates
         self.topics = Topics(opts.job)
         self.codec = codecs.get(opts.codec)
@@ -64,7 +67,7 @@ class Aggregator:
         self.strategy = create(opts.strategy, epochs=opts.epochs, batch_size=opts.batch_size,
                                lr=opts.lr, **extra)
         check_downlink(opts.downlink, opts.strategy)
-        self.downlink = Downlink(opts.downlink, opts.job)
+        self.downlink = Downlink(opts.downlink, opts.job, trust.signer)
         self.model_config = model_config
         self.evaluate, self.on_round = evaluate, on_round
         self.store = StateStore(opts.state_dir, opts.job)
@@ -82,9 +85,8 @@ class Aggregator:
         self.devices: dict[str, messages.Status] = {}
         # device -> the last error it published with state "error" (e.g. a refused export)
         self.device_errors: dict[str, str] = {}
-        self.rejected: list[dict] = []
+        self.rejected = Refusals(log)
         self.duplicates = 0
-        self.waiting: list[tuple[str, bytes]] = []  # updates for the round not yet open
         self.events: queue.Queue = queue.Queue()
         self.round: RoundState | None = None
         self.last_models: dict[str, int] = {}  # variant -> bytes, of the last closed round
@@ -102,9 +104,7 @@ class Aggregator:
         self.events.put((topic, payload))
 
     def _reject(self, where: dict, why: str) -> None:
-        log.warning("rejected %s from %s: %s", where.get("kind"), where.get("device"), why)
-        self.rejected.append({"round": where.get("round"), "device": where.get("device"),
-                              "kind": where.get("kind"), "reason": why})
+        self.rejected.add(where, why)
 
     # --- the loop ---------------------------------------------------------------
     def run(self) -> dict:
@@ -113,17 +113,19 @@ class Aggregator:
                              self.opts.round_timeout,
                              {"epochs": self.opts.epochs, "batch_size": self.opts.batch_size,
                               "lr": self.opts.lr},
-                             {"full": {"tensors": {k: list(s) for k, s in self.shapes.items()}}})
+                             {"full": {"tensors": {k: list(s) for k, s in self.shapes.items()}}},
+                             self.trust.session, time.time())
         self.t.on_error = lambda topic, why: self._reject({"kind": "chunk", "topic": topic}, why)
         # A restarted broker may have lost retained messages: publish them again.
         self.t.on_connect = lambda: self.events.put((RECONNECTED, b""))
+        self.t.gate = self.trust.gate(self.topics)
         self.t.subscribe(self.topics.status(), self._enqueue)
         if self.scale:
             self.scale.subscribe(self._enqueue)
         else:
             self.t.subscribe(self.topics.update(), self._enqueue)
         self.t.subscribe(self.topics.acts(), self._enqueue)
-        self._plan = messages.dump(plan)
+        self._plan = self.trust.seal(plan, nonce=self.trust.session)
         self._publish_assets()
         if self.state.completed < self.opts.rounds:
             self.t.clear_retained(self.topics.control)  # a stop left by an earlier run
@@ -135,14 +137,14 @@ class Aggregator:
         while self.state.completed < self.opts.rounds:
             self._run_round(self.state.completed + 1)
         # Retained, so that a device that was away when the job ended learns it too.
-        self.t.publish(self.topics.control, messages.dump(messages.Control("stop", "done")),
-                       retain=True)
+        self.t.publish(self.topics.control, self.trust.seal(
+            messages.Control("stop", "done"), nonce=self.trust.session), retain=True)
         return self.report()
 
     def _publish_assets(self) -> None:
         for name, tensors in self.strategy.assets().items():
-            self.assets[name] = wire.encode(wire.Frame("asset", self.opts.job, 0, "server",
-                                                       "fp32", tensors))
+            self.assets[name] = self.trust.frame(wire.Frame("asset", self.opts.job, 0, SERVER,
+                                                            "fp32", tensors))
             self.t.publish(self.topics.asset(name), self.assets[name], retain=True)
 
     def _wait_for_devices(self, start: float) -> None:
@@ -177,6 +179,7 @@ class Aggregator:
                 if len(rs.accepted) >= self.opts.min_devices:
                     break
                 self._assign(rs, [d for d in self._online() if d.id not in rs.assigned])
+                self._resend(rs, pending)
         if self.scale:
             self.scale.gather(self, rs)  # the workers' partial sums into rs.fold
         self._close_round(rs)
@@ -185,30 +188,29 @@ class Aggregator:
         rm = self.downlink.advance(self.weights, rs.number, self._task_seed(rs.number - 1))
         rs.reference, rs.sync, rs.base_sha = rm.weights, rm.sync, rm.base_sha256
         if rm.sync is not None:
-            rs.sync_sha = hashlib.sha256(rm.sync).hexdigest()
+            rs.sync_sha = wire.content_sha(rm.sync)
             self.t.publish(self.topics.sync(rs.number, "full"), rm.sync, retain=True)
         for variant, w in self.strategy.variants(rm.weights).items():
             self._publish_variant(rs, variant, w, rm.frame if variant == "full" else None)
 
     def _publish_variant(self, rs: RoundState, variant: str, w: dict,
                          frame: bytes | None = None) -> None:
-        frame = frame or wire.encode(wire.Frame("model", self.opts.job, rs.number, "server",
-                                                "fp32", w))
-        rs.model_sha[variant] = hashlib.sha256(frame).hexdigest()
+        frame = frame or self.trust.frame(wire.Frame("model", self.opts.job, rs.number, SERVER,
+                                                     "fp32", w))
+        rs.model_sha[variant] = wire.content_sha(frame)
         rs.frames[variant] = frame
         rs.shapes[variant] = {k: tuple(v.shape) for k, v in w.items()}
         rs.model_bytes[variant] = self.t.publish(self.topics.model(rs.number, variant),
                                                  frame, retain=True)
 
     def _reload_accepted(self, rs: RoundState) -> None:
-        """Updates accepted before a crash count again; none is lost. Updates that came
-        before the round opened are handled again once its devices are assigned."""
+        """Updates accepted before a crash count again; none is lost (each still signed by
+        its device). Updates sent while no round was open were refused: the device
+        answers the task again when it is re-sent with the same nonce."""
         for device, payload in self.store.accepted_updates(rs.number).items():
-            self._fold_in(rs, wire.decode(payload), payload)
+            self._fold_in(rs, self.trust.update(payload, wire.Expect(
+                kind="update", job=self.opts.job, round=rs.number), device), payload)
             rs.uplink_bytes += len(payload)
-        for item in self.waiting:
-            self.events.put(item)
-        self.waiting = []
 
     def _assign(self, rs: RoundState, devices: list[DeviceInfo]) -> None:
         for device, a in self.strategy.assign(rs.number, devices).items():
@@ -220,14 +222,28 @@ class Aggregator:
                                  self._task_seed(rs.number), self.opts.codec,
                                  int(a.extra.get("steps", 0)), dict(a.extra.get("model", {})),
                                  a.extra.get("uplink", "weights"),
-                                 {n: hashlib.sha256(self.assets[n]).hexdigest()
+                                 {n: wire.content_sha(self.assets[n])
                                   for n in a.extra.get("assets", [])},
-                                 *self._sync_of(rs, a.variant))
+                                 *self._sync_of(rs, a.variant),
+                                 self.trust.nonce(rs.number, device), self.trust.session)
             rs.assigned[device] = task
+            self.trust.open_tasks[device] = (rs.number, task.nonce)
             if device not in rs.accepted:
                 self._send_task(rs, task)
         if self.scale:
             self.scale.announce(self, rs)
+
+    def _resend(self, rs: RoundState, pending: set[str]) -> None:
+        """Past the deadline without a quorum: the task again (same nonce, so a device
+        that sent its update answers with the same one) to each assigned device that
+        has not reported, at most once per round timeout (an update may have been lost)."""
+        now = time.time()
+        if now < rs.resent_at + self.opts.round_timeout:
+            return
+        rs.resent_at = now
+        for device in sorted(pending):
+            if device in rs.assigned:
+                self._send_task(rs, rs.assigned[device])
 
     def _sync_of(self, rs: RoundState, variant: str) -> tuple[str, str]:
         """(base_sha256, sync_sha256) for a task: the coded change, if there is one."""
@@ -240,8 +256,9 @@ class Aggregator:
         return self.opts.seed * 100_003 + r
 
     def _send_task(self, rs: RoundState, task: messages.Task) -> None:
-        rs.downlink_bytes += self.t.publish(self.topics.task(rs.number, task.device),
-                                            messages.dump(task))
+        rs.downlink_bytes += self.t.publish(
+            self.topics.task(rs.number, task.device),
+            self.trust.seal(task, rs.number, task.nonce, task.device))
         # What the device fetches: the change if it trained last round, else the model.
         via = "sync" if task.sync_sha256 and task.device in self.in_sync else "full"
         rs.via[task.device] = via
@@ -284,13 +301,7 @@ class Aggregator:
             self.scale.republish()
 
     def _on_status(self, where: dict, payload: bytes) -> None:
-        if payload in (b"offline", b""):
-            status = messages.Status(where["device"], "offline")
-        else:
-            status = messages.parse(messages.Status, payload)
-            if status.device != where["device"]:
-                raise messages.MessageError(f"status.device: expected {where['device']!r}, "
-                                            f"got {status.device!r}")
+        status = self.trust.status(where["device"], payload)
         was = self.devices.get(status.device)
         self.devices[status.device] = status
         if status.state == "error" and self.device_errors.get(status.device) != status.error:
@@ -308,11 +319,6 @@ class Aggregator:
     def _on_update(self, where: dict, payload: bytes) -> None:
         rs = self.round
         device, r = where["device"], where["round"]
-        if rs is None and r == self.state.completed + 1 and len(self.waiting) < 1024:
-            # Queued by the broker while a restarted aggregator was down; they arrive
-            # before it reopens their round: keep them for it (the soak found them lost).
-            self.waiting.append((self.topics.update(r, device), payload))
-            return
         if rs is None or r != rs.number:
             raise WireError(f"round: expected {rs.number if rs else 'none'}, got {r} "
                                  "(late or early update)")
@@ -323,9 +329,10 @@ class Aggregator:
             log.info("duplicate update from %s in round %d ignored", device, r)
             return
         variant = rs.assigned[device].variant
-        frame = wire.decode(payload, update_expect(
+        frame = self.trust.update(payload, update_expect(
             self.opts.job, r, device, self.codec, self.strategy, variant, rs.shapes[variant],
-            self.devices[device].samples if device in self.devices else 0))
+            self.devices[device].samples if device in self.devices else 0,
+            rs.assigned[device].nonce), device)
         # Persisted only after the fold accepted it: a rejected payload leaves no trace.
         self._fold_in(rs, frame, payload)
         self.store.save_update(r, device, payload)
@@ -336,8 +343,9 @@ class Aggregator:
         rs, device, r = self.round, where["device"], where["round"]
         if rs is None or r != rs.number or device not in rs.assigned or device in rs.accepted:
             raise WireError(f"round: {device!r} has no open split task in round {r}")
-        reply = self.batch_replies.reply(self.strategy, r, device, payload,
-                                         rs.assigned[device].batch_size)
+        task = rs.assigned[device]
+        reply = self.batch_replies.reply(self.strategy, r, device, payload, task.batch_size,
+                                         self.trust, task.nonce)
         rs.uplink_bytes += len(payload)
         rs.downlink_bytes += self.t.publish(self.topics.grad(r, device), reply)
 
@@ -353,7 +361,7 @@ class Aggregator:
     def _close_round(self, rs: RoundState) -> None:
         self.weights = rs.fold.result()
         acc = self.evaluate(self.weights) if self.evaluate else None
-        record = round_record(rs, acc, self.duplicates, len(self.rejected))
+        record = round_record(rs, acc, self.duplicates, self.rejected.total)
         self.state.completed = rs.number
         self.state.history.append(record)
         self.state.extra = self.strategy.state()
@@ -373,6 +381,7 @@ class Aggregator:
                                   chunks=self.last_sync // self.t.max_payload + 2)
         self.last_sync = len(rs.sync or b"")
         self.round = None
+        self.trust.open_tasks.clear()
         if self.on_round:
             self.on_round(record)
 

@@ -29,7 +29,8 @@ from broker_server.intake import pump, update_expect, update_meta
 from broker_server.scaleout import (Accepted, WorkRound, check_worker_id, fold_strategy,
                                     parse_work, status)
 from broker_server.state import atomic_write
-from device_runtime import codecs, messages, wire
+from broker_server.trust import ServerTrust
+from device_runtime import codecs, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import FedgeError, WireError
 from device_runtime.topics import Topics, check_id
@@ -55,8 +56,12 @@ class WorkerOptions:
 
 
 class Worker:
-    def __init__(self, transport: Transport, opts: WorkerOptions):
+    def __init__(self, transport: Transport, opts: WorkerOptions, trust: ServerTrust):
         self.t, self.opts = transport, opts
+        # The aggregator's key and the fleet's registry: what it sends is signed like the
+        # aggregator's, what devices send is checked against their keys.
+        self.trust, self.key = trust, trust.signer.public
+        transport.signer = trust.signer
         self.id = check_worker_id(opts.worker)
         self.topics = Topics(opts.job)
         self.root = Path(opts.state_dir)
@@ -112,7 +117,8 @@ class Worker:
         return dict(self.counts)
 
     def _status(self, state: str) -> None:
-        self.t.publish(self.topics.worker(self.id, "status"), status(self.id, state, self.counts),
+        self.t.publish(self.topics.worker(self.id, "status"),
+                       status(self.id, state, self.trust.signer, self.opts.job, self.counts),
                        retain=True)
 
     def _pump(self, timeout: float) -> bool:
@@ -134,7 +140,7 @@ class Worker:
 
     # --- rounds -----------------------------------------------------------------
     def _on_work(self, payload: bytes) -> None:
-        w = parse_work(payload)
+        w = parse_work(payload, self.key, self.opts.job)
         if w.state == "done":
             # A "done" left retained by an earlier run does not stop a worker that has
             # not served that run.
@@ -166,13 +172,13 @@ class Worker:
         w = self.work
         if w is None or where["round"] != w.round or self.fold is not None:
             return
-        digest = hashlib.sha256(payload).hexdigest()
+        frame = wire.decode(payload, wire.Expect(kind="model", job=self.opts.job,
+                                                 round=w.round), key=self.key)
+        digest = wire.content_sha(payload)
         if digest != self.model_sha:
             raise WireError(f"model of round {w.round}: sha256 expected "
                             f"{self.model_sha[:16]}... (the round message's), got "
                             f"{digest[:16]}...")
-        frame = wire.decode(payload, wire.Expect(kind="model", job=self.opts.job,
-                                                 round=w.round))
         self.reference = frame.tensors
         self.shapes = {k: tuple(v.shape) for k, v in frame.tensors.items()}
         self.strategy = fold_strategy(w.strategy, w.options)
@@ -235,8 +241,8 @@ class Worker:
         if save:  # only after the fold accepted it: a rejected payload leaves no trace
             self._dir().mkdir(exist_ok=True)
             atomic_write(self._dir() / f"{device}.fdg", payload)
-        report = messages.dump(Accepted(self.id, w.round, device, samples, digest,
-                                        len(payload), dict(frame.meta)))
+        report = self.trust.seal(Accepted(self.id, w.round, device, samples, digest,
+                                          len(payload), dict(frame.meta)))
         self.held[device] = report
         self.counts["accepted"] += 1
         self.t.publish(self.topics.worker(self.id, "accepted"), report)
@@ -250,9 +256,9 @@ class Worker:
         if task["variant"] != "full":
             raise WireError(f"variant: expected 'full' (the only model a worker folds), "
                             f"got {task['variant']!r}")
-        frame = wire.decode(payload, update_expect(
+        frame = self.trust.update(payload, update_expect(
             self.opts.job, w.round, device, self.codec, self.strategy, task["variant"],
-            self.shapes, task["samples"]))
+            self.shapes, task["samples"], task["nonce"]), device)
         samples, variant = update_meta(frame, task["variant"])
         return frame, samples, variant
 
@@ -276,7 +282,7 @@ class Worker:
         tensors, meta = fold.partial()
         frame = wire.Frame("partial", self.opts.job, w.round, self.id, w.codec, tensors,
                            meta={**meta, "devices": have, "model": self.model_sha})
-        self.t.publish(self.topics.worker(self.id, "partial"), wire.encode(frame))
+        self.t.publish(self.topics.worker(self.id, "partial"), self.trust.frame(frame))
         self.counts["partials"] += 1
 
     def _dir(self) -> Path:

@@ -1,6 +1,10 @@
 """The device agent: announce, take tasks, verify the model, train, send the update.
 
-Given an export (a manifest and a trusted key), it first checks it
+Every message it acts on is signed by the aggregator's key (``server_key``) and
+bound to the job, the round, this device and the run's session or the task's
+nonce; everything it sends is signed with its own key (``key``). Anything else
+is refused with its reason and changes nothing. Given an export (a manifest
+and a trusted key), it first checks it
 (``preflight``) and, if that fails, publishes the refusal as its status and
 stops before taking any task. Runs until the job's ``control`` says stop.
 Transport callbacks only enqueue; the work happens on the agent's thread.
@@ -9,7 +13,6 @@ loads on a device without it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -21,7 +24,15 @@ import numpy as np
 
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
-from device_runtime.errors import FedgeError, RefusedError, WireError
+from device_runtime.errors import (
+    FedgeError,
+    RefusedError,
+    TrustError,
+    UnauthenticatedError,
+    WireError,
+)
+from device_runtime.follow import ServerMessages
+from device_runtime.keys import PublicKey, Signer
 from device_runtime.model_sync import rebuild
 from device_runtime.topics import Topics, check_id
 from device_runtime.transport.base import Transport
@@ -40,16 +51,30 @@ class AgentOptions:
     idle_timeout: float | None = None  # give up after this long without a plan/task
     manifest: str | None = None  # the export to check before any task (with trust)
     trust: str | None = None  # the public key its signature must verify with
+    key: Signer | None = None  # this device's own key: signs its status and updates
+    server_key: PublicKey | None = None  # the aggregator's: every message must verify
 
 
-def status_will(topics: Topics, device: str) -> tuple[str, bytes]:
-    return topics.status(device), messages.dump(messages.Status(device, "offline"))
+def status_will(topics: Topics, device: str, key: Signer) -> tuple[str, bytes]:
+    """The retained "offline" status the broker publishes if the device drops, signed
+    by the device in advance."""
+    status = messages.Status(device, "offline", ts=time.time())
+    return topics.status(device), messages.seal(status, topics.job, device, key)
 
 
 class DeviceAgent:
     def __init__(self, transport: Transport, opts: AgentOptions, x: np.ndarray, y: np.ndarray):
         self.t, self.opts = transport, opts
         self.device = check_id("device", opts.device)
+        if opts.key is None or opts.server_key is None:
+            raise TrustError("device: expected its own signing key and the aggregator's "
+                             "public key (fedge secure init issues both)")
+        self.key = opts.key
+        self.server = ServerMessages(opts.job, self.device, opts.server_key)
+        transport.signer = opts.key
+        transport.gate = self.server.gate
+        self._before_plan: list[tuple[str, bytes]] = []  # tasks and stops, for the plan
+        self._task_bytes = 0  # of the task being worked on, counted as downlink
         self.topics = Topics(opts.job)
         self.x, self.y = x, y
         self.events: queue.Queue = queue.Queue()
@@ -59,7 +84,7 @@ class DeviceAgent:
         self.assets: dict[str, bytes] = {}  # name -> frame as received
         self._assets: dict[tuple[str, str], dict] = {}  # (name, sha256) -> decoded tensors
         self._head: tuple[str, object] | None = None  # (sha256, onnxruntime session), EcoFed
-        self.sent: dict[int, bytes] = {}  # round -> update frame, republished on a resent task
+        self.sent: dict[int, tuple[str, bytes]] = {}  # round -> (nonce, update), for a resend
         self.working: set[int] = set()  # rounds whose task is being worked on
         self.grads: dict[int, bytes] = {}  # round -> latest grad frame (dpfl)
         self._deferred: list[tuple[str, bytes]] = []  # tasks that came mid split round
@@ -83,7 +108,8 @@ class DeviceAgent:
                             {"python": platform.python_version(), "numpy": np.__version__,
                              "onnxruntime": onnxruntime.__version__, **self.runtime},
                             error, time.time())
-        self.t.publish(self.topics.status(self.device), messages.dump(s), retain=True)
+        self.t.publish(self.topics.status(self.device),
+                       messages.seal(s, self.opts.job, self.device, self.key), retain=True)
 
     def check_export(self) -> None:
         """Verify the export (opts.manifest, opts.trust) before any task; on failure
@@ -139,10 +165,9 @@ class DeviceAgent:
         where = self.topics.parse(topic)
         try:
             if where["kind"] == "plan":
-                self.plan = messages.parse(messages.Plan, payload)
+                self._on_plan(payload)
             elif where["kind"] == "control":
-                ctl = messages.parse(messages.Control, payload)
-                self.stopped = ctl.action == "stop"
+                self._on_control(topic, payload)
             elif where["kind"] == "asset":
                 self.assets[where["asset"]] = payload
             elif where["kind"] in ("model", "sync"):
@@ -152,7 +177,9 @@ class DeviceAgent:
                 self.grads = {r: b for r, b in self.grads.items() if r >= where["round"]}
                 self.grads[where["round"]] = payload
             elif where["kind"] == "task":
-                self._on_task(messages.parse(messages.Task, payload))
+                self._on_task(topic, payload, where["round"])
+        except UnauthenticatedError as e:
+            self.server.count(where.get("kind", "?"), topic, e)
         except FedgeError as e:
             log.warning("%s on %s: %s", type(e).__name__, topic, e)
             self.announce("online", error=f"{where.get('kind')}: {e}")
@@ -160,12 +187,27 @@ class DeviceAgent:
             log.exception("unexpected error on %s", topic)
             self.announce("online", error=f"{where.get('kind')}: {type(e).__name__}: {e}")
 
-    def _on_task(self, task: messages.Task) -> None:
-        if task.device != self.device:
-            raise messages.MessageError(f"task.device: expected {self.device!r}, "
-                                        f"got {task.device!r}")
-        if task.round in self.sent:  # the aggregator lost it or restarted: resend as is
-            self.t.publish(self.topics.update(task.round, self.device), self.sent[task.round])
+    def _on_plan(self, payload: bytes) -> None:
+        self.plan = self.server.take_plan(payload)
+        waiting, self._before_plan = self._before_plan, []
+        for item in waiting:  # tasks and stops that came first: judged by this plan
+            self._handle(*item)
+
+    def _on_control(self, topic: str, payload: bytes) -> None:
+        if self.plan is None:  # its session is the plan's: judged when the plan comes
+            self._before_plan = [*self._before_plan[-7:], (topic, payload)]
+            return
+        self.stopped = self.server.take_control(payload).action == "stop"
+
+    def _on_task(self, topic: str, payload: bytes, round_: int) -> None:
+        if self.plan is None:
+            self._before_plan = [*self._before_plan[-7:], (topic, payload)]
+            return
+        task = self.server.take_task(payload, round_)
+        self._task_bytes = len(payload)
+        sent = self.sent.get(task.round)
+        if sent is not None and sent[0] == task.nonce:  # lost or restarted: resend as is
+            self.t.publish(self.topics.update(task.round, self.device), sent[1])
             return
         # Waiting for its model or assets, a task handles the messages that arrive; a
         # copy of itself among them (the aggregator re-sent it) would train it twice.
@@ -186,7 +228,7 @@ class DeviceAgent:
             log.warning("round %d: model never arrived before the deadline", task.round)
             return
         frame_bytes, fetched, self._via = got
-        down = fetched + len(messages.dump(task))
+        down = fetched + self._task_bytes
         for name, sha in task.assets.items():
             fetched = self._asset(name, str(sha), task.deadline)
             if fetched is None:
@@ -204,7 +246,7 @@ class DeviceAgent:
         else:
             update = self._train(task, frame_bytes)
         self.sent = {r: b for r, b in self.sent.items() if r >= task.round - 2}
-        self.sent[task.round] = update
+        self.sent[task.round] = (task.nonce, update)
         up = self.t.publish(self.topics.update(task.round, self.device), update)
         self.rounds_done += 1
         self.history.append({"round": task.round, "uplink_bytes": up + self._split_io[0],
@@ -273,10 +315,14 @@ class DeviceAgent:
         while time.time() < deadline + 5:
             data = lookup()
             if data is not None:
-                digest = hashlib.sha256(data).hexdigest()
+                try:  # signed by the aggregator, and the frame the (signed) task names
+                    digest = self.server.verify(data)["sha256"]
+                except WireError as e:
+                    digest = f"unverified: {e}"
                 if digest == sha256:
                     return data
-                log.warning("%s fails its sha256 (%s.. != %s..)", what, digest[:8], sha256[:8])
+                log.warning("%s is not the one the task names (%s.. != %s..)", what,
+                            digest[:40], sha256[:8])
                 drop()
             try:
                 topic, payload = self.events.get(timeout=0.2)
@@ -303,7 +349,8 @@ class DeviceAgent:
                                        CodecContext(task.round, task.seed, None, self.device))
         return wire.encode(wire.Frame("update", self.opts.job, task.round, self.device,
                                       task.codec, tensors, params,
-                                      {"samples": int(len(self.y)), "variant": task.variant}))
+                                      {"samples": int(len(self.y)), "variant": task.variant},
+                                      nonce=task.nonce), signer=self.key)
 
     def _train(self, task: messages.Task, frame_bytes: bytes) -> bytes:
         from device_runtime.training.local import (
@@ -363,7 +410,7 @@ class DeviceAgent:
             "update", self.opts.job, task.round, self.device, task.codec, tensors, params,
             {"samples": res.samples, "loss": round(res.loss, 6),
              "train_seconds": round(res.seconds, 4), "variant": task.variant,
-             "via": self._via}))
+             "via": self._via}, nonce=task.nonce), signer=self.key)
 
     def _exchange(self, task: messages.Task):
         """dpfl's link to the server (split_link.py)."""

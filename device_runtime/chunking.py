@@ -15,26 +15,34 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from device_runtime.errors import WireError
 from device_runtime.wire import Expect, Frame, decode, encode, peek_header
 
+if TYPE_CHECKING:
+    from device_runtime.keys import Signer
 
-def split(data: bytes, max_payload: int, chunk_id: str) -> list[bytes]:
-    """``[data]`` if it fits in ``max_payload`` bytes, else chunk frames that each fit."""
+
+def split(data: bytes, max_payload: int, chunk_id: str, signer: Signer | None = None
+          ) -> list[bytes]:
+    """``[data]`` if it fits in ``max_payload`` bytes, else chunk frames that each fit,
+    signed by ``signer`` (with the frame's nonce and addressee) if given, so a receiver
+    can refuse a forged chunk before it holds it."""
     if len(data) <= max_payload:
         return [data]
     head = peek_header(data)
     digest = hashlib.sha256(data).hexdigest()
+    auth = head.get("auth", {}) if signer else {}
 
     def chunk(index: int, count: int, payload: np.ndarray) -> bytes:
         return encode(Frame("chunk", head["job"], head["round"], head["device"], head["codec"],
                             {"data": payload},
                             chunk={"id": chunk_id, "index": index, "count": count,
-                                   "sha256": digest}))
+                                   "sha256": digest},
+                            nonce=auth.get("nonce", ""), to=auth.get("to", "")), signer=signer)
 
     # The header of chunk 0 of 1 with an empty slice, plus room for the widest
     # index, count, shape and nbytes any chunk can have: an upper bound for all.

@@ -35,14 +35,15 @@ class DeviceConfig:
     data: str | None = None
     credentials: str | None = None  # DIR/credentials/<id>.json from `fedge secure init`
     manifest: str | None = None  # the export's manifest.json (signed)
-    trust: str | None = None  # the public key the manifest must be signed with
+    trust: str | None = None  # the aggregator's public key (it also signs the export)
+    key: str | None = None  # this device's own signing key (fedge secure init issues it)
     profiles_file: str | None = None
     threads: int | None = None
     max_payload: int | None = None
     idle_timeout: float | None = None
 
 
-PATHS = ("data", "credentials", "manifest", "trust", "profiles_file")
+PATHS = ("data", "credentials", "manifest", "trust", "key", "profiles_file")
 REQUIRED = ("broker", "job", "id", "profile", "data")
 _TYPES = {f.name: f.type for f in dataclasses.fields(DeviceConfig)}
 

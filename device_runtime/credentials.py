@@ -77,3 +77,23 @@ def transport_kwargs(path: str | Path | None, client: str | None = None) -> dict
         raise CredentialsError(f"credentials {path}: they are for {creds.username!r}, "
                                f"not for this client {client!r}")
     return creds.transport_kwargs()
+
+
+def key_paths(path: str | Path | None, given: dict[str, str | None]) -> tuple:
+    """Each key file of ``given`` (field name -> the option's value): the option if set,
+    else the credentials file's field of that name (``signing_key``, ``trust``,
+    ``registry``; relative paths are relative to DIR, the file's grandparent, like the
+    other paths), else None."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CredentialsError(f"credentials {path}: cannot read: {e}") from None
+        raw = raw if isinstance(raw, dict) else {}
+    out = []
+    for name, value in given.items():
+        if value is None and isinstance(raw.get(name), str) and raw[name]:
+            value = str(Path(path).resolve().parent.parent / raw[name])
+        out.append(value)
+    return tuple(out)

@@ -62,6 +62,12 @@ class WireError(DeviceRuntimeError):
     exit_code = EXIT_DATA
 
 
+class UnauthenticatedError(WireError):
+    """A message not signed by the key it must be, or not bound to this job, device,
+    round or session: refused, counted and logged, and never answered (answering each
+    forged message would let a flood of them drive traffic)."""
+
+
 class SignatureError(ArtifactVerificationError):
     """A manifest's signature is missing, malformed, by another key, or does not verify."""
 

@@ -104,7 +104,10 @@ class Signer:
     def load(cls, path: str | Path) -> "Signer":
         """The Ed25519 private key in PEM file ``path`` (TrustError naming the file)."""
         path = Path(path).expanduser()
-        data = _read(path, "signing key")
+        return cls.from_pem(_read(path, "signing key"), str(path))
+
+    @classmethod
+    def from_pem(cls, data: bytes, path: str = "(in memory)") -> "Signer":
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except TypeError:
@@ -253,3 +256,41 @@ class RegistryFile:
 
     def get(self, device: str) -> PublicKey | None:
         return self.registry.get(device)
+
+
+class FleetKeys:
+    """Keys made on the fly for a fleet run in one place (``fedge demo``, the simulator,
+    tests): the aggregator's and one per device, created on first use. ``get`` makes it
+    the aggregator's registry; ``to_json`` and ``device_keys`` hand the keys to device
+    processes the simulator starts (their private keys in a 0600 spec file)."""
+
+    def __init__(self, server: Signer | None = None, devices: dict[str, Signer] | None = None):
+        self.server = server or Signer.generate()
+        self._devices = dict(devices or {})
+
+    def device(self, device: str) -> Signer:
+        if device not in self._devices:
+            self._devices[device] = Signer.generate()
+        return self._devices[device]
+
+    def get(self, device: str) -> PublicKey | None:
+        signer = self._devices.get(device)
+        return signer.public if signer else None
+
+    def registry(self) -> Registry:
+        reg = Registry()
+        for device, signer in sorted(self._devices.items()):
+            reg = reg.with_device(device, signer.public)
+        return reg
+
+    def to_json(self, devices: list[str] | None = None) -> dict:
+        """What device processes need: the aggregator's public key and their own keys."""
+        names = sorted(self._devices) if devices is None else devices
+        return {"server_public": self.server.public.pem().decode(),
+                "devices": {d: self.device(d).pem().decode() for d in names}}
+
+
+def device_keys(doc: dict, device: str) -> tuple[Signer, PublicKey]:
+    """(the device's key, the aggregator's public key) from ``FleetKeys.to_json``."""
+    public = serialization.load_pem_public_key(doc["server_public"].encode())
+    return Signer.from_pem(doc["devices"][device].encode()), PublicKey.of(public)

@@ -1,8 +1,13 @@
-"""The JSON control messages of the protocol: plan, status, task, control.
+"""The control messages of the protocol: plan, status, task, control.
 
-Each is a typed dataclass; ``parse(cls, payload)`` validates a received
-payload at the boundary and raises ``MessageError`` naming the field, the
-expected and the actual value. Frames (weights, updates) are in ``wire``.
+Each is a typed dataclass. On the wire a message is a signed frame
+(``seal``): kind = the class name in lower case, codec ``"json"``, and one
+uint8 tensor ``"msg"`` holding the message as a JSON document, so the one
+signature scheme of ``wire`` (header signed, body by its sha256) covers it
+and binds it to the job, the round, the sender, a nonce and the addressee.
+``unseal`` checks all of that and then validates the document at the
+boundary, raising ``MessageError`` naming the field, the expected and the
+actual value. ``parse`` validates a bare JSON document (files, tests).
 """
 from __future__ import annotations
 
@@ -10,9 +15,15 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
+import numpy as np
+
+from device_runtime import wire
 from device_runtime.errors import EXIT_DATA, DeviceRuntimeError
+
+if TYPE_CHECKING:
+    from device_runtime.keys import PublicKey, Signer
 
 MAX_MESSAGE = 256 * 1024
 
@@ -45,6 +56,10 @@ class Plan:
     round_timeout: float
     train: dict = field(default_factory=dict)  # local training options
     variants: dict = field(default_factory=dict)  # variant -> {"tensors": {name: shape}}
+    # The aggregator run that issued it: its control and tasks carry the same session,
+    # so a device never acts on a stop or a task replayed from another run.
+    session: str = ""
+    issued: float = 0.0  # unix time; a device follows the newest plan it has seen
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,7 @@ class Status:
     versions: dict = field(default_factory=dict)
     error: str = ""
     ts: float = 0.0
+    session: str = ""  # the device's run: its will ("offline") names the same session
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,10 @@ class Task:
     # fetch the (small) sync frame instead, apply it, and check the result's sha256.
     base_sha256: str = ""
     sync_sha256: str = ""
+    # Bound into the task's signature and the update's: the device answers a nonce
+    # once, and the aggregator accepts an update only for the nonce it sent.
+    nonce: str = ""
+    session: str = ""  # the plan's session
 
 
 @dataclass(frozen=True)
@@ -95,11 +115,49 @@ class Control:
 M = TypeVar("M")
 
 
+CODEC = "json"
+_LIMITS = wire.Limits(max_tensors=1, max_body=MAX_MESSAGE)
+
+
+@dataclass(frozen=True)
+class Sealed(Generic[M]):
+    """A received message and the signed frame it came in (job, round, sender,
+    nonce, addressee and signer's key id)."""
+
+    msg: M
+    frame: wire.Frame
+
+
 def dump(msg) -> bytes:
+    """The message as a JSON document (unsigned: for files and reports, not the wire)."""
     return json.dumps(dataclasses.asdict(msg), sort_keys=True).encode()
 
 
+def seal(msg, job: str, sender: str, signer: Signer, round_: int = 0, nonce: str = "",
+         to: str = "") -> bytes:
+    """The message as a frame signed by ``signer``, bound to job, round, sender, nonce
+    and addressee."""
+    doc = np.frombuffer(dump(msg), np.uint8)
+    return wire.encode(wire.Frame(type(msg).__name__.lower(), job, round_, sender, CODEC,
+                                  {"msg": doc}, nonce=nonce, to=to), _LIMITS, signer)
+
+
+def unseal(cls: type[M], payload: bytes, key: PublicKey, job: str, sender: str | None = None,
+           round_: int | None = None, nonce: str | None = None, to: str | None = None
+           ) -> Sealed[M]:
+    """The message in a frame signed by ``key`` for ``job`` (and, where given, from
+    ``sender``, of round ``round_``, with that nonce and addressee); WireError if the
+    frame is not that, MessageError if the document is malformed."""
+    name = cls.__name__.lower()
+    frame = wire.decode(payload, wire.Expect(
+        kind=name, job=job, round=round_, codec=CODEC,
+        devices=None if sender is None else frozenset({sender}),
+        tensors={"msg": wire.TensorSpec("uint8", (None,))}, nonce=nonce, to=to), _LIMITS, key)
+    return Sealed(parse(cls, frame.tensors["msg"].tobytes()), frame)
+
+
 def parse(cls: type[M], payload: bytes) -> M:
+    """Validate a bare JSON document as message ``cls``."""
     name = cls.__name__.lower()
     if len(payload) > MAX_MESSAGE:
         raise MessageError(f"{name}: {len(payload)} bytes exceeds {MAX_MESSAGE}")

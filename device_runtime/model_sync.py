@@ -5,13 +5,13 @@ the round's full model frame (``model_sha256``) and a sync frame, the coded
 change from the model of the round before (``base_sha256``). A device that
 holds that base fetches only the sync frame, decodes it against the held
 weights with the same codec code as the aggregator, and re-encodes the model
-frame; its sha256 must equal ``model_sha256``, so a device never trains from a
+frame; its body's sha256 must equal ``model_sha256``, so a device never trains from a
 model the aggregator did not publish. Anything else (no base, a bad sync frame,
 a digest that differs) falls back to fetching the full frame.
 """
 from __future__ import annotations
 
-import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,12 +19,18 @@ from device_runtime import codecs, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import WireError
 
+if TYPE_CHECKING:
+    from device_runtime.keys import Signer
+
 SYNC_KIND = "sync"
 
 
-def model_frame(job: str, round_: int, weights: dict[str, np.ndarray]) -> bytes:
-    """The model frame both ends build for ``weights``: its sha256 names the model."""
-    return wire.encode(wire.Frame("model", job, round_, "server", "fp32", weights))
+def model_frame(job: str, round_: int, weights: dict[str, np.ndarray],
+                signer: Signer | None = None) -> bytes:
+    """The model frame both ends build for ``weights`` (the aggregator's signed): the
+    sha256 of its body, which the header names, names the model."""
+    return wire.encode(wire.Frame("model", job, round_, "server", "fp32", weights),
+                       signer=signer)
 
 
 def sync_context(round_: int, seed: int, held: dict[str, np.ndarray]) -> CodecContext:
@@ -46,7 +52,7 @@ def rebuild(job: str, round_: int, held_frame: bytes, sync: bytes, model_sha256:
         raise WireError(f"sync frame meta.seed: expected an int, got {seed!r}")
     weights = codec.decode_change(frame.tensors, frame.params, sync_context(round_, seed, held))
     out = model_frame(job, round_, {k: weights[k] for k in held})
-    digest = hashlib.sha256(out).hexdigest()
+    digest = wire.content_sha(out)
     if digest != model_sha256:
         raise WireError(f"sync frame of round {round_}: the rebuilt model's sha256 is "
                         f"{digest[:12]}.., expected {model_sha256[:12]}..")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_runtime.errors import ManifestError, TrustError
+from device_runtime.keys import Signer
 from device_runtime.manifest import Artifact, DeviceEntry, load_manifest
 from device_runtime.predictor import open_verified
 from device_runtime.session import provider_of
@@ -32,17 +33,25 @@ class Checked:
                 "artifacts_verified": self.artifacts}
 
 
-def check_options(manifest: str | Path | None, trust: str | Path | None) -> None:
-    """Refuse inconsistent options before anything is published: a manifest needs a
-    trusted key (without one, a manifest's sha256 values prove nothing about who
-    wrote them), a key needs a manifest to check, and the key file must be a key."""
+def check_options(manifest: str | Path | None, trust: str | Path | None,
+                  key: str | Path | None = None, need_keys: bool = True) -> None:
+    """Refuse inconsistent options before anything is published: a device needs the
+    aggregator's public key (every message it acts on must verify with it; the export
+    is signed by it too) and its own key (to sign what it sends), and the key files
+    must be keys."""
     if manifest is not None and trust is None:
         raise TrustError("--manifest needs --trust PUBKEY: without a trusted key the "
                          "manifest's sha256 values prove nothing")
-    if trust is not None and manifest is None:
-        raise TrustError("--trust needs --manifest (the export to check)")
+    if need_keys and trust is None:
+        raise TrustError("--trust PUBKEY: expected the aggregator's public key (every "
+                         "message from the job must be signed with it), got none")
+    if need_keys and key is None:
+        raise TrustError("--key FILE: expected this device's signing key (fedge secure "
+                         "init issues it), got none")
     if trust is not None:
         load_public_key(trust)
+    if key is not None:
+        Signer.load(key)
 
 
 def check_device(manifest: str | Path, profile: str, trust: str | Path,

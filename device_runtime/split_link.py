@@ -27,7 +27,8 @@ def exchanger(agent, task: messages.Task):
     def exchange(step: int, acts: np.ndarray, labels: np.ndarray):
         frame = wire.encode(wire.Frame("acts", agent.opts.job, task.round, agent.device,
                                        "fp32", {"acts": acts, "labels": labels},
-                                       meta={"attempt": attempt, "step": step}))
+                                       meta={"attempt": attempt, "step": step},
+                                       nonce=task.nonce), signer=agent.opts.key)
         while time.time() < task.deadline + 5 and not agent.stopped:
             agent._split_io[0] += agent.t.publish(
                 agent.topics.acts(task.round, agent.device), frame)
@@ -47,7 +48,8 @@ def _wait_grad(agent, task: messages.Task, attempt: str, step: int, until: float
         data = agent.grads.pop(task.round, None)
         if data is not None:
             frame = wire.decode(data, wire.Expect(kind="grad", job=agent.opts.job,
-                                                  round=task.round))
+                                                  round=task.round, nonce=task.nonce,
+                                                  to=agent.device), key=agent.opts.server_key)
             if frame.meta.get("attempt") == attempt and frame.meta.get("step") == step:
                 agent._split_io[1] += len(data)
                 grad = frame.tensors.get("grad")

@@ -1,7 +1,11 @@
 """The fedge wire format: one binary frame per message, and its strict decoder.
 
 A frame is ``b"FDG1"``, the header length (uint32 LE), a UTF-8 JSON header and
-the body, the tensors' raw little-endian buffers back to back; docs/protocol.md
+the body, the tensors' raw little-endian buffers back to back. A signed frame
+(header ``v: 2``) also carries ``auth`` in its header (the signer's key id, a
+nonce and the addressee) and, between header and body, the 64-byte Ed25519
+signature of everything before it; the header names the body's sha256, so the
+signature covers a frame of any size at the cost of one hash. docs/protocol.md
 has the layout, the fields and the order of the checks. The decoder trusts
 nothing: it checks every length, dtype and shape against the bytes and against
 ``Expect`` (the plan) before it creates an array, and for any input it returns a
@@ -16,32 +20,34 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import numpy as np
 
+from device_runtime import keys
 from device_runtime.errors import WireError
-from device_runtime.strict_json import JSON_NAMES, check_json, json_type, load_json, short
+from device_runtime.strict_json import check_json, load_json, short
+from device_runtime.wire_checks import (
+    DTYPES,
+    SIGNED_VERSION,
+    SUPPORTED_VERSIONS,
+    check_expect,
+    check_header,
+)
+
+if TYPE_CHECKING:
+    from device_runtime.keys import PublicKey, Signer
 
 T = TypeVar("T")
 
 MAGIC = b"FDG1"
 PREFIX = 8  # magic + header length
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
-DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "uint32")
+VERSION = 1  # unsigned; a signed frame is SIGNED_VERSION
+SIGNATURE = keys.SIGNATURE_BYTES
 FLOAT_DTYPES = ("float16", "float32")
 MAX_HEADER = 65536  # the format's ceiling; Limits can only lower it
-
-# Fields every header carries, with their JSON type; "chunk" is optional.
-_REQUIRED = (("kind", str), ("job", str), ("round", int), ("device", str),
-             ("codec", str), ("sha256", str), ("tensors", list), ("meta", dict))
-_TENSOR_FIELDS = (("name", str), ("dtype", str), ("shape", list), ("offset", int),
-                  ("nbytes", int), ("params", dict))
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _LITTLE = {d: np.dtype(d).newbyteorder("<") for d in DTYPES}
 
 
@@ -73,6 +79,8 @@ class Expect:
     devices: frozenset[str] | None = None  # known device ids
     codec: str | None = None
     tensors: dict[str, TensorSpec] | None = None  # exact set of names, dtype and shape each
+    nonce: str | None = None  # a signed frame's auth.nonce
+    to: str | None = None  # a signed frame's auth.to
 
 
 @dataclass(frozen=True)
@@ -93,12 +101,16 @@ class Frame:
     params: dict[str, dict] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     chunk: dict | None = None
+    nonce: str = ""  # signed frames: what it answers or belongs to (a task's nonce)
+    to: str = ""  # signed frames: the addressee, "" for anyone of the job
+    key: str = ""  # decoded signed frames: the signer's key id
 
 
 # --- encoding ---------------------------------------------------------------
 
-def encode(frame: Frame, limits: Limits = Limits()) -> bytes:
-    """The frame's bytes; refuses what ``decode(..., limits=limits)`` would refuse."""
+def encode(frame: Frame, limits: Limits = Limits(), signer: Signer | None = None) -> bytes:
+    """The frame's bytes, signed by ``signer`` if given (version 2, with ``frame.nonce``
+    and ``frame.to`` in ``auth``); refuses what ``decode`` would refuse."""
     if not isinstance(frame.tensors, dict) or not isinstance(frame.params, dict):
         raise WireError(f"frame.tensors, frame.params: expected dicts, got "
                         f"{type(frame.tensors).__name__}, {type(frame.params).__name__}")
@@ -118,21 +130,27 @@ def encode(frame: Frame, limits: Limits = Limits()) -> bytes:
         if arr.size:  # assignment converts to the little-endian view's byte order
             np.frombuffer(body, arr.dtype.newbyteorder("<"), arr.size,
                           entry["offset"]).reshape(arr.shape)[...] = arr
-    header = {"v": VERSION, "kind": frame.kind, "job": frame.job, "round": frame.round,
-              "device": frame.device, "codec": frame.codec,
+    header = {"v": SIGNED_VERSION if signer else VERSION, "kind": frame.kind,
+              "job": frame.job, "round": frame.round, "device": frame.device, "codec": frame.codec,
               "sha256": hashlib.sha256(body).hexdigest(), "tensors": entries,
               "meta": frame.meta}
     if frame.chunk is not None:
         header["chunk"] = frame.chunk
+    if signer is not None:
+        header["auth"] = {"key": signer.key_id, "nonce": frame.nonce, "to": frame.to}
+    elif frame.nonce or frame.to:
+        raise WireError("frame.nonce, frame.to: expected empty in an unsigned frame "
+                        "(they are bound by the signature)")
     check_json(header, "header", 1)
-    _check_header(header, len(body), limits)
+    check_header(header, len(body), limits)
     # ASCII-only JSON: lone surrogates in a str cannot break the UTF-8 encoding.
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("ascii")
     max_header = min(limits.max_header, MAX_HEADER)
     if len(raw) > max_header:
         raise WireError(f"header length: expected at most {max_header} bytes, got {len(raw)} "
                         f"({len(entries)} tensors; move bulky params or meta into tensors)")
-    return b"".join((MAGIC, struct.pack("<I", len(raw)), raw, body))
+    signed = b"".join((MAGIC, struct.pack("<I", len(raw)), raw))
+    return b"".join((signed, signer.sign(signed) if signer else b"", body))
 
 
 def _wire_array(name: object, value: object) -> np.ndarray:
@@ -150,17 +168,36 @@ def _wire_array(name: object, value: object) -> np.ndarray:
 # --- decoding ---------------------------------------------------------------
 
 def decode(data: bytes | bytearray | memoryview, expect: Expect | None = None,
-           limits: Limits = Limits()) -> Frame:
-    """The frame in ``data``, checked in the order docs/protocol.md lists.
+           limits: Limits = Limits(), key: PublicKey | None = None) -> Frame:
+    """The frame in ``data``, checked in the order docs/protocol.md lists; with ``key``,
+    it must be a frame signed by that key.
 
     ``data`` must not change during the call; the arrays returned are copies.
     """
-    return _guarded(lambda: _decode(data, expect, limits))
+    return _guarded(lambda: _decode(data, expect, limits, key))
+
+
+def verify(data: bytes | bytearray | memoryview, key: PublicKey | None,
+           expect: Expect | None = None, limits: Limits = Limits()) -> dict:
+    """The header of a frame signed by ``key`` whose body matches it, without creating
+    any array: what a receiver checks before it holds or queues a message."""
+    def run() -> dict:
+        header, body = _authentic(_byte_view(data), key, limits)
+        if expect is not None:
+            check_expect(header, expect)
+        return header
+    return _guarded(run)
 
 
 def peek_header(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> dict:
-    """The validated header, for routing; the body is neither hashed nor read."""
+    """The validated header, for routing; neither signature nor body is checked."""
     return _guarded(lambda: _parse(_byte_view(data), limits)[0])
+
+
+def content_sha(data: bytes | bytearray | memoryview) -> str:
+    """The sha256 of the frame's body, as its header names it: what a task names a
+    model by (a device that rebuilds the model locally builds the same body)."""
+    return peek_header(data)["sha256"]
 
 
 def _guarded(run: Callable[[], T]) -> T:
@@ -172,19 +209,44 @@ def _guarded(run: Callable[[], T]) -> T:
         raise WireError(f"frame: undecodable ({type(e).__name__}: {e})") from e
 
 
-def _decode(data: object, expect: Expect | None, limits: Limits) -> Frame:
-    view = _byte_view(data)
+def _decode(data: object, expect: Expect | None, limits: Limits, key: PublicKey | None
+            ) -> Frame:
+    header, body = _authentic(_byte_view(data), key, limits)
+    if expect is not None:
+        check_expect(header, expect)
+    tensors = {t["name"]: _array(body, t) for t in header["tensors"]}
+    params = {t["name"]: t["params"] for t in header["tensors"]}
+    auth = header.get("auth", {})
+    return Frame(header["kind"], header["job"], header["round"], header["device"],
+                 header["codec"], tensors, params, header["meta"], header.get("chunk"),
+                 auth.get("nonce", ""), auth.get("to", ""), auth.get("key", ""))
+
+
+def _authentic(view: memoryview, key: PublicKey | None, limits: Limits
+               ) -> tuple[dict, memoryview]:
+    """Header and body, the signature checked first (with ``key``), then the body's sha256."""
     header, body = _parse(view, limits)
+    if key is not None and not keys.BENCH_ONLY_SKIP_SIGNATURES:
+        _check_signature(view, header, key)
     digest = hashlib.sha256(body).hexdigest()
     if digest != header["sha256"]:
         raise WireError(f"header.sha256: expected the body's sha256 {digest[:16]}..., got "
                         f"{header['sha256'][:16]}...")
-    if expect is not None:
-        _check_expect(header, expect)
-    tensors = {t["name"]: _array(body, t) for t in header["tensors"]}
-    params = {t["name"]: t["params"] for t in header["tensors"]}
-    return Frame(header["kind"], header["job"], header["round"], header["device"],
-                 header["codec"], tensors, params, header["meta"], header.get("chunk"))
+    return header, body
+
+
+def _check_signature(view: memoryview, header: dict, key: PublicKey) -> None:
+    if header["v"] != SIGNED_VERSION:
+        raise WireError(f"header.v: expected a signed frame (version {SIGNED_VERSION}), got "
+                        f"version {header['v']} (unsigned)")
+    if header["auth"]["key"] != key.key_id:
+        raise WireError(f"header.auth.key: expected {key.key_id} (the trusted key), got "
+                        f"{short(header['auth']['key'])} (signed by another key)")
+    (h,) = struct.unpack_from("<I", view, 4)
+    signature = bytes(view[PREFIX + h:PREFIX + h + SIGNATURE])
+    if not key.verify(signature, bytes(view[:PREFIX + h])):
+        raise WireError(f"signature: expected a valid signature by {key.key_id}, got one "
+                        "that does not verify (the frame was changed after signing)")
 
 
 def _byte_view(data: object) -> memoryview:
@@ -211,122 +273,15 @@ def _parse(view: memoryview, limits: Limits) -> tuple[dict, memoryview]:
         raise WireError(f"header length: expected at most {n - PREFIX} (the bytes after the "
                         f"prefix), got {h}")
     header = load_json(view[PREFIX:PREFIX + h])
-    body = view[PREFIX + h:]
-    _check_header(header, len(body), limits)
+    start = PREFIX + h
+    if isinstance(header, dict) and header.get("v") == SIGNED_VERSION:
+        if start + SIGNATURE > n:
+            raise WireError(f"signature: expected {SIGNATURE} bytes after the header, got "
+                            f"{n - start}")
+        start += SIGNATURE
+    body = view[start:]
+    check_header(header, len(body), limits)
     return header, body
-
-
-def _check_header(header: object, body_len: int, limits: Limits) -> None:
-    if not isinstance(header, dict):
-        raise WireError(f"header: expected a JSON object, got {json_type(header)}")
-    v = header.get("v")
-    if not _is_int(v) or v not in SUPPORTED_VERSIONS:
-        raise WireError(f"header.v: expected one of {SUPPORTED_VERSIONS}, got "
-                        f"{_got(header, 'v')}")
-    _fields(header, _REQUIRED, "header")
-    for key in ("kind", "job", "device", "codec"):
-        if not header[key]:
-            raise WireError(f"header.{key}: expected a non-empty string, got ''")
-    if not _HEX64.fullmatch(header["sha256"]):
-        raise WireError(f"header.sha256: expected 64 lowercase hex digits, got "
-                        f"{short(header['sha256'])}")
-    if header["round"] < 0:
-        raise WireError(f"header.round: expected >= 0, got {header['round']}")
-    if "chunk" in header:
-        _check_chunk(header["chunk"])
-    tensors = header["tensors"]
-    if len(tensors) > limits.max_tensors:
-        raise WireError(f"header.tensors: expected at most {limits.max_tensors} entries, "
-                        f"got {len(tensors)}")
-    total = _check_tensors(tensors, limits)
-    if total != body_len:
-        raise WireError(f"body length: expected {total} bytes (the sum of tensor nbytes), "
-                        f"got {body_len}")
-    if body_len > limits.max_body:
-        raise WireError(f"body length: expected at most {limits.max_body} bytes, "
-                        f"got {body_len}")
-
-
-def _check_chunk(chunk: object) -> None:
-    where = "header.chunk"
-    if not isinstance(chunk, dict):
-        raise WireError(f"{where}: expected an object, got {json_type(chunk)}")
-    _fields(chunk, (("id", str), ("index", int), ("count", int), ("sha256", str)), where)
-    if not chunk["id"]:
-        raise WireError(f"{where}.id: expected a non-empty string, got ''")
-    if chunk["count"] < 1:
-        raise WireError(f"{where}.count: expected >= 1, got {chunk['count']}")
-    if not 0 <= chunk["index"] < chunk["count"]:
-        raise WireError(f"{where}.index: expected 0 <= index < {chunk['count']}, "
-                        f"got {chunk['index']}")
-    if not _HEX64.fullmatch(chunk["sha256"]):
-        raise WireError(f"{where}.sha256: expected 64 lowercase hex digits, got "
-                        f"{short(chunk['sha256'])}")
-
-
-def _check_tensors(tensors: list, limits: Limits) -> int:
-    """Validate each tensor entry; returns the sum of their nbytes (Python ints: no overflow)."""
-    seen: set[str] = set()
-    offset = 0
-    for i, t in enumerate(tensors):
-        where = f"header.tensors[{i}]"
-        if not isinstance(t, dict):
-            raise WireError(f"{where}: expected an object, got {json_type(t)}")
-        _fields(t, _TENSOR_FIELDS, where)
-        name = t["name"]
-        if not name or name in seen:
-            raise WireError(f"{where}.name: expected a unique non-empty string, got "
-                            f"{short(name)}{' again' if name else ''}")
-        seen.add(name)
-        where = f"tensor {short(name)}"
-        if t["dtype"] not in DTYPES:
-            raise WireError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, "
-                            f"got {short(t['dtype'])}")
-        shape = t["shape"]
-        if len(shape) > limits.max_ndim:
-            raise WireError(f"{where}.shape: expected at most {limits.max_ndim} dimensions, "
-                            f"got {len(shape)}")
-        if not all(_is_int(d) and d >= 0 for d in shape):
-            raise WireError(f"{where}.shape: expected non-negative integers, got "
-                            f"{short(shape)}")
-        itemsize = np.dtype(t["dtype"]).itemsize
-        nbytes = math.prod(shape) * itemsize
-        if t["nbytes"] != nbytes:
-            raise WireError(f"{where}.nbytes: expected {nbytes} (shape {short(shape)} x "
-                            f"{itemsize} bytes), got {t['nbytes']}")
-        if t["offset"] != offset:
-            raise WireError(f"{where}.offset: expected {offset} (right after the previous "
-                            f"tensor), got {t['offset']}")
-        offset += nbytes
-    return offset
-
-
-def _check_expect(header: dict, expect: Expect) -> None:
-    for key in ("kind", "job", "round", "device", "codec"):
-        want = expect.devices if key == "device" else getattr(expect, key)
-        if want is None or (header[key] in want if key == "device" else header[key] == want):
-            continue
-        shown = f"a known device ({_names(sorted(want))})" if key == "device" else repr(want)
-        raise WireError(f"header.{key}: expected {shown}, got {short(header[key])}")
-    if expect.tensors is None:
-        return
-    got = [t["name"] for t in header["tensors"]]
-    if set(got) != set(expect.tensors):
-        missing = [n for n in expect.tensors if n not in set(got)]
-        extra = [n for n in got if n not in expect.tensors]
-        raise WireError(f"header.tensors: expected names [{_names(list(expect.tensors))}], "
-                        f"got [{_names(got)}] (missing [{_names(missing)}], "
-                        f"unexpected [{_names(extra)}])")
-    for t in header["tensors"]:
-        spec = expect.tensors[t["name"]]
-        if t["dtype"] != spec.dtype:
-            raise WireError(f"tensor {t['name']!r}.dtype: expected {spec.dtype}, "
-                            f"got {t['dtype']}")
-        # A None dimension is any length (a compressed stream; the codec checks it).
-        if len(t["shape"]) != len(spec.shape) or any(
-                s is not None and d != s for d, s in zip(t["shape"], spec.shape)):
-            raise WireError(f"tensor {t['name']!r}.shape: expected {tuple(spec.shape)}, "
-                            f"got {tuple(t['shape'])}")
 
 
 def _array(body: memoryview, t: dict) -> np.ndarray:
@@ -347,36 +302,6 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
                     f"{n_inf} Inf (first at flat index {first})")
 
 
-# --- small helpers ----------------------------------------------------------
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _fields(obj: dict, fields: tuple, where: str) -> None:
-    """Each (key, type) of ``fields`` present in ``obj`` with that JSON type."""
-    for key, typ in fields:
-        # JSON gives exact types (and True is a bool, not an int): the common case
-        # costs one comparison, and ``_want`` words the error.
-        if type(obj.get(key)) is not typ:
-            _want(obj, key, typ, where)
-
-
-def _want(obj: dict, key: str, typ: type, where: str) -> None:
-    v = obj.get(key)
-    if not (_is_int(v) if typ is int else isinstance(v, typ)):
-        raise WireError(f"{where}.{key}: expected {JSON_NAMES[typ]}, got {_got(obj, key)}")
-
-
-def _got(obj: dict, key: str) -> str:
-    return f"{json_type(obj[key])} {short(obj[key])}" if key in obj else "nothing (missing)"
-
-
-def _names(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(short(n, 40) for n in names[:limit])
-    return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
 def __getattr__(name: str) -> object:
     # chunking imports this module, so it is loaded on first use, not at import.
     if name in ("split", "Reassembler"):
@@ -386,5 +311,6 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["MAGIC", "SUPPORTED_VERSIONS", "DTYPES", "MAX_HEADER", "Limits", "TensorSpec",
-           "Expect", "Frame", "encode", "decode", "peek_header", "split", "Reassembler"]
+__all__ = ["MAGIC", "SUPPORTED_VERSIONS", "SIGNED_VERSION", "DTYPES", "MAX_HEADER", "Limits",
+           "TensorSpec", "Expect", "Frame", "encode", "decode", "verify", "peek_header",
+           "content_sha", "split", "Reassembler"]

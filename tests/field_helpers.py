@@ -28,7 +28,28 @@ def prepare_job(work: Path, devices: int, seed: int = 0) -> Path:
     path = work / "init.safetensors"
     checkpoint.save(checkpoint.Checkpoint(cfg, zoo.build_model(cfg),
                                           dataset=datasets.DatasetSpec("mnist1d")), path)
+    fleet_keys(work, devices)
     return path
+
+
+def fleet_keys(work: Path, devices: int):
+    """The keys fedge secure init would issue for dev-0 .. dev-<devices-1> (work/keys)."""
+    from toolkit.fleet_keys import FleetKeyFiles, write_fleet_keys
+
+    out = work / "keys"
+    if (out / "registry.json").exists():
+        return FleetKeyFiles(out, out / "server.key", out / "server.pub", out / "registry.json")
+    return write_fleet_keys(out, [f"dev-{k}" for k in range(devices)])
+
+
+def device_keys(work: Path, device: str) -> list[str]:
+    return ["--key", str(work / "keys" / f"{device}.key"),
+            "--trust", str(work / "keys" / "server.pub")]
+
+
+def server_keys(work: Path) -> list[str]:
+    return ["--signing-key", str(work / "keys" / "server.key"),
+            "--registry", str(work / "keys" / "registry.json")]
 
 
 def _env() -> dict:
@@ -41,7 +62,8 @@ def start_device(url: str, job: str, work: Path, k: int, profile: str = "rpi4",
     return subprocess.Popen(
         [sys.executable, "-m", "toolkit", "device", "--broker", url, "--job", job,
          "--id", f"dev-{k}", "--profile", profile, "--data",
-         str(work / "data" / f"device-{k}.npz"), "--idle-timeout", "120", *extra],
+         str(work / "data" / f"device-{k}.npz"), "--idle-timeout", "120",
+         *([] if "--key" in extra else device_keys(work, f"dev-{k}")), *extra],
         stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
 
 
@@ -52,7 +74,8 @@ def start_server(url: str, job: str, work: Path, ckpt: Path, rounds: int, min_de
         [sys.executable, "-m", "toolkit", "serve", "--broker", url, "--job", job,
          "--checkpoint", str(ckpt), "--rounds", str(rounds), "--min-devices", str(min_devices),
          "--round-timeout", str(round_timeout), "--state-dir", str(work / "state"),
-         "--json", str(work / "report.json"), "--epochs", "1", *extra],
+         "--json", str(work / "report.json"), "--epochs", "1",
+         *([] if "--registry" in extra else server_keys(work)), *extra],
         stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
 
 

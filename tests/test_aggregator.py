@@ -12,12 +12,13 @@ import pytest
 from broker_server.service import Aggregator, ServeOptions
 from broker_server.strategies.aggregate import PartialSum, weighted_average
 from device_runtime import messages, wire
-from device_runtime.agent import AgentOptions, DeviceAgent, status_will
+from device_runtime.agent import DeviceAgent
 from device_runtime.topics import Topics
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.training.local import weights_of
 from device_runtime.transport.mqtt import MqttTransport
 from tests.brokers import Mosquitto
+from tests.keys import agent_options, resign, status, task_of, trust, will
 from tests.test_wire import _pack, _parts, _rewrite
 
 JOB = "badinput"
@@ -65,16 +66,17 @@ def test_bad_updates_are_rejected_while_the_aggregator_keeps_serving(broker, tmp
     agg_t = MqttTransport(broker.url, "agg", persistent=True)
     agg_t.connect()
     agg = Aggregator(agg_t, ServeOptions(JOB, tmp_path / "state", rounds=2, min_devices=2,
-                                         round_timeout=30.0, epochs=1), cfg.to_json(), init)
+                                         round_timeout=30.0, epochs=1), cfg.to_json(), init,
+                     trust=trust(JOB, tmp_path / "state"))
     result: dict = {}
     server = threading.Thread(target=lambda: result.update(agg.run()), daemon=True)
     server.start()
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 40)).astype(np.float32), rng.integers(0, 10, 64)
-    good_t = MqttTransport(broker.url, "good", will=status_will(topics, "good"))
+    good_t = MqttTransport(broker.url, "good", will=will(topics, "good"))
     good_t.connect()
-    agent = DeviceAgent(good_t, AgentOptions(JOB, "good", "rpi4"), x, y)
+    agent = DeviceAgent(good_t, agent_options(JOB, "good", "rpi4"), x, y)
     threading.Thread(target=agent.run, daemon=True).start()
 
     rogue = MqttTransport(broker.url, "rogue")
@@ -82,24 +84,25 @@ def test_bad_updates_are_rejected_while_the_aggregator_keeps_serving(broker, tmp
     inbox = {"task": queue.Queue(), "model": queue.Queue()}
     rogue.subscribe(topics.task("+", "rogue"), lambda t, p: inbox["task"].put(p))
     rogue.subscribe(topics.model("+", "full"), lambda t, p: inbox["model"].put(p))
-    rogue.publish(topics.status("rogue"), messages.dump(
-        messages.Status("rogue", "online", "rpi3b", 50)), retain=True)
+    rogue.publish(topics.status("rogue"), status(
+        JOB, messages.Status("rogue", "online", "rpi3b", 50, ts=1.0)), retain=True)
 
     def next_of(kind):
         return inbox[kind].get(timeout=60)
     for r in (1, 2):
-        task = messages.parse(messages.Task, next_of("task"))
+        task = task_of(JOB, next_of("task"))
         model = wire.decode(next_of("model"))
         assert task.round == r and model.round == r
-        good = wire.encode(wire.Frame("update", JOB, r, "rogue", "fp32", model.tensors,
-                                      meta={"samples": 50}))
+        plain = wire.encode(wire.Frame("update", JOB, r, "rogue", "fp32", model.tensors,
+                                       meta={"samples": 50}))
+        good = resign(plain, "rogue", task.nonce)
         if r == 1:
-            bad, _ = _bad_updates(good)
+            bad, _ = _bad_updates(plain)  # signed by rogue's own (valid) key
             for payload in bad.values():
-                rogue.publish(topics.update(1, "rogue"), payload)
+                rogue.publish(topics.update(1, "rogue"), resign(payload, "rogue", task.nonce))
             rogue.publish(topics.update(7, "rogue"), good)  # wrong round
-            ghost = wire.encode(wire.Frame("update", JOB, 1, "ghost", "fp32", model.tensors,
-                                           meta={"samples": 5}))
+            ghost = resign(wire.encode(wire.Frame("update", JOB, 1, "ghost", "fp32",
+                                                  model.tensors, meta={"samples": 5})), "ghost")
             rogue.publish(topics.update(1, "ghost"), ghost)  # unknown device
             rogue.publish(topics.update(1, "rogue"), good)
             rogue.publish(topics.update(1, "rogue"), good)  # duplicate
@@ -112,7 +115,7 @@ def test_bad_updates_are_rejected_while_the_aggregator_keeps_serving(broker, tmp
     reasons = [r["reason"] for r in result["rejected"]]
     joined = "\n".join(reasons)
     for needle in ("magic", "header length", "dtype", "shape", "finite", "JSON",
-                   "round: expected 1, got 7", "'ghost' has no task"):
+                   "no open task in round 7", "'ghost' has no open task"):
         assert needle.lower() in joined.lower(), (needle, joined)
     assert len(reasons) >= 9  # seven malformed + wrong round + unknown device
     assert result["duplicates"] >= 1

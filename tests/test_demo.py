@@ -2,6 +2,7 @@
 import json
 
 from tests.conftest import run_fedge
+from toolkit.fleet_keys import write_fleet_keys
 
 
 def test_demo_runs_device_processes_over_the_embedded_broker(tmp_path):
@@ -34,6 +35,19 @@ def test_serve_bad_arguments_are_one_line(tmp_path):
     assert_one_line_error(code, err, 2, "unknown strategy 'magic'", "fedavg")
     code, _, err = run_fedge("device", "--broker", "http://x", "--job", "j", "--id", "d",
                              "--profile", "rpi4", "--data", str(tmp_path / "none.npz"))
+    assert_one_line_error(code, err, 2, "--trust PUBKEY: expected the aggregator's public key")
+    keys = write_fleet_keys(tmp_path / "keys", ["d"])
+    code, _, err = run_fedge("device", "--broker", "http://x", "--job", "j", "--id", "d",
+                             "--profile", "rpi4", "--data", str(tmp_path / "none.npz"),
+                             "--trust", str(keys.server_pub))
+    assert_one_line_error(code, err, 2, "--key FILE: expected this device's signing key")
+    code, _, err = run_fedge("device", "--broker", "http://x", "--job", "j", "--id", "d",
+                             "--profile", "rpi4", "--data", str(tmp_path / "none.npz"),
+                             "--trust", str(keys.server_pub), "--key", str(keys.server_pub))
+    assert_one_line_error(code, err, 2, "expected an Ed25519 private key, got a public key")
+    code, _, err = run_fedge("device", "--broker", "http://x", "--job", "j", "--id", "d",
+                             "--profile", "rpi4", "--data", str(tmp_path / "none.npz"),
+                             "--trust", str(keys.server_pub), "--key", str(keys.device_key("d")))
     assert_one_line_error(code, err, 3, "does not exist")
     code, _, err = run_fedge("device", "--broker", "http://x", "--job", "j", "--id", "d",
                              "--profile", "toaster", "--data", "x.npz")

@@ -31,7 +31,8 @@ def _data(n: int = 96, seed: int = 0):
 def _one_round(cfg, weights, x, y, cut: int, rogue: bool = False):
     """One dpfl round, one device, over the in-memory transport: (report, new weights)."""
     from broker_server.service import Aggregator, ServeOptions
-    from device_runtime.agent import AgentOptions, DeviceAgent
+    from device_runtime.agent import DeviceAgent
+    from tests.keys import agent_options, trust
     from device_runtime.topics import Topics
     from device_runtime.transport.memory import MemoryHub, MemoryTransport
     from toolkit.dpfl import DPFLOptions, DPFLSetup, register_dpfl
@@ -41,7 +42,7 @@ def _one_round(cfg, weights, x, y, cut: int, rogue: bool = False):
     transports = [MemoryTransport(hub, name) for name in ("dev-0", "server", "rogue")]
     for t in transports:
         t.connect()
-    agent = DeviceAgent(transports[0], AgentOptions(JOB, "dev-0", "rpi4"), x, y)
+    agent = DeviceAgent(transports[0], agent_options(JOB, "dev-0", "rpi4"), x, y)
     if rogue:  # as soon as the task is out, a batch of the wrong shape in the device's name
         bad = wire.encode(wire.Frame("acts", JOB, 1, "dev-0", "fp32",
                                      {"acts": np.ones((4, 3), np.float32),
@@ -56,7 +57,7 @@ def _one_round(cfg, weights, x, y, cut: int, rogue: bool = False):
         agg = Aggregator(transports[1], ServeOptions(JOB, Path(state), "dpfl", "fp32", 1, 1,
                                                      60.0, 1, 16, 0.05, seed=3,
                                                      strategy_options=setup),
-                         cfg.to_json(), weights)
+                         cfg.to_json(), weights, trust=trust(JOB, Path(state)))
         report = agg.run()
     th.join(10)
     return report, agg.weights, agent.history

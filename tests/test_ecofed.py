@@ -15,7 +15,8 @@ from device_runtime import codecs, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import WireError
 from tests.conftest import ROOT
-from tests.field_helpers import _env, finish, prepare_job, start_server
+from tests.field_helpers import _env, device_keys, finish, prepare_job, start_server
+from tests.keys import trust
 from tests.test_device_runtime_no_torch import BLOCK_TORCH
 
 
@@ -98,7 +99,8 @@ def test_the_ecofed_device_runs_with_torch_unimportable(tmp_path, mosquitto):
             "from toolkit.cli.main import main\n"
             f"rc = main(['device', '--broker', {mosquitto.url!r}, '--job', {job!r}, '--id', "
             f"'dev-{k}', '--profile', 'rpi4', '--data', "
-            f"{str(work / 'data' / f'device-{k}.npz')!r}, '--idle-timeout', '120'])\n"
+            f"{str(work / 'data' / f'device-{k}.npz')!r}, '--idle-timeout', '600', "
+            f"*{device_keys(work, f'dev-{k}')!r}])\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n"
             "sys.exit(rc)\n")
         devices.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(),
@@ -117,7 +119,8 @@ def memory_fleet(job: str, profiles: list[str], ds):
     more connected transports on it (for aggregators) and the agents."""
     import threading
 
-    from device_runtime.agent import AgentOptions, DeviceAgent
+    from device_runtime.agent import DeviceAgent
+    from tests.keys import agent_options
     from device_runtime.transport.memory import MemoryHub, MemoryTransport
 
     hub = MemoryHub()
@@ -126,7 +129,7 @@ def memory_fleet(job: str, profiles: list[str], ds):
         t = MemoryTransport(hub, name)
         t.connect()
         return t
-    agents = [DeviceAgent(transport(f"dev-{k}"), AgentOptions(job, f"dev-{k}", p),
+    agents = [DeviceAgent(transport(f"dev-{k}"), agent_options(job, f"dev-{k}", p),
                           ds.x_train[k * 100:(k + 1) * 100], ds.y_train[k * 100:(k + 1) * 100])
               for k, p in enumerate(profiles)]
     for a in agents:
@@ -159,7 +162,7 @@ def test_replay_buffers_survive_an_aggregator_restart(tmp_path):
         return Aggregator(transport(name), ServeOptions("eco", tmp_path, "ecofed", "act8",
                                                         rounds, 2, 60.0,
                                                         strategy_options=setup),
-                          cfg.to_json(), weights_of(model))
+                          cfg.to_json(), weights_of(model), trust=trust("eco", tmp_path))
     first = serve(1, "server-1")
     first.run()
     kept = sorted(p.name for p in tmp_path.glob("kept-*.fdg"))
@@ -205,7 +208,7 @@ def test_profiles_with_an_earlier_cut_are_bridged_to_the_frozen_depth(tmp_path):
     transport, agents = memory_fleet("br", ["rpi4", "jetson-orin-nano"], ds)
     agg = Aggregator(transport("server"), ServeOptions("br", tmp_path, "ecofed", "act8", 1, 2,
                                                        60.0, strategy_options=setup),
-                     cfg.to_json(), weights_of(model))
+                     cfg.to_json(), weights_of(model), trust=trust("br", tmp_path))
     report = agg.run()
     assert report["rounds"][0]["devices_reporting"] == 2 and not report["rejected"]
     up = {a.device: a.history[0]["uplink_bytes"] for a in agents}

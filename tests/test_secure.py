@@ -250,8 +250,9 @@ def test_strangers_are_refused_and_a_device_is_accepted(fleet, tmp_path):
 
 def _agent_patterns() -> list[str]:
     """The topic filters a device agent subscribes to (its chunk twins included)."""
-    from device_runtime.agent import AgentOptions, DeviceAgent
+    from device_runtime.agent import DeviceAgent
     from device_runtime.transport.memory import MemoryHub, MemoryTransport
+    from tests.keys import agent_options
 
     class Recording(MemoryTransport):
         def _subscribe_raw(self, pattern: str) -> None:
@@ -260,7 +261,7 @@ def _agent_patterns() -> list[str]:
 
     t = Recording(MemoryHub(), "dev-0")
     t.connect()
-    DeviceAgent(t, AgentOptions(JOB, "dev-0", "rpi4", idle_timeout=0.05),
+    DeviceAgent(t, agent_options(JOB, "dev-0", "rpi4", idle_timeout=0.05),
                 np.zeros((1, 40), np.float32), np.zeros(1, np.int64)).run()
     return t.patterns
 

@@ -171,17 +171,20 @@ def test_device_with_a_manifest_but_no_trusted_key_is_a_usage_error(fleet_export
 
 
 def _agents(url, job, n, manifest, trust):
-    from device_runtime.agent import AgentOptions, DeviceAgent, status_will
+    from device_runtime.agent import AgentOptions, DeviceAgent
+    from device_runtime.keys import PublicKey
     from device_runtime.topics import Topics
     from device_runtime.transport.mqtt import MqttTransport
+    from tests.keys import KEYS, will
 
     rng = np.random.default_rng(0)
     out = []
     for k in range(n):
-        t = MqttTransport(url, f"good-{k}", will=status_will(Topics(job), f"good-{k}"))
+        t = MqttTransport(url, f"good-{k}", will=will(Topics(job), f"good-{k}"))
         t.connect()
         agent = DeviceAgent(t, AgentOptions(job, f"good-{k}", DEVICE, manifest=str(manifest),
-                                            trust=str(trust)),
+                                            trust=str(trust), key=KEYS.device(f"good-{k}"),
+                                            server_key=PublicKey.load(trust)),
                             rng.normal(size=(64, 40)).astype(np.float32),
                             rng.integers(0, 10, 64))
         thread = threading.Thread(target=agent.run, daemon=True)
@@ -195,16 +198,21 @@ def test_device_refuses_a_tampered_export_and_the_aggregator_reports_it(
     from broker_server.service import Aggregator, ServeOptions
     from device_runtime.training.local import weights_of
     from device_runtime.training.models import ModelConfig, build_model
+    from broker_server.trust import ServerTrust
+    from device_runtime.keys import Signer
     from device_runtime.transport.mqtt import MqttTransport
+    from tests.keys import KEYS
 
     job = "signed"
+    device_key = KEYS.device("bad").save(tmp_path / "bad.key")
     bad = _copy(fleet_export, tmp_path)
     _flip_byte(bad.parent / DEVICE / "full.int8.onnx")  # not the model it opens: all checked
     shard = tmp_path / "shard.npz"
     np.savez(shard, x=np.zeros((8, 40), np.float32), y=np.zeros(8, np.int64))
     code, _, err = run_fedge("device", "--broker", mosquitto.url, "--job", job, "--id", "bad",
                              "--profile", DEVICE, "--data", str(shard), "--manifest", str(bad),
-                             "--trust", str(export_key.public_path), "--idle-timeout", "30")
+                             "--trust", str(export_key.public_path), "--idle-timeout", "30",
+                             "--key", str(device_key))
     refusal = "refused: artifact rpi4/full.int8.onnx fails its sha256 check"
     assert_one_line_error(code, err, 6, refusal)
 
@@ -212,7 +220,8 @@ def test_device_refuses_a_tampered_export_and_the_aggregator_reports_it(
     watch.connect()
     seen: queue.Queue = queue.Queue()
     watch.subscribe(f"fedge/{job}/devices/bad/status", lambda t, p: seen.put(p))
-    status = messages.parse(messages.Status, seen.get(timeout=10))  # retained: still there
+    sent = seen.get(timeout=10)  # retained: still there
+    status = messages.unseal(messages.Status, sent, KEYS.get("bad"), job).msg
     assert status.state == "error" and status.error.startswith(refusal)
 
     cfg = ModelConfig("cnn1d", (40,), 10, width=0.25)
@@ -220,14 +229,15 @@ def test_device_refuses_a_tampered_export_and_the_aggregator_reports_it(
     agg_t.connect()
     agg = Aggregator(agg_t, ServeOptions(job, tmp_path / "state", rounds=1, min_devices=2,
                                          round_timeout=30.0, epochs=1),
-                     cfg.to_json(), weights_of(build_model(cfg)))
+                     cfg.to_json(), weights_of(build_model(cfg)),  # one operator key
+                     trust=ServerTrust(job, Signer.load(export_key.path), KEYS))
     result: dict = {}
     caplog.set_level(logging.WARNING, logger="fedge.server")
     server = threading.Thread(target=lambda: result.update(agg.run()), daemon=True)
     server.start()
     wait_for(lambda: "bad" in agg.devices, 30, "the aggregator to see the refusal")
     # The same status again (as after a reconnect): it must not warn twice.
-    watch.publish(f"fedge/{job}/devices/bad/status", messages.dump(status), retain=True)
+    watch.publish(f"fedge/{job}/devices/bad/status", sent, retain=True)
     good = _agents(mosquitto.url, job, 2, fleet_export, export_key.public_path)
     server.join(timeout=120)
     assert not server.is_alive()

@@ -18,7 +18,9 @@ from device_runtime.codecs import CodecContext
 from device_runtime.errors import WireError
 from device_runtime.training.local import weights_of
 from device_runtime.training.models import ModelConfig, build_model
+from device_runtime.topics import Topics
 from device_runtime.transport.memory import MemoryHub, MemoryTransport
+from tests.keys import trust
 
 JOB = "soakunit"
 
@@ -42,7 +44,8 @@ def _round_one(tmp_path, double: str | None = None):
     t = MemoryTransport(MemoryHub(), "agg")
     t.connect()
     agg = Aggregator(t, ServeOptions(JOB, tmp_path / "state", codec="fedmrn", rounds=1,
-                                     min_devices=1), cfg.to_json(), weights_of(build_model(cfg)))
+                                     min_devices=1), cfg.to_json(), weights_of(build_model(cfg)),
+                     trust=trust(JOB, tmp_path / "state"))
     ref, seed = agg.weights, agg._task_seed(1)
     model_1 = wire.encode(wire.Frame("model", JOB, 1, "server", "fp32", ref))
     rs = RoundState(1, started=time.time())
@@ -103,24 +106,21 @@ def test_rss_and_slope():
     assert slope([1, 2], [1, 2]) is None
 
 
-def test_updates_that_come_before_their_round_opens_wait_for_it(tmp_path):
-    """Found by the soak: a restarted aggregator got its queued updates while it waited
-    for devices, before it reopened their round, and rejected them as late."""
-    rec, seen, after, sent = _round_one(tmp_path)  # round 1 closed: completed == 1
-    cfg = ModelConfig("cnn1d", (40,), 10, width=0.25)
-    t = MemoryTransport(MemoryHub(), "agg2")
-    t.connect()
-    agg = Aggregator(t, ServeOptions(JOB, tmp_path / "state", codec="fedmrn", rounds=2,
-                                     min_devices=1), cfg.to_json(), weights_of(build_model(cfg)))
-    agg._on_update({"kind": "update", "round": 2, "device": "a"}, b"queued")
-    with pytest.raises(WireError, match="expected none, got 3"):  # not the next round
-        agg._on_update({"kind": "update", "round": 3, "device": "a"}, b"early")
-    assert agg.waiting == [(f"fedge/{JOB}/round/2/update/a", b"queued")] and agg.rejected == []
-    rs = RoundState(2, started=time.time())
-    rs.fold = agg.strategy.fold(2, agg.weights, agg.codec, CodecContext(2, 2, agg.weights))
-    agg._reload_accepted(rs)  # the round opens: handled after its devices are assigned
-    assert agg.waiting == [] and agg.events.get_nowait() == (f"fedge/{JOB}/round/2/update/a",
-                                                             b"queued")
+def test_a_restarted_aggregator_resends_each_task_with_the_same_nonce(tmp_path):
+    """Found by the soak: a restarted aggregator got queued updates before it reopened
+    their round. They are refused now (no open task: nothing is held for a round not
+    open), and nothing is lost: the restarted aggregator derives the same task nonce
+    from its state dir, and a device answers a task it already answered with the
+    update it sent."""
+    first, again = trust(JOB, tmp_path / "state"), trust(JOB, tmp_path / "state")
+    assert first.nonce(2, "a") == again.nonce(2, "a")
+    assert len({first.nonce(2, "a"), first.nonce(3, "a"), first.nonce(2, "b"),
+                trust(JOB, tmp_path / "other").nonce(2, "a")}) == 4
+    gate = again.gate(Topics(JOB))
+    with pytest.raises(WireError, match="no open task in round 2"):
+        gate(Topics(JOB).update(2, "a"), b"FDG1queued", False)
+    again.open_tasks["a"] = (2, again.nonce(2, "a"))
+    gate(Topics(JOB).update(2, "a"), b"FDG1queued", False)  # the handler decodes it
 
 
 def test_messages_queued_for_a_persistent_session_reach_handlers_subscribed_late(mosquitto):

@@ -7,6 +7,7 @@ import functools
 import queue
 import secrets
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from device_runtime.training.local import weights_of
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.transport.mqtt import MqttTransport
 from tests.brokers import Mosquitto
+from tests.keys import resign, status, task_of, trust
 
 CFG = ModelConfig("cnn1d", (40,), 10, width=0.25)
 DEVICES = [f"d{k}" for k in range(6)]
@@ -80,8 +82,8 @@ class Fleet:
         self.t.subscribe(self.topics.model("+", "full"), self._model)
         self.t.subscribe(self.topics.task("+", "+"), lambda t, p: self.tasks.put(p))
         for d in DEVICES:
-            self.t.publish(self.topics.status(d), messages.dump(
-                messages.Status(d, "online", "rpi4", 20 + 7 * int(d[1:]))), retain=True)
+            self.t.publish(self.topics.status(d), status(job, messages.Status(
+                d, "online", "rpi4", 20 + 7 * int(d[1:]), ts=time.time())), retain=True)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -91,11 +93,11 @@ class Fleet:
 
     def _serve(self) -> None:
         while True:
-            task = messages.parse(messages.Task, self.tasks.get())
+            task = task_of(self.job, self.tasks.get())
             while task.round not in self.models:
                 threading.Event().wait(0.01)
-            payload = _update(self.job, self.codec, task.device, task.round,
-                              self.models[task.round])
+            payload = resign(_update(self.job, self.codec, task.device, task.round,
+                                     self.models[task.round]), task.device, task.nonce)
             for _ in range(self.copies):
                 self.t.publish(self.topics.update(task.round, task.device), payload)
 
@@ -116,12 +118,13 @@ def _run(broker, tmp_path, strategy: str, codec: str, workers: int, copies: int 
     scale = threads = None
     if workers:
         scale = ScaleOut(agg_t, job, ScaleOutOptions(workers, strategy, codec,
-                                                     check_split(strategy, codec, opts_s)))
+                                                     check_split(strategy, codec, opts_s)),
+                         trust(job))
         threads, results = [], {}
         for i in range(workers):
             t = MqttTransport(broker.url, f"worker-{job}-{i}", persistent=True)
             t.connect()
-            w = Worker(t, WorkerOptions(job, f"w{i}", tmp_path / job / f"w{i}"))
+            w = Worker(t, WorkerOptions(job, f"w{i}", tmp_path / job / f"w{i}"), trust(job))
             th = threading.Thread(target=lambda w=w, t=t: (results.update({w.id: w.run()}),
                                                            t.close()), daemon=True)
             th.start()
@@ -131,6 +134,7 @@ def _run(broker, tmp_path, strategy: str, codec: str, workers: int, copies: int 
                                          round_timeout=30, seed=SEED,
                                          strategy_options=opts_s),
                      CFG.to_json(), init, scale_out=scale,
+                     trust=trust(job, tmp_path / job / "state"),
                      on_round=lambda rec: weights.append(dict(agg.weights)))
     fleet = Fleet(broker.url, job, codec, copies)
     try:

@@ -42,14 +42,15 @@ def _prepare(work: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def _start_devices(url: str, job: str, work: Path, n: int) -> list[subprocess.Popen]:
+def _start_devices(url: str, job: str, work: Path, n: int, keys) -> list[subprocess.Popen]:
     procs = []
     for k in range(n):
         log = open(work / f"device-{k}.log", "w")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "toolkit", "device", "--broker", url, "--job", job,
              "--id", f"dev-{k}", "--profile", PROFILES[k % len(PROFILES)],
-             "--data", str(work / "data" / f"device-{k}.npz"), "--idle-timeout", "600"],
+             "--data", str(work / "data" / f"device-{k}.npz"), "--idle-timeout", "600",
+             "--key", str(keys.device_key(f"dev-{k}")), "--trust", str(keys.server_pub)],
             stdout=log, stderr=subprocess.STDOUT))
     return procs
 
@@ -105,6 +106,7 @@ def plot(report: dict, path: Path) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from toolkit.cli.main import build_parser
     from toolkit.field import broker_url, run_serve
+    from toolkit.fleet_keys import write_fleet_keys
 
     if args.devices < 2:
         raise UsageError(f"--devices: expected >= 2, got {args.devices}")
@@ -113,17 +115,20 @@ def run_demo(args: argparse.Namespace) -> int:
     t0 = time.time()
     init = _prepare(work, args)
     job = f"demo-{secrets.token_hex(3)}"
+    # Keys made on the fly, as fedge secure init would issue them: signed is the only path.
+    keys = write_fleet_keys(work / f"keys-{job}", [f"dev-{k}" for k in range(args.devices)])
     report_path = Path(args.json)
     with broker_url(args.broker) as url:
         print(f"broker {url}{' (embedded amqtt)' if not args.broker else ''}; job {job}; "
               f"{args.devices} device processes; work dir {work}", flush=True)
-        procs = _start_devices(url, job, work, args.devices)
+        procs = _start_devices(url, job, work, args.devices, keys)
         serve_args = build_parser().parse_args([  # serve's own defaults for the rest
             "serve", "--job", job, "--checkpoint", str(init), "--rounds", str(args.rounds),
             "--min-devices", str(max(2, args.devices * 3 // 4)),
             "--round-timeout", str(args.round_timeout), "--state-dir", str(work / "state"),
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-            "--lr", str(args.lr), "--broker", url])
+            "--lr", str(args.lr), "--broker", url,
+            "--signing-key", str(keys.server_key), "--registry", str(keys.registry)])
         try:
             run_serve(serve_args, on_round=_Progress(args.rounds), broker=url)
         finally:

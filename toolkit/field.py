@@ -84,6 +84,7 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
     from device_runtime.transport.mqtt import MqttTransport
     from toolkit import checkpoint
     from toolkit.cli import strategy_args
+    from toolkit.fleet_keys import server_trust
     from toolkit.profiles import ProfileCatalogue
     from toolkit.setups import check_strategy, setup_strategy
 
@@ -113,6 +114,8 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
                         args.min_devices, args.round_timeout, args.epochs, args.batch_size,
                         args.lr, strategy_options=strategy_options,
                         downlink=args.downlink)
+    trust = server_trust(args.job, Path(args.state_dir), args.signing_key, args.registry,
+                         getattr(args, "credentials", None))
     weights = weights_of(ckpt.model)
     if fold_options is not None:
         scaleout.check_size(args.codec, {k: v.shape for k, v in weights.items()},
@@ -122,11 +125,12 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
         t = MqttTransport(url, f"fedge-{args.job}-aggregator", persistent=True,
                           max_payload=args.max_payload, **creds)
         t.connect()
-        scale, sup = scaleout.start(args, t, url, fold_options) if fold_options is not None \
+        scale, sup = scaleout.start(args, t, url, fold_options, trust) \
+            if fold_options is not None \
             else (None, None)
         try:
             agg = Aggregator(t, opts, ckpt.config.to_json(), weights, evaluator(ckpt, x, y),
-                             on_round or _print_round, scale_out=scale)
+                             on_round or _print_round, scale_out=scale, trust=trust)
             if sup:
                 agg.watch = sup.check  # a worker that exits mid-job is started again
             report = agg.run()

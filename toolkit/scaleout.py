@@ -67,11 +67,14 @@ def supervisor(args: argparse.Namespace, url: str, state_dir: Path):
                "--id", name, "--state-dir", str(d), "--parent-pid", str(os.getpid())]
         if getattr(args, "credentials", None):
             cmd += ["--credentials", args.credentials]
+        for flag, value in (("--signing-key", args.signing_key), ("--registry", args.registry)):
+            if value:  # else the credentials' (or the default key), as serve found them
+                cmd += [flag, str(Path(value).resolve())]
         cmds[name], logs[name] = cmd, d / "worker.log"
     return Supervisor(cmds, logs)
 
 
-def start(args: argparse.Namespace, transport, url: str, fold_options: dict):
+def start(args: argparse.Namespace, transport, url: str, fold_options: dict, trust):
     """The aggregator's ScaleOut and the Supervisor of its worker processes, started."""
     from broker_server.coordinator import ScaleOut, ScaleOutOptions
 
@@ -79,7 +82,7 @@ def start(args: argparse.Namespace, transport, url: str, fold_options: dict):
     sup.start()
     scale = ScaleOut(transport, args.job, ScaleOutOptions(args.workers, args.strategy,
                                                           args.codec, fold_options),
-                     alive=sup.check_started)
+                     trust, alive=sup.check_started)
     return scale, sup
 
 
@@ -93,6 +96,10 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
                    "restarted worker loses none")
     p.add_argument("--credentials", help="the aggregator's credentials file (fedge secure "
                    "init)")
+    p.add_argument("--signing-key", help="the aggregator's signing key (default: the "
+                   "credentials' signing_key, else $FEDGE_HOME/signing.key)")
+    p.add_argument("--registry", help="the fleet's device keys (default: the credentials' "
+                   "registry)")
     p.add_argument("--idle-timeout", type=float, default=None,
                    help="exit after this many seconds without a round")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by serve --workers
@@ -105,17 +112,20 @@ def run_worker(args: argparse.Namespace) -> int:
     from device_runtime.credentials import transport_kwargs
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
+    from toolkit.fleet_keys import server_trust
 
     check_id("job", args.job)
     check_worker_id(args.id)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.id} %(message)s")
-    will = (Topics(args.job).worker(args.id, "status"), status(args.id, "offline"))
+    trust = server_trust(args.job, None, args.signing_key, args.registry, args.credentials)
+    will = (Topics(args.job).worker(args.id, "status"),
+            status(args.id, "offline", trust.signer, args.job))
     t = MqttTransport(args.broker, f"fedge-{args.job}-worker-{args.id}", persistent=True,
                       will=will, **transport_kwargs(args.credentials))
     t.connect()
     try:
         counts = Worker(t, WorkerOptions(args.job, args.id, Path(args.state_dir),
-                                         args.idle_timeout, args.parent_pid)).run()
+                                         args.idle_timeout, args.parent_pid), trust).run()
     finally:
         t.close()
     print(f"worker {args.id}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -56,7 +56,7 @@ class DeviceProcesses:
         self.workers: list[_Worker] = []
 
     def start(self, x: np.ndarray, y: np.ndarray, fleet: list[DeviceProfile],
-              shards: list[np.ndarray], procs: int) -> None:
+              shards: list[np.ndarray], procs: int, keys) -> None:
         """Start the workers; device k (shard k: its indices into ``x``, ``y``) goes to
         worker k mod procs."""
         data = {"x": str(self.workdir / "x.npy"), "y": str(self.workdir / "y.npy")}
@@ -69,9 +69,12 @@ class DeviceProcesses:
             ks = range(w, len(fleet), procs)  # round-robin: every profile in every worker
             spec = {"job": self.job, "broker": self.broker, **data,
                     "devices": [{"id": f"dev-{k}", "profile": fleet[k].name,
-                                 "index": shards[k].tolist()} for k in ks]}
+                                 "index": shards[k].tolist()} for k in ks],
+                    "keys": keys.to_json([f"dev-{k}" for k in ks])}
             path = self.workdir / f"worker-{w}.json"
-            path.write_text(json.dumps(spec))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private keys
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(spec))
             log = self.workdir / f"worker-{w}.log"
             result = self.workdir / f"worker-{w}.result.json"
             with open(log, "wb") as err:
@@ -132,7 +135,8 @@ class DeviceProcesses:
 
 def run_fleet(opts, job: str, data: tuple[np.ndarray, np.ndarray], fleet: list[DeviceProfile],
               shards: list[np.ndarray], make_aggregator: Callable,
-              on_round: Callable[[dict], None] | None) -> tuple[object, dict, list[SimDevice]]:
+              on_round: Callable[[dict], None] | None, keys
+              ) -> tuple[object, dict, list[SimDevice]]:
     """Run the job with the devices in ``opts.procs`` processes; returns (aggregator,
     report, devices). ``data`` is the training set (x, y) that ``shards`` index;
     ``make_aggregator(transport, on_round)`` builds the Aggregator."""
@@ -147,7 +151,7 @@ def run_fleet(opts, job: str, data: tuple[np.ndarray, np.ndarray], fleet: list[D
         agg_t = MqttTransport(opts.broker, f"{job}-aggregator", persistent=True)
         try:
             agg_t.connect()
-            procs.start(*data, fleet, shards, opts.procs)
+            procs.start(*data, fleet, shards, opts.procs, keys)
             meter = FleetMeter(monitor, on_round)
             agg = make_aggregator(agg_t, meter)
             agg.watch = procs.check

@@ -86,8 +86,9 @@ def _fleet(opts: SimOptions, catalogue) -> list[DeviceProfile]:
     return [chosen[k % len(chosen)] for k in range(opts.devices)]
 
 
-def _transports(opts: SimOptions, n: int, job: str):
-    """A factory of connected transports, in memory or on the broker."""
+def _transports(opts: SimOptions, n: int, job: str, keys):
+    """A factory of connected transports, in memory or on the broker (``keys``: the
+    fleet's, which sign each device's will)."""
     from device_runtime.agent import status_will
     from device_runtime.topics import Topics
     from device_runtime.transport.memory import MemoryHub, MemoryTransport
@@ -96,7 +97,7 @@ def _transports(opts: SimOptions, n: int, job: str):
     topics, hub = Topics(job), MemoryHub()
 
     def make(cid: str, device: str | None = None, persistent: bool = False):
-        will = status_will(topics, device) if device else None
+        will = status_will(topics, device, keys.device(device)) if device else None
         if opts.broker:
             t = MqttTransport(opts.broker, f"{job}-{cid}", will=will, persistent=persistent)
         else:
@@ -144,16 +145,17 @@ def _shards(opts: SimOptions, labels: np.ndarray) -> list[np.ndarray]:
 
 
 def _run_local(opts: SimOptions, job: str, ds, fleet: list[DeviceProfile], shards,
-               make_aggregator, on_round):
+               make_aggregator, on_round, keys):
     """Every agent a thread of this process; returns (aggregator, report, devices)."""
     from device_runtime.agent import AgentOptions, DeviceAgent
     from toolkit.simfleet import SimDevice
 
-    make = _transports(opts, opts.devices, job)
+    make = _transports(opts, opts.devices, job, keys)
     agents, threads = [], []
     for k, (prof, idx) in enumerate(zip(fleet, shards)):
         dev = f"dev-{k}"
-        a = DeviceAgent(make(dev, dev), AgentOptions(job, dev, prof.name),
+        a = DeviceAgent(make(dev, dev), AgentOptions(job, dev, prof.name, key=keys.device(dev),
+                                                     server_key=keys.server.public),
                         ds.x_train[idx], ds.y_train[idx])
         agents.append(a)
         threads.append(threading.Thread(target=a.run, daemon=True, name=dev))
@@ -175,6 +177,8 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     import torch
 
     from broker_server.service import Aggregator, ServeOptions
+    from broker_server.trust import ServerTrust
+    from device_runtime.keys import FleetKeys
     from device_runtime.training.local import load_weights, weights_of
     from toolkit import checkpoint, datasets, zoo
     from toolkit.field import evaluator
@@ -200,6 +204,7 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     macs, _ = count_macs(model, checkpoint.example_input(cfg))
     job = f"sim-{opts.seed}-{np.random.default_rng().integers(1 << 30):x}"
     shards = [rest[p] for p in parts]
+    keys = FleetKeys()  # made on the fly: the signed path is the only path
     with tempfile.TemporaryDirectory(prefix="fedge-sim-", dir=opts.state_parent) as state:
         serve = ServeOptions(job, Path(state), opts.strategy, opts.codec, opts.rounds,
                              opts.devices, opts.round_timeout, opts.epochs, opts.batch_size,
@@ -208,15 +213,16 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
 
         def make_aggregator(transport, hook):
             return Aggregator(transport, serve, cfg.to_json(), weights_of(model),
-                              evaluator(ckpt, ds.x_test, ds.y_test), hook)
+                              evaluator(ckpt, ds.x_test, ds.y_test), hook,
+                              trust=ServerTrust(job, keys.server, keys, Path(state)))
         if opts.procs > 1:
             from toolkit.simfleet import run_fleet
 
             agg, report, agents = run_fleet(opts, job, (ds.x_train, ds.y_train), fleet,
-                                            shards, make_aggregator, on_round)
+                                            shards, make_aggregator, on_round, keys)
         else:
             agg, report, agents = _run_local(opts, job, ds, fleet, shards, make_aggregator,
-                                             on_round)
+                                             on_round, keys)
     load_weights(ckpt.model, agg.weights)
     ckpt.metrics = {"test_accuracy": report["final_accuracy"]}
     per_device = {a.device: macs for a in agents}

@@ -58,6 +58,7 @@ def raise_fd_limit() -> int:
 
 def _agents(spec: dict) -> list:
     from device_runtime.agent import AgentOptions, status_will
+    from device_runtime.keys import device_keys
     from device_runtime.topics import Topics
     from device_runtime.transport.mqtt import MqttTransport
 
@@ -67,11 +68,14 @@ def _agents(spec: dict) -> list:
     agent_class = _paced_agent()
     agents = []
     for d in spec["devices"]:
-        t = MqttTransport(spec["broker"], f"{job}-{d['id']}", will=status_will(topics, d["id"]),
+        key, server_key = device_keys(spec["keys"], d["id"])
+        t = MqttTransport(spec["broker"], f"{job}-{d['id']}",
+                          will=status_will(topics, d["id"], key),
                           keepalive=KEEPALIVE, loop_timeout=LOOP_TIMEOUT)
         t.connect()
         idx = np.asarray(d["index"], dtype=np.int64)
-        agents.append(agent_class(t, AgentOptions(job, d["id"], d["profile"]),
+        agents.append(agent_class(t, AgentOptions(job, d["id"], d["profile"], key=key,
+                                                  server_key=server_key),
                                   np.array(x[idx]), np.array(y[idx])))
     return agents
 
@@ -81,9 +85,9 @@ def _paced_agent():
     from device_runtime.agent import DeviceAgent
 
     class PacedAgent(DeviceAgent):
-        def _on_task(self, task) -> None:
+        def _on_task(self, *args) -> None:
             with _TURN:
-                super()._on_task(task)
+                super()._on_task(*args)
     return PacedAgent
 
 

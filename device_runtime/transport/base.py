@@ -18,10 +18,13 @@ import uuid
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from device_runtime import wire
 from device_runtime.errors import WireError
+
+if TYPE_CHECKING:
+    from device_runtime.keys import Signer
 
 Handler = Callable[[str, bytes], None]
 CHUNK_SEP = "/_c/"
@@ -89,6 +92,12 @@ class Transport(ABC):
         # Called after every (re)connect, on the transport's thread: a device
         # re-announces itself so the aggregator resends its task.
         self.on_connect: Callable[[], None] = lambda: None
+        # Signs the chunks of a signed frame (the owner's key), so receivers can check
+        # each chunk before holding it.
+        self.signer: Signer | None = None
+        # The receiver's check of every chunk and every whole message, on the delivery
+        # thread, before anything is held or queued: raises WireError to refuse it.
+        self.gate: Callable[[str, bytes, bool], None] | None = None
 
     # --- what subclasses provide -------------------------------------------
     @abstractmethod
@@ -111,7 +120,7 @@ class Transport(ABC):
         """Send ``payload`` (chunked if needed); returns bytes put on the wire."""
         parts = [payload]
         if len(payload) > self.max_payload and payload[:4] == wire.MAGIC:
-            parts = wire.split(payload, self.max_payload, uuid.uuid4().hex[:16])
+            parts = wire.split(payload, self.max_payload, uuid.uuid4().hex[:16], self.signer)
         total = 0
         for i, part in enumerate(parts):
             t = topic if len(parts) == 1 else f"{topic}{CHUNK_SEP}{i}"
@@ -154,6 +163,8 @@ class Transport(ABC):
         if CHUNK_SEP in topic:
             topic = topic.split(CHUNK_SEP)[0]
             try:
+                if self.gate is not None:
+                    self.gate(topic, payload, True)
                 whole = self._reassembler.add(payload)
             except WireError as e:
                 self.on_error(topic, f"chunk rejected: {e}")
@@ -162,6 +173,12 @@ class Transport(ABC):
             if whole is None:
                 return
             payload = whole
+        if self.gate is not None:
+            try:
+                self.gate(topic, payload, False)
+            except WireError as e:
+                self.on_error(topic, f"refused: {e}")
+                return
         with self._lock:
             handlers = [h for p, h in self._handlers.items() if topic_matches(p, topic)]
             if not handlers:

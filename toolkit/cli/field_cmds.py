@@ -30,6 +30,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-payload", type=int, default=128 * 1024)
     p.add_argument("--credentials", help="DIR/credentials/aggregator.json from fedge secure "
                    "init: TLS with a client certificate, and a password")
+    p.add_argument("--signing-key", help="the key every message to devices is signed with "
+                   "(default: the credentials' signing_key, else $FEDGE_HOME/signing.key)")
+    p.add_argument("--registry", help="the fleet's device public keys, registry.json from "
+                   "fedge secure init (default: the credentials' registry)")
     p.add_argument("--workers", type=int, help="fold the updates in N worker processes "
                    "sharing the update topic ($share; needs --broker with shared "
                    "subscriptions: Mosquitto, EMQX, HiveMQ)")
@@ -53,8 +57,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", dest="manifest", help="the export's manifest.json: its "
                    "signature and this profile's artifacts are verified before any task; "
                    "a failure is published as the device's status and exits 6")
-    p.add_argument("--trust", dest="trust", metavar="PUBKEY", help="the public key the "
-                   "manifest must be signed with (required with --manifest)")
+    p.add_argument("--trust", dest="trust", metavar="PUBKEY", help="the aggregator's "
+                   "public key: every message from the job and the manifest must be signed "
+                   "with it (default: the credentials' trust)")
+    p.add_argument("--key", help="this device's signing key: its status and updates are "
+                   "signed with it (default: the credentials' signing_key)")
     p.add_argument("--check", action="store_true", help="check the config, data, "
                    "credentials and signed artifacts, then exit without connecting")
     p.set_defaults(func=device)
@@ -97,8 +104,9 @@ def device(args: argparse.Namespace) -> int:
 
     from device_runtime.agent import AgentOptions, DeviceAgent, status_will
     from device_runtime.config import load_config, merge
-    from device_runtime.credentials import transport_kwargs
+    from device_runtime.credentials import key_paths, transport_kwargs
     from device_runtime.data import load_shard
+    from device_runtime.keys import PublicKey, Signer
     from device_runtime.preflight import check_options
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
@@ -111,19 +119,22 @@ def device(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {o.id} %(message)s")
     ProfileCatalogue.load(o.profiles_file).get(o.profile)
     check_id("device", o.id)
-    check_options(o.manifest, o.trust)  # usage mistakes: before anything is published
     creds = transport_kwargs(o.credentials, o.id)
+    o.key, o.trust = key_paths(o.credentials, {"signing_key": o.key, "trust": o.trust})
+    check_options(o.manifest, o.trust, o.key)  # usage mistakes: before anything is published
+    key, server_key = Signer.load(o.key), PublicKey.load(o.trust)
     if o.check:
         return _check(o)
     x, y = load_shard(o.data)
     topics = Topics(o.job)
     t = MqttTransport(o.broker, f"fedge-{o.job}-{o.id}", max_payload=o.max_payload,
-                      will=status_will(topics, o.id), persistent=True, **creds)
+                      will=status_will(topics, o.id, key), persistent=True, **creds)
     t.connect()
     try:
         agent = DeviceAgent(t, AgentOptions(o.job, o.id, o.profile, o.threads,
                                             o.idle_timeout, manifest=o.manifest,
-                                            trust=o.trust), x, y)
+                                            trust=o.trust, key=key, server_key=server_key),
+                              x, y)
         rounds = agent.run()
     finally:
         t.close()
