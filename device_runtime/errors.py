@@ -62,6 +62,11 @@ class WireError(DeviceRuntimeError):
     exit_code = EXIT_DATA
 
 
+class ChunkRefusedError(WireError):
+    """A well-formed chunk the reassembler will not hold: a limit per sender, per topic
+    or in all would be passed. Nothing already held changes."""
+
+
 class SignatureError(ArtifactVerificationError):
     """A manifest's signature is missing, malformed, by another key, or does not verify."""
 
