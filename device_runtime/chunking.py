@@ -63,7 +63,7 @@ def split(data: bytes, max_payload: int, chunk_id: str) -> list[bytes]:
 # What holding costs beyond the payload bytes, measured with tracemalloc (CPython
 # 3.11, 64-bit; tests/test_chunking.py checks the running count against tracemalloc,
 # bench/chunk_flood.py reports it). Each is a little above its measure, so
-# ``held_bytes`` errs high, never low. Per message: its record, its slot in the
+# ``held_bytes`` errs high. Per message: its record, its slot in the
 # arrival order, its key and digests, its index -> bytes dict (measured ~720). Per
 # chunk: the bytes object's header and its slot in that dict (50..100). Per sender
 # and per topic with messages held: its counter entry (~135, ~30). Per finished id
@@ -168,7 +168,13 @@ class Reassembler:
         return self._charged
 
     @property
+    def closed_bytes(self) -> int:
+        """About what the ids remembered against redeliveries hold (``max_closed`` bounds it)."""
+        return len(self._closed) * CLOSED_OVERHEAD
+
+    @property
     def partials(self) -> int:
+        """Incomplete messages held."""
         return len(self._partials)
 
     def add(self, chunk: bytes | Frame, topic: str = "") -> bytes | None:
