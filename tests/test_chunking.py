@@ -201,6 +201,12 @@ def test_a_flooding_sender_is_capped_and_another_senders_message_still_completes
     assert [x for x in out if x is not None] == [BIG]
 
 
+def test_limits_must_be_positive():
+    with pytest.raises(ValueError, match=r"ReassemblyLimits.max_partials_per_topic: expected "
+                                         r"> 0, got 0"):
+        ReassemblyLimits(max_partials_per_topic=0)
+
+
 def test_the_sender_is_named_by_the_topic():
     assert sender_of("fedge/j/round/3/update/d0") == "device/d0"
     assert sender_of("fedge/j/round/3/acts/d0") == sender_of("fedge/j/devices/d0/status")
