@@ -68,6 +68,11 @@ class UnauthenticatedError(WireError):
     forged message would let a flood of them drive traffic)."""
 
 
+class ChunkRefusedError(WireError):
+    """A well-formed chunk the reassembler will not hold: a limit per sender, per topic
+    or in all would be passed. Nothing already held changes."""
+
+
 class SignatureError(ArtifactVerificationError):
     """A manifest's signature is missing, malformed, by another key, or does not verify."""
 

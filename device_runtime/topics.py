@@ -100,3 +100,26 @@ class Topics:
             if key:
                 return {"kind": rest[2], "round": int(rest[1]), key: rest[3]}
         return {"kind": "unknown"}
+
+
+def sender_of(topic: str) -> str:
+    """Who published ``topic``, as far as its name says: ``device/<id>`` for a device's
+    status, updates and activations, ``worker/<id>`` for an aggregator worker's topics,
+    ``aggregator`` for the rest of a job's topics, the topic itself for anything else.
+
+    The name, not a frame header, because the broker's ACL (``fedge secure init``)
+    lets a device publish only on its own topics, while a header says what its sender
+    chose to write."""
+    parts = topic.split("/")
+    if len(parts) < 3 or parts[0] != "fedge":
+        return topic
+    try:
+        fields = Topics(parts[1]).parse(topic)
+    except NameError_:
+        return topic
+    kind = fields["kind"]
+    if kind in ("status", "update", "acts"):
+        return f"device/{fields['device']}"
+    if kind == "worker":
+        return f"worker/{fields['worker']}"
+    return topic if kind == "unknown" else "aggregator"

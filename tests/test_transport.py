@@ -228,3 +228,41 @@ def test_a_publish_during_a_lost_connection_is_kept_for_the_reconnect(monkeypatc
     monkeypatch.setattr(t._client, "publish", lambda *a, **k: info)
     with pytest.raises(TransportError, match="publish to fedge/x/y failed"):
         t.publish("fedge/x/y", b"payload")
+
+
+def test_a_chunk_flood_from_one_sender_is_refused_and_an_honest_update_completes(mosquitto):
+    """A hostile client starts 200 chunked messages on its own update topics, each one
+    byte; the receiver holds the first 16 (max_partials_per_sender), refuses the rest
+    with a reason each, and an honest device's chunked update, sent meanwhile, arrives."""
+    make = lambda cid, **kw: MqttTransport(mosquitto.url, f"{cid}-{random.randrange(1 << 30)}",
+                                           **kw)
+    server, evil, honest = make("server"), make("evil"), make("dev", max_payload=8 * 1024)
+    for t in (server, evil, honest):
+        t.connect()
+    try:
+        q, h = _collector()
+        errors = []
+        server.on_error = lambda topic, why: errors.append((topic, why))
+        server.subscribe("fedge/j/round/+/update/+", h)
+        time.sleep(0.3)
+        update = _frame(20_000)
+        for i in range(200):
+            chunk = wire.encode(wire.Frame("chunk", "j", i + 1, "evil", "fp32",
+                                           {"data": np.zeros(1, np.uint8)},
+                                           chunk={"id": f"e{i}", "index": 0, "count": 2,
+                                                  "sha256": "ab" * 32}))
+            evil._publish_raw(f"fedge/j/round/{i + 1}/update/evil/_c/0", chunk, False)
+            if i == 100:
+                honest.publish("fedge/j/round/1/update/dev-1", update)
+        topic, payload = q.get(timeout=30)
+        assert (topic, payload) == ("fedge/j/round/1/update/dev-1", update)
+        deadline = time.monotonic() + 30
+        while len(errors) < 184 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(errors) == 184, errors[:3]
+        assert all("incomplete messages from 'device/evil': expected at most 16" in why
+                   for _, why in errors)
+        assert server._reassembler.partials == 16
+    finally:
+        for t in (server, evil, honest):
+            t.close()

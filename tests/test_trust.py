@@ -82,7 +82,7 @@ def test_every_chunk_of_a_signed_frame_is_signed_and_a_forged_one_is_refused_unh
     hub.drain()
     assert got == [] and len(refused) == len(forged)
     assert "expected a signed frame" in refused[0]
-    assert rx._reassembler.pending_bytes == 0  # nothing held for a forged chunk
+    assert rx._reassembler.held_bytes == 0  # nothing held for a forged chunk
     tx.signer = KEYS.device("d0")
     tx.publish(TOPICS.update(1, "d0"), big)
     hub.drain()

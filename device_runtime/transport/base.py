@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from device_runtime import wire
+from device_runtime.chunking import ReassemblyLimits
 from device_runtime.errors import WireError
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class Transport(ABC):
         self.max_payload = max_payload
         self.stats = TrafficStats()
         self._handlers: dict[str, Handler] = {}
-        self._reassembler = wire.Reassembler(timeout_s=reassembly_timeout)
+        self._reassembler = wire.Reassembler(ReassemblyLimits(ttl=reassembly_timeout))
         self._lock = threading.Lock()
         self._early: list[tuple[str, bytes]] = []  # arrived before any handler matched
         self._early_bytes = 0
@@ -165,11 +166,10 @@ class Transport(ABC):
             try:
                 if self.gate is not None:
                     self.gate(topic, payload, True)
-                whole = self._reassembler.add(payload)
+                whole = self._reassembler.add(payload, topic)  # expires the old too
             except WireError as e:
                 self.on_error(topic, f"chunk rejected: {e}")
                 return
-            self._reassembler.expire()
             if whole is None:
                 return
             payload = whole
