@@ -30,7 +30,7 @@ from broker_server.scaleout import (Accepted, WorkRound, check_worker_id, fold_s
                                     parse_work, status)
 from broker_server.state import atomic_write
 from broker_server.trust import ServerTrust
-from device_runtime import codecs, wire
+from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import FedgeError, WireError
 from device_runtime.topics import Topics, check_id
@@ -241,8 +241,9 @@ class Worker:
         if save:  # only after the fold accepted it: a rejected payload leaves no trace
             self._dir().mkdir(exist_ok=True)
             atomic_write(self._dir() / f"{device}.fdg", payload)
-        report = self.trust.seal(Accepted(self.id, w.round, device, samples, digest,
-                                          len(payload), dict(frame.meta)))
+        report = messages.seal(Accepted(self.id, w.round, device, samples, digest,
+                                        len(payload), dict(frame.meta)), self.opts.job,
+                               self.id, self.trust.signer, w.round)
         self.held[device] = report
         self.counts["accepted"] += 1
         self.t.publish(self.topics.worker(self.id, "accepted"), report)
