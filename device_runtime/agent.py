@@ -5,7 +5,9 @@ Given an export (a manifest and a trusted key), it first checks it
 stops before taking any task. Runs until the job's ``control`` says stop.
 Transport callbacks only enqueue; the work happens on the agent's thread.
 Torch is imported only when a task asks for local training, so the module
-loads on a device without it.
+loads on a device without it. A plan or task whose model config names a custom
+factory the operator did not allow (``AgentOptions.custom_models``) is refused
+before anything is imported (``device_runtime.local_models``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import numpy as np
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import FedgeError, RefusedError, WireError
+from device_runtime.local_models import NO_CUSTOM, LocalModels
 from device_runtime.model_sync import rebuild
 from device_runtime.topics import Topics, check_id
 from device_runtime.transport.base import Transport
@@ -40,6 +43,8 @@ class AgentOptions:
     idle_timeout: float | None = None  # give up after this long without a plan/task
     manifest: str | None = None  # the export to check before any task (with trust)
     trust: str | None = None  # the public key its signature must verify with
+    # Custom model factories this device may build (its operator's, never a message's).
+    custom_models: LocalModels = NO_CUSTOM
 
 
 def status_will(topics: Topics, device: str) -> tuple[str, bytes]:
@@ -139,7 +144,9 @@ class DeviceAgent:
         where = self.topics.parse(topic)
         try:
             if where["kind"] == "plan":
-                self.plan = messages.parse(messages.Plan, payload)
+                plan = messages.parse(messages.Plan, payload)
+                self.opts.custom_models.check_json(plan.model)  # refused: the old plan stays
+                self.plan = plan
             elif where["kind"] == "control":
                 ctl = messages.parse(messages.Control, payload)
                 self.stopped = ctl.action == "stop"
@@ -181,6 +188,7 @@ class DeviceAgent:
         if task.uplink not in UPLINKS:
             raise messages.MessageError(f"task.uplink: expected one of {', '.join(UPLINKS)}, "
                                         f"got {task.uplink!r}")
+        self.opts.custom_models.check_json(task.model)  # before waiting for its frames
         got = self._wait_model(task)
         if got is None:
             log.warning("round %d: model never arrived before the deadline", task.round)
@@ -388,7 +396,7 @@ class DeviceAgent:
                 cfg = cfg.replace(kwargs={**cfg.kwargs, "indices": parse_variant(variant)})
             if len(self._models) >= 8:
                 self._models.pop(next(iter(self._models)))
-            self._models[key] = build_model(cfg)
+            self._models[key] = build_model(cfg, self.opts.custom_models)
         return self._models[key]
 
 

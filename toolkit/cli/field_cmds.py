@@ -5,6 +5,7 @@ import argparse
 
 from toolkit import scaleout
 from toolkit.cli import strategy_args
+from toolkit.cli.model_cmds import allow_arg
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +34,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="fold the updates in N worker processes "
                    "sharing the update topic ($share; needs --broker with shared "
                    "subscriptions: Mosquitto, EMQX, HiveMQ)")
+    allow_arg(p)
     p.set_defaults(func=serve)
     scaleout.add_worker_parser(sub)
 
@@ -57,6 +59,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    "manifest must be signed with (required with --manifest)")
     p.add_argument("--check", action="store_true", help="check the config, data, "
                    "credentials and signed artifacts, then exit without connecting")
+    allow_arg(p)  # else the config file's allow_custom_model list
     p.set_defaults(func=device)
 
     p = sub.add_parser("demo", help="the whole loop on one machine: 8 device processes, "
@@ -99,6 +102,7 @@ def device(args: argparse.Namespace) -> int:
     from device_runtime.config import load_config, merge
     from device_runtime.credentials import transport_kwargs
     from device_runtime.data import load_shard
+    from device_runtime.local_models import LocalModels
     from device_runtime.preflight import check_options
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
@@ -112,6 +116,7 @@ def device(args: argparse.Namespace) -> int:
     ProfileCatalogue.load(o.profiles_file).get(o.profile)
     check_id("device", o.id)
     check_options(o.manifest, o.trust)  # usage mistakes: before anything is published
+    allowed = LocalModels.parse(o.allow_custom_model)
     creds = transport_kwargs(o.credentials, o.id)
     if o.check:
         return _check(o)
@@ -123,7 +128,7 @@ def device(args: argparse.Namespace) -> int:
     try:
         agent = DeviceAgent(t, AgentOptions(o.job, o.id, o.profile, o.threads,
                                             o.idle_timeout, manifest=o.manifest,
-                                            trust=o.trust), x, y)
+                                            trust=o.trust, custom_models=allowed), x, y)
         rounds = agent.run()
     finally:
         t.close()
