@@ -258,3 +258,24 @@ def test_device_config_allow_custom_model(tmp_path):
     path.write_text('allow_custom_model = "pkg.models:small"\n')
     with pytest.raises(ConfigError, match="allow_custom_model: expected a list"):
         load_config(path)
+
+
+def test_device_cli_refuses_a_malformed_allow_entry(tmp_path, capsys):
+    from toolkit.cli.main import main
+
+    code = main(["device", "--broker", "mqtt://127.0.0.1:1", "--job", "j", "--id", "d0",
+                 "--profile", "rpi4", "--data", str(tmp_path / "x.npz"), "--check",
+                 "--allow-custom-model", "pkg.mod"])
+    assert_one_line_error(code, capsys.readouterr().err, 2, "--allow-custom-model",
+                          "module:callable")
+
+
+def test_simulate_builds_the_custom_model_its_options_name():
+    """The simulator's own agents get the allowlist from its options (``--model``)."""
+    from toolkit.simulate import SimOptions, run_simulation
+
+    report, ckpt = run_simulation(SimOptions("digits", devices=2, rounds=1,
+                                             model="tests.user_models:mlp", epochs=1,
+                                             min_samples=10))
+    assert ckpt.config.factory == "tests.user_models:mlp"
+    assert [r["devices_reporting"] for r in report["rounds"]] == [2]
