@@ -9,7 +9,9 @@ and a trusted key), it first checks it
 stops before taking any task. Runs until the job's ``control`` says stop.
 Transport callbacks only enqueue; the work happens on the agent's thread.
 Torch is imported only when a task asks for local training, so the module
-loads on a device without it.
+loads on a device without it. A plan or task whose model config names a custom
+factory the operator did not allow (``AgentOptions.custom_models``) is refused
+before anything is imported (``device_runtime.local_models``).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from device_runtime.errors import (
 )
 from device_runtime.follow import ServerMessages
 from device_runtime.keys import PublicKey, Signer
+from device_runtime.local_models import NO_CUSTOM, LocalModels
 from device_runtime.model_sync import rebuild
 from device_runtime.topics import Topics, check_id
 from device_runtime.transport.base import Transport
@@ -53,6 +56,8 @@ class AgentOptions:
     trust: str | None = None  # the public key its signature must verify with
     key: Signer | None = None  # this device's own key: signs its status and updates
     server_key: PublicKey | None = None  # the aggregator's: every message must verify
+    # Custom model factories this device may build (its operator's, never a message's).
+    custom_models: LocalModels = NO_CUSTOM
 
 
 def status_will(topics: Topics, device: str, key: Signer) -> tuple[str, bytes]:
@@ -188,7 +193,8 @@ class DeviceAgent:
             self.announce("online", error=f"{where.get('kind')}: {type(e).__name__}: {e}")
 
     def _on_plan(self, payload: bytes) -> None:
-        self.plan = self.server.take_plan(payload)
+        # A custom model the operator did not allow: refused, the old plan stays.
+        self.plan = self.server.take_plan(payload, self.opts.custom_models.check_json)
         waiting, self._before_plan = self._before_plan, []
         for item in waiting:  # tasks and stops that came first: judged by this plan
             self._handle(*item)
@@ -223,6 +229,7 @@ class DeviceAgent:
         if task.uplink not in UPLINKS:
             raise messages.MessageError(f"task.uplink: expected one of {', '.join(UPLINKS)}, "
                                         f"got {task.uplink!r}")
+        self.opts.custom_models.check_json(task.model)  # before waiting for its frames
         got = self._wait_model(task)
         if got is None:
             log.warning("round %d: model never arrived before the deadline", task.round)
@@ -435,7 +442,7 @@ class DeviceAgent:
                 cfg = cfg.replace(kwargs={**cfg.kwargs, "indices": parse_variant(variant)})
             if len(self._models) >= 8:
                 self._models.pop(next(iter(self._models)))
-            self._models[key] = build_model(cfg)
+            self._models[key] = build_model(cfg, self.opts.custom_models)
         return self._models[key]
 
 

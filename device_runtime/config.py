@@ -1,7 +1,8 @@
 """The device's config file: what `fedge device --config FILE` runs, as a bundle installs it.
 
 A TOML file whose keys are ``fedge device``'s options (``broker``, ``job``, ``id``,
-``profile``, ``data``, ``credentials``, ``manifest``, ``trust``, ...). Relative paths
+``profile``, ``data``, ``credentials``, ``manifest``, ``trust``,
+``allow_custom_model`` (a list of ``module:callable[={json}]``), ...). Relative paths
 are relative to the file's folder, so a bundle can be unpacked anywhere. An option
 given on the command line wins over the file. Errors name the file and the key.
 """
@@ -41,6 +42,8 @@ class DeviceConfig:
     threads: int | None = None
     max_payload: int | None = None
     idle_timeout: float | None = None
+    # The custom model factories this device may build (device_runtime.local_models).
+    allow_custom_model: tuple[str, ...] | None = None
 
 
 PATHS = ("data", "credentials", "manifest", "trust", "key", "profiles_file")
@@ -73,6 +76,11 @@ def load_config(path: str | Path) -> DeviceConfig:
 
 def _check(path: Path, key: str, typ: str, value: object) -> object:
     """``value`` if it has the type the field's annotation names ("str | None", ...)."""
+    if typ.startswith("tuple[str"):
+        if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+            return tuple(value)
+        raise ConfigError(f"config {path}: {key}: expected a list of non-empty strings, "
+                          f"got {value!r}")
     if "int" in typ and isinstance(value, int) and not isinstance(value, bool):
         return value
     if "float" in typ and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -44,6 +44,17 @@ class ModelBuildError(DeviceRuntimeError):
     exit_code = EXIT_MODEL
 
 
+class ModelNotAllowedError(ModelBuildError):
+    """A custom model factory the operator did not allow on this machine, or allowed
+    with other kwargs (``device_runtime.local_models``)."""
+
+
+class AllowSpecError(DeviceRuntimeError):
+    """An ``--allow-custom-model`` entry that is not ``module:callable[={json}]``."""
+
+    exit_code = EXIT_USAGE
+
+
 class InputArrayError(DeviceRuntimeError):
     """An input array does not fit the model (shape, dtype, finiteness)."""
 

@@ -42,10 +42,13 @@ class ServerMessages:
         except WireError as e:
             raise UnauthenticatedError(str(e)) from None
 
-    def take_plan(self, payload: bytes) -> messages.Plan:
+    def take_plan(self, payload: bytes, check=None) -> messages.Plan:
         """The plan to follow: the newest the device has seen (a replayed older one is
-        refused); a new session starts the task rounds afresh."""
+        refused), passing ``check(plan.model)``; a new session starts the task rounds
+        afresh."""
         plan = self.unseal(messages.Plan, payload).msg
+        if check is not None:
+            check(plan.model)
         if self.plan is not None and plan.issued < self.plan.issued:
             raise UnauthenticatedError(f"plan.issued: expected at least {self.plan.issued:.3f}"
                                        f" (the plan followed), got {plan.issued:.3f} (older)")

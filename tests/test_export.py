@@ -129,6 +129,7 @@ def test_untraceable_user_model_via_the_real_cli(tmp_path):
     assert code == 0, err
     out = tmp_path / "out"
     code, _, err = run_fedge("export", "--checkpoint", str(ck), "--profiles", "rpi3b,rpi5",
+                             "--allow-custom-model", "tests.user_models:untraceable",
                              "--out", str(out))
     assert_one_line_error(code, err, 5, "cannot trace", "Untraceable")
     assert not out.exists()

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from device_runtime.local_models import LocalModels
 from tests.conftest import assert_one_line_error
 from toolkit import checkpoint, zoo
 from toolkit.cli.main import main
@@ -140,7 +141,7 @@ def test_pretrain_cli_user_module_on_digits(tmp_path, capsys):
     out = tmp_path / "mlp.safetensors"
     assert main(["pretrain", "--dataset", "digits", "--model", "tests.user_models:mlp",
                  "--epochs", "3", "--out", str(out)]) == 0
-    ck = checkpoint.load(out)
+    ck = checkpoint.load(out, LocalModels.parse(["tests.user_models:mlp"]))
     assert ck.config.arch == "custom" and ck.metrics["test_accuracy"] > 0.5
     x = np.zeros((2, 8, 8), np.float32)
     assert ck.model(torch.from_numpy(x)).shape == (2, 10)

@@ -1,4 +1,5 @@
-"""User model factories for the tests (imported by ``--model tests.user_models:...``)."""
+"""User model factories for the tests (``--model tests.user_models:...``; commands that
+load their checkpoints need ``--allow-custom-model tests.user_models:...``)."""
 import torch
 from torch import nn
 

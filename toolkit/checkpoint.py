@@ -2,7 +2,9 @@
 
 No pickle: tensors go through safetensors, everything else is JSON in the
 file's metadata, so ``load`` rebuilds the model from the config, replays the
-pruning record to get the exact shapes, then loads the weights strictly.
+pruning record to get the exact shapes, then loads the weights strictly. The file
+is data: its config may name a custom factory only if the caller's allowlist
+(``LocalModels``, from ``--allow-custom-model``) holds it, checked before any import.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from device_runtime.errors import ModelNotAllowedError
+from device_runtime.local_models import NO_CUSTOM, LocalModels
 from toolkit.datasets import DatasetSpec
 from toolkit.errors import CheckpointError, FedgeError
 from toolkit.pruning import PruneRecord, replay
@@ -59,8 +63,9 @@ def save(ckpt: Checkpoint, path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path) -> Checkpoint:
-    """Read a checkpoint; every failure is a CheckpointError naming the file."""
+def load(path: str | Path, allowed: LocalModels = NO_CUSTOM) -> Checkpoint:
+    """Read a checkpoint; every failure is a CheckpointError naming the file, but a
+    custom model ``allowed`` does not name (ModelNotAllowedError, exit 5)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -85,7 +90,11 @@ def load(path: str | Path) -> Checkpoint:
     except (KeyError, TypeError, json.JSONDecodeError, FedgeError) as e:
         raise CheckpointError(f"checkpoint {path}: metadata is malformed: {e}") from None
     try:
-        model = build_model(cfg)
+        allowed.check(cfg.arch, cfg.factory, cfg.kwargs)
+    except ModelNotAllowedError as e:
+        raise ModelNotAllowedError(f"checkpoint {path}: {e}") from None
+    try:
+        model = build_model(cfg, allowed)
         replay(model, record, example_input(cfg))
         model.load_state_dict(tensors, strict=True)
     except (FedgeError, RuntimeError) as e:

@@ -25,6 +25,7 @@ from broker_server.strategies.base import Weights
 from broker_server.strategies.folds import DecodeAll
 from device_runtime.errors import WireError
 from device_runtime.training.local import load_weights, weights_of
+from device_runtime.local_models import NO_CUSTOM, LocalModels
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.training.split import head_names, parse_head_variant, stage_of
 from toolkit.profiles import DeviceProfile
@@ -46,6 +47,7 @@ class DPFLSetup:
     cuts: dict[str, int]  # profile -> split point
     act_shapes: dict[int, tuple[int, ...]]  # split point -> one sample's activation shape
     options: DPFLOptions = field(default_factory=DPFLOptions)
+    allowed: LocalModels = NO_CUSTOM  # the operator's custom factories (the config's)
 
     def cut_of(self, profile: str) -> int:
         # A profile the setup did not plan for gets the earliest (cheapest head) cut.
@@ -75,7 +77,7 @@ class DPFL(Strategy):
             raise ValueError("dpfl: options must be a DPFLSetup (config, cuts per profile)")
         self.setup, self.opts = options, options.options
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
-        self.model = build_model(options.config)
+        self.model = build_model(options.config, options.allowed)
         self.cut: dict[str, int] = {}  # device -> its cut, set when assigned
         self.sgd: torch.optim.Optimizer | None = None
         self.trained: dict[int, int] = {}  # cut -> samples the server trained from it

@@ -31,6 +31,7 @@ from broker_server.strategies.base import Weights
 from broker_server.strategies.folds import DecodeAll
 from device_runtime.errors import WireError
 from device_runtime.training.local import load_weights, weights_of
+from device_runtime.local_models import NO_CUSTOM, LocalModels
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.training.split import parse_head_variant, stage_of
 from device_runtime.wire import TensorSpec
@@ -73,6 +74,7 @@ class EcoFedSetup:
     options: EcoFedOptions = EcoFedOptions()
     cuts: dict[str, int] = field(default_factory=dict)  # profile -> cut (default: the one)
     heads: dict[int, tuple[bytes, tuple[int, ...]]] = field(default_factory=dict)
+    allowed: LocalModels = NO_CUSTOM  # the operator's custom factories (the config's)
 
     def cut_of(self, profile: str) -> int:
         return self.cuts.get(profile, self.split_after)
@@ -140,7 +142,7 @@ class EcoFed(Strategy):
                              "head ONNX)")
         options.options.check()
         self.setup, self.opts = options, options.options
-        self.model = build_model(options.config)
+        self.model = build_model(options.config, options.allowed)
         self.replay: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # device -> buffer
         # device -> (its cut, its buffer as sent: codec, tensors, params)
         self.coded: dict[str, tuple[int, tuple[str, Weights, dict]]] = {}

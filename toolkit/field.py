@@ -84,6 +84,7 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
     from device_runtime.transport.mqtt import MqttTransport
     from toolkit import checkpoint
     from toolkit.cli import strategy_args
+    from toolkit.cli.model_cmds import local_models
     from toolkit.fleet_keys import server_trust
     from toolkit.profiles import ProfileCatalogue
     from toolkit.setups import check_strategy, setup_strategy
@@ -99,17 +100,18 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
     check_downlink(args.downlink, args.strategy)
     cat = ProfileCatalogue.load(args.profiles_file)
     fleet = cat.select(args.profiles)
-    ckpt = checkpoint.load(args.checkpoint)
+    allowed = local_models(args)  # the only custom factories the checkpoint may name
+    ckpt = checkpoint.load(args.checkpoint, allowed)
     public_x, x, y = server_data(ckpt, args.eval_data)
     cfg, strategy_options = setup_strategy(
         args.strategy, ckpt.config, fleet, public_x, args.codec,
-        strategy_args.options(args, cat, [p.name for p in fleet]), ckpt.model)
+        strategy_args.options(args, cat, [p.name for p in fleet]), ckpt.model, allowed)
     if cfg != ckpt.config:  # e.g. SplitMix bases of the checkpoint's architecture
         from toolkit import zoo
 
         print(f"{args.strategy}: training a fresh {cfg.arch} model of the checkpoint's "
               f"{ckpt.config.arch}", flush=True)
-        ckpt = checkpoint.Checkpoint(cfg, zoo.build_model(cfg), dataset=ckpt.dataset)
+        ckpt = checkpoint.Checkpoint(cfg, zoo.build_model(cfg, allowed), dataset=ckpt.dataset)
     opts = ServeOptions(args.job, Path(args.state_dir), args.strategy, args.codec, args.rounds,
                         args.min_devices, args.round_timeout, args.epochs, args.batch_size,
                         args.lr, strategy_options=strategy_options,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from device_runtime.local_models import NO_CUSTOM, LocalModels
 from device_runtime.training.models import ModelConfig
 from toolkit.errors import UsageError
 from toolkit.profiles import DeviceProfile
@@ -37,10 +38,12 @@ def check_strategy(name: str) -> None:
 
 def setup_strategy(strategy: str, cfg: ModelConfig, fleet: list[DeviceProfile],
                    public_x: np.ndarray, codec: str, options: object | None,
-                   model=None) -> tuple[ModelConfig, object | None]:
+                   model=None, allowed: LocalModels = NO_CUSTOM
+                   ) -> tuple[ModelConfig, object | None]:
     """The model config the job trains and the strategy's options (``options`` filled in
     from the fleet where the user left them out). ``model``: the pre-trained model
-    (EcoFed freezes its head)."""
+    (EcoFed freezes its head); ``allowed``: the custom factories the operator named, for
+    the strategies that rebuild ``cfg`` on the server (dpfl, ecofed)."""
     if strategy == "splitmix":
         return _splitmix(options, cfg, fleet)
     if strategy == "heterofl":
@@ -48,13 +51,14 @@ def setup_strategy(strategy: str, cfg: ModelConfig, fleet: list[DeviceProfile],
     if strategy == "reft":
         return cfg, _reft(options, codec, cfg, fleet, public_x)
     if strategy == "ecofed":
-        return cfg, _ecofed(options, codec, cfg, fleet, public_x, model)
+        return cfg, _ecofed(options, codec, cfg, fleet, public_x, model, allowed)
     if strategy == "dpfl":
-        return cfg, _dpfl(options, codec, cfg, fleet, model)
+        return cfg, _dpfl(options, codec, cfg, fleet, model, allowed)
     return cfg, options
 
 
-def _dpfl(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile], model):
+def _dpfl(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile], model,
+          allowed: LocalModels):
     """dpfl's setup: per profile the cut with the shortest estimated round (given one,
     that cut for all), and the activation shape at each cut."""
     from device_runtime.training.models import build_model
@@ -70,7 +74,8 @@ def _dpfl(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile], mod
     if codec not in HEAD_CODECS:
         raise UsageError(f"--codec: dpfl sends its head whole, expected "
                          f"{' or '.join(HEAD_CODECS)}, got {codec}")
-    infos = stage_infos(model if model is not None else build_model(cfg), example_input(cfg))
+    infos = stage_infos(model if model is not None else build_model(cfg, allowed),
+                        example_input(cfg))
     if len(infos) < 2:
         raise UsageError(f"dpfl: the model has {len(infos)} stage(s); a split needs two")
     cuts, shapes = {}, {}
@@ -79,11 +84,11 @@ def _dpfl(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile], mod
         c = choose_split(cands, do.split_after) if do.split_after else \
             min(cands, key=lambda c: (round_seconds(c, p), c.after))
         cuts[p.name], shapes[c.after] = c.after, tuple(c.act_shape)
-    return DPFLSetup(cfg, cuts, shapes, do)
+    return DPFLSetup(cfg, cuts, shapes, do, allowed)
 
 
 def _ecofed(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile],
-            public_x: np.ndarray, model):
+            public_x: np.ndarray, model, allowed: LocalModels):
     """EcoFed's setup: per profile the cut the planner picks among those whose head holds
     at most FROZEN_SHARE of the parameters (or the given one for all), each cut's head
     as ONNX; the latest cut is the frozen depth."""
@@ -117,7 +122,7 @@ def _ecofed(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile],
             for p in fleet}
     after = max(cuts.values())  # the frozen depth; earlier cuts are bridged by the server
     heads = {c: export_head(model, cfg, c, public_x[:64]) for c in sorted(set(cuts.values()))}
-    return EcoFedSetup(cfg, after, *heads[after], eo, cuts, heads)
+    return EcoFedSetup(cfg, after, *heads[after], eo, cuts, heads, allowed)
 
 
 def _reft(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile],
@@ -138,6 +143,8 @@ def _reft(options, codec: str, cfg: ModelConfig, fleet: list[DeviceProfile],
     if ro.uplink == "logits" and codec not in LOGIT_CODECS:
         raise UsageError(f"--reft-uplink logits: expected --codec {', '.join(LOGIT_CODECS)}, "
                          f"got {codec}")
+    if cfg.arch == "custom":  # its variants are zoo configs with pruned channel counts
+        raise UsageError("reft: pruned variants need a zoo architecture, got a custom model")
     macs, params = count_macs(build_model(cfg), example_input(cfg))
     plans = plan_fleet(list({p.name: p for p in fleet}.values()), macs, params)
     fractions = {n: pl.compute_fraction for n, pl in plans.items()}

@@ -51,8 +51,10 @@ class _Worker:
 class DeviceProcesses:
     """K worker processes holding the fleet's agents."""
 
-    def __init__(self, broker: str, job: str, workdir: Path):
+    def __init__(self, broker: str, job: str, workdir: Path,
+                 custom_models: tuple[str, ...] = ()):
         self.broker, self.job, self.workdir = broker, job, workdir
+        self.custom_models = custom_models  # LocalModels.specs() the agents may build
         self.workers: list[_Worker] = []
 
     def start(self, x: np.ndarray, y: np.ndarray, fleet: list[DeviceProfile],
@@ -68,6 +70,7 @@ class DeviceProcesses:
         for w in range(min(procs, len(fleet))):
             ks = range(w, len(fleet), procs)  # round-robin: every profile in every worker
             spec = {"job": self.job, "broker": self.broker, **data,
+                    "allow_custom_model": list(self.custom_models),
                     "devices": [{"id": f"dev-{k}", "profile": fleet[k].name,
                                  "index": shards[k].tolist()} for k in ks],
                     "keys": keys.to_json([f"dev-{k}" for k in ks])}
@@ -146,7 +149,8 @@ def run_fleet(opts, job: str, data: tuple[np.ndarray, np.ndarray], fleet: list[D
 
     raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="fedge-fleet-") as work:
-        procs = DeviceProcesses(opts.broker, job, Path(work))
+        procs = DeviceProcesses(opts.broker, job, Path(work),
+                                tuple(opts.custom_models().specs()))
         monitor = BrokerMonitor(opts.broker, f"{job}-sys")
         agg_t = MqttTransport(opts.broker, f"{job}-aggregator", persistent=True)
         try:

@@ -47,6 +47,13 @@ class SimOptions:
     strategy_options: object | None = None  # e.g. SignSGDOptions
     downlink: str = "fp32"  # the model to devices: whole, or a coded change (downlink.py)
 
+    def custom_models(self):
+        """The allowlist of this run's own agents and rebuilds: the factory ``model``
+        names, if any (the operator named it here; plans from the broker cannot)."""
+        from toolkit.zoo import named_locally
+
+        return named_locally(self.model)
+
 
 def train_flops(macs: int, samples: int, epochs: int) -> float:
     """Forward + backward is ~3 forward passes; a MAC is 2 FLOPs."""
@@ -155,7 +162,8 @@ def _run_local(opts: SimOptions, job: str, ds, fleet: list[DeviceProfile], shard
     for k, (prof, idx) in enumerate(zip(fleet, shards)):
         dev = f"dev-{k}"
         a = DeviceAgent(make(dev, dev), AgentOptions(job, dev, prof.name, key=keys.device(dev),
-                                                     server_key=keys.server.public),
+                                                     server_key=keys.server.public,
+                                                     custom_models=opts.custom_models()),
                         ds.x_train[idx], ds.y_train[idx])
         agents.append(a)
         threads.append(threading.Thread(target=a.run, daemon=True, name=dev))
@@ -197,9 +205,11 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
                           float(np.mean(ds.x_train[pub])), float(np.std(ds.x_train[pub])))
     pretrained = _pretrained(opts, cfg, ds.x_train[pub], ds.y_train[pub])
     cfg, strategy_options = setup_strategy(opts.strategy, cfg, fleet, ds.x_train[pub],
-                                           opts.codec, opts.strategy_options, pretrained)
+                                           opts.codec, opts.strategy_options, pretrained,
+                                           opts.custom_models())
     torch.manual_seed(opts.seed)
-    model = pretrained if pretrained is not None else zoo.build_model(cfg)
+    model = pretrained if pretrained is not None else zoo.build_model(cfg,
+                                                                      opts.custom_models())
     ckpt = checkpoint.Checkpoint(cfg, model, dataset=datasets.spec_for(opts.dataset))
     macs, _ = count_macs(model, checkpoint.example_input(cfg))
     job = f"sim-{opts.seed}-{np.random.default_rng().integers(1 << 30):x}"
@@ -275,8 +285,8 @@ def _pretrained(opts: SimOptions, cfg, x: np.ndarray, y: np.ndarray):
     eo = opts.strategy_options if isinstance(opts.strategy_options, EcoFedOptions) \
         else EcoFedOptions()
     torch.manual_seed(opts.seed)
-    return train(zoo.build_model(cfg), x, y, TrainOptions(epochs=eo.pretrain_epochs,
-                                                          seed=opts.seed))
+    return train(zoo.build_model(cfg, opts.custom_models()), x, y,
+                 TrainOptions(epochs=eo.pretrain_epochs, seed=opts.seed))
 
 
 def _heterofl_macs(ho, agents, fleet) -> dict[str, int]:

@@ -59,6 +59,7 @@ def raise_fd_limit() -> int:
 def _agents(spec: dict) -> list:
     from device_runtime.agent import AgentOptions, status_will
     from device_runtime.keys import device_keys
+    from device_runtime.local_models import LocalModels
     from device_runtime.topics import Topics
     from device_runtime.transport.mqtt import MqttTransport
 
@@ -66,7 +67,7 @@ def _agents(spec: dict) -> list:
     y = np.load(spec["y"], mmap_mode="r", allow_pickle=False)
     topics, job = Topics(spec["job"]), spec["job"]
     agent_class = _paced_agent()
-    agents = []
+    agents, allowed = [], LocalModels.parse(spec.get("allow_custom_model"))
     for d in spec["devices"]:
         key, server_key = device_keys(spec["keys"], d["id"])
         t = MqttTransport(spec["broker"], f"{job}-{d['id']}",
@@ -75,7 +76,8 @@ def _agents(spec: dict) -> list:
         t.connect()
         idx = np.asarray(d["index"], dtype=np.int64)
         agents.append(agent_class(t, AgentOptions(job, d["id"], d["profile"], key=key,
-                                                  server_key=server_key),
+                                                  server_key=server_key,
+                                                  custom_models=allowed),
                                   np.array(x[idx]), np.array(y[idx])))
     return agents
 

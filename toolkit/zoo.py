@@ -16,6 +16,7 @@ from device_runtime.training.models import (  # noqa: F401  (re-exported)
     build_model,
     scaled,
 )
+from device_runtime.local_models import NO_CUSTOM, LocalModels
 from toolkit.errors import ModelError
 
 
@@ -33,6 +34,12 @@ def resolve_arch(name: str, input_shape: tuple[int, ...]) -> str:
         raise ModelError(f"unknown model {name!r}; valid: cnn, {', '.join(ARCHS)} "
                          "or package.module:callable")
     return name
+
+
+def named_locally(name: str) -> LocalModels:
+    """The allowlist a ``--model`` argument implies: the factory it names (with no
+    kwargs, as ``make_config`` gives it) for a command that makes the config itself."""
+    return LocalModels.parse([name], flag="--model") if ":" in name else NO_CUSTOM
 
 
 def make_config(name: str, input_shape: tuple[int, ...], num_classes: int,

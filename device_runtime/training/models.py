@@ -8,7 +8,9 @@ stages, and every channel count scales with ``width``.
 A user model is any ``nn.Module`` built by a ``module:callable`` factory; give
 it a ``stages`` ``nn.ModuleList`` run in order to make it splittable. The
 ``ModelConfig`` travels in checkpoints, artifacts and the job plan, so the
-server and every device build the same model.
+server and every device build the same model; since those are data, a custom
+config is built only with the factory in the caller's ``LocalModels`` allowlist
+(``device_runtime.local_models``), checked before its module is imported.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from device_runtime.errors import ModelBuildError
+from device_runtime.local_models import NO_CUSTOM, LocalModels
 
 # Base channel counts at width 1, per architecture.
 ARCHS = {
@@ -45,7 +48,7 @@ class ModelConfig:
     width: float = 1.0
     norm_mean: float = 0.0
     norm_std: float = 1.0
-    factory: str | None = None  # "package.module:callable" for arch "custom"
+    factory: str | None = None  # "package.module:callable" for arch "custom" (allowlisted)
     kwargs: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -177,12 +180,13 @@ def _channels(cfg: ModelConfig, spec: dict) -> list[int]:
     return list(given)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """A fresh (untrained) model for ``cfg``."""
+def build_model(cfg: ModelConfig, allowed: LocalModels = NO_CUSTOM) -> nn.Module:
+    """A fresh (untrained) model for ``cfg``: a zoo architecture, or a custom factory
+    that ``allowed`` names with exactly ``cfg.kwargs`` (else ModelNotAllowedError)."""
     if cfg.arch in ARCHS:
         return build_cnn(cfg)
     if cfg.arch == "custom":
-        return _build_custom(cfg)
+        return _build_custom(cfg, allowed)
     if cfg.arch == "splitmix":
         from device_runtime.training.splitmix import build_splitmix
 
@@ -191,14 +195,16 @@ def build_model(cfg: ModelConfig) -> nn.Module:
                           "custom, splitmix")
 
 
-def _build_custom(cfg: ModelConfig) -> nn.Module:
-    mod_name, _, fn_name = (cfg.factory or "").partition(":")
+def _build_custom(cfg: ModelConfig, allowed: LocalModels) -> nn.Module:
+    allowed.check(cfg.arch, cfg.factory, cfg.kwargs)  # before any import: data names no code
+    kwargs = allowed.kwargs_for(cfg.factory)  # the operator's, equal to the config's
+    mod_name, _, fn_name = cfg.factory.partition(":")
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ModelBuildError(f"model factory {cfg.factory!r} cannot be imported: {e}") from None
     try:
-        model = fn(input_shape=cfg.input_shape, num_classes=cfg.num_classes, **cfg.kwargs)
+        model = fn(input_shape=cfg.input_shape, num_classes=cfg.num_classes, **kwargs)
     except Exception as e:  # user code: report it, do not crash
         raise ModelBuildError(f"model factory {cfg.factory!r} failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):

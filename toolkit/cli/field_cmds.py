@@ -5,6 +5,7 @@ import argparse
 
 from toolkit import scaleout
 from toolkit.cli import strategy_args
+from toolkit.cli.model_cmds import allow_arg
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +38,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="fold the updates in N worker processes "
                    "sharing the update topic ($share; needs --broker with shared "
                    "subscriptions: Mosquitto, EMQX, HiveMQ)")
+    allow_arg(p)
     p.set_defaults(func=serve)
     scaleout.add_worker_parser(sub)
 
@@ -64,6 +66,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    "signed with it (default: the credentials' signing_key)")
     p.add_argument("--check", action="store_true", help="check the config, data, "
                    "credentials and signed artifacts, then exit without connecting")
+    allow_arg(p)  # else the config file's allow_custom_model list
     p.set_defaults(func=device)
 
     p = sub.add_parser("demo", help="the whole loop on one machine: 8 device processes, "
@@ -107,6 +110,7 @@ def device(args: argparse.Namespace) -> int:
     from device_runtime.credentials import key_paths, transport_kwargs
     from device_runtime.data import load_shard
     from device_runtime.keys import PublicKey, Signer
+    from device_runtime.local_models import LocalModels
     from device_runtime.preflight import check_options
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
@@ -119,6 +123,7 @@ def device(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {o.id} %(message)s")
     ProfileCatalogue.load(o.profiles_file).get(o.profile)
     check_id("device", o.id)
+    allowed = LocalModels.parse(o.allow_custom_model)
     creds = transport_kwargs(o.credentials, o.id)
     o.key, o.trust = key_paths(o.credentials, {"signing_key": o.key, "trust": o.trust})
     check_options(o.manifest, o.trust, o.key)  # usage mistakes: before anything is published
@@ -133,8 +138,8 @@ def device(args: argparse.Namespace) -> int:
     try:
         agent = DeviceAgent(t, AgentOptions(o.job, o.id, o.profile, o.threads,
                                             o.idle_timeout, manifest=o.manifest,
-                                            trust=o.trust, key=key, server_key=server_key),
-                              x, y)
+                                            trust=o.trust, key=key, server_key=server_key,
+                                            custom_models=allowed), x, y)
         rounds = agent.run()
     finally:
         t.close()

@@ -11,7 +11,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                        "pre-training and the centralized baseline)")
     p.add_argument("--dataset", required=True,
                    help="mnist1d, mnist1d:N (N samples), digits or a .npz file")
-    p.add_argument("--model", default="cnn", help="cnn, cnn1d, cnn2d, cnn-wide or module:callable")
+    p.add_argument("--model", default="cnn", help="cnn, cnn1d, cnn2d, cnn-wide or "
+                   "module:callable (a custom nn.Module factory; commands that load the "
+                   "checkpoint then need --allow-custom-model module:callable)")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
@@ -35,7 +37,23 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "(default: the strongest device of the fleet)")
     p.add_argument("--no-int8", action="store_true")
     signing_key_arg(p)
+    allow_arg(p)
     p.set_defaults(func=export)
+
+
+def allow_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-custom-model", action="append", metavar="MODULE:CALLABLE",
+                   help="build this custom nn.Module factory when the checkpoint or job "
+                   "names it (repeatable); with no kwargs, or exactly the JSON object after "
+                   "'=' (module:callable={\"hidden\": 64}). Without it a model config from a "
+                   "file or the network may name a zoo model only: a custom one names code")
+
+
+def local_models(args: argparse.Namespace):
+    """``--allow-custom-model`` as a ``LocalModels`` allowlist (empty without it)."""
+    from device_runtime.local_models import LocalModels
+
+    return LocalModels.parse(getattr(args, "allow_custom_model", None))
 
 
 def signing_key_arg(p: argparse.ArgumentParser) -> None:
@@ -76,7 +94,7 @@ def pretrain(args: argparse.Namespace) -> int:
     cfg = zoo.make_config(args.model, ds.sample_shape, ds.num_classes, args.width,
                           float(np.mean(ds.x_train)), float(np.std(ds.x_train)) or 1.0)
     torch.manual_seed(args.seed)
-    model = zoo.build_model(cfg)
+    model = zoo.build_model(cfg, zoo.named_locally(args.model))
     t0 = time.time()
     opts = train.TrainOptions(args.epochs, args.batch_size, args.lr, seed=args.seed)
     train.train(model, ds.x_train, ds.y_train, opts,
@@ -99,7 +117,7 @@ def export(args: argparse.Namespace) -> int:
     from toolkit.profiles import ProfileCatalogue
 
     profiles = ProfileCatalogue.load(args.profiles_file).select(args.profiles)
-    ckpt = checkpoint.load(args.checkpoint)
+    ckpt = checkpoint.load(args.checkpoint, local_models(args))
     ds = datasets.load(args.dataset) if args.dataset else None
     if args.reference_gflops is not None:
         _positive("reference-gflops", args.reference_gflops)
