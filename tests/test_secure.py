@@ -1,8 +1,7 @@
 """fedge secure init: the layout and its refusals; then a real Mosquitto running the
 generated config: strangers refused, every topic a device agent uses granted, a device
-confined to its own topics, its certificate its identity (no acting or connecting as
-another device), size limits, and a full round over mutual TLS. fedge secure add and
-revoke on a running broker are in tests/test_secure_fleet.py."""
+confined to its own topics, and a full round over mutual TLS. Identity and size limits
+are in tests/test_secure_identity.py, add and revoke in tests/test_secure_fleet.py."""
 from __future__ import annotations
 
 import base64
@@ -10,9 +9,7 @@ import hashlib
 import json
 import queue
 import secrets
-import ssl
 import stat
-import threading
 import time
 
 import numpy as np
@@ -20,132 +17,17 @@ import paho.mqtt.client as paho
 import pytest
 
 from device_runtime import wire
-from device_runtime.credentials import Credentials, transport_kwargs
+from device_runtime.credentials import transport_kwargs
 from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
 from device_runtime.transport.url import TransportError
-from tests.brokers import Mosquitto, mosquitto_binary, wait_port
+from tests.brokers import mosquitto_binary
 from tests.conftest import assert_one_line_error, run_fedge
 from tests.field_helpers import finish, prepare_job, start_device, start_server
+from tests.secure_helpers import CLIENTS, JOB, Raw, creds_of, module_fleet, wait_for
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
-JOB = "sec"
-CLIENTS = ("aggregator", "dev-0", "dev-1")
-
-
-def start_fleet(root, *args: str, devices=("dev-0", "dev-1")):
-    """``fedge secure init`` on two free ports and a Mosquitto running its config:
-    (DIR, broker, the aggregator's port)."""
-    from broker_server.embedded import free_port
-
-    port, agg_port = free_port(), free_port()
-    code, out, err = run_fedge("secure", "init", "--devices", *devices, "--out",
-                               str(root / "sec"), "--port", str(port), "--aggregator-port",
-                               str(agg_port), *args)
-    assert code == 0, err
-    assert f"mosquitto -c {root / 'sec' / 'mosquitto.conf'}" in out
-    assert f"--broker mqtts://HOST:{agg_port} --credentials" in out
-    m = Mosquitto(root / "mosq", port=port, config=root / "sec" / "mosquitto.conf").start()
-    wait_port("127.0.0.1", agg_port)
-    return root / "sec", m, agg_port
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    """``fedge secure init`` for dev-0 and dev-1, and a Mosquitto running its config:
-    (DIR, broker, the aggregator's port)."""
-    f = start_fleet(tmp_path_factory.mktemp("secure"), "--host", "10.1.2.3")
-    yield f
-    f[1].stop()
-
-
-def _creds(fleet, client: str) -> Credentials:
-    return Credentials.load(fleet[0] / "credentials" / f"{client}.json")
-
-
-class Raw:
-    """A bare paho client on the TLS listener, to see CONNACK, SUBACK and PUBACK codes."""
-
-    def __init__(self, fleet, client: str | None, *, cert: bool = True,
-                 password: str | None = None, tls: bool = True,
-                 protocol: int = paho.MQTTv311, ca=None, as_cert: str | None = None,
-                 port: int | None = None, client_id: str | None = None):
-        """``client``'s credentials (its username and password), with ``as_cert``'s
-        certificate if given; on the aggregator's listener for the aggregator, else on
-        the devices' (or ``port``)."""
-        self.connack: str | None = None
-        self.subacks: list[str] = []
-        self.pubacks: dict[int, str] = {}
-        self.messages: queue.Queue = queue.Queue()
-        self.disconnects = 0
-        self._connected = threading.Event()
-        c = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=protocol,
-                        client_id=client_id or f"raw-{secrets.token_hex(3)}")
-        creds = _creds(fleet, client or "dev-0")
-        if tls:
-            ctx = ssl.create_default_context(cafile=str(ca or creds.ca))
-            if cert:
-                mine = _creds(fleet, as_cert) if as_cert else creds
-                ctx.load_cert_chain(str(mine.cert), str(mine.key))
-            c.tls_set_context(ctx)
-        if client:
-            c.username_pw_set(creds.username, password or creds.password)
-        c.on_connect = self._on_connect
-        c.on_subscribe = lambda cl, u, mid, codes, p=None: self.subacks.extend(map(str, codes))
-        c.on_publish = lambda cl, u, mid, rc, p=None: self.pubacks.__setitem__(mid, str(rc))
-        c.on_message = lambda cl, u, msg: self.messages.put((msg.topic, msg.payload))
-        c.on_disconnect = self._on_disconnect
-        c.reconnect_delay_set(0.1, 0.1)  # loop_stop waits out paho's retry delay
-        self.c = c
-        if port is None:
-            port = fleet[2] if client == "aggregator" else fleet[1].port
-        try:
-            c.connect("localhost", port)
-        except (OSError, ssl.SSLError):
-            return
-        c.loop_start()
-        self._connected.wait(5)
-        if self.connack != "Success":
-            self.close()  # paho would keep retrying
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
-        self.connack = str(reason_code)
-        self._connected.set()
-
-    def _on_disconnect(self, *args) -> None:
-        self.disconnects += 1
-        self._connected.set()  # refused during the handshake
-
-    def subscribe(self, *patterns: str) -> list[str]:
-        """SUBACK codes, in order."""
-        for p in patterns:
-            self.c.subscribe(p, 1)
-        _wait(lambda: len(self.subacks) == len(patterns), "SUBACKs")
-        return list(self.subacks)
-
-    def publish(self, topic: str, payload: bytes) -> str:
-        """The PUBACK's reason."""
-        info = self.c.publish(topic, payload, qos=1)
-        _wait(lambda: info.mid in self.pubacks, f"PUBACK for {topic}")
-        return self.pubacks[info.mid]
-
-    def received(self) -> list[tuple[str, bytes]]:
-        out = []
-        while not self.messages.empty():
-            out.append(self.messages.get())
-        return out
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
-
-
-def _wait(predicate, what: str, timeout: float = 5.0) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+_fleet = pytest.fixture(scope="module", name="fleet")(module_fleet)
 
 
 # --- the files ---------------------------------------------------------------------------
@@ -182,16 +64,16 @@ def test_secure_init_writes_the_layout_with_private_keys_0600(fleet):
     assert (kind, rounds, len(base64.b64decode(salt))) == ("7", "101", 12)
     assert base64.b64decode(digest) == hashlib.pbkdf2_hmac(
         "sha512", raw["password"].encode(), base64.b64decode(salt), 101, 64)
-    assert raw["password"] not in repr(_creds(fleet, "aggregator"))
+    assert raw["password"] not in repr(creds_of(fleet, "aggregator"))
     # the signing keys: the registry holds each device's, the devices trust server.pub
-    registry = Registry.load(_creds(fleet, "aggregator").registry)
-    agg = Signer.load(_creds(fleet, "aggregator").signing_key)
+    registry = Registry.load(creds_of(fleet, "aggregator").registry)
+    agg = Signer.load(creds_of(fleet, "aggregator").signing_key)
     for d in CLIENTS[1:]:
         raw = json.loads((root / "credentials" / f"{d}.json").read_text())
         assert raw == {"username": d, "cert": f"certs/{d}.crt", "key": f"certs/{d}.key",
                        "ca": "ca.crt", "signing_key": f"certs/{d}.signing.key",
                        "trust": "server.pub"}
-        creds = _creds(fleet, d)
+        creds = creds_of(fleet, d)
         assert creds.cert == root / "certs" / f"{d}.crt" and creds.ca == root / "ca.crt"
         assert creds.password is None and creds.trust == root / "server.pub"
         assert registry.get(d).raw() == Signer.load(creds.signing_key).public.raw()
@@ -356,14 +238,14 @@ def test_the_acl_grants_a_device_agent_every_topic_it_uses(fleet):
     concrete = [p.replace("+", "1") for p in patterns]  # one topic under each filter
     for topic in concrete:
         assert agg.publish(topic, b"to the device") == "Success"
-    _wait(lambda: dev.messages.qsize() >= len(concrete), "the device's messages")
+    wait_for(lambda: dev.messages.qsize() >= len(concrete), "the device's messages")
     assert sorted(t for t, _ in dev.received()) == sorted(concrete)
     agg.received()
     mine = [topics.status("dev-0"), topics.update(1, "dev-0"), topics.acts(1, "dev-0")]
     mine += [t + "/_c/0" for t in mine[1:]]
     for topic in mine:
         assert dev.publish(topic, b"from the device") == "Success"
-    _wait(lambda: agg.messages.qsize() >= len(mine), "the aggregator's messages")
+    wait_for(lambda: agg.messages.qsize() >= len(mine), "the aggregator's messages")
     assert sorted(t for t, _ in agg.received()) == sorted(mine)
     agg.close()
     dev.close()
@@ -372,9 +254,9 @@ def test_the_acl_grants_a_device_agent_every_topic_it_uses(fleet):
                                    {"w": np.ones(5000, np.float32)}))
     got: queue.Queue = queue.Queue()
     a = MqttTransport(f"mqtts://localhost:{fleet[2]}", "agg-t",
-                      **_creds(fleet, "aggregator").transport_kwargs())
+                      **creds_of(fleet, "aggregator").transport_kwargs())
     d = MqttTransport(f"mqtts://localhost:{fleet[1].port}", "dev-t", max_payload=2048,
-                      **_creds(fleet, "dev-0").transport_kwargs())
+                      **creds_of(fleet, "dev-0").transport_kwargs())
     a.connect()
     d.connect()
     a.subscribe(topics.update(), lambda t, p: got.put((t, p)))
@@ -400,7 +282,7 @@ def test_a_device_can_neither_forge_nor_read_another_devices_update(fleet):
     a, b = Raw(fleet, "dev-0"), Raw(fleet, "dev-1")
     assert a.publish(topics.update(1, "dev-1"), b"forged 3.1.1") == "Success"
     assert a.publish(topics.update(1, "dev-0"), b"own") == "Success"
-    _wait(lambda: agg.messages.qsize() >= 2, "A's own updates")
+    wait_for(lambda: agg.messages.qsize() >= 2, "A's own updates")
     time.sleep(0.2)
     assert sorted(agg.received()) == sorted([(topics.update(1, "dev-0"), b"own 5"),
                                              (topics.update(1, "dev-0"), b"own")])
@@ -413,8 +295,8 @@ def test_a_device_can_neither_forge_nor_read_another_devices_update(fleet):
     # A's subscriptions work (it gets its task, sent after B's update), B's update reached
     # the aggregator, and A got only its task
     assert agg.publish(topics.task(1, "dev-0"), b"A's task") == "Success"
-    _wait(lambda: not a.messages.empty(), "A's task")
-    _wait(lambda: not agg.messages.empty(), "B's update at the aggregator")
+    wait_for(lambda: not a.messages.empty(), "A's task")
+    wait_for(lambda: not agg.messages.empty(), "B's update at the aggregator")
     time.sleep(0.2)
     assert agg.received() == [(topics.update(1, "dev-1"), b"B's update")]
     assert set(a.received()) == {(topics.task(1, "dev-0"), b"A's task")}
@@ -445,74 +327,3 @@ def test_a_full_round_over_mutual_tls(fleet, tmp_path, workers):
     assert r["broker"] == f"mqtts://localhost:{agg_port}"
     if workers:
         assert sum(r["scale_out"]["updates_by_worker"].values()) == 4, r["scale_out"]
-
-
-# --- identity -------------------------------------------------------------------------------
-
-
-def test_a_devices_certificate_is_its_identity(fleet):
-    """dev-1's certificate with dev-0's username (and any password) acts as dev-1: dev-0's
-    topics are refused; on the aggregator's listener it is refused outright."""
-    topics = Topics(JOB)
-    agg = Raw(fleet, "aggregator")
-    agg.subscribe(topics.update())
-    posing = Raw(fleet, "dev-0", as_cert="dev-1", password="anything", protocol=paho.MQTTv5)
-    assert posing.connack == "Success"
-    assert posing.publish(topics.update(1, "dev-0"), b"as dev-0") == "Not authorized"
-    assert posing.publish(topics.update(1, "dev-1"), b"as dev-1") == "Success"
-    posing.close()
-    _wait(lambda: not agg.messages.empty(), "dev-1's update")
-    time.sleep(0.2)
-    assert agg.received() == [(topics.update(1, "dev-1"), b"as dev-1")]
-    agg.close()
-    for username in ("dev-0", "aggregator"):
-        r = Raw(fleet, username, as_cert="dev-1", password="anything", port=fleet[2])
-        assert r.connack == "Not authorized", username
-        r.close()
-
-
-def test_a_device_cannot_take_over_another_clients_session(fleet):
-    """Logged in as dev-1 with dev-0's (or the aggregator's) client id, a client gets its
-    own username as client id, so the other stays connected and keeps receiving."""
-    topics = Topics(JOB)
-    victim = Raw(fleet, "dev-0", client_id=f"fedge-{JOB}-dev-0")
-    agg = Raw(fleet, "aggregator", client_id=f"fedge-{JOB}-aggregator")
-    assert (victim.connack, agg.connack) == ("Success", "Success")
-    victim.subscribe(topics.task(1, "dev-0"))
-    for stolen in [f"fedge-{JOB}-dev-0", f"fedge-{JOB}-aggregator"] * 3:
-        thief = Raw(fleet, "dev-1", client_id=stolen)
-        assert thief.connack == "Success"
-        thief.close()
-    time.sleep(0.5)
-    assert (victim.disconnects, agg.disconnects) == (0, 0)
-    assert agg.publish(topics.task(1, "dev-0"), b"task") == "Success"
-    _wait(lambda: not victim.messages.empty(), "dev-0's task")
-    victim.close()
-    agg.close()
-
-
-# --- sizes --------------------------------------------------------------------------------------
-
-
-def test_the_broker_drops_an_oversize_message(tmp_path):
-    """--max-message 4096: 4096 bytes pass, 4097 are dropped, and a packet past
-    max_packet_size disconnects its sender before the broker reads it. (MQTT 3.1.1, as
-    the transport speaks: Mosquitto's PUBACK 0x83 to an MQTT 5 client breaks paho 2.)"""
-    f = start_fleet(tmp_path, "--max-message", "4096", devices=("dev-0",))
-    try:
-        topics = Topics(JOB)
-        agg = Raw(f, "aggregator")
-        agg.subscribe(topics.update())
-        dev = Raw(f, "dev-0")
-        assert dev.publish(topics.update(1, "dev-0"), b"y" * 4097) == "Success"  # dropped
-        assert dev.publish(topics.update(1, "dev-0"), b"x" * 4096) == "Success"
-        assert dev.disconnects == 0
-        dev.c.publish(topics.update(1, "dev-0"), b"z" * (4096 + 128 * 1024 + 1), qos=1)
-        _wait(lambda: dev.disconnects >= 1, "the oversize sender's disconnection")
-        dev.close()
-        _wait(lambda: not agg.messages.empty(), "the 4096-byte update")
-        time.sleep(0.3)
-        assert [len(p) for _, p in agg.received()] == [4096]
-        agg.close()
-    finally:
-        f[1].stop()

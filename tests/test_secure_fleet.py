@@ -17,7 +17,7 @@ from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
 from tests.brokers import mosquitto_binary
 from tests.conftest import assert_one_line_error, run_fedge
-from tests.test_secure import JOB, Raw, _wait, start_fleet
+from tests.secure_helpers import JOB, Raw, start_fleet, wait_for
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 
@@ -38,7 +38,7 @@ def _reaches_aggregator(f, device: str, payload: bytes) -> bool:
             return False
         if dev.publish(topics.update(1, device), payload) != "Success":
             return False
-        _wait(lambda: not agg.messages.empty(), f"{device}'s update")
+        wait_for(lambda: not agg.messages.empty(), f"{device}'s update")
         return agg.received() == [(topics.update(1, device), payload)]
     finally:
         dev.close()
@@ -61,7 +61,7 @@ def test_add_and_revoke_on_a_running_broker(tmp_path):
         assert stat.S_IMODE(creds.signing_key.stat().st_mode) == 0o600
         assert not _reaches_aggregator(f, "dev-2", b"before the reload")
         broker.proc.send_signal(signal.SIGHUP)
-        _wait(lambda: _reaches_aggregator(f, "dev-2", b"after"), "dev-2's ACL", timeout=10)
+        wait_for(lambda: _reaches_aggregator(f, "dev-2", b"after"), "dev-2's ACL", timeout=10)
         # revoke: dev-1's key kept, as a thief would; dev-1 stays connected meanwhile
         stolen = tmp_path / "stolen"
         shutil.copytree(root, stolen)
@@ -77,7 +77,7 @@ def test_add_and_revoke_on_a_running_broker(tmp_path):
         assert crl.get_revoked_certificate_by_serial_number(serial) is not None
         broker.proc.send_signal(signal.SIGHUP)
         # the connected client loses its topics; a new connection fails the handshake
-        _wait(lambda: live.publish(Topics(JOB).update(1, "dev-1"), b"x") == "Not authorized",
+        wait_for(lambda: live.publish(Topics(JOB).update(1, "dev-1"), b"x") == "Not authorized",
               "the reloaded ACL", timeout=10)
         live.close()
         thief = Raw((stolen, broker, f[2]), "dev-1")
@@ -144,6 +144,7 @@ def test_signing_key_reuses_the_export_key(tmp_path, export_key):
     code, out, err = run_fedge("secure", "init", "--devices", "dev-0", "--out", str(root),
                                "--keys-only", "--signing-key", str(export_key.path))
     assert code == 0, err
+    assert f"signing:    {export_key.path}" in out
     raw = json.loads((root / "credentials" / "aggregator.json").read_text())
     assert raw["signing_key"] == str(export_key.path.resolve())
     assert not (root / "certs" / "aggregator.signing.key").exists()

@@ -39,10 +39,27 @@ from device_runtime.errors import FedgeError
 from device_runtime.keys import Registry, Signer
 from device_runtime.topics import check_id
 from toolkit.errors import SecureError
-from toolkit.secure_conf import (AGGREGATOR, PACKET_SLACK, Limits, acl_text, conf_text,
-                                 credentials_json, password_line)
-from toolkit.secure_pki import (cert_pem, crl_pem, issue, key_pem, make_ca, make_crl,
-                                new_key, san_entries, server_names, _is_host)
+from toolkit.secure_conf import (
+    AGGREGATOR,
+    PACKET_SLACK,
+    Limits,
+    acl_text,
+    conf_text,
+    credentials_json,
+    password_line,
+)
+from toolkit.secure_pki import (
+    cert_pem,
+    crl_pem,
+    is_host,
+    issue,
+    key_pem,
+    make_ca,
+    make_crl,
+    new_key,
+    san_entries,
+    server_names,
+)
 
 __all__ = ["AGGREGATOR", "SecureOptions", "check_options", "materials", "init", "write_tree",
            "write_file", "new_key", "make_ca", "issue", "cert_pem", "key_pem"]
@@ -112,7 +129,7 @@ def check_options(opts: SecureOptions) -> None:
     if opts.days < 1:
         raise SecureError(f"--days: expected >= 1, got {opts.days}")
     for h in opts.hosts:
-        if not _is_host(h):
+        if not is_host(h):
             raise SecureError(f"--host: expected a host name or IP address, got {h!r}")
     _check_limits(opts.limits)
     out = Path(opts.out)

@@ -104,7 +104,9 @@ def conf_text(root: Path, port: int, aggregator_port: int, limits: Limits) -> st
 # After `fedge secure add` or `revoke`, send it a SIGHUP: it re-reads the password
 # file, the ACL and the CRL (mosquitto 2.0.11; a client already connected keeps its
 # connection, but loses its ACL).
-#   fedge serve  --broker mqtts://HOST:{aggregator_port} --credentials {r}/credentials/{AGGREGATOR}.json ...
+# The aggregator (and its workers) on port {aggregator_port}, devices on port {port}:
+#   fedge serve  --broker mqtts://HOST:{aggregator_port} --credentials \
+#       {r}/credentials/{AGGREGATOR}.json ...
 #   fedge device --broker mqtts://HOST:{port} --credentials {r}/credentials/<id>.json ...
 per_listener_settings false
 allow_anonymous false

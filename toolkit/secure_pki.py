@@ -68,7 +68,7 @@ def issue(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
     return b.sign(ca_key, hashes.SHA256())
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -76,19 +76,19 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _is_host(name: str) -> bool:
-    return bool(_HOST.match(name)) or _is_ip(name)
+def is_host(name: str) -> bool:
+    return bool(_HOST.match(name)) or is_ip(name)
 
 
 def server_names(hosts: tuple[str, ...] = (), hostname: str | None = None) -> list[str]:
     """The broker certificate's names: localhost, loopback, this machine, each --host."""
     names = ["localhost", "127.0.0.1", "::1", hostname or socket.gethostname(), *hosts]
-    return list(dict.fromkeys(n for n in names if _is_host(n)))
+    return list(dict.fromkeys(n for n in names if is_host(n)))
 
 
 def san_entries(names: list[str]) -> list[x509.GeneralName]:
     """IP-looking names as IP SANs (a client connecting by address checks those)."""
-    return [x509.IPAddress(ipaddress.ip_address(n)) if _is_ip(n) else x509.DNSName(n)
+    return [x509.IPAddress(ipaddress.ip_address(n)) if is_ip(n) else x509.DNSName(n)
             for n in names]
 
 

@@ -39,10 +39,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-queued-bytes", type=int, default=0, metavar="BYTES",
                    help="bytes the broker queues per client (4 x --max-message)")
     q.set_defaults(func=init)
-    for name, what in (("add", "issue one more device's credentials and list it in the "
-                        "ACL and the key registry"),
-                       ("revoke", "take a device out of the key registry and the ACL and "
-                        "revoke its certificate (CRL)")):
+    for name, what in (("add", ("issue one more device's credentials and list it in the "
+                                "ACL and the key registry")),
+                       ("revoke", ("take a device out of the key registry and the ACL and "
+                                   "revoke its certificate (CRL)"))):
         r = steps.add_parser(name, help=what)
         r.add_argument("id", metavar="ID", help="the device id")
         r.add_argument("--dir", required=True, help="the folder fedge secure init wrote")
