@@ -203,13 +203,13 @@ def materials(opts: SecureOptions, hostname: str | None = None,
         files[f"certs/{AGGREGATOR}.key"] = (key_pem(key), SECRET)
     files[f"credentials/{AGGREGATOR}.json"] = (credentials_json(AGGREGATOR, password, tls, own),
                                                SECRET)
-    registry = Registry()
+    keys = {}
     for d in opts.devices:
         mine, device_signer = device_files(d, ca, ca_key, opts.days, tls)
         files.update(mine)
-        registry = registry.with_device(d, device_signer.public)
+        keys[d] = device_signer.public
     files["server.pub"] = (signer.public.pem(), PUBLIC)
-    files["registry.json"] = (registry.dumps(), PUBLIC)
+    files["registry.json"] = (Registry(keys).dumps(), PUBLIC)
     return files
 
 
