@@ -1,9 +1,20 @@
-"""A client's broker credentials: ``DIR/credentials/<id>.json`` from ``fedge secure init``.
+"""A client's credentials: ``DIR/credentials/<id>.json`` from ``fedge secure init``.
 
-The file is ``{"username", "password", "cert", "key", "ca"}``; the three paths are
-relative to DIR, the file's grandparent (a bundle copied elsewhere keeps the layout
-``credentials/<id>.json``, ``ca.crt``, ``certs/<id>.crt``, ``certs/<id>.key``).
-No torch; the password never appears in a repr or an error message.
+The file is a JSON object; only ``username`` is required::
+
+    username     the MQTT username (a device's id, or "aggregator")
+    password     the aggregator's password (devices have none: their certificate is
+                 their identity on the broker)
+    cert, key    the client's TLS certificate and key (both or neither)
+    ca           the fleet's CA, to check the broker's certificate
+    signing_key  the client's Ed25519 private key (device_runtime.keys.Signer)
+    trust        a device's: the aggregator's public key (server.pub)
+    registry     the aggregator's: the devices' public keys (registry.json)
+
+Paths are relative to DIR, the file's grandparent (a bundle copied elsewhere keeps the
+layout ``credentials/<id>.json``, ``ca.crt``, ``certs/<id>.*``, ``server.pub``), or
+absolute. ``--keys-only`` files have no password and no TLS files. No torch; the
+password never appears in a repr or an error message.
 """
 from __future__ import annotations
 
@@ -13,8 +24,8 @@ from pathlib import Path
 
 from device_runtime.errors import EXIT_USAGE, DeviceRuntimeError
 
-FIELDS = ("username", "password", "cert", "key", "ca")
-FILES = ("cert", "key", "ca")
+STRINGS = ("username", "password")
+FILES = ("cert", "key", "ca", "signing_key", "trust", "registry")
 
 
 class CredentialsError(DeviceRuntimeError):
@@ -26,10 +37,13 @@ class CredentialsError(DeviceRuntimeError):
 @dataclass(frozen=True)
 class Credentials:
     username: str
-    password: str = field(repr=False)
-    cert: Path
-    key: Path
-    ca: Path
+    password: str | None = field(default=None, repr=False)
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    signing_key: Path | None = None
+    trust: Path | None = None
+    registry: Path | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "Credentials":
@@ -45,25 +59,34 @@ class Credentials:
         if not isinstance(raw, dict):
             raise CredentialsError(f"credentials {path}: expected a JSON object, "
                                    f"got {type(raw).__name__}")
-        for name in FIELDS:
+        for name in (*STRINGS, *FILES):
             value = raw.get(name)
-            if not isinstance(value, str) or not value:
+            if (name == "username" or name in raw) and (not isinstance(value, str)
+                                                        or not value):
                 got = ("nothing" if name not in raw else "an empty string" if value == ""
                        else type(value).__name__)  # never echo a value: it may be a secret
                 raise CredentialsError(f"credentials {path}: field {name!r}: expected a "
                                        f"non-empty string, got {got}")
+        if ("cert" in raw) != ("key" in raw):
+            has, lacks = ("cert", "key") if "cert" in raw else ("key", "cert")
+            raise CredentialsError(f"credentials {path}: field {lacks!r}: expected a "
+                                   f"non-empty string, got nothing (it goes with {has!r})")
         root = path.resolve().parent.parent
-        files = {name: root / raw[name] for name in FILES}
+        files = {name: root / raw[name] for name in FILES if name in raw}
         for name, p in files.items():
             if not p.is_file():
                 raise CredentialsError(f"credentials {path}: field {name!r}: no file {p}")
-        return cls(raw["username"], raw["password"], **files)
+        return cls(raw["username"], raw.get("password"), **files)
 
     def transport_kwargs(self) -> dict:
-        """Keyword arguments for ``MqttTransport`` (TLS with a client certificate)."""
-        return {"ca_file": str(self.ca), "cert_file": str(self.cert),
-                "key_file": str(self.key), "username": self.username,
-                "password": self.password}
+        """Keyword arguments for ``MqttTransport``: the username, and the password and
+        TLS files the file has (a ``--keys-only`` file has none)."""
+        kw: dict = {"username": self.username, "password": self.password}
+        if self.ca is not None:
+            kw["ca_file"] = str(self.ca)
+        if self.cert is not None:
+            kw.update(cert_file=str(self.cert), key_file=str(self.key))
+        return kw
 
 
 def transport_kwargs(path: str | Path | None, client: str | None = None) -> dict:

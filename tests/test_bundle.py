@@ -51,15 +51,18 @@ def _unpack(bundle: Path, dest: Path) -> Path:
 
 @pytest.fixture
 def secure_broker(tmp_path):
-    """`fedge secure init` for pi-1 and a real Mosquitto running its TLS config."""
+    """`fedge secure init` for pi-1 and a real Mosquitto running its TLS config: (DIR,
+    the devices' URL, the aggregator's URL)."""
     from broker_server.embedded import free_port
 
-    port = free_port()
+    port, agg_port = free_port(), free_port()
     code, _, err = run_fedge("secure", "init", "--devices", "pi-1", "--out",
-                             str(tmp_path / "sec"), "--port", str(port))
+                             str(tmp_path / "sec"), "--port", str(port), "--aggregator-port",
+                             str(agg_port))
     assert code == 0, err
     m = Mosquitto(tmp_path / "mosq", port=port, config=tmp_path / "sec" / "mosquitto.conf")
-    yield tmp_path / "sec", f"mqtts://localhost:{port}", m.start()
+    m.start()
+    yield tmp_path / "sec", f"mqtts://localhost:{port}", f"mqtts://localhost:{agg_port}"
     m.stop()
 
 
@@ -67,7 +70,7 @@ def test_bundle_installs_offline_without_torch_and_joins_a_job_over_tls(tmp_path
                                                                         secure_broker,
                                                                         fleet_export):
     wheels = _wheelhouse()
-    sec, url, _ = secure_broker
+    sec, url, agg_url = secure_broker
     work = tmp_path / "run"
     work.mkdir()
     ckpt = prepare_job(work, devices=1)
@@ -80,6 +83,9 @@ def test_bundle_installs_offline_without_torch_and_joins_a_job_over_tls(tmp_path
                      for p in (unpacked / "artifacts").rglob("*.onnx"))
     assert shipped and all(s.startswith("rpi4/") for s in shipped)  # its artifacts only
     assert (unpacked / "certs" / "pi-1.key").stat().st_mode & 0o777 == 0o600
+    # the device's signing key and the aggregator's public key travel with it
+    assert (unpacked / "certs" / "pi-1.signing.key").stat().st_mode & 0o777 == 0o600
+    assert (unpacked / "server.pub").read_bytes() == (sec / "server.pub").read_bytes()
 
     prefix = tmp_path / "opt" / "fedge"
     p = subprocess.run(["sh", str(unpacked / "install.sh"), "--prefix", str(prefix),
@@ -100,7 +106,7 @@ def test_bundle_installs_offline_without_torch_and_joins_a_job_over_tls(tmp_path
                            text=True, timeout=60)
         assert v.returncode == 0, v.stderr
 
-    server = start_server(url, job, work, ckpt, rounds=1, min_devices=1, round_timeout=60,
+    server = start_server(agg_url, job, work, ckpt, rounds=1, min_devices=1, round_timeout=60,
                           extra=["--strategy", "ecofed", "--codec", "act4", "--profiles", "rpi4",
                                  "--credentials", str(sec / "credentials" / "aggregator.json")])
     device = subprocess.Popen([str(prefix / "venv" / "bin" / "fedge"), "device", "--config",
@@ -113,7 +119,7 @@ def test_bundle_installs_offline_without_torch_and_joins_a_job_over_tls(tmp_path
     report = json.loads((work / "report.json").read_text())
     assert [r["devices_reporting"] for r in report["rounds"]] == [1]
     assert "pi-1: trained 1 rounds" in log
-    assert report["broker"] == url and not report.get("device_errors")
+    assert report["broker"] == agg_url and not report.get("device_errors")
 
 
 def test_a_modified_bundle_installs_nothing(tmp_path, fleet_export):

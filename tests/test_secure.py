@@ -1,6 +1,7 @@
 """fedge secure init: the layout and its refusals; then a real Mosquitto running the
 generated config: strangers refused, every topic a device agent uses granted, a device
-confined to its own topics, and a full round over mutual TLS with passwords."""
+confined to its own topics, and a full round over mutual TLS. Identity and size limits
+are in tests/test_secure_identity.py, add and revoke in tests/test_secure_fleet.py."""
 from __future__ import annotations
 
 import base64
@@ -8,9 +9,7 @@ import hashlib
 import json
 import queue
 import secrets
-import ssl
 import stat
-import threading
 import time
 
 import numpy as np
@@ -18,111 +17,17 @@ import paho.mqtt.client as paho
 import pytest
 
 from device_runtime import wire
-from device_runtime.credentials import Credentials, transport_kwargs
+from device_runtime.credentials import transport_kwargs
 from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
 from device_runtime.transport.url import TransportError
-from tests.brokers import Mosquitto, mosquitto_binary
+from tests.brokers import mosquitto_binary
 from tests.conftest import assert_one_line_error, run_fedge
 from tests.field_helpers import finish, prepare_job, start_device, start_server
+from tests.secure_helpers import CLIENTS, JOB, Raw, creds_of, module_fleet, wait_for
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
-JOB = "sec"
-CLIENTS = ("aggregator", "dev-0", "dev-1")
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    """``fedge secure init`` for dev-0 and dev-1, and a Mosquitto running its config:
-    (DIR, broker)."""
-    from broker_server.embedded import free_port
-
-    root = tmp_path_factory.mktemp("secure")
-    port = free_port()
-    code, out, err = run_fedge("secure", "init", "--devices", "dev-0", "dev-1", "--out",
-                               str(root / "sec"), "--port", str(port), "--host", "10.1.2.3")
-    assert code == 0, err
-    assert f"mosquitto -c {root / 'sec' / 'mosquitto.conf'}" in out
-    m = Mosquitto(root / "mosq", port=port, config=root / "sec" / "mosquitto.conf").start()
-    yield root / "sec", m
-    m.stop()
-
-
-def _creds(fleet, client: str) -> Credentials:
-    return Credentials.load(fleet[0] / "credentials" / f"{client}.json")
-
-
-class Raw:
-    """A bare paho client on the TLS listener, to see CONNACK, SUBACK and PUBACK codes."""
-
-    def __init__(self, fleet, client: str | None, *, cert: bool = True,
-                 password: str | None = None, tls: bool = True,
-                 protocol: int = paho.MQTTv311, ca=None):
-        self.connack: str | None = None
-        self.subacks: list[str] = []
-        self.pubacks: dict[int, str] = {}
-        self.messages: queue.Queue = queue.Queue()
-        self._connected = threading.Event()
-        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"raw-{secrets.token_hex(3)}",
-                        protocol=protocol)
-        creds = _creds(fleet, client or "dev-0")
-        if tls:
-            ctx = ssl.create_default_context(cafile=str(ca or creds.ca))
-            if cert:
-                ctx.load_cert_chain(str(creds.cert), str(creds.key))
-            c.tls_set_context(ctx)
-        if client:
-            c.username_pw_set(creds.username, password or creds.password)
-        c.on_connect = self._on_connect
-        c.on_subscribe = lambda cl, u, mid, codes, p=None: self.subacks.extend(map(str, codes))
-        c.on_publish = lambda cl, u, mid, rc, p=None: self.pubacks.__setitem__(mid, str(rc))
-        c.on_message = lambda cl, u, msg: self.messages.put((msg.topic, msg.payload))
-        c.on_disconnect = lambda *a: self._connected.set()  # refused during the handshake
-        c.reconnect_delay_set(0.1, 0.1)  # loop_stop waits out paho's retry delay
-        self.c = c
-        try:
-            c.connect("localhost", fleet[1].port)
-        except (OSError, ssl.SSLError):
-            return
-        c.loop_start()
-        self._connected.wait(5)
-        if self.connack != "Success":
-            self.close()  # paho would keep retrying
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
-        self.connack = str(reason_code)
-        self._connected.set()
-
-    def subscribe(self, *patterns: str) -> list[str]:
-        """SUBACK codes, in order."""
-        for p in patterns:
-            self.c.subscribe(p, 1)
-        _wait(lambda: len(self.subacks) == len(patterns), "SUBACKs")
-        return list(self.subacks)
-
-    def publish(self, topic: str, payload: bytes) -> str:
-        """The PUBACK's reason."""
-        info = self.c.publish(topic, payload, qos=1)
-        _wait(lambda: info.mid in self.pubacks, f"PUBACK for {topic}")
-        return self.pubacks[info.mid]
-
-    def received(self) -> list[tuple[str, bytes]]:
-        out = []
-        while not self.messages.empty():
-            out.append(self.messages.get())
-        return out
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
-
-
-def _wait(predicate, what: str, timeout: float = 5.0) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+_fleet = pytest.fixture(scope="module", name="fleet")(module_fleet)
 
 
 # --- the files ---------------------------------------------------------------------------
@@ -131,40 +36,67 @@ def _wait(predicate, what: str, timeout: float = 5.0) -> None:
 def test_secure_init_writes_the_layout_with_private_keys_0600(fleet):
     from cryptography import x509
 
-    root, broker = fleet
+    from device_runtime.keys import PublicKey, Registry, Signer
+
+    root, broker, agg_port = fleet
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    secret = (["ca.key", "broker/server.key", "broker/passwd"]
+              + [f"certs/{c}.{ext}" for c in CLIENTS for ext in ("key", "signing.key")]
+              + [f"credentials/{c}.json" for c in CLIENTS])
     assert files == sorted(
-        ["mosquitto.conf", "ca.crt", "ca.key", "broker/server.crt", "broker/server.key",
-         "broker/passwd", "broker/acl"]
-        + [f"certs/{c}.{ext}" for c in CLIENTS for ext in ("crt", "key")]
-        + [f"credentials/{c}.json" for c in CLIENTS])
-    for rel in ["ca.key", "broker/server.key", "broker/passwd",
-                *[f"certs/{c}.key" for c in CLIENTS], *[f"credentials/{c}.json" for c in CLIENTS]]:
-        assert stat.S_IMODE((root / rel).stat().st_mode) == 0o600, rel
+        secret + ["mosquitto.conf", "ca.crt", "broker/server.crt", "broker/acl",
+                  "broker/crl.pem", "server.pub", "registry.json"]
+        + [f"certs/{c}.crt" for c in CLIENTS])
+    for rel in files:
+        mode = stat.S_IMODE((root / rel).stat().st_mode)
+        assert mode == (0o600 if rel in secret else 0o644), rel
+    # only the aggregator has a password: a device's certificate is its identity
     hashes = dict(line.split(":", 1) for line in (root / "broker/passwd").read_text().split())
-    assert sorted(hashes) == sorted(CLIENTS)
-    for c in CLIENTS:
-        raw = json.loads((root / "credentials" / f"{c}.json").read_text())
-        assert raw == {"username": c, "password": raw["password"], "cert": f"certs/{c}.crt",
-                       "key": f"certs/{c}.key", "ca": "ca.crt"}
-        assert len(raw["password"]) >= 24
-        # Mosquitto's $7$: PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt, 64-byte hash
-        _, kind, rounds, salt, digest = hashes[c].split("$")
-        assert (kind, rounds, len(base64.b64decode(salt))) == ("7", "101", 12)
-        assert base64.b64decode(digest) == hashlib.pbkdf2_hmac(
-            "sha512", raw["password"].encode(), base64.b64decode(salt), 101, 64)
-        creds = Credentials.load(root / "credentials" / f"{c}.json")
-        assert creds.cert == root / "certs" / f"{c}.crt" and creds.ca == root / "ca.crt"
-        assert raw["password"] not in repr(creds)
+    assert sorted(hashes) == ["aggregator"]
+    raw = json.loads((root / "credentials" / "aggregator.json").read_text())
+    assert raw == {"username": "aggregator", "password": raw["password"],
+                   "cert": "certs/aggregator.crt", "key": "certs/aggregator.key",
+                   "ca": "ca.crt", "signing_key": "certs/aggregator.signing.key",
+                   "registry": "registry.json"}
+    assert len(raw["password"]) >= 24
+    # Mosquitto's $7$: PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt, 64-byte hash
+    _, kind, rounds, salt, digest = hashes["aggregator"].split("$")
+    assert (kind, rounds, len(base64.b64decode(salt))) == ("7", "101", 12)
+    assert base64.b64decode(digest) == hashlib.pbkdf2_hmac(
+        "sha512", raw["password"].encode(), base64.b64decode(salt), 101, 64)
+    assert raw["password"] not in repr(creds_of(fleet, "aggregator"))
+    # the signing keys: the registry holds each device's, the devices trust server.pub
+    registry = Registry.load(creds_of(fleet, "aggregator").registry)
+    agg = Signer.load(creds_of(fleet, "aggregator").signing_key)
+    for d in CLIENTS[1:]:
+        raw = json.loads((root / "credentials" / f"{d}.json").read_text())
+        assert raw == {"username": d, "cert": f"certs/{d}.crt", "key": f"certs/{d}.key",
+                       "ca": "ca.crt", "signing_key": f"certs/{d}.signing.key",
+                       "trust": "server.pub"}
+        creds = creds_of(fleet, d)
+        assert creds.cert == root / "certs" / f"{d}.crt" and creds.ca == root / "ca.crt"
+        assert creds.password is None and creds.trust == root / "server.pub"
+        assert registry.get(d).raw() == Signer.load(creds.signing_key).public.raw()
+        assert PublicKey.load(creds.trust).raw() == agg.public.raw()
+    assert sorted(registry.devices) == list(CLIENTS[1:])
     conf = (root / "mosquitto.conf").read_text()
-    for line in (f"listener {broker.port}", "require_certificate true", "allow_anonymous false",
-                 "per_listener_settings false", f"cafile {root / 'ca.crt'}",
-                 f"password_file {root / 'broker' / 'passwd'}"):
+    for line in (f"listener {broker.port}", f"listener {agg_port}", "require_certificate true",
+                 "allow_anonymous false", "per_listener_settings false",
+                 f"cafile {root / 'ca.crt'}", f"crlfile {root / 'broker' / 'crl.pem'}",
+                 f"password_file {root / 'broker' / 'passwd'}",
+                 "use_identity_as_username true", "use_username_as_clientid true",
+                 f"message_size_limit {64 << 20}", f"max_packet_size {(64 << 20) + 131072}",
+                 "max_queued_messages 10000", f"max_queued_bytes {256 << 20}"):
         assert f"\n{line}\n" in conf, line
+    # the identity settings are the devices' listener's, not the aggregator's
+    assert conf.index("use_username_as_clientid") < conf.index(f"listener {agg_port}")
     server = x509.load_pem_x509_certificate((root / "broker/server.crt").read_bytes())
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     names = {str(n.value) for n in sans}
     assert {"localhost", "127.0.0.1", "::1", "10.1.2.3"} <= names
+    crl = x509.load_pem_x509_crl((root / "broker/crl.pem").read_bytes())
+    assert len(crl) == 0 and crl.is_signature_valid(
+        x509.load_pem_x509_certificate((root / "ca.crt").read_bytes()).public_key())
 
 
 def test_secure_init_refuses_bad_input_and_writes_nothing(tmp_path):
@@ -174,9 +106,17 @@ def test_secure_init_refuses_bad_input_and_writes_nothing(tmp_path):
                             (["pi-1", "pi-1"], "'pi-1' given twice")):
         code, _, err = run_fedge("secure", "init", "--devices", *devices, "--out", str(out))
         assert_one_line_error(code, err, 2, "--devices", needle)
-    code, _, err = run_fedge("secure", "init", "--devices", "pi-1", "--out", str(out),
-                             "--port", "0")
-    assert_one_line_error(code, err, 2, "--port: expected 1-65535, got 0")
+    for args, needle in ((["--port", "0"], "--port: expected 1-65535, got 0"),
+                         (["--port", "9000", "--aggregator-port", "9000"],
+                          "--aggregator-port: expected another port than --port 9000"),
+                         (["--max-message", "10"], "--max-message: expected 1024-"),
+                         (["--max-queued-bytes", "2048", "--max-message", "4096"],
+                          "--max-queued-bytes: expected at least --max-message (4096)"),
+                         (["--signing-key", str(tmp_path / "no.key")],
+                          f"--signing-key: signing key {tmp_path / 'no.key'} does not exist")):
+        code, _, err = run_fedge("secure", "init", "--devices", "pi-1", "--out", str(out),
+                                 *args)
+        assert_one_line_error(code, err, 2, needle)
     assert list(tmp_path.iterdir()) == []  # nothing, not even a staging folder
     out.mkdir()
     (out / "ca.key").write_text("the old key")
@@ -194,12 +134,19 @@ def test_bad_credentials_give_one_line_errors(tmp_path, fleet):
     device = ["device", "--broker", "mqtts://localhost:1", "--job", JOB, "--id", "dev-0",
               "--profile", "rpi4", "--data", str(tmp_path / "none.npz"), "--credentials"]
     raw = json.loads((root / "credentials" / "dev-0.json").read_text())
+    raw["password"] = "not-a-real-password"
     for text, needle in (("{not json", "not JSON"),
                          (json.dumps({**raw, "password": 7}),
                           "field 'password': expected a non-empty string, got int"),
                          (json.dumps({k: v for k, v in raw.items() if k != "key"}),
                           "field 'key': expected a non-empty string, got nothing"),
-                         (json.dumps(raw), f"field 'cert': no file {tmp_path / 'certs'}")):
+                         (json.dumps(raw), f"field 'cert': no file {tmp_path / 'certs'}"),
+                         (json.dumps({"username": "dev-0", "signing_key": "certs/x.key"}),
+                          f"field 'signing_key': no file {tmp_path / 'certs' / 'x.key'}"),
+                         (json.dumps({"username": "dev-0", "trust": ""}),
+                          "field 'trust': expected a non-empty string, got an empty string"),
+                         (json.dumps({"username": "dev-0", "cert": "ca.crt"}),
+                          "field 'key': expected a non-empty string, got nothing")):
         bad.write_text(text)
         code, _, err = run_fedge(*device, str(bad))
         assert_one_line_error(code, err, 2, f"credentials {bad}", needle)
@@ -220,31 +167,41 @@ def test_bad_credentials_give_one_line_errors(tmp_path, fleet):
 def test_strangers_are_refused_and_a_device_is_accepted(fleet, tmp_path):
     from toolkit import secure
 
-    # a certificate from another CA (someone else's fleet), with dev-0's password
+    root, broker, agg_port = fleet
+    # a certificate from another CA (someone else's fleet)
     key, other_key = secure.new_key(), secure.new_key()
     other = secure.make_ca(other_key, 1)
     (tmp_path / "other.crt").write_bytes(secure.cert_pem(secure.issue(other, other_key, key,
                                                                       "dev-0", 1)))
     (tmp_path / "other.key").write_bytes(secure.key_pem(key))
-    creds = _creds(fleet, "dev-0")
-    foreign = transport_kwargs(fleet[0] / "credentials" / "dev-0.json") | {
+    foreign = transport_kwargs(root / "credentials" / "dev-0.json") | {
         "cert_file": str(tmp_path / "other.crt"), "key_file": str(tmp_path / "other.key")}
-
-    anonymous = Raw(fleet, None)  # a valid certificate, no username
-    wrong = Raw(fleet, "dev-0", password="not-the-password")
-    no_cert = Raw(fleet, "dev-0", cert=False)
-    plain = Raw(fleet, "dev-0", tls=False)
-    assert (anonymous.connack, wrong.connack) == ("Not authorized", "Not authorized")
-    assert (no_cert.connack, plain.connack) == (None, None)  # TLS refused: no CONNACK at all
-    for r in (anonymous, wrong, no_cert, plain):
+    # the aggregator's listener: its certificate and password, nothing less
+    anonymous = Raw(fleet, None, port=agg_port)  # a valid certificate, no username
+    wrong = Raw(fleet, "aggregator", password="not-the-password")
+    device = Raw(fleet, "dev-0", port=agg_port)  # a device's certificate, no password
+    agg_no_cert = Raw(fleet, "aggregator", cert=False)
+    agg_plain = Raw(fleet, "aggregator", tls=False)
+    assert [r.connack for r in (anonymous, wrong, device)] == ["Not authorized"] * 3
+    assert (agg_no_cert.connack, agg_plain.connack) == (None, None)  # no TLS, no CONNACK
+    # the devices' listener: a fleet certificate; the password is not what counts
+    no_cert, plain = Raw(fleet, "dev-0", cert=False), Raw(fleet, "dev-0", tls=False)
+    assert (no_cert.connack, plain.connack) == (None, None)
+    for r in (anonymous, wrong, device, agg_no_cert, agg_plain, no_cert, plain):
         r.close()
-    t = MqttTransport(f"mqtts://localhost:{fleet[1].port}", "stranger", **foreign)
-    with pytest.raises(TransportError, match="cannot connect"):
-        t.connect(timeout=2)
-    t = MqttTransport(f"mqtts://localhost:{fleet[1].port}", "dev-0",
-                      **transport_kwargs(fleet[0] / "credentials" / "dev-0.json", "dev-0"))
+    for port in (broker.port, agg_port):
+        t = MqttTransport(f"mqtts://localhost:{port}", "stranger", **foreign)
+        with pytest.raises(TransportError, match="cannot connect"):
+            t.connect(timeout=2)
+    t = MqttTransport(f"mqtts://localhost:{broker.port}", "dev-0",
+                      **transport_kwargs(root / "credentials" / "dev-0.json", "dev-0"))
     t.connect(timeout=5)
-    assert t.connected and creds.username == "dev-0"
+    assert t.connected
+    t.close()
+    t = MqttTransport(f"mqtts://localhost:{agg_port}", "fedge-x-aggregator",
+                      **transport_kwargs(root / "credentials" / "aggregator.json"))
+    t.connect(timeout=5)
+    assert t.connected
     t.close()
 
 
@@ -282,14 +239,14 @@ def test_the_acl_grants_a_device_agent_every_topic_it_uses(fleet):
     concrete = [p.replace("+", "1") for p in patterns]  # one topic under each filter
     for topic in concrete:
         assert agg.publish(topic, b"to the device") == "Success"
-    _wait(lambda: dev.messages.qsize() >= len(concrete), "the device's messages")
+    wait_for(lambda: dev.messages.qsize() >= len(concrete), "the device's messages")
     assert sorted(t for t, _ in dev.received()) == sorted(concrete)
     agg.received()
     mine = [topics.status("dev-0"), topics.update(1, "dev-0"), topics.acts(1, "dev-0")]
     mine += [t + "/_c/0" for t in mine[1:]]
     for topic in mine:
         assert dev.publish(topic, b"from the device") == "Success"
-    _wait(lambda: agg.messages.qsize() >= len(mine), "the aggregator's messages")
+    wait_for(lambda: agg.messages.qsize() >= len(mine), "the aggregator's messages")
     assert sorted(t for t, _ in agg.received()) == sorted(mine)
     agg.close()
     dev.close()
@@ -297,9 +254,10 @@ def test_the_acl_grants_a_device_agent_every_topic_it_uses(fleet):
     frame = wire.encode(wire.Frame("update", JOB, 1, "dev-0", "fp32",
                                    {"w": np.ones(5000, np.float32)}))
     got: queue.Queue = queue.Queue()
-    url = f"mqtts://localhost:{fleet[1].port}"
-    a = MqttTransport(url, "agg-t", **_creds(fleet, "aggregator").transport_kwargs())
-    d = MqttTransport(url, "dev-t", max_payload=2048, **_creds(fleet, "dev-0").transport_kwargs())
+    a = MqttTransport(f"mqtts://localhost:{fleet[2]}", "agg-t",
+                      **creds_of(fleet, "aggregator").transport_kwargs())
+    d = MqttTransport(f"mqtts://localhost:{fleet[1].port}", "dev-t", max_payload=2048,
+                      **creds_of(fleet, "dev-0").transport_kwargs())
     a.connect()
     d.connect()
     a.subscribe(topics.update(), lambda t, p: got.put((t, p)))
@@ -314,16 +272,18 @@ def test_a_device_can_neither_forge_nor_read_another_devices_update(fleet):
     topics = Topics(JOB)
     agg = Raw(fleet, "aggregator")
     agg.subscribe(topics.update())
-    a, b = Raw(fleet, "dev-0"), Raw(fleet, "dev-1")
-    a5 = Raw(fleet, "dev-0", protocol=paho.MQTTv5)
     # Publishing in B's name: MQTT 3.1.1 has no way to say no (PUBACK 0, message dropped);
     # MQTT 5 gets PUBACK reason 0x87 "Not authorized". A's own update then arrives, after
     # where the forged ones would have been (one publisher's messages keep their order).
-    assert a.publish(topics.update(1, "dev-1"), b"forged 3.1.1") == "Success"
+    # One connection at a time: the broker makes A's username its client id.
+    a5 = Raw(fleet, "dev-0", protocol=paho.MQTTv5)
     assert a5.publish(topics.update(1, "dev-1"), b"forged 5") == "Not authorized"
     assert a5.publish(topics.update(1, "dev-0"), b"own 5") == "Success"
+    a5.close()
+    a, b = Raw(fleet, "dev-0"), Raw(fleet, "dev-1")
+    assert a.publish(topics.update(1, "dev-1"), b"forged 3.1.1") == "Success"
     assert a.publish(topics.update(1, "dev-0"), b"own") == "Success"
-    _wait(lambda: agg.messages.qsize() >= 2, "A's own updates")
+    wait_for(lambda: agg.messages.qsize() >= 2, "A's own updates")
     time.sleep(0.2)
     assert sorted(agg.received()) == sorted([(topics.update(1, "dev-0"), b"own 5"),
                                              (topics.update(1, "dev-0"), b"own")])
@@ -336,12 +296,12 @@ def test_a_device_can_neither_forge_nor_read_another_devices_update(fleet):
     # A's subscriptions work (it gets its task, sent after B's update), B's update reached
     # the aggregator, and A got only its task
     assert agg.publish(topics.task(1, "dev-0"), b"A's task") == "Success"
-    _wait(lambda: not a.messages.empty(), "A's task")
-    _wait(lambda: not agg.messages.empty(), "B's update at the aggregator")
+    wait_for(lambda: not a.messages.empty(), "A's task")
+    wait_for(lambda: not agg.messages.empty(), "B's update at the aggregator")
     time.sleep(0.2)
     assert agg.received() == [(topics.update(1, "dev-1"), b"B's update")]
     assert set(a.received()) == {(topics.task(1, "dev-0"), b"A's task")}
-    for r in (agg, a, a5, b):
+    for r in (agg, a, b):
         r.close()
 
 
@@ -350,11 +310,12 @@ def test_a_device_can_neither_forge_nor_read_another_devices_update(fleet):
 def test_a_full_round_over_mutual_tls(fleet, tmp_path, workers):
     # With --workers, the workers connect with the aggregator's credentials and the ACL
     # must let them take a shared subscription and publish under workers/.
-    root, broker = fleet
+    root, broker, agg_port = fleet
     job, work = f"tls{secrets.token_hex(3)}", tmp_path
     ckpt = prepare_job(work, devices=2)
     url = f"mqtts://localhost:{broker.port}"
-    server = start_server(url, job, work, ckpt, rounds=2, min_devices=2, round_timeout=60,
+    server = start_server(f"mqtts://localhost:{agg_port}", job, work, ckpt, rounds=2,
+                          min_devices=2, round_timeout=60,
                           extra=["--credentials", str(root / "credentials/aggregator.json"),
                                  *workers])
     devices = [start_device(url, job, work, k, extra=[
@@ -364,6 +325,6 @@ def test_a_full_round_over_mutual_tls(fleet, tmp_path, workers):
     r = json.loads((work / "report.json").read_text())
     assert [x["round"] for x in r["rounds"]] == [1, 2]
     assert [x["devices_reporting"] for x in r["rounds"]] == [2, 2] and not r["rejected"]
-    assert r["broker"] == url
+    assert r["broker"] == f"mqtts://localhost:{agg_port}"
     if workers:
         assert sum(r["scale_out"]["updates_by_worker"].values()) == 4, r["scale_out"]

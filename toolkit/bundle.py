@@ -117,7 +117,7 @@ def _credential_files(path: Path) -> dict[str, Path]:
     creds = Credentials.load(path)  # checks the JSON and that every file exists
     root = path.resolve().parent.parent
     files = {f"credentials/{path.name}": path.resolve()}
-    for p in (creds.ca, creds.cert, creds.key):
+    for p in (creds.ca, creds.cert, creds.key, creds.signing_key, creds.trust):
         if p:
             files[Path(p).resolve().relative_to(root).as_posix()] = Path(p)
     return files

@@ -1,71 +1,71 @@
-"""``fedge secure init``: TLS, passwords and ACLs for a fleet's Mosquitto broker.
+"""``fedge secure init``: TLS, identities, signing keys and ACLs for a fleet's broker.
 
-One call writes, for a list of device ids, everything a Mosquitto 2 broker and
-its clients need to run a fleet over mutual TLS with per-client passwords and
-per-device ACLs (docs/security.md):
+One call writes, for a list of device ids, everything a Mosquitto 2 broker and its
+clients need to run a fleet over mutual TLS, each device's certificate being its
+identity, and the Ed25519 keys that sign the job's messages end to end
+(docs/security.md):
 
-    DIR/mosquitto.conf            TLS listener on --port, absolute paths
-    DIR/ca.crt                    the fleet's CA (every client and the broker trust it)
-    DIR/ca.key                    the CA's key (0600): only needed to sign more certificates
+    DIR/mosquitto.conf            two TLS listeners (devices on --port, the aggregator
+                                  on --aggregator-port), the ACL, the size limits
+    DIR/ca.crt, ca.key            the fleet's CA; its key (0600) signs more certificates
     DIR/broker/server.crt, .key   the broker's certificate (SANs: localhost, loopback,
                                   this machine's hostname, each --host)
-    DIR/broker/passwd             Mosquitto's password file ($7$, PBKDF2-SHA512)
-    DIR/broker/acl                Mosquitto's ACL file
-    DIR/certs/<id>.crt, .key      a client certificate per device and for the aggregator
-    DIR/credentials/<id>.json     {"username", "password", "cert", "key", "ca"}, paths
-                                  relative to DIR (device_runtime.credentials reads it)
+    DIR/broker/passwd             the aggregator's password ($7$, PBKDF2-SHA512)
+    DIR/broker/acl, crl.pem       the ACL (a block per device) and the CA's revocation list
+    DIR/certs/<id>.crt, .key      a client certificate (CN = id) per device and the aggregator
+    DIR/certs/<id>.signing.key    a device's Ed25519 signing key (0600)
+    DIR/certs/aggregator.signing.key  the aggregator's, unless --signing-key names one
+    DIR/server.pub                the aggregator's public key: every device trusts it
+    DIR/registry.json             the devices' public keys (fedge-registry/1): the
+                                  aggregator checks their signatures with it
+    DIR/credentials/<id>.json     paths relative to DIR (device_runtime.credentials)
 
-Generation is pure functions (keys, certificates, the password line, the ACL and
-the config text); ``init`` builds every file in memory, writes them into a staging
-folder beside DIR and renames it into place, so an error leaves nothing behind.
+``--keys-only`` writes just the signing keys, server.pub, registry.json and the
+credentials (no TLS, no passwords), for a broker without TLS (tests, ``fedge demo``).
+``init`` builds every file in memory, writes them into a staging folder beside DIR
+and renames it into place, so an error leaves nothing behind. ``toolkit.secure_fleet``
+adds and revokes devices afterwards.
 """
 from __future__ import annotations
 
-import base64
-import datetime as dt
-import hashlib
-import ipaddress
-import json
 import os
-import re
 import secrets
 import shutil
-import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from device_runtime.errors import FedgeError
+from device_runtime.keys import Registry, Signer
 from device_runtime.topics import check_id
 from toolkit.errors import SecureError
-
-AGGREGATOR = "aggregator"  # the aggregator's id and username; no device may take it
-PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for $7$ hashes
-SALT_BYTES = 12
-_LABEL = r"[A-Za-z0-9][A-Za-z0-9-]{0,62}"
-_HOST = re.compile(rf"^{_LABEL}(\.{_LABEL})*\.?$")  # a DNS name (an IP is checked apart)
-
-# Per-device ACL rules: (access, topic pattern); %u is the username, i.e. the device
-# id. Frames larger than the transport's max_payload travel as chunks on
-# <topic>/_c/<index> (device_runtime.transport.base), and a subscription to a topic
-# also covers those, so each rule comes with its "<topic>/_c/+" twin.
-DEVICE_RULES: tuple[tuple[str, str], ...] = (
-    ("write", "fedge/+/devices/%u/status"),
-    ("write", "fedge/+/round/+/update/%u"),
-    ("write", "fedge/+/round/+/acts/%u"),
-    ("read", "fedge/+/plan"),
-    ("read", "fedge/+/control"),
-    ("read", "fedge/+/asset/+"),
-    ("read", "fedge/+/round/+/model/+"),
-    ("read", "fedge/+/round/+/sync/+"),
-    ("read", "fedge/+/round/+/task/%u"),
-    ("read", "fedge/+/round/+/grad/%u"),
+from toolkit.secure_conf import (
+    AGGREGATOR,
+    PACKET_SLACK,
+    Limits,
+    acl_text,
+    conf_text,
+    credentials_json,
+    password_line,
 )
+from toolkit.secure_pki import (
+    cert_pem,
+    crl_pem,
+    is_host,
+    issue,
+    key_pem,
+    make_ca,
+    make_crl,
+    new_key,
+    san_entries,
+    server_names,
+)
+
+__all__ = ["AGGREGATOR", "SecureOptions", "check_options", "materials", "init", "write_tree",
+           "write_file", "new_key", "make_ca", "issue", "cert_pem", "key_pem"]
+
+MQTT_MAX_PAYLOAD = 268_435_455 - PACKET_SLACK  # MQTT's largest packet, less the topic
+PUBLIC, SECRET = 0o644, 0o600
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,39 @@ class SecureOptions:
     port: int = 8883
     hosts: tuple[str, ...] = ()
     days: int = 825  # certificate lifetime (825 days: what Apple's TLS policy accepts)
+    aggregator_port: int = 0  # 0: port + 1
+    keys_only: bool = False
+    signing_key: Path | None = None  # the aggregator's key; None: a new one in DIR
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def agg_port(self) -> int:
+        return self.aggregator_port or self.port + 1
 
 
-# --- pure pieces -------------------------------------------------------------------
+# --- checks ------------------------------------------------------------------------------
+
+
+def check_device_id(d: str, flag: str = "--devices") -> None:
+    try:
+        check_id("device", d)
+    except FedgeError as e:
+        raise SecureError(f"{flag}: {e}") from None
+    if d == AGGREGATOR:
+        raise SecureError(f"{flag}: {AGGREGATOR!r} is the aggregator's id; "
+                          f"name the device otherwise")
+
+
+def _check_limits(limits: Limits) -> None:
+    if not 1024 <= limits.max_message <= MQTT_MAX_PAYLOAD:
+        raise SecureError(f"--max-message: expected 1024-{MQTT_MAX_PAYLOAD} bytes, got "
+                          f"{limits.max_message}")
+    if limits.max_queued_messages < 1:
+        raise SecureError(f"--max-queued-messages: expected >= 1, got "
+                          f"{limits.max_queued_messages}")
+    if limits.max_queued_bytes and limits.max_queued_bytes < limits.max_message:
+        raise SecureError(f"--max-queued-bytes: expected at least --max-message "
+                          f"({limits.max_message}), got {limits.max_queued_bytes}")
 
 
 def check_options(opts: SecureOptions) -> None:
@@ -86,193 +116,100 @@ def check_options(opts: SecureOptions) -> None:
         raise SecureError("--devices: expected at least one device id")
     seen: set[str] = set()
     for d in opts.devices:
-        try:
-            check_id("device", d)
-        except FedgeError as e:
-            raise SecureError(f"--devices: {e}") from None
-        if d == AGGREGATOR:
-            raise SecureError(f"--devices: {AGGREGATOR!r} is the aggregator's id; "
-                              f"name the device otherwise")
+        check_device_id(d)
         if d in seen:
             raise SecureError(f"--devices: {d!r} given twice")
         seen.add(d)
-    if not 1 <= opts.port <= 65535:
-        raise SecureError(f"--port: expected 1-65535, got {opts.port}")
+    for flag, port in (("--port", opts.port), ("--aggregator-port", opts.agg_port)):
+        if not 1 <= port <= 65535:
+            raise SecureError(f"{flag}: expected 1-65535, got {port}")
+    if opts.agg_port == opts.port:
+        raise SecureError(f"--aggregator-port: expected another port than --port "
+                          f"{opts.port}")
     if opts.days < 1:
         raise SecureError(f"--days: expected >= 1, got {opts.days}")
     for h in opts.hosts:
-        if not _is_host(h):
+        if not is_host(h):
             raise SecureError(f"--host: expected a host name or IP address, got {h!r}")
+    _check_limits(opts.limits)
     out = Path(opts.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SecureError(f"--out {out}: exists and is not an empty folder; "
                           f"secure init never overwrites keys")
 
 
-def new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedge"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
-    # an hour back: a device whose clock runs a little slow still accepts the broker
-    now = dt.datetime.now(dt.timezone.utc)
-    return builder.not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(
-        now + dt.timedelta(days=days)).serial_number(x509.random_serial_number())
-
-
-def make_ca(key: ec.EllipticCurvePrivateKey, days: int,
-            common_name: str = "fedge fleet CA") -> x509.Certificate:
-    """A self-signed CA that may sign end-entity certificates only (path length 0)."""
-    pub = key.public_key()
-    b = _validity(x509.CertificateBuilder().subject_name(_name(common_name))
-                  .issuer_name(_name(common_name)).public_key(pub), days)
-    b = (b.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                      False), critical=True)
-         .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False))
-    return b.sign(key, hashes.SHA256())
-
-
-def issue(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
-          key: ec.EllipticCurvePrivateKey, common_name: str, days: int,
-          server_names: list[x509.GeneralName] | None = None) -> x509.Certificate:
-    """An end-entity certificate: a server's (with ``server_names`` as SANs) or a client's."""
-    pub = key.public_key()
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
-    b = _validity(x509.CertificateBuilder().subject_name(_name(common_name))
-                  .issuer_name(ca.subject).public_key(pub), days)
-    b = (b.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
-                                      False), critical=True)
-         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-         .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
-         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-             ca_key.public_key()), critical=False))
-    if server_names:
-        b = b.add_extension(x509.SubjectAlternativeName(server_names), critical=False)
-    return b.sign(ca_key, hashes.SHA256())
-
-
-def _is_ip(host: str) -> bool:
+def aggregator_signer(path: Path | None) -> Signer:
+    """The aggregator's signing key: ``path``'s (e.g. the export key), or a new one."""
+    if path is None:
+        return Signer.generate()
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+        return Signer.load(path)
+    except FedgeError as e:
+        raise SecureError(f"--signing-key: {e}") from None
 
 
-def _is_host(name: str) -> bool:
-    return bool(_HOST.match(name)) or _is_ip(name)
+# --- the files -----------------------------------------------------------------------------
 
 
-def server_names(hosts: tuple[str, ...] = (), hostname: str | None = None) -> list[str]:
-    """The broker certificate's names: localhost, loopback, this machine, each --host."""
-    names = ["localhost", "127.0.0.1", "::1", hostname or socket.gethostname(), *hosts]
-    return list(dict.fromkeys(n for n in names if _is_host(n)))
+def device_files(device: str, ca, ca_key, days: int, tls: bool
+                 ) -> tuple[dict[str, tuple[bytes, int]], Signer]:
+    """A device's own files (its certificate and key with ``tls``, its signing key and
+    its credentials) and its signer, whose public key goes into the registry."""
+    signer = Signer.generate()
+    files = {f"certs/{device}.signing.key": (signer.pem(), SECRET),
+             f"credentials/{device}.json": (credentials_json(
+                 device, None, tls, f"certs/{device}.signing.key"), SECRET)}
+    if tls:
+        key = new_key()
+        files[f"certs/{device}.crt"] = (cert_pem(issue(ca, ca_key, key, device, days)), PUBLIC)
+        files[f"certs/{device}.key"] = (key_pem(key), SECRET)
+    return files, signer
 
 
-def san_entries(names: list[str]) -> list[x509.GeneralName]:
-    """IP-looking names as IP SANs (a client connecting by address checks those)."""
-    return [x509.IPAddress(ipaddress.ip_address(n)) if _is_ip(n) else x509.DNSName(n)
-            for n in names]
-
-
-def password_line(username: str, password: str, salt: bytes | None = None,
-                  iterations: int = PBKDF2_ITERATIONS) -> str:
-    """One line of a Mosquitto 2 password file, as ``mosquitto_passwd`` writes it:
-    ``user:$7$<iterations>$<base64 salt>$<base64 PBKDF2-HMAC-SHA512, 64 bytes>``."""
-    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
-    return (f"{username}:$7${iterations}${base64.b64encode(salt).decode()}"
-            f"${base64.b64encode(digest).decode()}")
-
-
-def acl_text() -> str:
-    """The ACL file: the aggregator may do anything under fedge/; every other user (a
-    device) writes only its own status, updates and activations and reads the plan,
-    control, assets, models, and its own tasks and gradients."""
-    lines = ["# fedge ACL (fedge secure init): %u is the client's username = its device id.",
-             "# A denied publish is dropped silently; a denied message is not delivered.",
-             f"user {AGGREGATOR}", "topic readwrite fedge/#", ""]
-    for access, topic in DEVICE_RULES:
-        lines += [f"pattern {access} {topic}", f"pattern {access} {topic}/_c/+"]
-    return "\n".join(lines) + "\n"
-
-
-def conf_text(root: Path, port: int) -> str:
-    """mosquitto.conf: one TLS listener, client certificates required, passwords and
-    the ACL. Paths are absolute: mosquitto resolves relative ones against its cwd."""
-    r = Path(root).resolve()
-    return f"""\
-# Mosquitto 2 configuration for a fedge fleet, written by `fedge secure init`.
-# Run the broker:     mosquitto -c {r / "mosquitto.conf"}
-# Started as root, mosquitto switches to the user "mosquitto" before it reads the
-# files below: chown -R mosquitto {r / "broker"} (or run it as the owner of {r}).
-# Clients connect with TLS, a certificate signed by ca.crt and their password:
-#   fedge serve  --broker mqtts://HOST:{port} --credentials {r}/credentials/{AGGREGATOR}.json ...
-#   fedge device --broker mqtts://HOST:{port} --credentials {r}/credentials/<id>.json ...
-per_listener_settings false
-allow_anonymous false
-password_file {r / "broker" / "passwd"}
-acl_file {r / "broker" / "acl"}
-
-listener {port}
-cafile {r / "ca.crt"}
-certfile {r / "broker" / "server.crt"}
-keyfile {r / "broker" / "server.key"}
-require_certificate true
-"""
-
-
-def cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def credentials_json(client: str, password: str) -> dict:
-    """A client's credentials file; paths relative to DIR (the file's grandparent)."""
-    return {"username": client, "password": password, "cert": f"certs/{client}.crt",
-            "key": f"certs/{client}.key", "ca": "ca.crt"}
-
-
-# --- the orchestrator ------------------------------------------------------------------
-
-PUBLIC, SECRET = 0o644, 0o600
-
-
-def materials(opts: SecureOptions, hostname: str | None = None) -> dict[str, tuple[bytes, int]]:
-    """Every file ``init`` writes, in memory: {path relative to DIR: (bytes, mode)}."""
-    days = opts.days
+def _broker_files(opts: SecureOptions, hostname: str | None) -> tuple[dict, object, object]:
     ca_key = new_key()
-    ca = make_ca(ca_key, days)
-    files: dict[str, tuple[bytes, int]] = {"ca.crt": (cert_pem(ca), PUBLIC),
-                                          "ca.key": (key_pem(ca_key), SECRET)}
+    ca = make_ca(ca_key, opts.days)
     key = new_key()
     names = server_names(opts.hosts, hostname)
-    files["broker/server.crt"] = (cert_pem(issue(ca, ca_key, key, names[0], days,
-                                                 san_entries(names))), PUBLIC)
-    files["broker/server.key"] = (key_pem(key), SECRET)
-    passwd = []
-    for client in (AGGREGATOR, *opts.devices):
-        key = new_key()
+    files = {"ca.crt": (cert_pem(ca), PUBLIC), "ca.key": (key_pem(ca_key), SECRET),
+             "broker/server.crt": (cert_pem(issue(ca, ca_key, key, names[0], opts.days,
+                                                  san_entries(names))), PUBLIC),
+             "broker/server.key": (key_pem(key), SECRET),
+             "broker/crl.pem": (crl_pem(make_crl(ca, ca_key, [], opts.days)), PUBLIC),
+             "broker/acl": (acl_text(opts.devices).encode(), PUBLIC),
+             "mosquitto.conf": (conf_text(opts.out, opts.port, opts.agg_port,
+                                          opts.limits).encode(), PUBLIC)}
+    return files, ca, ca_key
+
+
+def materials(opts: SecureOptions, hostname: str | None = None,
+              signer: Signer | None = None) -> dict[str, tuple[bytes, int]]:
+    """Every file ``init`` writes, in memory: {path relative to DIR: (bytes, mode)}."""
+    tls = not opts.keys_only
+    files, ca, ca_key = _broker_files(opts, hostname) if tls else ({}, None, None)
+    signer = signer or aggregator_signer(opts.signing_key)
+    if opts.signing_key is None:
+        own = f"certs/{AGGREGATOR}.signing.key"
+        files[own] = (signer.pem(), SECRET)
+    else:
+        own = str(Path(opts.signing_key).expanduser().resolve())
+    password = None
+    if tls:
         password = secrets.token_urlsafe(24)
-        passwd.append(password_line(client, password))
-        files[f"certs/{client}.crt"] = (cert_pem(issue(ca, ca_key, key, client, days)), PUBLIC)
-        files[f"certs/{client}.key"] = (key_pem(key), SECRET)
-        files[f"credentials/{client}.json"] = (
-            (json.dumps(credentials_json(client, password), indent=1) + "\n").encode(), SECRET)
-    files["broker/passwd"] = (("\n".join(passwd) + "\n").encode(), SECRET)
-    files["broker/acl"] = (acl_text().encode(), PUBLIC)
-    files["mosquitto.conf"] = (conf_text(opts.out, opts.port).encode(), PUBLIC)
+        files["broker/passwd"] = ((password_line(AGGREGATOR, password) + "\n").encode(), SECRET)
+        key = new_key()
+        files[f"certs/{AGGREGATOR}.crt"] = (cert_pem(issue(ca, ca_key, key, AGGREGATOR,
+                                                           opts.days)), PUBLIC)
+        files[f"certs/{AGGREGATOR}.key"] = (key_pem(key), SECRET)
+    files[f"credentials/{AGGREGATOR}.json"] = (credentials_json(AGGREGATOR, password, tls, own),
+                                               SECRET)
+    keys = {}
+    for d in opts.devices:
+        mine, device_signer = device_files(d, ca, ca_key, opts.days, tls)
+        files.update(mine)
+        keys[d] = device_signer.public
+    files["server.pub"] = (signer.public.pem(), PUBLIC)
+    files["registry.json"] = (Registry(keys).dumps(), PUBLIC)
     return files
 
 
@@ -299,6 +236,22 @@ def write_tree(files: dict[str, tuple[bytes, int]], out: Path) -> None:
         raise
 
 
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` atomically: a temporary file beside it, ``mode`` from the start,
+    renamed over it (a reader sees the old file or the new, never half of one)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def init(opts: SecureOptions) -> dict:
     """Check the options, generate everything, write it to ``opts.out``; a summary."""
     check_options(opts)
@@ -309,6 +262,8 @@ def init(opts: SecureOptions) -> dict:
         raise SecureError(f"--out {opts.out}: cannot write: {e}") from None
     clients = [AGGREGATOR, *opts.devices]
     out = Path(opts.out).resolve()
-    return {"out": str(out), "conf": str(out / "mosquitto.conf"), "port": opts.port,
-            "server_names": server_names(opts.hosts),
+    return {"out": str(out), "conf": None if opts.keys_only else str(out / "mosquitto.conf"),
+            "port": opts.port, "aggregator_port": opts.agg_port,
+            "server_names": [] if opts.keys_only else server_names(opts.hosts),
+            "signing_key": str(opts.signing_key or out / "certs" / f"{AGGREGATOR}.signing.key"),
             "credentials": {c: str(out / "credentials" / f"{c}.json") for c in clients}}

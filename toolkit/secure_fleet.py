@@ -1,0 +1,111 @@
+"""``fedge secure add ID`` and ``fedge secure revoke ID``: one device into or out of a
+fleet that ``fedge secure init`` wrote, without touching anyone else's credentials.
+
+``registry.json`` is the list of the fleet's devices: the ACL is regenerated from it.
+Each file is replaced atomically (``secure.write_file``), in an order that never
+trusts more than intended if a step fails: ``add`` writes the device's own files
+first and the registry last; ``revoke`` writes the registry first (the aggregator
+stops accepting the device's signatures as soon as it re-reads the file), then the
+CRL and the ACL, and deletes the device's private files last. Mosquitto re-reads the
+ACL and the CRL on SIGHUP (docs/security.md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography import x509
+
+from device_runtime.errors import FedgeError
+from device_runtime.keys import Registry
+from toolkit.errors import SecureError
+from toolkit.secure import PUBLIC, check_device_id, device_files, write_file
+from toolkit.secure_conf import acl_text
+from toolkit.secure_pki import crl_pem, load_ca, make_crl, revoked_serials
+
+
+def _registry(root: Path) -> Registry:
+    path = root / "registry.json"
+    if not path.is_file():
+        raise SecureError(f"{root}: no registry.json; expected a folder written by "
+                          f"fedge secure init (run it again if this one predates keys)")
+    try:
+        return Registry.load(path)
+    except FedgeError as e:
+        raise SecureError(str(e)) from None
+
+
+def _tls(root: Path) -> bool:
+    """A TLS fleet (its mosquitto.conf, CA and ACL), or a --keys-only one."""
+    return (root / "ca.crt").is_file()
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise SecureError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+
+
+def _ca(root: Path):
+    try:
+        return load_ca(_read(root / "ca.crt", "CA certificate"), _read(root / "ca.key", "CA key"))
+    except ValueError as e:
+        raise SecureError(f"{root / 'ca.key'}: not the CA's key ({e})") from None
+
+
+def add(root: Path, device: str, days: int = 825) -> dict:
+    """Issue ``device``'s certificate, signing key and credentials; list it in the ACL
+    and the registry. A summary."""
+    root = Path(root).resolve()
+    check_device_id(device, "ID")
+    if days < 1:
+        raise SecureError(f"--days: expected >= 1, got {days}")
+    reg = _registry(root)
+    if device in reg.devices:
+        raise SecureError(f"ID {device!r}: already in the fleet ({root / 'registry.json'}); "
+                          f"revoke it first to issue new credentials")
+    tls = _tls(root)
+    ca, ca_key = _ca(root) if tls else (None, None)
+    files, signer = device_files(device, ca, ca_key, days, tls)
+    try:
+        for rel, (data, mode) in files.items():
+            write_file(root / rel, data, mode)
+        if tls:
+            write_file(root / "broker" / "acl", acl_text([*reg.devices, device]).encode(), PUBLIC)
+        write_file(root / "registry.json", reg.with_device(device, signer.public).dumps(), PUBLIC)
+    except OSError as e:
+        raise SecureError(f"{root}: cannot write: {e}") from None
+    return {"out": str(root), "device": device, "tls": tls, "key_id": signer.key_id,
+            "credentials": str(root / "credentials" / f"{device}.json")}
+
+
+def revoke(root: Path, device: str, days: int = 825) -> dict:
+    """Take ``device`` out of the registry and the ACL, add its certificate to the CRL
+    and delete its private files. A summary."""
+    root = Path(root).resolve()
+    reg = _registry(root)
+    if device not in reg.devices:
+        known = ", ".join(sorted(reg.devices)) or "none"
+        raise SecureError(f"ID {device!r}: not in the fleet ({root / 'registry.json'}); "
+                          f"its devices: {known}")
+    tls = _tls(root)
+    crl = None
+    if tls:  # everything read and checked before the first write
+        ca, ca_key = _ca(root)
+        cert = _read(root / "certs" / f"{device}.crt", "device's certificate")
+        serials = revoked_serials(_read(root / "broker" / "crl.pem", "revocation list"))
+        serial = x509.load_pem_x509_certificate(cert).serial_number
+        crl = crl_pem(make_crl(ca, ca_key, [*serials, serial], days))
+    rest = reg.without(device)
+    try:
+        write_file(root / "registry.json", rest.dumps(), PUBLIC)
+        if crl is not None:
+            write_file(root / "broker" / "crl.pem", crl, PUBLIC)
+            write_file(root / "broker" / "acl", acl_text(list(rest.devices)).encode(), PUBLIC)
+        for rel in (f"certs/{device}.key", f"certs/{device}.signing.key",
+                    f"credentials/{device}.json"):
+            (root / rel).unlink(missing_ok=True)
+    except OSError as e:
+        raise SecureError(f"{root}: cannot write: {e}") from None
+    return {"out": str(root), "device": device, "tls": tls, "devices": sorted(rest.devices)}
+
