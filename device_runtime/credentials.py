@@ -105,18 +105,8 @@ def transport_kwargs(path: str | Path | None, client: str | None = None) -> dict
 def key_paths(path: str | Path | None, given: dict[str, str | None]) -> tuple:
     """Each key file of ``given`` (field name -> the option's value): the option if set,
     else the credentials file's field of that name (``signing_key``, ``trust``,
-    ``registry``; relative paths are relative to DIR, the file's grandparent, like the
-    other paths), else None."""
-    raw: dict = {}
-    if path is not None:
-        try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CredentialsError(f"credentials {path}: cannot read: {e}") from None
-        raw = raw if isinstance(raw, dict) else {}
-    out = []
-    for name, value in given.items():
-        if value is None and isinstance(raw.get(name), str) and raw[name]:
-            value = str(Path(path).resolve().parent.parent / raw[name])
-        out.append(value)
-    return tuple(out)
+    ``registry``), else None."""
+    creds = Credentials.load(path) if path is not None else None
+    return tuple(value if value is not None or creds is None else
+                 (str(getattr(creds, name)) if getattr(creds, name) else None)
+                 for name, value in given.items())
