@@ -36,6 +36,7 @@ def _work(tmp_path, job_files):
     work = tmp_path / "run"
     work.mkdir()
     (work / "data").symlink_to(job_files[0] / "data")
+    (work / "keys").symlink_to(job_files[0] / "keys")
     return work, job_files[1]
 
 

@@ -23,6 +23,7 @@ def _run(tmp_path, job_files, mosquitto, extra: list[str]) -> dict:
     work = tmp_path / "run"
     work.mkdir()
     (work / "data").symlink_to(job_files[0] / "data")
+    (work / "keys").symlink_to(job_files[0] / "keys")
     job = f"h{secrets.token_hex(3)}"
     server = start_server(mosquitto.url, job, work, job_files[1], rounds=2, min_devices=2,
                           round_timeout=60, extra=["--profiles", ",".join(PROFILES),

@@ -50,6 +50,7 @@ def _job(tmp_path, job_files, url: str, name: str, extra: list[str],
     work = tmp_path / name
     work.mkdir()
     (work / "data").symlink_to(job_files[0] / "data")
+    (work / "keys").symlink_to(job_files[0] / "keys")
     job = job or f"wf{secrets.token_hex(3)}"
     server = start_server(url, job, work, job_files[1], rounds=2, min_devices=DEVICES,
                           round_timeout=60, extra=["--codec", "fedmrn", "--eval-data",
