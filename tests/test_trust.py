@@ -192,3 +192,50 @@ def test_a_recorded_update_cannot_be_replayed_into_another_round_or_task():
                                    nonce=trust(JOB).nonce(1, "d0")), "d0")
     with pytest.raises(WireError, match="signed by another key"):  # as if it were d1's
         t.update(sent, expect, "d1")
+
+
+# --- a lost update ---------------------------------------------------------------------
+
+
+class _LosesFirstUpdate(MemoryTransport):
+    """A device's link that loses its first update (what a flooded broker did)."""
+
+    lost = 0
+
+    def _publish_raw(self, topic: str, payload: bytes, retain: bool) -> None:
+        if "/update/" in topic and not self.lost:
+            self.lost += 1
+            return
+        super()._publish_raw(topic, payload, retain)
+
+
+def test_a_lost_update_is_asked_for_again_with_the_same_nonce(tmp_path):
+    """Past the deadline without a quorum, the aggregator re-sends the task to the
+    assigned device that did not report; the device answers with the update it sent."""
+    import threading
+
+    from broker_server.service import Aggregator, ServeOptions
+    from device_runtime.training.local import weights_of
+    from device_runtime.training.models import ModelConfig, build_model
+    from tests.keys import will
+
+    cfg = ModelConfig("cnn1d", (40,), 10, width=0.25)
+    hub = MemoryHub()
+    agg_t = MemoryTransport(hub, "agg")
+    agg_t.connect()
+    agg = Aggregator(agg_t, ServeOptions(JOB, tmp_path / "state", rounds=1, min_devices=2,
+                                         round_timeout=2.0, epochs=1),
+                     cfg.to_json(), weights_of(build_model(cfg)),
+                     trust=trust(JOB, tmp_path / "state"))
+    rng = np.random.default_rng(0)
+    agents = []
+    for k, cls in enumerate((MemoryTransport, _LosesFirstUpdate)):
+        t = cls(hub, f"d{k}", will=will(TOPICS, f"d{k}"))
+        t.connect()
+        agents.append(DeviceAgent(t, agent_options(JOB, f"d{k}", "rpi4"),
+                                  rng.normal(size=(32, 40)).astype(np.float32),
+                                  rng.integers(0, 10, 32)))
+        threading.Thread(target=agents[-1].run, daemon=True).start()
+    report = agg.run()
+    assert agents[1].t.lost == 1 and agents[1].rounds_done == 1  # trained once
+    assert report["rounds"][0]["accepted"] == ["d0", "d1"]

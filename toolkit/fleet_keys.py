@@ -61,7 +61,8 @@ def server_trust(job: str, state_dir: Path, signing_key: str | None, registry: s
         if not Path(signing_key).exists():
             raise UsageError(f"--signing-key: expected the key devices trust, got none (no "
                              f"--signing-key, no signing_key in the credentials, no "
-                             f"{signing_key}); fedge secure init or fedge keygen makes one")
+                             f"{signing_key}); fedge secure init issues one, fedge "
+                             "export makes this one")
     if registry is None:
         raise UsageError("--registry: expected the fleet's device keys (registry.json from "
                          "fedge secure init), got none: no device could be authenticated")
