@@ -40,6 +40,7 @@ class AgentOptions:
     idle_timeout: float | None = None  # give up after this long without a plan/task
     manifest: str | None = None  # the export to check before any task (with trust)
     trust: str | None = None  # the public key its signature must verify with
+    allow_rollback: bool = False  # the operator's word: accept an older export version
 
 
 def status_will(topics: Topics, device: str) -> tuple[str, bytes]:
@@ -89,10 +90,12 @@ class DeviceAgent:
         """Verify the export (opts.manifest, opts.trust) before any task; on failure
         publish the refusal as the retained status (state "error") and raise it."""
         from device_runtime.preflight import check_device
+        from device_runtime.rollback import ExportPolicy
 
+        policy = ExportPolicy(self.opts.job, self.opts.allow_rollback)
         try:
             checked = check_device(self.opts.manifest, self.opts.profile, self.opts.trust,
-                                   self.opts.threads)
+                                   self.opts.threads, policy)
         except FedgeError as e:
             refusal = RefusedError(e)  # the caller prints it; the status carries it
             # Also after a reconnect: the broker must keep showing the refusal.
