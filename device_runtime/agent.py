@@ -58,6 +58,7 @@ class AgentOptions:
     server_key: PublicKey | None = None  # the aggregator's: every message must verify
     # Custom model factories this device may build (its operator's, never a message's).
     custom_models: LocalModels = NO_CUSTOM
+    allow_rollback: bool = False  # the operator's word: accept an older export version
 
 
 def status_will(topics: Topics, device: str, key: Signer) -> tuple[str, bytes]:
@@ -120,10 +121,12 @@ class DeviceAgent:
         """Verify the export (opts.manifest, opts.trust) before any task; on failure
         publish the refusal as the retained status (state "error") and raise it."""
         from device_runtime.preflight import check_device
+        from device_runtime.rollback import ExportPolicy
 
+        policy = ExportPolicy(self.opts.job, self.opts.allow_rollback)
         try:
             checked = check_device(self.opts.manifest, self.opts.profile, self.opts.trust,
-                                   self.opts.threads)
+                                   self.opts.threads, policy)
         except FedgeError as e:
             refusal = RefusedError(e)  # the caller prints it; the status carries it
             # Also after a reconnect: the broker must keep showing the refusal.

@@ -88,6 +88,11 @@ class SignatureError(ArtifactVerificationError):
     """A manifest's signature is missing, malformed, by another key, or does not verify."""
 
 
+class ExportRefusedError(ArtifactVerificationError):
+    """A validly signed export the device will not use: unversioned, made for another
+    job, or older than one it has accepted (a rollback), or a ledger it cannot keep."""
+
+
 class TrustError(DeviceRuntimeError):
     """No trusted key where one is needed, or a key file that is not a usable key."""
 

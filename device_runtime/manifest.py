@@ -1,11 +1,15 @@
 """The export manifest, as a device reads it: schema checks and artifact verification.
 
-``manifest.json`` (format ``fedge-manifest/1``) lists per device profile the
-artifacts exported for it, each with its sha256. A device loads nothing whose
-bytes do not match. The exporters write this format; this module is the one
-reader, so a device needs neither torch nor the exporters to use it. With a
-trusted public key, ``load_manifest`` checks the manifest's Ed25519 signature
-(``device_runtime.signing``) on the bytes it read before it parses them.
+``manifest.json`` (format ``fedge-manifest/2``) carries the export's ``version``
+(an integer that grows with every export) and the ``job`` it was made for (or
+null), and lists per device profile the artifacts exported for it, each with its
+sha256. A device loads nothing whose bytes do not match, and hashes the very
+bytes it then loads (``read_verified``). The exporters write this format; this
+module is the one reader, so a device needs neither torch nor the exporters to
+use it. With a trusted public key, ``load_manifest`` checks the manifest's
+Ed25519 signature (``device_runtime.signing``) on the bytes it read before it
+parses them, and refuses an unversioned ``fedge-manifest/1``; which versions
+and jobs a device accepts is ``device_runtime.rollback``'s business.
 """
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_runtime.errors import ArtifactVerificationError, ManifestError
+from device_runtime.errors import ArtifactVerificationError, ExportRefusedError, ManifestError
 from device_runtime.signing import verify_bytes
 
-FORMAT = "fedge-manifest/1"
+FORMAT = "fedge-manifest/2"
+FORMAT_V1 = "fedge-manifest/1"  # no version, no job: read only without a trusted key
 ROLES = ("full", "head", "tail", "base")
 PRECISIONS = ("fp32", "int8")
 FORMATS = ("onnx", "ort")
@@ -102,6 +107,8 @@ class Manifest:
     model: dict
     devices: dict[str, DeviceEntry]
     key_id: str | None = None  # the trusted key that verified the signature, if any
+    version: int | None = None  # the export's version (None: an unversioned v1 manifest)
+    job: str | None = None  # the job it was made for (None: bound to no job)
 
     def device(self, name: str) -> DeviceEntry:
         if name not in self.devices:
@@ -113,15 +120,27 @@ class Manifest:
         return self.root / artifact.path
 
     def verify(self, artifact: Artifact) -> Path:
-        """The artifact's path, once its bytes match the manifest's sha256."""
+        """The artifact's path, once its bytes match the manifest's sha256. For a file
+        that is then loaded, use ``read_verified``: the path may change after this."""
+        path = self._existing(artifact)
+        _check_digest(artifact, sha256_file(path))
+        return path
+
+    def read_verified(self, artifact: Artifact) -> bytes:
+        """The artifact's bytes, read once and checked against the manifest's sha256:
+        whoever loads them loads what was hashed, whatever the file becomes later."""
+        try:
+            data = self._existing(artifact).read_bytes()
+        except OSError as e:
+            raise ArtifactVerificationError(f"artifact {artifact.path}: cannot read "
+                                            f"({e.strerror or e})") from None
+        _check_digest(artifact, hashlib.sha256(data).hexdigest())
+        return data
+
+    def _existing(self, artifact: Artifact) -> Path:
         path = self.path_of(artifact)
         if not path.is_file():
             raise ArtifactVerificationError(f"artifact {artifact.path} is missing")
-        digest = sha256_file(path)
-        if digest != artifact.sha256:
-            raise ArtifactVerificationError(
-                f"artifact {artifact.path} fails its sha256 check (manifest "
-                f"{artifact.sha256[:12]}..., file {digest[:12]}...)")
         return path
 
     def verify_all(self) -> int:
@@ -133,12 +152,20 @@ class Manifest:
         return n
 
 
+def _check_digest(artifact: Artifact, digest: str) -> None:
+    if digest != artifact.sha256:
+        raise ArtifactVerificationError(
+            f"artifact {artifact.path} fails its sha256 check (manifest "
+            f"{artifact.sha256[:12]}..., file {digest[:12]}...)")
+
+
 def load_manifest(path: str | Path, trust: str | Path | None = None) -> Manifest:
     """The manifest at ``path`` (a manifest.json or its folder).
 
     With ``trust`` (a public key file), the signature beside the manifest is
     verified on the bytes read, before any of them is parsed or used; a failure
-    raises SignatureError. Artifacts are verified later, one by one, by ``verify``.
+    raises SignatureError, and an unversioned ``fedge-manifest/1`` raises
+    ExportRefusedError. Artifacts are verified later, one by one.
     """
     path = Path(path)
     if path.is_dir():
@@ -155,9 +182,14 @@ def load_manifest(path: str | Path, trust: str | Path | None = None) -> Manifest
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"manifest {path} is not readable JSON: {e}") from None
     where = f"manifest {path.name}"
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ManifestError(f"{where}.format: expected {FORMAT!r}, got {got!r}")
+    fmt = data.get("format") if isinstance(data, dict) else type(data).__name__
+    if fmt == FORMAT_V1 and key_id is not None:
+        raise ExportRefusedError(f"manifest {path} is {FORMAT_V1}, which has no version "
+                                 f"and no job: a device given --trust refuses an unversioned "
+                                 f"export; re-export it with this fedge ({FORMAT})")
+    if fmt not in (FORMAT, FORMAT_V1):
+        raise ManifestError(f"{where}.format: expected {FORMAT!r}, got {fmt!r}")
+    version, job = _binding(data, where) if fmt == FORMAT else (None, None)
     _expect(data, where, "model", dict)
     _expect(data, where, "devices", dict)
     devices = {}
@@ -170,4 +202,15 @@ def load_manifest(path: str | Path, trust: str | Path | None = None) -> Manifest
                 for i, a in enumerate(entry["artifacts"])]
         devices[name] = DeviceEntry(name, dict(entry.get("profile") or {}),
                                     dict(entry.get("plan") or {}), arts)
-    return Manifest(path.parent, data["model"], devices, key_id)
+    return Manifest(path.parent, data["model"], devices, key_id, version, job)
+
+
+def _binding(data: dict, where: str) -> tuple[int, str | None]:
+    """The manifest's version (an int >= 1) and job (a non-empty string, or null)."""
+    _expect(data, where, "version", int)
+    if data["version"] < 1:
+        raise ManifestError(f"{where}.version: expected an int >= 1, got {data['version']!r}")
+    job = data.get("job")
+    if job is not None and (not isinstance(job, str) or not job):
+        raise ManifestError(f"{where}.job: expected a job id or null, got {job!r}")
+    return data["version"], job

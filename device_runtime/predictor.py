@@ -6,10 +6,12 @@ with role "base" and an index), all loaded once, of which ``set_budget`` picks
 how many run (a number, a latency budget from each base's latency measured at
 load, or a memory budget from each base's artifact size) without reloading.
 
-Every artifact is checked against the manifest's sha256 before ONNX Runtime
-opens it (and, given a trusted key, the manifest against its signature before
-it is read), and every input array is checked (dtype, shape, finiteness) before
-it reaches a session, so a mistake gets an error naming it, not an ORT trace.
+Every artifact is read once, checked against the manifest's sha256, and those
+very bytes are given to ONNX Runtime. Given a trusted key, the manifest is
+checked against its signature before it is read, and its job and version as
+``device_runtime.rollback`` says (recorded once the models loaded). Every input
+array is checked (dtype, shape, finiteness) before it reaches a session, so a
+mistake gets an error naming it, not an ORT trace.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from device_runtime.errors import (
     ManifestError,
 )
 from device_runtime.manifest import PRECISIONS, Artifact, DeviceEntry, Manifest, load_manifest
+from device_runtime.rollback import ExportPolicy, check_binding, record
 from device_runtime.session import open_session, provider_of, run
 
 # Kinds numpy can cast to float32 without losing what the values mean: float,
@@ -58,12 +61,15 @@ class Predictor:
     @classmethod
     def from_manifest(cls, path: str | Path, device: str, precision: str = "fp32",
                       threads: int = 0, batch_size: int = 1024,
-                      trust: str | Path | None = None) -> "Predictor":
+                      trust: str | Path | None = None,
+                      policy: ExportPolicy | None = None) -> "Predictor":
         """A predictor on ``device``'s full model of ``precision`` from ``path``.
 
         ``path`` is a manifest.json or its folder. The ONNX artifact is
         preferred; the ORT-format one is used where it is the only one. With
-        ``trust`` (a public key file) the manifest's signature is verified first.
+        ``trust`` (a public key file) the manifest's signature is verified first,
+        then its job and version against ``policy`` (default ``ExportPolicy()``),
+        and the version is recorded as accepted once the models loaded.
         """
         if threads < 0:
             raise ValueError(f"threads: expected >= 0, got {threads}")
@@ -73,9 +79,14 @@ class Predictor:
             raise ManifestError(f"precision: expected one of {', '.join(PRECISIONS)}, "
                                 f"got {precision!r}")
         manifest = load_manifest(path, trust=trust)
+        policy = policy or ExportPolicy()
+        if trust is not None:  # an unsigned manifest's version proves nothing
+            check_binding(manifest, policy)
         entry = manifest.device(device)
         artifacts = _pick_bases(entry, precision) or [_pick_full(entry, precision)]
         sessions = [open_verified(manifest, a, threads) for a in artifacts]
+        if trust is not None:
+            record(manifest, policy)
         return cls(manifest, entry, artifacts, sessions, batch_size)
 
     @property
@@ -192,10 +203,13 @@ def _pick_full(entry: DeviceEntry, precision: str) -> Artifact:
 
 def open_verified(manifest: Manifest, artifact: Artifact,
                   threads: int = 0) -> ort.InferenceSession:
-    """A session on ``artifact``, once its bytes match the manifest's sha256."""
-    path = manifest.verify(artifact)  # before ORT parses a single byte of it
+    """A session on ``artifact``'s bytes, once they match the manifest's sha256.
+
+    ONNX Runtime gets the bytes that were hashed, never the path: a file swapped
+    between the check and the load cannot be what runs."""
+    data = manifest.read_verified(artifact)  # before ORT parses a single byte of it
     try:
-        return open_session(path, threads)
+        return open_session(data, threads)
     except FedgeError:  # e.g. FEDGE_ORT_PROVIDERS names a provider this machine lacks
         raise
     except Exception as e:  # ORT raises its own pybind types, with no common base

@@ -1,9 +1,11 @@
 """What a device checks before it takes any task: the export it is given to run.
 
 With a manifest and the public key it trusts, the device verifies the
-manifest's signature, then every artifact of its own profile against the
-manifest's sha256, and opens its model once in ONNX Runtime (which also says
-which execution provider it really gets). Anything that fails is a refusal:
+manifest's signature, its job and version (``device_runtime.rollback``: made for
+this job, not older than an export it accepted), then every artifact of its own
+profile against the manifest's sha256, and opens its model once in ONNX Runtime
+(which also says which execution provider it really gets); only then does it
+record the version as accepted. Anything that fails is a refusal:
 the agent publishes it as its retained status (state ``"error"``), so the
 aggregator reports it and assigns the device nothing, and then stops.
 """
@@ -16,6 +18,7 @@ from device_runtime.errors import ManifestError, TrustError
 from device_runtime.keys import Signer
 from device_runtime.manifest import Artifact, DeviceEntry, load_manifest
 from device_runtime.predictor import open_verified
+from device_runtime.rollback import ExportPolicy, check_binding, record
 from device_runtime.session import provider_of
 from device_runtime.signing import load_public_key
 
@@ -27,10 +30,12 @@ class Checked:
     key_id: str  # the trusted key that signed the manifest
     artifacts: int  # artifacts of the profile whose sha256 matched
     provider: str  # the ONNX Runtime execution provider the model opened with
+    version: int = 0  # the export's version, now recorded as accepted
+    previous: int | None = None  # the version accepted before this check, if any
 
     def versions(self) -> dict:
         return {"ort_provider": self.provider, "manifest_key": self.key_id,
-                "artifacts_verified": self.artifacts}
+                "artifacts_verified": self.artifacts, "manifest_version": self.version}
 
 
 def check_options(manifest: str | Path | None, trust: str | Path | None,
@@ -55,20 +60,25 @@ def check_options(manifest: str | Path | None, trust: str | Path | None,
 
 
 def check_device(manifest: str | Path, profile: str, trust: str | Path,
-                 threads: int = 1) -> Checked:
-    """Verify the signature and ``profile``'s artifacts, and open its model once.
+                 threads: int = 1, policy: ExportPolicy = ExportPolicy()) -> Checked:
+    """Verify the signature, the job and version (``policy``) and ``profile``'s
+    artifacts, open its model once, then record the version as accepted.
 
-    Raises SignatureError / ArtifactVerificationError (exit 6) or ManifestError
-    (exit 2), each naming the file; nothing is loaded before its check passed.
+    Raises SignatureError / ExportRefusedError / ArtifactVerificationError (exit 6)
+    or ManifestError (exit 2), each naming the file; nothing is loaded before its
+    check passed, and nothing is recorded unless every check passed.
     """
     m = load_manifest(manifest, trust=trust)
+    previous = check_binding(m, policy)
     entry = m.device(profile)
     model = _model_artifact(entry)
     for a in entry.artifacts:
         if a is not model:  # the model is verified by open_verified, just before it opens
             m.verify(a)
     session = open_verified(m, model, threads)
-    return Checked(m.key_id or "", len(entry.artifacts), provider_of(session))
+    record(m, policy)
+    return Checked(m.key_id or "", len(entry.artifacts), provider_of(session),
+                   m.version or 0, previous)
 
 
 def _model_artifact(entry: DeviceEntry) -> Artifact:

@@ -19,6 +19,7 @@ import base64
 import binascii
 import json
 from pathlib import Path
+from typing import Callable
 
 from cryptography.exceptions import InvalidSignature
 
@@ -74,6 +75,20 @@ def verify_bytes(data: bytes, manifest_path: str | Path,
     return trusted_id
 
 
+def parse_document(raw: bytes, fmt: str, bad: Callable[[str], Exception]) -> dict:
+    """A small JSON object whose ``format`` is ``fmt`` (signature, ledger); ``bad(why)``
+    builds the error that names the file."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise bad("not a JSON document") from None
+    if not isinstance(doc, dict):
+        raise bad(f"expected a JSON object, got {type(doc).__name__}")
+    if doc.get("format") != fmt:
+        raise bad(f"format: expected {fmt!r}, got {doc.get('format')!r}")
+    return doc
+
+
 def _read_signature(sig_path: Path, manifest_path: Path) -> dict:
     """The parsed signature file: key_id (str) and signature (64 bytes)."""
     try:
@@ -89,15 +104,9 @@ def _read_signature(sig_path: Path, manifest_path: Path) -> dict:
         return SignatureError(f"signature {sig_path} is malformed: {why}")
     if len(raw) > MAX_SIG_BYTES:
         raise bad(f"expected at most {MAX_SIG_BYTES} bytes")
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise bad("not a JSON document") from None
-    if not isinstance(doc, dict):
-        raise bad(f"expected a JSON object, got {type(doc).__name__}")
-    for field, want in (("format", SIG_FORMAT), ("alg", ALG)):
-        if doc.get(field) != want:
-            raise bad(f"{field}: expected {want!r}, got {doc.get(field)!r}")
+    doc = parse_document(raw, SIG_FORMAT, bad)
+    if doc.get("alg") != ALG:
+        raise bad(f"alg: expected {ALG!r}, got {doc.get('alg')!r}")
     kid, sig = doc.get("key_id"), doc.get("signature")
     if not isinstance(kid, str) or len(kid) != 16 or not set(kid) <= _HEX:
         raise bad(f"key_id: expected 16 lowercase hex digits, got {str(kid)[:40]!r}")

@@ -162,12 +162,16 @@ def _check_chain(req: VariantRequest, root: Path, records: list[dict], data: Par
             r["parity"]["chain_max_abs_err"] = parity["max_abs_err"]
 
 
-def write_manifest(root: str | Path, model: dict, devices: dict[str, dict]) -> Path:
-    """Write ``root/manifest.json`` atomically; ``devices[name]`` has profile, plan, artifacts."""
+def write_manifest(root: str | Path, model: dict, devices: dict[str, dict],
+                   version: int = 1, job: str | None = None) -> Path:
+    """Write ``root/manifest.json`` atomically; ``devices[name]`` has profile, plan, artifacts.
+    ``version`` and ``job`` sit in the signed bytes, so a device can refuse a rollback
+    or another job's export."""
     root = Path(root)
     path = root / "manifest.json"
     tmp = path.with_name("manifest.json.tmp")
-    body = {"format": FORMAT, "model": model, "devices": devices}
+    body = {"format": FORMAT, "version": version, "job": job, "model": model,
+            "devices": devices}
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(body, f, indent=1)
         f.flush()

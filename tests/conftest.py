@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+EXPORT_JOB = "j1"  # the job fleet_export is made for: devices running another refuse it
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,7 +74,8 @@ def trained_ckpt(tmp_path_factory, mnist1d):
 
 @pytest.fixture(scope="session")
 def fleet_export(tmp_path_factory, trained_ckpt, mnist1d, export_key):
-    """Every built-in profile exported from the trained checkpoint, signed by export_key."""
+    """Every built-in profile exported from the trained checkpoint for job EXPORT_JOB
+    (version 1), signed by export_key."""
     from toolkit import checkpoint
     from toolkit.fleet import ExportOptions, export_fleet
     from toolkit.profiles import ProfileCatalogue
@@ -81,7 +83,8 @@ def fleet_export(tmp_path_factory, trained_ckpt, mnist1d, export_key):
     out = tmp_path_factory.mktemp("export") / "fleet"
     profiles = ProfileCatalogue.load().select("all")
     return export_fleet(checkpoint.load(trained_ckpt), profiles, out, mnist1d,
-                        ExportOptions(finetune_epochs=3, signing_key=export_key.path))
+                        ExportOptions(finetune_epochs=3, signing_key=export_key.path,
+                                      job=EXPORT_JOB))
 
 
 def run_fedge(*args: str, cwd: Path | None = None, env: dict | None = None):

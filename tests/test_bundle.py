@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import tarfile
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.brokers import Mosquitto
-from tests.conftest import ROOT, assert_one_line_error, run_fedge
+from tests.conftest import EXPORT_JOB, ROOT, assert_one_line_error, run_fedge
 from tests.field_helpers import finish, prepare_job, start_server
 
 WHEELHOUSE = Path(os.environ.get("FEDGE_WHEELHOUSE") or ROOT / ".wheelhouse")
@@ -74,7 +73,7 @@ def test_bundle_installs_offline_without_torch_and_joins_a_job_over_tls(tmp_path
     work = tmp_path / "run"
     work.mkdir()
     ckpt = prepare_job(work, devices=1)
-    job = f"b{secrets.token_hex(3)}"
+    job = EXPORT_JOB  # the job the export is made for: the device refuses another
     bundle = _bundle(tmp_path, fleet_export, url, job, "--strategy", "ecofed",
                      "--data", str(work / "data" / "device-0.npz"),
                      "--credentials", str(sec / "credentials" / "pi-1.json"))
@@ -123,7 +122,7 @@ def test_bundle_installs_offline_without_torch_and_joins_a_job_over_tls(tmp_path
 
 
 def test_a_modified_bundle_installs_nothing(tmp_path, fleet_export):
-    bundle = _bundle(tmp_path, fleet_export, "mqtt://broker:1883", "j1")
+    bundle = _bundle(tmp_path, fleet_export, "mqtt://broker:1883", EXPORT_JOB)
     unpacked = _unpack(bundle, tmp_path / "unpacked")
     config = unpacked / "device.toml"
     config.write_text(config.read_text().replace("mqtt://broker:1883", "mqtt://evil:1883"))
@@ -138,9 +137,9 @@ def test_a_modified_bundle_installs_nothing(tmp_path, fleet_export):
 
 
 def test_the_same_export_gives_the_same_bundle_bytes(tmp_path, fleet_export):
-    a = _bundle(tmp_path, fleet_export, "mqtt://broker:1883", "j1")
+    a = _bundle(tmp_path, fleet_export, "mqtt://broker:1883", EXPORT_JOB)
     first = a.read_bytes()
-    b = _bundle(tmp_path, fleet_export, "mqtt://broker:1883", "j1")
+    b = _bundle(tmp_path, fleet_export, "mqtt://broker:1883", EXPORT_JOB)
     assert b.read_bytes() == first
 
 
@@ -154,7 +153,7 @@ def test_the_same_export_gives_the_same_bundle_bytes(tmp_path, fleet_export):
 def test_bad_bundle_inputs_are_one_line_and_write_nothing(tmp_path, fleet_export, change,
                                                           needle):
     args = {"--manifest": str(fleet_export), "--device": "rpi4",
-            "--broker": "mqtt://broker:1883", "--job": "j1", "--id": "pi-1",
+            "--broker": "mqtt://broker:1883", "--job": EXPORT_JOB, "--id": "pi-1",
             "--out": str(tmp_path / "b.tar.gz")}
     args[change[0]] = change[1]
     code, _, err = run_fedge("bundle", *[x for kv in args.items() for x in kv])

@@ -153,6 +153,31 @@ def test_tampered_artifact_is_refused_before_loading(fleet_export, tmp_path, mon
     assert opened == []
 
 
+def test_the_session_is_built_from_the_bytes_that_were_hashed(fleet_export, predictor,
+                                                              tmp_path, monkeypatch, mnist1d):
+    """An artifact swapped for another model after its sha256 check and before ONNX
+    Runtime reads it: the session must still be the verified model."""
+    import device_runtime.predictor as mod
+    from device_runtime.session import open_session
+
+    root = tmp_path / "fleet"
+    shutil.copytree(fleet_export.parent, root)
+    target = root / DEVICE / "full.fp32.onnx"
+    other = (root / "rpi3b" / "full.fp32.onnx").read_bytes()  # a different, valid model
+    x = mnist1d.x_test[:200]
+    swapped = Predictor.from_manifest(fleet_export, "rpi3b").predict_logits(x)
+
+    def swap_then_open(model, *args, **kwargs):
+        target.write_bytes(other)  # the attacker wins the race between hash and load
+        return open_session(model, *args, **kwargs)
+    monkeypatch.setattr(mod, "open_session", swap_then_open)
+    p = Predictor.from_manifest(root / "manifest.json", DEVICE, threads=1)
+    assert target.read_bytes() == other  # the swap happened
+    assert not np.allclose(swapped, predictor.predict_logits(x), atol=1e-3)
+    np.testing.assert_allclose(p.predict_logits(x), predictor.predict_logits(x),
+                               rtol=1e-5, atol=1e-5)
+
+
 def _run_without_torch(tmp_path: Path, *args: str):
     """``python -m toolkit ARGS`` with torch unimportable; also returns torch attempts."""
     site = tmp_path / "block_torch"
@@ -173,11 +198,11 @@ def test_torch_blocker_really_blocks(tmp_path):
     assert tried.split() == ["torch"]
 
 
-def test_infer_cli_without_torch(fleet_export, predictor, mnist1d, tmp_path):
+def test_infer_cli_without_torch(fleet_export, export_key, predictor, mnist1d, tmp_path):
     x = tmp_path / "x.npy"
     np.save(x, mnist1d.x_test)
     common = ["-m", "toolkit", "infer", "--manifest", str(fleet_export), "--device", DEVICE,
-              "--input", str(x)]
+              "--input", str(x), "--trust", str(export_key.public_path)]
 
     p, tried = _run_without_torch(tmp_path, *common, "--output", str(tmp_path / "y.npy"))
     assert p.returncode == 0, p.stderr
@@ -232,9 +257,9 @@ def _bad_npy(tmp_path: Path, kind: str) -> Path:
     ("npz", "got a .npz archive"),
     ("missing", "no such file"),
 ])
-def test_infer_cli_bad_input_is_one_line(fleet_export, tmp_path, kind, needle):
+def test_infer_cli_bad_input_is_one_line(fleet_export, export_key, tmp_path, kind, needle):
     path = _bad_npy(tmp_path, kind)
     code, out, err = run_fedge("infer", "--manifest", str(fleet_export), "--device", DEVICE,
-                               "--input", str(path))
+                               "--input", str(path), "--trust", str(export_key.public_path))
     needles = [needle] if kind in ("shape", "nan", "strings") else [path.name, needle]
     assert_one_line_error(code, err, EXIT_DATA, "fedge infer: error:", *needles)

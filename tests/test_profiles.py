@@ -70,7 +70,14 @@ def test_user_toml_adds_and_overrides(tmp_path, capsys):
     (GOOD_TOML.replace("max_opset = 19", "max_opset = 19\ncolour = 'red'"),
      "unknown field 'colour'"),
     ("title = 'no profiles'", "expected a [profiles.<name>] table"),
-    (GOOD_TOML.replace("gflops = 1.5", "gflops = -1.5"), "expected a positive number"),
+    (GOOD_TOML.replace("gflops = 1.5", "gflops = -1.5"), "expected a positive finite number"),
+    # TOML's nan and inf: nan passes every comparison, inf shrinks every other device.
+    (GOOD_TOML.replace("gflops = 1.5", "gflops = nan"),
+     "profiles.field-cam.gflops: expected a positive finite number, got nan"),
+    (GOOD_TOML.replace("gflops = 1.5", "gflops = inf"),
+     "profiles.field-cam.gflops: expected a positive finite number, got inf"),
+    (GOOD_TOML.replace("gflops = 1.5", "gflops = 1.5\nrtt_ms = -inf"),
+     "profiles.field-cam.rtt_ms: expected a positive finite number, got -inf"),
 ])
 def test_malformed_toml_is_one_line_error_naming_the_problem(tmp_path, capsys, body, needle):
     f = tmp_path / "bad.toml"

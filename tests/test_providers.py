@@ -45,13 +45,13 @@ def fake_gpu(monkeypatch):
     return tried
 
 
-def test_gpu_failure_falls_back_to_cpu_and_infer_reports_it(fleet_export, fake_gpu, tmp_path,
-                                                            mnist1d, capsys, caplog):
+def test_gpu_failure_falls_back_to_cpu_and_infer_reports_it(fleet_export, export_key, fake_gpu,
+                                                            tmp_path, mnist1d, capsys, caplog):
     x = tmp_path / "x.npy"
     np.save(x, mnist1d.x_test[:20])
     caplog.set_level(logging.WARNING, logger="fedge.session")
     assert main(["infer", "--manifest", str(fleet_export), "--device", "rpi4",
-                 "--input", str(x)]) == 0
+                 "--input", str(x), "--trust", str(export_key.public_path)]) == 0
     assert "20 samples on rpi4 (rpi4/full.fp32.onnx, CPUExecutionProvider)" in \
         capsys.readouterr().out
     assert fake_gpu == [[TRT, CUDA, CPU], [CUDA, CPU], [CPU]]
@@ -66,10 +66,12 @@ def test_env_override_decides_the_order(fleet_export, fake_gpu, monkeypatch):
     assert fake_gpu == [[CPU]]  # TensorRT and CUDA were never tried
 
 
-def test_an_unavailable_provider_is_a_one_line_error(fleet_export, tmp_path, mnist1d):
+def test_an_unavailable_provider_is_a_one_line_error(fleet_export, export_key, tmp_path,
+                                                     mnist1d):
     x = tmp_path / "x.npy"
     np.save(x, mnist1d.x_test[:5])
     code, _, err = run_fedge("infer", "--manifest", str(fleet_export), "--device", "rpi4",
-                             "--input", str(x), env={"FEDGE_ORT_PROVIDERS": "NoSuchProvider"})
+                             "--input", str(x), "--trust", str(export_key.public_path),
+                             env={"FEDGE_ORT_PROVIDERS": "NoSuchProvider"})
     assert_one_line_error(code, err, 2, "FEDGE_ORT_PROVIDERS='NoSuchProvider'",
                           "'NoSuchProvider' is not available", "CPUExecutionProvider")

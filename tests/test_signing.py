@@ -19,7 +19,7 @@ from device_runtime.manifest import load_manifest, sha256_file
 from device_runtime.predictor import Predictor
 from device_runtime.signing import key_id, load_public_key, verify_manifest
 from device_runtime.transport.mqtt import MqttTransport
-from tests.conftest import assert_one_line_error, run_fedge
+from tests.conftest import EXPORT_JOB, assert_one_line_error, run_fedge
 from tests.field_helpers import wait_for
 from toolkit.cli.main import main
 from toolkit.signing import ensure_key, public_key_path
@@ -91,6 +91,25 @@ def test_infer_with_trust_runs_an_untouched_export(fleet_export, export_key, que
     assert "50 samples on rpi4 (rpi4/full.fp32.onnx, CPUExecutionProvider)" in out
 
 
+def test_infer_without_trust_is_refused_unless_told_no_verify(fleet_export, export_key, query,
+                                                              tmp_path):
+    """A manifest whose hashes were rewritten (another model, sha256 updated) is never
+    used silently: without --trust, infer refuses to run unless told --no-verify."""
+    manifest = _copy(fleet_export, tmp_path)
+    _swap_model(manifest)
+    labels = tmp_path / "labels.npy"
+    base = ["infer", "--manifest", str(manifest), "--device", DEVICE, "--input", str(query)]
+    code, _, err = run_fedge(*base, "--output", str(labels))
+    assert_one_line_error(code, err, 2, "fedge infer: error: --trust PUBKEY is required",
+                          "--no-verify")
+    assert not labels.exists()
+    code, _, err = run_fedge(*base, "--trust", str(export_key.public_path), "--no-verify")
+    assert_one_line_error(code, err, 2, "not allowed with argument")
+    code, out, err = run_fedge(*base, "--no-verify")
+    assert code == 0, err
+    assert "manifest NOT verified (--no-verify)" in out
+
+
 def _swap_model(manifest):
     """An attacker's edit: another model's bytes, and the manifest's sha256 updated to
     match, so the sha256 check alone passes."""
@@ -139,7 +158,7 @@ def test_infer_with_trust_refuses_tampering(case, fleet_export, export_key, quer
     assert not labels.exists()
     if case == "manifest json":  # without the signature the swapped model would run
         assert main(["infer", "--manifest", str(manifest), "--device", DEVICE,
-                     "--input", str(query)]) == 0
+                     "--input", str(query), "--no-verify"]) == 0
 
 
 def test_signature_is_checked_before_the_manifest_is_parsed(fleet_export, export_key,
@@ -203,7 +222,7 @@ def test_device_refuses_a_tampered_export_and_the_aggregator_reports_it(
     from device_runtime.transport.mqtt import MqttTransport
     from tests.keys import KEYS
 
-    job = "signed"
+    job = EXPORT_JOB  # the export is made for it
     device_key = KEYS.device("bad").save(tmp_path / "bad.key")
     bad = _copy(fleet_export, tmp_path)
     _flip_byte(bad.parent / DEVICE / "full.int8.onnx")  # not the model it opens: all checked

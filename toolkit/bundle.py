@@ -83,6 +83,7 @@ def _checked(o: BundleOptions):
     from device_runtime.credentials import transport_kwargs
     from device_runtime.data import load_shard
     from device_runtime.manifest import load_manifest
+    from device_runtime.rollback import ExportPolicy, check_binding
     from device_runtime.topics import check_id
     from device_runtime.transport.url import BrokerURL
     from toolkit.setups import check_strategy
@@ -94,6 +95,7 @@ def _checked(o: BundleOptions):
     if o.trust is None or not o.trust.is_file():
         raise UsageError(f"--trust {o.trust}: no such public key file")
     manifest = load_manifest(o.manifest, trust=o.trust)
+    check_binding(manifest, ExportPolicy(o.job), ledger=False)  # the device would refuse it
     entry = manifest.device(o.device)
     for a in entry.artifacts:
         manifest.verify(a)

@@ -4,10 +4,14 @@ Orchestration only; the decisions live in plan.py, the edits in prepare.py
 and pruning.py, the files in exporters/. Everything is written to a staging
 folder and moved into place only when every artifact has passed its checks,
 so a failed export leaves the output folder as it was. With a signing key the
-manifest is signed in the staging folder too (``manifest.json.sig``).
+manifest is signed in the staging folder too (``manifest.json.sig``). The
+manifest's ``version`` is ``ExportOptions.version``, by default one more than the
+export already in the output folder (1 for a new folder); a version that does
+not go up is refused, since devices that took the old one would refuse it.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -19,6 +23,7 @@ import torch
 
 from exporters.parity import ParityBounds
 from exporters.variant import ParityData, Part, VariantRequest, export_variant, write_manifest
+from device_runtime.topics import check_id
 from toolkit import datasets
 from toolkit.checkpoint import Checkpoint, example_input
 from toolkit.errors import CheckpointError, UsageError
@@ -40,6 +45,8 @@ class ExportOptions:
     bounds: ParityBounds = field(default_factory=ParityBounds)
     seed: int = 0
     signing_key: Path | None = None  # Ed25519 private key file: sign the manifest with it
+    version: int | None = None  # default: the version in the output folder, plus one
+    job: str | None = None  # the job the export is for; devices of other jobs refuse it
 
 
 def _parts(v: Variant, example) -> list[Part]:
@@ -80,6 +87,9 @@ def export_fleet(ckpt: Checkpoint, profiles: list[DeviceProfile], out: str | Pat
     """
     out = Path(out)
     _check_target(out)
+    version = export_version(out, opts.version)
+    if opts.job is not None:
+        check_id("job", opts.job)
     key = load_key(opts.signing_key) if opts.signing_key is not None else None  # fail fast
     if ds is None:
         if ckpt.dataset is None:
@@ -115,7 +125,7 @@ def export_fleet(ckpt: Checkpoint, profiles: list[DeviceProfile], out: str | Pat
             req = VariantRequest(p.name, parts, v.plan.opset, p.mobile, opts.int8, meta)
             devices[p.name] = {"profile": p.to_json(), "plan": v.plan.to_json(),
                                "artifacts": export_variant(req, data, staging, opts.bounds)}
-        manifest = write_manifest(staging, model_json, devices)
+        manifest = write_manifest(staging, model_json, devices, version, opts.job)
         if key is not None:
             sign_manifest(manifest, key)
         _replace(staging, out)
@@ -131,6 +141,25 @@ def _check_target(out: Path) -> None:
         raise UsageError(f"--out {out} is a non-empty folder without a manifest.json; "
                          "refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def export_version(out: Path, wanted: int | None) -> int:
+    """The new export's version: ``wanted``, or one more than the one in ``out``."""
+    previous = 0
+    try:
+        doc = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        if isinstance(doc, dict) and isinstance(doc.get("version"), int):
+            previous = doc["version"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass  # no export there yet (or an unreadable one, which this one replaces)
+    if wanted is None:
+        return previous + 1
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
+        raise UsageError(f"--version: expected an int >= 1, got {wanted!r}")
+    if wanted <= previous:
+        raise UsageError(f"--version {wanted}: expected more than {previous}, the version "
+                         f"of the export in {out} (devices that took it refuse an older one)")
+    return wanted
 
 
 def _replace(staging: Path, out: Path) -> None:

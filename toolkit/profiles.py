@@ -19,6 +19,7 @@ are assumptions for a field deployment, not properties of the board.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +174,10 @@ def _profile_from_table(path: Path, name: str, body: object) -> DeviceProfile:
         if not ok:
             raise ProfileError(f"{where}.{key}: expected {want}, got "
                                f"{type(value).__name__} {value!r}")
-        if want in ("int", "float") and value <= 0:
-            raise ProfileError(f"{where}.{key}: expected a positive number, got {value!r}")
+        # TOML has nan and inf: nan passes every comparison and inf shrinks every
+        # other device to the floor, so a profile figure must be finite.
+        if want in ("int", "float") and not (math.isfinite(value) and value > 0):
+            raise ProfileError(f"{where}.{key}: expected a positive finite number, "
+                               f"got {value!r}")
         values[key] = float(value) if want == "float" else value
     return DeviceProfile(name=name, **values)

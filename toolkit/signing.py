@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from device_runtime.rollback import fedge_home  # noqa: F401  (re-exported)
 from device_runtime.signing import ALG, SIG_FORMAT, key_id, signature_path
 from toolkit.errors import UsageError
 
@@ -35,11 +36,6 @@ class SigningKey:
     @property
     def key_id(self) -> str:
         return key_id(self.private.public_key())
-
-
-def fedge_home() -> Path:
-    """``$FEDGE_HOME``, else ``~/.fedge``."""
-    return Path(os.environ.get("FEDGE_HOME") or Path.home() / ".fedge").expanduser()
 
 
 def default_key_path() -> Path:

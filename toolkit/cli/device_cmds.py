@@ -1,8 +1,10 @@
 """``fedge infer``: run a device's verified artifact on a .npy array.
 
-With ``--trust PUBKEY`` the manifest's signature is verified before it is read;
-every artifact is checked against the manifest's sha256 before it is loaded.
-The summary names the ONNX Runtime execution provider really in use.
+``--trust PUBKEY`` is required (or ``--no-verify``, said out loud): the
+manifest's signature is verified before it is read, its version is checked
+against the newest this machine accepted for its job (``device_runtime.rollback``),
+and every artifact is checked against the manifest's sha256 on the bytes that
+are loaded. The summary names the ONNX Runtime execution provider really in use.
 
 Runs on a device with only ``fedge[device]`` installed: everything it needs is
 imported inside the command from ``device_runtime`` (numpy and onnxruntime),
@@ -20,8 +22,15 @@ def add(sub: argparse._SubParsersAction) -> None:
                        "exported model (no torch needed)")
     p.add_argument("--manifest", required=True, help="DIR/manifest.json of an export")
     p.add_argument("--device", required=True, help="device profile in the manifest")
-    p.add_argument("--trust", metavar="PUBKEY", help="public key (PEM) the manifest must be "
-                   "signed with; a missing, foreign or broken signature exits 6")
+    trust = p.add_mutually_exclusive_group()
+    trust.add_argument("--trust", metavar="PUBKEY", help="public key (PEM) the manifest must "
+                       "be signed with; a missing, foreign or broken signature, or an export "
+                       "older than one accepted here, exits 6 (required, or --no-verify)")
+    trust.add_argument("--no-verify", action="store_true", help="run an unsigned export: "
+                       "its sha256 values then prove nothing about who wrote them")
+    p.add_argument("--job", help="with --trust: refuse an export made for another job")
+    p.add_argument("--allow-rollback", action="store_true", help="with --trust: accept an "
+                   "export older than the newest accepted here, and record its version")
     p.add_argument("--input", required=True, help=".npy array, (N, *sample_shape)")
     p.add_argument("--output", help=".npy file for the labels (int64) or --logits "
                    "(float32); without it a summary is printed")
@@ -74,11 +83,20 @@ def _load_failure(e: Exception) -> str:
 def infer(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from device_runtime.errors import TrustError
     from device_runtime.predictor import Predictor
+    from device_runtime.rollback import ExportPolicy
 
+    if args.trust is None and not args.no_verify:
+        raise TrustError("--trust PUBKEY is required: without a trusted key anyone can "
+                         "rewrite the manifest's sha256 values (--no-verify runs it anyway)")
+    if args.trust is None and (args.job or args.allow_rollback):
+        raise TrustError("--job and --allow-rollback need --trust (an unsigned manifest's "
+                         "job and version prove nothing)")
     x = load_npy(args.input)
     pred = Predictor.from_manifest(args.manifest, args.device, args.precision,
-                                   trust=args.trust)
+                                   trust=args.trust,
+                                   policy=ExportPolicy(args.job, args.allow_rollback))
     if args.bases is not None or args.budget_ms is not None or args.budget_mb is not None:
         pred.set_budget(bases=args.bases, ms=args.budget_ms, mb=args.budget_mb)
     t0 = time.perf_counter()
@@ -98,9 +116,16 @@ def infer(args: argparse.Namespace) -> int:
     print(f"{len(labels)} samples on {args.device} ({what}, {pred.provider}): "
           f"{ms:.4f} ms per sample")
     if pred.manifest.key_id:
-        print(f"manifest signature verified (key {pred.manifest.key_id})")
+        print(f"manifest signature verified (key {pred.manifest.key_id}), export version "
+              f"{pred.manifest.version} for {_job(pred.manifest.job)}")
+    else:
+        print("manifest NOT verified (--no-verify)")
     print(f"labels {spread}")
     return 0
+
+
+def _job(job: str | None) -> str:
+    return f"job {job}" if job else "no job"
 
 
 def _save(path: str, array) -> None:

@@ -67,6 +67,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true", help="check the config, data, "
                    "credentials and signed artifacts, then exit without connecting")
     allow_arg(p)  # else the config file's allow_custom_model list
+    p.add_argument("--allow-rollback", action="store_true", help="accept an export older "
+                   "than the newest this device accepted for the job, and record its version "
+                   "(an operator's one-off command; never in the config)")
     p.set_defaults(func=device)
 
     p = sub.add_parser("demo", help="the whole loop on one machine: 8 device processes, "
@@ -139,7 +142,8 @@ def device(args: argparse.Namespace) -> int:
         agent = DeviceAgent(t, AgentOptions(o.job, o.id, o.profile, o.threads,
                                             o.idle_timeout, manifest=o.manifest,
                                             trust=o.trust, key=key, server_key=server_key,
-                                            custom_models=allowed), x, y)
+                                            custom_models=allowed,
+                                            allow_rollback=o.allow_rollback), x, y)
         rounds = agent.run()
     finally:
         t.close()
@@ -154,14 +158,18 @@ def _check(o: argparse.Namespace) -> int:
 
     from device_runtime.data import load_shard
     from device_runtime.preflight import check_device
+    from device_runtime.rollback import ExportPolicy
     from device_runtime.transport.url import BrokerURL
 
     what = f"{o.profile}, broker {BrokerURL.parse(o.broker)}"  # a bad URL: one-line error
     if o.credentials is not None:
         what += f", TLS as {o.id}"  # transport_kwargs already checked the files
     if o.manifest is not None:
-        c = check_device(o.manifest, o.profile, o.trust, o.threads)
-        what += f", {c.artifacts} artifacts verified (key {c.key_id}), {c.provider}"
+        c = check_device(o.manifest, o.profile, o.trust, o.threads,
+                         ExportPolicy(o.job, o.allow_rollback))
+        was = f", was {c.previous}" if c.previous not in (None, c.version) else ""
+        what += (f", export version {c.version}{was} for job {o.job}, {c.artifacts} artifacts "
+                 f"verified (key {c.key_id}), {c.provider}")
     if Path(o.data).exists():
         what += f", {len(load_shard(o.data)[1])} samples"
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +37,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="compute at which a device gets the full model "
                         "(default: the strongest device of the fleet)")
     p.add_argument("--no-int8", action="store_true")
+    version_args(p)
     signing_key_arg(p)
     allow_arg(p)
     p.set_defaults(func=export)
@@ -54,6 +56,14 @@ def local_models(args: argparse.Namespace):
     from device_runtime.local_models import LocalModels
 
     return LocalModels.parse(getattr(args, "allow_custom_model", None))
+
+
+def version_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--job", help="the job the export is for (signed): a device running "
+                   "another job refuses it")
+    p.add_argument("--version", type=int, help="the export's version (signed; default: "
+                   "the version in --out plus one, 1 for a new folder); devices refuse a "
+                   "version older than one they accepted")
 
 
 def signing_key_arg(p: argparse.ArgumentParser) -> None:
@@ -112,7 +122,8 @@ def pretrain(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     from toolkit import checkpoint, datasets
-    from toolkit.fleet import ExportOptions, export_fleet
+    from device_runtime.topics import check_id
+    from toolkit.fleet import ExportOptions, export_fleet, export_version
     from toolkit.plan import PlanOptions
     from toolkit.profiles import ProfileCatalogue
 
@@ -125,22 +136,27 @@ def export(args: argparse.Namespace) -> int:
         from toolkit.errors import UsageError
 
         raise UsageError(f"--min-macs-fraction: expected in (0, 1], got {args.min_macs_fraction}")
+    export_version(Path(args.out), args.version)  # a bad --version or --job: no key made
+    if args.job is not None:
+        check_id("job", args.job)
     key = signing_key(args)  # after the argument checks: a typo creates no key
     opts = ExportOptions(plan=PlanOptions(min_macs_fraction=args.min_macs_fraction,
                                           reference_gflops=args.reference_gflops,
                                           split_after=args.split_after),
                          finetune_epochs=args.finetune_epochs, int8=not args.no_int8,
-                         signing_key=key.path)
+                         signing_key=key.path, version=args.version, job=args.job)
     t0 = time.time()
     path = export_fleet(ckpt, profiles, args.out, ds, opts,
                         progress=lambda name: print(f"exporting {name}", flush=True))
-    _summary(path)
-    print(f"wrote {path} in {time.time() - t0:.1f}s, signed by key {key.key_id} "
+    m = _summary(path)
+    print(f"wrote {path} (version {m.version}, {f'job {m.job}' if m.job else 'no job'}) in "
+          f"{time.time() - t0:.1f}s, signed by key {key.key_id} "
           f"(devices: --trust {key.public_path})")
     return 0
 
 
-def _summary(path) -> None:
+def _summary(path):
+    """Print one line per device; returns the manifest (``Manifest``)."""
     from device_runtime.manifest import load_manifest
 
     m = load_manifest(path)
@@ -153,3 +169,4 @@ def _summary(path) -> None:
         print(f"{name:18s} prune {dev.plan['prune_ratio']:.2f}  MACs {full.macs:>9,}  "
               f"params {full.params:>7,}  opset {full.opset}  acc fp32 {acc:.4f} int8 {qacc}  "
               f"split after {dev.plan['split']['after'] if dev.plan.get('split') else '-'}")
+    return m

@@ -89,7 +89,10 @@ mkdir -p "$PREFIX/etc.new"
 (cd "$HERE" && find . -path ./wheels -prune -o -type f -print | while read -r f; do
   mkdir -p "$PREFIX/etc.new/$(dirname "$f")" && cp -p "$f" "$PREFIX/etc.new/$f"; done)
 find "$PREFIX/etc.new" -name '*.key' -exec chmod 600 {} +
-"$PREFIX/venv/bin/fedge" device --config "$PREFIX/etc.new/device.toml" --check \
+# FEDGE_HOME as the unit sets it: the check refuses an export older than the one the
+# device accepted (a rollback) and records the new one in the same ledger.
+FEDGE_HOME="$PREFIX/var" "$PREFIX/venv/bin/fedge" device --config "$PREFIX/etc.new/device.toml" \
+  --check \
   || { rm -rf "$PREFIX/etc.new"; die "the bundle's config did not pass fedge device --check"; }
 rm -rf "$PREFIX/etc.old"
 [ ! -d "$PREFIX/etc" ] || mv "$PREFIX/etc" "$PREFIX/etc.old"
@@ -118,5 +121,5 @@ if [ -n "$SERVICE" ]; then
   echo "installed and started $UNIT_NAME.service (journalctl -u $UNIT_NAME -f)"
 else
   echo "installed in $PREFIX; unit file: $UNIT"
-  echo "run the agent: $PREFIX/venv/bin/fedge device --config $PREFIX/etc/device.toml"
+  echo "run the agent: FEDGE_HOME=$PREFIX/var $PREFIX/venv/bin/fedge device --config $PREFIX/etc/device.toml"
 fi
