@@ -311,6 +311,20 @@ def test_bad_bundle_inputs_are_one_line_and_write_nothing(tmp_path, fleet_export
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_bundle_whose_trust_pub_is_not_its_signer_is_not_made(tmp_path, fleet_export,
+                                                                 export_key):
+    from device_runtime.keys import Signer
+
+    other = tmp_path / "other.pub"
+    other.write_bytes(Signer.generate().public.pem())
+    code, _, err = run_fedge("bundle", "--manifest", str(fleet_export), "--device", "rpi4",
+                             "--broker", "mqtt://broker:1883", "--job", "j1", "--id", "pi-1",
+                             "--trust", str(other), "--out", str(tmp_path / "b.tar.gz"))
+    assert_one_line_error(code, err, 2, f"--trust {other} is key ",
+                          f"but the bundle is signed with key {export_key.key_id}")
+    assert list(tmp_path.iterdir()) == [other]
+
+
 def _config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "etc" / "device.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -378,25 +392,3 @@ def test_every_file_the_credentials_name_travels(tmp_path):
     with pytest.raises(UsageError, match="field 'registry': ../outside.txt lies outside"):
         _credential_files(creds)
 
-
-def test_the_lock_pins_what_a_device_installs_and_nothing_else(tmp_path):
-    from device_runtime.manifest import sha256_file
-    from toolkit.errors import UsageError
-    from toolkit.wheel import device_requirements
-    from toolkit.wheellock import lock
-
-    wheels = _wheelhouse()
-    text, n = lock(wheels, device_requirements())
-    pins = dict(line.split(" ", 1) for line in text.splitlines())
-    names = {p.split("==")[0] for p in pins}
-    assert {"numpy", "onnxruntime", "paho-mqtt", "cryptography", "cffi"} <= names
-    assert "tomli" not in names and len(pins) == n  # its marker is false on 3.11
-    ort = next(w for w in wheels.glob("onnxruntime-*.whl"))
-    assert f"--hash=sha256:{sha256_file(ort)}" in text
-    partial = tmp_path / "wh"
-    partial.mkdir()
-    for w in wheels.glob("*.whl"):
-        if not w.name.startswith("protobuf-"):
-            (partial / w.name).symlink_to(w)
-    with pytest.raises(UsageError, match="no wheel for protobuf, which onnxruntime requires"):
-        lock(partial, device_requirements())

@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_runtime.keys import Signer
+from device_runtime.keys import PublicKey, Signer
 from device_runtime.manifest import sha256_file
 from toolkit.errors import UsageError
 from toolkit.wheel import build_wheel, device_requirements, fedge_version
@@ -91,7 +91,7 @@ def make_bundle(o: BundleOptions) -> dict:
             "key_id": signer.key_id, "fingerprint": fingerprint(signer.public)}
 
 
-def fingerprint(key) -> str:
+def fingerprint(key: PublicKey) -> str:
     """What ``install.sh --fingerprint`` takes: the sha256 of the raw 32-byte public key
     (its first 16 hex digits are the key id)."""
     return hashlib.sha256(key.raw()).hexdigest()
@@ -102,7 +102,6 @@ def _checked(o: BundleOptions):
     every input is known good."""
     from device_runtime.credentials import transport_kwargs
     from device_runtime.data import load_shard
-    from device_runtime.keys import PublicKey
     from device_runtime.manifest import load_manifest
     from device_runtime.topics import check_id
     from device_runtime.transport.url import BrokerURL
