@@ -15,12 +15,17 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--id", help="device id (default: the profile's name)")
     p.add_argument("--strategy", default="fedavg", help="the job's strategy: torch is "
                    "installed unless the device only runs inference (ecofed)")
-    p.add_argument("--trust", help="the public key the manifest is signed with (default: "
-                   "$FEDGE_HOME/signing.pub, beside export's default key)")
+    p.add_argument("--signing-key", help="the Ed25519 key that signs the bundle's "
+                   "SHA256SUMS, the one that signed the export (default: "
+                   "$FEDGE_HOME/signing.key)")
+    p.add_argument("--trust", help="the public key the manifest is signed with: the "
+                   "signing key's (default: the .pub beside --signing-key)")
     p.add_argument("--credentials", help="DIR/credentials/<id>.json from `fedge secure init`")
     p.add_argument("--data", help="the device's .npz shard, shipped in the bundle")
-    p.add_argument("--wheels", help="a wheelhouse (`fedge wheelhouse`) to ship, for "
-                   "devices that install offline")
+    p.add_argument("--wheels", help="a wheelhouse (`fedge wheelhouse`) to ship and pin "
+                   "by sha256, for devices that install offline")
+    p.add_argument("--pin-wheels", help="a wheelhouse to pin by sha256 without shipping it "
+                   "(install.sh --wheelhouse DIR, or the same wheels from PyPI)")
     p.add_argument("--out", required=True, help="BUNDLE.tar.gz")
     p.set_defaults(func=bundle)
 
@@ -32,26 +37,24 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=wheelhouse)
 
 
-def default_trust() -> Path:
-    from toolkit.signing import default_key_path, public_key_path
-
-    return public_key_path(default_key_path())
-
-
 def bundle(args: argparse.Namespace) -> int:
     from toolkit.bundle import BundleOptions, make_bundle
 
     opt = lambda v: Path(v) if v else None  # noqa: E731
     o = BundleOptions(manifest=Path(args.manifest), device=args.device, broker=args.broker,
                       job=args.job, id=args.id or args.device, out=Path(args.out),
-                      strategy=args.strategy, trust=opt(args.trust) or default_trust(),
-                      credentials=opt(args.credentials), data=opt(args.data),
-                      wheels=opt(args.wheels))
+                      strategy=args.strategy, trust=opt(args.trust),
+                      signing_key=opt(args.signing_key), credentials=opt(args.credentials),
+                      data=opt(args.data), wheels=opt(args.wheels),
+                      pin_wheels=opt(args.pin_wheels))
     s = make_bundle(o)
     extra = f" + {s['third_party_wheel_bytes'] / 1e6:.1f} MB of third-party wheels" \
         if s["third_party_wheel_bytes"] else ""
     print(f"wrote {s['bundle']}: {s['bytes'] / 1e6:.2f} MB, {s['files']} files for "
-          f"{s['device']} ({s['profile']}){extra}; torch: {'yes' if s['torch'] else 'no'}")
+          f"{s['device']} ({s['profile']}){extra}; torch: {'yes' if s['torch'] else 'no'}; "
+          f"{s['pinned_wheels']} wheels pinned")
+    print(f"signed by key {s['key_id']}; on the device: install.sh --fingerprint "
+          f"{s['fingerprint']}")
     return 0
 
 
