@@ -78,10 +78,28 @@ COLUMNS = (("setting", "label", "{}"), ("final acc", "final_accuracy", "{:.3f}")
            ("max/ref RMS (any round)", "worst_max_over_reference", "{:.3f}"))
 
 
+NOTES = ("- *max/median in a round*: the largest change over the round's median; "
+         "*norm/guard median, worst arrival order*: the largest change over the median "
+         "the guard holds when it arrives (the last round's norms and this round's so "
+         "far), in the arrival order worst for it. `--norm-bound` (default 8) must clear "
+         "this: 4.14 at the worst here, so the default leaves a margin of ~2x.",
+         "- *round 1 max/ref RMS*: the largest round-1 change over the RMS of the random "
+         "initial weights: the cold bound (`COLD_FACTOR` = 20, before 3 norms exist) "
+         "must clear it: 6.8 at lr 0.1 x 5 epochs, ~0.5 at the defaults.",
+         "- What it means for an attacker: a change above the bound is refused (1e30 "
+         "weights: RMS 1e30); replacing the model by zeros is a change of exactly 1x "
+         "the weights' RMS, within both bounds here, so only the sample cap limits it "
+         "(tests/test_guard_live.py).")
+
+
 def to_markdown(res: dict) -> str:
     row = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
-    lines = [f"Honest change-norm spread ({res['machine']}; `{res['command']}`), "
-             f"{res['rounds']} rounds, seed {res['seed']}, guard off.", "",
+    lines = ["# The guard's bounds: honest change-norm spread", "",
+             f"{res['machine']}; `{res['command']}`; {res['rounds']} rounds, seed "
+             f"{res['seed']}, `fedge simulate` (10 devices, Dirichlet alpha as given) with "
+             "the norm guard off. A change norm is the RMS of an accepted update's change "
+             "against the weights its device trained from (broker_server/guard.py).", "",
+             *NOTES, "",
              row(c[0] for c in COLUMNS), row("---" for _ in COLUMNS)]
     lines += [row(fmt.format(r[key]) for _, key, fmt in COLUMNS) for r in res["runs"]]
     return "\n".join(lines) + "\n"

@@ -66,7 +66,8 @@ def _hostile(url: str, job: str, kind: str, registered: int, stop: threading.Eve
     t.close()
 
 
-def _run(url: str, job: str, state, data, hostile: bool) -> tuple[dict, Aggregator]:
+def _run(url: str, job: str, state, data, hostile: bool, rounds: int = ROUNDS
+         ) -> tuple[dict, Aggregator]:
     (x, y), (xt, yt) = data
     import torch
 
@@ -98,7 +99,7 @@ def _run(url: str, job: str, state, data, hostile: bool) -> tuple[dict, Aggregat
     agg_t = MqttTransport(url, f"agg-{job}", persistent=True)
     agg_t.connect()
     n = HONEST + (2 if hostile else 0)
-    opts = ServeOptions(job, state, rounds=ROUNDS, min_devices=n, round_timeout=120.0,
+    opts = ServeOptions(job, state, rounds=rounds, min_devices=n, round_timeout=120.0,
                         epochs=2, lr=0.02)
     agg = Aggregator(agg_t, opts, CFG.to_json(), init, evaluate)
     result: dict = {}
@@ -129,3 +130,32 @@ def test_lying_devices_neither_replace_the_model_nor_hang_the_job(broker, tmp_pa
     assert len(reasons) == ROUNDS and all("exceeds the bound" in why for why in reasons)
     assert agg.guard.registered["zeros"] == SMALL and agg.guard.weight("zeros", 10**15) == SMALL
     assert all("zeros" in r["accepted"] for r in rounds)  # with its own share, no more
+
+
+def test_a_damaged_state_dir_is_named_and_the_job_goes_on(broker, tmp_path, mnist1d):
+    """Issue 20, item 8: after round 1, the state dir gets a torn saved update, one whose
+    header is of round 1 though it sits in round-2/, and a stray round-old folder. The
+    restarted aggregator names the two files, asks their devices again and completes;
+    the old code stopped on the torn file and raised ValueError on round-old."""
+    ds, state = mnist1d, tmp_path / "state"
+    data = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
+    first, _ = _run(broker.url, "guard-state", state, data, hostile=False, rounds=1)
+    assert [r["round"] for r in first["rounds"]] == [1]
+    t = MqttTransport(broker.url, "operator")  # round 1's stop would end the new devices
+    t.connect()
+    t.clear_retained(Topics("guard-state").control)
+    t.close()
+    (state / "round-2").mkdir()
+    model = {k: np.zeros_like(v) for k, v in weights_of(build_model(CFG)).items()}
+    stale = wire.encode(wire.Frame("update", "guard-state", 1, "dev-1", "fp32", model,
+                                   meta={"samples": 10**15}))
+    (state / "round-2" / "dev-0.fdg").write_bytes(stale[:200])
+    (state / "round-2" / "dev-1.fdg").write_bytes(stale)
+    (state / "round-old").mkdir()
+    report, agg = _run(broker.url, "guard-state", state, data, hostile=False, rounds=2)
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert report["rounds"][-1]["accepted"] == [f"dev-{k}" for k in range(HONEST)]
+    why = {r["device"]: r["reason"] for r in report["rejected"]}
+    assert "round-2/dev-0.fdg" in why["dev-0"]
+    assert "round-2/dev-1.fdg" in why["dev-1"] and "round" in why["dev-1"]
+    assert (state / "round-old").is_dir()
