@@ -198,10 +198,27 @@ class UpdateGuard:
                 raise GuardError(reason)
         return norm
 
+    def screen(self, rs, codec: Codec, seed: int, frame, variant: str, enforce: bool = True
+               ) -> float | None:
+        """``measure`` a decoded update ``frame`` for ``variant`` of the open round ``rs``
+        (a ``records.RoundState``) against the weights that variant was sent; a device
+        refused is marked in ``rs.refused``, so that the round does not wait for it."""
+        ctx = CodecContext(rs.number, seed, rs.references.get(variant), frame.device)
+        try:
+            return self.measure(frame.device, codec, frame.tensors, frame.params, ctx, enforce)
+        except GuardError:
+            rs.refused.add(frame.device)
+            raise
+
     def references(self) -> list[float]:
         return self.previous + list(self.current.values())
 
-    def accept(self, device: str, norm: float | None) -> None:
+    def accept(self, device: str, norm: float | None, rs=None) -> None:
+        """Record a folded update's norm (in the round ``rs`` too, for its record)."""
+        if rs is not None:
+            rs.refused.discard(device)  # an update it sent again made it
+            if norm is not None:
+                rs.norms[device] = norm
         # A zero change (nothing trained) says nothing about the honest scale: a median
         # of them would refuse the first device that trained.
         if norm:

@@ -20,7 +20,7 @@ from typing import Callable
 from broker_server.batches import BatchReplies
 from broker_server.downlink import HELD_KEY, Downlink, check_downlink, recount_fetch
 from broker_server.errors import BrokerServerError
-from broker_server.guard import MAX_SAMPLES, NORM_BOUND, GuardError, UpdateGuard
+from broker_server.guard import MAX_SAMPLES, NORM_BOUND, UpdateGuard
 from broker_server.intake import pump, update_expect, update_meta
 from broker_server.records import RoundState, digest, job_report, round_record
 from broker_server.state import StateStore
@@ -368,20 +368,11 @@ class Aggregator:
         not waited for (an update it sends again is considered)."""
         task = rs.assigned.get(frame.device)
         samples, variant = update_meta(frame, task.variant if task is not None else None)
-        ctx = CodecContext(rs.number, self._task_seed(rs.number), rs.references.get(variant),
-                           frame.device)
-        try:
-            norm = self.guard.measure(frame.device, self.codec, frame.tensors, frame.params,
-                                      ctx, enforce)
-        except GuardError:
-            rs.refused.add(frame.device)
-            raise
+        norm = self.guard.screen(rs, self.codec, self._task_seed(rs.number), frame, variant,
+                                 enforce)
         rs.fold.add(frame.device, self.guard.weight(frame.device, samples), frame.tensors,
                     frame.params, variant=variant)
-        self.guard.accept(frame.device, norm)
-        rs.refused.discard(frame.device)
-        if norm is not None:
-            rs.norms[frame.device] = norm
+        self.guard.accept(frame.device, norm, rs)
         rs.folded.append((frame.device, digest(payload)))
         rs.accepted[frame.device] = dict(frame.meta)
         recount_fetch(rs, frame.device, frame.meta, variant)
