@@ -181,3 +181,20 @@ def test_a_stray_entry_in_the_state_dir_is_ignored_with_one_warning(tmp_path, ca
     warnings = [r for r in caplog.records if "round-old" in r.getMessage()]
     assert len(warnings) == 1
     assert (tmp_path / "round-old").is_dir() and not (tmp_path / "round-1").exists()
+
+
+@pytest.mark.parametrize("codec_name", ["fp32", "fp16", "int8", "sign", "signmix", "fedmrn"])
+def test_a_finite_payload_that_blows_the_model_up_is_refused_for_every_codec(codec_name):
+    """NaN and Inf on the wire are the wire decoder's to refuse (tests/test_wire.py); a
+    finite payload that decodes to huge or non-finite weights (1e30 floats; int8's or
+    sign's scale at 1e38) is refused by the codec or by the guard."""
+    from device_runtime.errors import WireError
+
+    codec, ref = codecs.get(codec_name), _model()
+    ctx = CodecContext(1, 7, ref, "d0")
+    tensors, params = codec.encode(_trained(ref, 0.01), ctx)
+    params = {k: dict(p, scale=1e38) if "scale" in p else p for k, p in params.items()}
+    tensors = {k: np.full_like(v, min(1e30, float(np.finfo(v.dtype).max))) if v.dtype.kind == "f"
+               else v for k, v in tensors.items()}
+    with pytest.raises(WireError):
+        _guard().measure("d0", codec, tensors, params, ctx)
