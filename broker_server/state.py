@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -82,6 +83,10 @@ class StateStore:
             d = json.loads(self.state_path.read_text())
             st = ServerState(d["job"], d["completed"], d["global_file"], d["history"],
                              d.get("extra", {}), d.get("kept", {}), d.get("norms", []))
+            if not isinstance(st.norms, list) or not all(
+                    _number(n) and math.isfinite(n) and n >= 0 for n in st.norms):
+                raise TypeError(f"norms: expected a list of finite numbers >= 0, got "
+                                f"{str(st.norms)[:60]}")
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise BrokerServerError(f"state {self.state_path} is unreadable: {e}") from None
         st.registered = self._load_registered()
@@ -142,20 +147,24 @@ class StateStore:
         return self.root / "registered.json"
 
     def save_registered(self, st: ServerState) -> None:
-        atomic_write(self.registered_path, json.dumps(st.registered, sort_keys=True).encode())
+        atomic_write(self.registered_path, json.dumps(
+            {"job": st.job, "devices": st.registered}, sort_keys=True).encode())
 
     def _load_registered(self) -> dict[str, int]:
         if not self.registered_path.exists():
             return {}
         try:
             d = json.loads(self.registered_path.read_text())
-            if not isinstance(d, dict) or not all(
-                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-                    for k, v in d.items()):
-                raise ValueError("expected an object of device -> int")
+            devices = d.get("devices") if isinstance(d, dict) else None
+            if not isinstance(devices, dict) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) for n in devices.values()):
+                raise ValueError("expected {job, devices: {device: int}}")
         except (OSError, ValueError) as e:
             raise BrokerServerError(f"state {self.registered_path} is unreadable: {e}") from None
-        return d
+        if d.get("job") != self.job:
+            raise BrokerServerError(f"state {self.registered_path} belongs to job "
+                                    f"{d.get('job')!r}, not {self.job!r}")
+        return devices
 
     def _kept_path(self, key: str) -> Path:
         return self.root / f"kept-{_safe(key)}.fdg"
@@ -197,6 +206,10 @@ class StateStore:
             except (OSError, WireError) as e:
                 bad.append((p.stem, f"saved update {p} is unusable: {e}"))
         return good, bad
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _safe(device: str) -> str:

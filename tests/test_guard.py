@@ -198,3 +198,19 @@ def test_a_finite_payload_that_blows_the_model_up_is_refused_for_every_codec(cod
                else v for k, v in tensors.items()}
     with pytest.raises(WireError):
         _guard().measure("d0", codec, tensors, params, ctx)
+
+
+def test_guard_state_that_is_not_the_jobs_or_not_numbers_is_refused_naming_the_file(tmp_path):
+    from broker_server.errors import BrokerServerError
+
+    store = StateStore(tmp_path, "job")
+    st, _ = store.load()
+    st.completed, st.norms = 1, [0.1, "x"]
+    store.save_round(st, _model())
+    with pytest.raises(BrokerServerError, match="state.json is unreadable: norms"):
+        store.load()
+    st.norms = [0.1]
+    store.save_round(st, _model())
+    (tmp_path / "registered.json").write_text('{"job": "other", "devices": {"d0": 1}}')
+    with pytest.raises(BrokerServerError, match="registered.json belongs to job 'other'"):
+        store.load()
