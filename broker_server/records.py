@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from broker_server.guard import rms
 from broker_server.strategies.folds import Fold
 from device_runtime import messages
 
@@ -96,6 +97,10 @@ def round_record(rs, accuracy: float | None, duplicates: int, rejected: int) -> 
             "train_seconds_max": max((u.get("train_seconds", 0.0) for u in updates),
                                      default=0.0),
             "accepted": sorted(rs.accepted),
+            # The guard's measure of each accepted update (docs/results/guard.md).
+            "change_rms": {d: rs.norms[d] for d in sorted(rs.norms)},
+            "reference_rms": rms(rs.references.get("full", {})),
+            "refused": sorted(rs.refused),
             **round_evidence(rs.folded, len(rs.folded), duplicates, rejected)}
 
 
@@ -159,6 +164,9 @@ class RoundState:
     base_sha: str = ""  # sha256 of last round's model frame, the sync's base
     sync_sha: str = ""  # sha256 of the sync frame, named in every task
     via: dict[str, str] = field(default_factory=dict)  # device -> "sync"/"full", counted
+    references: dict = field(default_factory=dict)  # variant -> the weights it was sent
+    norms: dict[str, float] = field(default_factory=dict)  # device -> accepted change RMS
+    refused: set[str] = field(default_factory=set)  # by the guard: not waited for
     # Exactly-once evidence: (device, sha256 of the payload) of each successful
     # Fold.add, in fold order (a device folded twice shows twice).
     folded: list[tuple[str, str]] = field(default_factory=list)

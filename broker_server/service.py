@@ -19,6 +19,7 @@ from typing import Callable
 from broker_server.batches import BatchReplies
 from broker_server.downlink import HELD_KEY, Downlink, check_downlink, recount_fetch
 from broker_server.errors import BrokerServerError
+from broker_server.guard import MAX_SAMPLES, NORM_BOUND, UpdateGuard
 from broker_server.intake import pump, update_expect, update_meta
 from broker_server.records import Refusals, RoundState, digest, job_report, round_record
 from broker_server.state import StateStore
@@ -26,7 +27,7 @@ from broker_server.strategies import DeviceInfo, create
 from broker_server.trust import SERVER, ServerTrust
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
-from device_runtime.errors import WireError
+from device_runtime.errors import FedgeError, WireError
 from device_runtime.topics import Topics
 from device_runtime.transport.base import Transport
 
@@ -50,6 +51,8 @@ class ServeOptions:
     wait_timeout: float | None = None  # for the first min_devices; None waits forever
     strategy_options: object | None = None  # the strategy's own typed options
     downlink: str = "fp32"  # how the model reaches devices: fp32 whole, or a coded change
+    max_samples: int = MAX_SAMPLES  # the most samples any update counts with (guard.py)
+    norm_bound: float = NORM_BOUND  # refuse a change RMS above this x the median (guard.py)
 
 
 class Aggregator:
@@ -74,6 +77,8 @@ class Aggregator:
         self.state, saved = self.store.load()
         self.weights = saved if saved is not None else initial_weights
         self.resumed_from = self.state.completed
+        self.guard = UpdateGuard(opts.norm_bound, opts.max_samples, self.state.registered,
+                                 list(self.state.norms))
         if saved is not None:
             self.strategy.load_state(self.state.extra)
             kept = self.store.load_kept(self.state)
@@ -157,8 +162,12 @@ class Aggregator:
             self._pump(0.2)
 
     def _online(self) -> list[DeviceInfo]:
-        return [DeviceInfo(d, s.profile, s.samples) for d, s in sorted(self.devices.items())
-                if s.state == "online"]
+        online = [DeviceInfo(d, s.profile, s.samples) for d, s in sorted(self.devices.items())
+                  if s.state == "online"]
+        # Every device is seen here before it is given a task: its registration for the job.
+        if self.guard.register((d.id, d.samples) for d in online if d.samples > 0):
+            self.store.save_registered(self.state)
+        return online
 
     def _run_round(self, r: int) -> None:
         self._wait_for_devices(time.time())
@@ -172,7 +181,7 @@ class Aggregator:
         alone = not self.strategy.needs_updates(r)
         while True:
             self._pump(0.05)
-            pending = set(rs.assigned) - set(rs.accepted)
+            pending = set(rs.assigned) - set(rs.accepted) - rs.refused
             if not pending and (rs.accepted or alone):
                 break
             if time.time() >= rs.deadline:
@@ -200,16 +209,28 @@ class Aggregator:
         rs.model_sha[variant] = wire.content_sha(frame)
         rs.frames[variant] = frame
         rs.shapes[variant] = {k: tuple(v.shape) for k, v in w.items()}
+        rs.references[variant] = w  # what the guard measures an update's change against
         rs.model_bytes[variant] = self.t.publish(self.topics.model(rs.number, variant),
                                                  frame, retain=True)
 
     def _reload_accepted(self, rs: RoundState) -> None:
         """Updates accepted before a crash count again; none is lost (each still signed by
         its device). Updates sent while no round was open were refused: the device
-        answers the task again when it is re-sent with the same nonce."""
-        for device, payload in self.store.accepted_updates(rs.number).items():
-            self._fold_in(rs, self.trust.update(payload, wire.Expect(
-                kind="update", job=self.opts.job, round=rs.number), device), payload)
+        answers the task again when it is re-sent with the same nonce. A saved update that
+        is damaged, not this round's or not signed by its device is named and rejected;
+        its device is asked again like any other that has not reported."""
+        saved, damaged = self.store.accepted_updates(rs.number)
+        for device, why in damaged:
+            self._reject({"round": rs.number, "device": device, "kind": "update"}, why)
+        for device, (_, payload) in saved.items():
+            try:
+                frame = self.trust.update(payload, wire.Expect(
+                    kind="update", job=self.opts.job, round=rs.number), device)
+                self._fold_in(rs, frame, payload, enforce=False)  # checked when accepted
+            except FedgeError as e:
+                self._reject({"round": rs.number, "device": device, "kind": "update"},
+                             f"saved update of round {rs.number}: {e}")
+                continue
             rs.uplink_bytes += len(payload)
 
     def _assign(self, rs: RoundState, devices: list[DeviceInfo]) -> None:
@@ -349,11 +370,18 @@ class Aggregator:
         rs.uplink_bytes += len(payload)
         rs.downlink_bytes += self.t.publish(self.topics.grad(r, device), reply)
 
-    def _fold_in(self, rs: RoundState, frame: wire.Frame, payload: bytes) -> None:
-        """Validate and fold one update into the round (WireError changes nothing)."""
+    def _fold_in(self, rs: RoundState, frame: wire.Frame, payload: bytes,
+                 enforce: bool = True) -> None:
+        """Validate and fold one update into the round (WireError changes nothing). Its
+        weight and size are bounded first (guard.py); a device refused for its size is
+        not waited for (an update it sends again is considered)."""
         task = rs.assigned.get(frame.device)
         samples, variant = update_meta(frame, task.variant if task is not None else None)
-        rs.fold.add(frame.device, samples, frame.tensors, frame.params, variant=variant)
+        norm = self.guard.screen(rs, self.codec, self._task_seed(rs.number), frame, variant,
+                                 enforce)
+        rs.fold.add(frame.device, self.guard.weight(frame.device, samples), frame.tensors,
+                    frame.params, variant=variant)
+        self.guard.accept(frame.device, norm, rs)
         rs.folded.append((frame.device, digest(payload)))
         rs.accepted[frame.device] = dict(frame.meta)
         recount_fetch(rs, frame.device, frame.meta, variant)
@@ -365,6 +393,7 @@ class Aggregator:
         self.state.completed = rs.number
         self.state.history.append(record)
         self.state.extra = self.strategy.state()
+        self.state.norms = self.guard.close()
         kept = self.strategy.kept()
         if self.downlink.coded:  # a restart must rebuild the same frames
             kept = {**kept, HELD_KEY: ("fp32", rs.reference, {})}

@@ -2,7 +2,10 @@
 
 Layout of ``--state-dir``::
 
-    state.json          completed rounds, history, the current global file name
+    state.json          completed rounds, history, the current global file name, the
+                        last round's accepted change norms (broker_server/guard.py)
+    registered.json     each device's sample count as first seen online (the guard's
+                        cap on its weight), rewritten when a new device appears
     global-<r>.fdg      the global weights after round r (a wire frame, no pickle)
     kept-<name>.fdg     tensors the strategy keeps across rounds (``Strategy.kept``),
                         rewritten only when they change; state.json lists the live ones
@@ -11,12 +14,18 @@ Layout of ``--state-dir``::
 Every file is written atomically (temp file, fsync, rename, fsync of the
 folder), and ``state.json`` is written last, so after a crash the state is
 either the previous round's or the new one's, never a mix; accepted updates
-of the open round are reloaded, so none is lost.
+of the open round are reloaded, so none is lost. Damage is named, not fatal where
+it need not be: an unreadable saved update, or one whose header names another
+job, round or device, is skipped with its file named (the aggregator counts it
+rejected and asks the device again); an entry of the folder that is none of the
+above (a ``round-old`` folder) is left alone with one warning.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -25,6 +34,8 @@ from pathlib import Path
 from device_runtime import wire
 from device_runtime.errors import WireError
 from broker_server.errors import BrokerServerError
+
+log = logging.getLogger("fedge.server")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -49,6 +60,8 @@ class ServerState:
     history: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # strategy state (JSON)
     kept: dict = field(default_factory=dict)  # name -> sha256 of its kept-<name>.fdg
+    norms: list = field(default_factory=list)  # the last round's accepted change norms
+    registered: dict = field(default_factory=dict)  # device -> samples (registered.json)
 
 
 class StateStore:
@@ -56,6 +69,7 @@ class StateStore:
         self.root = Path(root)
         self.job = job
         self.root.mkdir(parents=True, exist_ok=True)
+        self.warned: set[str] = set()  # stray entries already warned about
 
     @property
     def state_path(self) -> Path:
@@ -64,13 +78,18 @@ class StateStore:
     def load(self) -> tuple[ServerState, dict | None]:
         """The saved state and global weights, or a fresh state and None."""
         if not self.state_path.exists():
-            return ServerState(self.job), None
+            return ServerState(self.job, registered=self._load_registered()), None
         try:
             d = json.loads(self.state_path.read_text())
             st = ServerState(d["job"], d["completed"], d["global_file"], d["history"],
-                             d.get("extra", {}), d.get("kept", {}))
+                             d.get("extra", {}), d.get("kept", {}), d.get("norms", []))
+            if not isinstance(st.norms, list) or not all(
+                    _number(n) and math.isfinite(n) and n >= 0 for n in st.norms):
+                raise TypeError(f"norms: expected a list of finite numbers >= 0, got "
+                                f"{str(st.norms)[:60]}")
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise BrokerServerError(f"state {self.state_path} is unreadable: {e}") from None
+        st.registered = self._load_registered()
         if st.job != self.job:
             raise BrokerServerError(f"state dir {self.root} belongs to job {st.job!r}, "
                                     f"not {self.job!r}")
@@ -101,14 +120,51 @@ class StateStore:
         st.global_file = name
         atomic_write(self.state_path, json.dumps(
             {"job": st.job, "completed": st.completed, "global_file": st.global_file,
-             "history": st.history, "extra": st.extra, "kept": st.kept}, indent=1).encode())
+             "history": st.history, "extra": st.extra, "kept": st.kept, "norms": st.norms},
+            indent=1).encode())
         for key in stale:
             self._kept_path(key).unlink(missing_ok=True)
         if old and old != name:
             (self.root / old).unlink(missing_ok=True)
         for d in self.root.glob("round-*"):
-            if d.is_dir() and int(d.name.split("-")[1]) <= st.completed:
+            r = self._round_of(d)
+            if r is not None and r <= st.completed:
                 shutil.rmtree(d, ignore_errors=True)
+
+    def _round_of(self, d: Path) -> int | None:
+        """r for a ``round-<r>`` folder; None (and one warning) for anything else there."""
+        number = d.name.removeprefix("round-")
+        if d.is_dir() and number.isdigit() and number.isascii():
+            return int(number)
+        if d.name not in self.warned:
+            self.warned.add(d.name)
+            log.warning("state dir %s: ignoring %s (not a round-<number> folder of fedge's)",
+                        self.root, d)
+        return None
+
+    @property
+    def registered_path(self) -> Path:
+        return self.root / "registered.json"
+
+    def save_registered(self, st: ServerState) -> None:
+        atomic_write(self.registered_path, json.dumps(
+            {"job": st.job, "devices": st.registered}, sort_keys=True).encode())
+
+    def _load_registered(self) -> dict[str, int]:
+        if not self.registered_path.exists():
+            return {}
+        try:
+            d = json.loads(self.registered_path.read_text())
+            devices = d.get("devices") if isinstance(d, dict) else None
+            if not isinstance(devices, dict) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) for n in devices.values()):
+                raise ValueError("expected {job, devices: {device: int}}")
+        except (OSError, ValueError) as e:
+            raise BrokerServerError(f"state {self.registered_path} is unreadable: {e}") from None
+        if d.get("job") != self.job:
+            raise BrokerServerError(f"state {self.registered_path} belongs to job "
+                                    f"{d.get('job')!r}, not {self.job!r}")
+        return devices
 
     def _kept_path(self, key: str) -> Path:
         return self.root / f"kept-{_safe(key)}.fdg"
@@ -132,11 +188,28 @@ class StateStore:
         d.mkdir(exist_ok=True)
         atomic_write(d / f"{_safe(device)}.fdg", payload)
 
-    def accepted_updates(self, round_: int) -> dict[str, bytes]:
+    def accepted_updates(self, round_: int
+                         ) -> tuple[dict[str, tuple[wire.Frame, bytes]], list[tuple[str, str]]]:
+        """The updates saved in round ``round_``: ({device: (frame, payload)}, [(device,
+        why)] for each file that cannot be read or whose header is not this job's update
+        from that device in that round (named in ``why``)."""
         d = self.root / f"round-{round_}"
+        good, bad = {}, []
         if not d.is_dir():
-            return {}
-        return {p.stem: p.read_bytes() for p in sorted(d.glob("*.fdg"))}
+            return good, bad
+        for p in sorted(d.glob("*.fdg")):
+            expect = wire.Expect(kind="update", job=self.job, round=round_,
+                                 devices=frozenset([p.stem]))
+            try:
+                payload = p.read_bytes()
+                good[p.stem] = (wire.decode(payload, expect), payload)
+            except (OSError, WireError) as e:
+                bad.append((p.stem, f"saved update {p} is unusable: {e}"))
+        return good, bad
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _safe(device: str) -> str:

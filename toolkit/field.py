@@ -72,6 +72,16 @@ def _check(args) -> None:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')}: expected > 0, got "
                              f"{getattr(args, name)}")
+    if getattr(args, "max_samples", 1) < 1:
+        raise UsageError(f"--max-samples: expected >= 1, got {args.max_samples}")
+    if not getattr(args, "norm_bound", 1.0) >= 1.0:  # NaN too
+        raise UsageError(f"--norm-bound: expected a factor >= 1 (or inf), got "
+                         f"{args.norm_bound}")
+
+
+def _guard_options(args) -> dict:
+    """``--max-samples`` and ``--norm-bound`` (fedge demo has neither: the defaults)."""
+    return {k: getattr(args, k) for k in ("max_samples", "norm_bound") if hasattr(args, k)}
 
 
 def run_serve(args, on_round: Callable[[dict], None] | None = None,
@@ -115,7 +125,7 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
     opts = ServeOptions(args.job, Path(args.state_dir), args.strategy, args.codec, args.rounds,
                         args.min_devices, args.round_timeout, args.epochs, args.batch_size,
                         args.lr, strategy_options=strategy_options,
-                        downlink=args.downlink)
+                        downlink=args.downlink, **_guard_options(args))
     trust = server_trust(args.job, Path(args.state_dir), args.signing_key, args.registry,
                          getattr(args, "credentials", None))
     weights = weights_of(ckpt.model)

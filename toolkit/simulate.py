@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from broker_server.guard import MAX_SAMPLES, NORM_BOUND
 from toolkit.errors import UsageError
 from toolkit.profiles import DeviceProfile
 
@@ -46,6 +47,8 @@ class SimOptions:
     state_parent: str | None = None
     strategy_options: object | None = None  # e.g. SignSGDOptions
     downlink: str = "fp32"  # the model to devices: whole, or a coded change (downlink.py)
+    norm_bound: float = NORM_BOUND  # the aggregator's guard (broker_server/guard.py)
+    max_samples: int = MAX_SAMPLES
 
     def custom_models(self):
         """The allowlist of this run's own agents and rebuilds: the factory ``model``
@@ -219,7 +222,8 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
         serve = ServeOptions(job, Path(state), opts.strategy, opts.codec, opts.rounds,
                              opts.devices, opts.round_timeout, opts.epochs, opts.batch_size,
                              opts.lr, opts.seed, strategy_options=strategy_options,
-                             downlink=opts.downlink)
+                             downlink=opts.downlink, max_samples=opts.max_samples,
+                             norm_bound=opts.norm_bound)
 
         def make_aggregator(transport, hook):
             return Aggregator(transport, serve, cfg.to_json(), weights_of(model),

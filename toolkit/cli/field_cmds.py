@@ -20,6 +20,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round-timeout", type=float, default=60.0, help="seconds")
     p.add_argument("--state-dir", required=True)
     downlink_arg(p)
+    guard_args(p)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--eval-data", help=".npz with x_test, y_test (default: the "
                    "checkpoint's dataset)")
@@ -90,6 +91,15 @@ def downlink_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downlink", default="fp32", help="how the model reaches devices each "
                    "round: fp32 (whole) or a codec (sign, int8, fp16) for the change against "
                    "the model they hold, with error feedback")
+
+
+def guard_args(p: argparse.ArgumentParser) -> None:
+    from broker_server.guard import MAX_SAMPLES, NORM_BOUND
+
+    p.add_argument("--max-samples", type=int, default=MAX_SAMPLES, help="the most samples "
+                   "one update counts with (besides the count its device registered)")
+    p.add_argument("--norm-bound", type=float, default=NORM_BOUND, help="refuse an update "
+                   "whose change RMS exceeds this x the median of accepted ones (inf: off)")
 
 
 def train_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,216 @@
+"""The aggregator's floor (broker_server/guard.py): bounded sample weights and bounded
+change norms, as pure functions and through the aggregator's state; and the state dir's
+damage named, not fatal (broker_server/state.py)."""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from broker_server import guard
+from broker_server.guard import GuardError, UpdateGuard, change_of, change_rms, norm_bound, \
+    refusal, rms, sample_weight
+from broker_server.state import ServerState, StateStore
+from device_runtime import codecs, wire
+from device_runtime.codecs import CodecContext
+
+
+def _model(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"conv.weight": rng.normal(0, 0.1, (8, 4, 3)).astype(np.float32),
+            "conv.bias": rng.normal(0, 0.1, 8).astype(np.float32),
+            "bn.running_var": np.ones(8, np.float32),
+            "fc.weight": rng.normal(0, 0.1, (10, 8)).astype(np.float32)}
+
+
+def _trained(ref: dict, scale: float, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    return {k: (v + rng.normal(0, scale, v.shape)).astype(np.float32) for k, v in ref.items()}
+
+
+def test_sample_weight_is_the_least_of_claim_registration_and_cap():
+    assert sample_weight(10**15, 400, 10**6) == 400
+    assert sample_weight(300, 400, 10**6) == 300
+    assert sample_weight(10**15, None, 10**6) == 10**6  # never registered: the job's cap
+    assert sample_weight(10**15, 10**15, 5000) == 5000
+
+
+def test_rms_is_exact_and_does_not_overflow_on_float32_extremes():
+    assert rms({"a": np.array([3.0, 4.0], np.float32)}) == pytest.approx(math.sqrt(12.5))
+    big = {"w": np.full(1000, 3e38, np.float32)}
+    assert math.isfinite(rms(big)) and rms(big) == pytest.approx(3e38, rel=1e-6)
+    assert rms({}) == 0.0
+
+
+def test_change_rms_measures_only_the_reference_tensors():
+    ref = _model()
+    assert change_rms(ref, ref) == 0.0
+    assert change_rms({k: np.zeros_like(v) for k, v in ref.items()}, ref) == \
+        pytest.approx(rms(ref))
+    assert change_rms({"logits": np.zeros((4, 10), np.float32)}, ref) is None
+    assert change_rms({"fc.weight": np.zeros((3, 3), np.float32)}, ref) is None
+
+
+def test_bound_is_factor_times_median_or_the_cold_bound_before_one_exists():
+    bound, why = norm_bound([1.0, 2.0, 100.0], 8.0, 0.5)
+    assert bound == 16.0 and "median" in why
+    bound, why = norm_bound([1.0, 2.0], 8.0, 0.5)  # too few norms: the reference weights
+    assert bound == guard.COLD_FACTOR * 0.5 and "no median" in why
+    assert norm_bound([], 8.0, 0.0)[0] == guard.COLD_FLOOR  # a zero model still moves
+    assert norm_bound([1.0] * 5, math.inf, 0.5)[0] == math.inf
+
+
+def test_refusal_names_non_finite_and_oversize_changes():
+    assert refusal(1.0, 2.0, "x") is None
+    assert "finite" in refusal(math.nan, 2.0, "x")
+    assert "finite" in refusal(math.inf, math.inf, "x")
+    assert "exceeds the bound" in refusal(3.0, 2.0, "8 x the median")
+
+
+@pytest.mark.parametrize("codec_name", ["fp32", "fp16", "int8", "sign", "signmix"])
+def test_change_of_each_codec_is_the_update_against_the_reference(codec_name):
+    codec, ref = codecs.get(codec_name), _model()
+    new = _trained(ref, 0.01)
+    ctx = CodecContext(1, 7, ref, "d0")
+    tensors, params = codec.encode(new, ctx)
+    change = change_of(codec, tensors, params, ctx)
+    exact = change_rms(new, ref)
+    # sign keeps one magnitude per tensor: the same order, not the same value
+    assert rms(change) == pytest.approx(exact, rel=0.6 if "sign" in codec_name else 0.02)
+
+
+def test_fedmrn_change_is_its_full_precision_part():
+    codec, ref = codecs.get("fedmrn"), _model()
+    ctx = CodecContext(1, 7, ref, "d0")
+    tensors, params = codec.encode(_trained(ref, 0.01), ctx)
+    base = rms(change_of(codec, tensors, params, ctx))
+    tensors["dense"] = np.full_like(tensors["dense"], 1e30)
+    assert rms(change_of(codec, tensors, params, ctx)) > 1e29 > base * 1e20
+
+
+def _guard(**kw) -> UpdateGuard:
+    return UpdateGuard(**{"factor": 4.0, "max_samples": 10**6, **kw})
+
+
+def _measure(g: UpdateGuard, ref: dict, weights: dict, device: str = "d") -> float | None:
+    codec = codecs.get("fp32")
+    ctx = CodecContext(1, 7, ref, device)
+    tensors, params = codec.encode(weights, ctx)
+    return g.measure(device, codec, tensors, params, ctx)
+
+
+def test_guard_refuses_a_blown_up_update_at_once_and_a_large_one_once_a_median_exists():
+    ref, g = _model(), _guard()
+    with pytest.raises(GuardError, match="no median yet"):
+        _measure(g, ref, {k: np.full_like(v, 1e30) for k, v in ref.items()})
+    for k in range(3):
+        g.accept(f"h{k}", _measure(g, ref, _trained(ref, 0.01, k), f"h{k}"))
+    assert len(g.references()) == 3
+    with pytest.raises(GuardError, match="median"):
+        _measure(g, ref, _trained(ref, 0.2))  # 20 x the honest change: within the cold bound
+    assert _measure(g, ref, _trained(ref, 0.02)) is not None  # 2 x: accepted
+
+
+def test_guard_keeps_the_last_round_as_reference_and_ignores_zero_changes():
+    ref, g = _model(), _guard()
+    for k in range(3):
+        g.accept(f"h{k}", _measure(g, ref, _trained(ref, 0.01, k), f"h{k}"))
+    g.accept("idle", _measure(g, ref, ref, "idle"))  # trained nothing
+    previous = g.close()
+    assert len(previous) == 3 and g.current == {}
+    with pytest.raises(GuardError, match="median"):  # round 2, before any update of it
+        _measure(g, ref, _trained(ref, 0.2))
+    restored = _guard(previous=list(previous))  # what state.json gives a restarted server
+    with pytest.raises(GuardError, match="median"):
+        _measure(restored, ref, _trained(ref, 0.2))
+
+
+def test_registration_is_the_first_count_and_never_raised():
+    g = _guard()
+    assert g.register([("d0", 400)]) is True
+    assert g.register([("d0", 10**15), ("d1", 50)]) is True  # d1 new; d0 kept
+    assert g.register([("d0", 10**15)]) is False
+    assert g.registered == {"d0": 400, "d1": 50}
+    assert g.weight("d0", 10**15) == 400 and g.weight("ghost", 10**15) == 10**6
+
+
+def test_registration_and_norms_survive_a_restart(tmp_path):
+    store = StateStore(tmp_path, "job")
+    st, _ = store.load()
+    g = UpdateGuard(registered=st.registered)
+    g.register([("d0", 400)])
+    store.save_registered(st)
+    assert StateStore(tmp_path, "job").load()[0].registered == {"d0": 400}  # before round 1
+    st.completed, st.norms = 1, [0.1, 0.2, 0.3]
+    store.save_round(st, _model())
+    again, _ = StateStore(tmp_path, "job").load()
+    assert again.registered == {"d0": 400} and again.norms == [0.1, 0.2, 0.3]
+
+
+# --- the state dir's damage (issue 20, item 8) -------------------------------------
+def _update(job: str, round_: int, device: str) -> bytes:
+    return wire.encode(wire.Frame("update", job, round_, device, "fp32", _model(),
+                                  meta={"samples": 10}))
+
+
+def test_saved_updates_that_are_damaged_or_of_another_round_are_named_and_skipped(tmp_path):
+    store = StateStore(tmp_path, "job")
+    store.save_update(2, "good", _update("job", 2, "good"))
+    store.save_update(2, "torn", _update("job", 2, "torn")[:100])
+    store.save_update(2, "stale", _update("job", 1, "stale"))  # header: round 1
+    store.save_update(2, "other", _update("job", 2, "someone"))
+    saved, bad = store.accepted_updates(2)
+    assert list(saved) == ["good"]
+    reasons = dict(bad)
+    assert set(reasons) == {"torn", "stale", "other"}
+    assert "round-2/torn.fdg" in reasons["torn"]
+    assert "round" in reasons["stale"] and "round-2/stale.fdg" in reasons["stale"]
+
+
+def test_a_stray_entry_in_the_state_dir_is_ignored_with_one_warning(tmp_path, caplog):
+    store = StateStore(tmp_path, "job")
+    (tmp_path / "round-old").mkdir()
+    (tmp_path / "round-1").mkdir()
+    st = ServerState("job")
+    with caplog.at_level(logging.WARNING, "fedge.server"):
+        for r in (1, 2):
+            st.completed = r
+            store.save_round(st, _model())
+    warnings = [r for r in caplog.records if "round-old" in r.getMessage()]
+    assert len(warnings) == 1
+    assert (tmp_path / "round-old").is_dir() and not (tmp_path / "round-1").exists()
+
+
+@pytest.mark.parametrize("codec_name", ["fp32", "fp16", "int8", "sign", "signmix", "fedmrn"])
+def test_a_finite_payload_that_blows_the_model_up_is_refused_for_every_codec(codec_name):
+    """NaN and Inf on the wire are the wire decoder's to refuse (tests/test_wire.py); a
+    finite payload that decodes to huge or non-finite weights (1e30 floats; int8's or
+    sign's scale at 1e38) is refused by the codec or by the guard."""
+    from device_runtime.errors import WireError
+
+    codec, ref = codecs.get(codec_name), _model()
+    ctx = CodecContext(1, 7, ref, "d0")
+    tensors, params = codec.encode(_trained(ref, 0.01), ctx)
+    params = {k: dict(p, scale=1e38) if "scale" in p else p for k, p in params.items()}
+    tensors = {k: np.full_like(v, min(1e30, float(np.finfo(v.dtype).max))) if v.dtype.kind == "f"
+               else v for k, v in tensors.items()}
+    with pytest.raises(WireError):
+        _guard().measure("d0", codec, tensors, params, ctx)
+
+
+def test_guard_state_that_is_not_the_jobs_or_not_numbers_is_refused_naming_the_file(tmp_path):
+    from broker_server.errors import BrokerServerError
+
+    store = StateStore(tmp_path, "job")
+    st, _ = store.load()
+    st.completed, st.norms = 1, [0.1, "x"]
+    store.save_round(st, _model())
+    with pytest.raises(BrokerServerError, match="state.json is unreadable: norms"):
+        store.load()
+    st.norms = [0.1]
+    store.save_round(st, _model())
+    (tmp_path / "registered.json").write_text('{"job": "other", "devices": {"d0": 1}}')
+    with pytest.raises(BrokerServerError, match="registered.json belongs to job 'other'"):
+        store.load()
