@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from broker_server.service import Aggregator, ServeOptions
 from device_runtime import messages, wire
-from device_runtime.agent import AgentOptions, DeviceAgent, status_will
+from device_runtime.agent import DeviceAgent
 from device_runtime.topics import Topics
 from device_runtime.training.local import weights_of
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.transport.mqtt import MqttTransport
 from tests.brokers import Mosquitto
+from tests.keys import KEYS, agent_options, status, task_of, trust, will
 
 HONEST, ROUNDS = 4, 5
 SMALL = 40  # what the lying devices registered: 1% of the 4,000 training samples
@@ -41,19 +43,20 @@ def _lies(kind: str, model: dict) -> tuple[dict, int]:
 
 
 def _hostile(url: str, job: str, kind: str, registered: int, stop: threading.Event):
-    """A client on a leaked device's credentials: registers ``registered`` samples, then
-    answers every task with a lie."""
+    """A client on a leaked device's credentials and signing key: registers
+    ``registered`` samples, then answers every task with a lie (signed, with the task's
+    nonce: everything but the content is genuine)."""
     topics, t = Topics(job), MqttTransport(url, kind)
     t.connect()
     tasks, models = queue.Queue(), {}
     t.subscribe(topics.task("+", kind), lambda _, p: tasks.put(p))
     t.subscribe(topics.model("+", "full"),
                 lambda _, p: models.__setitem__(wire.decode(p).round, wire.decode(p).tensors))
-    t.publish(topics.status(kind), messages.dump(
-        messages.Status(kind, "online", "rpi4", registered)), retain=True)
+    t.publish(topics.status(kind), status(job, messages.Status(
+        kind, "online", "rpi4", registered, ts=time.time())), retain=True)
     while not stop.is_set():
         try:
-            task = messages.parse(messages.Task, tasks.get(timeout=0.2))
+            task = task_of(job, tasks.get(timeout=0.2))
         except queue.Empty:
             continue
         for _ in range(100):
@@ -62,7 +65,8 @@ def _hostile(url: str, job: str, kind: str, registered: int, stop: threading.Eve
             stop.wait(0.1)
         tensors, samples = _lies(kind, models[task.round])
         t.publish(topics.update(task.round, kind), wire.encode(wire.Frame(
-            "update", job, task.round, kind, "fp32", tensors, meta={"samples": samples})))
+            "update", job, task.round, kind, "fp32", tensors, meta={"samples": samples},
+            nonce=task.nonce), signer=KEYS.device(kind)))
     t.close()
 
 
@@ -86,9 +90,9 @@ def _run(url: str, job: str, state, data, hostile: bool, rounds: int = ROUNDS
     agents = []
     for k, idx in enumerate(np.array_split(np.arange(len(y)), HONEST)):
         dev = f"dev-{k}"
-        t = MqttTransport(url, dev, will=status_will(topics, dev))
+        t = MqttTransport(url, dev, will=will(topics, dev))
         t.connect()
-        agents.append(DeviceAgent(t, AgentOptions(job, dev, "rpi4"), x[idx], y[idx]))
+        agents.append(DeviceAgent(t, agent_options(job, dev, "rpi4"), x[idx], y[idx]))
         threads.append(threading.Thread(target=agents[-1].run, daemon=True))
     if hostile:
         for kind in ("zeros", "huge"):
@@ -101,7 +105,7 @@ def _run(url: str, job: str, state, data, hostile: bool, rounds: int = ROUNDS
     n = HONEST + (2 if hostile else 0)
     opts = ServeOptions(job, state, rounds=rounds, min_devices=n, round_timeout=120.0,
                         epochs=2, lr=0.02)
-    agg = Aggregator(agg_t, opts, CFG.to_json(), init, evaluate)
+    agg = Aggregator(agg_t, opts, CFG.to_json(), init, evaluate, trust=trust(job, state))
     result: dict = {}
     server = threading.Thread(target=lambda: result.update(agg.run()), daemon=True)
     server.start()
@@ -148,7 +152,7 @@ def test_a_damaged_state_dir_is_named_and_the_job_goes_on(broker, tmp_path, mnis
     (state / "round-2").mkdir()
     model = {k: np.zeros_like(v) for k, v in weights_of(build_model(CFG)).items()}
     stale = wire.encode(wire.Frame("update", "guard-state", 1, "dev-1", "fp32", model,
-                                   meta={"samples": 10**15}))
+                                   meta={"samples": 10**15}), signer=KEYS.device("dev-1"))
     (state / "round-2" / "dev-0.fdg").write_bytes(stale[:200])
     (state / "round-2" / "dev-1.fdg").write_bytes(stale)
     (state / "round-old").mkdir()
