@@ -1,0 +1,51 @@
+"""``fedge audit`` against a live signed job: real `fedge serve` and three `fedge device`
+processes on a real Mosquitto with no ACL, no size limit and no identity binding. The
+signatures refuse the forged stop, task and plan and the flood; the plain broker passes
+the giant message and the client-id takeover, and the audit must say so (exit 1)."""
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_fedge
+from tests.field_helpers import (
+    completed_rounds,
+    finish,
+    prepare_job,
+    start_device,
+    start_server,
+    wait_for,
+)
+
+JOB = "audited"
+ROUNDS = 16
+
+
+def test_audit_reports_what_a_plain_broker_lets_through(mosquitto, tmp_path):
+    ckpt = prepare_job(tmp_path, 3)
+    devices = [start_device(mosquitto.url, JOB, tmp_path, k) for k in range(3)]
+    server = start_server(mosquitto.url, JOB, tmp_path, ckpt, rounds=ROUNDS, min_devices=3,
+                          round_timeout=60)
+    try:
+        wait_for(lambda: completed_rounds(tmp_path) >= 1, 300, "round 1", step=0.2)
+        code, out, err = run_fedge("audit", "--broker", mosquitto.url, "--job", JOB,
+                                   "--seconds", "3", "--giant-mib", "16",
+                                   "--json", str(tmp_path / "audit.json"))
+        done_by_audit_end = completed_rounds(tmp_path)
+    finally:
+        codes = finish([server, *devices], timeout=600)
+    logs = "".join((tmp_path / f"device-{k}.log").read_text() for k in range(3))
+    server_log = (tmp_path / "server.log").read_text()
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    verdicts = {a["attack"]: a["verdict"] for a in audit["attacks"]}
+    assert verdicts == {"forged-stop": "refused", "forged-task": "refused",
+                        "forged-plan": "refused", "chunk-flood": "held",
+                        "giant-message": "NOT REFUSED", "client-id": "NOT REFUSED"}, out + err
+    assert code == 1 and audit["refused"] is False, (code, out, err)
+    assert "set message_size_limit" in out and "does not bind client ids" in out, out
+    assert len(out.strip().splitlines()) == 2 + len(verdicts), out
+    # The job outlasted the audit and completed every round with every device.
+    assert done_by_audit_end < ROUNDS, done_by_audit_end
+    assert codes == [0, 0, 0, 0], (codes, server_log[-2000:], logs[-3000:])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["devices_reporting"] for r in report["rounds"]] == [3] * ROUNDS
+    assert "refused control" in logs and "refused plan" in logs and "refused task" in logs
