@@ -5,7 +5,10 @@ the giant message and the client-id takeover, and the audit must say so (exit 1)
 from __future__ import annotations
 
 import json
+import time
 
+from device_runtime.topics import Topics
+from device_runtime.transport.mqtt import MqttTransport
 from tests.conftest import run_fedge
 from tests.field_helpers import (
     completed_rounds,
@@ -17,7 +20,19 @@ from tests.field_helpers import (
 )
 
 JOB = "audited"
-ROUNDS = 16
+ROUNDS = 24
+
+
+def retained(url: str) -> dict[str, bytes]:
+    """What the broker holds retained on the job's plan and control topics."""
+    got: dict[str, bytes] = {}
+    t = MqttTransport(url, f"retained-{time.time_ns()}")
+    t.connect()
+    for topic in (Topics(JOB).plan, Topics(JOB).control):
+        t.subscribe(topic, lambda topic, payload: got.__setitem__(topic, payload))
+    time.sleep(1.5)
+    t.close()
+    return got
 
 
 def test_audit_reports_what_a_plain_broker_lets_through(mosquitto, tmp_path):
@@ -27,10 +42,12 @@ def test_audit_reports_what_a_plain_broker_lets_through(mosquitto, tmp_path):
                           round_timeout=60)
     try:
         wait_for(lambda: completed_rounds(tmp_path) >= 1, 300, "round 1", step=0.2)
+        before = retained(mosquitto.url)
         code, out, err = run_fedge("audit", "--broker", mosquitto.url, "--job", JOB,
-                                   "--seconds", "3", "--giant-mib", "16",
+                                   "--seconds", "2", "--giant-mib", "16",
                                    "--json", str(tmp_path / "audit.json"))
         done_by_audit_end = completed_rounds(tmp_path)
+        after = retained(mosquitto.url)
     finally:
         codes = finish([server, *devices], timeout=600)
     logs = "".join((tmp_path / f"device-{k}.log").read_text() for k in range(3))
@@ -43,6 +60,8 @@ def test_audit_reports_what_a_plain_broker_lets_through(mosquitto, tmp_path):
     assert code == 1 and audit["refused"] is False, (code, out, err)
     assert "set message_size_limit" in out and "does not bind client ids" in out, out
     assert len(out.strip().splitlines()) == 2 + len(verdicts), out
+    # The genuine retained plan is back, byte for byte; no forged stop was left behind.
+    assert Topics(JOB).plan in before and after == before, (before.keys(), after.keys())
     # The job outlasted the audit and completed every round with every device.
     assert done_by_audit_end < ROUNDS, done_by_audit_end
     assert codes == [0, 0, 0, 0], (codes, server_log[-2000:], logs[-3000:])

@@ -14,6 +14,7 @@ so a job that is NOT protected fails loudly instead of running anything.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -144,7 +145,7 @@ class Session:
             if where["kind"] == "status" and (s := read_status(payload)) is not None:
                 self.seen.statuses[where["device"]] = s
                 self.seen.events.append((now, s))
-            elif where["kind"] == "model":
+            elif where["kind"] == "model" and where["round"] < FAR_ROUND:  # not our own
                 self.seen.model_rounds.setdefault(where["round"], now)
             elif where["kind"] == "update" and payload:
                 self.seen.updates[where["round"]] = self.seen.updates.get(where["round"], 0) + 1
@@ -246,14 +247,23 @@ def forged_stop(s: Session) -> Finding:
 
 
 def forged_task(s: Session) -> Finding:
+    """To each online device, a task naming the custom factory, with the retained
+    model frame it names (by the frame's sha256, as unsigned fleets checked it)."""
     devices, start = s.online(), time.time()
-    for device in devices:
-        task = messages.Task(FAR_ROUND, device, "full", "0" * 64, time.time() + 3600, 1, 8,
-                             0.1, 0, "fp32", model=_custom_model(), nonce="audit")
-        for payload in _forged(s, task, FAR_ROUND, device):
-            s.t.publish(s.topics.task(FAR_ROUND, device), payload)
-    r0 = _round_after_delivery(s)
-    time.sleep(s.opts.seconds)
+    model_topic = s.topics.model(FAR_ROUND, "full")
+    model = wire.encode(wire.Frame("model", s.opts.job, FAR_ROUND, SENDER))
+    s.t.publish(model_topic, model, retain=True)
+    try:
+        for device in devices:
+            task = messages.Task(FAR_ROUND, device, "full", hashlib.sha256(model).hexdigest(),
+                                 time.time() + 60, 1, 8, 0.1, 0, "fp32",
+                                 model=_custom_model(), nonce="audit")
+            for payload in _forged(s, task, FAR_ROUND, device):
+                s.t.publish(s.topics.task(FAR_ROUND, device), payload)
+        r0 = _round_after_delivery(s)
+        time.sleep(s.opts.seconds)
+    finally:
+        s.t.clear_retained(model_topic)
     with s.lock:
         updates = s.seen.updates.get(FAR_ROUND, 0)
     if updates and devices:
