@@ -9,7 +9,7 @@ import time
 
 from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
-from tests.conftest import run_fedge
+from tests.conftest import assert_one_line_error, run_fedge
 from tests.field_helpers import (
     completed_rounds,
     finish,
@@ -68,3 +68,12 @@ def test_audit_reports_what_a_plain_broker_lets_through(mosquitto, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert [r["devices_reporting"] for r in report["rounds"]] == [3] * ROUNDS
     assert "refused control" in logs and "refused plan" in logs and "refused task" in logs
+
+
+def test_audit_of_a_job_that_is_not_there_is_one_line(mosquitto):
+    code, _, err = run_fedge("audit", "--broker", mosquitto.url, "--job", "nosuchjob",
+                             "--seconds", "1")
+    assert_one_line_error(code, err, 2, "nosuchjob", "is the job live")
+    code, _, err = run_fedge("audit", "--broker", mosquitto.url, "--job", "j",
+                             "--seconds", "-1")
+    assert_one_line_error(code, err, 2, "--seconds", "-1")

@@ -34,6 +34,7 @@ from device_runtime.transport.mqtt import MqttTransport
 from toolkit.errors import UsageError
 
 REFUSED, HELD, NOT_REFUSED = "refused", "held", "NOT REFUSED"
+NOT_OBSERVED = "not observed"  # this client cannot see the outcome (the broker's ACL)
 FAR_ROUND = 10 ** 6  # a round no job reaches: forged tasks and the giant message go here
 SENDER = "server"
 
@@ -65,7 +66,7 @@ class AuditOptions:
 @dataclass
 class Finding:
     attack: str
-    verdict: str  # REFUSED | HELD | NOT_REFUSED
+    verdict: str  # REFUSED | HELD | NOT_REFUSED | NOT_OBSERVED
     saw: str
 
     def line(self) -> str:
@@ -158,6 +159,12 @@ class Session:
         with self.lock:
             return max(self.seen.model_rounds, default=0)
 
+    def targets(self) -> list[str]:
+        """The devices to aim at: those online, else the credentials' own user (under
+        the ACL a device reads no status, and may publish only as itself)."""
+        user = self.creds.get("username")
+        return self.online() or ([user] if user else [])
+
     def wait_round(self, target: int) -> int:
         """The last round once it reaches ``target``, or after ``progress_timeout``."""
         deadline = time.time() + self.opts.progress_timeout
@@ -206,9 +213,8 @@ def _kept_going(s: Session, name: str, devices: list[str], since: float, r0: int
     """The job kept going: two new rounds after round ``r0`` (a device that stopped
     cannot have trained the second: its task came after the attack), and no device
     that was online reported anything else since ``since``. A device that stops cleanly
-    leaves its "online" status retained, so progress is the test that sees it."""
-    if not devices:
-        return Finding(name, NOT_REFUSED, "no device online to judge by (is the job live?)")
+    leaves its "online" status retained, so progress is the test that sees it; a client
+    the ACL does not let read statuses (a device's) is judged by progress alone."""
     r1 = s.wait_round(r0 + 2)
     saw = f"{saw}{'; ' if saw else ''}rounds {r0} -> {r1}"
     if r1 < r0 + 2:
@@ -217,6 +223,9 @@ def _kept_going(s: Session, name: str, devices: list[str], since: float, r0: int
     hit = s.disturbed(devices, since)
     if hit:
         return Finding(name, NOT_REFUSED, f"{saw}; " + "; ".join(hit))
+    if not devices:
+        return Finding(name, verdict, f"{saw}; no device status readable by this client "
+                       "(judged by progress alone)")
     return Finding(name, verdict, f"{saw}; {len(devices)} online devices stayed online")
 
 
@@ -249,7 +258,7 @@ def forged_stop(s: Session) -> Finding:
 def forged_task(s: Session) -> Finding:
     """To each online device, a task naming the custom factory, with the retained
     model frame it names (by the frame's sha256, as unsigned fleets checked it)."""
-    devices, start = s.online(), time.time()
+    devices, start = s.targets(), time.time()
     model_topic = s.topics.model(FAR_ROUND, "full")
     model = wire.encode(wire.Frame("model", s.opts.job, FAR_ROUND, SENDER))
     s.t.publish(model_topic, model, retain=True)
@@ -266,7 +275,7 @@ def forged_task(s: Session) -> Finding:
         s.t.clear_retained(model_topic)
     with s.lock:
         updates = s.seen.updates.get(FAR_ROUND, 0)
-    if updates and devices:
+    if updates:
         return Finding("forged-task", NOT_REFUSED, f"{updates} updates for forged round "
                        f"{FAR_ROUND}")
     return _kept_going(s, "forged-task", devices, start, r0,
@@ -298,10 +307,7 @@ def _flood_chunks(s: Session, devices: list[str], round_: int, n: int) -> list[t
 
 
 def chunk_flood(s: Session) -> Finding:
-    devices = s.online()
-    if not devices:
-        return Finding("chunk-flood", NOT_REFUSED, "no device online to judge by")
-    r0 = s.last_round()
+    devices, r0 = s.targets() or ["audit"], s.last_round()
     pool = _flood_chunks(s, devices, max(r0, 1), 256)
     sent, start = 0, time.time()
     while time.time() < start + s.opts.seconds:
@@ -315,33 +321,43 @@ def chunk_flood(s: Session) -> Finding:
 
 
 def giant_message(s: Session) -> Finding:
-    """One message of ``giant_bytes`` on an update topic: does the broker pass it on?"""
-    device = s.creds.get("username") or (s.online() or ["audit"])[0]
-    topic = s.topics.update(FAR_ROUND + 1, device)
-    got, arrived = [], threading.Event()
+    """One message of ``giant_bytes`` on an update topic: does the broker pass it on?
+    A small probe first tells whether this client may read the topic at all."""
+    topic = s.topics.update(FAR_ROUND + 1, (s.targets() or ["audit"])[0])
+    got: list[int] = []
+    arrived = threading.Condition()
 
     def sink(t: str, payload: bytes, retain: bool) -> None:
-        got.append(len(payload))
-        arrived.set()
+        with arrived:
+            got.append(len(payload))
+            arrived.notify_all()
 
-    listener = s.connect("listener", sink)
-    sender = None
+    def delivered(size: int, timeout: float) -> bool:
+        with arrived:
+            return arrived.wait_for(lambda: any(n >= size for n in got), timeout)
+
+    listener, sender = s.connect("listener", sink), None
+    mib = s.opts.giant_bytes / (1 << 20)
     try:
         listener.watch(topic)
         time.sleep(0.5)
         sender = s.connect("giant")
+        sender.publish(topic, b"fedge audit probe")
+        if not delivered(1, 5.0):
+            return Finding("giant-message", NOT_OBSERVED, f"this client may not read "
+                           f"{topic} (a small probe did not arrive either): run the audit "
+                           "with credentials that may, to check the broker's size limit")
         sender.publish(topic, bytes(s.opts.giant_bytes))
         sender.flush(max(30.0, s.opts.seconds))
-        arrived.wait(max(30.0, s.opts.seconds))
+        if delivered(s.opts.giant_bytes, max(30.0, s.opts.seconds)):
+            return Finding("giant-message", NOT_REFUSED, f"NOT REFUSED by the broker: a "
+                           f"{mib:g} MiB message was delivered; set message_size_limit")
     finally:
         listener.close()
         if sender is not None:
             sender.close(flush_timeout=0)
-    mib = s.opts.giant_bytes / (1 << 20)
-    if got and max(got) >= s.opts.giant_bytes:
-        return Finding("giant-message", NOT_REFUSED, f"NOT REFUSED by the broker: a "
-                       f"{mib:g} MiB message was delivered; set message_size_limit")
-    return Finding("giant-message", REFUSED, f"a {mib:g} MiB message was not delivered")
+    return Finding("giant-message", REFUSED, f"a {mib:g} MiB message was not delivered "
+                   "(a small probe was)")
 
 
 def client_id_takeover(s: Session) -> Finding:
@@ -378,6 +394,10 @@ def run(opts: AuditOptions, say: Callable[[str], None] = print) -> list[Finding]
     s = Session(opts)
     findings: list[Finding] = []
     try:
+        if s.last_round() == 0:
+            raise UsageError(f"job {opts.job!r}: no model round seen on "
+                             f"{s.topics.model('+', '+')} within {opts.settle:g}s: is the "
+                             "job live on this broker?")
         say(f"audit of job {opts.job!r} on {opts.broker}: {len(s.online())} devices online, "
             f"last model round {s.last_round()}")
         for attack in ATTACKS.values():
