@@ -77,3 +77,40 @@ def test_audit_of_a_job_that_is_not_there_is_one_line(mosquitto):
     code, _, err = run_fedge("audit", "--broker", mosquitto.url, "--job", "j",
                              "--seconds", "-1")
     assert_one_line_error(code, err, 2, "--seconds", "-1")
+
+
+def test_audit_as_a_leaked_device_under_the_acl(tmp_path):
+    """With a device's credentials on `fedge secure init`'s TLS listener and ACL, the
+    audit reads no status and no update topic: it judges by progress alone, and says
+    the giant message was not observed rather than refused."""
+    from broker_server.embedded import free_port
+    from tests.brokers import Mosquitto
+
+    port, sec = free_port(), tmp_path / "sec"
+    code, _, err = run_fedge("secure", "init", "--devices", "dev-0", "dev-1", "dev-2",
+                             "--out", str(sec), "--port", str(port))
+    assert code == 0, err
+    broker = Mosquitto(tmp_path / "mosq", port=port, config=sec / "mosquitto.conf").start()
+    url, creds = f"mqtts://localhost:{port}", sec / "credentials"
+    ckpt = prepare_job(tmp_path, 3)
+    procs = [start_server(url, JOB, tmp_path, ckpt, rounds=60, min_devices=3, round_timeout=60,
+                          extra=["--credentials", str(creds / "aggregator.json")])]
+    procs += [start_device(url, JOB, tmp_path, k, extra=[
+        "--credentials", str(creds / f"dev-{k}.json")]) for k in range(3)]
+    try:
+        wait_for(lambda: completed_rounds(tmp_path) >= 1, 300, "round 1", step=0.2)
+        code, out, err = run_fedge("audit", "--broker", url, "--job", JOB, "--credentials",
+                                   str(creds / "dev-2.json"), "--seconds", "1",
+                                   "--json", str(tmp_path / "audit.json"))
+    finally:
+        for p in procs:
+            p.kill()
+        finish(procs)
+        broker.stop()
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    verdicts = {a["attack"]: a["verdict"] for a in audit["attacks"]}
+    assert verdicts == {"forged-stop": "refused", "forged-task": "refused",
+                        "forged-plan": "refused", "chunk-flood": "held",
+                        "giant-message": "not observed", "client-id": "NOT REFUSED"}, out + err
+    assert "judged by progress alone" in out and "dev-2 connected as" in out, out
+    assert code == 1, (code, out, err)

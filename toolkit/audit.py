@@ -223,6 +223,7 @@ def _kept_going(s: Session, name: str, devices: list[str], since: float, r0: int
     hit = s.disturbed(devices, since)
     if hit:
         return Finding(name, NOT_REFUSED, f"{saw}; " + "; ".join(hit))
+    devices = [d for d in devices if d in s.online()]
     if not devices:
         return Finding(name, verdict, f"{saw}; no device status readable by this client "
                        "(judged by progress alone)")
