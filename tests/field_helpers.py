@@ -43,6 +43,7 @@ def fleet_keys(work: Path, devices: int):
 
 
 def device_keys(work: Path, device: str) -> list[str]:
+    """A device's key options (a process given --credentials takes its keys from them)."""
     return ["--key", str(work / "keys" / f"{device}.key"),
             "--trust", str(work / "keys" / "server.pub")]
 
@@ -63,7 +64,8 @@ def start_device(url: str, job: str, work: Path, k: int, profile: str = "rpi4",
         [sys.executable, "-m", "toolkit", "device", "--broker", url, "--job", job,
          "--id", f"dev-{k}", "--profile", profile, "--data",
          str(work / "data" / f"device-{k}.npz"), "--idle-timeout", "120",
-         *([] if "--key" in extra else device_keys(work, f"dev-{k}")), *extra],
+         *([] if {"--key", "--credentials", "--config"} & set(extra)
+           else device_keys(work, f"dev-{k}")), *extra],
         stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
 
 
@@ -75,7 +77,8 @@ def start_server(url: str, job: str, work: Path, ckpt: Path, rounds: int, min_de
          "--checkpoint", str(ckpt), "--rounds", str(rounds), "--min-devices", str(min_devices),
          "--round-timeout", str(round_timeout), "--state-dir", str(work / "state"),
          "--json", str(work / "report.json"), "--epochs", "1",
-         *([] if "--registry" in extra else server_keys(work)), *extra],
+         *([] if {"--registry", "--credentials"} & set(extra) else server_keys(work)),
+         *extra],
         stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
 
 

@@ -110,15 +110,16 @@ def signed_bundle(tmp_path_factory, fleet_export) -> Path:
 
 
 @pytest.fixture
-def secure_broker(tmp_path):
+def secure_broker(tmp_path, export_key):
     """`fedge secure init` for pi-1 and a real Mosquitto running its TLS config: (DIR,
-    the devices' URL, the aggregator's URL)."""
+    the devices' URL, the aggregator's URL). The aggregator signs with the operator's
+    key, the one that signs the export: the device trusts one key for both."""
     from broker_server.embedded import free_port
 
     port, agg_port = free_port(), free_port()
     code, _, err = run_fedge("secure", "init", "--devices", "pi-1", "--out",
                              str(tmp_path / "sec"), "--port", str(port), "--aggregator-port",
-                             str(agg_port))
+                             str(agg_port), "--signing-key", str(export_key.path))
     assert code == 0, err
     m = Mosquitto(tmp_path / "mosq", port=port, config=tmp_path / "sec" / "mosquitto.conf")
     m.start()
