@@ -187,10 +187,10 @@ NOTES = """
   (up to 32 MiB) for the first handler subscribed for them
   (`device_runtime/transport/base.py`).
 - With that, they reached the aggregator while it waited for devices, before it reopened
-  their round, and were rejected as late. Updates for the round about to open now wait
-  for it (`Aggregator.waiting`, handled once its devices are assigned). Before both
-  fixes the restart round recovered only through the devices' resends; now the queued
-  updates are folded and the resends are counted as duplicates.
+  their round, and were rejected as late. Since issue 20 they are refused on purpose
+  (the transport's gate holds nothing for a round that is not open): the reopened round
+  re-sends each task with the same nonce, and each device answers with the update it
+  already sent, so none is lost and nothing unbounded is parked.
 - The aggregator's RSS climbed ~15-45 KiB a round: the MQTT transport kept every
   publish's paho `MQTTMessageInfo` (~1.5 KB each) until it held 1024 of them. It now
   forgets the acknowledged ones whenever the list passes twice what was left unacknowledged
