@@ -345,12 +345,15 @@ def test_device_config_relative_paths_and_command_line_wins(tmp_path, fleet_expo
     command line over the file's, and --check verifying the signed export."""
     import numpy as np
 
+    from device_runtime.keys import Signer
+
     shutil.copytree(fleet_export.parent, tmp_path / "etc" / "artifacts")
     shutil.copy(export_key.public_path, tmp_path / "etc" / "trust.pub")
+    Signer.generate().save(tmp_path / "etc" / "pi-1.key")  # the device's own signing key
     np.savez(tmp_path / "local.npz", x=np.zeros((7, 40), np.float32), y=np.zeros(7, np.int64))
     cfg = _config(tmp_path, 'broker = "mqtt://broker:1883"\njob = "j1"\nid = "pi-1"\n'
                   'profile = "rpi4"\ndata = "../local.npz"\nmanifest = '
-                  '"artifacts/manifest.json"\ntrust = "trust.pub"\n')
+                  '"artifacts/manifest.json"\ntrust = "trust.pub"\nkey = "pi-1.key"\n')
     code, out, err = run_fedge("device", "--config", str(cfg), "--check", cwd=ROOT.parent)
     assert code == 0, err
     assert out.startswith("device pi-1: ok (rpi4, broker mqtt://broker:1883")
@@ -387,7 +390,7 @@ def test_every_file_the_credentials_name_travels(tmp_path):
         (d / rel).write_text(rel)
     doc = {"username": "pi-1", "password": "registry.json", "cert": "certs/pi-1.crt",
            "key": "certs/pi-1.key", "ca": "ca.crt", "signing_key": "keys/pi-1.key",
-           "trust": {"aggregator": "trust.pub"}}
+           "trust": "trust.pub", "extra": {"future": {"chain": "certs/pi-1.crt"}}}
     creds = d / "credentials" / "pi-1.json"
     creds.parent.mkdir()
     creds.write_text(json.dumps(doc))

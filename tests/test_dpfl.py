@@ -32,7 +32,7 @@ def _one_round(cfg, weights, x, y, cut: int, rogue: bool = False):
     """One dpfl round, one device, over the in-memory transport: (report, new weights)."""
     from broker_server.service import Aggregator, ServeOptions
     from device_runtime.agent import DeviceAgent
-    from tests.keys import agent_options, trust
+    from tests.keys import agent_options, resign, task_of, trust
     from device_runtime.topics import Topics
     from device_runtime.transport.memory import MemoryHub, MemoryTransport
     from toolkit.dpfl import DPFLOptions, DPFLSetup, register_dpfl
@@ -48,8 +48,10 @@ def _one_round(cfg, weights, x, y, cut: int, rogue: bool = False):
                                      {"acts": np.ones((4, 3), np.float32),
                                       "labels": np.zeros(4, np.int64)},
                                      meta={"attempt": "x", "step": 0}))
-        transports[2].subscribe(Topics(JOB).task(1, "dev-0"), lambda *_: transports[2].publish(
-            Topics(JOB).acts(1, "dev-0"), bad))
+        # Signed with dev-0's (leaked) key and its task's nonce: the shape check behind.
+        transports[2].subscribe(Topics(JOB).task(1, "dev-0"), lambda _, task: transports[2]
+                                .publish(Topics(JOB).acts(1, "dev-0"),
+                                         resign(bad, "dev-0", task_of(JOB, task).nonce)))
     th = threading.Thread(target=agent.run, daemon=True)
     th.start()
     setup = DPFLSetup(cfg, {"rpi4": cut}, {cut: _act_shape(cfg, cut)}, DPFLOptions())

@@ -15,6 +15,7 @@ from device_runtime import messages
 from device_runtime.manifest import load_manifest
 from device_runtime.rollback import LEDGER_NAME
 from tests.conftest import EXPORT_JOB, assert_one_line_error, run_fedge
+from tests.keys import KEYS
 from toolkit.cli.main import main
 from toolkit.signing import sign_manifest
 
@@ -49,9 +50,12 @@ def _reissue(fleet_export: Path, dest: Path, key, **fields) -> Path:
 
 def _check(manifest: Path, trust: Path, tmp_path: Path, *extra: str, job=EXPORT_JOB):
     """`fedge device --check` in this process: (exit code, stdout, stderr)."""
+    key = tmp_path / "pi-1.key"  # the device's own signing key
+    if not key.exists():
+        KEYS.device("pi-1").save(key)
     return main(["device", "--broker", "mqtt://broker:1883", "--job", job, "--id", "pi-1",
                  "--profile", DEVICE, "--data", str(tmp_path / "none.npz"), "--manifest",
-                 str(manifest), "--trust", str(trust), "--check", *extra])
+                 str(manifest), "--trust", str(trust), "--key", str(key), "--check", *extra])
 
 
 def _ledger(home: Path) -> dict:
@@ -121,7 +125,7 @@ def test_another_jobs_export_or_one_bound_to_no_job_is_refused(fleet_export, exp
     code, _, err = run_fedge("bundle", "--manifest", str(fleet_export), "--device", DEVICE,
                              "--broker", "mqtt://broker:1883", "--job", "other", "--id", "pi-1",
                              "--out", str(tmp_path / "b.tar.gz"),
-                             "--trust", str(pub))
+                             "--trust", str(pub), "--signing-key", str(export_key.path))
     assert_one_line_error(code, err, 6, "was made for job 'j1'")
     assert not (tmp_path / "b.tar.gz").exists()
 
@@ -185,8 +189,10 @@ def test_a_running_device_refuses_an_older_export_and_says_so(fleet_export, expo
     old = _reissue(fleet_export, tmp_path / "v1", export_key, version=1)
     shard = tmp_path / "shard.npz"
     np.savez(shard, x=np.zeros((8, 40), np.float32), y=np.zeros(8, np.int64))
+    key = KEYS.device("pi-3").save(tmp_path / "pi-3.key")
     base = ["device", "--broker", mosquitto.url, "--job", EXPORT_JOB, "--id", "pi-3",
-            "--profile", DEVICE, "--data", str(shard), "--trust", str(export_key.public_path)]
+            "--profile", DEVICE, "--data", str(shard), "--trust", str(export_key.public_path),
+            "--key", str(key)]
     code, out, err = run_fedge(*base, "--manifest", str(new), "--check",
                                env={"FEDGE_HOME": str(home)})
     assert code == 0, err
@@ -200,6 +206,7 @@ def test_a_running_device_refuses_an_older_export_and_says_so(fleet_export, expo
     watch.connect()
     seen: queue.Queue = queue.Queue()
     watch.subscribe(f"fedge/{EXPORT_JOB}/devices/pi-3/status", lambda t, p: seen.put(p))
-    status = messages.parse(messages.Status, seen.get(timeout=10))
+    status = messages.unseal(messages.Status, seen.get(timeout=10), KEYS.get("pi-3"),
+                             EXPORT_JOB).msg
     watch.close()
     assert status.state == "error" and "older than version 2" in status.error

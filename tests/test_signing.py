@@ -282,6 +282,8 @@ def test_device_refuses_a_manifest_edited_after_signing(fleet_export, export_key
     """The edit keeps the manifest valid JSON and consistent with the files (a swapped
     artifact with its new sha256): only the signature can tell, and the device's
     retained status says so."""
+    from tests.keys import KEYS
+
     bad = _copy(fleet_export, tmp_path)
     data = json.loads(bad.read_text())
     art = data["devices"][DEVICE]["artifacts"][0]
@@ -290,14 +292,16 @@ def test_device_refuses_a_manifest_edited_after_signing(fleet_export, export_key
     bad.write_text(json.dumps(data, indent=2))
     shard = tmp_path / "shard.npz"
     np.savez(shard, x=np.zeros((8, 40), np.float32), y=np.zeros(8, np.int64))
+    key = KEYS.device("pi-9").save(tmp_path / "pi-9.key")
     code, _, err = run_fedge("device", "--broker", mosquitto.url, "--job", "edited", "--id",
                              "pi-9", "--profile", DEVICE, "--data", str(shard), "--manifest",
-                             str(bad), "--trust", str(export_key.public_path))
+                             str(bad), "--trust", str(export_key.public_path), "--key", str(key))
     assert_one_line_error(code, err, 6, "refused: manifest", "does not match its signature")
     watch = MqttTransport(mosquitto.url, "watcher-edited")
     watch.connect()
     seen: queue.Queue = queue.Queue()
     watch.subscribe("fedge/edited/devices/pi-9/status", lambda t, p: seen.put(p))
-    status = messages.parse(messages.Status, seen.get(timeout=10))
+    status = messages.unseal(messages.Status, seen.get(timeout=10), KEYS.get("pi-9"),
+                             "edited").msg
     watch.close()
     assert status.state == "error" and "does not match its signature" in status.error

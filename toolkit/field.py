@@ -126,12 +126,12 @@ def run_serve(args, on_round: Callable[[dict], None] | None = None,
                         args.min_devices, args.round_timeout, args.epochs, args.batch_size,
                         args.lr, strategy_options=strategy_options,
                         downlink=args.downlink, **_guard_options(args))
-    trust = server_trust(args.job, Path(args.state_dir), args.signing_key, args.registry,
-                         getattr(args, "credentials", None))
     weights = weights_of(ckpt.model)
     if fold_options is not None:
         scaleout.check_size(args.codec, {k: v.shape for k, v in weights.items()},
                             args.max_payload)
+    trust = server_trust(args.job, Path(args.state_dir), args.signing_key, args.registry,
+                         getattr(args, "credentials", None))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s aggregator %(message)s")
     with broker_url(broker or args.broker) as url:
         t = MqttTransport(url, f"fedge-{args.job}-aggregator", persistent=True,
