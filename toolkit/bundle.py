@@ -22,7 +22,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import shutil
 import tarfile
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 from device_runtime.keys import PublicKey, Signer
 from device_runtime.manifest import sha256_file
 from toolkit.errors import UsageError
+from toolkit.secure import replace_file
 from toolkit.wheel import build_wheel, device_requirements, fedge_version
 from toolkit.wheelhouse import TORCH, TORCH_INDEX
 from toolkit.wheellock import lock
@@ -82,7 +82,8 @@ def make_bundle(o: BundleOptions) -> dict:
         sums = _sha256sums(stage)
         (stage / "SHA256SUMS").write_text(sums, encoding="utf-8")
         (stage / "SHA256SUMS.sig").write_bytes(signer.sign(sums.encode("utf-8")))
-        _write_private(o.out, lambda raw: _tar(stage, root, raw))
+        # 0600: the archive may hold a private key; atomic: no half-written bundle.
+        replace_file(o.out, lambda raw: _tar(stage, root, raw), 0o600)
     third_party = 0 if o.wheels is None else \
         sum(w.stat().st_size for w in o.wheels.glob("*.whl") if not w.name.startswith("fedge-"))
     return {"bundle": str(o.out), "bytes": o.out.stat().st_size, "device": o.id,
@@ -246,21 +247,6 @@ def _sha256sums(stage: Path) -> str:
     for f in sorted(p for p in stage.rglob("*") if p.is_file()):
         rows.append(f"{sha256_file(f)}  {f.relative_to(stage).as_posix()}")
     return "\n".join(rows) + "\n"
-
-
-def _write_private(out: Path, write) -> None:
-    """``write(file)`` into a new file created 0600 beside ``out``, then renamed over it:
-    the archive may hold a private key, and a reader sees no half-written bundle."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            write(raw)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _tar(stage: Path, root: str, raw) -> None:

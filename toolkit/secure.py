@@ -237,13 +237,19 @@ def write_tree(files: dict[str, tuple[bytes, int]], out: Path) -> None:
 
 
 def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` atomically: a temporary file beside it, ``mode`` from the start,
-    renamed over it (a reader sees the old file or the new, never half of one)."""
+    """Replace ``path`` atomically with ``data`` (see ``replace_file``)."""
+    replace_file(path, lambda f: f.write(data), mode)
+
+
+def replace_file(path: Path, write, mode: int) -> None:
+    """Replace ``path`` atomically: ``write(file)`` into a temporary file beside it,
+    ``mode`` from the start, renamed over it (a reader sees the old file or the new,
+    never half of one)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
