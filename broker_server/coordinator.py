@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections import defaultdict
@@ -27,7 +28,7 @@ from typing import Callable
 
 from broker_server.downlink import recount_fetch
 from broker_server.errors import BrokerServerError
-from broker_server.scaleout import WorkRound, parse_accepted, parse_status
+from broker_server.scaleout import WorkRound, parse_accepted, parse_refused, parse_status
 from broker_server.trust import ServerTrust
 from device_runtime import wire
 from device_runtime.errors import WireError
@@ -93,7 +94,8 @@ class ScaleOut:
                    for d, t in rs.assigned.items()}
         self._publish(WorkRound(rs.number, self.session, "open", self.opts.strategy,
                                 self.opts.codec, agg._task_seed(rs.number), dict(rs.model_sha),
-                                devices, dict(self.opts.fold_options)))
+                                devices, dict(self.opts.fold_options),
+                                guard=_guard(agg.guard, rs.assigned)))
 
     def handle(self, agg, where: dict, payload: bytes) -> None:
         worker, what = where["worker"], where["what"]
@@ -102,6 +104,8 @@ class ScaleOut:
             (self.online.add if s.state == "online" else self.online.discard)(worker)
         elif what == "accepted":
             self._on_accepted(agg, worker, payload)
+        elif what == "refused":
+            self._on_refused(agg, worker, payload)
         elif what == "partial":
             self._on_partial(agg, worker, payload)
 
@@ -168,9 +172,22 @@ class ScaleOut:
                          "once", a.device, a.round, first[0], worker)
             return
         self.reporter[a.device] = (worker, a.sha256)
+        agg.guard.accept(a.device, a.norm or None, rs)  # next round's reference norms
         rs.accepted[a.device] = dict(a.meta)
         rs.uplink_bytes += a.nbytes
         recount_fetch(rs, a.device, a.meta, rs.assigned[a.device].variant)
+
+    def _on_refused(self, agg, worker: str, payload: bytes) -> None:
+        """A worker's guard refused an update: counted as the aggregator counts its own
+        refusals, and the round does not wait for the device (unless it sends again)."""
+        r = parse_refused(payload, worker, self.key, self.job)
+        rs = agg.round
+        if rs is None or r.round != rs.number or r.device not in rs.assigned or \
+                r.device in self.reporter:
+            return
+        rs.refused.add(r.device)
+        agg._reject({"kind": "update", "device": r.device, "round": r.round},
+                    f"{r.reason} (worker {worker})")
 
     def _on_partial(self, agg, worker: str, payload: bytes) -> None:
         if self.closing is None or worker not in self.closing:
@@ -204,6 +221,13 @@ class ScaleOut:
             agg._reject({"kind": "partial", "device": worker, "round": rs.number}, str(e))
             return []
         return list(frame.meta["devices"])
+
+
+def _guard(guard, assigned) -> dict:
+    """What a worker needs of the aggregator's guard to bound the round's updates."""
+    return {"factor": guard.factor if math.isfinite(guard.factor) else None,
+            "max_samples": guard.max_samples, "previous": list(guard.previous),
+            "registered": {d: n for d, n in guard.registered.items() if d in assigned}}
 
 
 __all__ = ["ScaleOut", "ScaleOutOptions"]

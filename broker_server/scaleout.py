@@ -9,6 +9,7 @@ docs/DESIGN.md, "Scale-out", has the whole exchange.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +47,10 @@ class WorkRound:
     devices: dict  # device -> {"variant": str, "samples": int, "nonce": str}: its task
     options: dict = field(default_factory=dict)  # the fold's strategy options (decoder)
     close: dict = field(default_factory=dict)  # worker -> [devices], at "close"
+    # The aggregator's guard for the round (broker_server/guard.py): {"factor": float or
+    # None (no bound), "max_samples": int, "previous": [last round's change norms],
+    # "registered": {device: samples}}: a worker bounds weights and norms as it would.
+    guard: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,18 @@ class Accepted:
     sha256: str  # of the update's payload
     nbytes: int
     meta: dict  # the update frame's meta (train_seconds, variant, ...)
+    norm: float = 0.0  # the guard's change RMS (0: nothing measured, or no change)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """On ``workers/<id>/refused``: an update the guard refused, so that the round does
+    not wait for its device (as the aggregator's own guard does)."""
+
+    worker: str
+    round: int
+    device: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -86,10 +103,41 @@ def parse_work(payload: bytes, key: PublicKey, job: str) -> WorkRound:
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise MessageError(f"workround.close[{wid!r}]: expected a list of device ids, "
                                f"got {devices!r}")
+    _check_guard(w.guard)
     for variant, sha in w.models.items():
         if not isinstance(sha, str) or len(sha) != 64:
             raise MessageError(f"workround.models[{variant!r}]: expected a sha256, got {sha!r}")
     return w
+
+
+def _check_guard(g: dict) -> None:
+    if not g:
+        return  # a coordinator without a guard: weights as claimed, no norm bound
+    factor, cap, prev, reg = (g.get(k) for k in ("factor", "max_samples", "previous",
+                                                 "registered"))
+    ok = (factor is None or _number(factor) and factor > 0) and _count(cap) and \
+        isinstance(prev, list) and all(_number(v) and v >= 0 for v in prev) and \
+        isinstance(reg, dict) and all(_count(v) for v in reg.values())
+    if not ok:
+        raise MessageError(f"workround.guard: expected {{factor: number > 0 or null, "
+                           f"max_samples: int > 0, previous: [numbers >= 0], registered: "
+                           f"{{device: int > 0}}}}, got {g!r}")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def parse_refused(payload: bytes, worker: str, key: PublicKey, job: str) -> Refused:
+    r = messages.unseal(Refused, payload, key, job, sender=worker).msg
+    if r.worker != worker:
+        raise MessageError(f"refused.worker: expected {worker!r} (the topic's), "
+                           f"got {r.worker!r}")
+    return r
 
 
 def parse_accepted(payload: bytes, worker: str, key: PublicKey, job: str) -> Accepted:
@@ -97,9 +145,9 @@ def parse_accepted(payload: bytes, worker: str, key: PublicKey, job: str) -> Acc
     if a.worker != worker:
         raise MessageError(f"accepted.worker: expected {worker!r} (the topic's), "
                            f"got {a.worker!r}")
-    if a.samples <= 0 or a.nbytes <= 0:
-        raise MessageError(f"accepted.samples, nbytes: expected > 0, got {a.samples}, "
-                           f"{a.nbytes}")
+    if a.samples <= 0 or a.nbytes <= 0 or a.norm < 0:
+        raise MessageError(f"accepted.samples, nbytes, norm: expected > 0, > 0, >= 0, got "
+                           f"{a.samples}, {a.nbytes}, {a.norm}")
     return a
 
 
@@ -147,6 +195,6 @@ def check_worker_id(worker: str) -> str:
     return check_id("worker", worker)
 
 
-__all__ = ["WorkRound", "Accepted", "WorkerStatus", "ScaleOutError", "parse_work",
-           "parse_accepted", "status", "check_split", "fold_strategy", "check_worker_id",
-           "VALID", "MEAN_CODECS"]
+__all__ = ["WorkRound", "Accepted", "Refused", "WorkerStatus", "ScaleOutError", "parse_work",
+           "parse_accepted", "parse_refused", "status", "check_split", "fold_strategy",
+           "check_worker_id", "VALID", "MEAN_CODECS"]

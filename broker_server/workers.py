@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import queue
 import shutil
@@ -25,9 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker_server.guard import GuardError, UpdateGuard
 from broker_server.intake import pump, update_expect, update_meta
-from broker_server.scaleout import (Accepted, WorkRound, check_worker_id, fold_strategy,
-                                    parse_work, status)
+from broker_server.scaleout import (Accepted, Refused, WorkRound, check_worker_id,
+                                    fold_strategy, parse_work, status)
 from broker_server.state import atomic_write
 from broker_server.trust import ServerTrust
 from device_runtime import codecs, messages, wire
@@ -73,6 +75,7 @@ class Worker:
         self.reference: dict = {}  # its model frame's tensors, and their shapes
         self.shapes: dict = {}
         self.strategy = self.codec = None  # the round's, for its checks and fold
+        self.guard = _guard({})  # the round's bounds, as the coordinator sent them
         self.held: dict[str, bytes] = {}  # device -> its Accepted report, this round
         self.pending: list[tuple[dict, bytes]] = []
         self.served: set[str] = set()  # coordinator sessions whose rounds we saw
@@ -160,6 +163,7 @@ class Worker:
     def _start(self, w: WorkRound, sha: str) -> None:
         """A new round (or a new model for it): fold from scratch, relative to its frame."""
         self.fold, self.held, self.model_sha = None, {}, sha
+        self.guard = _guard(w.guard)
         for d in self.root.glob("round-*"):  # saved updates of older rounds or models
             if d.is_dir() and d.name != self._dir().name:
                 shutil.rmtree(d, ignore_errors=True)
@@ -186,7 +190,7 @@ class Worker:
         self.fold = self._new_fold()
         for path in sorted(self._dir().glob("*.fdg")):  # accepted before a restart
             data = path.read_bytes()
-            try:
+            try:  # bounded when it was accepted: the reference it met may be gone
                 self._accept(path.stem, data, hashlib.sha256(data).hexdigest(), save=False)
             except FedgeError as e:
                 self._reject({"kind": "saved update", "device": path.stem}, str(e))
@@ -236,19 +240,30 @@ class Worker:
     def _accept(self, device: str, payload: bytes, digest: str, save: bool) -> None:
         """Validate, fold, save, report: the aggregator's checks (broker_server.intake)."""
         w = self.work
-        frame, samples, variant = self._check(device, payload)
+        try:
+            frame, samples, variant, norm = self._check(device, payload, enforce=save)
+        except GuardError as e:  # the coordinator would otherwise wait for the device
+            self.t.publish(self.topics.worker(self.id, "refused"), messages.seal(
+                Refused(self.id, w.round, device, str(e)), self.opts.job, self.id,
+                self.trust.signer, w.round))
+            raise
         self.fold.add(device, samples, frame.tensors, frame.params, variant=variant)
+        self.guard.accept(device, norm)
         if save:  # only after the fold accepted it: a rejected payload leaves no trace
             self._dir().mkdir(exist_ok=True)
             atomic_write(self._dir() / f"{device}.fdg", payload)
         report = messages.seal(Accepted(self.id, w.round, device, samples, digest,
-                                        len(payload), dict(frame.meta)), self.opts.job,
+                                        len(payload), dict(frame.meta), norm or 0.0),
+                               self.opts.job,
                                self.id, self.trust.signer, w.round)
         self.held[device] = report
         self.counts["accepted"] += 1
         self.t.publish(self.topics.worker(self.id, "accepted"), report)
 
-    def _check(self, device: str, payload: bytes) -> tuple[wire.Frame, int, str]:
+    def _check(self, device: str, payload: bytes, enforce: bool = True
+               ) -> tuple[wire.Frame, int, str, float | None]:
+        """(frame, the samples it counts with, variant, change RMS) of a valid update;
+        the guard's bounds are checked only if ``enforce``."""
         w = self.work
         check_id("device", device)  # it becomes a file name
         task = w.devices.get(device)
@@ -261,7 +276,9 @@ class Worker:
             self.opts.job, w.round, device, self.codec, self.strategy, task["variant"],
             self.shapes, task["samples"], task["nonce"]), device)
         samples, variant = update_meta(frame, task["variant"])
-        return frame, samples, variant
+        norm = self.guard.measure(device, self.codec, frame.tensors, frame.params,
+                                  CodecContext(w.round, w.seed, self.reference, device), enforce)
+        return frame, self.guard.weight(device, samples), variant, norm
 
     # --- close ------------------------------------------------------------------
     def _send_partial(self, w: WorkRound) -> None:
@@ -276,8 +293,8 @@ class Worker:
         if set(self.held) != set(have):  # we hold a device another worker reported first
             fold = self._new_fold()
             for device in have:
-                frame, samples, variant = self._check(
-                    device, (self._dir() / f"{device}.fdg").read_bytes())
+                frame, samples, variant, _ = self._check(
+                    device, (self._dir() / f"{device}.fdg").read_bytes(), enforce=False)
                 fold.add(device, samples, frame.tensors, frame.params, variant=variant)
             self.counts["rebuilt"] += 1
         tensors, meta = fold.partial()
@@ -290,6 +307,14 @@ class Worker:
         """Where the open round's accepted updates are saved: per round and model."""
         r = self.work.round if self.work else 0
         return self.root / f"round-{r}-{self.model_sha[:16]}"
+
+
+def _guard(g: dict) -> UpdateGuard:
+    """The guard a round message describes (parse_work checked it); none: no bounds."""
+    if not g:
+        return UpdateGuard(math.inf)
+    return UpdateGuard(math.inf if g["factor"] is None else float(g["factor"]),
+                       g["max_samples"], dict(g["registered"]), list(g["previous"]))
 
 
 __all__ = ["Worker", "WorkerOptions", "group"]

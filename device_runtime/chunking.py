@@ -30,7 +30,7 @@ import numpy as np
 from device_runtime.errors import ChunkRefusedError, WireError
 from device_runtime.strict_json import short
 from device_runtime.topics import sender_of
-from device_runtime.wire import Expect, Frame, decode, encode, peek_header
+from device_runtime.wire import Expect, Frame, decode, encode, peek_header, signed_digest
 
 if TYPE_CHECKING:
     from device_runtime.keys import Signer
@@ -40,19 +40,23 @@ def split(data: bytes, max_payload: int, chunk_id: str, signer: Signer | None = 
           ) -> list[bytes]:
     """``[data]`` if it fits in ``max_payload`` bytes, else chunk frames that each fit,
     signed by ``signer`` (with the frame's nonce and addressee) if given, so a receiver
-    can refuse a forged chunk before it holds it."""
+    can refuse a forged chunk before it holds it. Signed, chunk 0 also names the digest
+    of every other chunk (``chunk.parts``), so a receiver that verified it checks the
+    rest by a hash (``device_runtime.chunk_auth``)."""
     if len(data) <= max_payload:
         return [data]
     head = peek_header(data)
     digest = hashlib.sha256(data).hexdigest()
     auth = head.get("auth", {}) if signer else {}
 
-    def chunk(index: int, count: int, payload: np.ndarray) -> bytes:
+    def chunk(index: int, count: int, payload: np.ndarray, parts: list | None = None
+              ) -> bytes:
+        c = {"id": chunk_id, "index": index, "count": count, "sha256": digest}
+        if parts is not None:
+            c["parts"] = parts
         return encode(Frame("chunk", head["job"], head["round"], head["device"], head["codec"],
-                            {"data": payload},
-                            chunk={"id": chunk_id, "index": index, "count": count,
-                                   "sha256": digest},
-                            nonce=auth.get("nonce", ""), to=auth.get("to", "")), signer=signer)
+                            {"data": payload}, chunk=c, nonce=auth.get("nonce", ""),
+                            to=auth.get("to", "")), signer=signer)
 
     # The header of chunk 0 of 1 with an empty slice, plus room for the widest
     # index, count, shape and nbytes any chunk can have: an upper bound for all.
@@ -62,10 +66,35 @@ def split(data: bytes, max_payload: int, chunk_id: str, signer: Signer | None = 
     if step < 1:
         raise WireError(f"max_payload: expected more than {overhead} bytes (a chunk's own "
                         f"header), got {max_payload}")
-    count = math.ceil(len(data) / step)
-    return [chunk(i, count, np.frombuffer(data, np.uint8, min(step, len(data) - i * step),
-                                          i * step))
-            for i in range(count)]
+    count, first = _layout(len(data), step, manifest=signer is not None)
+    starts = [0] + [first + i * step for i in range(count - 1)] + [len(data)]
+    pieces = [np.frombuffer(data, np.uint8, starts[i + 1] - starts[i], starts[i])
+              for i in range(count)]
+    if first == step:  # no manifest: unsigned, or too many chunks for one header
+        return [chunk(i, count, pieces[i]) for i in range(count)]
+    rest = [chunk(i, count, pieces[i]) for i in range(1, count)]
+    return [chunk(0, count, pieces[0], [signed_digest(c)[1] for c in rest])] + rest
+
+
+DIGEST_ROOM = 35  # one digest in chunk 0's header: '"' + 32 hex digits + '",'
+MANIFEST_MAX = 48 * 1024  # header bytes chunk 0 may spend on digests (MAX_HEADER is 64 KiB)
+
+
+def _layout(size: int, step: int, manifest: bool) -> tuple[int, int]:
+    """(chunks, bytes in chunk 0) for ``size`` bytes at ``step`` per chunk; chunk 0
+    is shorter by the room its digests of the others take (``first == step``: none)."""
+    count = math.ceil(size / step)
+    if not manifest:
+        return count, step
+    while True:  # the digests shorten chunk 0, which may add a chunk: at most a few turns
+        room = 16 + DIGEST_ROOM * count
+        first = step - room
+        if first < 1 or room > MANIFEST_MAX:
+            return math.ceil(size / step), step
+        need = 1 + math.ceil(max(0, size - first) / step)
+        if need <= count:
+            return need, first
+        count = need
 
 
 # What holding costs beyond the payload bytes, measured with tracemalloc (CPython

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from device_runtime import messages, wire
+from device_runtime.chunk_auth import ChunkVerifier
 from device_runtime.errors import UnauthenticatedError, WireError
 from device_runtime.keys import PublicKey
 
@@ -22,6 +23,7 @@ SERVER = "server"
 class ServerMessages:
     def __init__(self, job: str, device: str, server_key: PublicKey):
         self.job, self.device, self.key = job, device, server_key
+        self.chunks = ChunkVerifier()
         self.plan: messages.Plan | None = None
         self.round_seen = 0  # the newest task round taken in the plan's session
         self.refused: dict[str, int] = {}  # kind -> messages refused
@@ -80,9 +82,10 @@ class ServerMessages:
 
     def gate(self, topic: str, data: bytes, chunk: bool) -> None:
         """On the transport thread: a chunk must be signed by the aggregator before it
-        is held (a flood of forged chunks costs one signature check each)."""
+        is held (a flood of forged chunks costs one signature check each; an honest
+        message's chunks after its chunk 0, a hash each: chunk_auth.py)."""
         if chunk:  # its body is hashed by the reassembler's decode, right after
-            wire.verify(data, self.key, wire.Expect(job=self.job), body=False)
+            self.chunks.verify(topic, data, self.key, wire.Expect(job=self.job))
 
     def count(self, kind: str, topic: str, e: Exception) -> None:
         """Count a refusal; log the first of each kind and reason (the field it names),

@@ -69,7 +69,8 @@ class Topics:
 
     def worker(self, worker: str = "+", what: str = "+") -> str:
         """Worker to coordinator: ``status`` (retained, will "offline"), ``accepted`` (one
-        per update it folded in) and ``partial`` (its share of the round, a frame)."""
+        per update it folded in), ``refused`` (one per update its guard refused) and
+        ``partial`` (its share of the round, a frame)."""
         return f"{self.root}/workers/{worker}/{what}"
 
     def shared_update(self, group: str) -> str:
@@ -90,13 +91,13 @@ class Topics:
         if rest == ["workers", "round"]:
             return {"kind": "work"}
         if len(rest) == 3 and rest[0] == "workers" and \
-                rest[2] in ("status", "accepted", "partial"):
+                rest[2] in ("status", "accepted", "refused", "partial"):
             return {"kind": "worker", "worker": rest[1], "what": rest[2]}
         if len(rest) == 3 and rest[0] == "devices" and rest[2] == "status":
             return {"kind": "status", "device": rest[1]}
         if len(rest) == 4 and rest[0] == "round" and rest[1].isdigit():
-            key = {"model": "variant", "sync": "variant", "task": "device", "update": "device", "acts": "device",
-                   "grad": "device"}.get(rest[2])
+            key = {"model": "variant", "sync": "variant", "task": "device",
+                   "update": "device", "acts": "device", "grad": "device"}.get(rest[2])
             if key:
                 return {"kind": rest[2], "round": int(rest[1]), key: rest[3]}
         return {"kind": "unknown"}

@@ -190,6 +190,19 @@ def verify(data: bytes | bytearray | memoryview, key: PublicKey | None,
     return _guarded(run)
 
 
+def signed_digest(data: bytes | bytearray | memoryview, limits: Limits = Limits()
+                  ) -> tuple[dict, str]:
+    """The validated header and the first 32 hex digits of the sha256 of the frame's
+    signed bytes (magic, length, header): what a chunked message's chunk 0 names each
+    other chunk by (``device_runtime.chunk_auth``). Neither signature nor body is checked."""
+    def run() -> tuple[dict, str]:
+        view = _byte_view(data)
+        header, _ = _parse(view, limits)
+        (h,) = struct.unpack_from("<I", view, 4)
+        return header, hashlib.sha256(view[:PREFIX + h]).hexdigest()[:32]
+    return _guarded(run)
+
+
 def peek_header(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> dict:
     """The validated header, for routing; neither signature nor body is checked."""
     return _guarded(lambda: _parse(_byte_view(data), limits)[0])
@@ -316,4 +329,4 @@ def __getattr__(name: str) -> object:
 
 __all__ = ["MAGIC", "SUPPORTED_VERSIONS", "SIGNED_VERSION", "DTYPES", "MAX_HEADER", "Limits",
            "TensorSpec", "Expect", "Frame", "encode", "decode", "verify", "peek_header",
-           "content_sha", "split", "Reassembler"]
+           "signed_digest", "content_sha", "split", "Reassembler"]

@@ -26,6 +26,7 @@ _TENSOR_FIELDS = (("name", str), ("dtype", str), ("shape", list), ("offset", int
                   ("nbytes", int), ("params", dict))
 _AUTH_FIELDS = (("key", str), ("nonce", str), ("to", str))
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 MAX_NONCE = 128
 MAX_TO = 64
@@ -78,6 +79,14 @@ def _check_chunk(chunk: object) -> None:
     if not _HEX64.fullmatch(chunk["sha256"]):
         raise WireError(f"{where}.sha256: expected 64 lowercase hex digits, got "
                         f"{short(chunk['sha256'])}")
+    if "parts" in chunk:  # chunk 0's digests of the others (device_runtime/chunk_auth.py)
+        parts = chunk["parts"]
+        if chunk["index"] != 0 or not isinstance(parts, list) or \
+                len(parts) != chunk["count"] - 1 or \
+                not all(isinstance(d, str) and _HEX32.fullmatch(d) for d in parts):
+            raise WireError(f"{where}.parts: expected, in chunk 0 only, {chunk['count'] - 1} "
+                            f"digests of 32 lowercase hex digits, got {short(parts)} in "
+                            f"chunk {chunk['index']}")
 
 
 def _check_tensors(tensors: list, limits) -> int:

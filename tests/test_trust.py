@@ -12,6 +12,7 @@ import pytest
 from broker_server.trust import ServerTrust
 from device_runtime import messages, wire
 from device_runtime.agent import DeviceAgent
+from device_runtime.chunk_auth import ChunkVerifier
 from device_runtime.errors import WireError
 from device_runtime.keys import Signer
 from device_runtime.topics import Topics
@@ -87,6 +88,69 @@ def test_every_chunk_of_a_signed_frame_is_signed_and_a_forged_one_is_refused_unh
     tx.publish(TOPICS.update(1, "d0"), big)
     hub.drain()
     assert got == [big]
+
+
+def test_a_chunked_message_costs_one_signature_check_and_no_forged_chunk_passes():
+    """Chunk 0 names the digest of every other chunk: in order, the others are checked
+    by a hash; out of order, or not the named bytes, by their own signature."""
+    key = KEYS.device("d0")
+    big = wire.encode(wire.Frame("update", JOB, 1, "d0", "fp32",
+                                 {"w": np.arange(40_000, dtype=np.float32)}, nonce="t1"),
+                      signer=key)
+    parts = wire.split(big, 16_384, "c1", key)
+    assert len(wire.peek_header(parts[0])["chunk"]["parts"]) == len(parts) - 1
+    assert all(len(p) <= 16_384 for p in parts)
+    topic, expect = TOPICS.update(1, "d0"), wire.Expect(job=JOB)
+
+    v = ChunkVerifier()
+    for p in parts:
+        v.verify(topic, p, KEYS.get("d0"), expect)
+    assert (v.signatures, v.hashed) == (1, len(parts) - 1)
+    v = ChunkVerifier()
+    for p in reversed(parts):  # chunk 0 last: nothing to shortcut with
+        v.verify(topic, p, KEYS.get("d0"), expect)
+    assert (v.signatures, v.hashed) == (len(parts), 0)
+
+    v = ChunkVerifier()
+    v.verify(topic, parts[0], KEYS.get("d0"), expect)
+    rogue = wire.split(wire.encode(wire.Frame("update", JOB, 1, "d0", "fp32",
+                                              {"w": np.zeros(40_000, np.float32)},
+                                              nonce="t1"), signer=Signer.generate()),
+                       16_384, "c1")  # the same chunk id, unsigned
+    for p in rogue[1:3]:
+        with pytest.raises(WireError, match="expected a signed frame"):
+            v.verify(topic, p, KEYS.get("d0"), expect)
+    other = wire.split(big, 16_384, "c1", Signer.generate())  # same id, another key
+    with pytest.raises(WireError, match="signed by another key"):
+        v.verify(topic, other[2], KEYS.get("d0"), expect)
+    with pytest.raises(WireError, match="header.job: expected 'other'"):  # still checked
+        v.verify(topic, parts[1], KEYS.get("d0"), wire.Expect(job="other"))
+    v.verify(TOPICS.update(1, "d1"), parts[1], KEYS.get("d0"), expect)  # another topic:
+    assert v.signatures == 2  # its own signature check
+
+    bad = wire.peek_header(parts[0])["chunk"]
+    for chunk in ({**bad, "parts": bad["parts"][:-1]}, {**bad, "index": 1},
+                  {**bad, "parts": ["X" * 32] * len(bad["parts"])}):
+        frame = wire.Frame("chunk", JOB, 1, "d0", "fp32", {"data": np.zeros(4, np.uint8)},
+                           chunk=chunk, nonce="t1")
+        with pytest.raises(WireError, match="header.chunk.parts: expected, in chunk 0 only"):
+            wire.verify(wire.encode(frame, signer=key), KEYS.get("d0"))
+
+
+def test_the_chunk_digests_remembered_are_bounded():
+    key = KEYS.device("d0")
+    v = ChunkVerifier(max_messages=2)
+    messages_ = []
+    for k in range(3):
+        big = wire.encode(wire.Frame("update", JOB, 1, "d0", "fp32",
+                                     {"w": np.full(20_000, k, np.float32)}), signer=key)
+        messages_.append(wire.split(big, 16_384, f"c{k}", key))
+        v.verify(TOPICS.update(1, "d0"), messages_[-1][0], KEYS.get("d0"), wire.Expect())
+    assert len(v._known) == 2 and v._digests == 2 * (len(messages_[0]) - 1)
+    v.verify(TOPICS.update(1, "d0"), messages_[0][1], KEYS.get("d0"), wire.Expect())
+    assert (v.signatures, v.hashed) == (4, 0)  # forgotten: checked by its signature
+    v.verify(TOPICS.update(1, "d0"), messages_[2][1], KEYS.get("d0"), wire.Expect())
+    assert v.hashed == 1
 
 
 # --- the device ------------------------------------------------------------------------

@@ -49,8 +49,10 @@ def _init() -> dict:
     return weights_of(build_model(CFG))
 
 
-def _update(job: str, codec_name: str, device: str, r: int, ref: dict) -> bytes:
-    """A deterministic update of ``device`` in round ``r`` against the model ``ref``."""
+def _update(job: str, codec_name: str, device: str, r: int, ref: dict, lie: bool = False
+            ) -> bytes:
+    """A deterministic update of ``device`` in round ``r`` against the model ``ref``;
+    ``lie``: d4 sends its change x1000, d5 claims a million samples (its status: 55)."""
     k = int(device[1:])
     rng = np.random.default_rng([k, r])
     seed = SEED * 100_003 + r  # the aggregator's task seed
@@ -62,19 +64,23 @@ def _update(job: str, codec_name: str, device: str, r: int, ref: dict) -> bytes:
             w[n] = np.abs(v + rng.normal(size=v.shape)) + 0.5
         else:
             w[n] = v + 0.01 * rng.normal(size=v.shape) + (0.003 if k % 3 else -0.002)
+        if lie and device == "d4":
+            w[n] = ref[n] + 1000 * (w[n] - ref[n])
+    samples = 1_000_000 if lie and device == "d5" else 20 + 7 * k
     codec = codecs.get(codec_name)
     t, p = codec.encode({n: x.astype(np.float32) for n, x in w.items()},
                         CodecContext(r, seed, ref, device))
     return wire.encode(wire.Frame("update", job, r, device, codec_name, t, p,
-                                  {"samples": 20 + 7 * k, "variant": "full"}))
+                                  {"samples": samples, "variant": "full"}))
 
 
 class Fleet:
     """Fake devices on one connection: announce, answer each task with the update that
     ``_update`` makes from the round's retained model (``copies`` times: resends)."""
 
-    def __init__(self, url: str, job: str, codec: str, copies: int = 1):
+    def __init__(self, url: str, job: str, codec: str, copies: int = 1, lie: bool = False):
         self.topics, self.job, self.codec, self.copies = Topics(job), job, codec, copies
+        self.lie = lie
         self.models: dict[int, dict] = {}
         self.tasks: queue.Queue = queue.Queue()
         self.t = MqttTransport(url, f"fleet-{job}", max_payload=1 << 24)
@@ -97,7 +103,8 @@ class Fleet:
             while task.round not in self.models:
                 threading.Event().wait(0.01)
             payload = resign(_update(self.job, self.codec, task.device, task.round,
-                                     self.models[task.round]), task.device, task.nonce)
+                                     self.models[task.round], self.lie), task.device,
+                             task.nonce)
             for _ in range(self.copies):
                 self.t.publish(self.topics.update(task.round, task.device), payload)
 
@@ -108,7 +115,7 @@ class Fleet:
 
 
 def _run(broker, tmp_path, strategy: str, codec: str, workers: int, copies: int = 1,
-         rounds: int = 2) -> dict:
+         rounds: int = 2, lie: bool = False) -> dict:
     job = f"w{secrets.token_hex(3)}"
     init = _init()
     opts_s = SignSGDOptions("mv", server_lr=0.01) if strategy == "signsgd" else None
@@ -136,7 +143,7 @@ def _run(broker, tmp_path, strategy: str, codec: str, workers: int, copies: int 
                      CFG.to_json(), init, scale_out=scale,
                      trust=trust(job, tmp_path / job / "state"),
                      on_round=lambda rec: weights.append(dict(agg.weights)))
-    fleet = Fleet(broker.url, job, codec, copies)
+    fleet = Fleet(broker.url, job, codec, copies, lie)
     try:
         report = agg.run()
         if scale:
@@ -200,6 +207,26 @@ def test_an_update_on_two_workers_is_folded_once(broker, tmp_path):
     assert spread["report"]["duplicates"] >= 1
     for rec in spread["scale"]["rounds"]:
         assert sum(rec["workers"].values()) == len(DEVICES)
+
+
+def test_workers_bound_weights_and_changes_as_the_aggregator_does(broker, tmp_path):
+    """d5 claims a million samples (registered 55), d4 sends its change x1000: the
+    workers cap the one and refuse the other, as the single aggregator does, and the
+    coordinator does not wait for the refused device."""
+    single = _run(broker, tmp_path, "fedavg", "fp32", workers=0, lie=True)
+    spread = _run(broker, tmp_path, "fedavg", "fp32", workers=3, lie=True)
+    _assert_same(single["weights"], spread["weights"], 1)
+    honest = _run(broker, tmp_path, "fedavg", "fp32", workers=0)
+    assert not np.allclose(honest["weights"][0]["stages.4.fc.weight"],
+                           spread["weights"][0]["stages.4.fc.weight"])  # d4 left out
+    for report in (single["report"], spread["report"]):
+        assert [r["devices_reporting"] for r in report["rounds"]] == [5, 5]
+        assert all(r["refused"] == ["d4"] for r in report["rounds"]), report["rounds"]
+        assert report["rejected_total"] >= 2, report["rejected_by_reason"]
+        # a round that waited out its 30 s deadline would have been the refused device's
+        assert all(r["seconds"] < 25 for r in report["rounds"]), report["rounds"]
+    for rec in spread["scale"]["rounds"]:
+        assert sum(rec["workers"].values()) == len(DEVICES) - 1
 
 
 def _ref(rng) -> dict:

@@ -206,7 +206,8 @@ def _build_custom(cfg: ModelConfig, allowed: LocalModels) -> nn.Module:
     try:
         model = fn(input_shape=cfg.input_shape, num_classes=cfg.num_classes, **kwargs)
     except Exception as e:  # user code: report it, do not crash
-        raise ModelBuildError(f"model factory {cfg.factory!r} failed: {type(e).__name__}: {e}") from None
+        raise ModelBuildError(f"model factory {cfg.factory!r} failed: "
+                              f"{type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ModelBuildError(f"model factory {cfg.factory!r} returned {type(model).__name__}, "
                          "not an nn.Module")
