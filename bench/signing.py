@@ -100,14 +100,16 @@ def _operations(reps: int) -> dict:
                lambda: verifier.verify(topic, chunked[1], server.public, wire.Expect()), reps)}
     # Per round: the aggregator signs 1 model frame (and its chunks) and DEVICES tasks;
     # each device verifies its task, the model (its chunk 0 by signature, the other
-    # chunks by digest) and signs a status and its update (and its chunks); the
+    # chunks by digest) and signs a status and its update (and its chunk 0); the
     # aggregator verifies each status, update and its chunks the same way.
     small = DEVICES * 2 * (per["sign_small"] + per["verify_small"])
     frames = (per["sign_model"] + per["verify_model"] * DEVICES
               + DEVICES * (per["sign_update"] + per["verify_update"]))
-    one_chunked = (chunks * per["sign_small"] + per["verify_small"]
-                   + (chunks - 1) * per["check_chunk_by_digest"])
-    frame_chunks = (1 + DEVICES) * one_chunked  # the model and DEVICES updates
+    # The retained model's chunks are each signed (they arrive in the broker's order);
+    # an update's, published live, only its chunk 0.
+    checks = per["verify_small"] + (chunks - 1) * per["check_chunk_by_digest"]
+    frame_chunks = (chunks * per["sign_small"] + DEVICES * checks  # the model
+                    + DEVICES * (per["sign_small"] + checks))  # the updates
     return {"per_operation_us": {k: round(v * 1e6, 1) for k, v in per.items()},
             "chunks_per_frame": chunks, "model_bytes": len(model),
             "round_seconds": round(small + frames + frame_chunks, 5)}
@@ -149,9 +151,9 @@ cnn-wide ({ops['model_bytes']:,} B model frame, {ops['chunks_per_frame']} chunks
 
 Every signature operation of one round, timed on the real frames (sign: the
 header; verify: Ed25519 over the header; the body's sha256 is computed with or
-without signatures, by the decoder). Every chunk is signed; a receiver verifies a
-chunked message's chunk 0 and checks the others by the digests it names
-(`device_runtime/chunk_auth.py`):
+without signatures, by the decoder). A retained message's chunks are each signed, a
+live one's (an update) only chunk 0; a receiver verifies chunk 0 and checks the
+others by the digests it names (`device_runtime/chunk_auth.py`):
 
 | operation | µs (median) |
 |---|---|

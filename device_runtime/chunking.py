@@ -36,27 +36,30 @@ if TYPE_CHECKING:
     from device_runtime.keys import Signer
 
 
-def split(data: bytes, max_payload: int, chunk_id: str, signer: Signer | None = None
-          ) -> list[bytes]:
+def split(data: bytes, max_payload: int, chunk_id: str, signer: Signer | None = None,
+          sign_all: bool = True) -> list[bytes]:
     """``[data]`` if it fits in ``max_payload`` bytes, else chunk frames that each fit,
     signed by ``signer`` (with the frame's nonce and addressee) if given, so a receiver
     can refuse a forged chunk before it holds it. Signed, chunk 0 also names the digest
     of every other chunk (``chunk.parts``), so a receiver that verified it checks the
-    rest by a hash (``device_runtime.chunk_auth``)."""
+    rest by a hash (``device_runtime.chunk_auth``). ``sign_all`` False signs chunk 0
+    only: for a message published live, whose chunks arrive in order; a retained
+    one's come in the broker's order, and each must be checkable on its own."""
     if len(data) <= max_payload:
         return [data]
     head = peek_header(data)
     digest = hashlib.sha256(data).hexdigest()
     auth = head.get("auth", {}) if signer else {}
 
-    def chunk(index: int, count: int, payload: np.ndarray, parts: list | None = None
-              ) -> bytes:
+    def chunk(index: int, count: int, payload: np.ndarray, parts: list | None = None,
+              signed: bool = True) -> bytes:
         c = {"id": chunk_id, "index": index, "count": count, "sha256": digest}
         if parts is not None:
             c["parts"] = parts
+        bind = auth if signed else {}  # an unsigned chunk is vouched for by chunk 0
         return encode(Frame("chunk", head["job"], head["round"], head["device"], head["codec"],
-                            {"data": payload}, chunk=c, nonce=auth.get("nonce", ""),
-                            to=auth.get("to", "")), signer=signer)
+                            {"data": payload}, chunk=c, nonce=bind.get("nonce", ""),
+                            to=bind.get("to", "")), signer=signer if signed else None)
 
     # The header of chunk 0 of 1 with an empty slice, plus room for the widest
     # index, count, shape and nbytes any chunk can have: an upper bound for all.
@@ -72,7 +75,7 @@ def split(data: bytes, max_payload: int, chunk_id: str, signer: Signer | None = 
               for i in range(count)]
     if first == step:  # no manifest: unsigned, or too many chunks for one header
         return [chunk(i, count, pieces[i]) for i in range(count)]
-    rest = [chunk(i, count, pieces[i]) for i in range(1, count)]
+    rest = [chunk(i, count, pieces[i], signed=sign_all) for i in range(1, count)]
     return [chunk(0, count, pieces[0], [signed_digest(c)[1] for c in rest])] + rest
 
 

@@ -128,6 +128,24 @@ def test_a_chunked_message_costs_one_signature_check_and_no_forged_chunk_passes(
     v.verify(TOPICS.update(1, "d1"), parts[1], KEYS.get("d0"), expect)  # another topic:
     assert v.signatures == 2  # its own signature check
 
+    live = wire.split(big, 16_384, "c9", key, sign_all=False)  # published live: in order
+    assert [wire.peek_header(p)["v"] for p in live] == [2] + [1] * (len(live) - 1)
+    v = ChunkVerifier()
+    with pytest.raises(WireError, match="expected a signed frame"):  # before its chunk 0
+        v.verify(topic, live[1], KEYS.get("d0"), expect)
+    for p in live:
+        v.verify(topic, p, KEYS.get("d0"), expect)
+    assert (v.signatures, v.hashed) == (1, len(live) - 1)
+    tampered = bytearray(live[2])
+    tampered[-1] ^= 1  # the body: its header's sha256 no longer matches (reassembler's
+    v.verify(topic, bytes(tampered), KEYS.get("d0"), expect)  # decode refuses it next)
+    with pytest.raises(WireError, match="header.sha256"):
+        wire.Reassembler().add(bytes(tampered), topic)
+    reheaded = bytearray(live[2])
+    reheaded[reheaded.index(b'"round":1') + 8] = ord("2")
+    with pytest.raises(WireError, match="expected a signed frame"):
+        v.verify(topic, bytes(reheaded), KEYS.get("d0"), expect)
+
     bad = wire.peek_header(parts[0])["chunk"]
     for chunk in ({**bad, "parts": bad["parts"][:-1]}, {**bad, "index": 1},
                   {**bad, "parts": ["X" * 32] * len(bad["parts"])}):
@@ -232,7 +250,8 @@ def test_the_aggregator_takes_a_status_only_from_the_devices_own_key_and_never_a
     assert t.status("d0", messages.seal(st, JOB, "d0", KEYS.device("d0"))).samples == 40
     with pytest.raises(WireError, match="signed by another key"):
         t.status("d0", messages.seal(st, JOB, "d0", KEYS.device("d1")))
-    with pytest.raises(WireError, match="expected one with a key in the fleet.s registry, got .no-such."):
+    with pytest.raises(WireError,
+                       match="expected one with a key in the fleet.s registry, got .no-such."):
         t.status("no-such", messages.seal(messages.Status("no-such", "online"), JOB,
                                           "no-such", Signer.generate()))
     older = messages.Status("d0", "online", "rpi4", 10**15, ts=9.0)

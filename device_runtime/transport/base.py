@@ -94,7 +94,7 @@ class Transport(ABC):
         # re-announces itself so the aggregator resends its task.
         self.on_connect: Callable[[], None] = lambda: None
         # Signs the chunks of a signed frame (the owner's key), so receivers can check
-        # each chunk before holding it.
+        # each chunk before holding it (chunk_auth.py: a live message's chunk 0 only).
         self.signer: Signer | None = None
         # The receiver's check of every chunk and every whole message, on the delivery
         # thread, before anything is held or queued: raises WireError to refuse it.
@@ -121,7 +121,9 @@ class Transport(ABC):
         """Send ``payload`` (chunked if needed); returns bytes put on the wire."""
         parts = [payload]
         if len(payload) > self.max_payload and payload[:4] == wire.MAGIC:
-            parts = wire.split(payload, self.max_payload, uuid.uuid4().hex[:16], self.signer)
+            # Live chunks arrive in order, after their chunk 0: signing it is enough.
+            parts = wire.split(payload, self.max_payload, uuid.uuid4().hex[:16], self.signer,
+                               sign_all=retain)
         total = 0
         for i, part in enumerate(parts):
             t = topic if len(parts) == 1 else f"{topic}{CHUNK_SEP}{i}"
