@@ -1,5 +1,5 @@
 """EcoFed: devices run a frozen, pre-trained head in onnxruntime and send quantized
-activations; the server trains the tail on replay buffers (ALGORITHMS.md, section 2).
+activations; the server trains the tail on replay buffers (docs/ALGORITHMS.md, section 2).
 
 The head (stages before the split point) comes from pre-training on the server's
 public split and never changes; it reaches devices once per job as the asset

@@ -1,5 +1,5 @@
 """REFT: each device trains the global model pruned to its compute; the server distils
-the ensemble of returned client models into the global model (ALGORITHMS.md, section 3).
+the ensemble of returned client models into the global model (docs/ALGORITHMS.md, section 3).
 
 Each round the global (student) model is pruned anew for every profile of the fleet
 (structured channel pruning to the planner's MAC budget); a device gets its profile's

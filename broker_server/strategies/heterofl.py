@@ -1,6 +1,6 @@
 """HeteroFL-style nested widths: a device trains the global model's first channels.
 
-The baseline SplitMix and REFT are compared against (ALGORITHMS.md, sections 1
+The baseline SplitMix and REFT are compared against (docs/ALGORITHMS.md, sections 1
 and 3). A device with width budget R trains the zoo model at width w (the
 largest level <= R); its tensors are the leading block of every global tensor
 (the first ``ceil(w * C)`` channels of each layer, the first hidden units), so a

@@ -1,6 +1,6 @@
 """SplitMix: M narrow base networks; each device trains as many as its budget affords.
 
-ALGORITHMS.md, section 1. A device with width budget R trains n = floor(R / r)
+docs/ALGORITHMS.md, section 1. A device with width budget R trains n = floor(R / r)
 bases (at least 1, at most M): the first from a global shuffled cyclic sampler
 (so every base is trained within any ceil(M / devices) rounds), the others drawn at
 random without repeats. It uploads only those bases, through any codec; the

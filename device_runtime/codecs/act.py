@@ -2,7 +2,7 @@
 
 A device that runs a frozen head sends the activations at the cut, which follow a
 ReLU, so they are non-negative: unsigned codes with zero point 0 and one scale per
-tensor, ``scale = max / (2^bits - 1)`` (ALGORITHMS.md, section 2: the paper's
+tensor, ``scale = max / (2^bits - 1)`` (docs/ALGORITHMS.md, section 2: the paper's
 signed int8 wastes the sign bit). Rounding is to nearest: activations are not
 averaged over devices, so an unbiased stochastic rounding buys nothing here.
 

@@ -1,6 +1,6 @@
 """FedMRN local training: learn a binary mask over seeded noise for every conv and
 linear weight, with progressive stochastic masking and the straight-through
-estimator (ALGORITHMS.md, section 4). BatchNorm and biases train as usual.
+estimator (docs/ALGORITHMS.md, section 4). BatchNorm and biases train as usual.
 """
 from __future__ import annotations
 

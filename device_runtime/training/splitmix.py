@@ -1,5 +1,5 @@
 """SplitMix base networks: M narrow copies of one architecture, trained apart, averaged at
-inference (ALGORITHMS.md, section 1).
+inference (docs/ALGORITHMS.md, section 1).
 
 A SplitMix model is a ``ModelConfig`` with arch ``"splitmix"``: ``width`` is the atom
 width r (times any global width), ``kwargs["base"]`` the zoo architecture of each base,
