@@ -103,8 +103,18 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _serve_job(args: argparse.Namespace, job: str, init: Path, work: Path, url: str, keys):
+    """The aggregator's job: FedAvg with fp32, serve's defaults for the rest."""
+    from toolkit.jobs import BrokerSettings, RoundSettings, ServeJob
+
+    rounds = RoundSettings(args.rounds, max(2, args.devices * 3 // 4), args.round_timeout,
+                           args.epochs, args.batch_size, args.lr)
+    broker = BrokerSettings(url, signing_key=str(keys.server_key),
+                            registry=str(keys.registry))
+    return ServeJob(job, init, work / "state", rounds=rounds, broker=broker)
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    from toolkit.cli.main import build_parser
     from toolkit.field import broker_url, run_serve
     from toolkit.fleet_keys import write_fleet_keys
 
@@ -122,15 +132,9 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"broker {url}{' (embedded amqtt)' if not args.broker else ''}; job {job}; "
               f"{args.devices} device processes; work dir {work}", flush=True)
         procs = _start_devices(url, job, work, args.devices, keys)
-        serve_args = build_parser().parse_args([  # serve's own defaults for the rest
-            "serve", "--job", job, "--checkpoint", str(init), "--rounds", str(args.rounds),
-            "--min-devices", str(max(2, args.devices * 3 // 4)),
-            "--round-timeout", str(args.round_timeout), "--state-dir", str(work / "state"),
-            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-            "--lr", str(args.lr), "--broker", url,
-            "--signing-key", str(keys.server_key), "--registry", str(keys.registry)])
         try:
-            run_serve(serve_args, on_round=_Progress(args.rounds), broker=url)
+            run_serve(_serve_job(args, job, init, work, url, keys),
+                      on_round=_Progress(args.rounds))
         finally:
             _stop(procs)
     report = json.loads((work / "state" / "state.json").read_text())
