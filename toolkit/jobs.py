@@ -35,7 +35,7 @@ class RoundSettings:
         for name in ("rounds", "min_devices", "epochs", "batch_size"):
             _at_least_one(f"--{name.replace('_', '-')}", getattr(self, name))
         for name in ("round_timeout", "lr"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')}: expected > 0, got "
                                  f"{getattr(self, name)}")
 
@@ -117,3 +117,23 @@ class WorkerJob:
     registry: str | None = None
     idle_timeout: float | None = None  # seconds without a round, then exit
     parent_pid: int | None = None  # serve's: the worker exits when it is gone
+
+
+@dataclass(frozen=True)
+class DemoJob:
+    """One ``fedge demo``: MNIST-1D over ``devices`` local device processes."""
+    devices: int = 8
+    rounds: int = 25
+    alpha: float = 0.5  # Dirichlet concentration of the non-IID split
+    seed: int = 0
+    round_timeout: float = 30.0
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.02
+    broker: str | None = None  # None: the embedded broker
+    workdir: Path | None = None  # None: a new temporary folder
+    report: Path = Path("fedge-demo.json")  # a PNG plot goes beside
+
+    def __post_init__(self) -> None:
+        if self.devices < 2:
+            raise UsageError(f"--devices: expected >= 2, got {self.devices}")

@@ -245,5 +245,9 @@ def _check(o: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     from toolkit.demo import run_demo
+    from toolkit.jobs import DemoJob
 
-    return run_demo(args)
+    return run_demo(DemoJob(args.devices, args.rounds, args.alpha, args.seed,
+                            args.round_timeout, args.epochs, args.batch_size, args.lr,
+                            args.broker, Path(args.workdir) if args.workdir else None,
+                            Path(args.json)))
