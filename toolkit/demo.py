@@ -7,7 +7,6 @@ bar, writes the JSON report and a PNG plot beside it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import secrets
 import subprocess
@@ -18,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.errors import UsageError
+from toolkit.jobs import DemoJob
 
 PROFILES = ("rpi3b", "rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "android-mid")
 
 
-def _prepare(work: Path, args: argparse.Namespace) -> Path:
+def _prepare(work: Path, demo: DemoJob) -> Path:
     """Partition the data and write the initial (untrained) checkpoint."""
     import torch
 
@@ -31,11 +30,11 @@ def _prepare(work: Path, args: argparse.Namespace) -> Path:
     from toolkit.partition import write_partition
 
     ds = datasets.load_mnist1d()
-    write_partition(ds, work / "data", args.devices, args.seed, args.alpha)
+    write_partition(ds, work / "data", demo.devices, demo.seed, demo.alpha)
     public = datasets.load_npz(work / "data" / "server.npz")
     cfg = zoo.make_config("cnn", ds.sample_shape, ds.num_classes, 1.0,
                           float(np.mean(public.x_train)), float(np.std(public.x_train)))
-    torch.manual_seed(args.seed)
+    torch.manual_seed(demo.seed)
     path = work / "init.safetensors"
     checkpoint.save(checkpoint.Checkpoint(cfg, zoo.build_model(cfg),
                                           dataset=datasets.DatasetSpec("mnist1d")), path)
@@ -103,39 +102,41 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from toolkit.cli.main import build_parser
+def _serve_job(demo: DemoJob, job: str, init: Path, work: Path, url: str, keys):
+    """The aggregator's job: FedAvg with fp32, serve's defaults for the rest."""
+    from toolkit.jobs import BrokerSettings, RoundSettings, ServeJob
+
+    rounds = RoundSettings(demo.rounds, max(2, demo.devices * 3 // 4), demo.round_timeout,
+                           demo.epochs, demo.batch_size, demo.lr)
+    broker = BrokerSettings(url, signing_key=str(keys.server_key),
+                            registry=str(keys.registry))
+    return ServeJob(job, init, work / "state", rounds=rounds, broker=broker)
+
+
+def run_demo(demo: DemoJob) -> int:
     from toolkit.field import broker_url, run_serve
     from toolkit.fleet_keys import write_fleet_keys
 
-    if args.devices < 2:
-        raise UsageError(f"--devices: expected >= 2, got {args.devices}")
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="fedge-demo-"))
+    work = Path(demo.workdir or tempfile.mkdtemp(prefix="fedge-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    init = _prepare(work, args)
+    init = _prepare(work, demo)
     job = f"demo-{secrets.token_hex(3)}"
     # Keys made on the fly, as fedge secure init would issue them: signed is the only path.
-    keys = write_fleet_keys(work / f"keys-{job}", [f"dev-{k}" for k in range(args.devices)])
-    report_path = Path(args.json)
-    with broker_url(args.broker) as url:
-        print(f"broker {url}{' (embedded amqtt)' if not args.broker else ''}; job {job}; "
-              f"{args.devices} device processes; work dir {work}", flush=True)
-        procs = _start_devices(url, job, work, args.devices, keys)
-        serve_args = build_parser().parse_args([  # serve's own defaults for the rest
-            "serve", "--job", job, "--checkpoint", str(init), "--rounds", str(args.rounds),
-            "--min-devices", str(max(2, args.devices * 3 // 4)),
-            "--round-timeout", str(args.round_timeout), "--state-dir", str(work / "state"),
-            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-            "--lr", str(args.lr), "--broker", url,
-            "--signing-key", str(keys.server_key), "--registry", str(keys.registry)])
+    keys = write_fleet_keys(work / f"keys-{job}", [f"dev-{k}" for k in range(demo.devices)])
+    report_path = demo.report
+    with broker_url(demo.broker) as url:
+        print(f"broker {url}{' (embedded amqtt)' if not demo.broker else ''}; job {job}; "
+              f"{demo.devices} device processes; work dir {work}", flush=True)
+        procs = _start_devices(url, job, work, demo.devices, keys)
         try:
-            run_serve(serve_args, on_round=_Progress(args.rounds), broker=url)
+            run_serve(_serve_job(demo, job, init, work, url, keys),
+                      on_round=_Progress(demo.rounds))
         finally:
             _stop(procs)
     report = json.loads((work / "state" / "state.json").read_text())
-    out = {"broker": args.broker or "embedded", "strategy": "fedavg", "codec": "fp32",
-           "job": job, "devices": args.devices, "seconds": round(time.time() - t0, 1),
+    out = {"broker": demo.broker or "embedded", "strategy": "fedavg", "codec": "fp32",
+           "job": job, "devices": demo.devices, "seconds": round(time.time() - t0, 1),
            "rounds": [{k: r[k] for k in ("round", "accuracy", "uplink_bytes", "downlink_bytes",
                                          "devices_reporting", "seconds")}
                       for r in report["history"]],

@@ -1,35 +1,27 @@
-"""The CLI side of scale-out: ``fedge serve --workers N`` checks the job can be split,
-starts N ``fedge worker`` processes and hands the aggregator a ``ScaleOut``;
-``fedge worker`` runs one worker (also on another machine, against the same broker).
+"""Scale-out for the toolkit: a ``ServeJob`` with ``scale_out`` is checked to split, N
+``fedge worker`` processes are started and the aggregator gets a ``ScaleOut``;
+``run_worker`` runs one worker (also on another machine, against the same broker).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 from pathlib import Path
 
 from toolkit.errors import UsageError
+from toolkit.jobs import ServeJob, WorkerJob
 
 HEADER = 1024  # bytes an update frame's header may take beyond its tensors (+64 a tensor)
 
 
-def check_args(args: argparse.Namespace, broker: str | None) -> dict:
-    """Before anything is loaded: the worker count, the broker and the strategy/codec.
+def check_job(job: ServeJob) -> dict:
+    """Before anything is loaded: can the job's strategy and codec be split over workers?
     Returns the fold options the workers need."""
     from broker_server.scaleout import ScaleOutError, check_split
-    from broker_server.strategies import SignSGDOptions
 
-    if args.workers < 1:
-        raise UsageError(f"--workers: expected >= 1, got {args.workers}")
-    if not broker:
-        raise UsageError("--workers needs --broker (Mosquitto, EMQX, HiveMQ, ...): the "
-                         "embedded broker (amqtt) has no shared subscriptions")
-    opts = SignSGDOptions(getattr(args, "sign_decoder", "fv"),
-                          bool(getattr(args, "sign_per_coordinate", False)))
     try:
-        return check_split(args.strategy, args.codec, opts)
+        return check_split(job.strategy, job.codec, job.strategy_options)
     except ScaleOutError as e:
         raise UsageError(str(e)) from None
 
@@ -54,59 +46,41 @@ def _nbytes(spec) -> int:
     return int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
 
 
-def supervisor(args: argparse.Namespace, url: str, state_dir: Path):
-    """``args.workers`` local ``fedge worker`` processes (not yet started), logs and
-    state under ``state_dir/workers/w<i>``."""
+def supervisor(job: ServeJob, url: str):
+    """The job's local ``fedge worker`` processes (not yet started), logs and state under
+    ``state_dir/workers/w<i>``."""
     from toolkit.supervisor import Supervisor
 
+    b = job.broker
     cmds, logs = {}, {}
-    for i in range(args.workers):
-        name, d = f"w{i}", state_dir / "workers" / f"w{i}"
+    for i in range(job.scale_out.workers):
+        name, d = f"w{i}", job.state_dir / "workers" / f"w{i}"
         d.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "toolkit", "worker", "--broker", url, "--job", args.job,
+        cmd = [sys.executable, "-m", "toolkit", "worker", "--broker", url, "--job", job.job,
                "--id", name, "--state-dir", str(d), "--parent-pid", str(os.getpid())]
-        if getattr(args, "credentials", None):
-            cmd += ["--credentials", args.credentials]
-        for flag, value in (("--signing-key", args.signing_key), ("--registry", args.registry)):
+        if b.credentials:
+            cmd += ["--credentials", b.credentials]
+        for flag, value in (("--signing-key", b.signing_key), ("--registry", b.registry)):
             if value:  # else the credentials' (or the default key), as serve found them
                 cmd += [flag, str(Path(value).resolve())]
         cmds[name], logs[name] = cmd, d / "worker.log"
     return Supervisor(cmds, logs)
 
 
-def start(args: argparse.Namespace, transport, url: str, fold_options: dict, trust):
+def start(job: ServeJob, transport, url: str, fold_options: dict, trust):
     """The aggregator's ScaleOut and the Supervisor of its worker processes, started."""
     from broker_server.coordinator import ScaleOut, ScaleOutOptions
 
-    sup = supervisor(args, url, Path(args.state_dir))
+    sup = supervisor(job, url)
     sup.start()
-    scale = ScaleOut(transport, args.job, ScaleOutOptions(args.workers, args.strategy,
-                                                          args.codec, fold_options),
+    scale = ScaleOut(transport, job.job, ScaleOutOptions(job.scale_out.workers, job.strategy,
+                                                         job.codec, fold_options),
                      trust, alive=sup.check_started)
     return scale, sup
 
 
-def add_worker_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("worker", help="run one aggregator worker for a job served with "
-                       "fedge serve --workers (shares the updates over MQTT)")
-    p.add_argument("--broker", required=True, help="mqtt://host:port of the job's broker")
-    p.add_argument("--job", required=True)
-    p.add_argument("--id", required=True, help="this worker's id, unique in the job")
-    p.add_argument("--state-dir", required=True, help="the updates it accepted, so a "
-                   "restarted worker loses none")
-    p.add_argument("--credentials", help="the aggregator's credentials file (fedge secure "
-                   "init)")
-    p.add_argument("--signing-key", help="the aggregator's signing key (default: the "
-                   "credentials' signing_key, else $FEDGE_HOME/signing.key)")
-    p.add_argument("--registry", help="the fleet's device keys (default: the credentials' "
-                   "registry)")
-    p.add_argument("--idle-timeout", type=float, default=None,
-                   help="exit after this many seconds without a round")
-    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by serve --workers
-    p.set_defaults(func=run_worker)
-
-
-def run_worker(args: argparse.Namespace) -> int:
+def run_worker(w: WorkerJob) -> int:
+    """One worker of a scaled-out job, until the job ends (or its parent is gone)."""
     from broker_server.scaleout import check_worker_id, status
     from broker_server.workers import Worker, WorkerOptions
     from device_runtime.credentials import transport_kwargs
@@ -114,19 +88,19 @@ def run_worker(args: argparse.Namespace) -> int:
     from device_runtime.transport.mqtt import MqttTransport
     from toolkit.fleet_keys import server_trust
 
-    check_id("job", args.job)
-    check_worker_id(args.id)
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.id} %(message)s")
-    trust = server_trust(args.job, None, args.signing_key, args.registry, args.credentials)
-    will = (Topics(args.job).worker(args.id, "status"),
-            status(args.id, "offline", trust.signer, args.job))
-    t = MqttTransport(args.broker, f"fedge-{args.job}-worker-{args.id}", persistent=True,
-                      will=will, **transport_kwargs(args.credentials))
+    check_id("job", w.job)
+    check_worker_id(w.worker)
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {w.worker} %(message)s")
+    trust = server_trust(w.job, None, w.signing_key, w.registry, w.credentials)
+    will = (Topics(w.job).worker(w.worker, "status"),
+            status(w.worker, "offline", trust.signer, w.job))
+    t = MqttTransport(w.broker, f"fedge-{w.job}-worker-{w.worker}", persistent=True,
+                      will=will, **transport_kwargs(w.credentials))
     t.connect()
     try:
-        counts = Worker(t, WorkerOptions(args.job, args.id, Path(args.state_dir),
-                                         args.idle_timeout, args.parent_pid), trust).run()
+        counts = Worker(t, WorkerOptions(w.job, w.worker, w.state_dir, w.idle_timeout,
+                                         w.parent_pid), trust).run()
     finally:
         t.close()
-    print(f"worker {args.id}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"worker {w.worker}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from toolkit import scaleout
+from pathlib import Path
+
 from toolkit.cli import strategy_args
 from toolkit.cli.model_cmds import allow_arg
 
@@ -41,7 +42,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    "subscriptions: Mosquitto, EMQX, HiveMQ)")
     allow_arg(p)
     p.set_defaults(func=serve)
-    scaleout.add_worker_parser(sub)
+    _add_worker(sub)
 
     p = sub.add_parser("device", help="run the device agent")
     p.add_argument("--config", help="TOML file with these options (as `fedge bundle` "
@@ -112,7 +113,61 @@ def train_args(p: argparse.ArgumentParser) -> None:
 def serve(args: argparse.Namespace) -> int:
     from toolkit.field import run_serve
 
-    return run_serve(args)
+    return run_serve(serve_job(args))
+
+
+def serve_job(args: argparse.Namespace):
+    """``fedge serve``'s flags as a ``ServeJob``, the strategy's typed options included."""
+    from dataclasses import replace
+
+    from toolkit.jobs import BrokerSettings, GuardLimits, RoundSettings, ScaleOutSettings, \
+        ServeJob
+    from toolkit.profiles import ProfileCatalogue
+
+    rounds = RoundSettings(args.rounds, args.min_devices, args.round_timeout, args.epochs,
+                           args.batch_size, args.lr)
+    guard = GuardLimits(args.max_samples, args.norm_bound)
+    scale = ScaleOutSettings(args.workers) if args.workers is not None else None
+    broker = BrokerSettings(args.broker, args.credentials, args.signing_key, args.registry,
+                            args.max_payload)
+    job = ServeJob(args.job, Path(args.checkpoint), Path(args.state_dir), args.strategy,
+                   args.codec, args.downlink, rounds=rounds, guard=guard, broker=broker,
+                   scale_out=scale, profiles=args.profiles, profiles_file=args.profiles_file,
+                   eval_data=Path(args.eval_data) if args.eval_data else None,
+                   report=Path(args.json) if args.json else None,
+                   custom_models=tuple(args.allow_custom_model or ()))
+    cat = ProfileCatalogue.load(args.profiles_file)
+    names = [p.name for p in cat.select(args.profiles)]
+    return replace(job, strategy_options=strategy_args.options(args, cat, names))
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run one aggregator worker for a job served with "
+                       "fedge serve --workers (shares the updates over MQTT)")
+    p.add_argument("--broker", required=True, help="mqtt://host:port of the job's broker")
+    p.add_argument("--job", required=True)
+    p.add_argument("--id", required=True, help="this worker's id, unique in the job")
+    p.add_argument("--state-dir", required=True, help="the updates it accepted, so a "
+                   "restarted worker loses none")
+    p.add_argument("--credentials", help="the aggregator's credentials file (fedge secure "
+                   "init)")
+    p.add_argument("--signing-key", help="the aggregator's signing key (default: the "
+                   "credentials' signing_key, else $FEDGE_HOME/signing.key)")
+    p.add_argument("--registry", help="the fleet's device keys (default: the credentials' "
+                   "registry)")
+    p.add_argument("--idle-timeout", type=float, default=None,
+                   help="exit after this many seconds without a round")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by serve --workers
+    p.set_defaults(func=worker)
+
+
+def worker(args: argparse.Namespace) -> int:
+    from toolkit.jobs import WorkerJob
+    from toolkit.scaleout import run_worker
+
+    return run_worker(WorkerJob(args.broker, args.job, args.id, Path(args.state_dir),
+                                args.credentials, args.signing_key, args.registry,
+                                args.idle_timeout, args.parent_pid))
 
 
 def device(args: argparse.Namespace) -> int:
@@ -190,5 +245,9 @@ def _check(o: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     from toolkit.demo import run_demo
+    from toolkit.jobs import DemoJob
 
-    return run_demo(args)
+    return run_demo(DemoJob(args.devices, args.rounds, args.alpha, args.seed,
+                            args.round_timeout, args.epochs, args.batch_size, args.lr,
+                            args.broker, Path(args.workdir) if args.workdir else None,
+                            Path(args.json)))
