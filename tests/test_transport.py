@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from broker_server.embedded import EmbeddedBroker
-from device_runtime import wire
+from device_runtime import chunking, wire
 from device_runtime.backoff import Backoff
 from device_runtime.transport.base import topic_matches
 from device_runtime.transport.memory import MemoryHub, MemoryTransport
@@ -110,7 +110,7 @@ def test_corrupted_chunk_is_reported_and_nothing_is_delivered():
     errors = []
     b.on_error = lambda topic, why: errors.append(why)
     b.subscribe("t/+", h)
-    chunks = wire.split(_frame(5000), 4096, "cid")
+    chunks = chunking.split(_frame(5000), 4096, "cid")
     bad = bytearray(chunks[1])
     bad[-1] ^= 0xFF
     for i, c in enumerate([chunks[0], bytes(bad), *chunks[2:]]):
