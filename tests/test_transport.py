@@ -163,6 +163,28 @@ def test_reconnects_after_a_broker_restart(tmp_path):
         m.stop()
 
 
+def test_a_publish_queued_while_disconnected_counts_as_acknowledged_after_the_reconnect(
+        tmp_path):
+    """paho keeps such a publish's NO_CONN code (``is_published`` raises for it) though it
+    sends it after reconnecting: ``flush`` must see its PUBACK, not wait forever."""
+    m = Mosquitto(tmp_path / "m").start()
+    try:
+        pub = MqttTransport(m.url, "pub", backoff=Backoff(base=0.1, cap=0.5))
+        pub.connect()
+        m.stop()
+        deadline = time.time() + 15
+        while pub.connected and time.time() < deadline:
+            time.sleep(0.05)
+        assert not pub.connected
+        pub.publish("fedge/x/queued", b"hello")
+        assert not pub.flush(0.2)  # not acknowledged while the broker is down
+        m.start()
+        assert pub.flush(15)
+        pub.close()
+    finally:
+        m.stop()
+
+
 def test_connect_errors_are_one_line(tmp_path):
     from broker_server.embedded import free_port
 
