@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import command, machine, write_results  # noqa: E402
-from device_runtime import keys, messages, wire  # noqa: E402
+from device_runtime import chunking, keys, messages, wire  # noqa: E402
 from device_runtime.chunk_auth import ChunkVerifier  # noqa: E402
 from device_runtime.keys import Signer  # noqa: E402
 
@@ -74,7 +74,7 @@ def _operations(reps: int) -> dict:
                                        nonce="n"), "j", "server", server, 1, "n", "d0")
     header_bytes = {name: 8 + int.from_bytes(frame[4:8], "little")
                     for name, frame in (("model", model), ("update", update))}
-    chunked = wire.split(model, MAX_PAYLOAD, "c", server)
+    chunked = chunking.split(model, MAX_PAYLOAD, "c", server)
     chunks = len(chunked)
     topic = "fedge/j/round/1/model/full"
 

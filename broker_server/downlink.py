@@ -29,16 +29,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from broker_server.errors import BrokerServerError
 from device_runtime.errors import EXIT_USAGE
 from device_runtime import codecs, wire
 from device_runtime.codecs import CodecContext
+from device_runtime.codecs.base import Weights
 from device_runtime.model_sync import SYNC_KIND, model_frame, sync_context
 from device_runtime.keys import Signer
-
-Weights = dict[str, np.ndarray]
 HELD_KEY = "_downlink_held"  # the state store's kept-tensors entry for ``held``
 
 

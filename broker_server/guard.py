@@ -40,9 +40,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from device_runtime.codecs import Codec, CodecContext
+from device_runtime.codecs.base import Weights
 from device_runtime.errors import WireError
-
-Weights = dict[str, np.ndarray]
 
 NORM_BOUND = 8.0  # factor x median; honest max/median measured in docs/results/guard.md
 MIN_REFERENCE = 3  # norms a median needs before it bounds anything

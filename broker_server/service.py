@@ -29,10 +29,9 @@ from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import FedgeError, WireError
 from device_runtime.topics import Topics
-from device_runtime.transport.base import Transport
+from device_runtime.transport.base import RECONNECTED, Transport
 
 log = logging.getLogger("fedge.server")
-RECONNECTED = "\0reconnected"  # an internal event, never a topic
 
 
 @dataclass(frozen=True)

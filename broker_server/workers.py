@@ -36,10 +36,9 @@ from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import FedgeError, WireError
 from device_runtime.topics import Topics, check_id
-from device_runtime.transport.base import Transport
+from device_runtime.transport.base import RECONNECTED, Transport
 
 log = logging.getLogger("fedge.worker")
-RECONNECTED = "\0reconnected"
 MAX_PENDING = 1024  # updates held until their round message or model arrives
 
 

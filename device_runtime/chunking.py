@@ -6,7 +6,6 @@ device and codec, and ``chunk = {id, index, count, sha256}`` where ``sha256`` is
 that of the whole original frame. Every chunk therefore passes the full frame
 decoder (its own body sha256 included) before ``Reassembler`` keeps it, and the
 reassembled bytes are checked against ``chunk.sha256`` before they are returned.
-Both names are importable from ``device_runtime.wire``.
 
 The reassembler is built to survive a flood of chunks (``ReassemblyLimits``): it
 keeps a running count of the bytes it holds (payload plus a measured overhead per

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_runtime.errors import EXIT_USAGE, DeviceRuntimeError
+from device_runtime.files import read_bytes
 
 STRINGS = ("username", "password")
 FILES = ("cert", "key", "ca", "signing_key", "trust", "registry")
@@ -49,11 +50,9 @@ class Credentials:
     def load(cls, path: str | Path) -> "Credentials":
         """Read and check a credentials file; the paths come back resolved."""
         path = Path(path)
+        data = read_bytes(path, "credentials", CredentialsError)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise CredentialsError(f"credentials {path}: cannot read: "
-                                   f"{e.strerror or e}") from None
+            raw = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise CredentialsError(f"credentials {path}: not JSON: {e}") from None
         if not isinstance(raw, dict):

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from device_runtime.errors import TrustError
+from device_runtime.files import read_bytes
 
 REGISTRY_FORMAT = "fedge-registry/1"
 SIGNATURE_BYTES = 64
@@ -159,13 +160,7 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
 
 
 def _read(path: Path, what: str, limit: int = MAX_KEY_FILE) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except FileNotFoundError:
-        raise TrustError(f"{what} {path} does not exist") from None
-    except OSError as e:
-        raise TrustError(f"{what} {path}: cannot read ({e.strerror or e})") from None
+    data = read_bytes(path, what, TrustError, at_most=limit + 1, missing="does not exist")
     if len(data) > limit:
         raise TrustError(f"{what} {path}: expected at most {limit} bytes")
     return data

@@ -24,6 +24,7 @@ from typing import Callable
 from cryptography.exceptions import InvalidSignature
 
 from device_runtime.errors import SignatureError
+from device_runtime.files import read_bytes
 from device_runtime.keys import key_id, load_public_key  # noqa: F401  (re-exported)
 
 SIG_FORMAT = "fedge-signature/1"
@@ -46,11 +47,7 @@ def verify_manifest(manifest_path: str | Path, public_key_path: str | Path) -> s
     verified (``load_manifest(path, trust=...)`` does), not read the file again.
     """
     manifest_path = Path(manifest_path)
-    try:
-        data = manifest_path.read_bytes()
-    except OSError as e:
-        raise SignatureError(f"manifest {manifest_path}: cannot read "
-                             f"({e.strerror or e})") from None
+    data = read_bytes(manifest_path, "manifest", SignatureError)
     return verify_bytes(data, manifest_path, public_key_path)
 
 
@@ -91,14 +88,8 @@ def parse_document(raw: bytes, fmt: str, bad: Callable[[str], Exception]) -> dic
 
 def _read_signature(sig_path: Path, manifest_path: Path) -> dict:
     """The parsed signature file: key_id (str) and signature (64 bytes)."""
-    try:
-        with open(sig_path, "rb") as f:
-            raw = f.read(MAX_SIG_BYTES + 1)
-    except FileNotFoundError:
-        raise SignatureError(f"signature {sig_path} is missing: manifest {manifest_path} "
-                             "is not signed") from None
-    except OSError as e:
-        raise SignatureError(f"signature {sig_path}: cannot read ({e.strerror or e})") from None
+    raw = read_bytes(sig_path, "signature", SignatureError, at_most=MAX_SIG_BYTES + 1,
+                     missing=f"is missing: manifest {manifest_path} is not signed")
 
     def bad(why: str) -> SignatureError:
         return SignatureError(f"signature {sig_path} is malformed: {why}")

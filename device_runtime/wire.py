@@ -12,8 +12,7 @@ nothing: it checks every length, dtype and shape against the bytes and against
 ``Frame`` or raises ``WireError`` naming the field, expected and actual value.
 ``encode`` refuses what a decoder with the same ``Limits`` would refuse. No
 pickle, eval or ``np.load``. ``split`` and ``Reassembler`` (chunking of frames
-above a broker's payload limit) live in ``device_runtime.chunking`` and are
-importable from here too.
+above a broker's payload limit) live in ``device_runtime.chunking``.
 """
 from __future__ import annotations
 
@@ -318,15 +317,6 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
                     f"{n_inf} Inf (first at flat index {first})")
 
 
-def __getattr__(name: str) -> object:
-    # chunking imports this module, so it is loaded on first use, not at import.
-    if name in ("split", "Reassembler"):
-        from device_runtime import chunking
-
-        return getattr(chunking, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["MAGIC", "SUPPORTED_VERSIONS", "SIGNED_VERSION", "DTYPES", "MAX_HEADER", "Limits",
            "TensorSpec", "Expect", "Frame", "encode", "decode", "verify", "peek_header",
-           "signed_digest", "content_sha", "split", "Reassembler"]
+           "signed_digest", "content_sha"]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from bench.chunk_flood import flood_chunks, traced_bytes
-from device_runtime import chunking, wire
-from device_runtime.chunking import ReassemblyLimits
+from device_runtime import chunking
+from device_runtime.chunking import Reassembler, ReassemblyLimits, split
 from device_runtime.errors import ChunkRefusedError, WireError
 from device_runtime.topics import sender_of
-from device_runtime.wire import Expect, Frame, Reassembler, decode, encode, split
+from device_runtime.wire import Expect, Frame, decode, encode
 from tests.conftest import ROOT
 from tests.test_wire import GOOD, _frame
 
@@ -308,12 +308,12 @@ def test_a_chunk_costs_the_same_with_30k_messages_held_as_with_1k():
     assert r.partials == 0 and per_message < 40, per_message
 
 
-def test_wire_imports_without_torch_in_either_order():
+@pytest.mark.parametrize("first, second", [("chunking", "wire"), ("wire", "chunking")])
+def test_wire_imports_without_torch_in_either_order(first, second):
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import device_runtime.chunking, device_runtime.wire as w\n"
-            "assert w.split is device_runtime.chunking.split and w.Reassembler\n"
+            f"import device_runtime.{first}, device_runtime.{second}\n"
+            "from device_runtime.chunking import Reassembler, split\n"
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m]]\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0, p.stderr
-    assert wire.Reassembler is Reassembler

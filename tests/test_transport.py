@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from broker_server.embedded import EmbeddedBroker
-from device_runtime import wire
+from device_runtime import chunking, wire
 from device_runtime.backoff import Backoff
 from device_runtime.transport.base import topic_matches
 from device_runtime.transport.memory import MemoryHub, MemoryTransport
@@ -110,7 +110,7 @@ def test_corrupted_chunk_is_reported_and_nothing_is_delivered():
     errors = []
     b.on_error = lambda topic, why: errors.append(why)
     b.subscribe("t/+", h)
-    chunks = wire.split(_frame(5000), 4096, "cid")
+    chunks = chunking.split(_frame(5000), 4096, "cid")
     bad = bytearray(chunks[1])
     bad[-1] ^= 0xFF
     for i, c in enumerate([chunks[0], bytes(bad), *chunks[2:]]):
@@ -159,6 +159,28 @@ def test_reconnects_after_a_broker_restart(tmp_path):
         pub.publish("fedge/x/after", b"hello")
         assert q.get(timeout=10) == ("fedge/x/after", b"hello")
         sub.close(), pub.close()
+    finally:
+        m.stop()
+
+
+def test_a_publish_queued_while_disconnected_counts_as_acknowledged_after_the_reconnect(
+        tmp_path):
+    """paho keeps such a publish's NO_CONN code (``is_published`` raises for it) though it
+    sends it after reconnecting: ``flush`` must see its PUBACK, not wait forever."""
+    m = Mosquitto(tmp_path / "m").start()
+    try:
+        pub = MqttTransport(m.url, "pub", backoff=Backoff(base=0.1, cap=0.5))
+        pub.connect()
+        m.stop()
+        deadline = time.time() + 15
+        while pub.connected and time.time() < deadline:
+            time.sleep(0.05)
+        assert not pub.connected
+        pub.publish("fedge/x/queued", b"hello")
+        assert not pub.flush(0.2)  # not acknowledged while the broker is down
+        m.start()
+        assert pub.flush(15)
+        pub.close()
     finally:
         m.stop()
 

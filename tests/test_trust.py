@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from broker_server.trust import ServerTrust
-from device_runtime import messages, wire
+from device_runtime import chunking, messages, wire
 from device_runtime.agent import DeviceAgent
 from device_runtime.chunk_auth import ChunkVerifier
 from device_runtime.errors import WireError
@@ -61,7 +61,7 @@ def test_every_chunk_of_a_signed_frame_is_signed_and_a_forged_one_is_refused_unh
     big = wire.encode(wire.Frame("update", JOB, 1, "d0", "fp32",
                                  {"w": np.ones(40_000, np.float32)}, nonce="t1"),
                       signer=KEYS.device("d0"))
-    parts = wire.split(big, 16_384, "c1", KEYS.device("d0"))
+    parts = chunking.split(big, 16_384, "c1", KEYS.device("d0"))
     assert len(parts) > 5
     for part in parts:
         header = wire.verify(part, KEYS.get("d0"), wire.Expect(nonce="t1"))
@@ -69,9 +69,9 @@ def test_every_chunk_of_a_signed_frame_is_signed_and_a_forged_one_is_refused_unh
     t = trust(JOB)
     t.open_tasks["d0"] = (1, "t1")
     gate = t.gate(TOPICS)
-    forged = wire.split(wire.encode(wire.Frame("update", JOB, 1, "d0", "fp32",
-                                               {"w": np.ones(40_000, np.float32)})),
-                        16_384, "c2")
+    forged = chunking.split(wire.encode(wire.Frame("update", JOB, 1, "d0", "fp32",
+                                                   {"w": np.ones(40_000, np.float32)})),
+                            16_384, "c2")
     hub = MemoryHub()
     rx, tx = MemoryTransport(hub, "agg"), MemoryTransport(hub, "rogue", max_payload=16_384)
     rx.connect(), tx.connect()
@@ -97,7 +97,7 @@ def test_a_chunked_message_costs_one_signature_check_and_no_forged_chunk_passes(
     big = wire.encode(wire.Frame("update", JOB, 1, "d0", "fp32",
                                  {"w": np.arange(40_000, dtype=np.float32)}, nonce="t1"),
                       signer=key)
-    parts = wire.split(big, 16_384, "c1", key)
+    parts = chunking.split(big, 16_384, "c1", key)
     assert len(wire.peek_header(parts[0])["chunk"]["parts"]) == len(parts) - 1
     assert all(len(p) <= 16_384 for p in parts)
     topic, expect = TOPICS.update(1, "d0"), wire.Expect(job=JOB)
@@ -113,14 +113,14 @@ def test_a_chunked_message_costs_one_signature_check_and_no_forged_chunk_passes(
 
     v = ChunkVerifier()
     v.verify(topic, parts[0], KEYS.get("d0"), expect)
-    rogue = wire.split(wire.encode(wire.Frame("update", JOB, 1, "d0", "fp32",
-                                              {"w": np.zeros(40_000, np.float32)},
-                                              nonce="t1"), signer=Signer.generate()),
-                       16_384, "c1")  # the same chunk id, unsigned
+    rogue = chunking.split(wire.encode(wire.Frame("update", JOB, 1, "d0", "fp32",
+                                                  {"w": np.zeros(40_000, np.float32)},
+                                                  nonce="t1"), signer=Signer.generate()),
+                           16_384, "c1")  # the same chunk id, unsigned
     for p in rogue[1:3]:
         with pytest.raises(WireError, match="expected a signed frame"):
             v.verify(topic, p, KEYS.get("d0"), expect)
-    other = wire.split(big, 16_384, "c1", Signer.generate())  # same id, another key
+    other = chunking.split(big, 16_384, "c1", Signer.generate())  # same id, another key
     with pytest.raises(WireError, match="signed by another key"):
         v.verify(topic, other[2], KEYS.get("d0"), expect)
     with pytest.raises(WireError, match="header.job: expected 'other'"):  # still checked
@@ -128,7 +128,7 @@ def test_a_chunked_message_costs_one_signature_check_and_no_forged_chunk_passes(
     v.verify(TOPICS.update(1, "d1"), parts[1], KEYS.get("d0"), expect)  # another topic:
     assert v.signatures == 2  # its own signature check
 
-    live = wire.split(big, 16_384, "c9", key, sign_all=False)  # published live: in order
+    live = chunking.split(big, 16_384, "c9", key, sign_all=False)  # published live: in order
     assert [wire.peek_header(p)["v"] for p in live] == [2] + [1] * (len(live) - 1)
     v = ChunkVerifier()
     with pytest.raises(WireError, match="expected a signed frame"):  # before its chunk 0
@@ -140,7 +140,7 @@ def test_a_chunked_message_costs_one_signature_check_and_no_forged_chunk_passes(
     tampered[-1] ^= 1  # the body: its header's sha256 no longer matches (reassembler's
     v.verify(topic, bytes(tampered), KEYS.get("d0"), expect)  # decode refuses it next)
     with pytest.raises(WireError, match="header.sha256"):
-        wire.Reassembler().add(bytes(tampered), topic)
+        chunking.Reassembler().add(bytes(tampered), topic)
     reheaded = bytearray(live[2])
     reheaded[reheaded.index(b'"round":1') + 8] = ord("2")
     with pytest.raises(WireError, match="expected a signed frame"):
@@ -162,7 +162,7 @@ def test_the_chunk_digests_remembered_are_bounded():
     for k in range(3):
         big = wire.encode(wire.Frame("update", JOB, 1, "d0", "fp32",
                                      {"w": np.full(20_000, k, np.float32)}), signer=key)
-        messages_.append(wire.split(big, 16_384, f"c{k}", key))
+        messages_.append(chunking.split(big, 16_384, f"c{k}", key))
         v.verify(TOPICS.update(1, "d0"), messages_[-1][0], KEYS.get("d0"), wire.Expect())
     assert len(v._known) == 2 and v._digests == 2 * (len(messages_[0]) - 1)
     v.verify(TOPICS.update(1, "d0"), messages_[0][1], KEYS.get("d0"), wire.Expect())

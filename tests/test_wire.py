@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from device_runtime.chunking import split
 from device_runtime.errors import WireError
 from device_runtime.wire import (DTYPES, MAGIC, Expect, Frame, Limits, TensorSpec, decode,
-                                 encode, peek_header, split)
+                                 encode, peek_header)
 
 
 def _frame(**tensors) -> bytes:

@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography import x509
 
 from device_runtime.errors import FedgeError
+from device_runtime.files import read_bytes
 from device_runtime.keys import Registry
 from toolkit.errors import SecureError
 from toolkit.secure import PUBLIC, check_device_id, device_files, write_file
@@ -40,10 +41,7 @@ def _tls(root: Path) -> bool:
 
 
 def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise SecureError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    return read_bytes(path, what, SecureError)
 
 
 def _ca(root: Path):

@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from device_runtime.files import read_bytes
 from device_runtime.rollback import fedge_home  # noqa: F401  (re-exported)
 from device_runtime.signing import ALG, SIG_FORMAT, key_id, signature_path
 from toolkit.errors import UsageError
@@ -54,12 +55,7 @@ def load_key(path: str | Path) -> SigningKey:
     """The private key in ``path`` (UsageError naming the file if it is not one); writes
     the public key beside it if that is missing or is not this key's."""
     path = Path(path).expanduser()
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"signing key {path} does not exist") from None
-    except OSError as e:
-        raise UsageError(f"signing key {path}: cannot read ({e.strerror or e})") from None
+    data = read_bytes(path, "signing key", UsageError, missing="does not exist")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:  # encrypted: an unattended export cannot ask for a password

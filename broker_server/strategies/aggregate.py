@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-Weights = dict[str, np.ndarray]
+from device_runtime.codecs.base import Weights
 
 
 def weighted_average(updates: list[tuple[Weights, float]]) -> Weights:

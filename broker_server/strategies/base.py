@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-Weights = dict[str, np.ndarray]
+from device_runtime.codecs.base import Weights
 
 
 @dataclass(frozen=True)

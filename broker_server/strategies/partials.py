@@ -16,9 +16,8 @@ import numpy as np
 
 from broker_server.strategies.aggregate import PartialSum
 from broker_server.strategies.bitsum import BitSum
+from device_runtime.codecs.base import Weights
 from device_runtime.errors import WireError
-
-Weights = dict[str, np.ndarray]
 
 
 def sums_out(ps: PartialSum, prefix: str) -> tuple[Weights, dict]:

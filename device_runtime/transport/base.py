@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from device_runtime import wire
-from device_runtime.chunking import ReassemblyLimits
+from device_runtime.chunking import Reassembler, ReassemblyLimits, split
 from device_runtime.errors import WireError
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ Handler = Callable[[str, bytes], None]
 CHUNK_SEP = "/_c/"
 SHARE = "$share/"  # MQTT v5 shared subscriptions: $share/<group>/<filter>
 EARLY_BYTES = 32 << 20  # unclaimed messages kept for a handler still to subscribe
+RECONNECTED = "\0reconnected"  # an event a client queues on (re)connect, never a topic
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Transport(ABC):
         self.max_payload = max_payload
         self.stats = TrafficStats()
         self._handlers: dict[str, Handler] = {}
-        self._reassembler = wire.Reassembler(ReassemblyLimits(ttl=reassembly_timeout))
+        self._reassembler = Reassembler(ReassemblyLimits(ttl=reassembly_timeout))
         self._lock = threading.Lock()
         self._early: list[tuple[str, bytes]] = []  # arrived before any handler matched
         self._early_bytes = 0
@@ -122,8 +123,8 @@ class Transport(ABC):
         parts = [payload]
         if len(payload) > self.max_payload and payload[:4] == wire.MAGIC:
             # Live chunks arrive in order, after their chunk 0: signing it is enough.
-            parts = wire.split(payload, self.max_payload, uuid.uuid4().hex[:16], self.signer,
-                               sign_all=retain)
+            parts = split(payload, self.max_payload, uuid.uuid4().hex[:16], self.signer,
+                          sign_all=retain)
         total = 0
         for i, part in enumerate(parts):
             t = topic if len(parts) == 1 else f"{topic}{CHUNK_SEP}{i}"

@@ -50,10 +50,6 @@ class MemoryHub:
         with self._lock:
             self._subs.pop(client.client_id, None)
 
-    def retained_topics(self) -> list[str]:
-        with self._lock:
-            return sorted(self._retained)
-
     def drain(self, timeout: float = 10.0) -> None:
         """Wait until every queued message has been delivered."""
         done = threading.Event()

@@ -41,6 +41,9 @@ class MqttTransport(Transport):
         self._pending: list[paho.MQTTMessageInfo] = []
         self._pending_lock = threading.Lock()
         self._pending_mark = 64  # forget the acknowledged ones when the list passes this
+        # mids whose PUBACK arrived, until their info leaves _pending (see _acked); set.add
+        # and .discard are atomic, and paho calls on_publish holding its own lock.
+        self._acked_mids: set[int] = set()
         self.reconnects = 0
         c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                         clean_session=not persistent, protocol=paho.MQTTv311)
@@ -55,6 +58,7 @@ class MqttTransport(Transport):
             c.will_set(will[0], will[1], qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_message = lambda client, userdata, msg: self._deliver(msg.topic, msg.payload)
+        c.on_publish = lambda client, userdata, mid, rc, props: self._acked_mids.add(mid)
         self._client = c
 
     @property
@@ -78,7 +82,7 @@ class MqttTransport(Transport):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._pending_lock:
-                self._pending = [i for i in self._pending if not _acked(i)]
+                self._prune()
                 if not self._pending:
                     return True
             time.sleep(0.01)
@@ -150,8 +154,27 @@ class MqttTransport(Transport):
                 # Each info is ~1.5 KB: kept until 1024 of them, they made a long-running
                 # aggregator's RSS climb ~30 KiB a round (the soak's fit). Twice what is
                 # still unacknowledged keeps the scans amortized O(1) per publish.
-                self._pending = [i for i in self._pending if not _acked(i)]
+                self._prune()
                 self._pending_mark = max(64, 2 * len(self._pending))
+
+    def _prune(self) -> None:
+        """Forget the acknowledged publishes (the caller holds ``_pending_lock``)."""
+        keep = []
+        for info in self._pending:
+            if self._acked(info):
+                self._acked_mids.discard(info.mid)
+            else:
+                keep.append(info)
+        self._pending = keep
+
+    def _acked(self, info: paho.MQTTMessageInfo) -> bool:
+        """Whether the broker acknowledged a publish. paho raises from ``is_published``
+        for messages queued while disconnected (their error code stays), though it sends
+        them after reconnecting: their PUBACK is the one ``on_publish`` recorded."""
+        try:
+            return info.is_published()
+        except (RuntimeError, ValueError):
+            return info.mid in self._acked_mids
 
     def _subscribe_raw(self, pattern: str) -> None:
         self._patterns.add(pattern)
@@ -179,12 +202,3 @@ def _tls_context(ca_file: str | None, cert_file: str | None,
             raise TransportError(f"client certificate {cert_file} / key {key_file}: "
                                  f"cannot load: {e}") from None
     return ctx
-
-
-def _acked(info: paho.MQTTMessageInfo) -> bool:
-    """Whether the broker acknowledged a publish. paho raises from ``is_published``
-    for messages queued while disconnected, though it sends them after reconnecting."""
-    try:
-        return info.is_published()
-    except (RuntimeError, ValueError):
-        return bool(getattr(info, "_published", True))

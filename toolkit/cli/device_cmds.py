@@ -50,6 +50,7 @@ def load_npy(path: str | Path):
     import numpy as np
 
     from device_runtime.errors import InputArrayError
+    from device_runtime.files import read_bytes
 
     path = Path(path)
     if not path.is_file():
@@ -57,11 +58,7 @@ def load_npy(path: str | Path):
         raise InputArrayError(f"--input {path}: {why}")
     # Sniff the magic bytes ourselves: numpy's messages for a file that is not
     # .npy talk about pickles and differ between numpy versions.
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except OSError as e:
-        raise InputArrayError(f"--input {path}: cannot read ({e.strerror or e})") from None
+    magic = read_bytes(path, "--input", InputArrayError, at_most=6)
     if magic[:4] == b"PK\x03\x04":
         raise InputArrayError(f"--input {path}: expected a .npy array, got a .npz archive")
     if magic != b"\x93NUMPY":

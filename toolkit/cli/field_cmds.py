@@ -89,9 +89,13 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def downlink_arg(p: argparse.ArgumentParser) -> None:
+    from broker_server.downlink import downlink_codecs
+
+    coded = ", ".join(downlink_codecs()[1:])  # the names check_downlink accepts
     p.add_argument("--downlink", default="fp32", help="how the model reaches devices each "
-                   "round: fp32 (whole) or a codec (sign, int8, fp16) for the change against "
-                   "the model they hold, with error feedback")
+                   f"round: fp32 (whole) or a codec ({coded}) for the change against the "
+                   "model they hold, without error feedback; a codec only with a strategy "
+                   "that sends devices one full model (fedavg, signsgd)")
 
 
 def guard_args(p: argparse.ArgumentParser) -> None:
