@@ -10,7 +10,7 @@ from broker_server.errors import RobustError
 from broker_server.robust import accountant, clipping, rules, votes
 from broker_server.robust.options import RobustOptions, aggregate, parse_rule
 from broker_server.strategies.aggregate import weighted_average
-from broker_server.strategies.voting import VotingWeights
+from broker_server.strategies.voting import WEIGHT_STEPS, VotingWeights
 from tests.conftest import ROOT
 from tests.test_device_runtime_no_torch import BLOCK_TORCH
 
@@ -101,6 +101,11 @@ def test_mismatched_layout_is_an_error():
     with pytest.raises(RobustError) as e:
         rules.median(ups)
     assert "update 1" in one_line(e)
+    ups = updates(3)
+    ups[2]["b"][0] = np.nan
+    with pytest.raises(RobustError) as e:
+        rules.krum(ups, 0)
+    assert "update 2 has 1 non-finite" in one_line(e)
 
 
 def test_fixed_clipping():
@@ -212,11 +217,28 @@ def test_vote_cap_bounds_a_reliable_looking_attacker():
     ws = [vw.weight("attacker")] + [vw.weight(f"h{i}") for i in range(19)]
     assert ws[0] / sum(ws) > 0.3  # uncapped: a third of the vote
     capped = votes.cap_vote_weights(ws, 0.1)
-    assert capped[0] / sum(capped) == pytest.approx(0.1) and capped[1:] == ws[1:]
+    assert 0.099 < capped[0] / sum(capped) <= 0.1 and capped[1:] == ws[1:]
+    assert votes.VOTE_STEPS == WEIGHT_STEPS and capped[0] * WEIGHT_STEPS % 1 == 0
+    exact = votes.cap_shares(np.array(ws), 0.1)
+    assert exact[0] / exact.sum() == pytest.approx(0.1)
     per_coord = [{"w": np.array([w, 1.0])} for w in ws]
     got = votes.cap_vote_weights(per_coord, 0.1)
     total = sum(g["w"] for g in got)
-    assert got[0]["w"][0] / total[0] == pytest.approx(0.1) and got[0]["w"][1] == 1.0
+    assert 0.099 < got[0]["w"][0] / total[0] <= 0.1 and got[0]["w"][1] == 1.0
+
+
+def test_cap_shares_matches_a_direct_search():
+    """Per column: the level t solving t = cap x sum(min(|w|, t)), found by bisection."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(7, 50)) * rng.choice([1, 10], size=(7, 1))
+    got = votes.cap_shares(w, 0.2)
+    for j in range(50):
+        a, lo, hi = np.abs(w[:, j]), 0.0, np.abs(w[:, j]).max()
+        for _ in range(100):
+            t = (lo + hi) / 2
+            lo, hi = (t, hi) if t < 0.2 * np.minimum(a, t).sum() else (lo, t)
+        assert np.allclose(got[:, j], np.sign(w[:, j]) * np.minimum(a, hi), atol=1e-9)
+    assert (np.abs(got) / np.abs(got).sum(0)).max() <= 0.2 + 1e-12
     with pytest.raises(RobustError) as e:
         votes.cap_shares(np.ones(5), 0.1)
     assert "1/5" in one_line(e)

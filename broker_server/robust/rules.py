@@ -46,8 +46,13 @@ def stack(updates: list[Weights]) -> tuple[np.ndarray, dict[str, tuple[int, ...]
         got = {k: tuple(v.shape) for k, v in u.items()}
         if got != shapes:
             raise RobustError(f"robust: update {i} has tensors {got}, expected {shapes}")
-        rows.append(np.concatenate([np.asarray(u[k], np.float64).reshape(-1)
-                                    for k in shapes]) if shapes else np.zeros(0))
+        row = (np.concatenate([np.asarray(u[k], np.float64).reshape(-1) for k in shapes])
+               if shapes else np.zeros(0))
+        if not np.isfinite(row).all():  # the guard refuses these first; a NaN would
+            # pass through median and Krum's sort as if it were a value
+            raise RobustError(f"robust: update {i} has {int((~np.isfinite(row)).sum())} "
+                              f"non-finite values, expected none")
+        rows.append(row)
     return np.stack(rows), shapes
 
 

@@ -30,10 +30,12 @@ each cut device holds exactly the cap; the others are unchanged.
 ``fedmrn-signed``). Whatever mask device j sends, it moves weight i by at most
 ``|noise_i| x n_j / N`` (twice that signed) against any other mask it could have sent
 (``mask_fold_bound``): a bounded, per-coordinate influence, like the vote's. Two
-holes remain: the share ``n_j / N`` comes from the device's own sample count, so an
-inflated count buys the whole fold (cap it with ``cap_shares`` over the counts, or the
-trust floor on sample counts); and the dense part of a FedMRN update (biases,
-BatchNorm) travels in full precision, unbounded, so it needs clipping or a robust rule
+holes remain. The share ``n_j / N`` comes from the device's sample count: the guard
+(``broker_server.guard``) caps a count at what the device registered and at
+``--max-samples``, which bounds the count, not the share (a device that registered a
+large count keeps it); ``cap_shares`` over the counts bounds the share itself. And
+the dense part of a FedMRN update (biases, BatchNorm) travels in full precision,
+bounded only by the guard's magnitude check, so it needs clipping or a robust rule
 like any fp32 update. Over T rounds a persistent attacker adds up to T such steps.
 
 Both folds stay streaming with a cap: the share needs the round's total weight, known
@@ -47,12 +49,17 @@ import numpy as np
 from broker_server.errors import RobustError
 
 Signs = dict[str, np.ndarray]
+# strategies.voting.WEIGHT_STEPS (a test holds them equal): the bit-sliced vote needs
+# weights in multiples of 1/256. Not imported: strategies will import this module.
+VOTE_STEPS = 256
 
 
-def cap_shares(weights: np.ndarray, max_share: float) -> np.ndarray:
+def cap_shares(weights: np.ndarray, max_share: float, steps: int = 0) -> np.ndarray:
     """Weights (devices along axis 0) with each |weight| cut to at most ``max_share``
     of the total |weight| (per coordinate for arrays of more axes); signs kept, the
-    uncut weights unchanged. ``max_share`` >= 1: unchanged."""
+    uncut weights unchanged. ``max_share`` >= 1: unchanged. ``steps`` > 0: the cut
+    level is rounded down to a multiple of 1/steps (a lower level only lowers the cut
+    devices' share, so the cap still holds)."""
     w = np.asarray(weights, np.float64)
     n = w.shape[0]
     if max_share >= 1 or n == 0:
@@ -71,25 +78,30 @@ def cap_shares(weights: np.ndarray, max_share: float) -> np.ndarray:
         ok = ~found & (t >= a[k]) & ((t <= a[k - 1]) if k else True)
         level = np.where(ok, t, level)
         found |= ok
+    if steps > 0:
+        level = np.floor(level * steps) / steps
     return np.sign(w) * np.minimum(np.abs(w), level)
 
 
-def cap_vote_weights(weights: list[float | Signs], max_share: float) -> list[float | Signs]:
+def cap_vote_weights(weights: list[float | Signs], max_share: float,
+                     steps: int = VOTE_STEPS) -> list[float | Signs]:
     """``cap_shares`` over the weights ``VotingWeights.weight`` gives a round's devices:
-    scalars (per device), or dicts of arrays (per device and coordinate), not mixed."""
+    scalars (per device), or dicts of arrays (per device and coordinate), not mixed;
+    kept to multiples of 1/``steps`` as the bit-sliced vote needs."""
     if not weights:
         return []
     if all(not isinstance(w, dict) for w in weights):
-        return [float(v) for v in cap_shares(np.asarray(weights, np.float64), max_share)]
+        return [float(v) for v in cap_shares(np.asarray(weights, np.float64), max_share,
+                                                 steps)]
     if not all(isinstance(w, dict) for w in weights):
         raise RobustError("vote cap: weights mix per-device scalars and per-coordinate arrays")
-    return _cap_dicts(weights, max_share)
+    return _cap_dicts(weights, max_share, steps)
 
 
-def _cap_dicts(weights: list[Signs], max_share: float) -> list[Signs]:
+def _cap_dicts(weights: list[Signs], max_share: float, steps: int) -> list[Signs]:
     out: list[Signs] = [{} for _ in weights]
     for name in weights[0]:
-        capped = cap_shares(np.stack([w[name] for w in weights]), max_share)
+        capped = cap_shares(np.stack([w[name] for w in weights]), max_share, steps)
         for i in range(len(weights)):
             out[i][name] = capped[i]
     return out
