@@ -10,7 +10,7 @@ from broker_server.errors import RobustError
 from broker_server.robust import accountant, clipping, rules, votes
 from broker_server.robust.options import RobustOptions, aggregate, parse_rule
 from broker_server.strategies.aggregate import weighted_average
-from broker_server.strategies.voting import WEIGHT_STEPS, VotingWeights
+from broker_server.strategies.voting import WEIGHT_STEPS, VotingWeights, others_vote, vote_sums
 from tests.conftest import ROOT
 from tests.test_device_runtime_no_torch import BLOCK_TORCH
 
@@ -287,3 +287,25 @@ print("ok")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+def test_federated_voting_turns_sign_flippers_into_honest_voters():
+    """votes' claim: FV gives an always-disagreeing device a negative weight, so its
+    inverted vote counts as an honest one (signsgd.SignSGD's loop: weights from the
+    counters, agreement with the leave-one-out vote)."""
+    rng, vw = np.random.default_rng(8), VotingWeights()
+    names = [f"bad{i}" for i in range(3)] + [f"h{i}" for i in range(10)]
+    for _ in range(8):
+        truth = rng.choice([-1, 1], size=2000).astype(np.int8)
+        noisy = [np.where(rng.random(2000) < 0.3, -truth, truth).astype(np.int8)
+                 for _ in names]
+        signs = [{"w": -s if n.startswith("bad") else s} for n, s in zip(names, noisy)]
+        weights = [vw.weight(n) for n in names]
+        sums = vote_sums(signs, weights)
+        for n, s, w in zip(names, signs, weights):
+            vw.update(n, s, others_vote(sums, s, w))
+    assert all(vw.weight(f"bad{i}") < 0 for i in range(3))
+    fv = np.sign(vote_sums(signs, [vw.weight(n) for n in names])["w"])
+    mv = np.sign(vote_sums(signs, [1.0] * len(names))["w"])
+    honest_only = np.sign(sum(s["w"].astype(float) for s in signs[3:]))
+    assert (fv != truth).mean() < (honest_only != truth).mean() < (mv != truth).mean()
