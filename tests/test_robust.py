@@ -201,7 +201,9 @@ def test_aggregate_pipeline():
     assert close(out, clipping.apply(ref, np.median(c.changes, axis=0), c.shapes), 1e-6)
     assert info.rule == "median+clip:q0.5" and info.clipped == 4
     _, info = aggregate(parse_rule("multikrum:1:3"), ups, ref)
-    assert list(info.chosen) == rules.krum_select(ups, 1, 3)
+    assert list(info.chosen) == rules.krum_select(ups, 1, 3) and info.rule == "multikrum:1:3"
+    _, info = aggregate(parse_rule("multikrum:2"), ups, ref)
+    assert len(info.chosen) == 6 and info.rule == "multikrum:2"
     opts = RobustOptions(clip=1.0, dp_noise=0.5)
     a, _ = aggregate(opts, ups, ref, rng=np.random.default_rng(1))
     b = clipping.dp_mean(ups, ref, 1.0, 0.5, np.random.default_rng(1))

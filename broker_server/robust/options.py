@@ -1,7 +1,8 @@
 """The robust rule as a typed option, its CLI syntax, its checks, and one round's pipeline.
 
 ``parse_rule`` reads the ``--robust`` syntax: ``mean`` (FedAvg, the default),
-``median``, ``trimmed[:beta]``, ``krum[:f]``, ``multikrum[:f[:m]]``. ``RobustOptions``
+``median``, ``trimmed[:beta]``, ``krum[:f]``, ``multikrum[:f[:m]]`` (defaults: beta 0.1,
+f 1, m n - f). ``RobustOptions``
 adds the clip bound (fixed, or a quantile of the round's norms) and the DP noise, and
 ``check(devices)`` refuses inconsistent choices in one line before a round starts.
 ``aggregate`` runs one round: clip the changes (if asked), apply the rule, add the DP
@@ -84,7 +85,8 @@ class RobustOptions:
         """The rule as the report names it, e.g. ``trimmed:0.1+clip:q0.5``."""
         name = {"mean": "mean", "median": "median", "trimmed": f"trimmed:{self.beta:g}",
                 "krum": f"krum:{self.f}",
-                "multikrum": f"multikrum:{self.f}:{self.m}"}.get(self.rule, self.rule)
+                "multikrum": f"multikrum:{self.f}" + (f":{self.m}" if self.m else "")
+                }.get(self.rule, self.rule)
         if self.clip > 0:
             name += f"+clip:{self.clip:g}"
         if self.clip_quantile > 0:
