@@ -1,0 +1,161 @@
+"""Robust aggregation rules as pure numpy functions over a round's updates.
+
+Every rule takes ``list[Weights]`` (one dict of numpy arrays per device, the form
+every strategy's ``aggregate`` already receives) and returns one ``Weights`` in
+float32, like ``strategies.aggregate.weighted_average``. Internally the updates are
+stacked into one float64 matrix, devices x parameters (``stack``): the rules are
+translation-equivariant, so they may be given models or changes (model minus the
+round's reference) alike and give the same aggregate either way.
+
+Memory: unlike FedAvg, which folds each update into a running sum as it arrives
+(O(params)), these rules need every update of the round at once: O(n x params)
+float64, i.e. 8 bytes x devices x parameters (20 devices x 1M parameters: 160 MB),
+plus for Krum an n x n distance matrix. ``np.median`` and the trimmed mean sort a
+copy per coordinate (another n x params).
+
+Weights (sample counts): the coordinate-wise median and the trimmed mean are
+unweighted by definition (Yin et al., ICML 2018, "Byzantine-robust distributed
+learning: towards optimal statistical rates"); a weighted variant would let a device
+claiming a large sample count move the median, which is what the rule is there to
+stop. Krum (Blanchard et al., NeurIPS 2017, "Machine learning with adversaries:
+Byzantine tolerant gradient descent") selects by distances only; multi-Krum averages
+the m selected updates, by ``samples`` if given (as Flower's ``Krum`` does) and
+unweighted otherwise (as the paper does).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from broker_server.errors import RobustError
+
+Weights = dict[str, np.ndarray]
+
+
+def stack(updates: list[Weights]) -> tuple[np.ndarray, dict[str, tuple[int, ...]]]:
+    """(n x params float64 matrix, the first update's shapes in its order).
+
+    Every update must have the first one's tensor names and shapes: a device that
+    sends another layout is an error here, not a silent misalignment."""
+    if not updates:
+        raise RobustError("robust aggregation of no updates")
+    shapes = {k: tuple(v.shape) for k, v in updates[0].items()}
+    rows = []
+    for i, u in enumerate(updates):
+        got = {k: tuple(v.shape) for k, v in u.items()}
+        if got != shapes:
+            raise RobustError(f"robust: update {i} has tensors {got}, expected {shapes}")
+        row = (np.concatenate([np.asarray(u[k], np.float64).reshape(-1) for k in shapes])
+               if shapes else np.zeros(0))
+        if not np.isfinite(row).all():  # the guard refuses these first; a NaN would
+            # pass through median and Krum's sort as if it were a value
+            raise RobustError(f"robust: update {i} has {int((~np.isfinite(row)).sum())} "
+                              f"non-finite values, expected none")
+        rows.append(row)
+    return np.stack(rows), shapes
+
+
+def unstack(vec: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> Weights:
+    """One flat vector back into float32 tensors of ``shapes``."""
+    out, at = {}, 0
+    for k, s in shapes.items():
+        size = math.prod(s)
+        out[k] = vec[at:at + size].astype(np.float32).reshape(s)
+        at += size
+    return out
+
+
+def mean(updates: list[Weights], samples: list[float] | None = None) -> Weights:
+    """The (sample-weighted) mean, FedAvg's rule: the baseline the others are tested
+    against, over the same stacked form."""
+    x, shapes = stack(updates)
+    return unstack(weighted_rows(x, samples), shapes)
+
+
+def median(updates: list[Weights]) -> Weights:
+    """The coordinate-wise median (even n: the mean of the two middle values)."""
+    x, shapes = stack(updates)
+    return unstack(np.median(x, axis=0), shapes)
+
+
+def trimmed_rows(x: np.ndarray, beta: float) -> np.ndarray:
+    """``trimmed_mean`` over the rows of a stacked matrix."""
+    n = x.shape[0]
+    k = trim_count(n, beta)
+    return np.sort(x, axis=0)[k:n - k].mean(axis=0)
+
+
+def trim_count(n: int, beta: float) -> int:
+    """floor(beta * n) values cut from each side; at least one must remain."""
+    if not 0 <= beta < 0.5:
+        raise RobustError(f"trimmed mean: beta must be in [0, 0.5), got {beta}")
+    k = int(math.floor(beta * n))
+    if 2 * k >= n:
+        raise RobustError(f"trimmed mean: beta {beta} cuts 2 x {k} of {n} updates, "
+                          f"none left")
+    return k
+
+
+def trimmed_mean(updates: list[Weights], beta: float) -> Weights:
+    """Per coordinate, drop the floor(beta * n) smallest and largest values and average
+    the rest (Yin et al. 2018)."""
+    x, shapes = stack(updates)
+    return unstack(trimmed_rows(x, beta), shapes)
+
+
+def check_krum(n: int, f: int) -> None:
+    """Krum's condition n > 2f + 2 (Blanchard et al. 2017), as a one-line error."""
+    if f < 0:
+        raise RobustError(f"krum: f must be >= 0, got {f}")
+    if n <= 2 * f + 2:
+        raise RobustError(f"krum: needs more than 2f + 2 = {2 * f + 2} devices for "
+                          f"f = {f}, got n = {n}")
+
+
+def krum_scores(x: np.ndarray, f: int) -> np.ndarray:
+    """score_i = sum of the squared distances from row i to its n - f - 2 nearest others."""
+    n = x.shape[0]
+    check_krum(n, f)
+    sq = np.einsum("ij,ij->i", x, x)
+    d = np.maximum(sq[:, None] + sq[None, :] - 2 * (x @ x.T), 0.0)
+    np.fill_diagonal(d, np.inf)  # a row is not its own neighbour
+    return np.sort(d, axis=1)[:, :n - f - 2].sum(axis=1)
+
+
+def krum_select(updates: list[Weights], f: int, m: int = 1) -> list[int]:
+    """The indices of the m updates with the lowest Krum scores (ties: lower index)."""
+    return krum_rows(stack(updates)[0], f, m)
+
+
+def krum_rows(x: np.ndarray, f: int, m: int = 1) -> list[int]:
+    """``krum_select`` over the rows of a stacked matrix."""
+    n = x.shape[0]
+    check_krum(n, f)
+    if not 1 <= m <= n - f:
+        raise RobustError(f"multi-krum: m must be in [1, n - f] = [1, {n - f}], got {m}")
+    return [int(i) for i in np.argsort(krum_scores(x, f), kind="stable")[:m]]
+
+
+def krum(updates: list[Weights], f: int) -> Weights:
+    """The one update with the lowest Krum score."""
+    return {k: np.asarray(v, np.float32) for k, v in updates[krum_select(updates, f)[0]].items()}
+
+
+def multi_krum(updates: list[Weights], f: int, m: int,
+               samples: list[float] | None = None) -> Weights:
+    """The mean of the m lowest-scored updates, weighted by ``samples`` if given."""
+    chosen = krum_select(updates, f, m)
+    x, shapes = stack([updates[i] for i in chosen])
+    w = None if samples is None else [samples[i] for i in chosen]
+    return unstack(weighted_rows(x, w), shapes)
+
+
+def weighted_rows(x: np.ndarray, samples: list[float] | None) -> np.ndarray:
+    if samples is None:
+        return x.mean(axis=0)
+    w = np.asarray(samples, np.float64)
+    if w.shape != (x.shape[0],) or w.sum() <= 0 or (w < 0).any():
+        raise RobustError(f"robust: samples must be {x.shape[0]} non-negative counts with "
+                          f"a positive total, got {list(samples)}")
+    return w @ x / w.sum()
