@@ -238,15 +238,15 @@ class Aggregator:
             if a.variant not in rs.model_sha:  # e.g. SplitMix: a set of bases, known now
                 self._publish_variant(rs, a.variant,
                                       self.strategy.variant(rs.reference, a.variant))
-            task = messages.Task(rs.number, device, a.variant, rs.model_sha[a.variant],
-                                 rs.deadline, a.epochs, a.batch_size, a.lr,
-                                 self._task_seed(rs.number), self.opts.codec,
-                                 int(a.extra.get("steps", 0)), dict(a.extra.get("model", {})),
-                                 a.extra.get("uplink", "weights"),
-                                 {n: wire.content_sha(self.assets[n])
-                                  for n in a.extra.get("assets", [])},
-                                 *self._sync_of(rs, a.variant),
-                                 self.trust.nonce(rs.number, device), self.trust.session)
+            base_sha256, sync_sha256 = self._sync_of(rs, a.variant)
+            task = messages.Task(
+                round=rs.number, device=device, variant=a.variant,
+                model_sha256=rs.model_sha[a.variant], deadline=rs.deadline, epochs=a.epochs,
+                batch_size=a.batch_size, lr=a.lr, seed=self._task_seed(rs.number),
+                codec=self.opts.codec, steps=int(a.steps), model=dict(a.model),
+                uplink=a.uplink, assets={n: wire.content_sha(self.assets[n]) for n in a.assets},
+                base_sha256=base_sha256, sync_sha256=sync_sha256,
+                nonce=self.trust.nonce(rs.number, device), session=self.trust.session)
             rs.assigned[device] = task
             self.trust.open_tasks[device] = (rs.number, task.nonce)
             if device not in rs.accepted:

@@ -36,3 +36,7 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def in_order(self) -> list[str]:
+        """The names in the order they were registered."""
+        return list(self._items)

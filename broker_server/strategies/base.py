@@ -29,7 +29,12 @@ class Assignment:
     epochs: int = 1
     batch_size: int = 32
     lr: float = 0.05
-    extra: dict = field(default_factory=dict)
+    steps: int = 0  # > 0: exactly this many local minibatch steps instead of epochs
+    model: dict = field(default_factory=dict)  # the variant's ModelConfig JSON, if not the plan's
+    # What the device sends back, the kind of work it does (device_runtime.uplinks):
+    # "weights", "logits", "acts", "split"
+    uplink: str = "weights"
+    assets: tuple[str, ...] = ()  # the job's assets (``Strategy.assets``) it needs
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class Strategy(ABC):
 
     def assets(self) -> dict[str, Weights]:
         """Frames published once per job, retained, by name (e.g. REFT's public inputs);
-        an assignment lists those its device needs in ``extra["assets"]``."""
+        an assignment lists those its device needs in ``assets``."""
         return {}
 
     def on_batch(self, round_: int, device: str, tensors: Weights,

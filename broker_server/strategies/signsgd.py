@@ -63,7 +63,7 @@ class SignSGD(Strategy):
 
     def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
         return {d.id: Assignment("full", self.epochs, self.batch_for(d), self.lr,
-                                 {"steps": self.opts.local_steps}) for d in devices}
+                                 steps=self.opts.local_steps) for d in devices}
 
     def weighted(self, round_: int) -> bool:
         return self.opts.decoder == "fv" and round_ > self.opts.warmup_rounds
