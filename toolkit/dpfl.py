@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from broker_server.batches import BatchReplies
 from broker_server.strategies import Assignment, DeviceInfo, Strategy, Update
 from broker_server.strategies.aggregate import weighted_average
 from broker_server.strategies.base import Weights
@@ -103,8 +104,13 @@ class DPFL(Strategy):
         self.trained = {}
         return DecodeAll(self, round_, global_weights, codec, ctx)
 
+    def side_channel(self, job: str) -> BatchReplies:
+        return BatchReplies(job, self.on_batch)
+
     def on_batch(self, round_: int, device: str, tensors: Weights,
                  batch_size: int) -> tuple[np.ndarray, float]:
+        """Train the tail on one minibatch of a device's activations (at most
+        ``batch_size``); returns the loss gradient w.r.t. the activations, and the loss."""
         after = self.cut[device]
         acts, labels = check_batch(tensors, self.setup.act_shapes[after], batch_size,
                                    self.setup.config.num_classes)

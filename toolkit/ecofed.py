@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from broker_server.strategies import Assignment, DeviceInfo, Strategy, Update
-from broker_server.strategies.base import Weights
+from broker_server.strategies.base import TrainsAlone, Weights
 from broker_server.strategies.folds import DecodeAll
 from device_runtime.errors import WireError
 from device_runtime.training.local import load_weights, weights_of
@@ -112,7 +112,7 @@ def train_tail(model: nn.Module, after: int, acts: np.ndarray, labels: np.ndarra
     tail.eval()
 
 
-class EcoFed(Strategy):
+class EcoFed(Strategy, TrainsAlone):
     name = "ecofed"
 
     def __init__(self, epochs: int = 1, batch_size: int = 32, lr: float = 0.05,

@@ -8,7 +8,6 @@ and returns a fresh strategy instance.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update
@@ -37,12 +36,7 @@ def register_path(name: str, path: str) -> None:
 
 def factory(name: str) -> StrategyFactory:
     """The factory of strategy ``name``, imported on first use."""
-    impl = STRATEGIES.get(name)
-    if isinstance(impl, str):
-        module, _, attr = impl.partition(":")
-        impl = getattr(importlib.import_module(module), attr)
-        STRATEGIES.register(name, impl)
-    return impl
+    return STRATEGIES.load(name)
 
 
 def create(name: str, **options) -> Strategy:
