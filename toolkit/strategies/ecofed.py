@@ -130,4 +130,4 @@ SPEC = StrategySpec(
            Flag(("--shared-tail",), {"action": "store_true", "help": "one tail trained over "
                                      "all buffers (default: one per device, averaged)"})),
     from_args=_from_args, setup=_setup, pretrain=_pretrain, device_macs=_device_macs,
-    report=_report)
+    report=_report, device_trains=False)

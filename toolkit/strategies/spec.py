@@ -66,7 +66,8 @@ class StrategySpec:
     dataclass; ``flags``/``from_args``: its CLI flags and the options made from them
     (None: the defaults); ``setup``: the model config to train and the options filled
     in from the fleet; ``pretrain``: the model it starts from (simulate), if not a fresh
-    one; ``device_macs``/``report``: per device MACs and report entries of a run."""
+    one; ``device_macs``/``report``: per device MACs and report entries of a run;
+    ``device_trains``: whether its devices train (need torch)."""
 
     rule: str = ""
     options: type | str | None = None  # or its "module:Class" path (imported when used)
@@ -76,6 +77,8 @@ class StrategySpec:
     pretrain: Callable[[Any, Any, np.ndarray, np.ndarray], Any] | None = None
     device_macs: Callable[[SimRun], dict[str, int]] | None = None
     report: Callable[[SimRun], dict] | None = None
+    # False: its devices only run an exported model in onnxruntime (a bundle needs no torch)
+    device_trains: bool = True
 
 
 def checked_options(options: object | None, cls: type):
