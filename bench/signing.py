@@ -70,8 +70,10 @@ def _operations(reps: int) -> dict:
     model = wire.encode(wire.Frame("model", "j", 1, "server", "fp32", weights), signer=server)
     update = wire.encode(wire.Frame("update", "j", 1, "d0", "fp32", weights, nonce="n"),
                          signer=device)
-    task = messages.seal(messages.Task(1, "d0", "full", "0" * 64, 0.0, 1, 32, 0.02, 0, "fp32",
-                                       nonce="n"), "j", "server", server, 1, "n", "d0")
+    task = messages.seal(messages.Task(
+        round=1, device="d0", variant="full", model_sha256="0" * 64, deadline=0.0, epochs=1,
+        batch_size=32, lr=0.02, seed=0, codec="fp32", nonce="n"),
+        "j", "server", server, 1, "n", "d0")
     header_bytes = {name: 8 + int.from_bytes(frame[4:8], "little")
                     for name, frame in (("model", model), ("update", update))}
     chunked = chunking.split(model, MAX_PAYLOAD, "c", server)

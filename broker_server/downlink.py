@@ -55,9 +55,9 @@ def check_downlink(name: str, strategy: str | None = None) -> str:
     if name not in valid:
         raise DownlinkError(f"--downlink: expected one of {', '.join(valid)}, got {name!r}")
     if strategy is not None and name != "fp32":
-        from broker_server.strategies import STRATEGIES
+        from broker_server.strategies import factory
 
-        if not getattr(STRATEGIES.get(strategy), "coded_downlink", False):
+        if not getattr(factory(strategy), "coded_downlink", False):
             raise DownlinkError(f"--downlink {name}: strategy {strategy} sends devices more "
                                 "than one full model; use --downlink fp32")
     return name

@@ -14,14 +14,14 @@ import time
 from dataclasses import dataclass, field
 
 from broker_server.errors import BrokerServerError
-from broker_server.strategies import FedAvg, SignSGD, SignSGDOptions, Strategy
+from broker_server.strategies import STRATEGIES, Strategy, factory
+from broker_server.strategies.fedavg import MEAN_CODECS
 from device_runtime import messages
 from device_runtime.errors import EXIT_USAGE
 from device_runtime.keys import PublicKey, Signer
 from device_runtime.messages import MessageError
 from device_runtime.topics import check_id
 
-MEAN_CODECS = ("fp32", "fp16", "int8", "sign", "fedmrn", "fedmrn-signed")
 VALID = ("fedavg with --codec " + ", ".join(MEAN_CODECS) + "; signsgd with --codec sign "
          "and --sign-decoder mv")
 
@@ -168,12 +168,10 @@ def parse_status(payload: bytes, worker: str, key: PublicKey, job: str) -> Worke
 def check_split(strategy: str, codec: str, options: object = None) -> dict:
     """The fold options the workers need (JSON), or ScaleOutError naming the valid
     combinations: a fold splits only when its aggregate is a sum of the updates."""
-    if strategy == "fedavg" and codec in MEAN_CODECS:
-        return {}
-    if strategy == "signsgd" and codec == "sign":
-        opts = options if isinstance(options, SignSGDOptions) else SignSGDOptions()
-        if opts.decoder == "mv" and not opts.per_coordinate:
-            return {"decoder": "mv"}
+    rule = _rule(strategy)
+    split = rule.split_options(codec, options) if rule is not None else None
+    if split is not None:
+        return split
     raise ScaleOutError(f"--workers: {strategy} with --codec {codec} cannot be split over "
                         f"workers; valid: {VALID}")
 
@@ -181,12 +179,21 @@ def check_split(strategy: str, codec: str, options: object = None) -> dict:
 def fold_strategy(name: str, options: dict) -> Strategy:
     """The strategy a worker folds with: only its fold matters, so defaults but the
     options ``check_split`` returned."""
-    if name == "fedavg":
-        return FedAvg()
-    if name == "signsgd" and options.get("decoder") == "mv":
-        return SignSGD(options=SignSGDOptions(decoder="mv"))
+    rule = _rule(name)
+    strategy = rule.for_worker(options) if rule is not None else None
+    if strategy is not None:
+        return strategy
     raise ScaleOutError(f"workround: {name} with options {options!r} cannot be split; "
                         f"valid: {VALID}")
+
+
+def _rule(name: str):
+    """The strategy class registered as ``name`` (its scale-out hooks), if the
+    aggregator knows it as a class."""
+    if name not in STRATEGIES.names():
+        return None
+    rule = factory(name)
+    return rule if isinstance(rule, type) and issubclass(rule, Strategy) else None
 
 
 def check_worker_id(worker: str) -> str:

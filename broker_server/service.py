@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from broker_server.batches import BatchReplies
 from broker_server.downlink import HELD_KEY, Downlink, check_downlink, recount_fetch
 from broker_server.errors import BrokerServerError
 from broker_server.guard import MAX_SAMPLES, NORM_BOUND, UpdateGuard
@@ -24,6 +23,7 @@ from broker_server.intake import pump, update_expect, update_meta
 from broker_server.records import Refusals, RoundState, digest, job_report, round_record
 from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, create
+from broker_server.strategies.base import TrainsAlone
 from broker_server.trust import SERVER, ServerTrust
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
@@ -83,7 +83,8 @@ class Aggregator:
             kept = self.store.load_kept(self.state)
             held = kept.pop(HELD_KEY, None)
             self.downlink.restore(held[1] if held else None, self.state.completed)
-            self.strategy.load_kept(kept)
+            if isinstance(self.strategy, TrainsAlone):
+                self.strategy.load_kept(kept)
         self.in_sync: set[str] = set()  # devices that trained from last round's model
         self.shapes = {k: tuple(v.shape) for k, v in self.weights.items()}
         self.devices: dict[str, messages.Status] = {}
@@ -97,7 +98,7 @@ class Aggregator:
         self.last_sync = 0  # bytes of the last closed round's sync frame
         self.assets: dict[str, bytes] = {}  # name -> frame, published once per job
         self.assets_sent: set[tuple[str, str]] = set()  # (device, asset): counted once each
-        self.batch_replies = BatchReplies(opts.job)  # dpfl
+        self.side = self.strategy.side_channel(opts.job)  # e.g. dpfl's batch exchange
         # Called whenever the loop waits for messages; raising from it ends run() with that
         # error (``fedge simulate --procs``: a device process died, the round would wait
         # for its devices forever).
@@ -177,7 +178,7 @@ class Aggregator:
         rs.fold = self.strategy.fold(r, rs.reference, self.codec, ctx)
         self._reload_accepted(rs)
         self._assign(rs, self._online())
-        alone = not self.strategy.needs_updates(r)
+        alone = isinstance(self.strategy, TrainsAlone) and not self.strategy.needs_updates(r)
         while True:
             self._pump(0.05)
             pending = set(rs.assigned) - set(rs.accepted) - rs.refused
@@ -237,15 +238,15 @@ class Aggregator:
             if a.variant not in rs.model_sha:  # e.g. SplitMix: a set of bases, known now
                 self._publish_variant(rs, a.variant,
                                       self.strategy.variant(rs.reference, a.variant))
-            task = messages.Task(rs.number, device, a.variant, rs.model_sha[a.variant],
-                                 rs.deadline, a.epochs, a.batch_size, a.lr,
-                                 self._task_seed(rs.number), self.opts.codec,
-                                 int(a.extra.get("steps", 0)), dict(a.extra.get("model", {})),
-                                 a.extra.get("uplink", "weights"),
-                                 {n: wire.content_sha(self.assets[n])
-                                  for n in a.extra.get("assets", [])},
-                                 *self._sync_of(rs, a.variant),
-                                 self.trust.nonce(rs.number, device), self.trust.session)
+            base_sha256, sync_sha256 = self._sync_of(rs, a.variant)
+            task = messages.Task(
+                round=rs.number, device=device, variant=a.variant,
+                model_sha256=rs.model_sha[a.variant], deadline=rs.deadline, epochs=a.epochs,
+                batch_size=a.batch_size, lr=a.lr, seed=self._task_seed(rs.number),
+                codec=self.opts.codec, steps=int(a.steps), model=dict(a.model),
+                uplink=a.uplink, assets={n: wire.content_sha(self.assets[n]) for n in a.assets},
+                base_sha256=base_sha256, sync_sha256=sync_sha256,
+                nonce=self.trust.nonce(rs.number, device), session=self.trust.session)
             rs.assigned[device] = task
             self.trust.open_tasks[device] = (rs.number, task.nonce)
             if device not in rs.accepted:
@@ -359,13 +360,14 @@ class Aggregator:
         rs.uplink_bytes += len(payload)
 
     def _on_acts(self, where: dict, payload: bytes) -> None:
-        """dpfl: one batch of a device's activations in, the loss gradient back."""
+        """A device's mid-round message to the strategy's side channel, answered."""
         rs, device, r = self.round, where["device"], where["round"]
         if rs is None or r != rs.number or device not in rs.assigned or device in rs.accepted:
             raise WireError(f"round: {device!r} has no open split task in round {r}")
-        task = rs.assigned[device]
-        reply = self.batch_replies.reply(self.strategy, r, device, payload, task.batch_size,
-                                         self.trust, task.nonce)
+        if self.side is None:
+            raise WireError(f"acts: strategy {self.strategy.name} takes no per-batch "
+                            "activations")
+        reply = self.side.answer(r, device, payload, rs.assigned[device], self.trust)
         rs.uplink_bytes += len(payload)
         rs.downlink_bytes += self.t.publish(self.topics.grad(r, device), reply)
 
@@ -393,7 +395,7 @@ class Aggregator:
         self.state.history.append(record)
         self.state.extra = self.strategy.state()
         self.state.norms = self.guard.close()
-        kept = self.strategy.kept()
+        kept = self.strategy.kept() if isinstance(self.strategy, TrainsAlone) else {}
         if self.downlink.coded:  # a restart must rebuild the same frames
             kept = {**kept, HELD_KEY: ("fp32", rs.reference, {})}
         self.store.save_round(self.state, self.weights, kept)

@@ -7,7 +7,9 @@ is refused with its reason and changes nothing. Given an export (a manifest
 and a trusted key), it first checks it
 (``preflight``) and, if that fails, publishes the refusal as its status and
 stops before taking any task. Runs until the job's ``control`` says stop.
-Transport callbacks only enqueue; the work happens on the agent's thread.
+Transport callbacks only enqueue; the work happens on the agent's thread: what a
+task asks (train and send weights or logits, run a frozen head, split learning)
+is its uplink kind's handler (``device_runtime.uplinks``).
 Torch is imported only when a task asks for local training, so the module
 loads on a device without it. A plan or task whose model config names a custom
 factory the operator did not allow (``AgentOptions.custom_models``) is refused
@@ -24,8 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_runtime import codecs, messages, wire
-from device_runtime.codecs import CodecContext
+from device_runtime import messages, uplinks, wire
 from device_runtime.errors import (
     FedgeError,
     RefusedError,
@@ -41,7 +42,6 @@ from device_runtime.topics import Topics, check_id
 from device_runtime.transport.base import Transport
 
 log = logging.getLogger("fedge.device")
-UPLINKS = ("weights", "logits", "acts", "split")
 SYNC_PATIENCE = 10.0  # seconds to wait for a sync frame before fetching the whole model
 
 
@@ -229,9 +229,9 @@ class DeviceAgent:
             self.working.discard(task.round)
 
     def _work(self, task: messages.Task) -> None:
-        if task.uplink not in UPLINKS:
-            raise messages.MessageError(f"task.uplink: expected one of {', '.join(UPLINKS)}, "
-                                        f"got {task.uplink!r}")
+        if task.uplink not in uplinks.kinds():
+            raise messages.MessageError(f"task.uplink: expected one of "
+                                        f"{', '.join(uplinks.kinds())}, got {task.uplink!r}")
         self.opts.custom_models.check_json(task.model)  # before waiting for its frames
         got = self._wait_model(task)
         if got is None:
@@ -245,16 +245,13 @@ class DeviceAgent:
                 log.warning("round %d: asset %r never arrived", task.round, name)
                 return
             down += fetched
-        needed = {"logits": "public", "acts": "head"}.get(task.uplink)
-        if needed and not any(n.split("-")[0] == needed for n in task.assets):
-            raise messages.MessageError(f"task.assets: expected {needed!r} with uplink "
+        kind = uplinks.get(task.uplink)  # its module (torch, for training) loads now
+        if kind.asset and not any(n.split("-")[0] == kind.asset for n in task.assets):
+            raise messages.MessageError(f"task.assets: expected {kind.asset!r} with uplink "
                                         f"{task.uplink}")
         t0 = time.perf_counter()
         self._split_io = [0, 0, 0]
-        if task.uplink == "acts":  # the frozen head in onnxruntime: no torch on this path
-            update = self._activations(task)
-        else:
-            update = self._train(task, frame_bytes)
+        update = kind.work(self, task, frame_bytes)
         self.sent = {r: b for r, b in self.sent.items() if r >= task.round - 2}
         self.sent[task.round] = (task.nonce, update)
         up = self.t.publish(self.topics.update(task.round, self.device), update)
@@ -263,7 +260,7 @@ class DeviceAgent:
                              "downlink_bytes": down + self._split_io[1],
                              "exchanges": self._split_io[2],
                              "samples": _samples_seen(task, len(self.y)), "epochs": 1,
-                             "passes": 1 if task.uplink == "acts" else 3,
+                             "passes": kind.passes,
                              "seconds": round(time.perf_counter() - t0, 4)})
 
     def _wait_model(self, task: messages.Task) -> tuple[bytes, int, str] | None:
@@ -342,91 +339,6 @@ class DeviceAgent:
             if self.stopped:
                 return None
         return None
-
-    def _activations(self, task: messages.Task) -> bytes:
-        """EcoFed: run the frozen head (the ONNX asset "head") on every local sample and
-        send the activations, quantized by the task's codec, with their labels."""
-        from device_runtime.session import open_session, run
-
-        name = next(n for n in task.assets if n.split("-")[0] == "head")  # head-<cut>
-        sha = str(task.assets[name])
-        if self._head is None or self._head[0] != sha:  # loaded once per head
-            self._head = (sha, open_session(self.asset(task, name)["onnx"].tobytes(),
-                                            self.opts.threads))
-        acts = run(self._head[1], np.ascontiguousarray(self.x, np.float32), 256)
-        codec = codecs.get(task.codec)
-        tensors, params = codec.encode({"acts": acts, "labels": self.y.astype(np.int64)},
-                                       CodecContext(task.round, task.seed, None, self.device))
-        return wire.encode(wire.Frame("update", self.opts.job, task.round, self.device,
-                                      task.codec, tensors, params,
-                                      {"samples": int(len(self.y)), "variant": task.variant},
-                                      nonce=task.nonce), signer=self.key)
-
-    def _train(self, task: messages.Task, frame_bytes: bytes) -> bytes:
-        from device_runtime.training.local import (
-            LocalTrainOptions,
-            load_weights,
-            predict_logits,
-            train_local,
-            weights_of,
-        )
-        from device_runtime.training.splitmix import SplitMixNet, train_bases
-
-        if self.plan is None:
-            raise messages.MessageError("task arrived before the plan")
-        model = self._build("full" if task.uplink == "split" else task.variant, task.model)
-        if task.uplink == "split":  # dpfl: the frame holds the head's tensors only
-            from device_runtime.training.split import head_names, parse_head_variant
-
-            w = weights_of(model)
-            shapes = {k: tuple(w[k].shape) for k in head_names(w, parse_head_variant(
-                task.variant))}
-        elif task.variant in self.plan.variants:
-            shapes = {k: tuple(v) for k, v in self.plan.variants[task.variant]["tensors"].items()}
-        else:  # a variant the model config defines (SplitMix bases): the model says
-            shapes = {k: tuple(v.shape) for k, v in weights_of(model).items()}
-        frame = wire.decode(frame_bytes, wire.Expect(
-            kind="model", job=self.opts.job, round=task.round,
-            tensors={k: wire.TensorSpec("float32", s) for k, s in shapes.items()}))
-        if task.uplink == "split":
-            load_weights(model, {**weights_of(model), **frame.tensors})
-        else:
-            load_weights(model, frame.tensors)
-        codec = codecs.get(task.codec)
-        local = LocalTrainOptions(task.epochs, task.batch_size, task.lr, seed=task.seed,
-                                  steps=task.steps)
-        if getattr(codec, "trainer", "sgd") == "fedmrn":
-            from device_runtime.training.fedmrn import train_fedmrn
-
-            res = train_fedmrn(model, self.x, self.y, local, seed=task.seed,
-                               mask_lr=codec.mask_lr, scale=codec.scale, signed=codec.signed)
-        elif task.uplink == "split":  # dpfl: the head here, the tail on the server
-            from device_runtime.training.split import parse_head_variant, train_head
-
-            res = train_head(model, parse_head_variant(task.variant), self.x, self.y, local,
-                             self._exchange(task))
-        elif isinstance(model, SplitMixNet):
-            res = train_bases(model, self.x, self.y, local)
-        else:
-            res = train_local(model, self.x, self.y, local)
-        sent, reference = res.weights, frame.tensors
-        if task.uplink == "logits":  # FedMD: the model's answers, not the model
-            sent = {"logits": predict_logits(model, self.asset(task, "public")["x"])}
-            reference = None
-        ctx = CodecContext(round=task.round, seed=task.seed, reference=reference,
-                           device=self.device)
-        tensors, params = codec.encode(sent, ctx)
-        return wire.encode(wire.Frame(
-            "update", self.opts.job, task.round, self.device, task.codec, tensors, params,
-            {"samples": res.samples, "loss": round(res.loss, 6),
-             "train_seconds": round(res.seconds, 4), "variant": task.variant,
-             "via": self._via}, nonce=task.nonce), signer=self.key)
-
-    def _exchange(self, task: messages.Task):
-        """dpfl's link to the server (split_link.py)."""
-        from device_runtime.split_link import exchanger
-
-        return exchanger(self, task)
 
     def _build(self, variant: str = "full", config: dict | None = None):
         """The model to train for ``variant``: the task's config (a pruned or narrower

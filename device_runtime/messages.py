@@ -76,9 +76,10 @@ class Status:
     session: str = ""  # the device's run: its will ("offline") names the same session
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Task:
-    """On ``round/<r>/task/<id>``: what one device does this round."""
+    """On ``round/<r>/task/<id>``: what one device does this round (built by keyword:
+    sixteen fields are too many to place by position)."""
 
     round: int
     device: str

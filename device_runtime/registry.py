@@ -2,10 +2,12 @@
 
 ``register(name, impl)`` adds one; ``get(name)`` returns it or raises an error
 that lists the valid names. Nothing registers itself at import time except the
-built-ins, which their package's ``__init__`` registers explicitly.
+built-ins, which their package's ``__init__`` registers explicitly (by import path,
+when ``load`` is to import them only when used).
 """
 from __future__ import annotations
 
+import importlib
 from typing import Generic, TypeVar
 
 from device_runtime.errors import EXIT_USAGE, DeviceRuntimeError
@@ -36,3 +38,17 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def load(self, name: str) -> T:
+        """``get``, importing an entry registered as a "module:attribute" path (lazy
+        registration) on first use."""
+        impl = self.get(name)
+        if isinstance(impl, str):
+            module, _, attr = impl.partition(":")
+            impl = getattr(importlib.import_module(module), attr)
+            self._items[name] = impl
+        return impl
+
+    def in_order(self) -> list[str]:
+        """The names in the order they were registered."""
+        return list(self._items)

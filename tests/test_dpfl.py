@@ -16,6 +16,7 @@ import torch
 from device_runtime import wire
 from device_runtime.errors import WireError
 from tests.field_helpers import finish, prepare_job, start_device, start_server
+from toolkit import strategies
 
 JOB = "dp"
 
@@ -35,9 +36,9 @@ def _one_round(cfg, weights, x, y, cut: int, rogue: bool = False):
     from tests.keys import agent_options, resign, task_of, trust
     from device_runtime.topics import Topics
     from device_runtime.transport.memory import MemoryHub, MemoryTransport
-    from toolkit.dpfl import DPFLOptions, DPFLSetup, register_dpfl
+    from toolkit.dpfl import DPFLOptions, DPFLSetup
 
-    register_dpfl()
+    strategies.get("dpfl")  # the aggregator then knows it by name
     hub = MemoryHub()
     transports = [MemoryTransport(hub, name) for name in ("dev-0", "server", "rogue")]
     for t in transports:

@@ -18,6 +18,7 @@ from tests.conftest import ROOT
 from tests.field_helpers import _env, device_keys, finish, prepare_job, start_server
 from tests.keys import trust
 from tests.test_device_runtime_no_torch import BLOCK_TORCH
+from toolkit import strategies
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +146,11 @@ def test_replay_buffers_survive_an_aggregator_restart(tmp_path):
     from broker_server.service import Aggregator, ServeOptions
     from device_runtime.training.local import weights_of
     from toolkit import datasets, zoo
-    from toolkit.ecofed import EcoFedOptions, register_ecofed, tail_names
+    from toolkit.ecofed import EcoFedOptions, tail_names
     from toolkit.profiles import ProfileCatalogue
     from toolkit.setups import setup_strategy
 
-    register_ecofed()
+    strategies.get("ecofed")  # the aggregator then knows it by name
     ds = datasets.load("mnist1d")
     cfg = zoo.make_config("cnn", ds.sample_shape, ds.num_classes)
     torch.manual_seed(0)
@@ -195,9 +196,9 @@ def test_profiles_with_an_earlier_cut_are_bridged_to_the_frozen_depth(tmp_path):
     from broker_server.service import Aggregator, ServeOptions
     from device_runtime.training.local import weights_of
     from toolkit import datasets, zoo
-    from toolkit.ecofed import EcoFedOptions, EcoFedSetup, export_head, register_ecofed
+    from toolkit.ecofed import EcoFedOptions, EcoFedSetup, export_head
 
-    register_ecofed()
+    strategies.get("ecofed")  # the aggregator then knows it by name
     ds = datasets.load("mnist1d")
     cfg = zoo.make_config("cnn", ds.sample_shape, ds.num_classes)
     torch.manual_seed(0)

@@ -69,7 +69,7 @@ def test_levels_follow_budgets_and_bad_options_name_the_field():
     s = HeteroFL(options=opts)
     tasks = s.assign(1, [DeviceInfo("d0", "rpi3b", 10), DeviceInfo("d2", "orin", 10)])
     assert tasks["d0"].variant == "width-0.125"
-    assert tasks["d0"].extra["model"]["width"] == 0.125
+    assert tasks["d0"].model["width"] == 0.125
     with pytest.raises(ValueError, match="no variant 'width-0.3'"):
         s.variant(weights_of(build_model(CFG)), "width-0.3")
     with pytest.raises(ValueError, match=r"width_by_profile\['x'\]: expected a width"):

@@ -235,8 +235,9 @@ def _run_task(agent, hub, task_model: dict, weights: dict) -> dict:
     evil.publish(agent.topics.plan, _plan({"arch": "cnn1d", "input_shape": [40],
                                            "num_classes": 10}), retain=True)
     evil.publish(agent.topics.model(1, "full"), frame, retain=True)
-    task = messages.Task(1, "dev-0", "full", wire.content_sha(frame),
-                         time.time() + 30, 1, 8, 0.01, 0, "fp32", model=task_model,
+    task = messages.Task(round=1, device="dev-0", variant="full",
+                         model_sha256=wire.content_sha(frame), deadline=time.time() + 30,
+                         epochs=1, batch_size=8, lr=0.01, seed=0, codec="fp32", model=task_model,
                          nonce=server.nonce(1, "dev-0"), session=server.session)
     evil.publish(agent.topics.task(1, "dev-0"), server.seal(task, 1, task.nonce, "dev-0"))
     until = time.time() + 60

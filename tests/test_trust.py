@@ -210,10 +210,12 @@ def test_a_device_acts_only_on_its_own_fresh_task(monkeypatch):
     monkeypatch.setattr(agent, "_work", lambda task: worked.append(task.round))
 
     def task(r, device="d0", session=server.session, to="d0"):
-        t = messages.Task(r, device, "full", "0" * 64, 1e12, 1, 8, 0.1, 0, "fp32",
+        t = messages.Task(round=r, device=device, variant="full", model_sha256="0" * 64,
+                          deadline=1e12, epochs=1, batch_size=8, lr=0.1, seed=0, codec="fp32",
                           nonce=server.nonce(r, device), session=session)
         return server.seal(t, r, t.nonce, to)
-    custom = messages.Task(2, "d0", "full", "0" * 64, 1e12, 1, 8, 0.1, 0, "fp32",
+    custom = messages.Task(round=2, device="d0", variant="full", model_sha256="0" * 64,
+                           deadline=1e12, epochs=1, batch_size=8, lr=0.1, seed=0, codec="fp32",
                            model={"arch": "custom", "factory": "torch.hub:load"},
                            nonce="x", session=server.session)
     forged = [

@@ -51,8 +51,9 @@ class Attacker:
             return  # not one the aggregator sent (ours, for one)
         where = self.topics.parse(topic)
         r, device = where["round"], where["device"]
-        forged = messages.Task(r, device, "full", "0" * 64, 4e9, 1, 8, 0.1, 0, "fp32",
-                               model=self.custom, nonce="forged")
+        forged = messages.Task(round=r, device=device, variant="full", model_sha256="0" * 64,
+                               deadline=4e9, epochs=1, batch_size=8, lr=0.1, seed=0,
+                               codec="fp32", model=self.custom, nonce="forged")
         for sealed in (messages.dump(forged), messages.seal(forged, JOB, "server",
                                                             self.stranger, r, "forged",
                                                             device)):

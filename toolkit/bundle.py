@@ -30,6 +30,7 @@ from pathlib import Path
 
 from device_runtime.keys import PublicKey, Signer
 from device_runtime.manifest import sha256_file
+from toolkit import strategies
 from toolkit.errors import UsageError
 from toolkit.secure import replace_file
 from toolkit.wheel import build_wheel, device_requirements, fedge_version
@@ -37,11 +38,6 @@ from toolkit.wheelhouse import TORCH, TORCH_INDEX
 from toolkit.wheellock import lock
 
 TEMPLATES = Path(__file__).parent / "deploy"
-# Strategies whose devices only run an exported head in onnxruntime; every other
-# strategy trains on the device, so its bundle installs torch.
-INFERENCE_ONLY = frozenset({"ecofed"})
-
-
 @dataclass(frozen=True)
 class BundleOptions:
     manifest: Path
@@ -64,7 +60,8 @@ def make_bundle(o: BundleOptions) -> dict:
     signing key's id and fingerprint)."""
     manifest, entry, signer = _checked(o)
     root = f"fedge-{o.id}"
-    needs_torch = o.strategy not in INFERENCE_ONLY
+    # A strategy whose devices train installs torch; EcoFed's run a head in onnxruntime.
+    needs_torch = strategies.spec(o.strategy).device_trains
     with tempfile.TemporaryDirectory(prefix="fedge-bundle-") as tmp:
         stage = Path(tmp) / root
         (stage / "wheels").mkdir(parents=True)

@@ -9,7 +9,8 @@ samples: a device for the stages of its head, the server for the stages it
 trained on behalf of devices with an earlier cut. Cuts may differ per profile
 (the planner's choice: compute, activation bytes each way, head bytes, round trips).
 
-Needs torch, so it lives in the toolkit and is registered by ``register_dpfl()``.
+Needs torch, so it lives in the toolkit; its spec (options, flags, setup) is
+``toolkit/strategies/dpfl.py``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from broker_server.strategies import Assignment, DeviceInfo, Strategy, Update, register
+from broker_server.batches import BatchReplies
+from broker_server.strategies import Assignment, DeviceInfo, Strategy, Update
 from broker_server.strategies.aggregate import weighted_average
 from broker_server.strategies.base import Weights
 from broker_server.strategies.folds import DecodeAll
@@ -29,16 +31,10 @@ from device_runtime.local_models import NO_CUSTOM, LocalModels
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.training.split import head_names, parse_head_variant, stage_of
 from toolkit.profiles import DeviceProfile
+from toolkit.strategies.dpfl import DPFLOptions
 
 HEAD_CODECS = ("fp32", "fp16")  # the round's upload is the head itself
 SAMPLES_HINT = 500  # samples per device assumed when planning cuts before devices join
-
-
-@dataclass(frozen=True)
-class DPFLOptions:
-    split_after: int | None = None  # None: the planner's cut per profile
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # as the devices' local SGD
 
 
 @dataclass(frozen=True)
@@ -94,7 +90,7 @@ class DPFL(Strategy):
         for d in devices:
             self.cut[d.id] = self.setup.cut_of(d.profile)
             out[d.id] = Assignment(f"head-{self.cut[d.id]}", self.epochs, self.batch_size,
-                                   self.lr, {"uplink": "split"})
+                                   self.lr, uplink="split")
         return out
 
     def fold(self, round_: int, global_weights: Weights, codec, ctx):
@@ -108,8 +104,13 @@ class DPFL(Strategy):
         self.trained = {}
         return DecodeAll(self, round_, global_weights, codec, ctx)
 
+    def side_channel(self, job: str) -> BatchReplies:
+        return BatchReplies(job, self.on_batch)
+
     def on_batch(self, round_: int, device: str, tensors: Weights,
                  batch_size: int) -> tuple[np.ndarray, float]:
+        """Train the tail on one minibatch of a device's activations (at most
+        ``batch_size``); returns the loss gradient w.r.t. the activations, and the loss."""
         after = self.cut[device]
         acts, labels = check_batch(tensors, self.setup.act_shapes[after], batch_size,
                                    self.setup.config.num_classes)
@@ -158,6 +159,3 @@ def check_batch(tensors: Weights, act_shape: tuple[int, ...], batch_size: int,
         raise WireError("acts: expected finite values, got NaN or inf")
     return acts, labels
 
-
-def register_dpfl() -> None:
-    register("dpfl", DPFL)

@@ -12,7 +12,8 @@ or not, the server trains one tail per device on that device's buffer
 equal weights, or with ``shared_tail`` trains one tail over all buffers in turn;
 the global model is the frozen head and that tail.
 
-Needs torch, so it lives in the toolkit and is registered by ``register_ecofed()``.
+Needs torch, so it lives in the toolkit; its spec (options, flags, setup, the
+pre-training) is ``toolkit/strategies/ecofed.py``.
 The replay buffers are kept with every checkpoint as the devices coded them
 (``Strategy.kept``), so an aggregator restarted between send rounds trains on them.
 """
@@ -26,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from broker_server.strategies import Assignment, DeviceInfo, Strategy, Update, register
-from broker_server.strategies.base import Weights
+from broker_server.strategies import Assignment, DeviceInfo, Strategy, Update
+from broker_server.strategies.base import TrainsAlone, Weights
 from broker_server.strategies.folds import DecodeAll
 from device_runtime.errors import WireError
 from device_runtime.training.local import load_weights, weights_of
@@ -35,30 +36,9 @@ from device_runtime.local_models import NO_CUSTOM, LocalModels
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.training.split import parse_head_variant, stage_of
 from device_runtime.wire import TensorSpec
+from toolkit.strategies.ecofed import EcoFedOptions
 
 ACT_CODECS = ("act8", "act4")
-
-
-@dataclass(frozen=True)
-class EcoFedOptions:
-    period: int = 2  # devices send every ``period`` rounds
-    iterations: int = 200  # server SGD steps per tail per round (50 in the paper: too few here)
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 32
-    shared_tail: bool = False
-    split_after: int | None = None  # None: the planner's choice for the fleet
-    pretrain_epochs: int = 30  # ``fedge simulate``: the head's pre-training on public data
-
-    def check(self) -> None:
-        for name in ("period", "iterations", "batch_size", "pretrain_epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name ==
-                                                                       "pretrain_epochs" else 1):
-                raise ValueError(f"ecofed {name}: expected a positive int, got {v!r}")
-        if not self.lr > 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"ecofed lr/momentum: expected lr > 0 and momentum in [0, 1), got "
-                             f"{self.lr}, {self.momentum}")
 
 
 @dataclass(frozen=True)
@@ -132,7 +112,7 @@ def train_tail(model: nn.Module, after: int, acts: np.ndarray, labels: np.ndarra
     tail.eval()
 
 
-class EcoFed(Strategy):
+class EcoFed(Strategy, TrainsAlone):
     name = "ecofed"
 
     def __init__(self, epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
@@ -172,7 +152,7 @@ class EcoFed(Strategy):
         for d in devices:
             c = self.setup.cut_of(d.profile)
             out[d.id] = Assignment(f"head-{c}", 1, self.opts.batch_size, self.opts.lr,
-                                   {"uplink": "acts", "assets": [head_asset(c)]})
+                                   uplink="acts", assets=(head_asset(c),))
         return out
 
     def update_shapes(self, variant: str, model_shapes: dict, samples: int) -> dict:
@@ -265,6 +245,3 @@ class ActivationFold(DecodeAll):
 def head_asset(cut: int) -> str:
     return f"head-{cut}"
 
-
-def register_ecofed() -> None:
-    register("ecofed", EcoFed)

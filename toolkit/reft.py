@@ -9,18 +9,19 @@ The server then treats the returned client models as a teacher ensemble (their
 softmax at temperature T, weighted by samples) and trains the student on its public
 split with the KL loss (times T^2, as in FedDF).
 
-The strategy needs torch and the pruner, so it lives in the toolkit and is registered
-by ``register_reft()``; the aggregator service itself stays torch-free.
+The strategy needs torch and the pruner, so it lives in the toolkit; its spec
+(options, flags, setup) is ``toolkit/strategies/reft.py``, and the aggregator
+service itself stays torch-free.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from broker_server.strategies import Assignment, DeviceInfo, Strategy, Update, register
+from broker_server.strategies import Assignment, DeviceInfo, Strategy, Update
 from broker_server.strategies.base import Weights
 from device_runtime.training.local import (
     load_weights,
@@ -31,26 +32,10 @@ from device_runtime.training.local import (
 from device_runtime.training.models import ModelConfig, build_model
 from toolkit.checkpoint import example_input
 from toolkit.pruning import PruneRecord, count_macs, prune_to_macs, replay
+from toolkit.strategies.reft import REFTOptions
 
 
 LOGIT_CODECS = ("fp32", "fp16", "int8")  # the codecs that code any tensor as it is
-
-
-@dataclass(frozen=True)
-class REFTOptions:
-    temperature: float = 3.0
-    distill_epochs: int = 3
-    distill_lr: float = 0.01
-    distill_batch: int = 64
-    # Per profile, the share of the full model's MACs; empty: the planner's.
-    fractions: dict = field(default_factory=dict)
-    # "weights": devices send their pruned models; "logits": only their logits on the
-    # public split (FedMD), whatever the model's size.
-    uplink: str = "weights"
-    # Start the student from the entry-wise average of the client models mapped back to
-    # their places in the global model (FedDF's initialization), then distil. False:
-    # distil into last round's global model alone.
-    average_first: bool = True
 
 
 @dataclass(frozen=True)
@@ -183,10 +168,9 @@ class REFT(Strategy):
                 raise ValueError(f"reft: no MAC budget for profile {d.profile!r}; known: "
                                  f"{', '.join(sorted(self.pruned))}")
             cfg = self.pruned[d.profile][0]
-            extra = {"model": cfg.to_json(),
-                     **({"uplink": "logits", "assets": ["public"]} if self.logits else {})}
+            sends = {"uplink": "logits", "assets": ("public",)} if self.logits else {}
             out[d.id] = Assignment(f"reft-{d.profile}", self.epochs, self.batch_size, self.lr,
-                                   extra)
+                                   model=cfg.to_json(), **sends)
         return out
 
     def assets(self) -> dict[str, Weights]:
@@ -231,7 +215,3 @@ class REFT(Strategy):
         distill_to(self.student, target, self.setup.public_x, self.setup.options, seed=round_)
         return weights_of(self.student)
 
-
-def register_reft() -> None:
-    """Make ``--strategy reft`` available (the aggregator then needs a REFTSetup)."""
-    register("reft", REFT)

@@ -191,12 +191,13 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     from broker_server.trust import ServerTrust
     from device_runtime.keys import FleetKeys
     from device_runtime.training.local import load_weights, weights_of
-    from toolkit import checkpoint, datasets, zoo
+    from toolkit import checkpoint, datasets, strategies, zoo
     from toolkit.field import evaluator
     from toolkit.partition import public_split
     from toolkit.profiles import ProfileCatalogue
     from toolkit.pruning import count_macs
     from toolkit.setups import setup_strategy
+    from toolkit.strategies import SimRun
 
     check_options(opts)
     catalogue = catalogue or ProfileCatalogue.load()
@@ -206,7 +207,10 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     parts = _shards(opts, ds.y_train[rest])
     cfg = zoo.make_config(opts.model, ds.sample_shape, ds.num_classes, opts.width,
                           float(np.mean(ds.x_train[pub])), float(np.std(ds.x_train[pub])))
-    pretrained = _pretrained(opts, cfg, ds.x_train[pub], ds.y_train[pub])
+    spec = strategies.get(opts.strategy)
+    # e.g. EcoFed's starting point: the model pre-trained on the server's public split
+    pretrained = spec.pretrain(opts, cfg, ds.x_train[pub], ds.y_train[pub]) \
+        if spec.pretrain else None
     cfg, strategy_options = setup_strategy(opts.strategy, cfg, fleet, ds.x_train[pub],
                                            opts.codec, opts.strategy_options, pretrained,
                                            opts.custom_models())
@@ -239,70 +243,14 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
                                              on_round, keys)
     load_weights(ckpt.model, agg.weights)
     ckpt.metrics = {"test_accuracy": report["final_accuracy"]}
-    per_device = {a.device: macs for a in agents}
-    if opts.strategy == "fedavg" and getattr(strategy_options, "profiles", ()):
-        per_device = {a.device: macs if p.name in strategy_options.profiles else 0
-                      for a, p in zip(agents, fleet)}
-    if opts.strategy == "heterofl":  # the width level each device trains
-        per_device = _heterofl_macs(strategy_options, agents, fleet)
-    if opts.strategy == "ecofed":  # the frozen head each device runs (forward only)
-        from toolkit.zoo import split
-
-        heads = {c: count_macs(split(ckpt.model, c)[0], checkpoint.example_input(cfg))[0]
-                 for c in {strategy_options.cut_of(p.name) for p in fleet}}
-        per_device = {a.device: heads[strategy_options.cut_of(p.name)]
-                      for a, p in zip(agents, fleet)}
-        report["split_after"] = strategy_options.split_after
-        report["cuts"] = {p.name: strategy_options.cut_of(p.name) for p in fleet}
-        report["act_shape"] = list(strategy_options.act_shape)
-    if opts.strategy == "dpfl":  # the head each device trains
-        from toolkit.zoo import split
-
-        heads = {c: count_macs(split(ckpt.model, c)[0], checkpoint.example_input(cfg))[0]
-                 for c in set(strategy_options.cuts.values())}
-        per_device = {a.device: heads[strategy_options.cut_of(p.name)]
-                      for a, p in zip(agents, fleet)}
-        report["cuts"] = dict(strategy_options.cuts)
-    if opts.strategy == "reft":  # the pruned model each device trained (last round)
-        per_device = {a.device: agg.strategy.macs_of(p.name) for a, p in zip(agents, fleet)}
-    if opts.strategy == "splitmix":  # a device trains n of the M bases
-        from toolkit.splitmix import width_accuracy
-
-        report["width_accuracy"] = width_accuracy(ckpt.model, ds.x_test, ds.y_test)
-        per_device = {a.device: macs * strategy_options.bases_of(a.device, p.name)
-                      // strategy_options.bases for a, p in zip(agents, fleet)}
+    run = SimRun(strategy_options, agg.strategy, ckpt.model, cfg, macs, agents, fleet,
+                 ds.x_test, ds.y_test)
+    per_device = spec.device_macs(run) if spec.device_macs else \
+        {a.device: macs for a in agents}
+    if spec.report:
+        report.update(spec.report(run))
     _add_fleet_figures(report, opts, agents, fleet, per_device)
     return report, ckpt
-
-
-def _pretrained(opts: SimOptions, cfg, x: np.ndarray, y: np.ndarray):
-    """EcoFed's starting point: the model pre-trained on the server's public split."""
-    if opts.strategy != "ecofed":
-        return None
-    import torch
-
-    from toolkit import zoo
-    from toolkit.ecofed import EcoFedOptions, register_ecofed
-    from toolkit.train import TrainOptions, train
-
-    register_ecofed()
-    eo = opts.strategy_options if isinstance(opts.strategy_options, EcoFedOptions) \
-        else EcoFedOptions()
-    torch.manual_seed(opts.seed)
-    return train(zoo.build_model(cfg, opts.custom_models()), x, y,
-                 TrainOptions(epochs=eo.pretrain_epochs, seed=opts.seed))
-
-
-def _heterofl_macs(ho, agents, fleet) -> dict[str, int]:
-    from device_runtime.training.models import ModelConfig, build_model
-    from toolkit.checkpoint import example_input
-    from toolkit.pruning import count_macs
-
-    by_level = {}
-    for w, level in ho.levels.items():
-        cfg = ModelConfig.from_json(level["model"])
-        by_level[w] = count_macs(build_model(cfg), example_input(cfg))[0]
-    return {a.device: by_level[ho.level_of(a.device, p.name)] for a, p in zip(agents, fleet)}
 
 
 def _median(xs: list[float]) -> float:

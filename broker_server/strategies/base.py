@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -29,7 +30,12 @@ class Assignment:
     epochs: int = 1
     batch_size: int = 32
     lr: float = 0.05
-    extra: dict = field(default_factory=dict)
+    steps: int = 0  # > 0: exactly this many local minibatch steps instead of epochs
+    model: dict = field(default_factory=dict)  # the variant's ModelConfig JSON, if not the plan's
+    # What the device sends back, the kind of work it does (device_runtime.uplinks):
+    # "weights", "logits", "acts", "split"
+    uplink: str = "weights"
+    assets: tuple[str, ...] = ()  # the job's assets (``Strategy.assets``) it needs
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,13 @@ class Update:
     samples: int
     meta: dict = field(default_factory=dict)
     raw: tuple | None = None  # the update as coded on the wire (sign voting, EcoFed buffers)
+
+
+class SideChannel(Protocol):
+    """A strategy's mid-round exchange with a device that has an open task."""
+
+    def answer(self, round_: int, device: str, payload: bytes, task, trust) -> bytes:
+        """The signed reply frame (on the device's ``grad`` topic), or WireError."""
 
 
 class Strategy(ABC):
@@ -63,24 +76,15 @@ class Strategy(ABC):
         hold (default: the variant's model)."""
         return model_shapes
 
-    def needs_updates(self, round_: int) -> bool:
-        """False for a round the server trains alone (e.g. EcoFed on its replay buffers):
-        it closes as soon as its tasks, if any, are sent."""
-        return True
-
     def assets(self) -> dict[str, Weights]:
         """Frames published once per job, retained, by name (e.g. REFT's public inputs);
-        an assignment lists those its device needs in ``extra["assets"]``."""
+        an assignment lists those its device needs in ``assets``."""
         return {}
 
-    def on_batch(self, round_: int, device: str, tensors: Weights,
-                 batch_size: int) -> tuple[np.ndarray, float]:
-        """Split learning (dpfl): train on one minibatch of a device's activations
-        (``tensors["acts"]``, ``tensors["labels"]``, at most ``batch_size``); returns the
-        loss gradient with respect to the activations, and the loss."""
-        from device_runtime.errors import WireError
-
-        raise WireError(f"acts: strategy {self.name} takes no per-batch activations")
+    def side_channel(self, job: str) -> SideChannel | None:
+        """What answers the devices' mid-round messages (their ``acts`` topic), if the
+        strategy takes any (dpfl: a batch of activations in, the loss gradient out)."""
+        return None
 
     @abstractmethod
     def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
@@ -97,6 +101,18 @@ class Strategy(ABC):
 
         return DecodeAll(self, round_, global_weights, codec, ctx)
 
+    @classmethod
+    def split_options(cls, codec: str, options: object | None) -> dict | None:
+        """Scale-out (broker_server/scaleout.py): the JSON fold options the workers need
+        when this rule's fold with ``codec`` is a sum of the updates; None: no split."""
+        return None
+
+    @classmethod
+    def for_worker(cls, options: dict) -> Strategy | None:
+        """The rule a scale-out worker folds with, given ``split_options``' result (only
+        its fold matters); None: not one a worker can fold."""
+        return None
+
     def state(self) -> dict:
         """JSON state saved with every checkpoint (e.g. FV voting weights)."""
         return {}
@@ -104,10 +120,24 @@ class Strategy(ABC):
     def load_state(self, state: dict) -> None:
         pass
 
+
+class TrainsAlone(ABC):
+    """Optional, beside ``Strategy``: a strategy that trains on the server from tensors
+    devices sent in earlier rounds (EcoFed's replay buffers). Some of its rounds need
+    no update, and those tensors are saved with every checkpoint."""
+
+    @abstractmethod
+    def needs_updates(self, round_: int) -> bool:
+        """False for a round the server trains alone (e.g. EcoFed on its replay buffers):
+        it closes as soon as its tasks, if any, are sent."""
+        return True
+
+    @abstractmethod
     def kept(self) -> dict[str, tuple[str, Weights, dict]]:
         """Tensors saved with every checkpoint beside the JSON state, by name, as
         (codec, coded tensors, codec params) (e.g. EcoFed's replay buffers)."""
         return {}
 
+    @abstractmethod
     def load_kept(self, kept: dict[str, tuple[str, Weights, dict]]) -> None:
-        pass
+        """Restore what ``kept`` returned (after a restart)."""

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from broker_server.strategies.aggregate import weighted_average
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update, Weights
 
+# Codecs whose decoded updates are averaged as they are: a mean splits into partial sums.
+MEAN_CODECS = ("fp32", "fp16", "int8", "sign", "fedmrn", "fedmrn-signed")
+
 
 @dataclass(frozen=True)
 class FedAvgOptions:
@@ -35,6 +38,14 @@ class FedAvg(Strategy):
         only = set(self.options.profiles)
         return {d.id: Assignment("full", self.epochs, self.batch_size, self.lr)
                 for d in devices if not only or d.profile in only}
+
+    @classmethod
+    def split_options(cls, codec: str, options: object | None) -> dict | None:
+        return {} if codec in MEAN_CODECS else None
+
+    @classmethod
+    def for_worker(cls, options: dict) -> Strategy:
+        return cls()
 
     def fold(self, round_: int, global_weights: Weights, codec, ctx):
         from broker_server.strategies.folds import mean_fold

@@ -139,7 +139,7 @@ class HeteroFL(Strategy):
         for d in devices:
             name = variant_of(self.opts.level_of(d.id, d.profile))
             out[d.id] = Assignment(name, self.epochs, self.batch_size, self.lr,
-                                   {"model": self.by_variant[name]["model"]})
+                                   model=self.by_variant[name]["model"])
         return out
 
     def fold(self, round_: int, global_weights: Weights, codec, ctx):

@@ -39,6 +39,20 @@ class SignSGD(Strategy):
     name = "signsgd"
     coded_downlink = True
 
+    @classmethod
+    def split_options(cls, codec: str, options: object | None) -> dict | None:
+        """Majority vote over whole devices is a sum of signs; FV's weights are not."""
+        opts = options if isinstance(options, SignSGDOptions) else SignSGDOptions()
+        if codec == "sign" and opts.decoder == "mv" and not opts.per_coordinate:
+            return {"decoder": "mv"}
+        return None
+
+    @classmethod
+    def for_worker(cls, options: dict) -> Strategy | None:
+        if options.get("decoder") == "mv":
+            return cls(options=SignSGDOptions(decoder="mv"))
+        return None
+
     def __init__(self, epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
                  options: SignSGDOptions | None = None):
         self.opts = options or SignSGDOptions()
@@ -63,7 +77,7 @@ class SignSGD(Strategy):
 
     def assign(self, round_: int, devices: list[DeviceInfo]) -> dict[str, Assignment]:
         return {d.id: Assignment("full", self.epochs, self.batch_for(d), self.lr,
-                                 {"steps": self.opts.local_steps}) for d in devices}
+                                 steps=self.opts.local_steps) for d in devices}
 
     def weighted(self, round_: int) -> bool:
         return self.opts.decoder == "fv" and round_ > self.opts.warmup_rounds

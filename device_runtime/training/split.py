@@ -18,6 +18,7 @@ from torch import nn
 
 from device_runtime.errors import ModelBuildError
 from device_runtime.training.local import LocalResult, LocalTrainOptions, minibatches, weights_of
+from device_runtime.uplinks import Uplink
 
 # (step, activations, labels) -> (gradient of the loss w.r.t. the activations, loss)
 Exchange = Callable[[int, np.ndarray, np.ndarray], tuple[np.ndarray, float]]
@@ -74,3 +75,25 @@ def train_head(model: nn.Module, after: int, x: np.ndarray, y: np.ndarray,
     w = weights_of(model)
     return LocalResult({k: w[k] for k in head_names(w, after)}, len(x), total / max(seen, 1),
                        time.perf_counter() - t0)
+
+
+def _split_work(agent, task, frame_bytes: bytes) -> bytes:
+    """dpfl's device work (uplink "split"): the frame holds the head's tensors only;
+    the head trains here, the tail on the server, one batch exchange at a time."""
+    from device_runtime import messages
+    from device_runtime.split_link import exchanger
+    from device_runtime.training.work import send_weights, train_task
+
+    if agent.plan is None:
+        raise messages.MessageError("task arrived before the plan")
+    after = parse_head_variant(task.variant)
+    model = agent._build("full", task.model)
+    w = weights_of(model)
+    shapes = {k: tuple(w[k].shape) for k in head_names(w, after)}
+
+    def fit(model, agent, task, local):
+        return train_head(model, after, agent.x, agent.y, local, exchanger(agent, task))
+    return train_task(agent, task, frame_bytes, model, shapes, fit, send_weights, merge=True)
+
+
+SPLIT = Uplink(_split_work)

@@ -1,0 +1,133 @@
+"""EcoFed's spec: devices run a frozen, pre-trained head and send activations; the
+server trains the tail on replay buffers (toolkit/ecofed.py)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from toolkit.errors import UsageError
+from toolkit.strategies.spec import ArgsContext, Flag, SetupContext, SimRun, StrategySpec
+
+# EcoFed's head is frozen after pre-training on the small public split, so it must
+# hold few parameters: on cnn-wide a cut after three convs (8.6% of the parameters)
+# reached 0.77 where a cut after the first (0.03%) reached 0.89 (same fleet, 20
+# rounds); the cut after a wide FC layer sends the fewest bytes but leaves only the
+# classifier to learn.
+FROZEN_SHARE = 0.05
+# Shared with dpfl: the cut.
+SPLIT_AFTER = Flag(("--split-after",), {
+    "type": int, "help": "cut after this stage (default: the planner's choice, per profile "
+                         "for dpfl)"})
+
+
+@dataclass(frozen=True)
+class EcoFedOptions:
+    period: int = 2  # devices send every ``period`` rounds
+    iterations: int = 200  # server SGD steps per tail per round (50 in the paper: too few here)
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 32
+    shared_tail: bool = False
+    split_after: int | None = None  # None: the planner's choice for the fleet
+    pretrain_epochs: int = 30  # ``fedge simulate``: the head's pre-training on public data
+
+    def check(self) -> None:
+        for name in ("period", "iterations", "batch_size", "pretrain_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name ==
+                                                                       "pretrain_epochs" else 1):
+                raise ValueError(f"ecofed {name}: expected a positive int, got {v!r}")
+        if not self.lr > 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"ecofed lr/momentum: expected lr > 0 and momentum in [0, 1), got "
+                             f"{self.lr}, {self.momentum}")
+
+
+def _from_args(args: argparse.Namespace, ctx: ArgsContext):
+    return EcoFedOptions(period=args.period, split_after=args.split_after,
+                         shared_tail=args.shared_tail)
+
+
+def _setup(options, ctx: SetupContext):
+    """Per profile the cut the planner picks among those whose head holds at most
+    FROZEN_SHARE of the parameters (or the given one for all), each cut's head as ONNX;
+    the latest cut is the frozen depth."""
+    from toolkit.analysis import stage_infos
+    from toolkit.checkpoint import example_input
+    from toolkit.ecofed import ACT_CODECS, EcoFedSetup, export_head
+    from toolkit.plan import choose_split, split_candidates
+    from toolkit.strategies.spec import checked_options
+
+    eo, cfg, model = checked_options(options, EcoFedOptions), ctx.cfg, ctx.model
+    try:
+        eo.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if ctx.codec not in ACT_CODECS:
+        raise UsageError(f"--codec: ecofed sends activations, expected "
+                         f"{' or '.join(ACT_CODECS)}, got {ctx.codec}")
+    if model is None:
+        raise UsageError("ecofed: needs the pre-trained model whose head it freezes")
+    infos = stage_infos(model, example_input(cfg))
+    total = sum(i.params for i in infos)
+    if len(infos) < 2:
+        raise UsageError(f"ecofed: the model has {len(infos)} stage(s); a split needs two")
+
+    def light(cands):  # heads within FROZEN_SHARE; at least the earliest cut
+        keep = [c for c in cands if c.head_params <= total * FROZEN_SHARE]
+        return keep or cands[:1]
+    cuts = {p.name: choose_split(split_candidates(infos, p) if eo.split_after else
+                                 light(split_candidates(infos, p)), eo.split_after).after
+            for p in ctx.fleet}
+    after = max(cuts.values())  # the frozen depth; earlier cuts are bridged by the server
+    heads = {c: export_head(model, cfg, c, ctx.public_x[:64])
+             for c in sorted(set(cuts.values()))}
+    return cfg, EcoFedSetup(cfg, after, *heads[after], eo, cuts, heads, ctx.allowed)
+
+
+def _pretrain(sim, cfg, x, y):
+    """The model pre-trained on the server's public split (``sim``: SimOptions)."""
+    import torch
+
+    from toolkit import zoo
+    from toolkit.train import TrainOptions, train
+
+    eo = sim.strategy_options if isinstance(sim.strategy_options, EcoFedOptions) \
+        else EcoFedOptions()
+    torch.manual_seed(sim.seed)
+    return train(zoo.build_model(cfg, sim.custom_models()), x, y,
+                 TrainOptions(epochs=eo.pretrain_epochs, seed=sim.seed))
+
+
+def head_macs(run: SimRun, cuts) -> dict[int, int]:
+    """The MACs of the head before each cut (shared with dpfl)."""
+    from toolkit.checkpoint import example_input
+    from toolkit.pruning import count_macs
+    from toolkit.zoo import split
+
+    return {c: count_macs(split(run.model, c)[0], example_input(run.cfg))[0] for c in cuts}
+
+
+def _device_macs(run: SimRun) -> dict[str, int]:
+    """The frozen head each device runs (forward only)."""
+    setup = run.options
+    heads = head_macs(run, {setup.cut_of(p.name) for p in run.fleet})
+    return {a.device: heads[setup.cut_of(p.name)] for a, p in zip(run.agents, run.fleet)}
+
+
+def _report(run: SimRun) -> dict:
+    setup = run.options
+    return {"split_after": setup.split_after,
+            "cuts": {p.name: setup.cut_of(p.name) for p in run.fleet},
+            "act_shape": list(setup.act_shape)}
+
+
+SPEC = StrategySpec(
+    rule="toolkit.ecofed:EcoFed", options=EcoFedOptions,
+    flags=(Flag(("--period",), {"type": int, "default": 2, "help":
+                                "devices send activations every PERIOD rounds; the server "
+                                "trains on its replay buffers in between"}),
+           SPLIT_AFTER,
+           Flag(("--shared-tail",), {"action": "store_true", "help": "one tail trained over "
+                                     "all buffers (default: one per device, averaged)"})),
+    from_args=_from_args, setup=_setup, pretrain=_pretrain, device_macs=_device_macs,
+    report=_report, device_trains=False)

@@ -1,0 +1,71 @@
+"""REFT's spec: each device trains a model pruned to its compute; the server averages
+the pruned models back in place and distils on its public split (toolkit/reft.py)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from toolkit.errors import UsageError
+from toolkit.strategies.spec import ArgsContext, Flag, SetupContext, SimRun, StrategySpec
+
+
+@dataclass(frozen=True)
+class REFTOptions:
+    temperature: float = 3.0
+    distill_epochs: int = 3
+    distill_lr: float = 0.01
+    distill_batch: int = 64
+    # Per profile, the share of the full model's MACs; empty: the planner's.
+    fractions: dict = field(default_factory=dict)
+    # "weights": devices send their pruned models; "logits": only their logits on the
+    # public split (FedMD), whatever the model's size.
+    uplink: str = "weights"
+    # Start the student from the entry-wise average of the client models mapped back to
+    # their places in the global model (FedDF's initialization), then distil. False:
+    # distil into last round's global model alone.
+    average_first: bool = True
+
+
+def _from_args(args: argparse.Namespace, ctx: ArgsContext):
+    return REFTOptions(uplink=args.reft_uplink)
+
+
+def _setup(options, ctx: SetupContext):
+    """MAC fractions per profile from the planner, the public split."""
+    from device_runtime.training.models import build_model
+    from toolkit.checkpoint import example_input
+    from toolkit.plan import plan_fleet
+    from toolkit.pruning import count_macs
+    from toolkit.reft import LOGIT_CODECS, REFTSetup
+    from toolkit.strategies.spec import checked_options
+
+    ro, cfg = checked_options(options, REFTOptions), ctx.cfg
+    if ro.uplink not in ("weights", "logits"):
+        raise UsageError(f"--reft-uplink: expected weights or logits, got {ro.uplink!r}")
+    if ro.uplink == "logits" and ctx.codec not in LOGIT_CODECS:
+        raise UsageError(f"--reft-uplink logits: expected --codec {', '.join(LOGIT_CODECS)}, "
+                         f"got {ctx.codec}")
+    if cfg.arch == "custom":  # its variants are zoo configs with pruned channel counts
+        raise UsageError("reft: pruned variants need a zoo architecture, got a custom model")
+    macs, params = count_macs(build_model(cfg), example_input(cfg))
+    plans = plan_fleet(list({p.name: p for p in ctx.fleet}.values()), macs, params)
+    fractions = {n: pl.compute_fraction for n, pl in plans.items()}
+    for name, f in ro.fractions.items():
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
+            raise UsageError(f"REFTOptions.fractions[{name!r}]: expected a MAC share in "
+                             f"(0, 1], got {f!r}")
+    return cfg, REFTSetup(cfg, ctx.public_x, {**fractions, **ro.fractions}, ro)
+
+
+def _device_macs(run: SimRun) -> dict[str, int]:
+    """The pruned model each device trained (last round)."""
+    return {a.device: run.strategy.macs_of(p.name) for a, p in zip(run.agents, run.fleet)}
+
+
+SPEC = StrategySpec(
+    rule="toolkit.reft:REFT", options=REFTOptions,
+    flags=(Flag(("--reft-uplink",), {
+        "choices": ("weights", "logits"), "default": "weights",
+        "help": "devices send their pruned models, or only their logits on the server's "
+                "public split"}),),
+    from_args=_from_args, setup=_setup, device_macs=_device_macs)
