@@ -349,7 +349,7 @@ class DeviceAgent:
             import torch
 
             from device_runtime.training.models import ModelConfig, build_model
-            from device_runtime.training.splitmix import parse_variant
+            from device_runtime.splitmix_variants import parse_variant
 
             torch.set_num_threads(self.opts.threads)
             cfg = ModelConfig.from_json(config or self.plan.model)

@@ -17,7 +17,7 @@ from broker_server.strategies.splitmix import (
 )
 from device_runtime.errors import ModelBuildError
 from device_runtime.training.models import ModelConfig, build_model
-from device_runtime.training.splitmix import parse_variant, variant_name
+from device_runtime.splitmix_variants import parse_variant, variant_name
 
 
 def _devices(n, profile="rpi4"):

@@ -36,7 +36,7 @@ from device_runtime.local_models import NO_CUSTOM, LocalModels
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.training.split import parse_head_variant, stage_of
 from device_runtime.wire import TensorSpec
-from toolkit.strategies.ecofed import EcoFedOptions
+from toolkit.strategies.options import EcoFedOptions
 
 ACT_CODECS = ("act8", "act4")
 

@@ -32,7 +32,7 @@ from device_runtime.training.local import (
 from device_runtime.training.models import ModelConfig, build_model
 from toolkit.checkpoint import example_input
 from toolkit.pruning import PruneRecord, count_macs, prune_to_macs, replay
-from toolkit.strategies.reft import REFTOptions
+from toolkit.strategies.options import REFTOptions
 
 
 LOGIT_CODECS = ("fp32", "fp16", "int8")  # the codecs that code any tensor as it is

@@ -7,45 +7,11 @@ aggregator service owns the loop); the maths live in pure numpy functions in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 
+from broker_server.strategies.exchange import Assignment, DeviceInfo, Update
 from device_runtime.codecs.base import Weights
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    id: str
-    profile: str
-    samples: int
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """One device's work this round (the service turns it into a Task message)."""
-
-    variant: str = "full"
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    steps: int = 0  # > 0: exactly this many local minibatch steps instead of epochs
-    model: dict = field(default_factory=dict)  # the variant's ModelConfig JSON, if not the plan's
-    # What the device sends back, the kind of work it does (device_runtime.uplinks):
-    # "weights", "logits", "acts", "split"
-    uplink: str = "weights"
-    assets: tuple[str, ...] = ()  # the job's assets (``Strategy.assets``) it needs
-
-
-@dataclass(frozen=True)
-class Update:
-    device: str
-    round: int
-    weights: Weights
-    samples: int
-    meta: dict = field(default_factory=dict)
-    raw: tuple | None = None  # the update as coded on the wire (sign voting, EcoFed buffers)
 
 
 class SideChannel(Protocol):

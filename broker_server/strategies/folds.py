@@ -22,16 +22,20 @@ raises WireError having changed nothing.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from broker_server.strategies.aggregate import PartialSum
-from broker_server.strategies.base import Strategy, Update, Weights
 from broker_server.strategies.bitsum import BitSum
+from broker_server.strategies.exchange import Update
 from broker_server.strategies.partials import bits_in, bits_out, only, sums_in, sums_out
 from device_runtime.codecs import Codec, CodecContext
+from device_runtime.codecs.base import Weights
 from device_runtime.codecs.fedmrn import FedMRNCodec, layout, noise, split_flat
+
+if TYPE_CHECKING:  # the interface returns folds; a fold only holds its strategy
+    from broker_server.strategies.base import Strategy
 
 
 class Fold(ABC):

@@ -22,7 +22,7 @@ from broker_server.strategies.aggregate import PartialSum
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update, Weights
 from broker_server.strategies.folds import Fold
 from device_runtime.codecs import CodecContext
-from device_runtime.training.splitmix import parse_variant, variant_name
+from device_runtime.splitmix_variants import parse_variant, variant_name
 
 
 @dataclass(frozen=True)

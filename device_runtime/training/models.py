@@ -190,7 +190,7 @@ def build_model(cfg: ModelConfig, allowed: LocalModels = NO_CUSTOM) -> nn.Module
     if cfg.arch == "splitmix":
         from device_runtime.training.splitmix import build_splitmix
 
-        return build_splitmix(cfg)
+        return build_splitmix(cfg, ARCHS, build_cnn)
     raise ModelBuildError(f"unknown model arch {cfg.arch!r}; valid: {', '.join(ARCHS)}, "
                           "custom, splitmix")
 

@@ -65,32 +65,16 @@ def indices_of(cfg_kwargs: dict) -> list[int]:
     return sorted(idx)
 
 
-def build_splitmix(cfg) -> SplitMixNet:
-    """The bases ``cfg`` names, each built as ``kwargs["base"]`` at width ``cfg.width``."""
-    from device_runtime.training.models import ARCHS, build_model
-
+def build_splitmix(cfg, archs, build_base) -> SplitMixNet:
+    """The bases ``cfg`` names, each built by ``build_base`` as ``kwargs["base"]`` (one
+    of ``archs``) at width ``cfg.width``. (models.build_model passes its own: this
+    module does not import it back.)"""
     base = cfg.kwargs.get("base")
-    if base not in ARCHS:
-        raise ModelBuildError(f"splitmix kwargs.base: expected one of {', '.join(ARCHS)}, "
+    if base not in archs:
+        raise ModelBuildError(f"splitmix kwargs.base: expected one of {', '.join(archs)}, "
                               f"got {base!r}")
     one = cfg.replace(arch=base, kwargs={})
-    return SplitMixNet({i: build_model(one) for i in indices_of(cfg.kwargs)})
-
-
-def variant_name(indices: list[int]) -> str:
-    """The variant (model topic) of a set of bases, e.g. ``bases-0-3``."""
-    return "bases-" + "-".join(str(i) for i in sorted(indices))
-
-
-def parse_variant(name: str) -> list[int]:
-    head, _, rest = name.partition("-")
-    try:
-        idx = [int(p) for p in rest.split("-")]
-    except ValueError:
-        idx = []
-    if head != "bases" or not idx:
-        raise ModelBuildError(f"variant: expected bases-<i>-<j>..., got {name!r}")
-    return idx
+    return SplitMixNet({i: build_base(one) for i in indices_of(cfg.kwargs)})
 
 
 def supervised_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, call=None

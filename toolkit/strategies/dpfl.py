@@ -3,18 +3,11 @@ minibatch exchange at a time (toolkit/dpfl.py, device_runtime/training/split.py)
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 
 from toolkit.errors import UsageError
 from toolkit.strategies.ecofed import SPLIT_AFTER, head_macs
+from toolkit.strategies.options import DPFLOptions
 from toolkit.strategies.spec import ArgsContext, SetupContext, SimRun, StrategySpec
-
-
-@dataclass(frozen=True)
-class DPFLOptions:
-    split_after: int | None = None  # None: the planner's cut per profile
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # as the devices' local SGD
 
 
 def _from_args(args: argparse.Namespace, ctx: ArgsContext):

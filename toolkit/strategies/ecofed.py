@@ -3,9 +3,9 @@ server trains the tail on replay buffers (toolkit/ecofed.py)."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 
 from toolkit.errors import UsageError
+from toolkit.strategies.options import EcoFedOptions
 from toolkit.strategies.spec import ArgsContext, Flag, SetupContext, SimRun, StrategySpec
 
 # EcoFed's head is frozen after pre-training on the small public split, so it must
@@ -18,28 +18,6 @@ FROZEN_SHARE = 0.05
 SPLIT_AFTER = Flag(("--split-after",), {
     "type": int, "help": "cut after this stage (default: the planner's choice, per profile "
                          "for dpfl)"})
-
-
-@dataclass(frozen=True)
-class EcoFedOptions:
-    period: int = 2  # devices send every ``period`` rounds
-    iterations: int = 200  # server SGD steps per tail per round (50 in the paper: too few here)
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 32
-    shared_tail: bool = False
-    split_after: int | None = None  # None: the planner's choice for the fleet
-    pretrain_epochs: int = 30  # ``fedge simulate``: the head's pre-training on public data
-
-    def check(self) -> None:
-        for name in ("period", "iterations", "batch_size", "pretrain_epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name ==
-                                                                       "pretrain_epochs" else 1):
-                raise ValueError(f"ecofed {name}: expected a positive int, got {v!r}")
-        if not self.lr > 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"ecofed lr/momentum: expected lr > 0 and momentum in [0, 1), got "
-                             f"{self.lr}, {self.momentum}")
 
 
 def _from_args(args: argparse.Namespace, ctx: ArgsContext):

@@ -3,27 +3,10 @@ the pruned models back in place and distils on its public split (toolkit/reft.py
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
 
 from toolkit.errors import UsageError
+from toolkit.strategies.options import REFTOptions
 from toolkit.strategies.spec import ArgsContext, Flag, SetupContext, SimRun, StrategySpec
-
-
-@dataclass(frozen=True)
-class REFTOptions:
-    temperature: float = 3.0
-    distill_epochs: int = 3
-    distill_lr: float = 0.01
-    distill_batch: int = 64
-    # Per profile, the share of the full model's MACs; empty: the planner's.
-    fractions: dict = field(default_factory=dict)
-    # "weights": devices send their pruned models; "logits": only their logits on the
-    # public split (FedMD), whatever the model's size.
-    uplink: str = "weights"
-    # Start the student from the entry-wise average of the client models mapped back to
-    # their places in the global model (FedDF's initialization), then distil. False:
-    # distil into last round's global model alone.
-    average_first: bool = True
 
 
 def _from_args(args: argparse.Namespace, ctx: ArgsContext):
