@@ -16,7 +16,7 @@ train from ``held`` and their updates are relative to it, so the round is
 folded against ``held``; the fold's result is the aggregator's new model. The
 coding error is not carried into the next change (error feedback):
 local training from ``held`` already corrects toward the data, and adding the
-error again counted it twice (docs/DESIGN.md has the measurements).
+error again counted it twice (docs/strategies.md, "Coded downlink", has the measurements).
 
 A device that does not hold the base (new, restarted, or away last round)
 fetches the full model frame of ``held``, which is published retained as before.

@@ -5,7 +5,7 @@ The messages are typed dataclasses, signed frames (``messages.seal``/``unseal``)
 checked at the boundary); what that cannot see (the contents of nested dicts)
 is checked here, and every error names the field, what was expected and what came.
 Topics are in ``device_runtime.topics`` (``work``, ``worker``, ``shared_update``);
-docs/DESIGN.md, "Scale-out", has the whole exchange.
+docs/operations.md, "Scale-out", has the whole exchange.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ KEEPALIVE = 60
 # One agent of a process handles a task at a time (fetching or rebuilding the model,
 # training, coding the update). That work holds the GIL anyway; with all 250 agents of
 # a process runnable at a round's start, CPython's GIL hand-offs between hundreds of
-# threads cost more than the work itself (docs/DESIGN.md, Scale). Reentrant: while an
+# threads cost more than the work itself (docs/operations.md, Scale). Reentrant: while an
 # agent waits for its model frame it handles other messages, a resent task among them.
 _TURN = threading.RLock()
 

@@ -5,7 +5,7 @@ server sets it up from a fleet and a model, its aggregation rule (a
 ``broker_server.strategies.Strategy`` subclass, named by import path so the numpy
 rules stay torch-free and load only when used) and what ``fedge simulate`` reports
 about it. The device side is chosen by the task's uplink kind
-(``device_runtime.training.uplinks``). Adding a strategy is one module and one line
+(``device_runtime.uplinks``). Adding a strategy is one module and one line
 in ``TABLE`` (or one ``register`` call, e.g. from a test). Spec modules import
 nothing heavy at load time: ``fedge --help`` reads every flag.
 """
