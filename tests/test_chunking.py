@@ -10,12 +10,13 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from bench.chunk_flood import flood_chunks, traced_bytes
 from device_runtime import chunking, wire
 from device_runtime.chunking import ReassemblyLimits
 from device_runtime.errors import ChunkRefusedError, WireError
 from device_runtime.topics import sender_of
 from device_runtime.wire import Expect, Frame, Reassembler, decode, encode, split
+from testkit.chunk_flood import flood_chunks, traced_bytes
+from testkit.timing import scaled
 from tests.conftest import ROOT
 from tests.test_wire import GOOD, _frame
 
@@ -314,6 +315,6 @@ def test_wire_imports_without_torch_in_either_order():
             "assert w.split is device_runtime.chunking.split and w.Reassembler\n"
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m]]\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+                       timeout=scaled(60))
     assert p.returncode == 0, p.stderr
     assert wire.Reassembler is Reassembler

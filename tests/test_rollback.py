@@ -14,6 +14,7 @@ import pytest
 from device_runtime import messages
 from device_runtime.manifest import load_manifest
 from device_runtime.rollback import LEDGER_NAME
+from testkit.timing import scaled
 from tests.conftest import EXPORT_JOB, assert_one_line_error, run_fedge
 from tests.keys import KEYS
 from toolkit.cli.main import main
@@ -206,7 +207,7 @@ def test_a_running_device_refuses_an_older_export_and_says_so(fleet_export, expo
     watch.connect()
     seen: queue.Queue = queue.Queue()
     watch.subscribe(f"fedge/{EXPORT_JOB}/devices/pi-3/status", lambda t, p: seen.put(p))
-    status = messages.unseal(messages.Status, seen.get(timeout=10), KEYS.get("pi-3"),
+    status = messages.unseal(messages.Status, seen.get(timeout=scaled(10)), KEYS.get("pi-3"),
                              EXPORT_JOB).msg
     watch.close()
     assert status.state == "error" and "older than version 2" in status.error

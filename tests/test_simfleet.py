@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.brokers import mosquitto_binary
+from testkit.brokers import mosquitto_binary
 from tests.conftest import assert_one_line_error, run_fedge
 
 needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None,
