@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
 from tests.conftest import assert_one_line_error, run_fedge
@@ -19,6 +21,8 @@ from testkit.field import (
     wait_for,
 )
 from testkit.timing import scaled
+
+pytestmark = pytest.mark.slow  # real fedge processes against a real broker, end to end
 
 JOB = "audited"
 ROUNDS = 1000  # more than any machine finishes during the audit: stopped after it

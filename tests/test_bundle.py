@@ -128,6 +128,7 @@ def secure_broker(tmp_path, export_key):
     m.stop()
 
 
+@pytest.mark.slow
 def test_bundle_installs_offline_without_torch_and_joins_a_job_over_tls(tmp_path,
                                                                         secure_broker,
                                                                         fleet_export,
@@ -301,6 +302,7 @@ def test_the_same_export_gives_the_same_bundle_bytes(tmp_path, fleet_export):
     assert b.stat().st_mode & 0o777 == 0o600 and list(tmp_path.iterdir()) == [b]
 
 
+@pytest.mark.slow  # a `fedge bundle` subprocess per case
 @pytest.mark.parametrize("change, needle", [
     (("--device", "no-such-board"), "no device 'no-such-board'"),
     (("--broker", "http://broker"), "scheme must be mqtt or mqtts"),

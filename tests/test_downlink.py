@@ -190,6 +190,7 @@ def test_the_whole_model_every_round_without_a_coded_downlink(tmp_path):
     assert all(h["downlink_bytes"] > full for a in agents for h in a.history)
 
 
+@pytest.mark.slow
 def test_bad_downlink_choices_are_one_line_errors(tmp_path, trained_ckpt):
     state = tmp_path / "state"
     code, _, err = run_fedge("serve", "--job", "j", "--checkpoint", str(trained_ckpt),

@@ -145,6 +145,7 @@ def test_bad_batches_are_refused_with_a_reason():
             check_batch(tensors, (8, 5), 16, 10)
 
 
+@pytest.mark.slow
 def test_bad_dpfl_options_are_one_line(tmp_path):
     from tests.conftest import assert_one_line_error, run_fedge
 
@@ -157,6 +158,7 @@ def test_bad_dpfl_options_are_one_line(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 def test_dpfl_over_mosquitto_with_planned_cuts(tmp_path, mosquitto):
     job, work = f"d{secrets.token_hex(3)}", tmp_path
     ckpt = prepare_job(work, devices=2)

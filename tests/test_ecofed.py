@@ -84,6 +84,7 @@ def test_bad_activation_frames_are_refused_with_a_reason(ecofed_job):
     assert list(fold.updates) == ["d"]  # nothing refused was kept
 
 
+@pytest.mark.slow
 def test_the_ecofed_device_runs_with_torch_unimportable(tmp_path, mosquitto):
     """`fedge serve --strategy ecofed` and two `fedge device` processes on a real
     Mosquitto; the devices cannot import torch and still take part in every send round."""

@@ -21,6 +21,8 @@ from testkit.field import (
 )
 from testkit.timing import scaled
 
+pytestmark = pytest.mark.slow  # real fedge processes against a real broker, end to end
+
 
 @pytest.fixture(scope="module")
 def job_files(tmp_path_factory):

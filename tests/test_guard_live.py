@@ -24,6 +24,8 @@ from testkit.brokers import Mosquitto
 from testkit.timing import scaled
 from tests.keys import KEYS, agent_options, status, task_of, trust, will
 
+pytestmark = pytest.mark.slow  # whole jobs of agents and an aggregator over Mosquitto
+
 HONEST, ROUNDS = 4, 5
 SMALL = 40  # what the lying devices registered: 1% of the 4,000 training samples
 CFG = ModelConfig("cnn1d", (40,), 10, width=0.5)

@@ -63,6 +63,7 @@ def _ledger(home: Path) -> dict:
     return json.loads((home / LEDGER_NAME).read_text())["jobs"]
 
 
+@pytest.mark.slow
 def test_export_writes_a_version_that_goes_up_and_the_job(trained_ckpt, export_key, tmp_path,
                                                           capsys):
     out = tmp_path / "out"

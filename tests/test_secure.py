@@ -306,6 +306,7 @@ def test_a_device_can_neither_forge_nor_read_another_devices_update(fleet):
         r.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [[], ["--workers", "2", "--codec", "fedmrn"]],
                          ids=["aggregator", "workers"])
 def test_a_full_round_over_mutual_tls(fleet, tmp_path, workers):

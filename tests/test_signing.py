@@ -46,6 +46,7 @@ def _flip_byte(path):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_export_creates_the_default_key_and_a_signature_that_verifies(
         trained_ckpt, tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"

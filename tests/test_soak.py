@@ -152,6 +152,7 @@ def test_messages_queued_for_a_persistent_session_reach_handlers_subscribed_late
     assert got == [b"m0", b"m1", b"m2"]
 
 
+@pytest.mark.slow
 def test_soak_under_faults_every_round_exactly_once_and_flat_memory(tmp_path):
     from testkit.soak import SoakConfig, run_soak
 

@@ -7,6 +7,7 @@ import json
 import threading
 
 import numpy as np
+import pytest
 
 from device_runtime import messages, wire
 from device_runtime.keys import PublicKey, Signer
@@ -14,6 +15,8 @@ from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
 from testkit.field import finish, prepare_job, start_device, start_server
 from testkit.timing import scaled
+
+pytestmark = pytest.mark.slow  # real fedge processes against a real broker, end to end
 
 JOB = "attacked"
 

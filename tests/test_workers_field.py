@@ -23,6 +23,8 @@ from tests.conftest import assert_one_line_error, run_fedge
 from testkit.field import finish, prepare_job, start_device, start_server
 from testkit.timing import scaled
 
+pytestmark = pytest.mark.slow  # fedge processes over Mosquitto; a subprocess per mistake
+
 DEVICES = 3
 
 
