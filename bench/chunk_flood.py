@@ -17,36 +17,22 @@ The old code is the reassembler of commit 95ffc1f, loaded as a module from
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import subprocess
 import sys
 import time
-import tracemalloc
 import types
 from pathlib import Path
 from typing import Callable
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import command, machine, write_results  # noqa: E402
 from device_runtime import chunking  # noqa: E402
-from device_runtime.wire import Frame, encode  # noqa: E402
+from testkit.chunk_flood import flood_chunks, traced_bytes  # noqa: E402
 
 OLD_COMMIT = "95ffc1f"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def flood_chunks(n: int, start: int = 0) -> list[tuple[str, bytes]]:
-    """(topic, chunk) for messages start..start+n-1: chunk 0 of 2, one byte, a sender each."""
-    return [(f"fedge/job/round/1/update/f{i}",
-             encode(Frame("chunk", "job", 1, f"f{i}", "fp32",
-                          {"data": np.full(1, i % 256, np.uint8)},
-                          chunk={"id": f"{i:016x}", "index": 0, "count": 2,
-                                 "sha256": "ab" * 32})))
-            for i in range(start, start + n)]
 
 
 def old_module() -> types.ModuleType:
@@ -76,18 +62,6 @@ def arms() -> list[Arm]:
                 old_chunk, "pending_bytes"),
             Arm("new", lambda: chunking.Reassembler(chunking.ReassemblyLimits(ttl=3600)),
                 lambda r, topic, data: r.add(data, topic), "held_bytes")]
-
-
-def traced_bytes(work: Callable[[], None]) -> int:
-    """How much more memory is allocated (tracemalloc) after ``work()`` than before."""
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    work()
-    gc.collect()
-    after = tracemalloc.get_traced_memory()[0]
-    tracemalloc.stop()
-    return after - before
 
 
 def held_per_message(arm: Arm, n: int) -> dict:

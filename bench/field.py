@@ -33,7 +33,7 @@ from device_runtime import wire  # noqa: E402
 from device_runtime.agent import AgentOptions, DeviceAgent, status_will  # noqa: E402
 from device_runtime.topics import Topics  # noqa: E402
 from device_runtime.transport.mqtt import MqttTransport  # noqa: E402
-from tests.brokers import Mosquitto  # noqa: E402
+from testkit.brokers import Mosquitto  # noqa: E402
 
 SIZES = [1 << 10, 16 << 10, 128 << 10, 1 << 20, 8 << 20]
 

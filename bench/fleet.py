@@ -77,7 +77,7 @@ def _median(xs: list) -> float | None:
 
 def spawn(procs: int, state: str, args: argparse.Namespace, work: Path) -> dict:
     """One arm in a child process, on a fresh Mosquitto."""
-    from tests.brokers import Mosquitto
+    from testkit.brokers import Mosquitto
     from toolkit.simworker import raise_fd_limit
 
     raise_fd_limit()  # Mosquitto inherits it: 1,000 connections need 1,000+ descriptors

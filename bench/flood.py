@@ -37,8 +37,8 @@ from bench.common import command, machine, write_results  # noqa: E402
 from device_runtime import wire  # noqa: E402
 from device_runtime.keys import Signer  # noqa: E402
 from device_runtime.topics import Topics  # noqa: E402
-from tests.brokers import Mosquitto  # noqa: E402
-from tests.field_helpers import finish, prepare_job, start_device, start_server  # noqa: E402
+from testkit.brokers import Mosquitto  # noqa: E402
+from testkit.field import finish, prepare_job, start_device, start_server  # noqa: E402
 
 DEVICES = 4
 MAX_PAYLOAD = 128 * 1024

@@ -295,7 +295,7 @@ def main() -> None:
 
 
 def run_all(args: argparse.Namespace) -> None:
-    from tests.brokers import Mosquitto
+    from testkit.brokers import Mosquitto
 
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = [a for a in args.arms.split(",") if a]

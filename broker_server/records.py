@@ -8,7 +8,7 @@ the fold's ``add`` succeeded (``folded``, counted apart) and the process's
 resident memory after the round (``rss_bytes``). An outside checker holding the
 payloads seen on the broker and the round's model frame can then recompute the
 aggregate and compare it with the next round's model bit for bit
-(``bench/soak_check.py``): a payload folded twice, or one folded that was never
+(``testkit/soak_check.py``): a payload folded twice, or one folded that was never
 sent, cannot go unnoticed. A list rather than a dict, so that a device listed
 twice stays visible after a JSON round trip and the fold order is kept (float
 sums depend on it).

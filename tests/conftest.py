@@ -1,4 +1,7 @@
-"""Shared fixtures: real MNIST-1D, a real trained checkpoint, a real fleet export."""
+"""Shared fixtures: real MNIST-1D, a real trained checkpoint, a real fleet export.
+
+Helpers shared with bench/ (brokers, field processes, the time scale) live in testkit/.
+"""
 from __future__ import annotations
 
 import os
@@ -8,8 +11,17 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from testkit import ROOT
+from testkit.timing import scaled
+
 EXPORT_JOB = "j1"  # the job fleet_export is made for: devices running another refuse it
+
+
+def pytest_report_header(config) -> str:
+    """The time scale in the header, so a slow run's limits can be read off its log."""
+    from testkit.timing import ENV, time_scale
+
+    return f"fedge: time limits x{time_scale():.2f} ({ENV} or the load average per CPU)"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,7 +49,7 @@ def export_key(fedge_home):
 @pytest.fixture
 def mosquitto(tmp_path):
     """A real Mosquitto on a free port, for one test."""
-    from tests.brokers import Mosquitto
+    from testkit.brokers import Mosquitto
 
     m = Mosquitto(tmp_path / "mosq").start()
     yield m
@@ -91,7 +103,7 @@ def run_fedge(*args: str, cwd: Path | None = None, env: dict | None = None):
     """Run the real ``fedge`` entry point in a subprocess (exit code, stdout, stderr)."""
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     p = subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True,
-                       text=True, cwd=cwd or ROOT, env=full_env, timeout=600)
+                       text=True, cwd=cwd or ROOT, env=full_env, timeout=scaled(600))
     return p.returncode, p.stdout, p.stderr
 
 

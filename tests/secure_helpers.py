@@ -11,7 +11,8 @@ import time
 import paho.mqtt.client as paho
 
 from device_runtime.credentials import Credentials
-from tests.brokers import Mosquitto, wait_port
+from testkit.brokers import Mosquitto, wait_port
+from testkit.timing import scaled
 from tests.conftest import run_fedge
 
 JOB = "sec"
@@ -89,7 +90,7 @@ class Raw:
         except (OSError, ssl.SSLError):
             return
         c.loop_start()
-        self._connected.wait(5)
+        self._connected.wait(scaled(5))
         if self.connack != "Success":
             self.close()  # paho would keep retrying
 
@@ -126,7 +127,7 @@ class Raw:
 
 
 def wait_for(predicate, what: str, timeout: float = 5.0) -> None:
-    deadline = time.time() + timeout
+    deadline = time.time() + scaled(timeout)
     while not predicate():
         if time.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")

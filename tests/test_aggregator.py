@@ -17,7 +17,8 @@ from device_runtime.topics import Topics
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.training.local import weights_of
 from device_runtime.transport.mqtt import MqttTransport
-from tests.brokers import Mosquitto
+from testkit.brokers import Mosquitto
+from testkit.timing import scaled
 from tests.keys import agent_options, resign, status, task_of, trust, will
 from tests.test_wire import _pack, _parts, _rewrite
 
@@ -66,7 +67,7 @@ def test_bad_updates_are_rejected_while_the_aggregator_keeps_serving(broker, tmp
     agg_t = MqttTransport(broker.url, "agg", persistent=True)
     agg_t.connect()
     agg = Aggregator(agg_t, ServeOptions(JOB, tmp_path / "state", rounds=2, min_devices=2,
-                                         round_timeout=30.0, epochs=1), cfg.to_json(), init,
+                                         round_timeout=scaled(30.0), epochs=1), cfg.to_json(), init,
                      trust=trust(JOB, tmp_path / "state"))
     result: dict = {}
     server = threading.Thread(target=lambda: result.update(agg.run()), daemon=True)
@@ -88,7 +89,7 @@ def test_bad_updates_are_rejected_while_the_aggregator_keeps_serving(broker, tmp
         JOB, messages.Status("rogue", "online", "rpi3b", 50, ts=1.0)), retain=True)
 
     def next_of(kind):
-        return inbox[kind].get(timeout=60)
+        return inbox[kind].get(timeout=scaled(60))
     for r in (1, 2):
         task = task_of(JOB, next_of("task"))
         model = wire.decode(next_of("model"))
@@ -108,7 +109,7 @@ def test_bad_updates_are_rejected_while_the_aggregator_keeps_serving(broker, tmp
             rogue.publish(topics.update(1, "rogue"), good)  # duplicate
         else:
             rogue.publish(topics.update(2, "rogue"), good)
-    server.join(timeout=120)
+    server.join(timeout=scaled(120))
     assert not server.is_alive()
     for t in (rogue, good_t, agg_t):
         t.close()

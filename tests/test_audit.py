@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
 from tests.conftest import assert_one_line_error, run_fedge
-from tests.field_helpers import (
+from testkit.field import (
     completed_rounds,
     finish,
     prepare_job,
@@ -18,6 +20,9 @@ from tests.field_helpers import (
     start_server,
     wait_for,
 )
+from testkit.timing import scaled
+
+pytestmark = pytest.mark.slow  # real fedge processes against a real broker, end to end
 
 JOB = "audited"
 ROUNDS = 1000  # more than any machine finishes during the audit: stopped after it
@@ -30,7 +35,7 @@ def retained(url: str) -> dict[str, bytes]:
     t.connect()
     for topic in (Topics(JOB).plan, Topics(JOB).control):
         t.subscribe(topic, lambda topic, payload: got.__setitem__(topic, payload))
-    time.sleep(1.5)
+    time.sleep(scaled(1.5))
     t.close()
     return got
 
@@ -39,7 +44,7 @@ def test_audit_reports_what_a_plain_broker_lets_through(mosquitto, tmp_path):
     ckpt = prepare_job(tmp_path, 3)
     devices = [start_device(mosquitto.url, JOB, tmp_path, k) for k in range(3)]
     server = start_server(mosquitto.url, JOB, tmp_path, ckpt, rounds=ROUNDS, min_devices=3,
-                          round_timeout=60)
+                          round_timeout=scaled(60))
     try:
         wait_for(lambda: completed_rounds(tmp_path) >= 1, 300, "round 1", step=0.2)
         before = retained(mosquitto.url)
@@ -88,7 +93,7 @@ def test_audit_as_a_leaked_device_under_the_acl(tmp_path):
     audit reads no status and no update topic: it judges by progress alone, and says
     the giant message was not observed rather than refused."""
     from broker_server.embedded import free_port
-    from tests.brokers import Mosquitto
+    from testkit.brokers import Mosquitto
 
     port, agg_port, sec = free_port(), free_port(), tmp_path / "sec"
     code, _, err = run_fedge("secure", "init", "--devices", "dev-0", "dev-1", "dev-2",
@@ -99,7 +104,7 @@ def test_audit_as_a_leaked_device_under_the_acl(tmp_path):
     url, creds = f"mqtts://localhost:{port}", sec / "credentials"
     ckpt = prepare_job(tmp_path, 3)
     procs = [start_server(f"mqtts://localhost:{agg_port}", JOB, tmp_path, ckpt, rounds=ROUNDS,
-                          min_devices=3, round_timeout=60,
+                          min_devices=3, round_timeout=scaled(60),
                           extra=["--credentials", str(creds / "aggregator.json")])]
     procs += [start_device(url, JOB, tmp_path, k, extra=[
         "--credentials", str(creds / f"dev-{k}.json")]) for k in range(3)]

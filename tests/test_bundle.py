@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import Mosquitto
+from testkit.brokers import Mosquitto
 from tests.conftest import EXPORT_JOB, ROOT, assert_one_line_error, run_fedge
-from tests.field_helpers import finish, prepare_job, start_server
+from testkit.field import finish, prepare_job, start_server
+from testkit.timing import scaled
 
 WHEELHOUSE = Path(os.environ.get("FEDGE_WHEELHOUSE") or ROOT / ".wheelhouse")
 
@@ -65,7 +66,7 @@ def _install(unpacked: Path, prefix: Path, *args: str) -> subprocess.CompletedPr
     """install.sh as a user would run it, up to where it refuses (no venv is made)."""
     return subprocess.run(["sh", str(unpacked / "install.sh"), "--prefix", str(prefix),
                            "--no-systemd", *args], env=_device_env(), capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=scaled(120))
 
 
 def _refused(p: subprocess.CompletedProcess, needle: str) -> None:
@@ -127,6 +128,7 @@ def secure_broker(tmp_path, export_key):
     m.stop()
 
 
+@pytest.mark.slow
 def test_bundle_installs_offline_without_torch_and_joins_a_job_over_tls(tmp_path,
                                                                         secure_broker,
                                                                         fleet_export,
@@ -158,12 +160,12 @@ def test_bundle_installs_offline_without_torch_and_joins_a_job_over_tls(tmp_path
     p = subprocess.run(["sh", str(unpacked / "install.sh"), "--prefix", str(prefix),
                         "--wheelhouse", str(wheels), "--no-systemd", "--fingerprint",
                         _fingerprint(export_key.public_path)], env=_device_env(),
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                       cwd=tmp_path, capture_output=True, text=True, timeout=scaled(600))
     assert p.returncode == 0, p.stderr[-2000:]
     # The next bundle is checked by the script and key this install left, with no option.
     again = subprocess.run(["sh", str(prefix / "install.sh"), "--bundle", str(unpacked),
                             "--prefix", str(prefix), "--verify-only"], env=_device_env(),
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=scaled(120))
     assert again.returncode == 0, again.stderr
     assert f"signed by key {export_key.key_id} ({prefix}/trust.pub)" in again.stdout
     py = prefix / "venv" / "bin" / "python"
@@ -177,14 +179,16 @@ def test_bundle_installs_offline_without_torch_and_joins_a_job_over_tls(tmp_path
         in unit.read_text()
     if shutil.which("systemd-analyze"):
         v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
-                           text=True, timeout=60)
+                           text=True, timeout=scaled(60))
         assert v.returncode == 0, v.stderr
 
-    server = start_server(agg_url, job, work, ckpt, rounds=1, min_devices=1, round_timeout=60,
+    server = start_server(agg_url, job, work, ckpt, rounds=1, min_devices=1,
+                          round_timeout=scaled(60),
                           extra=["--strategy", "ecofed", "--codec", "act4", "--profiles", "rpi4",
                                  "--credentials", str(sec / "credentials" / "aggregator.json")])
     device = subprocess.Popen([str(prefix / "venv" / "bin" / "fedge"), "device", "--config",
-                               str(prefix / "etc" / "device.toml"), "--idle-timeout", "120"],
+                               str(prefix / "etc" / "device.toml"),
+                               "--idle-timeout", f"{scaled(120):g}"],
                               env=_device_env(), cwd=prefix / "var",
                               stdout=open(work / "device.log", "wb"), stderr=subprocess.STDOUT)
     codes = finish([server], timeout=240) + finish([device], timeout=60)
@@ -298,6 +302,7 @@ def test_the_same_export_gives_the_same_bundle_bytes(tmp_path, fleet_export):
     assert b.stat().st_mode & 0o777 == 0o600 and list(tmp_path.iterdir()) == [b]
 
 
+@pytest.mark.slow  # a `fedge bundle` subprocess per case
 @pytest.mark.parametrize("change, needle", [
     (("--device", "no-such-board"), "no device 'no-such-board'"),
     (("--broker", "http://broker"), "scheme must be mqtt or mqtts"),

@@ -10,12 +10,13 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from bench.chunk_flood import flood_chunks, traced_bytes
 from device_runtime import chunking
 from device_runtime.chunking import Reassembler, ReassemblyLimits, split
 from device_runtime.errors import ChunkRefusedError, WireError
 from device_runtime.topics import sender_of
 from device_runtime.wire import Expect, Frame, decode, encode
+from testkit.chunk_flood import flood_chunks, traced_bytes
+from testkit.timing import scaled
 from tests.conftest import ROOT
 from tests.test_wire import GOOD, _frame
 
@@ -315,5 +316,5 @@ def test_wire_imports_without_torch_in_either_order(first, second):
             "from device_runtime.chunking import Reassembler, split\n"
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m]]\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+                       timeout=scaled(60))
     assert p.returncode == 0, p.stderr

@@ -103,6 +103,7 @@ def test_votes_and_federated_voting_weights():
     assert w[0] > 5 and w[1] < -5
 
 
+@pytest.mark.slow
 def test_simulate_reports_traffic_per_device_and_simulated_time(tmp_path):
     out = tmp_path / "sim.json"
     code, _, err = run_fedge("simulate", "--devices", "4", "--rounds", "2", "--codec", "fedmrn",
@@ -120,6 +121,7 @@ def test_simulate_reports_traffic_per_device_and_simulated_time(tmp_path):
     assert per_update < fp32_bytes / 15
 
 
+@pytest.mark.slow
 def test_simulate_bad_arguments(tmp_path):
     from tests.conftest import assert_one_line_error
 

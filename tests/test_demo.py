@@ -1,8 +1,12 @@
 """`fedge demo`, the README's main job, end to end (short run) on the embedded broker."""
 import json
 
+import pytest
+
 from tests.conftest import run_fedge
 from toolkit.fleet_keys import write_fleet_keys
+
+pytestmark = pytest.mark.slow  # each test runs fedge subprocesses; the demo a whole job
 
 
 def test_demo_runs_device_processes_over_the_embedded_broker(tmp_path):

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+from testkit.timing import scaled
 from tests.conftest import ROOT
 
 BLOCK_TORCH = """
@@ -37,5 +38,5 @@ assert "torch" not in sys.modules
 print("ok")
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
+                       cwd=ROOT, timeout=scaled(120))
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

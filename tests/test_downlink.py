@@ -18,6 +18,7 @@ from device_runtime.topics import Topics
 from device_runtime.training.local import weights_of
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.transport.memory import MemoryHub, MemoryTransport
+from testkit.timing import scaled
 from tests.conftest import assert_one_line_error, run_fedge
 from tests.keys import agent_options, trust, will
 
@@ -140,7 +141,7 @@ def _fleet(tmp_path, downlink: str, rounds: int, devices: int = 3):
     agg_t.connect()
     agg = Aggregator(agg_t, ServeOptions(JOB, tmp_path / "state", codec="fedmrn",
                                          rounds=rounds, min_devices=devices,
-                                         round_timeout=60.0, epochs=1, downlink=downlink),
+                                         round_timeout=scaled(60.0), epochs=1, downlink=downlink),
                      cfg.to_json(), weights_of(build_model(cfg)),
                      trust=trust(JOB, tmp_path / "state"))
     rng = np.random.default_rng(0)
@@ -189,6 +190,7 @@ def test_the_whole_model_every_round_without_a_coded_downlink(tmp_path):
     assert all(h["downlink_bytes"] > full for a in agents for h in a.history)
 
 
+@pytest.mark.slow
 def test_bad_downlink_choices_are_one_line_errors(tmp_path, trained_ckpt):
     state = tmp_path / "state"
     code, _, err = run_fedge("serve", "--job", "j", "--checkpoint", str(trained_ckpt),

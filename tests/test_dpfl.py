@@ -15,7 +15,8 @@ import torch
 
 from device_runtime import wire
 from device_runtime.errors import WireError
-from tests.field_helpers import finish, prepare_job, start_device, start_server
+from testkit.field import finish, prepare_job, start_device, start_server
+from testkit.timing import scaled
 from toolkit import strategies
 
 JOB = "dp"
@@ -62,7 +63,7 @@ def _one_round(cfg, weights, x, y, cut: int, rogue: bool = False):
                                                      strategy_options=setup),
                          cfg.to_json(), weights, trust=trust(JOB, Path(state)))
         report = agg.run()
-    th.join(10)
+    th.join(scaled(10))
     return report, agg.weights, agent.history
 
 
@@ -145,6 +146,7 @@ def test_bad_batches_are_refused_with_a_reason():
             check_batch(tensors, (8, 5), 16, 10)
 
 
+@pytest.mark.slow
 def test_bad_dpfl_options_are_one_line(tmp_path):
     from tests.conftest import assert_one_line_error, run_fedge
 
@@ -157,11 +159,12 @@ def test_bad_dpfl_options_are_one_line(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 def test_dpfl_over_mosquitto_with_planned_cuts(tmp_path, mosquitto):
     job, work = f"d{secrets.token_hex(3)}", tmp_path
     ckpt = prepare_job(work, devices=2)
     server = start_server(mosquitto.url, job, work, ckpt, rounds=2, min_devices=2,
-                          round_timeout=90, extra=["--strategy", "dpfl", "--profiles",
+                          round_timeout=scaled(90), extra=["--strategy", "dpfl", "--profiles",
                                                    "rpi3b,jetson-orin-nano"])
     devices = [start_device(mosquitto.url, job, work, k, p)
                for k, p in enumerate(["rpi3b", "jetson-orin-nano"])]

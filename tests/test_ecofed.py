@@ -15,7 +15,8 @@ from device_runtime import codecs, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import WireError
 from tests.conftest import ROOT
-from tests.field_helpers import _env, device_keys, finish, prepare_job, start_server
+from testkit.field import _env, device_keys, finish, prepare_job, start_server
+from testkit.timing import scaled
 from tests.keys import trust
 from tests.test_device_runtime_no_torch import BLOCK_TORCH
 from toolkit import strategies
@@ -84,6 +85,7 @@ def test_bad_activation_frames_are_refused_with_a_reason(ecofed_job):
     assert list(fold.updates) == ["d"]  # nothing refused was kept
 
 
+@pytest.mark.slow
 def test_the_ecofed_device_runs_with_torch_unimportable(tmp_path, mosquitto):
     """`fedge serve --strategy ecofed` and two `fedge device` processes on a real
     Mosquitto; the devices cannot import torch and still take part in every send round."""
@@ -92,15 +94,15 @@ def test_the_ecofed_device_runs_with_torch_unimportable(tmp_path, mosquitto):
     ckpt = prepare_job(work, devices=2)
     job = f"e{secrets.token_hex(3)}"
     server = start_server(mosquitto.url, job, work, ckpt, rounds=3, min_devices=2,
-                          round_timeout=60, extra=["--strategy", "ecofed", "--codec", "act4",
-                                                   "--profiles", "rpi4"])
+                          round_timeout=scaled(60),
+                          extra=["--strategy", "ecofed", "--codec", "act4", "--profiles", "rpi4"])
     devices = []
     for k in range(2):
         code = BLOCK_TORCH + (
             "from toolkit.cli.main import main\n"
             f"rc = main(['device', '--broker', {mosquitto.url!r}, '--job', {job!r}, '--id', "
             f"'dev-{k}', '--profile', 'rpi4', '--data', "
-            f"{str(work / 'data' / f'device-{k}.npz')!r}, '--idle-timeout', '600', "
+            f"{str(work / 'data' / f'device-{k}.npz')!r}, '--idle-timeout', '{scaled(600):g}', "
             f"*{device_keys(work, f'dev-{k}')!r}])\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n"
             "sys.exit(rc)\n")

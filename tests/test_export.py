@@ -122,6 +122,7 @@ def test_export_cli_bad_input_is_one_line_and_changes_nothing(trained_ckpt, tmp_
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_untraceable_user_model_via_the_real_cli(tmp_path):
     ck = tmp_path / "u.safetensors"
     code, _, err = run_fedge("pretrain", "--dataset", "mnist1d", "--model",

@@ -10,7 +10,7 @@ import secrets
 import pytest
 
 from device_runtime.transport.mqtt import MqttTransport
-from tests.field_helpers import (
+from testkit.field import (
     completed_rounds,
     finish,
     prepare_job,
@@ -19,6 +19,9 @@ from tests.field_helpers import (
     start_server,
     wait_for,
 )
+from testkit.timing import scaled
+
+pytestmark = pytest.mark.slow  # real fedge processes against a real broker, end to end
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +56,8 @@ def test_device_killed_mid_round_closes_at_the_deadline_with_quorum(tmp_path, jo
     watch.subscribe(f"fedge/{job}/round/2/task/dev-3", lambda t, p: tasks.put(p))
     devices = [start_device(broker.url, job, work, k) for k in range(4)]
     server = start_server(broker.url, job, work, ckpt, rounds=3, min_devices=3,
-                          round_timeout=4.0)
-    tasks.get(timeout=120)  # dev-3 has its round-2 task: kill it before it can answer
+                          round_timeout=scaled(4.0))
+    tasks.get(timeout=scaled(120))  # dev-3 has its round-2 task: kill it before it can answer
     sigkill(devices[3])
     assert finish([server, *devices[:3]], timeout=120) == [0, 0, 0, 0]
     watch.close()
@@ -70,14 +73,14 @@ def test_aggregator_killed_and_restarted_resumes_without_loss(tmp_path, job_file
     job = f"agg-{secrets.token_hex(3)}"
     devices = [start_device(broker.url, job, work, k) for k in range(3)]
     server = start_server(broker.url, job, work, ckpt, rounds=4, min_devices=3,
-                          round_timeout=20.0)
+                          round_timeout=scaled(20.0))
     wait_for(lambda: completed_rounds(work) >= 2 and
              any((work / "state" / "round-3").glob("*.fdg")), 180, "an update in round 3")
     sigkill(server)
     saved = sorted(p.stem for p in (work / "state" / "round-3").glob("*.fdg"))
     assert completed_rounds(work) == 2 and saved
     server = start_server(broker.url, job, work, ckpt, rounds=4, min_devices=3,
-                          round_timeout=20.0)
+                          round_timeout=scaled(20.0))
     assert finish([server, *devices], timeout=180) == [0, 0, 0, 0]
     report = _report(work)
     assert report["resumed_from"] == 2
@@ -91,7 +94,7 @@ def test_broker_restart_everyone_reconnects_and_the_run_completes(tmp_path, job_
     job = f"brk-{secrets.token_hex(3)}"
     devices = [start_device(broker.url, job, work, k) for k in range(3)]
     server = start_server(broker.url, job, work, ckpt, rounds=4, min_devices=3,
-                          round_timeout=10.0)
+                          round_timeout=scaled(10.0))
     wait_for(lambda: completed_rounds(work) >= 1, 180, "round 1")
     broker.restart(down_seconds=1.5)
     assert finish([server, *devices], timeout=240) == [0, 0, 0, 0]

@@ -8,7 +8,10 @@ import secrets
 import pytest
 
 from tests.conftest import assert_one_line_error, run_fedge
-from tests.field_helpers import finish, prepare_job, start_device, start_server
+from testkit.field import finish, prepare_job, start_device, start_server
+from testkit.timing import scaled
+
+pytestmark = pytest.mark.slow  # fedge processes over Mosquitto; a subprocess per mistake
 
 PROFILES = ["rpi3b", "jetson-orin-nano"]
 
@@ -26,7 +29,7 @@ def _run(tmp_path, job_files, mosquitto, extra: list[str]) -> dict:
     (work / "keys").symlink_to(job_files[0] / "keys")
     job = f"h{secrets.token_hex(3)}"
     server = start_server(mosquitto.url, job, work, job_files[1], rounds=2, min_devices=2,
-                          round_timeout=60, extra=["--profiles", ",".join(PROFILES),
+                          round_timeout=scaled(60), extra=["--profiles", ",".join(PROFILES),
                                                    "--eval-data",
                                                    str(work / "data" / "server.npz"), *extra])
     devices = [start_device(mosquitto.url, job, work, k, PROFILES[k]) for k in range(2)]

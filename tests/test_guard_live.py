@@ -20,8 +20,11 @@ from device_runtime.topics import Topics
 from device_runtime.training.local import weights_of
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.transport.mqtt import MqttTransport
-from tests.brokers import Mosquitto
+from testkit.brokers import Mosquitto
+from testkit.timing import scaled
 from tests.keys import KEYS, agent_options, status, task_of, trust, will
+
+pytestmark = pytest.mark.slow  # whole jobs of agents and an aggregator over Mosquitto
 
 HONEST, ROUNDS = 4, 5
 SMALL = 40  # what the lying devices registered: 1% of the 4,000 training samples
@@ -103,13 +106,13 @@ def _run(url: str, job: str, state, data, hostile: bool, rounds: int = ROUNDS
     agg_t = MqttTransport(url, f"agg-{job}", persistent=True)
     agg_t.connect()
     n = HONEST + (2 if hostile else 0)
-    opts = ServeOptions(job, state, rounds=rounds, min_devices=n, round_timeout=120.0,
+    opts = ServeOptions(job, state, rounds=rounds, min_devices=n, round_timeout=scaled(120.0),
                         epochs=2, lr=0.02)
     agg = Aggregator(agg_t, opts, CFG.to_json(), init, evaluate, trust=trust(job, state))
     result: dict = {}
     server = threading.Thread(target=lambda: result.update(agg.run()), daemon=True)
     server.start()
-    server.join(timeout=600)
+    server.join(timeout=scaled(600))
     stop.set()
     assert not server.is_alive(), "the job hung"
     for t in [agg_t, *(a.t for a in agents)]:

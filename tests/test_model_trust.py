@@ -19,6 +19,7 @@ import pytest
 
 from device_runtime.errors import AllowSpecError, ModelNotAllowedError
 from device_runtime.local_models import LocalModels
+from testkit.timing import scaled
 from tests.conftest import assert_one_line_error
 
 
@@ -236,17 +237,18 @@ def _run_task(agent, hub, task_model: dict, weights: dict) -> dict:
                                            "num_classes": 10}), retain=True)
     evil.publish(agent.topics.model(1, "full"), frame, retain=True)
     task = messages.Task(round=1, device="dev-0", variant="full",
-                         model_sha256=wire.content_sha(frame), deadline=time.time() + 30,
-                         epochs=1, batch_size=8, lr=0.01, seed=0, codec="fp32", model=task_model,
+                         model_sha256=wire.content_sha(frame),
+                         deadline=time.time() + scaled(30), epochs=1, batch_size=8, lr=0.01,
+                         seed=0, codec="fp32", model=task_model,
                          nonce=server.nonce(1, "dev-0"), session=server.session)
     evil.publish(agent.topics.task(1, "dev-0"), server.seal(task, 1, task.nonce, "dev-0"))
-    until = time.time() + 60
+    until = time.time() + scaled(60)
     while time.time() < until and not (seen.get("update") or
                                        seen.get("status", {}).get("error")):
         time.sleep(0.05)
     evil.publish(agent.topics.control, server.seal(messages.Control("stop"),
                                                    nonce=server.session))
-    runner.join(timeout=30)
+    runner.join(timeout=scaled(30))
     return seen
 
 

@@ -19,6 +19,7 @@ from device_runtime.errors import (
     ManifestError,
 )
 from device_runtime.predictor import Predictor
+from testkit.timing import scaled
 from tests.conftest import ROOT, assert_one_line_error, run_fedge
 
 DEVICE = "jetson-orin-nano"
@@ -187,7 +188,7 @@ def _run_without_torch(tmp_path: Path, *args: str):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]),
                FEDGE_TORCH_MARKER=str(marker))
     p = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                       cwd=tmp_path, env=env, timeout=300)
+                       cwd=tmp_path, env=env, timeout=scaled(300))
     tried = marker.read_text() if marker.exists() else ""
     return p, tried
 

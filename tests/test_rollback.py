@@ -14,6 +14,7 @@ import pytest
 from device_runtime import messages
 from device_runtime.manifest import load_manifest
 from device_runtime.rollback import LEDGER_NAME
+from testkit.timing import scaled
 from tests.conftest import EXPORT_JOB, assert_one_line_error, run_fedge
 from tests.keys import KEYS
 from toolkit.cli.main import main
@@ -62,6 +63,7 @@ def _ledger(home: Path) -> dict:
     return json.loads((home / LEDGER_NAME).read_text())["jobs"]
 
 
+@pytest.mark.slow
 def test_export_writes_a_version_that_goes_up_and_the_job(trained_ckpt, export_key, tmp_path,
                                                           capsys):
     out = tmp_path / "out"
@@ -206,7 +208,7 @@ def test_a_running_device_refuses_an_older_export_and_says_so(fleet_export, expo
     watch.connect()
     seen: queue.Queue = queue.Queue()
     watch.subscribe(f"fedge/{EXPORT_JOB}/devices/pi-3/status", lambda t, p: seen.put(p))
-    status = messages.unseal(messages.Status, seen.get(timeout=10), KEYS.get("pi-3"),
+    status = messages.unseal(messages.Status, seen.get(timeout=scaled(10)), KEYS.get("pi-3"),
                              EXPORT_JOB).msg
     watch.close()
     assert status.state == "error" and "older than version 2" in status.error

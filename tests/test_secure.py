@@ -21,9 +21,10 @@ from device_runtime.credentials import transport_kwargs
 from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
 from device_runtime.transport.url import TransportError
-from tests.brokers import mosquitto_binary
+from testkit.brokers import mosquitto_binary
 from tests.conftest import assert_one_line_error, run_fedge
-from tests.field_helpers import finish, prepare_job, start_device, start_server
+from testkit.field import finish, prepare_job, start_device, start_server
+from testkit.timing import scaled
 from tests.secure_helpers import CLIENTS, JOB, Raw, creds_of, module_fleet, wait_for
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
@@ -195,12 +196,12 @@ def test_strangers_are_refused_and_a_device_is_accepted(fleet, tmp_path):
             t.connect(timeout=2)
     t = MqttTransport(f"mqtts://localhost:{broker.port}", "dev-0",
                       **transport_kwargs(root / "credentials" / "dev-0.json", "dev-0"))
-    t.connect(timeout=5)
+    t.connect(timeout=scaled(5))
     assert t.connected
     t.close()
     t = MqttTransport(f"mqtts://localhost:{agg_port}", "fedge-x-aggregator",
                       **transport_kwargs(root / "credentials" / "aggregator.json"))
-    t.connect(timeout=5)
+    t.connect(timeout=scaled(5))
     assert t.connected
     t.close()
 
@@ -261,9 +262,9 @@ def test_the_acl_grants_a_device_agent_every_topic_it_uses(fleet):
     a.connect()
     d.connect()
     a.subscribe(topics.update(), lambda t, p: got.put((t, p)))
-    time.sleep(0.2)
+    time.sleep(scaled(0.2))
     d.publish(topics.update(1, "dev-0"), frame)
-    assert got.get(timeout=5) == (topics.update(1, "dev-0"), frame)
+    assert got.get(timeout=scaled(5)) == (topics.update(1, "dev-0"), frame)
     d.close()
     a.close()
 
@@ -284,7 +285,7 @@ def test_a_device_can_neither_forge_nor_read_another_devices_update(fleet):
     assert a.publish(topics.update(1, "dev-1"), b"forged 3.1.1") == "Success"
     assert a.publish(topics.update(1, "dev-0"), b"own") == "Success"
     wait_for(lambda: agg.messages.qsize() >= 2, "A's own updates")
-    time.sleep(0.2)
+    time.sleep(scaled(0.2))
     assert sorted(agg.received()) == sorted([(topics.update(1, "dev-0"), b"own 5"),
                                              (topics.update(1, "dev-0"), b"own")])
     # Reading B's updates: mosquitto 2.0 grants the subscription (SUBACK QoS 1) and
@@ -298,13 +299,14 @@ def test_a_device_can_neither_forge_nor_read_another_devices_update(fleet):
     assert agg.publish(topics.task(1, "dev-0"), b"A's task") == "Success"
     wait_for(lambda: not a.messages.empty(), "A's task")
     wait_for(lambda: not agg.messages.empty(), "B's update at the aggregator")
-    time.sleep(0.2)
+    time.sleep(scaled(0.2))
     assert agg.received() == [(topics.update(1, "dev-1"), b"B's update")]
     assert set(a.received()) == {(topics.task(1, "dev-0"), b"A's task")}
     for r in (agg, a, b):
         r.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [[], ["--workers", "2", "--codec", "fedmrn"]],
                          ids=["aggregator", "workers"])
 def test_a_full_round_over_mutual_tls(fleet, tmp_path, workers):
@@ -315,7 +317,7 @@ def test_a_full_round_over_mutual_tls(fleet, tmp_path, workers):
     ckpt = prepare_job(work, devices=2)
     url = f"mqtts://localhost:{broker.port}"
     server = start_server(f"mqtts://localhost:{agg_port}", job, work, ckpt, rounds=2,
-                          min_devices=2, round_timeout=60,
+                          min_devices=2, round_timeout=scaled(60),
                           extra=["--credentials", str(root / "credentials/aggregator.json"),
                                  *workers])
     devices = [start_device(url, job, work, k, extra=[

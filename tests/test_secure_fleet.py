@@ -15,7 +15,8 @@ from device_runtime.credentials import Credentials, transport_kwargs
 from device_runtime.keys import PublicKey, Registry, Signer
 from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
-from tests.brokers import mosquitto_binary
+from testkit.brokers import mosquitto_binary
+from testkit.timing import scaled
 from tests.conftest import assert_one_line_error, run_fedge
 from tests.secure_helpers import JOB, Raw, start_fleet, wait_for
 
@@ -129,7 +130,7 @@ def test_keys_only_gives_keys_and_credentials_for_a_plain_broker(tmp_path, mosqu
     kw = transport_kwargs(root / "credentials" / "dev-0.json", "dev-0")
     assert kw == {"username": "dev-0", "password": None}
     t = MqttTransport(mosquitto.url, "fedge-k-dev-0", **kw)  # plain MQTT: no TLS files
-    t.connect(timeout=5)
+    t.connect(timeout=scaled(5))
     t.close()
     # add and revoke work on a keys-only fleet too (the registry; no CA, ACL or CRL)
     assert run_fedge("secure", "add", "dev-2", "--dir", str(root))[0] == 0

@@ -9,7 +9,8 @@ import paho.mqtt.client as paho
 import pytest
 
 from device_runtime.topics import Topics
-from tests.brokers import mosquitto_binary
+from testkit.brokers import mosquitto_binary
+from testkit.timing import scaled
 from tests.secure_helpers import JOB, Raw, module_fleet, start_fleet, wait_for
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
@@ -31,7 +32,7 @@ def test_a_devices_certificate_is_its_identity(fleet):
     assert posing.publish(topics.update(1, "dev-1"), b"as dev-1") == "Success"
     posing.close()
     wait_for(lambda: not agg.messages.empty(), "dev-1's update")
-    time.sleep(0.2)
+    time.sleep(scaled(0.2))
     assert agg.received() == [(topics.update(1, "dev-1"), b"as dev-1")]
     agg.close()
     for username in ("dev-0", "aggregator"):
@@ -52,7 +53,7 @@ def test_a_device_cannot_take_over_another_clients_session(fleet):
         thief = Raw(fleet, "dev-1", client_id=stolen)
         assert thief.connack == "Success"
         thief.close()
-    time.sleep(0.5)
+    time.sleep(scaled(0.5))
     assert (victim.disconnects, agg.disconnects) == (0, 0)
     assert agg.publish(topics.task(1, "dev-0"), b"task") == "Success"
     wait_for(lambda: not victim.messages.empty(), "dev-0's task")
@@ -80,7 +81,7 @@ def test_the_broker_drops_an_oversize_message(tmp_path):
         wait_for(lambda: dev.disconnects >= 1, "the oversize sender's disconnection")
         dev.close()
         wait_for(lambda: not agg.messages.empty(), "the 4096-byte update")
-        time.sleep(0.3)
+        time.sleep(scaled(0.3))
         assert [len(p) for _, p in agg.received()] == [4096]
         agg.close()
     finally:

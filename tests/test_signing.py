@@ -20,7 +20,8 @@ from device_runtime.predictor import Predictor
 from device_runtime.signing import key_id, load_public_key, verify_manifest
 from device_runtime.transport.mqtt import MqttTransport
 from tests.conftest import EXPORT_JOB, assert_one_line_error, run_fedge
-from tests.field_helpers import wait_for
+from testkit.field import wait_for
+from testkit.timing import scaled
 from toolkit.cli.main import main
 from toolkit.signing import ensure_key, public_key_path
 
@@ -45,6 +46,7 @@ def _flip_byte(path):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_export_creates_the_default_key_and_a_signature_that_verifies(
         trained_ckpt, tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
@@ -230,8 +232,8 @@ def test_device_refuses_a_tampered_export_and_the_aggregator_reports_it(
     np.savez(shard, x=np.zeros((8, 40), np.float32), y=np.zeros(8, np.int64))
     code, _, err = run_fedge("device", "--broker", mosquitto.url, "--job", job, "--id", "bad",
                              "--profile", DEVICE, "--data", str(shard), "--manifest", str(bad),
-                             "--trust", str(export_key.public_path), "--idle-timeout", "30",
-                             "--key", str(device_key))
+                             "--trust", str(export_key.public_path),
+                             "--idle-timeout", f"{scaled(30):g}", "--key", str(device_key))
     refusal = "refused: artifact rpi4/full.int8.onnx fails its sha256 check"
     assert_one_line_error(code, err, 6, refusal)
 
@@ -239,7 +241,7 @@ def test_device_refuses_a_tampered_export_and_the_aggregator_reports_it(
     watch.connect()
     seen: queue.Queue = queue.Queue()
     watch.subscribe(f"fedge/{job}/devices/bad/status", lambda t, p: seen.put(p))
-    sent = seen.get(timeout=10)  # retained: still there
+    sent = seen.get(timeout=scaled(10))  # retained: still there
     status = messages.unseal(messages.Status, sent, KEYS.get("bad"), job).msg
     assert status.state == "error" and status.error.startswith(refusal)
 
@@ -247,7 +249,7 @@ def test_device_refuses_a_tampered_export_and_the_aggregator_reports_it(
     agg_t = MqttTransport(mosquitto.url, "agg", persistent=True)
     agg_t.connect()
     agg = Aggregator(agg_t, ServeOptions(job, tmp_path / "state", rounds=1, min_devices=2,
-                                         round_timeout=30.0, epochs=1),
+                                         round_timeout=scaled(30.0), epochs=1),
                      cfg.to_json(), weights_of(build_model(cfg)),  # one operator key
                      trust=ServerTrust(job, Signer.load(export_key.path), KEYS))
     result: dict = {}
@@ -258,10 +260,10 @@ def test_device_refuses_a_tampered_export_and_the_aggregator_reports_it(
     # The same status again (as after a reconnect): it must not warn twice.
     watch.publish(f"fedge/{job}/devices/bad/status", sent, retain=True)
     good = _agents(mosquitto.url, job, 2, fleet_export, export_key.public_path)
-    server.join(timeout=120)
+    server.join(timeout=scaled(120))
     assert not server.is_alive()
     for t, thread in good:
-        thread.join(timeout=30)
+        thread.join(timeout=scaled(30))
         t.close()
     watch.close()
     agg_t.close()
@@ -301,7 +303,7 @@ def test_device_refuses_a_manifest_edited_after_signing(fleet_export, export_key
     watch.connect()
     seen: queue.Queue = queue.Queue()
     watch.subscribe("fedge/edited/devices/pi-9/status", lambda t, p: seen.put(p))
-    status = messages.unseal(messages.Status, seen.get(timeout=10), KEYS.get("pi-9"),
+    status = messages.unseal(messages.Status, seen.get(timeout=scaled(10)), KEYS.get("pi-9"),
                              "edited").msg
     watch.close()
     assert status.state == "error" and "does not match its signature" in status.error

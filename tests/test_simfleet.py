@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.brokers import mosquitto_binary
+from testkit.brokers import mosquitto_binary
 from tests.conftest import assert_one_line_error, run_fedge
 
 needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None,
@@ -19,6 +19,7 @@ SMALL = ["--devices", "6", "--rounds", "2", "--model", "cnn", "--width", "0.25",
          "--codec", "fedmrn", "--epochs", "1", "--profiles", "rpi4,rpi5"]
 
 
+@pytest.mark.slow
 def test_procs_usage_errors(tmp_path):
     code, _, err = run_fedge("simulate", *SMALL, "--procs", "0", "--json", str(tmp_path / "a"))
     assert_one_line_error(code, err, 2, "--procs")
@@ -41,6 +42,7 @@ def test_top_up_gives_every_device_of_a_big_fleet_samples():
         dirichlet_split(labels, 1000, 0.5, seed=0, min_samples=2, max_tries=2)
 
 
+@pytest.mark.slow
 @needs_mosquitto
 def test_procs_2_report_matches_one_process(tmp_path, mosquitto):
     from toolkit.simulate import SimOptions, run_simulation
@@ -87,6 +89,7 @@ def _simworkers() -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 @needs_mosquitto
 def test_a_dead_device_process_fails_the_run_instead_of_hanging(mosquitto):
     from toolkit.errors import SimulationError

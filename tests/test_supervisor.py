@@ -11,6 +11,8 @@ import pytest
 from broker_server.errors import BrokerServerError
 from device_runtime.backoff import Backoff
 from toolkit.supervisor import Supervisor
+from testkit.timing import scaled
+
 
 
 class Clock:
@@ -37,7 +39,7 @@ def _runs(tmp_path) -> int:
 
 def _exited(sup: Supervisor) -> None:
     for p in sup.procs:
-        p.wait(30)
+        p.wait(scaled(30))
 
 
 def test_a_worker_that_exits_is_started_again_after_its_delay(tmp_path):

@@ -18,7 +18,8 @@ from device_runtime.transport.base import topic_matches
 from device_runtime.transport.memory import MemoryHub, MemoryTransport
 from device_runtime.transport.mqtt import MqttTransport
 from device_runtime.transport.url import BrokerURL, TransportError
-from tests.brokers import Mosquitto
+from testkit.brokers import Mosquitto
+from testkit.timing import scaled
 from tests.conftest import ROOT
 
 
@@ -70,11 +71,11 @@ def test_publish_subscribe_and_large_frames_are_chunked(pair):
     a, b = pair("a", max_payload=16 * 1024), pair("b")
     q, h = _collector()
     b.subscribe("fedge/j/round/+/update/+", h)
-    time.sleep(0.3)
+    time.sleep(scaled(0.3))
     big, small = _frame(50_000), json.dumps({"status": "online"}).encode()
     sent = a.publish("fedge/j/round/3/update/dev-1", big)
     a.publish("fedge/j/round/3/update/dev-2", small)
-    got = dict(q.get(timeout=10) for _ in range(2))
+    got = dict(q.get(timeout=scaled(10)) for _ in range(2))
     assert got["fedge/j/round/3/update/dev-1"] == big
     assert got["fedge/j/round/3/update/dev-2"] == small
     assert sent >= len(big) and a.stats.sent_messages >= 1 + len(big) // (16 * 1024)
@@ -86,16 +87,16 @@ def test_retained_messages_reach_late_subscribers_and_can_be_cleared(pair):
     model = _frame(10_000)
     a.publish("fedge/r/round/1/model/full", model, retain=True)
     a.publish("fedge/r/plan", b'{"rounds": 3}', retain=True)
-    time.sleep(0.3)
+    time.sleep(scaled(0.3))
     b = pair("b")
     q, h = _collector()
     b.subscribe("fedge/r/round/+/model/full", h)
     b.subscribe("fedge/r/plan", h)
-    got = dict(q.get(timeout=10) for _ in range(2))
+    got = dict(q.get(timeout=scaled(10)) for _ in range(2))
     assert got["fedge/r/round/1/model/full"] == model
     a.clear_retained("fedge/r/plan")
     a.clear_retained("fedge/r/round/1/model/full", chunks=len(model) // 8192 + 2)
-    time.sleep(0.3)
+    time.sleep(scaled(0.3))
     c = pair("c")
     q2, h2 = _collector()
     c.subscribe("fedge/r/#", h2)
@@ -133,9 +134,9 @@ def test_last_will_announces_a_killed_device(mosquitto, amqtt_url):
         assert p.stdout.readline().strip() == "up"
         p.kill()
         p.wait()
-        deadline = time.time() + 20
+        deadline = time.time() + scaled(20)
         while time.time() < deadline:
-            topic, payload = q.get(timeout=20)
+            topic, payload = q.get(timeout=scaled(20))
             if payload == b"offline":
                 break
         assert payload == b"offline"
@@ -152,12 +153,12 @@ def test_reconnects_after_a_broker_restart(tmp_path):
         q, h = _collector()
         sub.subscribe("fedge/x/+", h)
         m.restart(down_seconds=1.0)
-        deadline = time.time() + 15
+        deadline = time.time() + scaled(15)
         while not (sub.connected and pub.connected) and time.time() < deadline:
             time.sleep(0.1)
         assert sub.reconnects >= 1 and sub.connected and pub.connected
         pub.publish("fedge/x/after", b"hello")
-        assert q.get(timeout=10) == ("fedge/x/after", b"hello")
+        assert q.get(timeout=scaled(10)) == ("fedge/x/after", b"hello")
         sub.close(), pub.close()
     finally:
         m.stop()
@@ -266,7 +267,7 @@ def test_a_chunk_flood_from_one_sender_is_refused_and_an_honest_update_completes
         errors = []
         server.on_error = lambda topic, why: errors.append((topic, why))
         server.subscribe("fedge/j/round/+/update/+", h)
-        time.sleep(0.3)
+        time.sleep(scaled(0.3))
         update = _frame(20_000)
         for i in range(200):
             chunk = wire.encode(wire.Frame("chunk", "j", i + 1, "evil", "fp32",
@@ -276,9 +277,9 @@ def test_a_chunk_flood_from_one_sender_is_refused_and_an_honest_update_completes
             evil._publish_raw(f"fedge/j/round/{i + 1}/update/evil/_c/0", chunk, False)
             if i == 100:
                 honest.publish("fedge/j/round/1/update/dev-1", update)
-        topic, payload = q.get(timeout=30)
+        topic, payload = q.get(timeout=scaled(30))
         assert (topic, payload) == ("fedge/j/round/1/update/dev-1", update)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while len(errors) < 184 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(errors) == 184, errors[:3]

@@ -17,6 +17,7 @@ from device_runtime.errors import WireError
 from device_runtime.keys import Signer
 from device_runtime.topics import Topics
 from device_runtime.transport.memory import MemoryHub, MemoryTransport
+from testkit.timing import scaled
 from tests.keys import KEYS, agent_options, trust
 
 JOB = "trust"
@@ -309,7 +310,7 @@ def test_a_lost_update_is_asked_for_again_with_the_same_nonce(tmp_path):
     agg_t = MemoryTransport(hub, "agg")
     agg_t.connect()
     agg = Aggregator(agg_t, ServeOptions(JOB, tmp_path / "state", rounds=1, min_devices=2,
-                                         round_timeout=2.0, epochs=1),
+                                         round_timeout=scaled(2.0), epochs=1),
                      cfg.to_json(), weights_of(build_model(cfg)),
                      trust=trust(JOB, tmp_path / "state"))
     rng = np.random.default_rng(0)

@@ -7,12 +7,16 @@ import json
 import threading
 
 import numpy as np
+import pytest
 
 from device_runtime import messages, wire
 from device_runtime.keys import PublicKey, Signer
 from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
-from tests.field_helpers import finish, prepare_job, start_device, start_server
+from testkit.field import finish, prepare_job, start_device, start_server
+from testkit.timing import scaled
+
+pytestmark = pytest.mark.slow  # real fedge processes against a real broker, end to end
 
 JOB = "attacked"
 
@@ -88,7 +92,7 @@ def test_forged_stops_plans_tasks_and_a_replayed_update_change_nothing(mosquitto
     devices = [start_device(mosquitto.url, JOB, tmp_path, k) for k in range(3)]
     attacker.during_the_job()
     server = start_server(mosquitto.url, JOB, tmp_path, ckpt, rounds=3, min_devices=3,
-                          round_timeout=60)
+                          round_timeout=scaled(60))
     codes = finish([server, *devices], timeout=600)
     attacker.t.close()
     logs = "".join((tmp_path / f"device-{k}.log").read_text() for k in range(3))

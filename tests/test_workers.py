@@ -28,7 +28,8 @@ from device_runtime.topics import Topics
 from device_runtime.training.local import weights_of
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.transport.mqtt import MqttTransport
-from tests.brokers import Mosquitto
+from testkit.brokers import Mosquitto
+from testkit.timing import scaled
 from tests.keys import resign, status, task_of, trust
 
 CFG = ModelConfig("cnn1d", (40,), 10, width=0.25)
@@ -138,7 +139,7 @@ def _run(broker, tmp_path, strategy: str, codec: str, workers: int, copies: int 
             threads.append(th)
     agg = Aggregator(agg_t, ServeOptions(job, tmp_path / job / "state", strategy, codec,
                                          rounds=rounds, min_devices=len(DEVICES),
-                                         round_timeout=30, seed=SEED,
+                                         round_timeout=scaled(30), seed=SEED,
                                          strategy_options=opts_s),
                      CFG.to_json(), init, scale_out=scale,
                      trust=trust(job, tmp_path / job / "state"),
@@ -149,7 +150,7 @@ def _run(broker, tmp_path, strategy: str, codec: str, workers: int, copies: int 
         if scale:
             scale.finish()
             for th in threads:
-                th.join(timeout=20)
+                th.join(timeout=scaled(20))
                 assert not th.is_alive()
     finally:
         fleet.close()

@@ -18,9 +18,12 @@ from device_runtime import wire
 from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
 
-from tests.brokers import Mosquitto
+from testkit.brokers import Mosquitto
 from tests.conftest import assert_one_line_error, run_fedge
-from tests.field_helpers import finish, prepare_job, start_device, start_server
+from testkit.field import finish, prepare_job, start_device, start_server
+from testkit.timing import scaled
+
+pytestmark = pytest.mark.slow  # fedge processes over Mosquitto; a subprocess per mistake
 
 DEVICES = 3
 
@@ -53,7 +56,7 @@ def _job(tmp_path, job_files, url: str, name: str, extra: list[str],
     (work / "keys").symlink_to(job_files[0] / "keys")
     job = job or f"wf{secrets.token_hex(3)}"
     server = start_server(url, job, work, job_files[1], rounds=2, min_devices=DEVICES,
-                          round_timeout=60, extra=["--codec", "fedmrn", "--eval-data",
+                          round_timeout=scaled(60), extra=["--codec", "fedmrn", "--eval-data",
                                                    str(work / "data" / "server.npz"), *extra])
     devices = [start_device(url, job, work, k) for k in range(DEVICES)]
     codes = finish([server], timeout=240) + finish(devices, timeout=60)
@@ -111,7 +114,7 @@ def test_a_worker_killed_mid_round_is_restarted_and_loses_nothing(tmp_path, job_
     killed: list[str] = []
 
     def kill_first_reporter() -> None:  # SIGKILL: no clean disconnect, the will fires
-        topic = reports.get(timeout=200)
+        topic = reports.get(timeout=scaled(200))
         worker = topic.split("/")[-2]
         pid = _worker_pid(job, worker)
         assert pid is not None, topic
@@ -125,7 +128,7 @@ def test_a_worker_killed_mid_round_is_restarted_and_loses_nothing(tmp_path, job_
                              ["--workers", "2", "--downlink", "fedmrn"], job=job)
     finally:
         spy.close()
-    killer.join(5)
+    killer.join(scaled(5))
     assert killed, "no worker reported an update"
     # The killed worker's update, accepted and reported before the kill, is still in
     # round 1: the restarted worker reloaded it from its state dir and sent it in its

@@ -1,4 +1,4 @@
-"""Real brokers for the tests: the embedded amqtt, and a Mosquitto on a free port."""
+"""A real broker for the tests and benches: a private Mosquitto on a free port."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from broker_server.embedded import free_port
+from testkit.timing import scaled
 
 
 def mosquitto_binary() -> str | None:
@@ -17,7 +18,8 @@ def mosquitto_binary() -> str | None:
 
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
-    deadline = time.time() + timeout
+    """Wait until something accepts connections on host:port (``scaled(timeout)`` at most)."""
+    deadline = time.time() + scaled(timeout)
     while time.time() < deadline:
         try:
             socket.create_connection((host, port), 0.2).close()

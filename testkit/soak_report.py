@@ -7,7 +7,7 @@ first ``warmup`` rounds, in which imports and first allocations settle.
 """
 from __future__ import annotations
 
-from bench.soak_check import Seen, slope
+from testkit.soak_check import Seen, slope
 
 MIB = float(1 << 20)
 
@@ -151,7 +151,7 @@ NOTES = """
 - Every round record of the aggregator lists `updates`, the `[device, sha256]` of each
   payload its fold folded, in fold order, and `folded`, the successful `Fold.add` calls
   counted apart (`broker_server/records.py`). Per round the checker
-  (`bench/soak_check.py`) requires (a) distinct devices, `folded == len(updates)` and the
+  (`testkit/soak_check.py`) requires (a) distinct devices, `folded == len(updates)` and the
   same devices as `accepted`; (b) each sha256 to be that of a payload an independent
   observer client saw that device publish for that round; (c) folding exactly those
   payloads, in that order, into the round's observed model frame with the job's own fold

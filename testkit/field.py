@@ -1,4 +1,8 @@
-"""Helpers for the field-loop tests: real `fedge serve` / `fedge device` processes."""
+"""Helpers for the field-loop tests and benches: real `fedge serve` / `fedge device` processes.
+
+The waits here (a device's idle timeout, ``finish``, ``wait_for``) are upper bounds and
+are multiplied by ``testkit.timing.time_scale()``; a round timeout is the caller's.
+"""
 from __future__ import annotations
 
 import json
@@ -9,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT
+from testkit import ROOT
+from testkit.timing import scaled
 
 
 def prepare_job(work: Path, devices: int, seed: int = 0) -> Path:
@@ -63,7 +68,7 @@ def start_device(url: str, job: str, work: Path, k: int, profile: str = "rpi4",
     return subprocess.Popen(
         [sys.executable, "-m", "toolkit", "device", "--broker", url, "--job", job,
          "--id", f"dev-{k}", "--profile", profile, "--data",
-         str(work / "data" / f"device-{k}.npz"), "--idle-timeout", "120",
+         str(work / "data" / f"device-{k}.npz"), "--idle-timeout", f"{scaled(120):g}",
          *([] if {"--key", "--credentials", "--config"} & set(extra)
            else device_keys(work, f"dev-{k}")), *extra],
         stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
@@ -90,7 +95,8 @@ def completed_rounds(work: Path) -> int:
 
 
 def wait_for(predicate, timeout: float, what: str, step: float = 0.05) -> None:
-    deadline = time.time() + timeout
+    """Poll ``predicate`` until true; fail after ``scaled(timeout)`` seconds."""
+    deadline = time.time() + scaled(timeout)
     while time.time() < deadline:
         if predicate():
             return
@@ -104,10 +110,11 @@ def sigkill(p: subprocess.Popen) -> None:
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 60) -> list[int]:
+    """Exit codes, waiting up to ``scaled(timeout)`` for each process, then killing it."""
     codes = []
     for p in procs:
         try:
-            codes.append(p.wait(timeout))
+            codes.append(p.wait(scaled(timeout)))
         except subprocess.TimeoutExpired:
             p.kill()
             codes.append(p.wait())
