@@ -265,9 +265,10 @@ def forged_task(s: Session) -> Finding:
     s.t.publish(model_topic, model, retain=True)
     try:
         for device in devices:
-            task = messages.Task(FAR_ROUND, device, "full", hashlib.sha256(model).hexdigest(),
-                                 time.time() + 60, 1, 8, 0.1, 0, "fp32",
-                                 model=_custom_model(), nonce="audit")
+            task = messages.Task(round=FAR_ROUND, device=device, variant="full",
+                                 model_sha256=hashlib.sha256(model).hexdigest(),
+                                 deadline=time.time() + 60, epochs=1, batch_size=8, lr=0.1,
+                                 seed=0, codec="fp32", model=_custom_model(), nonce="audit")
             for payload in _forged(s, task, FAR_ROUND, device):
                 s.t.publish(s.topics.task(FAR_ROUND, device), payload)
         r0 = _round_after_delivery(s)
