@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import command, machine, write_results  # noqa: E402
 
 from broker_server.strategies import SignSGDOptions  # noqa: E402
-from toolkit.simulate import SimOptions, run_simulation  # noqa: E402
+from toolkit.sim.simulate import SimOptions, run_simulation  # noqa: E402
 
 
 def arms(devices: int, rounds: int, sign_rounds: int, wide_rounds: int, fedmrn_codec: str

@@ -27,9 +27,9 @@ from bench.common import write_results  # noqa: E402
 
 from device_runtime.manifest import load_manifest  # noqa: E402
 from device_runtime.session import open_session, run  # noqa: E402
-from toolkit import checkpoint, datasets, train, zoo  # noqa: E402
-from toolkit.fleet import ExportOptions, export_fleet  # noqa: E402
-from toolkit.profiles import ProfileCatalogue  # noqa: E402
+from toolkit.model import checkpoint, datasets, train, zoo  # noqa: E402
+from toolkit.planning.fleet import ExportOptions, export_fleet  # noqa: E402
+from toolkit.planning.profiles import ProfileCatalogue  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -41,7 +41,7 @@ PER_ROUND = ("seconds", "aggregator_cpu_seconds", "aggregator_rss_mb", "frame_by
 
 def run_arm(args: argparse.Namespace) -> dict:
     """One run, in this (child) process: the aggregator here, devices in args.one procs."""
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     load0 = os.getloadavg()
     t0 = time.time()
@@ -78,7 +78,7 @@ def _median(xs: list) -> float | None:
 def spawn(procs: int, state: str, args: argparse.Namespace, work: Path) -> dict:
     """One arm in a child process, on a fresh Mosquitto."""
     from testkit.brokers import Mosquitto
-    from toolkit.simworker import raise_fd_limit
+    from toolkit.sim.simworker import raise_fd_limit
 
     raise_fd_limit()  # Mosquitto inherits it: 1,000 connections need 1,000+ descriptors
     name = f"{procs}-{'shm' if state else 'tmp'}"

@@ -49,7 +49,7 @@ def worst_ratio(previous: list[float], current: list[float]) -> float:
 def measure(label: str, overrides: dict, rounds: int, seed: int) -> dict:
     import math
 
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     opts = SimOptions(rounds=rounds, seed=seed, norm_bound=math.inf, **overrides)
     report, _ = run_simulation(opts)

@@ -1,8 +1,9 @@
 """Benchmark heterogeneous model sizes on MNIST-1D non-IID with a mixed fleet.
 
-One width budget per profile (``toolkit.splitmix.budgets_from_profiles``: the width
-of the single network the profile's compute affords next to the strongest) drives
-every arm, so each arm asks the same of each device:
+One width budget per profile
+(``toolkit.strategies.server.splitmix.budgets_from_profiles``: the width of the single
+network the profile's compute affords next to the strongest) drives every
+arm, so each arm asks the same of each device:
 
 - ``splitmix``: a device trains budget / (1/8) bases; accuracy for k = 1..8 bases;
 - ``heterofl``: nested widths, the device's budget snapped to 1/8 steps;
@@ -37,16 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import command, machine, write_results  # noqa: E402
 
 from broker_server.strategies import FedAvgOptions, HeteroFLOptions, SplitMixOptions  # noqa: E402
-from toolkit.heterofl import common_width, full_width_profiles, snap_width  # noqa: E402
-from toolkit.reft import REFTOptions  # noqa: E402
-from toolkit.simulate import SimOptions, run_simulation  # noqa: E402
+from toolkit.strategies.server.heterofl import common_width, full_width_profiles, snap_width  # noqa: E402
+from toolkit.strategies.server.reft import REFTOptions  # noqa: E402
+from toolkit.sim.simulate import SimOptions, run_simulation  # noqa: E402
 
 PROFILES = ("rpi4", "jetson-nano", "jetson-orin-nano")
 
 
 def budgets(profiles: tuple[str, ...]) -> dict[str, float]:
-    from toolkit.profiles import ProfileCatalogue
-    from toolkit.splitmix import budgets_from_profiles
+    from toolkit.planning.profiles import ProfileCatalogue
+    from toolkit.strategies.server.splitmix import budgets_from_profiles
 
     cat = ProfileCatalogue.load()
     return budgets_from_profiles([cat.get(p) for p in profiles], 0.125)
@@ -54,9 +55,9 @@ def budgets(profiles: tuple[str, ...]) -> dict[str, float]:
 
 def mac_fractions(budget: dict[str, float], model: str) -> dict[str, float]:
     """Per profile, the MAC share of the width its budget snaps to (REFT's pruning target)."""
-    from toolkit import datasets, zoo
-    from toolkit.checkpoint import example_input
-    from toolkit.pruning import count_macs
+    from toolkit.model import datasets, zoo
+    from toolkit.model.checkpoint import example_input
+    from toolkit.model.pruning import count_macs
 
     ds = datasets.load("mnist1d")
 
@@ -121,9 +122,9 @@ def predictor_switch(ckpt, profile: str, switches: int = 2000) -> dict:
     """Export the bases, load a Predictor once, then time ``set_budget`` switches."""
     from device_runtime.predictor import Predictor
     from device_runtime.session import run
-    from toolkit import datasets
-    from toolkit.fleet import ExportOptions, export_fleet
-    from toolkit.profiles import ProfileCatalogue
+    from toolkit.model import datasets
+    from toolkit.planning.fleet import ExportOptions, export_fleet
+    from toolkit.planning.profiles import ProfileCatalogue
 
     ds = datasets.load("mnist1d")
     with tempfile.TemporaryDirectory() as tmp:

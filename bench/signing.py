@@ -38,7 +38,7 @@ MAX_PAYLOAD = 128 * 1024
 
 
 def _round_times(signed: bool, rounds: int, seed: int) -> list[float]:
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     keys.BENCH_ONLY_SKIP_SIGNATURES = not signed
     try:
@@ -62,7 +62,7 @@ def _median_time(fn, reps: int) -> float:
 def _operations(reps: int) -> dict:
     """Seconds of signature work in one cnn-wide round of DEVICES devices."""
     from device_runtime.training.local import weights_of
-    from toolkit import zoo
+    from toolkit.model import zoo
 
     cfg = zoo.make_config("cnn-wide", (40,), 10, 1.0, 0.0, 1.0)
     weights = weights_of(zoo.build_model(cfg))

@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import command, machine, write_results  # noqa: E402
 
-from toolkit.dpfl import DPFLOptions  # noqa: E402
-from toolkit.ecofed import EcoFedOptions  # noqa: E402
-from toolkit.simulate import SimOptions, run_simulation  # noqa: E402
+from toolkit.strategies.server.dpfl import DPFLOptions  # noqa: E402
+from toolkit.strategies.server.ecofed import EcoFedOptions  # noqa: E402
+from toolkit.sim.simulate import SimOptions, run_simulation  # noqa: E402
 
 PROFILES = ("rpi3b", "rpi4", "rpi5", "jetson-orin-nano")
 

@@ -51,8 +51,8 @@ def task(seed: int, devices: int, model: str):
     """The data, shards, model config and initial model exactly as fedge simulate builds them."""
     import torch
 
-    from toolkit import datasets, zoo
-    from toolkit.partition import dirichlet_split, public_split
+    from toolkit.model import datasets, zoo
+    from toolkit.model.partition import dirichlet_split, public_split
 
     ds = datasets.load("mnist1d")
     pub, rest = public_split(len(ds.y_train), PUBLIC, seed)
@@ -72,7 +72,7 @@ def median_delta(stamps: list[float]) -> float:
 def run_fedge(codec: str, seed: int, devices: int, rounds: int, model: str,
               broker: str, downlink: str = "fp32") -> dict:
     """One fedge run over the broker; bytes are the frames fedge published."""
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     stamps = [time.time()]
     report, _ = run_simulation(SimOptions(
@@ -94,7 +94,7 @@ def flower_client(shard, cfg, seed: int):
 
     from device_runtime.training.local import (LocalTrainOptions, load_weights, train_local,
                                                weights_of)
-    from toolkit import zoo
+    from toolkit.model import zoo
 
     model = zoo.build_model(cfg)
     keys = list(weights_of(model))
@@ -116,7 +116,7 @@ def flower_strategy(model, ds, devices: int, counts: dict, stamps: list):
     from flwr.server.strategy import FedAvg
 
     from device_runtime.training.local import load_weights, weights_of
-    from toolkit.train import accuracy
+    from toolkit.model.train import accuracy
 
     keys = list(weights_of(model))
 

@@ -10,7 +10,7 @@ private key and writes the detached signature beside it, ``manifest.json.sig``::
 bytes: it tells "signed by another key" apart from "modified after signing".
 A device trusts one public key (a PEM SubjectPublicKeyInfo file); since the
 manifest lists every artifact's sha256, a verified manifest vouches for every
-artifact whose bytes match it. The toolkit (``toolkit.signing``) is the writer;
+artifact whose bytes match it. The toolkit (``toolkit.deploy.signing``) is the writer;
 this module is the one reader.
 """
 from __future__ import annotations

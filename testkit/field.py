@@ -22,8 +22,8 @@ def prepare_job(work: Path, devices: int, seed: int = 0) -> Path:
     import numpy as np
     import torch
 
-    from toolkit import checkpoint, datasets, zoo
-    from toolkit.partition import write_partition
+    from toolkit.model import checkpoint, datasets, zoo
+    from toolkit.model.partition import write_partition
 
     ds = datasets.load_mnist1d()
     write_partition(ds, work / "data", devices, seed, 0.5)
@@ -39,7 +39,7 @@ def prepare_job(work: Path, devices: int, seed: int = 0) -> Path:
 
 def fleet_keys(work: Path, devices: int):
     """The keys fedge secure init would issue for dev-0 .. dev-<devices-1> (work/keys)."""
-    from toolkit.fleet_keys import FleetKeyFiles, write_fleet_keys
+    from toolkit.field.fleet_keys import FleetKeyFiles, write_fleet_keys
 
     out = work / "keys"
     if (out / "registry.json").exists():

@@ -40,8 +40,8 @@ def fedge_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def export_key(fedge_home):
-    """The session's default signing key (``toolkit.signing.SigningKey``)."""
-    from toolkit.signing import ensure_key
+    """The session's default signing key (``toolkit.deploy.signing.SigningKey``)."""
+    from toolkit.deploy.signing import ensure_key
 
     return ensure_key()
 
@@ -58,7 +58,7 @@ def mosquitto(tmp_path):
 
 @pytest.fixture(scope="session")
 def mnist1d():
-    from toolkit.datasets import load_mnist1d
+    from toolkit.model.datasets import load_mnist1d
 
     return load_mnist1d()
 
@@ -69,7 +69,7 @@ def trained_ckpt(tmp_path_factory, mnist1d):
     import numpy as np
     import torch
 
-    from toolkit import checkpoint, datasets, train, zoo
+    from toolkit.model import checkpoint, datasets, train, zoo
 
     ds = mnist1d
     cfg = zoo.make_config("cnn", ds.sample_shape, 10, 1.0, float(np.mean(ds.x_train)),
@@ -88,9 +88,9 @@ def trained_ckpt(tmp_path_factory, mnist1d):
 def fleet_export(tmp_path_factory, trained_ckpt, mnist1d, export_key):
     """Every built-in profile exported from the trained checkpoint for job EXPORT_JOB
     (version 1), signed by export_key."""
-    from toolkit import checkpoint
-    from toolkit.fleet import ExportOptions, export_fleet
-    from toolkit.profiles import ProfileCatalogue
+    from toolkit.model import checkpoint
+    from toolkit.planning.fleet import ExportOptions, export_fleet
+    from toolkit.planning.profiles import ProfileCatalogue
 
     out = tmp_path_factory.mktemp("export") / "fleet"
     profiles = ProfileCatalogue.load().select("all")

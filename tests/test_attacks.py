@@ -1,4 +1,4 @@
-"""toolkit.attacks: each attack does what it says, and each is contained by the rule
+"""toolkit.sim.attacks: each attack does what it says, and each is contained by the rule
 meant for it (broker_server.robust) on synthetic updates: 20 honest updates around a
 true change, 4 attackers; the rule's aggregate stays within a small distance of the
 honest mean while FedAvg's does not."""
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from broker_server.robust import clipping, rules
-from toolkit import attacks
 from toolkit.errors import UsageError
+from toolkit.sim import attacks
 
 SHAPES = {"w": (10, 8), "b": (20,)}
 SIGMA, HONEST, BAD = 0.2, 20, 4

@@ -43,7 +43,7 @@ def _fingerprint(public_path: Path) -> str:
 
 
 def _bundle(tmp_path: Path, manifest: Path, url: str, job: str, *extra: str) -> Path:
-    from toolkit.signing import default_key_path, public_key_path
+    from toolkit.deploy.signing import default_key_path, public_key_path
 
     out = tmp_path / "pi-1.tar.gz"
     code, stdout, err = run_fedge("bundle", "--manifest", str(manifest), "--device", "rpi4",
@@ -92,7 +92,7 @@ def _forge(unpacked: Path, marker: Path) -> None:
     swapped for theirs, a line added to bundle.env, the sums regenerated (and signed by
     them, as any attacker can)."""
     from device_runtime.keys import Signer
-    from toolkit.signing import SigningKey, sign_manifest
+    from toolkit.deploy.signing import SigningKey, sign_manifest
 
     attacker = Signer.generate()
     sign_manifest(unpacked / "artifacts" / "manifest.json",
@@ -385,7 +385,7 @@ def test_bad_device_configs_are_one_line(tmp_path, text, needle):
 def test_every_file_the_credentials_name_travels(tmp_path):
     """Fields added to the credentials JSON later (a device key, a registry) are copied
     with no change to the bundler; one that points outside DIR is refused."""
-    from toolkit.bundle import _credential_files
+    from toolkit.deploy.bundle import _credential_files
     from toolkit.errors import UsageError
 
     d = tmp_path / "sec"

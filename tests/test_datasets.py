@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import assert_one_line_error
-from toolkit import datasets
 from toolkit.cli.main import main
 from toolkit.errors import DatasetError, UsageError
-from toolkit.partition import classes_split, dirichlet_split
+from toolkit.model import datasets
+from toolkit.model.partition import classes_split, dirichlet_split
 
 
 def test_mnist1d_is_the_standard_split(mnist1d):

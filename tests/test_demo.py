@@ -4,7 +4,7 @@ import json
 import pytest
 
 from tests.conftest import run_fedge
-from toolkit.fleet_keys import write_fleet_keys
+from toolkit.field.fleet_keys import write_fleet_keys
 
 pytestmark = pytest.mark.slow  # each test runs fedge subprocesses; the demo a whole job
 

@@ -23,7 +23,7 @@ JOB = "dp"
 
 
 def _data(n: int = 96, seed: int = 0):
-    from toolkit import datasets
+    from toolkit.model import datasets
 
     ds = datasets.load("mnist1d")
     idx = np.random.default_rng(seed).choice(len(ds.y_train), n, replace=False)
@@ -37,7 +37,7 @@ def _one_round(cfg, weights, x, y, cut: int, rogue: bool = False):
     from tests.keys import agent_options, resign, task_of, trust
     from device_runtime.topics import Topics
     from device_runtime.transport.memory import MemoryHub, MemoryTransport
-    from toolkit.dpfl import DPFLOptions, DPFLSetup
+    from toolkit.strategies.server.dpfl import DPFLOptions, DPFLSetup
 
     strategies.get("dpfl")  # the aggregator then knows it by name
     hub = MemoryHub()
@@ -68,8 +68,8 @@ def _one_round(cfg, weights, x, y, cut: int, rogue: bool = False):
 
 
 def _act_shape(cfg, cut: int) -> tuple[int, ...]:
-    from toolkit.checkpoint import example_input
-    from toolkit.zoo import build_model, split
+    from toolkit.model.checkpoint import example_input
+    from toolkit.model.zoo import build_model, split
 
     with torch.no_grad():
         return tuple(split(build_model(cfg), cut)[0].eval()(example_input(cfg, 2)).shape[1:])
@@ -78,7 +78,7 @@ def _act_shape(cfg, cut: int) -> tuple[int, ...]:
 @pytest.fixture(scope="module")
 def setup():
     from device_runtime.training.local import weights_of
-    from toolkit import zoo
+    from toolkit.model import zoo
 
     ds, x, y = _data()
     cfg = zoo.make_config("cnn", ds.sample_shape, ds.num_classes)
@@ -88,7 +88,7 @@ def setup():
 
 def test_one_device_round_equals_training_the_whole_model_locally(setup):
     from device_runtime.training.local import LocalTrainOptions, load_weights, train_local
-    from toolkit import zoo
+    from toolkit.model import zoo
 
     cfg, w0, x, y = setup
     report, got, hist = _one_round(cfg, w0, x, y, cut=2, rogue=True)
@@ -108,7 +108,7 @@ def test_one_device_round_equals_training_the_whole_model_locally(setup):
 
 def test_heads_are_averaged_over_whoever_trained_each_stage(setup):
     from broker_server.strategies import Update
-    from toolkit.dpfl import DPFL, DPFLSetup
+    from toolkit.strategies.server.dpfl import DPFL, DPFLSetup
 
     cfg, w0, _, _ = setup
     s = DPFL(options=DPFLSetup(cfg, {"a": 1, "b": 2}, {1: (0,), 2: (0,)}))
@@ -131,7 +131,7 @@ def test_heads_are_averaged_over_whoever_trained_each_stage(setup):
 
 
 def test_bad_batches_are_refused_with_a_reason():
-    from toolkit.dpfl import check_batch
+    from toolkit.strategies.server.dpfl import check_batch
 
     good = {"acts": np.ones((4, 8, 5), np.float32), "labels": np.arange(4, dtype=np.int64)}
     check_batch(good, (8, 5), 16, 10)

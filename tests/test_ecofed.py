@@ -24,8 +24,8 @@ from toolkit import strategies
 
 @pytest.fixture(scope="module")
 def ecofed_job():
-    from toolkit.ecofed import EcoFedOptions
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.strategies.server.ecofed import EcoFedOptions
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     report, ckpt = run_simulation(SimOptions(
         devices=3, rounds=3, strategy="ecofed", codec="act8", epochs=1, seed=2,
@@ -57,7 +57,7 @@ def _frame(acts, labels, codec="act8"):
 
 
 def test_bad_activation_frames_are_refused_with_a_reason(ecofed_job):
-    from toolkit.ecofed import ActivationFold, EcoFed, EcoFedSetup
+    from toolkit.strategies.server.ecofed import ActivationFold, EcoFed, EcoFedSetup
 
     _, ckpt = ecofed_job
     setup = EcoFedSetup(ckpt.config, 1, b"", (32, 40))
@@ -147,10 +147,10 @@ def test_replay_buffers_survive_an_aggregator_restart(tmp_path):
 
     from broker_server.service import Aggregator, ServeOptions
     from device_runtime.training.local import weights_of
-    from toolkit import datasets, zoo
-    from toolkit.ecofed import EcoFedOptions, tail_names
-    from toolkit.profiles import ProfileCatalogue
-    from toolkit.setups import setup_strategy
+    from toolkit.model import datasets, zoo
+    from toolkit.strategies.server.ecofed import EcoFedOptions, tail_names
+    from toolkit.planning.profiles import ProfileCatalogue
+    from toolkit.strategies.setups import setup_strategy
 
     strategies.get("ecofed")  # the aggregator then knows it by name
     ds = datasets.load("mnist1d")
@@ -197,8 +197,8 @@ def test_profiles_with_an_earlier_cut_are_bridged_to_the_frozen_depth(tmp_path):
 
     from broker_server.service import Aggregator, ServeOptions
     from device_runtime.training.local import weights_of
-    from toolkit import datasets, zoo
-    from toolkit.ecofed import EcoFedOptions, EcoFedSetup, export_head
+    from toolkit.model import datasets, zoo
+    from toolkit.strategies.server.ecofed import EcoFedOptions, EcoFedSetup, export_head
 
     strategies.get("ecofed")  # the aggregator then knows it by name
     ds = datasets.load("mnist1d")

@@ -13,7 +13,7 @@ from exporters.errors import ParityError
 from exporters.parity import ParityBounds
 from tests.conftest import assert_one_line_error, run_fedge
 from toolkit.cli.main import main
-from toolkit.profiles import ProfileCatalogue
+from toolkit.planning.profiles import ProfileCatalogue
 
 
 def test_every_artifact_loads_and_respects_its_profile_opset(fleet_export, mnist1d):
@@ -91,8 +91,8 @@ def test_manifest_hashes_match_and_corruption_is_caught(fleet_export, tmp_path):
 
 
 def test_broken_parity_stops_the_export_naming_the_artifact(trained_ckpt, mnist1d, tmp_path):
-    from toolkit import checkpoint
-    from toolkit.fleet import ExportOptions, export_fleet
+    from toolkit.model import checkpoint
+    from toolkit.planning.fleet import ExportOptions, export_fleet
 
     out = tmp_path / "out"
     opts = ExportOptions(finetune_epochs=0, bounds=ParityBounds(fp32_max_abs_err=0.0))
@@ -146,8 +146,8 @@ def test_export_refuses_to_overwrite_a_foreign_folder(trained_ckpt, tmp_path, ca
 
 def test_unpruned_variant_computes_exactly_the_checkpoint(fleet_export, trained_ckpt, mnist1d):
     """Export must not disturb the model (e.g. BatchNorm statistics) on its way out."""
-    from toolkit import checkpoint
-    from toolkit.train import predict_logits
+    from toolkit.model import checkpoint
+    from toolkit.model.train import predict_logits
 
     ref = predict_logits(checkpoint.load(trained_ckpt).model, mnist1d.x_test)
     m = load_manifest(fleet_export)

@@ -78,7 +78,7 @@ def _run(url: str, job: str, state, data, hostile: bool, rounds: int = ROUNDS
     (x, y), (xt, yt) = data
     import torch
 
-    from toolkit.train import accuracy
+    from toolkit.model.train import accuracy
 
     torch.manual_seed(0)
     model = build_model(CFG)

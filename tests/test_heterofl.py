@@ -15,7 +15,12 @@ from broker_server.strategies.heterofl import (
 )
 from device_runtime.training.local import weights_of
 from device_runtime.training.models import ModelConfig, build_model
-from toolkit.heterofl import common_width, full_width_profiles, heterofl_options, snap_width
+from toolkit.strategies.server.heterofl import (
+    common_width,
+    full_width_profiles,
+    heterofl_options,
+    snap_width,
+)
 
 CFG = ModelConfig("cnn1d", (40,), 10)
 
@@ -91,7 +96,7 @@ def test_fedavg_trains_only_the_named_profiles():
 
 
 def test_heterofl_job_each_profile_trains_its_width():
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     r, _ = run_simulation(SimOptions(devices=4, rounds=2, strategy="heterofl", epochs=1,
                                      profiles=("rpi3b", "jetson-orin-nano"), seed=1))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.errors import UsageError
-from toolkit.jobs import (BrokerSettings, DemoJob, GuardLimits, RoundSettings,
+from toolkit.field.jobs import (BrokerSettings, DemoJob, GuardLimits, RoundSettings,
                           ScaleOutSettings, ServeJob)
 
 

@@ -108,7 +108,7 @@ def _forge_checkpoint(tmp_path, config: dict):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from toolkit import checkpoint, zoo
+    from toolkit.model import checkpoint, zoo
 
     cfg = zoo.make_config("cnn", (40,), 10)
     good = checkpoint.save(checkpoint.Checkpoint(cfg, zoo.build_model(cfg)), tmp_path / "g")
@@ -121,7 +121,7 @@ def _forge_checkpoint(tmp_path, config: dict):
 
 @pytest.mark.parametrize("how", ["direct", "torch.hub"])
 def test_checkpoint_naming_a_factory_imports_nothing(tmp_path, planted, how):
-    from toolkit import checkpoint
+    from toolkit.model import checkpoint
 
     forged, marker = planted
     path = _forge_checkpoint(tmp_path, forged[how])
@@ -152,8 +152,8 @@ def test_serve_and_export_refuse_a_forged_checkpoint(tmp_path, planted, capsys):
 
 
 def test_custom_checkpoint_loads_only_when_allowed(tmp_path, capsys):
-    from toolkit import checkpoint
     from toolkit.cli.main import main
+    from toolkit.model import checkpoint
 
     out = tmp_path / "mlp.safetensors"
     assert main(["pretrain", "--dataset", "digits", "--model", "tests.user_models:mlp",
@@ -304,7 +304,7 @@ def test_device_cli_refuses_a_malformed_allow_entry(tmp_path, capsys):
 
 def test_simulate_builds_the_custom_model_its_options_name():
     """The simulator's own agents get the allowlist from its options (``--model``)."""
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     report, ckpt = run_simulation(SimOptions("digits", devices=2, rounds=1,
                                              model="tests.user_models:mlp", epochs=1,

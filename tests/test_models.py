@@ -5,10 +5,10 @@ import torch
 
 from device_runtime.local_models import LocalModels
 from tests.conftest import assert_one_line_error
-from toolkit import checkpoint, zoo
 from toolkit.cli.main import main
 from toolkit.errors import CheckpointError, ModelError
-from toolkit.pruning import PruneRecord, count_macs, prune, prune_to_macs, replay
+from toolkit.model import checkpoint, zoo
+from toolkit.model.pruning import PruneRecord, count_macs, prune, prune_to_macs, replay
 
 
 def _cfg(width=1.0):
@@ -53,7 +53,7 @@ def test_checkpoint_keeps_its_dataset_spec_and_refuses_a_malformed_one(tmp_path)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from toolkit import datasets
+    from toolkit.model import datasets
 
     spec = datasets.spec_for("mnist1d:600")
     path = checkpoint.save(checkpoint.Checkpoint(_cfg(), zoo.build_model(_cfg()),
@@ -148,7 +148,7 @@ def test_pretrain_cli_user_module_on_digits(tmp_path, capsys):
 
 
 def test_counting_macs_of_a_split_keeps_batchnorm_in_eval_mode():
-    from toolkit.zoo import split
+    from toolkit.model.zoo import split
 
     m = zoo.build_model(_cfg()).eval()
     head, tail = split(m, 2)

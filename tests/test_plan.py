@@ -1,10 +1,16 @@
 """Planning: MAC budgets, opsets, split points (pure functions)."""
 import pytest
 
-from toolkit.analysis import StageInfo
 from toolkit.errors import UsageError
-from toolkit.plan import PlanOptions, choose_opset, choose_split, plan_fleet, split_candidates
-from toolkit.profiles import ProfileCatalogue
+from toolkit.model.analysis import StageInfo
+from toolkit.planning.plan import (
+    PlanOptions,
+    choose_opset,
+    choose_split,
+    plan_fleet,
+    split_candidates,
+)
+from toolkit.planning.profiles import ProfileCatalogue
 
 
 @pytest.fixture

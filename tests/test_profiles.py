@@ -6,7 +6,7 @@ import pytest
 from tests.conftest import assert_one_line_error
 from toolkit.cli.main import main
 from toolkit.errors import ProfileError
-from toolkit.profiles import ProfileCatalogue, load_profiles_toml
+from toolkit.planning.profiles import ProfileCatalogue, load_profiles_toml
 
 REQUIRED = {"rpi3b", "rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "android-mid"}
 

@@ -5,9 +5,9 @@ import torch
 
 from device_runtime.training.local import load_weights, weights_of
 from device_runtime.training.models import ModelConfig, build_model
-from toolkit.checkpoint import example_input
-from toolkit.pruning import count_macs, prune_to_macs
-from toolkit.reft import REFTOptions, distill, pruned_config
+from toolkit.model.checkpoint import example_input
+from toolkit.model.pruning import count_macs, prune_to_macs
+from toolkit.strategies.server.reft import REFTOptions, distill, pruned_config
 
 CFG = ModelConfig("cnn1d", (40,), 10)
 
@@ -45,7 +45,7 @@ def test_distillation_moves_the_student_towards_the_teachers():
 
 
 def test_reft_job_prunes_for_the_weakest_device_and_runs_end_to_end():
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     report, _ = run_simulation(SimOptions(devices=3, rounds=2, strategy="reft", epochs=1,
                                           profiles=("rpi3b", "jetson-orin-nano")))
@@ -56,7 +56,7 @@ def test_reft_job_prunes_for_the_weakest_device_and_runs_end_to_end():
 
 
 def test_reft_needs_its_setup():
-    from toolkit.reft import REFT
+    from toolkit.strategies.server.reft import REFT
 
     with pytest.raises(ValueError, match="REFTSetup"):
         REFT()
@@ -66,7 +66,7 @@ def test_logits_uplink_sends_the_public_split_logits_and_distils_the_same_target
     """Devices send N_public x classes float32 instead of their models; with a lossless
     codec the server distils exactly what it distils from the models themselves (when
     it does not also average the models' weights first)."""
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     base = SimOptions(devices=3, rounds=2, strategy="reft", epochs=1, seed=3,
                       profiles=("rpi3b", "jetson-orin-nano"),
@@ -89,7 +89,7 @@ def test_logits_uplink_sends_the_public_split_logits_and_distils_the_same_target
 
 def test_logits_uplink_refuses_codecs_that_code_model_updates():
     from toolkit.errors import UsageError
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     with pytest.raises(UsageError, match="--reft-uplink logits: expected --codec fp32"):
         run_simulation(SimOptions(devices=2, rounds=1, strategy="reft", codec="fedmrn",
@@ -100,7 +100,7 @@ def test_logits_uplink_refuses_codecs_that_code_model_updates():
 
 
 def test_logits_updates_are_validated_against_the_public_split_shape():
-    from toolkit.reft import REFT, REFTSetup
+    from toolkit.strategies.server.reft import REFT, REFTSetup
 
     x = np.zeros((50, 40), np.float32)
     s = REFT(options=REFTSetup(CFG, x, {"rpi4": 0.5}, REFTOptions(uplink="logits")))
@@ -109,7 +109,7 @@ def test_logits_updates_are_validated_against_the_public_split_shape():
 
 
 def test_pruned_entries_map_back_to_their_places_and_average_there():
-    from toolkit.reft import index_map, scatter_average
+    from toolkit.strategies.server.reft import index_map, scatter_average
 
     torch.manual_seed(2)
     full = build_model(CFG)

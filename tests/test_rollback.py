@@ -18,7 +18,7 @@ from testkit.timing import scaled
 from tests.conftest import EXPORT_JOB, assert_one_line_error, run_fedge
 from tests.keys import KEYS
 from toolkit.cli.main import main
-from toolkit.signing import sign_manifest
+from toolkit.deploy.signing import sign_manifest
 
 DEVICE = "rpi4"
 _DROP = object()

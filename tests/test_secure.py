@@ -166,7 +166,7 @@ def test_bad_credentials_give_one_line_errors(tmp_path, fleet):
 
 
 def test_strangers_are_refused_and_a_device_is_accepted(fleet, tmp_path):
-    from toolkit import secure
+    from toolkit.deploy import secure
 
     root, broker, agg_port = fleet
     # a certificate from another CA (someone else's fleet)

@@ -23,7 +23,7 @@ from tests.conftest import EXPORT_JOB, assert_one_line_error, run_fedge
 from testkit.field import wait_for
 from testkit.timing import scaled
 from toolkit.cli.main import main
-from toolkit.signing import ensure_key, public_key_path
+from toolkit.deploy.signing import ensure_key, public_key_path
 
 DEVICE = "rpi4"
 

@@ -31,7 +31,7 @@ def test_procs_usage_errors(tmp_path):
 
 
 def test_top_up_gives_every_device_of_a_big_fleet_samples():
-    from toolkit.partition import dirichlet_split
+    from toolkit.model.partition import dirichlet_split
 
     labels = np.repeat(np.arange(10), 360)
     parts = dirichlet_split(labels, 1000, 0.5, seed=0, min_samples=2, top_up=True)
@@ -45,7 +45,7 @@ def test_top_up_gives_every_device_of_a_big_fleet_samples():
 @pytest.mark.slow
 @needs_mosquitto
 def test_procs_2_report_matches_one_process(tmp_path, mosquitto):
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     out = tmp_path / "fleet.json"
     code, _, err = run_fedge("simulate", *SMALL, "--broker", mosquitto.url, "--procs", "2",
@@ -74,7 +74,7 @@ def test_procs_2_report_matches_one_process(tmp_path, mosquitto):
 
 
 def _simworkers() -> list[int]:
-    """This process's ``toolkit.simworker`` children (from /proc: no extra package)."""
+    """This process's ``toolkit.sim.simworker`` children (from /proc: no extra package)."""
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -84,7 +84,7 @@ def _simworkers() -> list[int]:
             cmd = (d / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == os.getpid() and b"toolkit.simworker" in cmd:
+        if ppid == os.getpid() and b"toolkit.sim.simworker" in cmd:
             pids.append(int(d.name))
     return pids
 
@@ -93,7 +93,7 @@ def _simworkers() -> list[int]:
 @needs_mosquitto
 def test_a_dead_device_process_fails_the_run_instead_of_hanging(mosquitto):
     from toolkit.errors import SimulationError
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     def kill_one(rec: dict) -> None:
         if rec["round"] == 1:

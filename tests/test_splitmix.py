@@ -96,7 +96,7 @@ def test_splitmix_is_registered_by_name():
 
 
 def test_a_splitmix_job_runs_end_to_end_and_uplink_follows_the_bases_trained():
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     opts = SplitMixOptions(atom=0.25, budgets={"dev-0": 0.25, "dev-1": 0.5, "dev-2": 1.0})
     report, ckpt = run_simulation(SimOptions(devices=3, rounds=2, strategy="splitmix",

@@ -21,10 +21,10 @@ def bases_export(tmp_path_factory, mnist1d):
 
     from device_runtime.training.local import LocalTrainOptions
     from device_runtime.training.splitmix import train_bases
-    from toolkit import checkpoint, datasets, zoo
-    from toolkit.fleet import ExportOptions, export_fleet
-    from toolkit.profiles import ProfileCatalogue
-    from toolkit.splitmix import splitmix_config
+    from toolkit.model import checkpoint, datasets, zoo
+    from toolkit.planning.fleet import ExportOptions, export_fleet
+    from toolkit.planning.profiles import ProfileCatalogue
+    from toolkit.strategies.server.splitmix import splitmix_config
 
     ds = mnist1d
     cfg = splitmix_config(zoo.make_config("cnn", ds.sample_shape, 10, 1.0,

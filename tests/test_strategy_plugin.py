@@ -75,8 +75,8 @@ def toy(monkeypatch):
 
 def test_a_toy_strategy_registered_from_a_test_runs_end_to_end(toy):
     from toolkit.cli import strategy_args
-    from toolkit.profiles import ProfileCatalogue
-    from toolkit.simulate import SimOptions, run_simulation
+    from toolkit.planning.profiles import ProfileCatalogue
+    from toolkit.sim.simulate import SimOptions, run_simulation
 
     p = argparse.ArgumentParser()
     p.add_argument("--strategy")

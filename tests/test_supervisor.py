@@ -10,7 +10,7 @@ import pytest
 
 from broker_server.errors import BrokerServerError
 from device_runtime.backoff import Backoff
-from toolkit.supervisor import Supervisor
+from toolkit.field.supervisor import Supervisor
 from testkit.timing import scaled
 
 

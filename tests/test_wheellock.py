@@ -1,4 +1,4 @@
-"""The bundle's requirements.lock (toolkit/wheellock.py), made from the real wheelhouse
+"""The bundle's requirements.lock (toolkit/deploy/wheellock.py), made from the real wheelhouse
 the bundle test installs from ($FEDGE_WHEELHOUSE)."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from tests.test_bundle import _wheelhouse
 
 def test_the_lock_pins_what_a_device_installs_and_nothing_else(tmp_path):
     from device_runtime.manifest import sha256_file
+    from toolkit.deploy.wheel import device_requirements
+    from toolkit.deploy.wheellock import lock
     from toolkit.errors import UsageError
-    from toolkit.wheel import device_requirements
-    from toolkit.wheellock import lock
 
     wheels = _wheelhouse()
     text, n = lock(wheels, device_requirements())

@@ -10,7 +10,7 @@ devices whose block holds it; an entry nobody trained keeps its value. The maths
 is ``nested_slice`` and ``NestedSum``.
 
 The widths' shapes and model configs come from the toolkit
-(``toolkit.heterofl.heterofl_options``), which builds each width once; the service
+(``toolkit.strategies.server.heterofl.heterofl_options``), which builds each width once; the service
 stays torch-free.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from device_runtime.codecs import CodecContext
 @dataclass(frozen=True)
 class HeteroFLOptions:
     # "width" (e.g. "0.25") -> {"model": ModelConfig JSON, "tensors": {name: shape}};
-    # empty: ``toolkit.heterofl.heterofl_options`` fills them in from the budgets.
+    # empty: ``toolkit.strategies.server.heterofl.heterofl_options`` fills them in from the budgets.
     levels: dict = field(default_factory=dict)
     width_by_profile: dict = field(default_factory=dict)  # profile -> width budget in (0, 1]
     widths: dict = field(default_factory=dict)  # device id -> width budget
@@ -120,7 +120,8 @@ class HeteroFL(Strategy):
                  options: HeteroFLOptions | None = None):
         if not isinstance(options, HeteroFLOptions):
             raise ValueError("heterofl: options must be a HeteroFLOptions (the widths' shapes "
-                             "and configs; toolkit.heterofl.heterofl_options builds them)")
+                             "and configs; toolkit.strategies.server.heterofl.heterofl_options "
+                             "builds them)")
         options.check()
         self.opts, self.epochs, self.batch_size, self.lr = options, epochs, batch_size, lr
         self.by_variant = {variant_of(w): level for w, level in options.levels.items()}

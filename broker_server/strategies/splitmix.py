@@ -8,8 +8,8 @@ server averages each base over the devices that trained it, weighted by samples,
 and a base nobody trained keeps its weights. The maths is ``average_bases``.
 
 Budgets come from ``SplitMixOptions.budgets`` (per device), else
-``budget_by_profile``, else ``default_budget``; ``toolkit.splitmix.budgets_from_profiles``
-derives them from compute and memory.
+``budget_by_profile``, else ``default_budget``;
+``toolkit.strategies.server.splitmix.budgets_from_profiles`` derives them from compute and memory.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``fedge audit``: run issue 20's attacks against one's own live job (toolkit.audit)."""
+"""``fedge audit``: run issue 20's attacks against one's own live job (toolkit.field.audit)."""
 from __future__ import annotations
 
 import argparse
@@ -26,7 +26,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def audit(args: argparse.Namespace) -> int:
-    from toolkit.audit import NOT_REFUSED, AuditOptions, run
+    from toolkit.field.audit import NOT_REFUSED, AuditOptions, run
 
     findings = run(AuditOptions(args.broker, args.job, args.credentials, args.seconds,
                                 Path(args.json) if args.json else None,

@@ -26,7 +26,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def profiles(args: argparse.Namespace) -> int:
-    from toolkit.profiles import ProfileCatalogue
+    from toolkit.planning.profiles import ProfileCatalogue
 
     cat = ProfileCatalogue.load(args.profiles_file)
     rows = [p.to_json() for p in cat.profiles.values()]
@@ -43,8 +43,8 @@ def profiles(args: argparse.Namespace) -> int:
 
 
 def partition(args: argparse.Namespace) -> int:
-    from toolkit import datasets
-    from toolkit.partition import write_partition
+    from toolkit.model import datasets
+    from toolkit.model.partition import write_partition
 
     ds = datasets.load(args.dataset)
     summary = write_partition(ds, args.out, args.devices, args.seed, args.alpha,

@@ -38,7 +38,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def bundle(args: argparse.Namespace) -> int:
-    from toolkit.bundle import BundleOptions, make_bundle
+    from toolkit.deploy.bundle import BundleOptions, make_bundle
 
     opt = lambda v: Path(v) if v else None  # noqa: E731
     o = BundleOptions(manifest=Path(args.manifest), device=args.device, broker=args.broker,
@@ -59,7 +59,7 @@ def bundle(args: argparse.Namespace) -> int:
 
 
 def wheelhouse(args: argparse.Namespace) -> int:
-    from toolkit.wheelhouse import download
+    from toolkit.deploy.wheelhouse import download
 
     wheels = download(args.target, args.out, torch=args.torch)
     mb = sum(w.stat().st_size for w in wheels) / 1e6

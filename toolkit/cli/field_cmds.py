@@ -115,7 +115,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from toolkit.field import run_serve
+    from toolkit.field.serve import run_serve
 
     return run_serve(serve_job(args))
 
@@ -124,9 +124,9 @@ def serve_job(args: argparse.Namespace):
     """``fedge serve``'s flags as a ``ServeJob``, the strategy's typed options included."""
     from dataclasses import replace
 
-    from toolkit.jobs import BrokerSettings, GuardLimits, RoundSettings, ScaleOutSettings, \
+    from toolkit.field.jobs import BrokerSettings, GuardLimits, RoundSettings, ScaleOutSettings, \
         ServeJob
-    from toolkit.profiles import ProfileCatalogue
+    from toolkit.planning.profiles import ProfileCatalogue
 
     rounds = RoundSettings(args.rounds, args.min_devices, args.round_timeout, args.epochs,
                            args.batch_size, args.lr)
@@ -166,8 +166,8 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from toolkit.jobs import WorkerJob
-    from toolkit.scaleout import run_worker
+    from toolkit.field.jobs import WorkerJob
+    from toolkit.field.scaleout import run_worker
 
     return run_worker(WorkerJob(args.broker, args.job, args.id, Path(args.state_dir),
                                 args.credentials, args.signing_key, args.registry,
@@ -186,7 +186,7 @@ def device(args: argparse.Namespace) -> int:
     from device_runtime.preflight import check_options
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
-    from toolkit.profiles import ProfileCatalogue
+    from toolkit.planning.profiles import ProfileCatalogue
 
     config = load_config(args.config) if args.config else None
     o = argparse.Namespace(**merge(vars(args), config))
@@ -248,8 +248,8 @@ def _check(o: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from toolkit.demo import run_demo
-    from toolkit.jobs import DemoJob
+    from toolkit.field.demo import run_demo
+    from toolkit.field.jobs import DemoJob
 
     return run_demo(DemoJob(args.devices, args.rounds, args.alpha, args.seed,
                             args.round_timeout, args.epochs, args.batch_size, args.lr,

@@ -73,8 +73,8 @@ def signing_key_arg(p: argparse.ArgumentParser) -> None:
 
 
 def signing_key(args: argparse.Namespace):
-    """The export's signing key (``toolkit.signing.SigningKey``), created if missing."""
-    from toolkit.signing import ensure_key
+    """The export's signing key (``toolkit.deploy.signing.SigningKey``), created if missing."""
+    from toolkit.deploy.signing import ensure_key
 
     key = ensure_key(args.signing_key)
     if key.created:
@@ -94,7 +94,7 @@ def pretrain(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from toolkit import checkpoint, datasets, train, zoo
+    from toolkit.model import checkpoint, datasets, train, zoo
 
     for name in ("epochs", "batch_size", "lr", "width"):
         _positive(name.replace("_", "-"), getattr(args, name))
@@ -121,11 +121,11 @@ def pretrain(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from toolkit import checkpoint, datasets
+    from toolkit.model import checkpoint, datasets
     from device_runtime.topics import check_id
-    from toolkit.fleet import ExportOptions, export_fleet, export_version
-    from toolkit.plan import PlanOptions
-    from toolkit.profiles import ProfileCatalogue
+    from toolkit.planning.fleet import ExportOptions, export_fleet, export_version
+    from toolkit.planning.plan import PlanOptions
+    from toolkit.planning.profiles import ProfileCatalogue
 
     profiles = ProfileCatalogue.load(args.profiles_file).select(args.profiles)
     ckpt = checkpoint.load(args.checkpoint, local_models(args))

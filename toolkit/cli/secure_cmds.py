@@ -52,9 +52,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def init(args: argparse.Namespace) -> int:
-    from toolkit.secure import AGGREGATOR, SecureOptions
-    from toolkit.secure import init as secure_init
-    from toolkit.secure_conf import Limits
+    from toolkit.deploy.secure import AGGREGATOR, SecureOptions
+    from toolkit.deploy.secure import init as secure_init
+    from toolkit.deploy.secure_conf import Limits
 
     limits = Limits(args.max_message, args.max_queued_messages, args.max_queued_bytes)
     s = secure_init(SecureOptions(
@@ -81,7 +81,7 @@ def init(args: argparse.Namespace) -> int:
 
 
 def add_device(args: argparse.Namespace) -> int:
-    from toolkit.secure_fleet import add as secure_add
+    from toolkit.deploy.secure_fleet import add as secure_add
 
     s = secure_add(Path(args.dir), args.id, args.days)
     print(f"added {s['device']} to {s['out']} (signing key {s['key_id']}): "
@@ -92,7 +92,7 @@ def add_device(args: argparse.Namespace) -> int:
 
 
 def revoke_device(args: argparse.Namespace) -> int:
-    from toolkit.secure_fleet import revoke as secure_revoke
+    from toolkit.deploy.secure_fleet import revoke as secure_revoke
 
     s = secure_revoke(Path(args.dir), args.id, args.days)
     print(f"revoked {s['device']} in {s['out']}: out of registry.json"

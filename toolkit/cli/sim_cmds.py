@@ -46,9 +46,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 def simulate(args: argparse.Namespace) -> int:
     from broker_server.downlink import check_downlink
     from device_runtime import codecs
-    from toolkit.profiles import ProfileCatalogue
-    from toolkit.setups import check_strategy
-    from toolkit.simulate import SimOptions, check_options, run_simulation
+    from toolkit.planning.profiles import ProfileCatalogue
+    from toolkit.sim.simulate import SimOptions, check_options, run_simulation
+    from toolkit.strategies.setups import check_strategy
 
     check_options(SimOptions(devices=args.devices, rounds=args.rounds, broker=args.broker,
                              procs=args.procs, min_samples=args.min_samples))
@@ -73,7 +73,7 @@ def simulate(args: argparse.Namespace) -> int:
     key = model_cmds.signing_key(args) if args.export else None  # before the long part
     report, ckpt = run_simulation(opts, show, cat)
     if args.export:
-        from toolkit.fleet import ExportOptions, export_fleet
+        from toolkit.planning.fleet import ExportOptions, export_fleet
 
         export_fleet(ckpt, cat.select(args.profiles), args.export, None,
                      ExportOptions(signing_key=key.path))

@@ -1,7 +1,7 @@
 """The strategies' command-line options, shared by ``fedge simulate`` and ``fedge serve``:
 every strategy's flags (from its spec, ``toolkit.strategies``), turned into the chosen
 strategy's typed options (the rest is filled in from the fleet by
-``toolkit.setups.setup_strategy``)."""
+``toolkit.strategies.setups.setup_strategy``)."""
 from __future__ import annotations
 
 import argparse

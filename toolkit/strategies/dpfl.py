@@ -1,5 +1,6 @@
 """dpfl's spec: split learning, the head on devices and the tail on the server, one
-minibatch exchange at a time (toolkit/dpfl.py, device_runtime/training/split.py)."""
+minibatch exchange at a time (toolkit/strategies/server/dpfl.py,
+device_runtime/training/split.py)."""
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,10 @@ def _setup(options, ctx: SetupContext):
     """Per profile the cut with the shortest estimated round (given one, that cut for
     all), and the activation shape at each cut."""
     from device_runtime.training.models import build_model
-    from toolkit.analysis import stage_infos
-    from toolkit.checkpoint import example_input
-    from toolkit.dpfl import HEAD_CODECS, DPFLSetup, round_seconds
-    from toolkit.plan import choose_split, split_candidates
+    from toolkit.model.analysis import stage_infos
+    from toolkit.model.checkpoint import example_input
+    from toolkit.planning.plan import choose_split, split_candidates
+    from toolkit.strategies.server.dpfl import HEAD_CODECS, DPFLSetup, round_seconds
     from toolkit.strategies.spec import checked_options
 
     do, cfg = checked_options(options, DPFLOptions), ctx.cfg
@@ -48,6 +49,7 @@ def _device_macs(run: SimRun) -> dict[str, int]:
     return {a.device: heads[setup.cut_of(p.name)] for a, p in zip(run.agents, run.fleet)}
 
 
-SPEC = StrategySpec(rule="toolkit.dpfl:DPFL", options=DPFLOptions, flags=(SPLIT_AFTER,),
+SPEC = StrategySpec(rule="toolkit.strategies.server.dpfl:DPFL", options=DPFLOptions,
+                    flags=(SPLIT_AFTER,),
                     from_args=_from_args, setup=_setup, device_macs=_device_macs,
                     report=lambda run: {"cuts": dict(run.options.cuts)})

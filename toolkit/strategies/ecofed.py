@@ -1,5 +1,5 @@
 """EcoFed's spec: devices run a frozen, pre-trained head and send activations; the
-server trains the tail on replay buffers (toolkit/ecofed.py)."""
+server trains the tail on replay buffers (toolkit/strategies/server/ecofed.py)."""
 from __future__ import annotations
 
 import argparse
@@ -29,10 +29,10 @@ def _setup(options, ctx: SetupContext):
     """Per profile the cut the planner picks among those whose head holds at most
     FROZEN_SHARE of the parameters (or the given one for all), each cut's head as ONNX;
     the latest cut is the frozen depth."""
-    from toolkit.analysis import stage_infos
-    from toolkit.checkpoint import example_input
-    from toolkit.ecofed import ACT_CODECS, EcoFedSetup, export_head
-    from toolkit.plan import choose_split, split_candidates
+    from toolkit.model.analysis import stage_infos
+    from toolkit.model.checkpoint import example_input
+    from toolkit.planning.plan import choose_split, split_candidates
+    from toolkit.strategies.server.ecofed import ACT_CODECS, EcoFedSetup, export_head
     from toolkit.strategies.spec import checked_options
 
     eo, cfg, model = checked_options(options, EcoFedOptions), ctx.cfg, ctx.model
@@ -66,8 +66,8 @@ def _pretrain(sim, cfg, x, y):
     """The model pre-trained on the server's public split (``sim``: SimOptions)."""
     import torch
 
-    from toolkit import zoo
-    from toolkit.train import TrainOptions, train
+    from toolkit.model import zoo
+    from toolkit.model.train import TrainOptions, train
 
     eo = sim.strategy_options if isinstance(sim.strategy_options, EcoFedOptions) \
         else EcoFedOptions()
@@ -78,9 +78,9 @@ def _pretrain(sim, cfg, x, y):
 
 def head_macs(run: SimRun, cuts) -> dict[int, int]:
     """The MACs of the head before each cut (shared with dpfl)."""
-    from toolkit.checkpoint import example_input
-    from toolkit.pruning import count_macs
-    from toolkit.zoo import split
+    from toolkit.model.checkpoint import example_input
+    from toolkit.model.pruning import count_macs
+    from toolkit.model.zoo import split
 
     return {c: count_macs(split(run.model, c)[0], example_input(run.cfg))[0] for c in cuts}
 
@@ -100,7 +100,7 @@ def _report(run: SimRun) -> dict:
 
 
 SPEC = StrategySpec(
-    rule="toolkit.ecofed:EcoFed", options=EcoFedOptions,
+    rule="toolkit.strategies.server.ecofed:EcoFed", options=EcoFedOptions,
     flags=(Flag(("--period",), {"type": int, "default": 2, "help":
                                 "devices send activations every PERIOD rounds; the server "
                                 "trains on its replay buffers in between"}),

@@ -1,5 +1,5 @@
 """HeteroFL's spec: nested width levels, each device training the widest it can afford
-(broker_server/strategies/heterofl.py, toolkit/heterofl.py)."""
+(broker_server/strategies/heterofl.py, toolkit/strategies/server/heterofl.py)."""
 from __future__ import annotations
 
 import argparse
@@ -23,8 +23,8 @@ def _from_args(args: argparse.Namespace, ctx: ArgsContext):
 def _setup(options, ctx: SetupContext):
     """Nested width levels from the options' budgets, else from the fleet's profiles."""
     from broker_server.strategies.heterofl import HeteroFLOptions
-    from toolkit.heterofl import heterofl_options
-    from toolkit.splitmix import budgets_from_profiles
+    from toolkit.strategies.server.heterofl import heterofl_options
+    from toolkit.strategies.server.splitmix import budgets_from_profiles
 
     ho = checked_options(options, HeteroFLOptions)
     if ho.levels:
@@ -36,8 +36,8 @@ def _setup(options, ctx: SetupContext):
 def _device_macs(run: SimRun) -> dict[str, int]:
     """The width level each device trains."""
     from device_runtime.training.models import ModelConfig, build_model
-    from toolkit.checkpoint import example_input
-    from toolkit.pruning import count_macs
+    from toolkit.model.checkpoint import example_input
+    from toolkit.model.pruning import count_macs
 
     by_level = {}
     for w, level in run.options.levels.items():

@@ -1,7 +1,7 @@
 """The options of the strategies whose server side is torch (EcoFed, REFT, dpfl), apart
 from both their specs (``toolkit/strategies/<name>.py``, light: the CLI reads them) and
-their server code (``toolkit/<name>.py``, torch), so that each of those imports them
-and neither imports the other at module level."""
+their server code (``toolkit/strategies/server/<name>.py``, torch), so that each of
+those imports them and neither imports the other at module level."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

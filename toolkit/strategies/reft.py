@@ -1,5 +1,6 @@
 """REFT's spec: each device trains a model pruned to its compute; the server averages
-the pruned models back in place and distils on its public split (toolkit/reft.py)."""
+the pruned models back in place and distils on its public split
+(toolkit/strategies/server/reft.py)."""
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,10 @@ def _from_args(args: argparse.Namespace, ctx: ArgsContext):
 def _setup(options, ctx: SetupContext):
     """MAC fractions per profile from the planner, the public split."""
     from device_runtime.training.models import build_model
-    from toolkit.checkpoint import example_input
-    from toolkit.plan import plan_fleet
-    from toolkit.pruning import count_macs
-    from toolkit.reft import LOGIT_CODECS, REFTSetup
+    from toolkit.model.checkpoint import example_input
+    from toolkit.model.pruning import count_macs
+    from toolkit.planning.plan import plan_fleet
+    from toolkit.strategies.server.reft import LOGIT_CODECS, REFTSetup
     from toolkit.strategies.spec import checked_options
 
     ro, cfg = checked_options(options, REFTOptions), ctx.cfg
@@ -46,7 +47,7 @@ def _device_macs(run: SimRun) -> dict[str, int]:
 
 
 SPEC = StrategySpec(
-    rule="toolkit.reft:REFT", options=REFTOptions,
+    rule="toolkit.strategies.server.reft:REFT", options=REFTOptions,
     flags=(Flag(("--reft-uplink",), {
         "choices": ("weights", "logits"), "default": "weights",
         "help": "devices send their pruned models, or only their logits on the server's "

@@ -29,7 +29,7 @@ FLAGS = (
 
 def _from_args(args: argparse.Namespace, ctx: ArgsContext):
     from broker_server.strategies import SignSGDOptions
-    from toolkit.simulate import batch_by_compute
+    from toolkit.sim.simulate import batch_by_compute
 
     if not args.server_lr_half_life >= 0:
         raise UsageError(f"--server-lr-half-life: expected >= 0 rounds (0: constant), got "

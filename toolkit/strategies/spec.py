@@ -25,7 +25,7 @@ class Flag:
 class ArgsContext:
     """What the CLI knows when it turns flags into options."""
 
-    catalogue: Any  # toolkit.profiles.ProfileCatalogue
+    catalogue: Any  # toolkit.planning.profiles.ProfileCatalogue
     profiles: list[str]  # the fleet's profile names
     devices: int = 0  # ``fedge simulate``: the number of devices (0: unknown)
 

@@ -1,5 +1,5 @@
 """SplitMix's spec: an ensemble of narrow bases, each device training as many as its
-budget allows (broker_server/strategies/splitmix.py, toolkit/splitmix.py,
+budget allows (broker_server/strategies/splitmix.py, toolkit/strategies/server/splitmix.py,
 device_runtime/training/splitmix.py)."""
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _from_args(args: argparse.Namespace, ctx: ArgsContext):
 def _setup(options, ctx: SetupContext):
     """The ensemble's config, and budgets from the fleet's profiles unless given."""
     from broker_server.strategies.splitmix import SplitMixOptions
-    from toolkit.splitmix import budgets_from_profiles, splitmix_config
+    from toolkit.strategies.server.splitmix import budgets_from_profiles, splitmix_config
 
     sm = checked_options(options, SplitMixOptions)
     if not sm.budgets and not sm.budget_by_profile:
@@ -77,7 +77,7 @@ def _device_macs(run: SimRun) -> dict[str, int]:
 
 
 def _report(run: SimRun) -> dict:
-    from toolkit.splitmix import width_accuracy
+    from toolkit.strategies.server.splitmix import width_accuracy
 
     return {"width_accuracy": width_accuracy(run.model, run.x_test, run.y_test)}
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.datasets import Dataset
 from toolkit.errors import UsageError
+from toolkit.model.datasets import Dataset
 
 
 def dirichlet_split(labels: np.ndarray, devices: int, alpha: float, seed: int,

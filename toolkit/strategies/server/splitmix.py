@@ -13,7 +13,7 @@ import numpy as np
 from device_runtime.training.models import ModelConfig
 from device_runtime.training.splitmix import SplitMixNet
 from toolkit.errors import UsageError
-from toolkit.profiles import DeviceProfile
+from toolkit.planning.profiles import DeviceProfile
 
 
 def splitmix_config(cfg: ModelConfig, atom: float) -> ModelConfig:
@@ -45,7 +45,7 @@ def budgets_from_profiles(profiles: list[DeviceProfile], atom: float,
 
 def width_accuracy(model: SplitMixNet, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Test accuracy of the first k bases, k = 1..M (logits averaged)."""
-    from toolkit.train import accuracy
+    from toolkit.model.train import accuracy
 
     return {str(k): round(accuracy(model.first(k), x, y), 4)
             for k in range(1, len(model.indices) + 1)}

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_runtime.keys import Registry, RegistryFile, Signer
+from toolkit.deploy.signing import default_key_path
 from toolkit.errors import UsageError
-from toolkit.signing import default_key_path
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from torch import nn
 
 from device_runtime.errors import ModelNotAllowedError
 from device_runtime.local_models import NO_CUSTOM, LocalModels
-from toolkit.datasets import DatasetSpec
 from toolkit.errors import CheckpointError, FedgeError
-from toolkit.pruning import PruneRecord, replay
-from toolkit.zoo import ModelConfig, build_model
+from toolkit.model.datasets import DatasetSpec
+from toolkit.model.pruning import PruneRecord, replay
+from toolkit.model.zoo import ModelConfig, build_model
 
 FORMAT = "fedge-checkpoint/1"
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import ModelError
-from toolkit.zoo import classifier_of
+from toolkit.model.zoo import classifier_of
 
 
 @dataclass

@@ -24,16 +24,16 @@ import torch
 from exporters.parity import ParityBounds
 from exporters.variant import ParityData, Part, VariantRequest, export_variant, write_manifest
 from device_runtime.topics import check_id
-from toolkit import datasets
-from toolkit.checkpoint import Checkpoint, example_input
+from toolkit.model import datasets
+from toolkit.model.checkpoint import Checkpoint, example_input
 from toolkit.errors import CheckpointError, UsageError
-from toolkit.plan import PlanOptions, plan_fleet
-from toolkit.prepare import Variant, prepare_variant
-from toolkit.profiles import DeviceProfile
-from toolkit.signing import load_key, sign_manifest
-from toolkit.pruning import count_macs
-from toolkit.train import TrainOptions
-from toolkit.zoo import split
+from toolkit.planning.plan import PlanOptions, plan_fleet
+from toolkit.planning.prepare import Variant, prepare_variant
+from toolkit.planning.profiles import DeviceProfile
+from toolkit.deploy.signing import load_key, sign_manifest
+from toolkit.model.pruning import count_macs
+from toolkit.model.train import TrainOptions
+from toolkit.model.zoo import split
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def _splitmix_variant(ckpt: Checkpoint, profile: DeviceProfile, plan, example
                       ) -> tuple[Variant, list[Part]]:
     """SplitMix: no pruning and no split; each base is its own artifact (role "base"),
     so the device picks how many to run at inference."""
-    from toolkit.pruning import PruneRecord
+    from toolkit.model.pruning import PruneRecord
 
     plan.method, plan.prune_ratio, plan.split, plan.split_candidates = "splitmix", 0.0, None, []
     plan.macs, plan.params = count_macs(ckpt.model, example)

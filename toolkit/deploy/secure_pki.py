@@ -1,7 +1,7 @@
 """The fleet's X.509 pieces for ``fedge secure``: keys, the CA, certificates, the CRL.
 
-Pure functions over ``cryptography`` objects (no files): ``toolkit.secure`` builds a
-fleet from them, ``toolkit.secure_fleet`` adds and revokes one device later.
+Pure functions over ``cryptography`` objects (no files): ``toolkit.deploy.secure`` builds a
+fleet from them, ``toolkit.deploy.secure_fleet`` adds and revokes one device later.
 """
 from __future__ import annotations
 

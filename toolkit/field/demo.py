@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.jobs import DemoJob
+from toolkit.field.jobs import DemoJob
 
 PROFILES = ("rpi3b", "rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "android-mid")
 
@@ -26,8 +26,8 @@ def _prepare(work: Path, demo: DemoJob) -> Path:
     """Partition the data and write the initial (untrained) checkpoint."""
     import torch
 
-    from toolkit import checkpoint, datasets, zoo
-    from toolkit.partition import write_partition
+    from toolkit.model import checkpoint, datasets, zoo
+    from toolkit.model.partition import write_partition
 
     ds = datasets.load_mnist1d()
     write_partition(ds, work / "data", demo.devices, demo.seed, demo.alpha)
@@ -104,7 +104,7 @@ def plot(report: dict, path: Path) -> None:
 
 def _serve_job(demo: DemoJob, job: str, init: Path, work: Path, url: str, keys):
     """The aggregator's job: FedAvg with fp32, serve's defaults for the rest."""
-    from toolkit.jobs import BrokerSettings, RoundSettings, ServeJob
+    from toolkit.field.jobs import BrokerSettings, RoundSettings, ServeJob
 
     rounds = RoundSettings(demo.rounds, max(2, demo.devices * 3 // 4), demo.round_timeout,
                            demo.epochs, demo.batch_size, demo.lr)
@@ -114,8 +114,8 @@ def _serve_job(demo: DemoJob, job: str, init: Path, work: Path, url: str, keys):
 
 
 def run_demo(demo: DemoJob) -> int:
-    from toolkit.field import broker_url, run_serve
-    from toolkit.fleet_keys import write_fleet_keys
+    from toolkit.field.fleet_keys import write_fleet_keys
+    from toolkit.field.serve import broker_url, run_serve
 
     work = Path(demo.workdir or tempfile.mkdtemp(prefix="fedge-demo-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from toolkit.analysis import stage_infos
-from toolkit.checkpoint import Checkpoint, example_input
-from toolkit.plan import DevicePlan, choose_split, split_candidates
-from toolkit.profiles import DeviceProfile
-from toolkit.pruning import PruneRecord, count_macs, prune_to_macs
-from toolkit.train import TrainOptions, train
+from toolkit.model.analysis import stage_infos
+from toolkit.model.checkpoint import Checkpoint, example_input
+from toolkit.model.pruning import PruneRecord, count_macs, prune_to_macs
+from toolkit.model.train import TrainOptions, train
+from toolkit.planning.plan import DevicePlan, choose_split, split_candidates
+from toolkit.planning.profiles import DeviceProfile
 
 
 @dataclass

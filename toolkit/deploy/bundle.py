@@ -31,13 +31,13 @@ from pathlib import Path
 from device_runtime.keys import PublicKey, Signer
 from device_runtime.manifest import sha256_file
 from toolkit import strategies
+from toolkit.deploy.secure import replace_file
+from toolkit.deploy.wheel import build_wheel, device_requirements, fedge_version
+from toolkit.deploy.wheelhouse import TORCH, TORCH_INDEX
+from toolkit.deploy.wheellock import lock
 from toolkit.errors import UsageError
-from toolkit.secure import replace_file
-from toolkit.wheel import build_wheel, device_requirements, fedge_version
-from toolkit.wheelhouse import TORCH, TORCH_INDEX
-from toolkit.wheellock import lock
 
-TEMPLATES = Path(__file__).parent / "deploy"
+TEMPLATES = Path(__file__).parent  # install.sh and the unit template, beside this
 @dataclass(frozen=True)
 class BundleOptions:
     manifest: Path
@@ -104,8 +104,8 @@ def _checked(o: BundleOptions):
     from device_runtime.rollback import ExportPolicy, check_binding
     from device_runtime.topics import check_id
     from device_runtime.transport.url import BrokerURL
-    from toolkit.setups import check_strategy
-    from toolkit.signing import default_key_path, load_key, public_key_path
+    from toolkit.deploy.signing import default_key_path, load_key, public_key_path
+    from toolkit.strategies.setups import check_strategy
 
     BrokerURL.parse(o.broker)
     check_id("job", o.job)

@@ -7,7 +7,7 @@ import numpy as np
 
 from device_runtime.local_models import NO_CUSTOM, LocalModels
 from device_runtime.training.models import ModelConfig
-from toolkit.profiles import DeviceProfile
+from toolkit.planning.profiles import DeviceProfile
 
 
 def check_strategy(name: str) -> None:

@@ -30,8 +30,8 @@ from device_runtime.training.local import (
     weights_of,
 )
 from device_runtime.training.models import ModelConfig, build_model
-from toolkit.checkpoint import example_input
-from toolkit.pruning import PruneRecord, count_macs, prune_to_macs, replay
+from toolkit.model.checkpoint import example_input
+from toolkit.model.pruning import PruneRecord, count_macs, prune_to_macs, replay
 from toolkit.strategies.options import REFTOptions
 
 
@@ -41,7 +41,7 @@ LOGIT_CODECS = ("fp32", "fp16", "int8")  # the codecs that code any tensor as it
 @dataclass(frozen=True)
 class REFTSetup:
     """What the server knows: the global config, its public split, and per profile the
-    MAC fraction the planner allows (``toolkit.plan.plan_fleet``)."""
+    MAC fraction the planner allows (``toolkit.planning.plan.plan_fleet``)."""
 
     config: ModelConfig
     public_x: np.ndarray

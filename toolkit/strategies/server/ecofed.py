@@ -69,8 +69,8 @@ def export_head(model: nn.Module, cfg: ModelConfig, after: int, probe: np.ndarra
     """The head as ONNX bytes (checked against torch on ``probe``) and its output shape."""
     from device_runtime.session import run
     from exporters.onnx_fp32 import export_fp32
-    from toolkit.checkpoint import example_input
-    from toolkit.zoo import split
+    from toolkit.model.checkpoint import example_input
+    from toolkit.model.zoo import split
 
     import onnxruntime as ort
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from toolkit.analysis import StageInfo
 from toolkit.errors import UsageError
-from toolkit.profiles import DeviceProfile
+from toolkit.model.analysis import StageInfo
+from toolkit.planning.profiles import DeviceProfile
 
 # The dynamo exporter implements opset 18 and up; below it only the legacy
 # TorchScript exporter produces a native graph (Jetson Nano's ORT 1.10 = opset 15).

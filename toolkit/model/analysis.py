@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from toolkit.pruning import count_macs
-from toolkit.zoo import stages_of
+from toolkit.model.pruning import count_macs
+from toolkit.model.zoo import stages_of
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from toolkit.errors import UsageError
-from toolkit.jobs import ServeJob, WorkerJob
+from toolkit.field.jobs import ServeJob, WorkerJob
 
 HEADER = 1024  # bytes an update frame's header may take beyond its tensors (+64 a tensor)
 
@@ -49,7 +49,7 @@ def _nbytes(spec) -> int:
 def supervisor(job: ServeJob, url: str):
     """The job's local ``fedge worker`` processes (not yet started), logs and state under
     ``state_dir/workers/w<i>``."""
-    from toolkit.supervisor import Supervisor
+    from toolkit.field.supervisor import Supervisor
 
     b = job.broker
     cmds, logs = {}, {}
@@ -86,7 +86,7 @@ def run_worker(w: WorkerJob) -> int:
     from device_runtime.credentials import transport_kwargs
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
-    from toolkit.fleet_keys import server_trust
+    from toolkit.field.fleet_keys import server_trust
 
     check_id("job", w.job)
     check_worker_id(w.worker)

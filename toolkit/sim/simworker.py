@@ -1,8 +1,8 @@
 """One device process of ``fedge simulate --procs K``: many device agents, one MQTT
 client each, in one light process.
 
-``python -m toolkit.simworker SPEC.json RESULT.json``. The spec is plain JSON
-written by ``toolkit.simfleet`` (job, broker URL, the training set's ``.npy`` files,
+``python -m toolkit.sim.simworker SPEC.json RESULT.json``. The spec is plain JSON
+written by ``toolkit.sim.simfleet`` (job, broker URL, the training set's ``.npy`` files,
 and per device its id, profile and the indices of its samples in them). The main
 process writes the training set once as plain ``.npy`` (read here memory-mapped,
 without pickle), rather than each worker generating MNIST-1D again (2 s of CPU

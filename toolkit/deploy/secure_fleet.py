@@ -18,10 +18,10 @@ from cryptography import x509
 from device_runtime.errors import FedgeError
 from device_runtime.files import read_bytes
 from device_runtime.keys import Registry
+from toolkit.deploy.secure import PUBLIC, check_device_id, device_files, write_file
+from toolkit.deploy.secure_conf import acl_text
+from toolkit.deploy.secure_pki import crl_pem, load_ca, make_crl, revoked_serials
 from toolkit.errors import SecureError
-from toolkit.secure import PUBLIC, check_device_id, device_files, write_file
-from toolkit.secure_conf import acl_text
-from toolkit.secure_pki import crl_pem, load_ca, make_crl, revoked_serials
 
 
 def _registry(root: Path) -> Registry:

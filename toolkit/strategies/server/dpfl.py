@@ -30,7 +30,7 @@ from device_runtime.training.local import load_weights, weights_of
 from device_runtime.local_models import NO_CUSTOM, LocalModels
 from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.training.split import head_names, parse_head_variant, stage_of
-from toolkit.profiles import DeviceProfile
+from toolkit.planning.profiles import DeviceProfile
 from toolkit.strategies.options import DPFLOptions
 
 HEAD_CODECS = ("fp32", "fp16")  # the round's upload is the head itself

@@ -23,7 +23,7 @@ identity, and the Ed25519 keys that sign the job's messages end to end
 ``--keys-only`` writes just the signing keys, server.pub, registry.json and the
 credentials (no TLS, no passwords), for a broker without TLS (tests, ``fedge demo``).
 ``init`` builds every file in memory, writes them into a staging folder beside DIR
-and renames it into place, so an error leaves nothing behind. ``toolkit.secure_fleet``
+and renames it into place, so an error leaves nothing behind. ``toolkit.deploy.secure_fleet``
 adds and revokes devices afterwards.
 """
 from __future__ import annotations
@@ -38,8 +38,7 @@ from pathlib import Path
 from device_runtime.errors import FedgeError
 from device_runtime.keys import Registry, Signer
 from device_runtime.topics import check_id
-from toolkit.errors import SecureError
-from toolkit.secure_conf import (
+from toolkit.deploy.secure_conf import (
     AGGREGATOR,
     PACKET_SLACK,
     Limits,
@@ -48,7 +47,7 @@ from toolkit.secure_conf import (
     credentials_json,
     password_line,
 )
-from toolkit.secure_pki import (
+from toolkit.deploy.secure_pki import (
     cert_pem,
     crl_pem,
     is_host,
@@ -60,6 +59,7 @@ from toolkit.secure_pki import (
     san_entries,
     server_names,
 )
+from toolkit.errors import SecureError
 
 __all__ = ["AGGREGATOR", "SecureOptions", "check_options", "materials", "init", "write_tree",
            "write_file", "new_key", "make_ca", "issue", "cert_pem", "key_pem"]

@@ -1,6 +1,6 @@
 """``fedge simulate``: the deployment's own aggregator, strategies, codecs and device
 agents, in one process, over the in-memory transport (or a real broker); with
-``procs`` > 1 the agents run in worker processes instead (``toolkit.simfleet``).
+``procs`` > 1 the agents run in worker processes instead (``toolkit.sim.simfleet``).
 
 Every byte counted is a frame that was really encoded and sent; each device's
 simulated round time comes from its profile (compute from MACs and GFLOP/s,
@@ -19,7 +19,7 @@ import numpy as np
 
 from broker_server.guard import MAX_SAMPLES, NORM_BOUND
 from toolkit.errors import UsageError
-from toolkit.profiles import DeviceProfile
+from toolkit.planning.profiles import DeviceProfile
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class SimOptions:
     def custom_models(self):
         """The allowlist of this run's own agents and rebuilds: the factory ``model``
         names, if any (the operator named it here; plans from the broker cannot)."""
-        from toolkit.zoo import named_locally
+        from toolkit.model.zoo import named_locally
 
         return named_locally(self.model)
 
@@ -145,7 +145,7 @@ def check_options(opts: SimOptions) -> None:
 
 def _shards(opts: SimOptions, labels: np.ndarray) -> list[np.ndarray]:
     """Each device's indices into ``labels``: Dirichlet, short shards topped up."""
-    from toolkit.partition import dirichlet_split
+    from toolkit.model.partition import dirichlet_split
 
     if len(labels) < opts.devices * opts.min_samples:
         raise UsageError(f"--devices {opts.devices} x --min-samples {opts.min_samples} "
@@ -158,7 +158,7 @@ def _run_local(opts: SimOptions, job: str, ds, fleet: list[DeviceProfile], shard
                make_aggregator, on_round, keys):
     """Every agent a thread of this process; returns (aggregator, report, devices)."""
     from device_runtime.agent import AgentOptions, DeviceAgent
-    from toolkit.simfleet import SimDevice
+    from toolkit.sim.simfleet import SimDevice
 
     make = _transports(opts, opts.devices, job, keys)
     agents, threads = [], []
@@ -191,13 +191,14 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     from broker_server.trust import ServerTrust
     from device_runtime.keys import FleetKeys
     from device_runtime.training.local import load_weights, weights_of
-    from toolkit import checkpoint, datasets, strategies, zoo
-    from toolkit.field import evaluator
-    from toolkit.partition import public_split
-    from toolkit.profiles import ProfileCatalogue
-    from toolkit.pruning import count_macs
-    from toolkit.setups import setup_strategy
+    from toolkit import strategies
+    from toolkit.field.serve import evaluator
+    from toolkit.model import checkpoint, datasets, zoo
+    from toolkit.model.partition import public_split
+    from toolkit.model.pruning import count_macs
+    from toolkit.planning.profiles import ProfileCatalogue
     from toolkit.strategies import SimRun
+    from toolkit.strategies.setups import setup_strategy
 
     check_options(opts)
     catalogue = catalogue or ProfileCatalogue.load()
@@ -234,7 +235,7 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
                               evaluator(ckpt, ds.x_test, ds.y_test), hook,
                               trust=ServerTrust(job, keys.server, keys, Path(state)))
         if opts.procs > 1:
-            from toolkit.simfleet import run_fleet
+            from toolkit.sim.simfleet import run_fleet
 
             agg, report, agents = run_fleet(opts, job, (ds.x_train, ds.y_train), fleet,
                                             shards, make_aggregator, on_round, keys)

@@ -15,9 +15,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from toolkit import scaleout
 from toolkit.errors import UsageError
-from toolkit.jobs import BrokerSettings, ServeJob
+from toolkit.field import scaleout
+from toolkit.field.jobs import BrokerSettings, ServeJob
 
 
 @contextlib.contextmanager
@@ -37,7 +37,7 @@ def evaluator(ckpt, x: np.ndarray, y: np.ndarray) -> Callable[[dict], float]:
     import copy
 
     from device_runtime.training.local import load_weights
-    from toolkit.train import accuracy
+    from toolkit.model.train import accuracy
 
     model = copy.deepcopy(ckpt.model)
 
@@ -51,8 +51,8 @@ def server_data(ckpt, path: str | Path | None) -> tuple[np.ndarray, np.ndarray, 
     """(public inputs, x_test, y_test): from ``path`` (``fedge partition``'s server.npz:
     the public split as x, y and the test set), else from the checkpoint's dataset
     (the public split ``fedge partition --seed 0`` draws)."""
-    from toolkit import datasets
-    from toolkit.partition import public_split
+    from toolkit.model import datasets
+    from toolkit.model.partition import public_split
 
     if path:
         ds = datasets.load_npz(path)
@@ -72,10 +72,10 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
     from device_runtime.local_models import LocalModels
     from device_runtime.training.local import weights_of
     from device_runtime.transport.mqtt import MqttTransport
-    from toolkit import checkpoint
-    from toolkit.fleet_keys import server_trust
-    from toolkit.profiles import ProfileCatalogue
-    from toolkit.setups import check_strategy, setup_strategy
+    from toolkit.field.fleet_keys import server_trust
+    from toolkit.model import checkpoint
+    from toolkit.planning.profiles import ProfileCatalogue
+    from toolkit.strategies.setups import check_strategy, setup_strategy
 
     fold_options = scaleout.check_job(job) if job.scale_out else None
     creds = _credentials(job.broker)
@@ -90,7 +90,7 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
         job.strategy, ckpt.config, fleet, public_x, job.codec, job.strategy_options,
         ckpt.model, allowed)
     if cfg != ckpt.config:  # e.g. SplitMix bases of the checkpoint's architecture
-        from toolkit import zoo
+        from toolkit.model import zoo
 
         print(f"{job.strategy}: training a fresh {cfg.arch} model of the checkpoint's "
               f"{ckpt.config.arch}", flush=True)
@@ -141,7 +141,7 @@ def _serve_options(job: ServeJob, strategy_options: object):
 def _save(job: ServeJob, ckpt, weights: dict, report: dict) -> None:
     """The final model as a checkpoint in the state dir, and the report where --json says."""
     from device_runtime.training.local import load_weights
-    from toolkit import checkpoint
+    from toolkit.model import checkpoint
 
     load_weights(ckpt.model, weights)
     ckpt.metrics = {"test_accuracy": report["final_accuracy"], "rounds": job.rounds.rounds,

@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.deploy.wheel import device_requirements
 from toolkit.errors import UsageError
-from toolkit.wheel import device_requirements
 
 TORCH = "torch==2.13.0"  # the version the server trains with
 # PyPI's Linux torch wheels (aarch64 too) are CUDA builds that pull ~2.7 GB of NVIDIA

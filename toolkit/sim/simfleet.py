@@ -1,14 +1,14 @@
 """``fedge simulate --broker URL --procs K``: the devices in K worker processes, each
 device its own MQTT client; the aggregator alone in this process.
 
-Devices are dealt round-robin over the workers (``python -m toolkit.simworker``).
+Devices are dealt round-robin over the workers (``python -m toolkit.sim.simworker``).
 Only plain JSON crosses the process boundary: a spec per worker (job, broker,
 dataset name, and per device its id, profile and sample indices) and, at the end,
 each agent's ``history``. The aggregator's ``watch`` polls the workers while it
 waits, so a worker that dies ends the run with ``SimulationError`` naming it instead
 of a round that waits for its devices forever. Since this process runs only the
 aggregator (and a ``$SYS`` listener), its CPU time and memory are the aggregator's:
-``toolkit.fleetstats`` adds them per round, with the broker's throughput.
+``toolkit.sim.fleetstats`` adds them per round, with the broker's throughput.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from typing import Callable
 import numpy as np
 
 from toolkit.errors import SimulationError
-from toolkit.profiles import DeviceProfile
+from toolkit.planning.profiles import DeviceProfile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class DeviceProcesses:
             log = self.workdir / f"worker-{w}.log"
             result = self.workdir / f"worker-{w}.result.json"
             with open(log, "wb") as err:
-                proc = subprocess.Popen([sys.executable, "-m", "toolkit.simworker", str(path),
+                proc = subprocess.Popen([sys.executable, "-m", "toolkit.sim.simworker", str(path),
                                          str(result)], stdout=subprocess.DEVNULL, stderr=err,
                                         env=env, cwd=ROOT)
             self.workers.append(_Worker(w, [d["id"] for d in spec["devices"]], proc, result, log))
@@ -144,8 +144,8 @@ def run_fleet(opts, job: str, data: tuple[np.ndarray, np.ndarray], fleet: list[D
     report, devices). ``data`` is the training set (x, y) that ``shards`` index;
     ``make_aggregator(transport, on_round)`` builds the Aggregator."""
     from device_runtime.transport.mqtt import MqttTransport
-    from toolkit.fleetstats import BrokerMonitor, FleetMeter
-    from toolkit.simworker import raise_fd_limit
+    from toolkit.sim.fleetstats import BrokerMonitor, FleetMeter
+    from toolkit.sim.simworker import raise_fd_limit
 
     raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="fedge-fleet-") as work:
