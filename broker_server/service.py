@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from broker_server.downlink import HELD_KEY, Downlink, check_downlink, recount_fetch
 from broker_server.errors import BrokerServerError
-from broker_server.guard import MAX_SAMPLES, NORM_BOUND, UpdateGuard
+from broker_server.guard import UpdateGuard
 from broker_server.intake import pump, update_expect, update_meta
+from broker_server.options import ServeOptions
 from broker_server.records import Refusals, RoundState, digest, job_report, round_record
 from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, create
@@ -32,26 +31,6 @@ from device_runtime.topics import Topics
 from device_runtime.transport.base import RECONNECTED, Transport
 
 log = logging.getLogger("fedge.server")
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    job: str
-    state_dir: Path
-    strategy: str = "fedavg"
-    codec: str = "fp32"
-    rounds: int = 10
-    min_devices: int = 2
-    round_timeout: float = 60.0
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    seed: int = 0
-    wait_timeout: float | None = None  # for the first min_devices; None waits forever
-    strategy_options: object | None = None  # the strategy's own typed options
-    downlink: str = "fp32"  # how the model reaches devices: fp32 whole, or a coded change
-    max_samples: int = MAX_SAMPLES  # the most samples any update counts with (guard.py)
-    norm_bound: float = NORM_BOUND  # refuse a change RMS above this x the median (guard.py)
 
 
 class Aggregator:
