@@ -65,7 +65,8 @@ def mnist1d():
 
 @pytest.fixture(scope="session")
 def trained_ckpt(tmp_path_factory, mnist1d):
-    """A cnn1d trained on MNIST-1D (short schedule, ~97% test accuracy)."""
+    """A cnn1d trained on MNIST-1D (short schedule: 6 epochs, 0.974 test accuracy; 15
+    gave 0.979 at 2.5x the time, which every test that exports waited for)."""
     import numpy as np
     import torch
 
@@ -76,7 +77,7 @@ def trained_ckpt(tmp_path_factory, mnist1d):
                           float(np.std(ds.x_train)))
     torch.manual_seed(0)
     model = zoo.build_model(cfg)
-    train.train(model, ds.x_train, ds.y_train, train.TrainOptions(epochs=15, seed=0))
+    train.train(model, ds.x_train, ds.y_train, train.TrainOptions(epochs=6, seed=0))
     acc = train.accuracy(model, ds.x_test, ds.y_test)
     path = tmp_path_factory.mktemp("ckpt") / "cnn.safetensors"
     checkpoint.save(checkpoint.Checkpoint(cfg, model, dataset=datasets.DatasetSpec("mnist1d"),
