@@ -19,6 +19,10 @@ from tests.conftest import EXPORT_JOB, ROOT, assert_one_line_error, run_fedge
 from testkit.field import finish, prepare_job, start_server
 from testkit.timing import scaled
 
+# Every test here builds a bundle (a wheel of fedge, the wheelhouse, a signed archive) or
+# installs one: the quick loop (-m "not slow") leaves them to the full run.
+pytestmark = pytest.mark.slow
+
 WHEELHOUSE = Path(os.environ.get("FEDGE_WHEELHOUSE") or ROOT / ".wheelhouse")
 
 
@@ -128,7 +132,6 @@ def secure_broker(tmp_path, export_key):
     m.stop()
 
 
-@pytest.mark.slow
 def test_bundle_installs_offline_without_torch_and_joins_a_job_over_tls(tmp_path,
                                                                         secure_broker,
                                                                         fleet_export,
@@ -302,7 +305,6 @@ def test_the_same_export_gives_the_same_bundle_bytes(tmp_path, fleet_export):
     assert b.stat().st_mode & 0o777 == 0o600 and list(tmp_path.iterdir()) == [b]
 
 
-@pytest.mark.slow  # a `fedge bundle` subprocess per case
 @pytest.mark.parametrize("change, needle", [
     (("--device", "no-such-board"), "no device 'no-such-board'"),
     (("--broker", "http://broker"), "scheme must be mqtt or mqtts"),

@@ -286,6 +286,7 @@ def _lines_run(work: Callable[[], None]) -> int:
     return n
 
 
+@pytest.mark.slow  # fills a reassembler with 30k messages
 def test_a_chunk_costs_the_same_with_30k_messages_held_as_with_1k():
     """Structural, not timed: the lines of chunking.py one chunk runs (add, then expire as
     the transport of 95ffc1f did) do not grow with the messages held, and expiring N

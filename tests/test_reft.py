@@ -62,6 +62,7 @@ def test_reft_needs_its_setup():
         REFT()
 
 
+@pytest.mark.slow  # two REFT jobs in the simulator
 def test_logits_uplink_sends_the_public_split_logits_and_distils_the_same_targets():
     """Devices send N_public x classes float32 instead of their models; with a lossless
     codec the server distils exactly what it distils from the models themselves (when
