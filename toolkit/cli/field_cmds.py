@@ -31,12 +31,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     train_args(p)
     strategy_args.add(p)
     p.add_argument("--max-payload", type=int, default=128 * 1024)
-    p.add_argument("--credentials", help="DIR/credentials/aggregator.json from fedge secure "
-                   "init: TLS with a client certificate, and a password")
-    p.add_argument("--signing-key", help="the key every message to devices is signed with "
-                   "(default: the credentials' signing_key, else $FEDGE_HOME/signing.key)")
-    p.add_argument("--registry", help="the fleet's device public keys, registry.json from "
-                   "fedge secure init (default: the credentials' registry)")
+    aggregator_identity_args(p)
     p.add_argument("--workers", type=int, help="fold the updates in N worker processes "
                    "sharing the update topic ($share; needs --broker with shared "
                    "subscriptions: Mosquitto, EMQX, HiveMQ)")
@@ -153,12 +148,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--id", required=True, help="this worker's id, unique in the job")
     p.add_argument("--state-dir", required=True, help="the updates it accepted, so a "
                    "restarted worker loses none")
-    p.add_argument("--credentials", help="the aggregator's credentials file (fedge secure "
-                   "init)")
-    p.add_argument("--signing-key", help="the aggregator's signing key (default: the "
-                   "credentials' signing_key, else $FEDGE_HOME/signing.key)")
-    p.add_argument("--registry", help="the fleet's device keys (default: the credentials' "
-                   "registry)")
+    aggregator_identity_args(p)
     p.add_argument("--idle-timeout", type=float, default=None,
                    help="exit after this many seconds without a round")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by serve --workers
@@ -255,3 +245,14 @@ def demo(args: argparse.Namespace) -> int:
                             args.round_timeout, args.epochs, args.batch_size, args.lr,
                             args.broker, Path(args.workdir) if args.workdir else None,
                             Path(args.json)))
+
+
+def aggregator_identity_args(p: argparse.ArgumentParser) -> None:
+    """What ``fedge serve`` and ``fedge worker`` connect and sign as: the same identity."""
+    p.add_argument("--credentials", help="DIR/credentials/aggregator.json from fedge secure "
+                   "init: TLS with a client certificate, and a password")
+    p.add_argument("--signing-key", help="the key every message to devices is signed with "
+                   "(default: the credentials' signing_key, else $FEDGE_HOME/signing.key)")
+    p.add_argument("--registry", help="the fleet's device public keys, registry.json from "
+                   "fedge secure init (default: the credentials' registry)")
+
