@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import command, machine, write_results  # noqa: E402
-from broker_server.strategies import SignSGDOptions, create  # noqa: E402
+from broker_server.strategies import FedAvg, SignSGD, SignSGDOptions  # noqa: E402
 from device_runtime import codecs, wire  # noqa: E402
 from device_runtime.codecs import CodecContext  # noqa: E402
 
@@ -66,8 +66,8 @@ def _frames(codec_name: str, ref: dict, n: int, seed: int = 7) -> tuple[list[byt
 
 def _strategy(arm: str, n: int):
     if not arm.startswith("sign-"):
-        return create("fedavg")
-    s = create("signsgd", options=SignSGDOptions(arm[5:], warmup_rounds=0))
+        return FedAvg()
+    s = SignSGD(options=SignSGDOptions(arm[5:], warmup_rounds=0))
     for i in range(n):  # federated voting with history: mixed, non-trivial weights
         s.votes.record(f"d{i}", 600 + (i * 37) % 390, 1000)
     return s

@@ -32,6 +32,7 @@ from device_runtime.backoff import Backoff
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import WireError
 from device_runtime.topics import Topics
+from toolkit import strategies
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Observer:
 def _fold(strategy: str, codec: str, r: int, ref: dict, seed: int,
           payloads: list[tuple[str, bytes]]) -> dict:
     """The job's own fold of these payloads, in this order, over the reference model."""
+    strategies.get(strategy)  # the aggregator knows it by the name its spec registers
     s = create(strategy)
     c = codecs.get(codec)
     fold = s.fold(r, ref, c, CodecContext(round=r, seed=seed, reference=ref))

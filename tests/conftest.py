@@ -38,6 +38,15 @@ def fedge_home(tmp_path_factory):
         os.environ["FEDGE_HOME"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def strategy_rules():
+    """Every strategy's rule known to the aggregator by name, as ``fedge serve`` makes it
+    (tests build ``broker_server`` aggregators directly)."""
+    from toolkit import strategies
+
+    strategies.register_rules()
+
+
 @pytest.fixture(scope="session")
 def export_key(fedge_home):
     """The session's default signing key (``toolkit.deploy.signing.SigningKey``)."""

@@ -7,7 +7,7 @@ pure numpy functions; a corrupt payload must leave a fold unchanged.
 import numpy as np
 import pytest
 
-from broker_server.strategies import SignSGD, SignSGDOptions, create
+from broker_server.strategies import FedAvg, SignSGD, SignSGDOptions
 from broker_server.strategies.aggregate import weighted_average
 from broker_server.strategies.bitsum import BitSum
 from broker_server.strategies.folds import DecodeAll, FedMRNMean, MeanFold
@@ -165,7 +165,7 @@ def test_vote_fold_rejects_a_bad_shape_param():
 
 def test_fedavg_uses_the_bit_fold_for_fedmrn_and_float_sums_otherwise():
     ref = _ref(np.random.default_rng(5))
-    fedavg = create("fedavg")
+    fedavg = FedAvg()
     assert isinstance(fedavg.fold(1, ref, codecs.get("fedmrn"), CodecContext(1, 0, ref)),
                       FedMRNMean)
     assert isinstance(fedavg.fold(1, ref, codecs.get("int8"), CodecContext(1, 0, ref)), MeanFold)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from broker_server.strategies import DeviceInfo, FedAvgOptions, create
+from broker_server.strategies import DeviceInfo, FedAvg, FedAvgOptions
 from broker_server.strategies.heterofl import (
     HeteroFL,
     HeteroFLOptions,
@@ -90,7 +90,7 @@ def test_baseline_widths():
 
 
 def test_fedavg_trains_only_the_named_profiles():
-    s = create("fedavg", options=FedAvgOptions(("orin",)))
+    s = FedAvg(options=FedAvgOptions(("orin",)))
     tasks = s.assign(1, [DeviceInfo("a", "rpi4", 5), DeviceInfo("b", "orin", 5)])
     assert list(tasks) == ["b"]
 

@@ -91,7 +91,10 @@ def test_a_device_variant_holds_exactly_its_bases_under_global_names():
         build_model(cfg.replace(kwargs={**cfg.kwargs, "indices": [8]}))
 
 
-def test_splitmix_is_registered_by_name():
+def test_splitmix_is_known_to_the_aggregator_by_the_name_its_spec_registers():
+    from toolkit import strategies
+
+    strategies.get("splitmix")
     assert isinstance(create("splitmix"), SplitMix)
 
 

@@ -104,3 +104,17 @@ def test_an_unknown_strategy_names_the_valid_ones_on_one_line(toy):
     assert str(e.value) == ("unknown strategy 'magic'; valid: "
                             + ", ".join(sorted([*strategies.names()])))
     assert "toy" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_each_built_in_strategy_is_registered_by_exactly_one_line():
+    """One place: the toolkit's table names each strategy once; nothing else in the
+    packages registers a strategy by name (the aggregator learns its rule from the spec)."""
+    import re
+
+    from testkit import ROOT
+
+    lines = [line for pkg in ("toolkit", "broker_server", "device_runtime", "exporters")
+             for f in (ROOT / pkg).rglob("*.py") for line in f.read_text().splitlines()
+             if re.search(r"\bregister(_path)?\(\s*\"", line)]
+    for name in strategies.names():
+        assert sum(f'("{name}"' in line for line in lines) == 1, name

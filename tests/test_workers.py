@@ -15,7 +15,7 @@ import pytest
 from broker_server.coordinator import ScaleOut, ScaleOutOptions
 from broker_server.scaleout import ScaleOutError, check_split
 from broker_server.service import Aggregator, ServeOptions
-from broker_server.strategies import SignSGD, SignSGDOptions, create
+from broker_server.strategies import SignSGD, SignSGDOptions
 from broker_server.strategies.folds import FedMRNMean, MeanFold
 from broker_server.strategies.vote_fold import VoteFold
 from broker_server.workers import Worker, WorkerOptions
@@ -285,7 +285,7 @@ def test_only_sums_split_over_workers():
         with pytest.raises(ScaleOutError, match="valid: fedavg with --codec fp32"):
             check_split(strategy, codec, opts)
     ref = _ref(np.random.default_rng(1))
-    fv = create("signsgd").fold(1, ref, codecs.get("sign"), CodecContext(1, 0, ref))
+    fv = SignSGD().fold(1, ref, codecs.get("sign"), CodecContext(1, 0, ref))
     assert not fv.splittable
     with pytest.raises(NotImplementedError):
         fv.partial()

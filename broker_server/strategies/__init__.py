@@ -1,8 +1,10 @@
 """The aggregator's strategies by name: name -> the import path of its ``Strategy`` class.
 
-Torch-free rules are listed here; the toolkit adds the server-trained ones (reft,
-ecofed, dpfl need torch) from their specs (``toolkit.strategies``) under the same
-names. A class is imported when first created, never at registration. A factory
+Every strategy is registered once, by its spec in the toolkit's one table
+(``toolkit.strategies``): the spec's ``rule`` path lands here under the strategy's
+name when the toolkit sets up a job (``toolkit.strategies.get`` / ``register_rules``).
+The torch-free rules live in this package; a class is imported when first created,
+never at registration. A factory
 takes the job's local-training options (epochs, batch_size, lr) and ``options``,
 and returns a fresh strategy instance.
 """
@@ -19,10 +21,6 @@ from device_runtime.registry import Registry
 
 StrategyFactory = Callable[..., Strategy]
 STRATEGIES: Registry[StrategyFactory | str] = Registry("strategy")
-STRATEGIES.register("fedavg", "broker_server.strategies.fedavg:FedAvg")
-STRATEGIES.register("signsgd", "broker_server.strategies.signsgd:SignSGD")
-STRATEGIES.register("splitmix", "broker_server.strategies.splitmix:SplitMix")
-STRATEGIES.register("heterofl", "broker_server.strategies.heterofl:HeteroFL")
 
 
 def register(name: str, factory: StrategyFactory) -> StrategyFactory:

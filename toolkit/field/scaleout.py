@@ -86,8 +86,10 @@ def run_worker(w: WorkerJob) -> int:
     from device_runtime.credentials import transport_kwargs
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
+    from toolkit import strategies
     from toolkit.field.fleet_keys import server_trust
 
+    strategies.register_rules()
     check_id("job", w.job)
     check_worker_id(w.worker)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {w.worker} %(message)s")

@@ -49,14 +49,20 @@ def spec(name: str) -> StrategySpec:
 def get(name: str) -> StrategySpec:
     """The spec of strategy ``name``; its aggregation rule is then known to the
     aggregator by the same name (``broker_server.strategies.create``)."""
-    out = spec(name)
-    if out.rule:
-        from broker_server.strategies import STRATEGIES, register_path
+    from broker_server.strategies import STRATEGIES, register_path
 
-        if name not in STRATEGIES.names():
-            register_path(name, out.rule)
+    out = spec(name)
+    if name not in STRATEGIES.names():
+        register_path(name, out.rule)
     return out
 
 
+def register_rules() -> None:
+    """Make every strategy's rule known to the aggregator by name (a scale-out worker
+    learns the strategy from the coordinator's round message)."""
+    for name in names():
+        get(name)
+
+
 __all__ = ["ArgsContext", "Flag", "SetupContext", "SimRun", "StrategySpec", "TABLE", "get",
-           "names", "register", "spec"]
+           "names", "register", "register_rules", "spec"]

@@ -23,6 +23,7 @@ def _device_macs(run: SimRun) -> dict[str, int]:
 
 
 SPEC = StrategySpec(
+    rule="broker_server.strategies.fedavg:FedAvg",
     options="broker_server.strategies.fedavg:FedAvgOptions",
     flags=(Flag(("--train-profiles",), {
         "help": "comma list: only devices of these profiles train (e.g. full width on the "

@@ -47,6 +47,7 @@ def _device_macs(run: SimRun) -> dict[str, int]:
             for a, p in zip(run.agents, run.fleet)}
 
 
-SPEC = StrategySpec(options="broker_server.strategies.heterofl:HeteroFLOptions",
+SPEC = StrategySpec(rule="broker_server.strategies.heterofl:HeteroFL",
+                    options="broker_server.strategies.heterofl:HeteroFLOptions",
                     flags=(BUDGETS,), from_args=_from_args, setup=_setup,
                     device_macs=_device_macs)

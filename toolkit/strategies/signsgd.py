@@ -60,4 +60,5 @@ def _batch_sizes(text: str | None, devices: int) -> dict[str, int]:
 
 
 SPEC = StrategySpec(
+    rule="broker_server.strategies.signsgd:SignSGD",
     options="broker_server.strategies.signsgd:SignSGDOptions", flags=FLAGS, from_args=_from_args)

@@ -61,15 +61,15 @@ class SimRun:
 class StrategySpec:
     """Everything about one strategy, in its own module (``SPEC``).
 
-    ``rule``: "module:Class" of its aggregation rule when the aggregator does not
-    know it already (broker_server's torch-free ones); ``options``: its options
+    ``rule``: "module:Class" of its aggregation rule (the aggregator knows it by the
+    strategy's name once the toolkit registered it); ``options``: its options
     dataclass; ``flags``/``from_args``: its CLI flags and the options made from them
     (None: the defaults); ``setup``: the model config to train and the options filled
     in from the fleet; ``pretrain``: the model it starts from (simulate), if not a fresh
     one; ``device_macs``/``report``: per device MACs and report entries of a run;
     ``device_trains``: whether its devices train (need torch)."""
 
-    rule: str = ""
+    rule: str
     options: type | str | None = None  # or its "module:Class" path (imported when used)
     flags: tuple[Flag, ...] = ()
     from_args: Callable[[argparse.Namespace, ArgsContext], object | None] | None = None

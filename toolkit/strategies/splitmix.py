@@ -82,6 +82,7 @@ def _report(run: SimRun) -> dict:
     return {"width_accuracy": width_accuracy(run.model, run.x_test, run.y_test)}
 
 
-SPEC = StrategySpec(options="broker_server.strategies.splitmix:SplitMixOptions",
+SPEC = StrategySpec(rule="broker_server.strategies.splitmix:SplitMix",
+                    options="broker_server.strategies.splitmix:SplitMixOptions",
                     flags=(ATOM, BUDGETS), from_args=_from_args, setup=_setup,
                     device_macs=_device_macs, report=_report)
