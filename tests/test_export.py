@@ -11,7 +11,7 @@ from device_runtime.manifest import load_manifest, sha256_file
 from device_runtime.session import open_session, run
 from exporters.errors import ParityError
 from exporters.parity import ParityBounds
-from tests.conftest import assert_one_line_error, run_fedge
+from tests.conftest import FLEET_PROFILES, assert_one_line_error, run_fedge
 from toolkit.cli.main import main
 from toolkit.planning.profiles import ProfileCatalogue
 
@@ -19,7 +19,7 @@ from toolkit.planning.profiles import ProfileCatalogue
 def test_every_artifact_loads_and_respects_its_profile_opset(fleet_export, mnist1d):
     m = load_manifest(fleet_export)
     cat = ProfileCatalogue.load()
-    assert set(m.devices) == set(cat.names())
+    assert set(m.devices) == set(FLEET_PROFILES)
     x = mnist1d.x_test[:7]
     for name, dev in m.devices.items():
         cap = cat.get(name).max_opset

@@ -17,6 +17,10 @@ from device_runtime.backoff import Backoff
 from device_runtime.transport.base import Transport
 from device_runtime.transport.url import BrokerURL, TransportError
 
+# CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps 3.1.1's to them):
+# client id not valid, bad user name or password, not authorized, banned, bad auth method
+_DENIED = frozenset({133, 134, 135, 138, 140})
+
 
 class MqttTransport(Transport):
     def __init__(self, url: BrokerURL | str, client_id: str, *, max_payload: int = 128 * 1024,
@@ -37,6 +41,7 @@ class MqttTransport(Transport):
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._refused: str | None = None
+        self._denied = threading.Event()  # the broker refused these credentials
         self._thread: threading.Thread | None = None
         self._pending: list[paho.MQTTMessageInfo] = []
         self._pending_lock = threading.Lock()
@@ -71,7 +76,13 @@ class MqttTransport(Transport):
             self._thread = threading.Thread(target=self._run, daemon=True,
                                             name=f"mqtt-{self.client_id}")
             self._thread.start()
-        if not self._connected.wait(timeout):
+        deadline = time.monotonic() + timeout
+        # A broker that answers "not authorized" will not change its mind: say so now
+        # rather than after the whole timeout.
+        while not (self._connected.wait(0.05) or self._denied.is_set()
+                   or time.monotonic() >= deadline):
+            pass
+        if not self._connected.is_set():
             why = self._refused or "no answer"
             self.close()
             raise TransportError(f"cannot connect to broker {self.url} as "
@@ -131,6 +142,8 @@ class MqttTransport(Transport):
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:
             self._refused = f"broker refused the connection: {reason_code}"
+            if reason_code.value in _DENIED:
+                self._denied.set()
             return
         self.backoff.reset()
         for p in sorted(self._patterns):
