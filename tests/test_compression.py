@@ -68,7 +68,7 @@ def test_fedmrn_local_training_moves_weights_only_along_the_noise():
     ref = weights_of(model)
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 40)).astype(np.float32), rng.integers(0, 10, 64)
-    res = train_fedmrn(model, x, y, LocalTrainOptions(1, 16, 0.05), seed=7)
+    res = train_fedmrn(model, x, y, LocalTrainOptions(1, 16, 0.05), seed=7, device="d0")
     moved = 0
     for k, w in res.weights.items():
         if w.ndim >= 2:
@@ -77,6 +77,33 @@ def test_fedmrn_local_training_moves_weights_only_along_the_noise():
             assert np.all(np.isclose(delta, 0, atol=1e-7) | np.isclose(delta, n, atol=1e-7))
             moved += int((~np.isclose(delta, 0, atol=1e-7)).sum())
     assert moved > 0
+
+
+def test_fedmrn_masks_are_drawn_per_device_and_reproducible():
+    """The round's noise is shared, but each device draws its own masks: two devices
+    with equally sized shards once drew the same uniforms (one seed for all)."""
+    import torch
+
+    from device_runtime.training.fedmrn import train_fedmrn
+    from device_runtime.training.local import LocalTrainOptions, weights_of
+    from device_runtime.training.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    init = weights_of(build_model(ModelConfig("cnn1d", (40,), 10, width=0.25)))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 40)).astype(np.float32), rng.integers(0, 10, 64)
+
+    def masks(device: str) -> dict[str, np.ndarray]:
+        model = build_model(ModelConfig("cnn1d", (40,), 10, width=0.25))
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in init.items()})
+        res = train_fedmrn(model, x, y, LocalTrainOptions(1, 16, 0.05, seed=3), seed=7,
+                           device=device)
+        return {k: w != init[k] for k, w in res.weights.items() if w.ndim >= 2}
+
+    a, again, b = masks("pi-01"), masks("pi-01"), masks("pi-02")
+    assert all(np.array_equal(a[k], again[k]) for k in a)
+    agreement = np.mean(np.concatenate([(a[k] == b[k]).ravel() for k in a]))
+    assert agreement < 0.95  # same data, same noise: only the devices' own draws differ
 
 
 def test_votes_and_federated_voting_weights():

@@ -146,7 +146,7 @@ def test_each_base_learns_alone_whatever_the_codec_trains(trainer):
         else:
             from device_runtime.training.fedmrn import train_fedmrn
 
-            res = train_fedmrn(pair, xs, ys, opts, seed=1)
+            res = train_fedmrn(pair, xs, ys, opts, seed=1, device="d0")
         results.append({k: v for k, v in res.weights.items() if k.startswith("bases.0.")})
     assert results[0]
     for k in results[0]:

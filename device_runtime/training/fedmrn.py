@@ -4,6 +4,7 @@ estimator (docs/ALGORITHMS.md, section 4). BatchNorm and biases train as usual.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -22,11 +23,15 @@ from device_runtime.training.local import (
 
 
 def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrainOptions,
-                 seed: int, mask_lr: float = MASK_LR, scale: float = NOISE_SCALE,
-                 signed: bool = False) -> LocalResult:
-    """``model`` holds the round's global weights; returns reference + noise * final mask."""
+                 seed: int, *, device: str, mask_lr: float = MASK_LR,
+                 scale: float = NOISE_SCALE, signed: bool = False) -> LocalResult:
+    """``model`` holds the round's global weights; returns reference + noise * final mask.
+    ``seed`` draws the round's noise, the same on every device (the fold and the coded
+    downlink rely on it); the mask's own draws (progressive masking, the final
+    Bernoulli sample) come from ``opts.seed`` mixed with ``device``, so two devices
+    never draw the same uniforms."""
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(opts.seed)
+    gen = torch.Generator().manual_seed(device_seed(opts.seed, device))
     names = [k for k, p in model.named_parameters() if masked(tuple(p.shape))]
     base = {k: p.detach().clone() for k, p in model.named_parameters() if k in names}
     noises = {k: torch.from_numpy(noise(k, tuple(base[k].shape), seed, scale)) for k in names}
@@ -68,6 +73,12 @@ def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrai
     model.eval()
     return LocalResult(weights_of(model), len(x), total / max(seen, 1),
                        time.perf_counter() - t0)
+
+
+def device_seed(seed: int, device: str) -> int:
+    """A 63-bit seed for ``device``'s own draws in the round seeded ``seed``."""
+    digest = hashlib.blake2b(f"fedmrn-mask/{seed}/{device}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _mask(u: torch.Tensor, n: torch.Tensor, p_sample: float, gen: torch.Generator,

@@ -39,7 +39,8 @@ def train_task(agent, task: messages.Task, frame_bytes: bytes, model, shapes: di
         from device_runtime.training.fedmrn import train_fedmrn
 
         res = train_fedmrn(model, agent.x, agent.y, local, seed=task.seed,
-                           mask_lr=codec.mask_lr, scale=codec.scale, signed=codec.signed)
+                           mask_lr=codec.mask_lr, scale=codec.scale, signed=codec.signed,
+                           device=agent.device)
     else:
         res = fit(model, agent, task, local)
     sent, reference = answer(agent, task, model, res, frame)
