@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from device_runtime import threads
 from device_runtime.errors import EXIT_USAGE, FedgeError
 
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        threads.configure()  # before anything imports torch
         code = args.func(args)
     except FedgeError as e:
         print(f"fedge {args.command}: error: {e}", file=sys.stderr)
