@@ -54,6 +54,10 @@ class Fold(ABC):
         """Whether ``partial`` and ``merge_partial`` work (scale-out workers)."""
         return False
 
+    def record(self) -> dict:
+        """Entries for the round log once ``result`` ran (e.g. the robust step's)."""
+        return {}
+
     def partial(self) -> tuple[Weights, dict]:
         """This fold's sums as wire tensors and JSON, for the coordinator to merge."""
         raise NotImplementedError(f"{type(self).__name__} cannot be split over workers")

@@ -37,6 +37,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-samples", type=int, default=10,
                    help="per device; shards left shorter by the Dirichlet draw are topped up")
     strategy_args.add(p)
+    p.add_argument("--attack", default="", metavar="KIND:COUNT[:SCALE]",
+                   help="the first COUNT devices attack: replace, signflip, noise, lie or "
+                   "labelflip (toolkit/sim/attackers.py)")
     p.add_argument("--export", help="write the final model's artifacts for the fleet here")
     model_cmds.signing_key_arg(p)
     p.add_argument("--json", required=True)
@@ -51,7 +54,8 @@ def simulate(args: argparse.Namespace) -> int:
     from toolkit.strategies.setups import check_strategy
 
     check_options(SimOptions(devices=args.devices, rounds=args.rounds, broker=args.broker,
-                             procs=args.procs, min_samples=args.min_samples))
+                             procs=args.procs, min_samples=args.min_samples,
+                             attack=args.attack))
     check_strategy(args.strategy)
     codecs.get(args.codec)
     check_downlink(args.downlink, args.strategy)
@@ -61,7 +65,7 @@ def simulate(args: argparse.Namespace) -> int:
                       args.strategy, args.codec, args.model, args.width, tuple(profiles),
                       args.epochs, args.batch_size, args.lr, broker=args.broker,
                       procs=args.procs, min_samples=args.min_samples,
-                      downlink=args.downlink,
+                      downlink=args.downlink, attack=args.attack,
                       strategy_options=strategy_args.options(args, cat, profiles, args.devices))
 
     def show(rec: dict) -> None:
