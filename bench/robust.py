@@ -17,12 +17,13 @@ the same rounds, every device in every round (sampling rate 1).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,21 +57,34 @@ def robust_of(rule: str) -> FedAvgOptions | None:
     return FedAvgOptions(robust=parse_rule(RULES[rule], **extra))
 
 
-def grid(args) -> list[tuple[str, SimOptions]]:
-    """(arm name, options) for every run but the seeds: codec/rule/attack."""
-    b, out = base(args), []
-    counts = (4,) if args.quick else (2, 4)
-    attacks = [""] + [f"{k}:{c}" for k in KINDS for c in counts]
-    for codec in args.codecs.split(","):
-        rules = list(RULES) if codec == "fp32" else args.onebit_rules.split(",")
+def grid(args) -> list[tuple[str, SimOptions, list[int]]]:
+    """(arm name, options, seeds), most needed first (a bench stopped early has the
+    acceptance cells): fp32 clean and with 4 attackers on the first seed, the 1-bit
+    codec with none and 4 (``--side-seeds``), fp32 on the other seeds, then fp32 with
+    2 attackers (``--side-seeds``)."""
+    b, seeds, side = base(args), _ints(args.seeds), _ints(args.side_seeds)
+    kinds = [f"{k}:4" for k in KINDS]
+    first, rest = seeds[:1], seeds[1:]  # every arm once before any arm twice
+    tiers = [("fp32", list(RULES), ["none", *kinds], first)]
+    if not args.quick:
+        for codec in args.codecs.split(","):
+            if codec != "fp32":
+                tiers.append((codec, args.onebit_rules.split(","), ["none", *kinds], side))
+    tiers.append(("fp32", list(RULES), ["none", *kinds], rest))
+    if not args.quick:
+        tiers.append(("fp32", list(RULES), [f"{k}:2" for k in KINDS], side))
+    out = []
+    for codec, rules, attacks, tier_seeds in tiers:
         for attack in attacks:
-            if codec != "fp32" and attack and attack.split(":")[1] != "4":
-                continue  # 1-bit codec: clean and 4 attackers
             for rule in rules:
-                out.append((f"{codec}|{rule}|{attack or 'none'}",
-                            replace(b, codec=codec, attack=attack,
-                                    strategy_options=robust_of(rule))))
+                out.append((f"{codec}|{rule}|{attack}", replace(
+                    b, codec=codec, attack="" if attack == "none" else attack,
+                    strategy_options=robust_of(rule)), tier_seeds))
     return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")] if text else []
 
 
 def dp_grid(args) -> list[tuple[str, SimOptions, float]]:
@@ -78,7 +92,7 @@ def dp_grid(args) -> list[tuple[str, SimOptions, float]]:
     from broker_server.robust.accountant import noise_multiplier
 
     b = base(args)
-    out = [("dp|clip|none", replace(b, strategy_options=FedAvgOptions(
+    out: list = [("dp|clip|none", replace(b, strategy_options=FedAvgOptions(
         robust=parse_rule("mean", clip=args.dp_clip))), 0.0)]
     for eps in EPSILONS:
         z = noise_multiplier(eps, args.rounds, 1.0, DELTA)
@@ -86,6 +100,14 @@ def dp_grid(args) -> list[tuple[str, SimOptions, float]]:
                                                delta=DELTA), dp_seed=0)
         out.append((f"dp|eps:{eps:g}|none", replace(b, strategy_options=opts), z))
     return out
+
+
+def cached(path: str) -> dict[tuple[str, int], dict]:
+    """The runs already done (``--cache``, one JSON object a line), by (arm, seed)."""
+    if not path or not Path(path).exists():
+        return {}
+    runs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return {(r["arm"], r["seed"]): r for r in runs}
 
 
 def one(task: tuple[str, SimOptions, int]) -> dict:
@@ -112,8 +134,7 @@ def summarize(runs: list[dict]) -> dict:
     for arm, rs in by.items():
         finals = [r["final_accuracy"] for r in rs]
         out[arm] = {"median": round(statistics.median(finals), 4), "finals": finals,
-                    "last3_median": round(statistics.median(
-                        statistics.mean(r["accuracy"][-3:]) for r in rs), 4)}
+                    "seeds": [r["seed"] for r in rs]}
         if "epsilon" in rs[0]:
             out[arm]["epsilon"] = rs[0]["epsilon"]
     return out
@@ -173,9 +194,11 @@ def to_markdown(res: dict) -> str:
     attacks = ["none"] + [f"{k}:{c}" for k in KINDS for c in (2, 4) if f"{k}:{c}" in seen]
     lines = ["# Robust aggregation against attacking devices: MNIST-1D, Dirichlet 0.5\n",
              f"{res['devices']} devices, {res['rounds']} rounds of {res['epochs']} local "
-             f"epochs (lr {res['lr']}), final accuracy, median over seeds {res['seeds']}; "
-             f"the aggregator's norm guard off. Machine {res['machine']}; load at the end: "
-             f"`{res['uptime']}`; wall {res['wall_seconds']} s.\n",
+             f"epochs (lr {res['lr']}), final accuracy, median over seeds {res['seeds']} "
+             f"(fp32 clean and 4 attackers) and {res['side_seeds']} (the rest); the "
+             f"aggregator's norm guard off. {res['runs_done']} of {res['runs_planned']} "
+             f"planned runs done. Machine {res['machine']}; load at the end: "
+             f"`{res['uptime']}`; wall {res['wall_seconds']} s (this invocation).\n",
              f"Command: `{res['command']}`\n", "## fp32 updates\n",
              *_table(s, "fp32", list(RULES), attacks), "", "## Acceptance\n",
              *acceptance(s)]
@@ -192,7 +215,9 @@ def to_markdown(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2", help="fp32, clean and 4 attackers")
+    ap.add_argument("--side-seeds", default="0",
+                    help="fp32 with 2 attackers, the 1-bit codec and DP")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.05)
@@ -204,24 +229,41 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="one seed, 4 attackers only, fp32 only, no DP")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    ap.add_argument("--cache", help="append each finished run here (JSON lines) and skip "
+                    "the runs already in it (a bench stopped early resumes)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the tables from --cache without running anything")
     ap.add_argument("--json", default="runs/bench_robust.json")
     ap.add_argument("--md")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.codecs, args.no_dp = "0", "fp32", True
-    seeds = [int(s) for s in args.seeds.split(",")]
-    arms = grid(args)
     dp = [] if args.no_dp else dp_grid(args)
-    tasks = [(n, o, s) for n, o in arms for s in seeds] + \
-        [(n, o, s) for n, o, _ in dp for s in seeds]
-    print(f"{len(tasks)} runs on {args.jobs} processes", flush=True)
+    tasks = [(n, o, s) for n, o, seeds in grid(args) for s in seeds]
+    # DP after the first pass over fp32 and the 1-bit codec (few runs, all needed)
+    at = next((i for i, t in enumerate(tasks) if t[2] not in _ints(args.side_seeds)),
+              len(tasks))
+    tasks[at:at] = [(n, o, s) for n, o, _ in dp for s in _ints(args.side_seeds)]
+    done = cached(args.cache)
+    todo = [] if args.report_only else [t for t in tasks if (t[0], t[2]) not in done]
+    print(f"{len(tasks)} runs, {len(tasks) - len(todo)} cached, on {args.jobs} processes",
+          flush=True)
     t0 = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(one, tasks))
-    res = {"machine": machine(), "command": command("bench/robust.py"), "seeds": seeds,
+        for fut in as_completed([pool.submit(one, t) for t in todo]):
+            r = fut.result()
+            done[(r["arm"], r["seed"])] = r
+            if args.cache:
+                with open(args.cache, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+    wanted = {(n, s) for n, _, s in tasks}
+    runs = [r for k, r in done.items() if k in wanted]
+    res = {"machine": machine(), "command": command("bench/robust.py"),
+           "seeds": _ints(args.seeds), "side_seeds": _ints(args.side_seeds),
            "devices": 20, "rounds": args.rounds, "epochs": args.epochs, "lr": args.lr,
            "default": DEFAULT, "dp_clip": args.dp_clip, "delta": DELTA,
            "dp_noise": {n: z for n, _, z in dp}, "wall_seconds": round(time.time() - t0),
+           "runs_planned": len(tasks), "runs_done": len(runs),
            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
            "runs": runs, "summary": summarize(runs)}
     write_results(res, args.json, args.md, to_markdown)

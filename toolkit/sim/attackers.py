@@ -12,7 +12,7 @@ negative variance would only break the evaluation).
 - ``signflip``: its honest change reversed, x ``scale`` (default 1).
 - ``noise``: the reference plus N(0, ``scale``^2) per weight (default 1).
 - ``lie``: the attackers pool their honest updates of the round (``Collusion``) and
-  each sends their mean + z x std ("a little is enough", z from devices and count).
+  all send the same mean + z x std ("a little is enough", z from devices and count).
 - ``labelflip``: trains honestly on flipped labels (label c -> classes - 1 - c).
 """
 from __future__ import annotations
@@ -80,8 +80,13 @@ class AttackerAgent(DeviceAgent):
             bad = sign_flip(base, trained, a.scale or 1.0)
         elif a.kind == "noise":
             bad = large_norm_noise(base, a.scale or NOISE_STD, self.rng)
-        else:  # lie
-            seen = self.collusion.share(task.round, self.device, trained)
-            bad = little_is_enough(seen, lie_z(self.fleet, a.count)) if len(seen) > 1 \
-                else trained
+        else:  # lie: every attacker sends the one same update (statistics: their mean)
+            seen = self.collusion.share(task.round, self.device, res.weights)
+            if len(seen) < 2:
+                return res.weights, ref
+            stats = {k: np.mean([u[k] for u in seen], axis=0).astype(np.float32)
+                     for k in res.weights if k not in trained}
+            bad = little_is_enough([{k: u[k] for k in trained} for u in seen],
+                                   lie_z(self.fleet, a.count))
+            return {**stats, **bad}, ref
         return {**res.weights, **bad}, ref
