@@ -68,12 +68,14 @@ def simulate(args: argparse.Namespace) -> int:
                       downlink=args.downlink, attack=args.attack,
                       strategy_options=strategy_args.options(args, cat, profiles, args.devices))
 
+    from toolkit.strategies.robust import round_note
+
     def show(rec: dict) -> None:
         fleet = (f"  aggregator {rec['aggregator_cpu_seconds']:.2f} CPU s, "
                  f"{rec['aggregator_rss_mb']:.0f} MB") if "aggregator_cpu_seconds" in rec else ""
         print(f"round {rec['round']:3d}  accuracy {rec['accuracy']:.4f}  "
               f"uplink {rec['uplink_bytes']:>10,} B  devices {rec['devices_reporting']}  "
-              f"{rec['seconds']:.1f} s{fleet}", file=sys.stderr, flush=True)
+              f"{rec['seconds']:.1f} s{fleet}{round_note(rec)}", file=sys.stderr, flush=True)
     key = model_cmds.signing_key(args) if args.export else None  # before the long part
     report, ckpt = run_simulation(opts, show, cat)
     if args.export:

@@ -81,3 +81,12 @@ def vote_cap(args: argparse.Namespace, per_round: int) -> float:
         raise UsageError(f"--vote-cap {cap}: {per_round} devices a round cannot each hold "
                          f"at most {cap} of the vote; expected >= 1/{per_round}")
     return cap
+
+
+def round_note(rec: dict) -> str:
+    """The round line's robust part: clipped changes and, with DP, epsilon so far."""
+    r = rec.get("robust")
+    if not r:
+        return ""
+    out = f"  {r['rule']}" + (f" clipped {r['clipped']}" if r.get("bound") else "")
+    return out + (f" epsilon {r['epsilon']:.3g}" if "epsilon" in r else "")
