@@ -143,27 +143,40 @@ def summarize(runs: list[dict]) -> dict:
 def _table(summary: dict, codec: str, rules: list[str], attacks: list[str]) -> list[str]:
     lines = ["| attack | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
     for a in attacks:
-        cells = [summary.get(f"{codec}|{r}|{a}", {}).get("median") for r in rules]
-        lines.append(f"| {a} | " + " | ".join("-" if c is None else f"{c:.3f}"
-                                               for c in cells) + " |")
+        cells = [summary.get(f"{codec}|{r}|{a}") for r in rules]
+        lines.append(f"| {a} | " + " | ".join(
+            "-" if c is None else f"{c['median']:.3f}" + (f" ({len(c['seeds'])})"
+                                                          if len(c["seeds"]) < 3 else "")
+            for c in cells) + " |")
     return lines
 
 
+def _clean(summary: dict, seeds: list[int]) -> float:
+    """Clean FedAvg's median final accuracy over ``seeds`` (those the arm ran)."""
+    runs = summary["fp32|mean|none"]
+    return statistics.median(a for a, s in zip(runs["finals"], runs["seeds"]) if s in seeds)
+
+
 def acceptance(summary: dict) -> list[str]:
-    """With 4 attackers, the best rule per attack against clean FedAvg (< 3 points);
-    with none, each rule's cost against FedAvg (the default's < 1 point)."""
+    """With 4 attackers, the best rule per attack against clean FedAvg on the same seeds
+    (< 3 points); with none, each rule's cost against FedAvg (the default's < 1 point)."""
     clean = summary["fp32|mean|none"]["median"]
-    lines = [f"Clean FedAvg (fp32, no attackers): {clean:.3f}.", "",
-             "| attack (4 of 20) | best rule | its accuracy | points below clean FedAvg "
-             "| within 3 points |", "|---|---|---|---|---|"]
+    lines = [f"Clean FedAvg (fp32, no attackers): {clean:.3f} (seeds "
+             f"{summary['fp32|mean|none']['seeds']}).", "",
+             "| attack (4 of 20) | FedAvg | best rule | its accuracy | seeds | clean FedAvg, "
+             "same seeds | points below | within 3 points |", "|---|---|---|---|---|---|---|---|"]
     for kind in KINDS:
-        got = {r: summary[f"fp32|{r}|{kind}:4"]["median"] for r in RULES
-               if f"fp32|{r}|{kind}:4" in summary}
+        got = {r: summary[f"fp32|{r}|{kind}:4"] for r in RULES
+               if r != "mean" and f"fp32|{r}|{kind}:4" in summary}
         if not got:
             continue
-        best = max(got, key=got.get)
-        gap = 100 * (clean - got[best])
-        lines.append(f"| {kind} | {best} | {got[best]:.3f} | {gap:.1f} | "
+        best = max(got, key=lambda r: got[r]["median"])
+        seeds = got[best]["seeds"]
+        base = _clean(summary, seeds)
+        gap = 100 * (base - got[best]["median"])
+        plain = summary.get(f"fp32|mean|{kind}:4", {}).get("median")
+        lines.append(f"| {kind} | {'-' if plain is None else f'{plain:.3f}'} | {best} | "
+                     f"{got[best]['median']:.3f} | {seeds} | {base:.3f} | {gap:.1f} | "
                      f"{'yes' if gap < 3 else '**no**'} |")
     lines += ["", "| rule, no attackers | accuracy | points below FedAvg | under 1 point |",
               "|---|---|---|---|"]
@@ -200,6 +213,8 @@ def to_markdown(res: dict) -> str:
              f"planned runs done. Machine {res['machine']}; load at the end: "
              f"`{res['uptime']}`; wall {res['wall_seconds']} s (this invocation).\n",
              f"Command: `{res['command']}`\n", "## fp32 updates\n",
+             "Cells: median final accuracy; (n): over n seeds only (the bench ran out of "
+             "time before the rest).\n",
              *_table(s, "fp32", list(RULES), attacks), "", "## Acceptance\n",
              *acceptance(s)]
     onebit = sorted({a.split("|")[0] for a in s} - {"fp32", "dp"})

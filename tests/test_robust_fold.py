@@ -143,3 +143,35 @@ def test_vote_cap_fold_equals_the_float_vote_with_capped_weights():
     _close(f_fast.result(), f_slow.result())
     assert f_fast.q["d0"] == round(capped[0] * 256)
     assert fast.report() == {"vote_cap": 0.15}
+
+
+def test_fedmrn_share_cap_folds_as_the_mean_with_capped_sample_weights():
+    """One device claiming 1000 samples against 8 of 10: capped at 0.2 of the total it
+    moves each weight by at most 0.2 x |noise|, and the fold equals the weighted mean of
+    the decoded updates with the capped (whole-sample) weights."""
+    from broker_server.robust.votes import cap_shares
+    from broker_server.strategies.aggregate import weighted_average
+    from device_runtime.codecs.fedmrn import noise
+
+    rng = np.random.default_rng(2)
+    ref = _ref(rng)
+    codec, seed = codecs.get("fedmrn"), 5
+    ctx = CodecContext(1, seed, ref)
+    strat = FedAvg(options=FedAvgOptions(share_cap=0.2))
+    fold = strat.fold(1, ref, codec, ctx)
+    assert not fold.splittable
+    decoded, counts = [], [1000] + [10] * 8
+    for k, n in enumerate(counts):
+        w = {name: (ref[name] + noise(name, v.shape, seed, codec.scale)
+                    * rng.integers(0, 2, v.shape)).astype(np.float32) if v.ndim >= 2 else v
+             for name, v in ref.items()}
+        t, p = codec.encode(w, CodecContext(1, seed, ref, f"d{k}"))
+        fold.add(f"d{k}", n, t, p)
+        decoded.append(codec.decode(t, p, ctx))
+    capped = cap_shares(np.array(counts, float), 0.2, steps=1)
+    assert capped[0] / capped.sum() <= 0.2 and list(capped[1:]) == [10] * 8
+    got = fold.result()
+    _close(got, weighted_average(list(zip(decoded, capped))))
+    uncapped = weighted_average(list(zip(decoded, map(float, counts))))
+    assert not np.allclose(got["fc.weight"], uncapped["fc.weight"])
+    assert FedAvg.split_options("fedmrn", FedAvgOptions(share_cap=0.2)) is None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from broker_server.robust import RobustOptions
 from broker_server.strategies.aggregate import weighted_average
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update, Weights
+from device_runtime.codecs.fedmrn import FedMRNCodec
 
 # Codecs whose decoded updates are averaged as they are: a mean splits into partial sums.
 MEAN_CODECS = ("fp32", "fp16", "int8", "sign", "fedmrn", "fedmrn-signed")
@@ -22,6 +23,7 @@ class FedAvgOptions:
     profiles: tuple = ()  # only devices of these profiles train; empty: all
     robust: RobustOptions | None = None  # None: the plain sample-weighted mean
     dp_seed: int | None = None  # the DP noise's seed (None: OS entropy; simulations)
+    share_cap: float = 0.0  # FedMRN: each device's share of the mask fold's samples (0: none)
 
 
 @dataclass
@@ -37,6 +39,9 @@ class FedAvg(Strategy):
         if not isinstance(self.options, FedAvgOptions):
             raise ValueError(f"fedavg: options must be a FedAvgOptions, got "
                              f"{type(self.options).__name__}")
+        if not 0 <= self.options.share_cap <= 1:
+            raise ValueError(f"fedavg share_cap: expected a share in [0, 1] (0: none), got "
+                             f"{self.options.share_cap}")
         self.robust = None
         if self.options.robust is not None:
             from broker_server.strategies.robust import RobustAggregation
@@ -53,8 +58,9 @@ class FedAvg(Strategy):
 
     @classmethod
     def split_options(cls, codec: str, options: object | None) -> dict | None:
-        robust = getattr(options, "robust", None)  # a robust rule is not a sum
-        return {} if codec in MEAN_CODECS and robust is None else None
+        # A robust rule is not a sum; a share cap needs the round's total.
+        plain = getattr(options, "robust", None) is None and not getattr(options, "share_cap", 0)
+        return {} if codec in MEAN_CODECS and plain else None
 
     @classmethod
     def for_worker(cls, options: dict) -> Strategy:
@@ -65,6 +71,10 @@ class FedAvg(Strategy):
 
         if self.robust is not None:
             return self.robust.fold(round_, global_weights, codec, ctx)
+        if self.options.share_cap and isinstance(codec, FedMRNCodec):
+            from broker_server.strategies.folds import FedMRNMean
+
+            return FedMRNMean(codec, ctx, self.options.share_cap)
         return mean_fold(codec, ctx)
 
     def aggregate(self, round_: int, global_weights: Weights, updates: list[Update]) -> Weights:

@@ -32,8 +32,13 @@ VOTE_CAP = Flag(("--vote-cap",), {
     "type": float, "default": 0.0, "metavar": "C",
     "help": "signSGD-FV: cap each device's share of a round's vote weight at C (0: none)"})
 
+SHARE_CAP = Flag(("--share-cap",), {
+    "type": float, "default": 0.0, "metavar": "C",
+    "help": "FedAvg over FedMRN masks: cap each device's share of a round's sample "
+            "weight at C (0: none)"})
+
 ROBUST_FLAGS = (ROBUST, CLIP, CLIP_QUANTILE, DP_NOISE, DP_DELTA, DP_SEED)
-GUARDED = ROBUST_FLAGS + (VOTE_CAP,)  # flags some strategies do not read
+GUARDED = ROBUST_FLAGS + (VOTE_CAP, SHARE_CAP)  # flags some strategies do not read
 
 
 def _dest(flag: Flag) -> str:
@@ -70,16 +75,26 @@ def robust_options(args: argparse.Namespace, per_round: int):
     return opts
 
 
-def vote_cap(args: argparse.Namespace, per_round: int) -> float:
-    """``--vote-cap``, checked: in (0, 1], and at least 1 / devices a round."""
-    cap = float(getattr(args, "vote_cap", 0.0) or 0.0)
+def vote_cap(args: argparse.Namespace, per_round: int, flag: str = "--vote-cap") -> float:
+    """``--vote-cap`` (or ``--share-cap``), checked: in (0, 1], at least 1 / devices a
+    round."""
+    cap = float(getattr(args, flag.lstrip("-").replace("-", "_"), 0.0) or 0.0)
     if cap == 0:
         return 0.0
     if not 0 < cap <= 1:
-        raise UsageError(f"--vote-cap: expected a share in (0, 1] (0: none), got {cap}")
+        raise UsageError(f"{flag}: expected a share in (0, 1] (0: none), got {cap}")
     if per_round and cap * per_round < 1:
-        raise UsageError(f"--vote-cap {cap}: {per_round} devices a round cannot each hold "
-                         f"at most {cap} of the vote; expected >= 1/{per_round}")
+        raise UsageError(f"{flag} {cap}: {per_round} devices a round cannot each hold "
+                         f"at most {cap} of the weight; expected >= 1/{per_round}")
+    return cap
+
+
+def share_cap(args: argparse.Namespace, per_round: int) -> float:
+    """``--share-cap``, checked like ``--vote-cap``; FedMRN masks only."""
+    cap = vote_cap(args, per_round, "--share-cap")
+    if cap and not str(getattr(args, "codec", "")).startswith("fedmrn"):
+        raise UsageError(f"--share-cap: caps FedMRN mask folds; expected --codec fedmrn or "
+                         f"fedmrn-signed, got {getattr(args, 'codec', None)!r}")
     return cap
 
 
