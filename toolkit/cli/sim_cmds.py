@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from toolkit.cli import model_cmds, strategy_args
-from toolkit.cli.field_cmds import downlink_arg, train_args
+from toolkit.cli.field_cmds import downlink_arg, guard_args, train_args
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=float, default=1.0)
     train_args(p)
     downlink_arg(p)
+    guard_args(p)
     p.add_argument("--broker", help="mqtt://host:port (default: in-memory transport)")
     p.add_argument("--procs", type=int, default=1,
                    help="with --broker: run the devices, one MQTT client each, in this many "
@@ -66,6 +67,7 @@ def simulate(args: argparse.Namespace) -> int:
                       args.epochs, args.batch_size, args.lr, broker=args.broker,
                       procs=args.procs, min_samples=args.min_samples,
                       downlink=args.downlink, attack=args.attack,
+                      norm_bound=args.norm_bound, max_samples=args.max_samples,
                       strategy_options=strategy_args.options(args, cat, profiles, args.devices))
 
     from toolkit.strategies.robust import round_note
