@@ -165,5 +165,8 @@ def _credentials(broker: BrokerSettings) -> dict:
 
 
 def _print_round(rec: dict) -> None:
+    from toolkit.strategies.robust import round_note
+
     print(f"round {rec['round']:3d}  accuracy {rec['accuracy']}  up {rec['uplink_bytes']:,} B  "
-          f"down {rec['downlink_bytes']:,} B  devices {rec['devices_reporting']}", flush=True)
+          f"down {rec['downlink_bytes']:,} B  devices {rec['devices_reporting']}"
+          f"{round_note(rec)}", flush=True)
