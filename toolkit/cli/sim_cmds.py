@@ -34,6 +34,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="with --broker: run the devices, one MQTT client each, in this many "
                    "processes (the aggregator alone in the main one; its CPU, memory and "
                    "the broker's throughput are reported per round)")
+    p.add_argument("--job", help="the job id (default: sim-<seed>-<random>)")
+    p.add_argument("--keys-out", metavar="DIR", help="write the run's public keys "
+                   "(server.pub, registry.json) here, for fedge dashboard --trust/--registry")
     p.add_argument("--min-samples", type=int, default=10,
                    help="per device; shards left shorter by the Dirichlet draw are topped up")
     strategy_args.add(p)
@@ -61,7 +64,7 @@ def simulate(args: argparse.Namespace) -> int:
                       args.strategy, args.codec, args.model, args.width, tuple(profiles),
                       args.epochs, args.batch_size, args.lr, broker=args.broker,
                       procs=args.procs, min_samples=args.min_samples,
-                      downlink=args.downlink,
+                      downlink=args.downlink, job=args.job, keys_out=args.keys_out,
                       strategy_options=strategy_args.options(args, cat, profiles, args.devices))
 
     def show(rec: dict) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from toolkit.errors import UsageError
 from toolkit.field import scaleout
 from toolkit.field.jobs import BrokerSettings, ServeJob
+from toolkit.field.summary import publish_summaries
 
 
 @contextlib.contextmanager
@@ -112,6 +113,7 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
             agg = Aggregator(t, _serve_options(job, strategy_options), ckpt.config.to_json(),
                              weights, evaluator(ckpt, x, y), on_round or _print_round,
                              scale_out=scale, trust=trust)
+            publish_summaries(agg, agg.on_round)  # for fedge dashboard (read-only)
             if sup:
                 agg.watch = sup.check  # a worker that exits mid-job is started again
             report = agg.run()
