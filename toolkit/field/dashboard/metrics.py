@@ -16,6 +16,7 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
+from prometheus_client.utils import floatToGoString
 
 from toolkit.field.dashboard.view import FleetView
 
@@ -26,7 +27,7 @@ BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 def histogram(values: list[float]) -> tuple[list[tuple[str, float]], float]:
     """Cumulative buckets (with +Inf) and the sum of ``values``."""
-    buckets = [(f"{b:g}", float(sum(1 for v in values if v <= b))) for b in BUCKETS]
+    buckets = [(floatToGoString(b), float(sum(1 for v in values if v <= b))) for b in BUCKETS]
     return buckets + [("+Inf", float(len(values)))], float(sum(values))
 
 
