@@ -50,6 +50,7 @@ def simulate(args: argparse.Namespace) -> int:
     from broker_server.downlink import check_downlink
     from device_runtime import codecs
     from toolkit.planning.profiles import ProfileCatalogue
+    from toolkit.console import RoundProgress
     from toolkit.sim.simulate import SimOptions, check_options, run_simulation
     from toolkit.strategies.setups import check_strategy
 
@@ -67,14 +68,12 @@ def simulate(args: argparse.Namespace) -> int:
                       downlink=args.downlink, job=args.job, keys_out=args.keys_out,
                       strategy_options=strategy_args.options(args, cat, profiles, args.devices))
 
-    def show(rec: dict) -> None:
-        fleet = (f"  aggregator {rec['aggregator_cpu_seconds']:.2f} CPU s, "
-                 f"{rec['aggregator_rss_mb']:.0f} MB") if "aggregator_cpu_seconds" in rec else ""
-        print(f"round {rec['round']:3d}  accuracy {rec['accuracy']:.4f}  "
-              f"uplink {rec['uplink_bytes']:>10,} B  devices {rec['devices_reporting']}  "
-              f"{rec['seconds']:.1f} s{fleet}", file=sys.stderr, flush=True)
+    def fleet(rec: dict) -> str:
+        return (f"aggregator {rec['aggregator_cpu_seconds']:.2f} CPU s, "
+                f"{rec['aggregator_rss_mb']:.0f} MB") if "aggregator_cpu_seconds" in rec else ""
     key = model_cmds.signing_key(args) if args.export else None  # before the long part
-    report, ckpt = run_simulation(opts, show, cat)
+    with RoundProgress(args.rounds, sys.stderr, "simulate", fleet) as show:
+        report, ckpt = run_simulation(opts, show, cat)
     if args.export:
         from toolkit.planning.fleet import ExportOptions, export_fleet
 

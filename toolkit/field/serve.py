@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from toolkit.console import RoundProgress
 from toolkit.errors import UsageError
 from toolkit.field import scaleout
 from toolkit.field.jobs import BrokerSettings, ServeJob
@@ -109,9 +110,10 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
         t.connect()
         scale, sup = scaleout.start(job, t, url, fold_options, trust) \
             if fold_options is not None else (None, None)
+        progress = None if on_round else RoundProgress(job.rounds.rounds)
         try:
             agg = Aggregator(t, _serve_options(job, strategy_options), ckpt.config.to_json(),
-                             weights, evaluator(ckpt, x, y), on_round or _print_round,
+                             weights, evaluator(ckpt, x, y), on_round or progress,
                              scale_out=scale, trust=trust)
             publish_summaries(agg, agg.on_round)  # for fedge dashboard (read-only)
             if sup:
@@ -121,6 +123,8 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
                 scale.finish()  # the workers stop on it
                 report["scale_out"] = dict(scale.report(), restarts=sup.restarts)
         finally:
+            if progress:
+                progress.close()
             if sup:  # after a failure, at once
                 sup.stop(10.0 if scale.work and scale.work.state == "done" else 0.0)
             t.close()
@@ -165,7 +169,3 @@ def _credentials(broker: BrokerSettings) -> dict:
             "may publish plans, models and tasks", creds["username"])
     return creds
 
-
-def _print_round(rec: dict) -> None:
-    print(f"round {rec['round']:3d}  accuracy {rec['accuracy']}  up {rec['uplink_bytes']:,} B  "
-          f"down {rec['downlink_bytes']:,} B  devices {rec['devices_reporting']}", flush=True)

@@ -93,9 +93,7 @@
       tr.dataset.device = d.device;
       for (let i = 0; i < 9; i++) tr.appendChild(document.createElement("td"));
       state.rows.set(d.device, tr);
-      const body = $("fleet").tBodies[0];
-      const after = [...state.rows.keys()].sort().find((k) => k > d.device);
-      body.insertBefore(tr, after ? state.rows.get(after) : null);
+      state.unsorted = true;  // placed once per event (a thousand new rows: one sort)
     }
     const c = tr.cells;
     const online = d.state === "offline" ? "offline" : "online";
@@ -157,6 +155,13 @@
   function apply(data) {
     fedge.events++;
     for (const d of data.devices || []) { state.devices.set(d.device, d); deviceRow(d); }
+    if (state.unsorted) {
+      const body = $("fleet").tBodies[0];
+      const names = [...state.rows.keys()].sort((a, b) => a.localeCompare(b, "en",
+        {numeric: true}));
+      body.replaceChildren(...names.map((n) => state.rows.get(n)));
+      state.unsorted = false;
+    }
     let closed = null;
     if (data.timeline) {
       const before = state.summary.round || 0;
