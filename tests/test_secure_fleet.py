@@ -119,7 +119,21 @@ def test_keys_only_gives_keys_and_credentials_for_a_plain_broker(tmp_path, mosqu
     clients = ("aggregator", "dev-0", "dev-1")
     assert files == sorted(["server.pub", "registry.json"]
                            + [f"certs/{c}.signing.key" for c in clients]
-                           + [f"credentials/{c}.json" for c in clients])
+                           + [f"credentials/{c}.json" for c in clients]
+                           + ["credentials/dashboard.json"])
+    dash = root / "credentials" / "dashboard.json"
+    assert json.loads(dash.read_text()) == {"username": "dashboard", "trust": "server.pub",
+                                            "registry": "registry.json"}
+    # a fleet without it (written before init issued it) gets it once from secure add
+    dash.unlink()
+    code, out, err = run_fedge("secure", "add", "dashboard", "--dir", str(root))
+    assert code == 0 and "read-only dashboard login" in out, err
+    assert json.loads(dash.read_text())["registry"] == "registry.json"
+    code, _, err = run_fedge("secure", "add", "dashboard", "--dir", str(root))
+    assert_one_line_error(code, err, 2, "'dashboard': already issued")
+    code, _, err = run_fedge("secure", "init", "--devices", "dashboard", "--out",
+                             str(tmp_path / "other"), "--keys-only")
+    assert_one_line_error(code, err, 2, "'dashboard' is the dashboard's id")
     dev = json.loads((root / "credentials" / "dev-0.json").read_text())
     assert dev == {"username": "dev-0", "signing_key": "certs/dev-0.signing.key",
                    "trust": "server.pub"}
