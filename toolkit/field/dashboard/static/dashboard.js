@@ -175,17 +175,25 @@
       drawTimeline();
       drawProfiles();
     }
-    drawTables();
     drawCards(data);
     fedge.rounds = state.timeline.map((r) => r[C.round]);
-    if (closed) {
-      // After the browser has laid out and painted the new figures.
-      requestAnimationFrame(() => setTimeout(() => {
-        const secs = Date.now() / 1000 - closed.closed;
-        fedge.latency.push({round: closed.round, seconds: secs});
-        text($("latency"), secs.toFixed(2) + " s (round " + closed.round + ")");
-      }, 0));
-    }
+    if (!closed) { drawTables(); return; }
+    // The reporting devices' rows (last seen, round) after the figures are painted: a
+    // thousand rows are a few frames' work, done in slices so the charts are not held up.
+    const ids = closed.reporting || [];
+    const slice = (i) => {
+      for (const id of ids.slice(i, i + 250)) {
+        const d = state.devices.get(id);
+        if (d) { d.seen = Math.max(d.seen || 0, closed.closed); d.round = closed.round; deviceRow(d); }
+      }
+      if (i + 250 < ids.length) setTimeout(() => slice(i + 250), 0); else drawTables();
+    };
+    requestAnimationFrame(() => setTimeout(() => {
+      const secs = Date.now() / 1000 - closed.closed;
+      fedge.latency.push({round: closed.round, seconds: secs});
+      text($("latency"), secs.toFixed(2) + " s (round " + closed.round + ")");
+      slice(0);
+    }, 0));
   }
 
   function connect() {
