@@ -121,3 +121,19 @@ def test_train_loss_weighs_by_samples_and_ignores_what_is_not_a_number():
     got = train_loss({"a": {"loss": 1.0, "samples": 30}, "b": {"loss": 2.0, "samples": 10},
                       "c": {"loss": "nan?", "samples": 10}, "d": {"samples": 5}})
     assert got == {"loss": 1.25, "device_loss": {"a": 1.0, "b": 2.0}}
+
+
+def test_dashboard_bad_arguments_are_one_line(tmp_path):
+    from tests.conftest import assert_one_line_error, run_fedge
+
+    pub = tmp_path / "server.pub"
+    pub.write_bytes(KEYS.server.public.pem())
+    base = ["dashboard", "--broker", "mqtt://127.0.0.1:1"]
+    code, _, err = run_fedge(*base, "--job", "a/b", "--trust", str(pub))
+    assert_one_line_error(code, err, 2, "job id")
+    code, _, err = run_fedge(*base, "--job", "j", "--registry", str(pub))
+    assert_one_line_error(code, err, 2, "--trust: expected the aggregator's public key")
+    code, _, err = run_fedge(*base, "--job", "j", "--trust", str(pub))
+    assert_one_line_error(code, err, 2, "--registry: expected the fleet's device keys")
+    code, _, err = run_fedge(*base, "--job", "j", "--port", "70000", "--trust", str(pub))
+    assert_one_line_error(code, err, 2, "--port: expected 0-65535, got 70000")

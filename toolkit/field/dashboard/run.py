@@ -68,13 +68,18 @@ def subscribe(opts: DashboardOptions, view):
 
 def run_dashboard(opts: DashboardOptions) -> int:
     """Serve the dashboard until interrupted."""
-    import uvicorn
-
-    from toolkit.field.dashboard.app import create_app
-    from toolkit.field.dashboard.view import FleetView
-
     opts.check()
     server_key, registry = _keys(opts)
+    try:
+        import uvicorn
+
+        from toolkit.field.dashboard.app import create_app
+    except ImportError as e:
+        raise UsageError(f"fedge dashboard: expected the server extra (starlette, uvicorn, "
+                         f"prometheus-client), got no {e.name!r}: pip install "
+                         "'fedge[server]'") from None
+    from toolkit.field.dashboard.view import FleetView
+
     view = FleetView(opts.job, server_key, registry)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s dashboard %(message)s")
     t = subscribe(opts, view)
