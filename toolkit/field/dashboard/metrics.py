@@ -36,64 +36,62 @@ class JobCollector:
         self.view = view
 
     def collect(self) -> Iterator:
-        v, job = self.view, [self.view.job]
-        summary, timeline, refused_here = v.figures()
+        summary, timeline, refused_here = self.view.figures()
+        yield from self._rounds(summary, timeline)
+        yield from self._traffic(summary, timeline)
+        yield self._labelled(CounterMetricFamily, "fedge_dashboard_refused",
+                             "messages this dashboard refused (signature, replay, content)",
+                             "reason", refused_here)
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=["fedge_job"])
-            g.add_metric(job, value)
-            return g
+    def _one(self, kind, name: str, doc: str, value: float):
+        m = kind(name, doc, labels=["fedge_job"])
+        m.add_metric([self.view.job], value)
+        return m
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=["fedge_job"])
-            c.add_metric(job, value)
-            return c
-        yield counter("fedge_rounds", "rounds closed", len(timeline))
-        yield gauge("fedge_round", "the last closed round", summary.get("round", 0))
+    def _labelled(self, kind, name: str, doc: str, label: str, values: dict):
+        m = kind(name, doc, labels=["fedge_job", label])
+        for key, n in sorted(values.items()):
+            m.add_metric([self.view.job, key], n)
+        return m
+
+    def _rounds(self, summary: dict, timeline: list) -> Iterator:
+        G, C = GaugeMetricFamily, CounterMetricFamily
+        yield self._one(C, "fedge_rounds", "rounds closed", len(timeline))
+        yield self._one(G, "fedge_round", "the last closed round", summary.get("round", 0))
         if summary.get("accuracy", -1.0) >= 0:
-            yield gauge("fedge_accuracy", "test accuracy after the last round",
-                        summary["accuracy"])
+            yield self._one(G, "fedge_accuracy", "test accuracy after the last round",
+                            summary["accuracy"])
         if summary.get("loss", -1.0) >= 0:
-            yield gauge("fedge_loss", "mean training loss of the last round's updates",
-                        summary["loss"])
-        states = GaugeMetricFamily("fedge_devices", "devices by their last status",
-                                   labels=["fedge_job", "state"])
-        for state, n in v.counts().items():
-            states.add_metric([v.job, state], n)
-        yield states
-        yield gauge("fedge_devices_online", "devices whose last status is online",
-                    v.counts()["online"])
-        yield gauge("fedge_devices_reporting", "devices accepted in the last round",
-                    summary.get("devices_reporting", 0))
-        yield gauge("fedge_devices_assigned", "devices given a task in the last round",
-                    summary.get("devices_assigned", 0))
-        yield counter("fedge_updates_accepted", "updates accepted, all rounds",
-                      sum(r[3] for r in timeline))
-        rejected = CounterMetricFamily("fedge_updates_rejected", "messages the aggregator "
-                                       "refused, by reason", labels=["fedge_job", "reason"])
-        for reason, n in sorted(summary.get("rejected_by_reason", {}).items()):
-            rejected.add_metric([v.job, reason], n)
-        yield rejected
-        traffic = CounterMetricFamily("fedge_bytes", "bytes of the rounds, by direction",
-                                      labels=["fedge_job", "direction"])
-        traffic.add_metric([v.job, "up"], sum(r[5] for r in timeline))
-        traffic.add_metric([v.job, "down"], sum(r[6] for r in timeline))
-        yield traffic
+            yield self._one(G, "fedge_loss", "mean training loss of the last round's "
+                            "updates", summary["loss"])
+        counts = self.view.counts()
+        yield self._labelled(G, "fedge_devices", "devices by their last status", "state",
+                             counts)
+        yield self._one(G, "fedge_devices_online", "devices whose last status is online",
+                        counts["online"])
+        yield self._one(G, "fedge_devices_reporting", "devices accepted in the last round",
+                        summary.get("devices_reporting", 0))
+        yield self._one(G, "fedge_devices_assigned", "devices given a task in the last "
+                        "round", summary.get("devices_assigned", 0))
+        yield self._one(C, "fedge_updates_accepted", "updates accepted, all rounds",
+                        sum(r[3] for r in timeline))
+        yield self._labelled(C, "fedge_updates_rejected", "messages the aggregator "
+                             "refused, by reason", "reason",
+                             summary.get("rejected_by_reason", {}))
+
+    def _traffic(self, summary: dict, timeline: list) -> Iterator:
+        yield self._labelled(CounterMetricFamily, "fedge_bytes", "bytes of the rounds, by "
+                             "direction", "direction", {"up": sum(r[5] for r in timeline),
+                                                        "down": sum(r[6] for r in timeline)})
         buckets, total = histogram([r[7] for r in timeline])
         h = HistogramMetricFamily("fedge_round_duration_seconds", "round duration",
                                   labels=["fedge_job"])
-        h.add_metric(job, buckets, total)
+        h.add_metric([self.view.job], buckets, total)
         yield h
-        yield counter("fedge_aggregator_cpu_seconds", "the aggregator's user + system CPU "
-                      "time", summary.get("cpu_seconds", 0.0))
-        yield gauge("fedge_aggregator_resident_memory_bytes", "the aggregator's RSS after "
-                    "the last round", summary.get("rss_bytes", 0))
-        mine = CounterMetricFamily("fedge_dashboard_refused", "messages this dashboard "
-                                   "refused (signature, replay, content)",
-                                   labels=["fedge_job", "reason"])
-        for reason, n in sorted(refused_here.items()):
-            mine.add_metric([v.job, reason], n)
-        yield mine
+        yield self._one(CounterMetricFamily, "fedge_aggregator_cpu_seconds", "the "
+                        "aggregator's user + system CPU time", summary.get("cpu_seconds", 0.0))
+        yield self._one(GaugeMetricFamily, "fedge_aggregator_resident_memory_bytes", "the "
+                        "aggregator's RSS after the last round", summary.get("rss_bytes", 0))
 
 
 def registry_for(view: FleetView) -> CollectorRegistry:
