@@ -20,6 +20,11 @@ from device_runtime import messages
 log = logging.getLogger("fedge.server")
 
 HISTORY = 500  # rounds kept in the summary's history (about 60 bytes each)
+# Device ids listed as reporting: the message must stay under messages.MAX_MESSAGE
+# (256 KiB) with 64-character ids; a larger fleet's rows get their "last seen" from
+# the devices' statuses only.
+REPORTING, REFUSED = 1500, 500
+REASONS = 200  # the most frequent refusal reasons
 # history row: the columns, in order (docs/protocol.md)
 COLUMNS = ("round", "accuracy", "loss", "devices_reporting", "devices_assigned",
            "uplink_bytes", "downlink_bytes", "seconds", "rejected_total", "closed")
@@ -74,8 +79,10 @@ def build(agg, rec: dict, history: list) -> messages.Summary:
         devices_reporting=rec["devices_reporting"], devices_online=online,
         uplink_bytes=rec["uplink_bytes"], downlink_bytes=rec["downlink_bytes"],
         accuracy=_num(rec.get("accuracy")), loss=_num(rec.get("loss")),
-        reporting=list(rec.get("accepted", [])), refused=list(rec.get("refused", [])),
-        rejected_by_reason=dict(agg.rejected.by_reason),
+        reporting=list(rec.get("accepted", []))[:REPORTING],
+        refused=list(rec.get("refused", []))[:REFUSED],
+        rejected_by_reason=dict(sorted(agg.rejected.by_reason.items(),
+                                       key=lambda kv: -kv[1])[:REASONS]),
         profiles=profile_figures(rec, lambda d: devices[d].profile if d in devices else ""),
         cpu_seconds=cpu_seconds(), rss_bytes=int(rec.get("rss_bytes") or rss_bytes()),
         history=history[-HISTORY:], session=agg.trust.session)
