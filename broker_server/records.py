@@ -18,6 +18,7 @@ sums depend on it).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import time
@@ -97,12 +98,27 @@ def round_record(rs, accuracy: float | None, duplicates: int, rejected: int) -> 
             "train_seconds_max": max((u.get("train_seconds", 0.0) for u in updates),
                                      default=0.0),
             "accepted": sorted(rs.accepted),
+            **train_loss(rs.accepted),
             # The guard's measure of each accepted update (docs/results/guard.md).
             "change_rms": {d: rs.norms[d] for d in sorted(rs.norms)},
             "reference_rms": rms(rs.references.get("full", {})),
             "refused": sorted(rs.refused),
             **(rs.fold.record() if rs.fold is not None else {}),
             **round_evidence(rs.folded, len(rs.folded), duplicates, rejected)}
+
+
+def train_loss(accepted: dict[str, dict]) -> dict:
+    """``loss``: the sample-weighted mean of the devices' reported training loss (None
+    if none reported one); ``device_loss``: each reporting device's (the dashboard's
+    per-profile figures). Meta is the device's word: only finite numbers count."""
+    per = {d: float(m["loss"]) for d, m in sorted(accepted.items())
+           if isinstance(m.get("loss"), (int, float)) and math.isfinite(m["loss"])}
+    weights = {d: float(accepted[d]["samples"]) if isinstance(accepted[d].get("samples"), int)
+               else 0.0 for d in per}
+    total = sum(w for w in weights.values() if w > 0)
+    mean = sum(per[d] * w for d, w in weights.items() if w > 0) / total if total else None
+    return {"loss": None if mean is None else round(mean, 6),
+            "device_loss": {d: round(v, 6) for d, v in per.items()}}
 
 
 class Refusals:

@@ -6,9 +6,23 @@ imported only inside the local-training path.
 """
 from __future__ import annotations
 
+import functools
+
 from device_runtime.errors import FedgeError
 
-__all__ = ["FedgeError", "Predictor"]
+__all__ = ["FedgeError", "Predictor", "fedge_version"]
+
+
+@functools.cache
+def fedge_version() -> str:
+    """The installed fedge distribution's version (a device reports it in its status);
+    "" when fedge runs from a source tree that is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("fedge")
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 def __getattr__(name: str):

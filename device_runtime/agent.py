@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_runtime import messages, uplinks, wire
+from device_runtime import fedge_version, messages, uplinks, wire
 from device_runtime.errors import (
     FedgeError,
     RefusedError,
@@ -111,7 +111,8 @@ class DeviceAgent:
         import onnxruntime
 
         s = messages.Status(self.device, state, self.opts.profile, int(len(self.y)),
-                            {"python": platform.python_version(), "numpy": np.__version__,
+                            {"fedge": fedge_version(), "python": platform.python_version(),
+                             "numpy": np.__version__,
                              "onnxruntime": onnxruntime.__version__, **self.runtime},
                             error, time.time())
         self.t.publish(self.topics.status(self.device),

@@ -1,4 +1,4 @@
-"""The control messages of the protocol: plan, status, task, control.
+"""The control messages of the protocol: plan, status, task, control, summary.
 
 Each is a typed dataclass. On the wire a message is a signed frame
 (``seal``): kind = the class name in lower case, codec ``"json"``, and one
@@ -111,6 +111,33 @@ class Control:
 
     action: str  # "stop" | "pause"
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Retained on ``summary``: the last closed round's figures, for dashboards and
+    scrapers that only read (docs/protocol.md, "Round summary"). Negative accuracy or
+    loss: not measured."""
+
+    round: int
+    rounds: int
+    closed: float  # unix time the round closed
+    seconds: float
+    devices_assigned: int
+    devices_reporting: int
+    devices_online: int
+    uplink_bytes: int
+    downlink_bytes: int
+    accuracy: float = -1.0
+    loss: float = -1.0  # sample-weighted mean training loss of the accepted updates
+    reporting: list = field(default_factory=list)  # device ids accepted this round
+    refused: list = field(default_factory=list)  # device ids the guard refused
+    rejected_by_reason: dict = field(default_factory=dict)  # reason -> count, this process
+    profiles: dict = field(default_factory=dict)  # profile -> {"devices", "loss", ...}
+    cpu_seconds: float = 0.0  # the aggregator process's user + system CPU so far
+    rss_bytes: int = 0
+    history: list = field(default_factory=list)  # earlier rounds, compact (protocol.md)
+    session: str = ""
 
 
 M = TypeVar("M")

@@ -33,6 +33,11 @@ class Topics:
     def control(self) -> str:
         return f"{self.root}/control"
 
+    @property
+    def summary(self) -> str:
+        """Retained, aggregator to readers (dashboards): the last closed round's figures."""
+        return f"{self.root}/summary"
+
     def asset(self, name: str = "+") -> str:
         """Retained, once per job: a frame some tasks need (e.g. REFT's public inputs)."""
         return f"{self.root}/asset/{name}"
@@ -84,7 +89,7 @@ class Topics:
         if parts[:2] != ["fedge", self.job]:
             return {"kind": "foreign"}
         rest = parts[2:]
-        if rest in (["plan"], ["control"]):
+        if rest in (["plan"], ["control"], ["summary"]):
             return {"kind": rest[0]}
         if len(rest) == 2 and rest[0] == "asset":
             return {"kind": "asset", "asset": rest[1]}

@@ -43,17 +43,23 @@ def test_secure_init_writes_the_layout_with_private_keys_0600(fleet):
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     secret = (["ca.key", "broker/server.key", "broker/passwd"]
               + [f"certs/{c}.{ext}" for c in CLIENTS for ext in ("key", "signing.key")]
-              + [f"credentials/{c}.json" for c in CLIENTS])
+              + [f"credentials/{c}.json" for c in CLIENTS]
+              + ["certs/dashboard.key", "credentials/dashboard.json"])  # signs nothing
     assert files == sorted(
         secret + ["mosquitto.conf", "ca.crt", "broker/server.crt", "broker/acl",
-                  "broker/crl.pem", "server.pub", "registry.json"]
+                  "broker/crl.pem", "server.pub", "registry.json", "certs/dashboard.crt"]
         + [f"certs/{c}.crt" for c in CLIENTS])
     for rel in files:
         mode = stat.S_IMODE((root / rel).stat().st_mode)
         assert mode == (0o600 if rel in secret else 0o644), rel
-    # only the aggregator has a password: a device's certificate is its identity
+    # only the aggregator and the dashboard have passwords: a device's certificate is its
+    # identity
     hashes = dict(line.split(":", 1) for line in (root / "broker/passwd").read_text().split())
-    assert sorted(hashes) == ["aggregator"]
+    assert sorted(hashes) == ["aggregator", "dashboard"]
+    dash = json.loads((root / "credentials" / "dashboard.json").read_text())
+    assert dash == {"username": "dashboard", "password": dash["password"],
+                    "cert": "certs/dashboard.crt", "key": "certs/dashboard.key",
+                    "ca": "ca.crt", "registry": "registry.json", "trust": "server.pub"}
     raw = json.loads((root / "credentials" / "aggregator.json").read_text())
     assert raw == {"username": "aggregator", "password": raw["password"],
                    "cert": "certs/aggregator.crt", "key": "certs/aggregator.key",
@@ -267,6 +273,30 @@ def test_the_acl_grants_a_device_agent_every_topic_it_uses(fleet):
     assert got.get(timeout=scaled(5)) == (topics.update(1, "dev-0"), frame)
     d.close()
     a.close()
+
+
+def test_the_dashboard_login_reads_the_job_and_may_publish_nothing(fleet):
+    """What fedge dashboard subscribes to reaches it; whatever it publishes is refused
+    (MQTT 5: PUBACK "Not authorized"), so a leaked dashboard login cannot drive a job."""
+    topics = Topics(JOB)
+    agg = Raw(fleet, "aggregator")
+    dash = Raw(fleet, "dashboard", port=fleet[2], protocol=paho.MQTTv5)
+    assert dash.connack == "Success"
+    watched = [topics.plan, topics.summary, topics.status()]
+    assert dash.subscribe(*watched) == ["Granted QoS 1"] * 3
+    sent = [topics.plan, topics.summary, topics.status("dev-0")]
+    for topic in sent:
+        assert agg.publish(topic, b"for the dashboard") == "Success"
+    wait_for(lambda: dash.messages.qsize() >= 3, "the dashboard's messages")
+    assert sorted(t for t, _ in dash.received()) == sorted(sent)
+    agg.subscribe(f"fedge/{JOB}/#")
+    for topic in (topics.plan, topics.control, topics.task(1, "dev-0"), topics.summary,
+                  topics.status("dev-0"), topics.update(1, "dev-0")):
+        assert dash.publish(topic, b"forged") == "Not authorized", topic
+    time.sleep(scaled(0.3))
+    assert all(p != b"forged" for _, p in agg.received())
+    agg.close()
+    dash.close()
 
 
 def test_a_device_can_neither_forge_nor_read_another_devices_update(fleet):

@@ -119,7 +119,21 @@ def test_keys_only_gives_keys_and_credentials_for_a_plain_broker(tmp_path, mosqu
     clients = ("aggregator", "dev-0", "dev-1")
     assert files == sorted(["server.pub", "registry.json"]
                            + [f"certs/{c}.signing.key" for c in clients]
-                           + [f"credentials/{c}.json" for c in clients])
+                           + [f"credentials/{c}.json" for c in clients]
+                           + ["credentials/dashboard.json"])
+    dash = root / "credentials" / "dashboard.json"
+    assert json.loads(dash.read_text()) == {"username": "dashboard", "trust": "server.pub",
+                                            "registry": "registry.json"}
+    # a fleet without it (written before init issued it) gets it once from secure add
+    dash.unlink()
+    code, out, err = run_fedge("secure", "add", "dashboard", "--dir", str(root))
+    assert code == 0 and "read-only dashboard login" in out, err
+    assert json.loads(dash.read_text())["registry"] == "registry.json"
+    code, _, err = run_fedge("secure", "add", "dashboard", "--dir", str(root))
+    assert_one_line_error(code, err, 2, "'dashboard': already issued")
+    code, _, err = run_fedge("secure", "init", "--devices", "dashboard", "--out",
+                             str(tmp_path / "other"), "--keys-only")
+    assert_one_line_error(code, err, 2, "'dashboard' is the dashboard's id")
     dev = json.loads((root / "credentials" / "dev-0.json").read_text())
     assert dev == {"username": "dev-0", "signing_key": "certs/dev-0.signing.key",
                    "trust": "server.pub"}
@@ -152,3 +166,23 @@ def test_signing_key_reuses_the_export_key(tmp_path, export_key):
     assert PublicKey.load(root / "server.pub").key_id == export_key.key_id
     assert Credentials.load(root / "credentials" / "aggregator.json").signing_key == \
         export_key.path.resolve()
+
+
+def test_secure_add_dashboard_issues_a_read_only_login_to_an_older_tls_fleet(tmp_path):
+    root = tmp_path / "sec"
+    code, _, err = run_fedge("secure", "init", "--devices", "dev-0", "--out", str(root))
+    assert code == 0, err
+    passwd = root / "broker" / "passwd"
+    aggregator = [ln for ln in passwd.read_text().splitlines() if ln.startswith("aggregator:")]
+    for rel in ("credentials/dashboard.json", "certs/dashboard.crt", "certs/dashboard.key"):
+        (root / rel).unlink()  # as a fleet written before init issued it
+    passwd.write_text(aggregator[0] + "\n")
+    code, out, err = run_fedge("secure", "add", "dashboard", "--dir", str(root))
+    assert code == 0 and "kill -HUP" in out, err
+    lines = passwd.read_text().splitlines()
+    assert lines[0] == aggregator[0] and lines[1].startswith("dashboard:$7$")  # kept, added
+    creds = Credentials.load(root / "credentials" / "dashboard.json")
+    assert creds.password and creds.cert == root / "certs" / "dashboard.crt"
+    assert creds.signing_key is None and creds.registry == root / "registry.json"
+    assert "user dashboard\ntopic read fedge/#\n" in (root / "broker" / "acl").read_text()
+    assert stat.S_IMODE((root / "certs" / "dashboard.key").stat().st_mode) == 0o600

@@ -44,7 +44,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                        ("revoke", ("take a device out of the key registry and the ACL and "
                                    "revoke its certificate (CRL)"))):
         r = steps.add_parser(name, help=what)
-        r.add_argument("id", metavar="ID", help="the device id")
+        r.add_argument("id", metavar="ID", help="the device id (add: or 'dashboard', the "
+                       "read-only dashboard login, for a fleet written before init issued it)")
         r.add_argument("--dir", required=True, help="the folder fedge secure init wrote")
         r.add_argument("--days", type=int, default=825,
                        help="certificate lifetime (add) / the CRL's (revoke)")
@@ -62,7 +63,7 @@ def init(args: argparse.Namespace) -> int:
         args.aggregator_port, args.keys_only,
         Path(args.signing_key) if args.signing_key else None, limits))
     creds = Path(s["out"]) / "credentials"
-    n = len(s["credentials"]) - 1
+    n = len(s["credentials"]) - 2  # the aggregator and the dashboard
     devices = f"{n} device{'s' if n != 1 else ''}"
     if args.keys_only:
         print(f"wrote {s['out']}: signing keys and credentials for {devices} and the "
@@ -77,12 +78,24 @@ def init(args: argparse.Namespace) -> int:
           f"--credentials {creds / (AGGREGATOR + '.json')} ...")
     print(f"device:     fedge device --broker {scheme}://HOST:{s['port']} --credentials "
           f"{creds}/<id>.json --id <id> ...")
+    print(f"dashboard:  fedge dashboard --broker {scheme}://HOST:{s['aggregator_port']} "
+          f"--credentials {creds / 'dashboard.json'} --job <job>  (reads only)")
     return 0
 
 
 def add_device(args: argparse.Namespace) -> int:
+    from toolkit.deploy.secure_conf import DASHBOARD
     from toolkit.deploy.secure_fleet import add as secure_add
+    from toolkit.deploy.secure_fleet import add_dashboard
 
+    if args.id == DASHBOARD:
+        s = add_dashboard(Path(args.dir), args.days)
+        print(f"issued the read-only {DASHBOARD} login in {s['out']}: credentials "
+              f"{s['credentials']}")
+        if s["tls"]:
+            print("reload the broker (kill -HUP <mosquitto's pid>): it re-reads the "
+                  "password file and the ACL")
+        return 0
     s = secure_add(Path(args.dir), args.id, args.days)
     print(f"added {s['device']} to {s['out']} (signing key {s['key_id']}): "
           f"credentials {s['credentials']}")

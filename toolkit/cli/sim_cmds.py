@@ -34,6 +34,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="with --broker: run the devices, one MQTT client each, in this many "
                    "processes (the aggregator alone in the main one; its CPU, memory and "
                    "the broker's throughput are reported per round)")
+    p.add_argument("--job", help="the job id (default: sim-<seed>-<random>)")
+    p.add_argument("--keys-out", metavar="DIR", help="write the run's public keys "
+                   "(server.pub, registry.json) here, for fedge dashboard --trust/--registry")
     p.add_argument("--min-samples", type=int, default=10,
                    help="per device; shards left shorter by the Dirichlet draw are topped up")
     strategy_args.add(p)
@@ -50,6 +53,7 @@ def simulate(args: argparse.Namespace) -> int:
     from broker_server.downlink import check_downlink
     from device_runtime import codecs
     from toolkit.planning.profiles import ProfileCatalogue
+    from toolkit.console import RoundProgress
     from toolkit.sim.simulate import SimOptions, check_options, run_simulation
     from toolkit.strategies.setups import check_strategy
 
@@ -67,18 +71,18 @@ def simulate(args: argparse.Namespace) -> int:
                       procs=args.procs, min_samples=args.min_samples,
                       downlink=args.downlink, attack=args.attack,
                       norm_bound=args.norm_bound, max_samples=args.max_samples,
+                      job=args.job, keys_out=args.keys_out,
                       strategy_options=strategy_args.options(args, cat, profiles, args.devices))
 
     from toolkit.strategies.robust import round_note
 
-    def show(rec: dict) -> None:
-        fleet = (f"  aggregator {rec['aggregator_cpu_seconds']:.2f} CPU s, "
-                 f"{rec['aggregator_rss_mb']:.0f} MB") if "aggregator_cpu_seconds" in rec else ""
-        print(f"round {rec['round']:3d}  accuracy {rec['accuracy']:.4f}  "
-              f"uplink {rec['uplink_bytes']:>10,} B  devices {rec['devices_reporting']}  "
-              f"{rec['seconds']:.1f} s{fleet}{round_note(rec)}", file=sys.stderr, flush=True)
+    def fleet(rec: dict) -> str:
+        agg = (f"aggregator {rec['aggregator_cpu_seconds']:.2f} CPU s, "
+               f"{rec['aggregator_rss_mb']:.0f} MB") if "aggregator_cpu_seconds" in rec else ""
+        return "  ".join(filter(None, (agg, round_note(rec))))
     key = model_cmds.signing_key(args) if args.export else None  # before the long part
-    report, ckpt = run_simulation(opts, show, cat)
+    with RoundProgress(args.rounds, sys.stderr, "simulate", fleet) as show:
+        report, ckpt = run_simulation(opts, show, cat)
     if args.export:
         from toolkit.planning.fleet import ExportOptions, export_fleet
 

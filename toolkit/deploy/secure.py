@@ -10,9 +10,10 @@ identity, and the Ed25519 keys that sign the job's messages end to end
     DIR/ca.crt, ca.key            the fleet's CA; its key (0600) signs more certificates
     DIR/broker/server.crt, .key   the broker's certificate (SANs: localhost, loopback,
                                   this machine's hostname, each --host)
-    DIR/broker/passwd             the aggregator's password ($7$, PBKDF2-SHA512)
+    DIR/broker/passwd             the aggregator's and the dashboard's passwords ($7$)
     DIR/broker/acl, crl.pem       the ACL (a block per device) and the CA's revocation list
-    DIR/certs/<id>.crt, .key      a client certificate (CN = id) per device and the aggregator
+    DIR/certs/<id>.crt, .key      a client certificate (CN = id) per device, the aggregator
+                                  and the dashboard (which may only read: the ACL)
     DIR/certs/<id>.signing.key    a device's Ed25519 signing key (0600)
     DIR/certs/aggregator.signing.key  the aggregator's, unless --signing-key names one
     DIR/server.pub                the aggregator's public key: every device trusts it
@@ -40,6 +41,7 @@ from device_runtime.keys import Registry, Signer
 from device_runtime.topics import check_id
 from toolkit.deploy.secure_conf import (
     AGGREGATOR,
+    DASHBOARD,
     PACKET_SLACK,
     Limits,
     acl_text,
@@ -93,9 +95,8 @@ def check_device_id(d: str, flag: str = "--devices") -> None:
         check_id("device", d)
     except FedgeError as e:
         raise SecureError(f"{flag}: {e}") from None
-    if d == AGGREGATOR:
-        raise SecureError(f"{flag}: {AGGREGATOR!r} is the aggregator's id; "
-                          f"name the device otherwise")
+    if d in (AGGREGATOR, DASHBOARD):
+        raise SecureError(f"{flag}: {d!r} is the {d}'s id; name the device otherwise")
 
 
 def _check_limits(limits: Limits) -> None:
@@ -193,16 +194,20 @@ def materials(opts: SecureOptions, hostname: str | None = None,
         files[own] = (signer.pem(), SECRET)
     else:
         own = str(Path(opts.signing_key).expanduser().resolve())
-    password = None
-    if tls:
-        password = secrets.token_urlsafe(24)
-        files["broker/passwd"] = ((password_line(AGGREGATOR, password) + "\n").encode(), SECRET)
-        key = new_key()
-        files[f"certs/{AGGREGATOR}.crt"] = (cert_pem(issue(ca, ca_key, key, AGGREGATOR,
+    passwords: dict[str, str | None] = {AGGREGATOR: None, DASHBOARD: None}
+    if tls:  # both log in on the aggregator's listener: a fleet certificate and a password
+        passwords = {c: secrets.token_urlsafe(24) for c in passwords}
+        files["broker/passwd"] = ("".join(password_line(c, p) + "\n"
+                                          for c, p in passwords.items()).encode(), SECRET)
+        for client in passwords:
+            key = new_key()
+            files[f"certs/{client}.crt"] = (cert_pem(issue(ca, ca_key, key, client,
                                                            opts.days)), PUBLIC)
-        files[f"certs/{AGGREGATOR}.key"] = (key_pem(key), SECRET)
-    files[f"credentials/{AGGREGATOR}.json"] = (credentials_json(AGGREGATOR, password, tls, own),
-                                               SECRET)
+            files[f"certs/{client}.key"] = (key_pem(key), SECRET)
+    files[f"credentials/{AGGREGATOR}.json"] = (credentials_json(
+        AGGREGATOR, passwords[AGGREGATOR], tls, own), SECRET)
+    files[f"credentials/{DASHBOARD}.json"] = (credentials_json(
+        DASHBOARD, passwords[DASHBOARD], tls, None), SECRET)
     keys = {}
     for d in opts.devices:
         mine, device_signer = device_files(d, ca, ca_key, opts.days, tls)
@@ -266,7 +271,7 @@ def init(opts: SecureOptions) -> dict:
         write_tree(files, opts.out)
     except OSError as e:
         raise SecureError(f"--out {opts.out}: cannot write: {e}") from None
-    clients = [AGGREGATOR, *opts.devices]
+    clients = [AGGREGATOR, DASHBOARD, *opts.devices]
     out = Path(opts.out).resolve()
     return {"out": str(out), "conf": None if opts.keys_only else str(out / "mosquitto.conf"),
             "port": opts.port, "aggregator_port": opts.agg_port,

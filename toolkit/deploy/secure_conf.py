@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 AGGREGATOR = "aggregator"  # the aggregator's id and username; no device may take it
+DASHBOARD = "dashboard"  # fedge dashboard's username: it may read the job's topics only
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for $7$ hashes
 SALT_BYTES = 12
 MIB = 1 << 20
@@ -69,13 +70,14 @@ def password_line(username: str, password: str, salt: bytes | None = None,
 
 
 def acl_text(devices: list[str] | tuple[str, ...]) -> str:
-    """The ACL file: the aggregator may do anything under fedge/; each listed device
-    writes only its own status, updates and activations and reads the plan, control,
-    assets, models, and its own tasks and gradients. A user not listed (a revoked
-    device) may do nothing."""
+    """The ACL file: the aggregator may do anything under fedge/, the dashboard may
+    only read there; each listed device writes only its own status, updates and
+    activations and reads the plan, control, assets, models, and its own tasks and
+    gradients. A user not listed (a revoked device) may do nothing."""
     lines = ["# fedge ACL (fedge secure): a user is a certificate's CN, i.e. a device id.",
              "# A denied publish is dropped silently; a denied message is not delivered.",
-             f"user {AGGREGATOR}", "topic readwrite fedge/#", ""]
+             f"user {AGGREGATOR}", "topic readwrite fedge/#", "",
+             f"user {DASHBOARD}", "topic read fedge/#", ""]
     for d in sorted(devices):
         lines.append(f"user {d}")
         for access, topic in DEVICE_RULES:
@@ -129,18 +131,21 @@ use_username_as_clientid true
 {_tls_listener(r, aggregator_port)}"""
 
 
-def credentials_json(client: str, password: str | None, tls: bool, signing_key: str) -> bytes:
+def credentials_json(client: str, password: str | None, tls: bool,
+                     signing_key: str | None) -> bytes:
     """A client's credentials file; paths relative to DIR (the file's grandparent). A
     device trusts the aggregator's key (``trust``); the aggregator checks the devices'
-    (``registry``). Devices have no password: their certificate is their identity."""
+    (``registry``); the dashboard, which signs nothing, needs both to check what it
+    shows. Devices have no password: their certificate is their identity."""
     doc: dict = {"username": client}
     if password is not None:
         doc["password"] = password
     if tls:
         doc.update(cert=f"certs/{client}.crt", key=f"certs/{client}.key", ca="ca.crt")
-    doc["signing_key"] = signing_key
-    if client == AGGREGATOR:
+    if signing_key is not None:
+        doc["signing_key"] = signing_key
+    if client in (DASHBOARD, AGGREGATOR):
         doc["registry"] = "registry.json"
-    else:
+    if client != AGGREGATOR:
         doc["trust"] = "server.pub"
     return (json.dumps(doc, indent=1) + "\n").encode()

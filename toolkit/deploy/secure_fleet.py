@@ -1,5 +1,7 @@
 """``fedge secure add ID`` and ``fedge secure revoke ID``: one device into or out of a
 fleet that ``fedge secure init`` wrote, without touching anyone else's credentials.
+``fedge secure add dashboard`` issues the read-only dashboard login to a fleet written
+before ``init`` issued one.
 
 ``registry.json`` is the list of the fleet's devices: the ACL is regenerated from it.
 Each file is replaced atomically (``secure.write_file``), in an order that never
@@ -18,8 +20,18 @@ from cryptography import x509
 from device_runtime.errors import FedgeError
 from device_runtime.files import read_bytes
 from device_runtime.keys import Registry
-from toolkit.deploy.secure import PUBLIC, check_device_id, device_files, write_file
-from toolkit.deploy.secure_conf import acl_text
+from toolkit.deploy.secure import (
+    PUBLIC,
+    SECRET,
+    cert_pem,
+    check_device_id,
+    device_files,
+    issue,
+    key_pem,
+    new_key,
+    write_file,
+)
+from toolkit.deploy.secure_conf import DASHBOARD, acl_text, credentials_json, password_line
 from toolkit.deploy.secure_pki import crl_pem, load_ca, make_crl, revoked_serials
 from toolkit.errors import SecureError
 
@@ -75,6 +87,41 @@ def add(root: Path, device: str, days: int = 825) -> dict:
         raise SecureError(f"{root}: cannot write: {e}") from None
     return {"out": str(root), "device": device, "tls": tls, "key_id": signer.key_id,
             "credentials": str(root / "credentials" / f"{device}.json")}
+
+
+def add_dashboard(root: Path, days: int = 825) -> dict:
+    """The dashboard's login (TLS: a certificate, a password in the broker's password
+    file, its read-only ACL block) and credentials (trust and registry, no signing key)
+    for a fleet that has none. A summary."""
+    import secrets
+
+    root = Path(root).resolve()
+    reg = _registry(root)
+    creds = root / "credentials" / f"{DASHBOARD}.json"
+    if creds.exists():
+        raise SecureError(f"ID {DASHBOARD!r}: already issued ({creds})")
+    tls = _tls(root)
+    password = None
+    try:
+        if tls:
+            ca, ca_key = _ca(root)
+            password = secrets.token_urlsafe(24)
+            key = new_key()
+            write_file(root / "certs" / f"{DASHBOARD}.crt",
+                       cert_pem(issue(ca, ca_key, key, DASHBOARD, days)), PUBLIC)
+            write_file(root / "certs" / f"{DASHBOARD}.key", key_pem(key), SECRET)
+            passwd = _read(root / "broker" / "passwd", "password file")
+            lines = [ln for ln in passwd.decode().splitlines()
+                     if ln and not ln.startswith(f"{DASHBOARD}:")]
+            write_file(root / "broker" / "passwd", "".join(
+                ln + "\n" for ln in [*lines, password_line(DASHBOARD, password)]).encode(),
+                SECRET)
+            write_file(root / "broker" / "acl", acl_text(list(reg.devices)).encode(), PUBLIC)
+        creds.parent.mkdir(exist_ok=True)
+        write_file(creds, credentials_json(DASHBOARD, password, tls, None), SECRET)
+    except OSError as e:
+        raise SecureError(f"{root}: cannot write: {e}") from None
+    return {"out": str(root), "device": DASHBOARD, "tls": tls, "credentials": str(creds)}
 
 
 def revoke(root: Path, device: str, days: int = 825) -> dict:

@@ -3,7 +3,7 @@
 MNIST-1D is split non-IID over N devices with mixed profiles; a broker (the
 embedded amqtt unless ``--broker``), the aggregator (in this process) and one
 OS process per device talk only MQTT. Prints a per-round table with a progress
-bar, writes the JSON report and a PNG plot beside it.
+bar (``toolkit/console.py``), writes the JSON report and a PNG plot beside it.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from device_runtime import threads
+from toolkit.console import RoundProgress
 from toolkit.field.jobs import DemoJob
 
 PROFILES = ("rpi3b", "rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "android-mid")
@@ -63,21 +64,6 @@ def _stop(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-
-
-class _Progress:
-    def __init__(self, rounds: int):
-        self.rounds = rounds
-        print(f"{'':24s} {'round':>5s}  {'accuracy':>8s}  {'uplink B':>11s}  "
-              f"{'downlink B':>11s}  devices  seconds", flush=True)
-
-    def __call__(self, rec: dict) -> None:
-        done = rec["round"]
-        bar = "#" * round(20 * done / self.rounds)
-        print(f"[{bar:<20s}] {done:>2d}/{self.rounds:<2d}{rec['round']:>5d}  "
-              f"{rec['accuracy']:>8.4f}  {rec['uplink_bytes']:>11,}  "
-              f"{rec['downlink_bytes']:>11,}  {rec['devices_reporting']:>7d}  "
-              f"{rec['seconds']:>7.2f}", flush=True)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -131,8 +117,8 @@ def run_demo(demo: DemoJob) -> int:
               f"{demo.devices} device processes; work dir {work}", flush=True)
         procs = _start_devices(url, job, work, demo.devices, keys)
         try:
-            run_serve(_serve_job(demo, job, init, work, url, keys),
-                      on_round=_Progress(demo.rounds))
+            with RoundProgress(demo.rounds) as progress:
+                run_serve(_serve_job(demo, job, init, work, url, keys), on_round=progress)
         finally:
             _stop(procs)
     report = json.loads((work / "state" / "state.json").read_text())

@@ -15,9 +15,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from toolkit.console import RoundProgress
+from toolkit.strategies.robust import round_note as robust_note
 from toolkit.errors import UsageError
 from toolkit.field import scaleout
 from toolkit.field.jobs import BrokerSettings, ServeJob
+from toolkit.field.summary import publish_summaries
 
 
 @contextlib.contextmanager
@@ -108,10 +111,13 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
         t.connect()
         scale, sup = scaleout.start(job, t, url, fold_options, trust) \
             if fold_options is not None else (None, None)
+        progress = None if on_round else RoundProgress(job.rounds.rounds,
+                                                        extra=robust_note)
         try:
             agg = Aggregator(t, _serve_options(job, strategy_options), ckpt.config.to_json(),
-                             weights, evaluator(ckpt, x, y), on_round or _print_round,
+                             weights, evaluator(ckpt, x, y), on_round or progress,
                              scale_out=scale, trust=trust)
+            publish_summaries(agg, agg.on_round)  # for fedge dashboard (read-only)
             if sup:
                 agg.watch = sup.check  # a worker that exits mid-job is started again
             report = agg.run()
@@ -119,6 +125,8 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
                 scale.finish()  # the workers stop on it
                 report["scale_out"] = dict(scale.report(), restarts=sup.restarts)
         finally:
+            if progress:
+                progress.close()
             if sup:  # after a failure, at once
                 sup.stop(10.0 if scale.work and scale.work.state == "done" else 0.0)
             t.close()
@@ -163,10 +171,3 @@ def _credentials(broker: BrokerSettings) -> dict:
             "may publish plans, models and tasks", creds["username"])
     return creds
 
-
-def _print_round(rec: dict) -> None:
-    from toolkit.strategies.robust import round_note
-
-    print(f"round {rec['round']:3d}  accuracy {rec['accuracy']}  up {rec['uplink_bytes']:,} B  "
-          f"down {rec['downlink_bytes']:,} B  devices {rec['devices_reporting']}"
-          f"{round_note(rec)}", flush=True)

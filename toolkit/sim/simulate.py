@@ -50,6 +50,10 @@ class SimOptions:
     norm_bound: float = NORM_BOUND  # the aggregator's guard (broker_server/guard.py)
     max_samples: int = MAX_SAMPLES
     attack: str = ""  # kind:count[:scale]: the first count devices attack (attackers.py)
+    job: str | None = None  # None: a fresh "sim-<seed>-<random>"
+    # Write the run's public keys here (server.pub, registry.json), for a watcher such as
+    # fedge dashboard, which checks every message it shows.
+    keys_out: str | None = None
 
     def custom_models(self):
         """The allowlist of this run's own agents and rebuilds: the factory ``model``
@@ -219,6 +223,7 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     from device_runtime.training.local import load_weights, weights_of
     from toolkit import strategies
     from toolkit.field.serve import evaluator
+    from toolkit.field.summary import publish_summaries
     from toolkit.model import checkpoint, datasets, zoo
     from toolkit.model.partition import public_split
     from toolkit.model.pruning import count_macs
@@ -246,9 +251,11 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
                                                                       opts.custom_models())
     ckpt = checkpoint.Checkpoint(cfg, model, dataset=datasets.spec_for(opts.dataset))
     macs, _ = count_macs(model, checkpoint.example_input(cfg))
-    job = f"sim-{opts.seed}-{np.random.default_rng().integers(1 << 30):x}"
+    job = opts.job or f"sim-{opts.seed}-{np.random.default_rng().integers(1 << 30):x}"
     shards = [rest[p] for p in parts]
     keys = FleetKeys()  # made on the fly: the signed path is the only path
+    if opts.keys_out:
+        _write_public_keys(keys, opts.devices, Path(opts.keys_out))
     with tempfile.TemporaryDirectory(prefix="fedge-sim-", dir=opts.state_parent) as state:
         serve = ServeOptions(job, Path(state), opts.strategy, opts.codec, opts.rounds,
                              opts.devices, opts.round_timeout, opts.epochs, opts.batch_size,
@@ -257,9 +264,11 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
                              norm_bound=opts.norm_bound)
 
         def make_aggregator(transport, hook):
-            return Aggregator(transport, serve, cfg.to_json(), weights_of(model),
-                              evaluator(ckpt, ds.x_test, ds.y_test), hook,
-                              trust=ServerTrust(job, keys.server, keys, Path(state)))
+            agg = Aggregator(transport, serve, cfg.to_json(), weights_of(model),
+                             evaluator(ckpt, ds.x_test, ds.y_test), hook,
+                             trust=ServerTrust(job, keys.server, keys, Path(state)))
+            publish_summaries(agg, hook)  # a dashboard can watch a --broker run
+            return agg
         if opts.procs > 1:
             from toolkit.sim.simfleet import run_fleet
 
@@ -278,6 +287,18 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
         report.update(spec.report(run))
     _add_fleet_figures(report, opts, agents, fleet, per_device)
     return report, ckpt
+
+
+def _write_public_keys(keys, devices: int, out: Path) -> None:
+    """server.pub and registry.json of a simulated fleet (every device's key made now),
+    the registry last: a watcher that sees it finds both."""
+    for k in range(devices):
+        keys.device(f"dev-{k}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "server.pub").write_bytes(keys.server.public.pem())
+    tmp = out / "registry.json.tmp"
+    tmp.write_bytes(keys.registry().dumps())
+    tmp.replace(out / "registry.json")
 
 
 def _median(xs: list[float]) -> float:

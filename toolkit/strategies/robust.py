@@ -103,5 +103,5 @@ def round_note(rec: dict) -> str:
     r = rec.get("robust")
     if not r:
         return ""
-    out = f"  {r['rule']}" + (f" clipped {r['clipped']}" if r.get("bound") else "")
+    out = f"{r['rule']}" + (f" clipped {r['clipped']}" if r.get("bound") else "")
     return out + (f" epsilon {r['epsilon']:.3g}" if "epsilon" in r else "")
