@@ -85,7 +85,9 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
     fleet = ProfileCatalogue.load(job.profiles_file).select(job.profiles)
     allowed = LocalModels.parse(job.custom_models)  # the only factories it may name
     ckpt = checkpoint.load(job.checkpoint, allowed)
-    public_x, x, y = server_data(ckpt, job.eval_data)
+    central = job.eval_data is not None or ckpt.dataset is not None or not job.evaluation.every
+    # Without a central test set, the devices' own evaluation is the only one.
+    public_x, x, y = server_data(ckpt, job.eval_data) if central else (None, None, None)
     cfg, strategy_options = setup_strategy(
         job.strategy, ckpt.config, fleet, public_x, job.codec, job.strategy_options,
         ckpt.model, allowed)
@@ -110,7 +112,8 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
             if fold_options is not None else (None, None)
         try:
             agg = Aggregator(t, _serve_options(job, strategy_options), ckpt.config.to_json(),
-                             weights, evaluator(ckpt, x, y), on_round or _print_round,
+                             weights, evaluator(ckpt, x, y) if central else None,
+                             on_round or _print_round,
                              scale_out=scale, trust=trust)
             if sup:
                 agg.watch = sup.check  # a worker that exits mid-job is started again
@@ -135,7 +138,8 @@ def _serve_options(job: ServeJob, strategy_options: object):
     return ServeOptions(job.job, job.state_dir, job.strategy, job.codec, r.rounds,
                         r.min_devices, r.round_timeout, r.epochs, r.batch_size, r.lr,
                         strategy_options=strategy_options, downlink=job.downlink,
-                        max_samples=job.guard.max_samples, norm_bound=job.guard.norm_bound)
+                        max_samples=job.guard.max_samples, norm_bound=job.guard.norm_bound,
+                        eval_every=job.evaluation.every, holdout=job.evaluation.holdout)
 
 
 def _save(job: ServeJob, ckpt, weights: dict, report: dict) -> None:
@@ -167,3 +171,17 @@ def _credentials(broker: BrokerSettings) -> dict:
 def _print_round(rec: dict) -> None:
     print(f"round {rec['round']:3d}  accuracy {rec['accuracy']}  up {rec['uplink_bytes']:,} B  "
           f"down {rec['downlink_bytes']:,} B  devices {rec['devices_reporting']}", flush=True)
+    if "device_eval" in rec:
+        print(f"          {eval_line(rec['device_eval'])}", flush=True)
+
+
+def eval_line(ev: dict) -> str:
+    """One line of a round's evaluation on the devices (``device_eval``)."""
+    spread = ev["spread"]
+    if not spread:
+        return f"on devices: no scores ({ev['devices_reporting']} of {ev['devices_assigned']})"
+    profiles = " ".join(f"{p} {v['accuracy']}" for p, v in ev["by_profile"].items()
+                        if v["accuracy"] is not None)
+    return (f"on devices: accuracy {ev['accuracy']} loss {ev['loss']} over {ev['samples']} "
+            f"samples, {ev['devices_reporting']}/{ev['devices_assigned']} devices, spread "
+            f"{spread['min']}..{spread['max']} (std {spread['std']}); {profiles}")
