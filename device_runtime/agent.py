@@ -131,11 +131,11 @@ class DeviceAgent:
         policy = ExportPolicy(self.opts.job, self.opts.allow_rollback)
         try:
             store = self._store()
-            # A version a rollout installed since wins over the one it was started with.
-            manifest = store.folder(store.current) if store.current else self.opts.manifest
+            # A version a rollout installed since wins over an older one it was started with.
+            manifest = store.newest(self.opts.manifest)
             checked = check_device(manifest, self.opts.profile, self.opts.trust,
                                    self.opts.threads, policy)
-            store.seed(manifest, self.opts.profile)
+            store.adopt(manifest, self.opts.profile)
         except FedgeError as e:
             refusal = RefusedError(e)  # the caller prints it; the status carries it
             # Also after a reconnect: the broker must keep showing the refusal.

@@ -118,11 +118,19 @@ class ArtifactStore:
             if (p.name.startswith("v") and p.name not in keep) or p.name.startswith(".tmp-"):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def seed(self, manifest: str | Path, profile: str) -> None:
-        """Install the export the device was started with, if the store has none."""
-        if self.current is not None:
-            return
+    def newest(self, manifest: str | Path) -> Path:
+        """What the device runs: the store's current version, unless the export it was
+        started with (``manifest``) is newer (a bundle re-installed with a later one)."""
+        if self.current is None:
+            return Path(manifest)
+        given = load_manifest(manifest).version or 0  # its signature is checked next
+        return Path(manifest) if given > self.current else self.folder(self.current)
+
+    def adopt(self, manifest: str | Path, profile: str) -> None:
+        """Install the (checked) export the device runs if the store lacks its version."""
         m = load_manifest(manifest)
+        if self.current == (m.version or 0):
+            return
         src = m.root / "manifest.json"
         files = {"manifest.json": src.read_bytes(),
                  "manifest.json.sig": signature_path(src).read_bytes()}

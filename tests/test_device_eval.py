@@ -106,3 +106,29 @@ def test_devices_score_the_aggregate_and_bad_answers_are_refused(mosquitto, tmp_
     assert set(de["by_profile"]) == {"rpi4", "rpi3b"}
     assert de["by_profile"]["rpi3b"]["accuracy"] == 0.5
     assert de["spread"]["min"] == min(good["accuracy"], 0.5)
+
+
+@pytest.mark.slow
+def test_serve_without_a_central_test_set_reports_the_devices(mosquitto, tmp_path):
+    """`fedge serve --eval-every 1` with a checkpoint that names no dataset and no
+    --eval-data: no central accuracy, the devices' evaluation in every record."""
+    import json
+
+    from testkit.field import finish, prepare_job, start_device, start_server
+    from toolkit.model import checkpoint
+
+    ckpt = prepare_job(tmp_path, 2)
+    bare = checkpoint.load(ckpt)
+    bare.dataset = None
+    checkpoint.save(bare, ckpt)
+    server = start_server(mosquitto.url, "evj", tmp_path, ckpt, 2, 2, scaled(60),
+                          ["--eval-every", "1", "--holdout", "0.3"])
+    devices = [start_device(mosquitto.url, "evj", tmp_path, k) for k in range(2)]
+    assert finish([server], 400) == [0], (tmp_path / "server.log").read_text()[-2000:]
+    finish(devices)
+    report = json.loads((tmp_path / "report.json").read_text())
+    for rec in report["rounds"]:
+        de = rec["device_eval"]
+        assert rec["accuracy"] is None and de["devices_reporting"] == 2, rec
+        assert 0.0 <= de["accuracy"] <= 1.0 and de["samples"] > 0, de
+    assert "on devices: accuracy" in (tmp_path / "server.log").read_text()

@@ -40,16 +40,30 @@ def _fleet(work: Path, url: str, job: str):
     return keys, procs
 
 
-def _rollout(work: Path, url: str, job: str, manifest: Path, keys, *extra: str):
-    p = subprocess.run(
-        [sys.executable, "-m", "toolkit", "rollout", "--manifest", str(manifest), "--job", job,
-         "--broker", url, "--canary", "25%", "--hold", "2s", "--fleet-wait",
-         f"{scaled(6):g}s", "--report-timeout", f"{scaled(60):g}s", "--state",
-         str(work / "rollout.json"), "--signing-key", str(keys.server_key),
-         "--registry", str(keys.registry), *extra],
-        capture_output=True, text=True, cwd=ROOT, timeout=scaled(300),
-        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    return p.returncode, p.stdout + p.stderr, json.loads((work / "rollout.json").read_text())
+def _command(work: Path, url: str, job: str, manifest: Path, keys, hold: str) -> list[str]:
+    # --max-payload 1024: every artifact frame travels as chunks.
+    return [sys.executable, "-m", "toolkit", "rollout", "--manifest", str(manifest), "--job",
+            job, "--broker", url, "--canary", "25%", "--hold", hold, "--fleet-wait",
+            f"{scaled(6):g}s", "--report-timeout", f"{scaled(60):g}s", "--state",
+            str(work / "rollout.json"), "--signing-key", str(keys.server_key),
+            "--registry", str(keys.registry), "--max-payload", "1024"]
+
+
+def _state(work: Path) -> dict:
+    try:
+        return json.loads((work / "rollout.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _rollout(work: Path, url: str, job: str, manifest: Path, keys, hold: str = "2s"):
+    p = subprocess.run(_command(work, url, job, manifest, keys, hold), capture_output=True,
+                       text=True, cwd=ROOT, timeout=scaled(300), env=_env())
+    return p.returncode, p.stdout + p.stderr, _state(work)
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 def _stop(procs) -> None:
@@ -67,14 +81,25 @@ def test_canary_then_everyone(tmp_path, mosquitto):
     keys, procs = _fleet(tmp_path, mosquitto.url, job)
     try:
         v2 = tiny_release(tmp_path / "v2", job, 2, keys.server_key, PROFILES, seed=2)
+        # Killed during a long hold, once the canary has it; restarted, it resumes.
+        first = subprocess.Popen(_command(tmp_path, mosquitto.url, job, v2, keys, "10m"),
+                                 cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        wait_for(lambda: _state(tmp_path).get("hold_from"), 180, "the canary's reports")
+        first.kill()
+        first.wait()
+        before = _state(tmp_path)
+        assert all(before["devices"][d]["ok"] for d in before["canary"]), before
         code, out, st = _rollout(tmp_path, mosquitto.url, job, v2, keys)
         assert code == 0, out
+        assert st["rollout"] == before["rollout"] and st["canary"] == before["canary"]
         assert len(st["canary"]) == 2 and len(st["rest"]) == 6, st
         assert [h[1] for h in st["history"]] == ["canary", "all", "done"], st["history"]
-        # The canary had it before anyone else was asked.
+        # The canary had it before anyone else was asked (first reports: a restarted
+        # rollout sends the stage's commands again, and the devices report again).
         all_asked = st["issued"]["all"]
-        assert all(st["devices"][d]["time"] < all_asked for d in st["canary"]), st
-        assert all(st["devices"][d]["time"] >= all_asked for d in st["rest"]), st
+        assert all(st["devices"][d]["since"] < all_asked for d in st["canary"]), st
+        assert all(st["devices"][d]["since"] >= all_asked for d in st["rest"]), st
         assert all(r["ok"] and r["artifact_version"] == 2 for r in st["devices"].values())
         assert [_runs(tmp_path, k) for k in range(DEVICES)] == [2] * DEVICES
         code, out, _ = _rollout(tmp_path, mosquitto.url, job, v2, keys)  # restarted: done

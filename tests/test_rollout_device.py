@@ -128,3 +128,23 @@ def test_rollout_status_of_a_damaged_state_file(tmp_path):
     bad.write_text("{nope")
     code, _, err = run_fedge("rollout", "--job", "j", "--status", "--state", str(bad))
     assert_one_line_error(code, err, 2, f"--state {bad}: not a readable rollout state")
+
+
+def test_a_restarted_device_runs_the_newest_it_has(fleet):
+    tmp_path, keys, agent, trust, op = fleet
+    agent.rollouts.handle(_cmd(trust, "install", 2, 1, _release(tmp_path, keys, trust, op, 2)))
+    assert agent.rollouts.store.current == 2
+
+    def restarted(manifest) -> DeviceAgent:
+        again = DeviceAgent(agent.t, AgentOptions(
+            JOB, "dev-0", "rpi4", manifest=str(manifest), trust=agent.opts.trust,
+            key=agent.opts.key, server_key=agent.opts.server_key,
+            models_dir=agent.opts.models_dir), agent.x, agent.y)
+        again.check_export()
+        return again
+    # Started with v1 again (its unit's --manifest): the store's v2, not a refused rollback.
+    assert restarted(tmp_path / "v1" / "manifest.json").runtime["artifact_version"] == 2
+    v3 = tiny_release(tmp_path / "v3", JOB, 3, keys.server_key, ("rpi4",), seed=3)
+    again = restarted(v3)  # a bundle re-installed with a newer export: that one
+    assert again.runtime["artifact_version"] == 3 and again.rollouts.store.current == 3
+    assert again.rollouts.store.previous == 2

@@ -195,10 +195,11 @@ class Driver:
         st = self.st
         if st.stage == "canary":
             self._stage(st.canary, "install", "canary")
-            if not st.hold_until:
-                st.hold_until = time.time() + self.job.hold
+            if not st.hold_from:
+                st.hold_from = time.time()
                 st.save(self.job.state_path)
-            self._pump_for(st.hold_until - time.time())
+            # From the stored start: a restart continues the hold (with its own --hold).
+            self._pump_for(st.hold_from + self.job.hold - time.time())
             why = self._judge(st.canary)
             if why:
                 st.reason = why
@@ -238,8 +239,11 @@ class Driver:
     def _judge(self, devices: list[str]) -> str:
         """Why the canary fails (empty: it passes)."""
         reports = [self.st.devices.get(d, {}) for d in devices]
+        gone = {d for d in devices if getattr(self.statuses.get(d), "state", "") == "offline"}
+        for d in gone:  # went offline during the hold: an error too
+            self.st.devices.setdefault(d, {})["error"] = "offline after the install"
         bad = [d for d, r in zip(devices, reports)
-               if not (r.get("ok") and r.get("action") == "install")]
+               if d in gone or not (r.get("ok") and r.get("action") == "install")]
         rate = len(bad) / len(devices)
         if rate > self.job.max_error_rate:
             errors = "; ".join(f"{d}: {self.st.devices.get(d, {}).get('error') or 'no report'}"
@@ -276,9 +280,13 @@ class Driver:
         self.statuses[s.device] = s
         rep = s.versions.get("rollout")
         if isinstance(rep, dict) and rep.get("id") == self.st.rollout:
+            was, now = self.st.devices.get(s.device, {}), round(time.time(), 3)
+            same = was.get("action") == rep.get("action") and was.get("ok") == rep.get("ok")
             self.st.devices[s.device] = {
+                # This host's clock (a device's may be off): when the result first came.
+                "since": was.get("since", now) if same else now,
                 "action": rep.get("action"), "ok": bool(rep.get("ok")),
                 "artifact_version": s.versions.get("artifact_version"),
                 "latency_ms": rep.get("latency_ms"),
                 "previous_latency_ms": rep.get("previous_latency_ms"),
-                "error": rep.get("error", ""), "time": round(s.ts, 3)}
+                "error": rep.get("error", ""), "time": now}

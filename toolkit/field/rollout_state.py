@@ -9,7 +9,8 @@ One JSON document per job, written atomically (temporary file, fsync, rename)::
      "manifest": "/path/manifest.json", "manifest_sha256": ..., "stage": "canary",
      "canary": ["dev-3", "dev-6"], "rest": [...], "from": {"dev-3": 1, ...},
      "issued": {"canary": 1765..., "all": ..., "rollback": ...},
-     "hold_until": 1765..., "devices": {"dev-3": {"version": 2, "ok": true, ...}},
+     "hold_from": 1765..., "devices": {"dev-3": {"action": "install", "ok": true,
+     "artifact_version": 2, "since": <first report of this result>, "time": ..., ...}},
      "history": [[time, stage, note], ...]}
 
 Stages: ``canary`` -> ``all`` -> ``done``, or ``canary`` -> ``rolling-back`` ->
@@ -41,7 +42,7 @@ class RolloutState:
     rest: list[str] = field(default_factory=list)
     previous: dict[str, int] = field(default_factory=dict)  # device -> version before
     issued: dict[str, float] = field(default_factory=dict)  # stage -> command time
-    hold_until: float = 0.0
+    hold_from: float = 0.0  # when the canary had reported: the hold runs from here
     devices: dict[str, dict] = field(default_factory=dict)  # device -> its last report
     reason: str = ""
     history: list[list] = field(default_factory=list)
