@@ -13,17 +13,25 @@ import numpy as np
 FEATURES, CLASSES = 40, 10
 
 
-def tiny_model(seed: int) -> bytes:
-    """x (N, 40) float32 -> logits (N, 10): one Gemm with seeded weights."""
+def tiny_model(seed: int, hidden: int = 0) -> bytes:
+    """x (N, 40) float32 -> logits (N, 10): one Gemm with seeded weights; with
+    ``hidden``, two hidden Gemms of that width before it (a much slower variant)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    w = numpy_helper.from_array(rng.normal(size=(FEATURES, CLASSES)).astype(np.float32), "w")
-    b = numpy_helper.from_array(np.zeros(CLASSES, np.float32), "b")
+    widths = [FEATURES, *([hidden, hidden] if hidden else []), CLASSES]
+    nodes, inits, x = [], [], "x"
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        inits += [numpy_helper.from_array((rng.normal(size=(a, b)) / np.sqrt(a)).astype(
+                      np.float32), f"w{i}"),
+                  numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}")]
+        out = "logits" if b == CLASSES else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [out]))
+        x = out
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w", "b"], ["logits"])], "tiny",
+        nodes, "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", FEATURES])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], [w, b])
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -31,12 +39,12 @@ def tiny_model(seed: int) -> bytes:
 
 def tiny_release(out: Path, job: str, version: int, key_path: Path,
                  profiles: tuple[str, ...] = ("rpi4", "rpi5"), seed: int = 0,
-                 broken: bool = False) -> Path:
+                 broken: bool = False, hidden: int = 0) -> Path:
     """Write and sign the export; returns its manifest.json."""
     from toolkit.deploy.signing import load_key, sign_manifest
 
     out.mkdir(parents=True, exist_ok=True)
-    data = b"this is not an ONNX model" * 10 if broken else tiny_model(seed)
+    data = b"this is not an ONNX model" * 10 if broken else tiny_model(seed, hidden)
     devices = {}
     for p in profiles:
         rel = f"{p}/model.onnx"

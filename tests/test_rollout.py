@@ -23,12 +23,12 @@ DEVICES = 8
 PROFILES = ("rpi4", "rpi5")
 
 
-def _fleet(work: Path, url: str, job: str):
-    keys = fleet_keys(work, DEVICES)
+def _fleet(work: Path, url: str, job: str, devices: int = DEVICES):
+    keys = fleet_keys(work, devices)
     v1 = tiny_release(work / "v1", job, 1, keys.server_key, PROFILES, seed=1)
     (work / "data").mkdir()
     procs = []
-    for k in range(DEVICES):
+    for k in range(devices):
         rng = np.random.default_rng(k)
         np.savez(work / "data" / f"device-{k}.npz", x=rng.normal(size=(16, 40)).astype(
             np.float32), y=rng.integers(0, 10, 16))
@@ -36,17 +36,18 @@ def _fleet(work: Path, url: str, job: str):
             "--manifest", str(v1), "--models-dir", str(work / "models" / f"dev-{k}")],
             env={"FEDGE_HOME": str(work / f"home-{k}")}))
     wait_for(lambda: all((work / "models" / f"dev-{k}" / "current").is_symlink()
-                         for k in range(DEVICES)), 120, "every device running version 1")
+                         for k in range(devices)), 120, "every device running version 1")
     return keys, procs
 
 
-def _command(work: Path, url: str, job: str, manifest: Path, keys, hold: str) -> list[str]:
-    # --max-payload 1024: every artifact frame travels as chunks.
+def _command(work: Path, url: str, job: str, manifest: Path, keys, hold: str,
+             *extra: str) -> list[str]:
+    # --max-payload 1024 (unless extra says): every artifact frame travels as chunks.
     return [sys.executable, "-m", "toolkit", "rollout", "--manifest", str(manifest), "--job",
             job, "--broker", url, "--canary", "25%", "--hold", hold, "--fleet-wait",
             f"{scaled(6):g}s", "--report-timeout", f"{scaled(60):g}s", "--state",
             str(work / "rollout.json"), "--signing-key", str(keys.server_key),
-            "--registry", str(keys.registry), "--max-payload", "1024"]
+            "--registry", str(keys.registry), "--max-payload", "1024", *extra]
 
 
 def _state(work: Path) -> dict:
@@ -56,8 +57,10 @@ def _state(work: Path) -> dict:
         return {}
 
 
-def _rollout(work: Path, url: str, job: str, manifest: Path, keys, hold: str = "2s"):
-    p = subprocess.run(_command(work, url, job, manifest, keys, hold), capture_output=True,
+def _rollout(work: Path, url: str, job: str, manifest: Path, keys, hold: str = "2s",
+             *extra: str):
+    p = subprocess.run(_command(work, url, job, manifest, keys, hold, *extra),
+                       capture_output=True,
                        text=True, cwd=ROOT, timeout=scaled(300), env=_env())
     return p.returncode, p.stdout + p.stderr, _state(work)
 
@@ -127,5 +130,21 @@ def test_broken_artifact_rolls_the_canary_back(tmp_path, mosquitto):
             pred = Predictor.from_manifest(tmp_path / "models" / f"dev-{k}" / "current",
                                            PROFILES[k % 2])
             assert pred.predict(np.zeros((3, 40), np.float32)).shape == (3,)
+    finally:
+        _stop(procs)
+
+
+def test_a_much_slower_variant_rolls_the_canary_back(tmp_path, mosquitto):
+    job = "roll-3"
+    keys, procs = _fleet(tmp_path, mosquitto.url, job, devices=4)
+    try:  # two hidden layers of 1024: ~30x the per-sample latency of version 1
+        slow = tiny_release(tmp_path / "v2", job, 2, keys.server_key, PROFILES, hidden=1024)
+        code, out, st = _rollout(tmp_path, mosquitto.url, job, slow, keys, "2s",
+                                 "--max-latency-ratio", "4", "--max-payload", "131072")
+        assert code == 1, out
+        assert st["stage"] == "rolled-back" and "canary latency" in st["reason"], st
+        (d,) = st["canary"]
+        assert st["devices"][d]["ok"] and st["devices"][d]["action"] == "rollback", st
+        assert [_runs(tmp_path, k) for k in range(4)] == [1] * 4
     finally:
         _stop(procs)
