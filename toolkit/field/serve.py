@@ -85,9 +85,7 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
     fleet = ProfileCatalogue.load(job.profiles_file).select(job.profiles)
     allowed = LocalModels.parse(job.custom_models)  # the only factories it may name
     ckpt = checkpoint.load(job.checkpoint, allowed)
-    central = job.eval_data is not None or ckpt.dataset is not None or not job.evaluation.every
-    # Without a central test set, the devices' own evaluation is the only one.
-    public_x, x, y = server_data(ckpt, job.eval_data) if central else (None, None, None)
+    public_x, x, y = _central(job, ckpt)
     cfg, strategy_options = setup_strategy(
         job.strategy, ckpt.config, fleet, public_x, job.codec, job.strategy_options,
         ckpt.model, allowed)
@@ -112,7 +110,7 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
             if fold_options is not None else (None, None)
         try:
             agg = Aggregator(t, _serve_options(job, strategy_options), ckpt.config.to_json(),
-                             weights, evaluator(ckpt, x, y) if central else None,
+                             weights, evaluator(ckpt, x, y) if x is not None else None,
                              on_round or _print_round,
                              scale_out=scale, trust=trust)
             if sup:
@@ -129,6 +127,14 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
     _save(job, ckpt, agg.weights, report)
     print(f"done: {len(report['rounds'])} rounds, final accuracy {report['final_accuracy']}")
     return 0
+
+
+def _central(job: ServeJob, ckpt) -> tuple:
+    """``server_data``, or three Nones with --eval-every and neither --eval-data nor a
+    dataset the checkpoint names (the devices' evaluation is then the only one)."""
+    if job.eval_data is None and ckpt.dataset is None and job.evaluation.every:
+        return None, None, None
+    return server_data(ckpt, job.eval_data)
 
 
 def _serve_options(job: ServeJob, strategy_options: object):
