@@ -290,3 +290,6 @@ class Driver:
                 "latency_ms": rep.get("latency_ms"),
                 "previous_latency_ms": rep.get("previous_latency_ms"),
                 "error": rep.get("error", ""), "time": now}
+            if same:  # the same result again (a re-sent command): keep what was measured
+                for k in ("latency_ms", "previous_latency_ms"):
+                    self.st.devices[s.device][k] = was.get(k)
