@@ -119,12 +119,12 @@ class ArtifactStore:
                 shutil.rmtree(p, ignore_errors=True)
 
     def newest(self, manifest: str | Path) -> Path:
-        """What the device runs: the store's current version, unless the export it was
-        started with (``manifest``) is newer (a bundle re-installed with a later one)."""
-        if self.current is None:
-            return Path(manifest)
+        """What the device runs: the export it was started with (``manifest``), unless a
+        rollout has installed a newer version since (then the store's current)."""
+        if self.current is None or not (self.root / STATE).exists():
+            return Path(manifest)  # no rollout ever reached this store
         given = load_manifest(manifest).version or 0  # its signature is checked next
-        return Path(manifest) if given > self.current else self.folder(self.current)
+        return Path(manifest) if given >= self.current else self.folder(self.current)
 
     def adopt(self, manifest: str | Path, profile: str) -> None:
         """Install the (checked) export the device runs if the store lacks its version."""
