@@ -60,7 +60,7 @@ class AgentOptions:
     # Custom model factories this device may build (its operator's, never a message's).
     custom_models: LocalModels = NO_CUSTOM
     allow_rollback: bool = False  # the operator's word: accept an older export version
-    models_dir: str | None = None  # installed exports (rollouts); default $FEDGE_HOME/models/<job>
+    models_dir: str | None = None  # installed exports; default $FEDGE_HOME/models/<job>/<id>
 
 
 def status_will(topics: Topics, device: str, key: Signer) -> tuple[str, bytes]:
@@ -151,7 +151,8 @@ class DeviceAgent:
         from device_runtime.artifact_store import ArtifactStore
         from device_runtime.rollback import fedge_home
 
-        return ArtifactStore(self.opts.models_dir or fedge_home() / "models" / self.opts.job)
+        return ArtifactStore(self.opts.models_dir or
+                             fedge_home() / "models" / self.opts.job / self.device)
 
     def run(self) -> int:
         """Process messages until the job stops; returns the rounds this device trained.

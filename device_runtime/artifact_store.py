@@ -1,7 +1,8 @@
 """A device's installed exports: one folder per version, a ``current`` pointer swapped
 atomically, the previous version kept.
 
-Layout under the store's root (``$FEDGE_HOME/models/<job>`` unless ``--models-dir``)::
+Layout under the store's root (``$FEDGE_HOME/models/<job>/<device>`` unless
+``--models-dir``)::
 
     v3/manifest.json, v3/manifest.json.sig, v3/<artifact paths>   one per version
     current -> v3       the version the device runs (a symlink)
@@ -128,6 +129,13 @@ class ArtifactStore:
 
     def adopt(self, manifest: str | Path, profile: str) -> None:
         """Install the (checked) export the device runs if the store lacks its version."""
+        try:
+            self._adopt(manifest, profile)
+        except OSError as e:
+            raise ExportRefusedError(f"model store {self.root}: cannot install "
+                                     f"({e.strerror or e})") from None
+
+    def _adopt(self, manifest: str | Path, profile: str) -> None:
         m = load_manifest(manifest)
         if self.current == (m.version or 0):
             return

@@ -63,7 +63,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", help="this device's signing key: its status and updates are "
                    "signed with it (default: the credentials' signing_key)")
     p.add_argument("--models-dir", help="where rolled-out exports are installed (default "
-                   "$FEDGE_HOME/models/<job>); its current version wins over --manifest")
+                   "$FEDGE_HOME/models/<job>/<id>); a newer version a rollout installed there "
+                   "wins over an older --manifest")
     p.add_argument("--check", action="store_true", help="check the config, data, "
                    "credentials and signed artifacts, then exit without connecting")
     allow_arg(p)  # else the config file's allow_custom_model list
