@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from device_runtime.errors import ProviderError
+from device_runtime.threads import budget as thread_budget
 
 log = logging.getLogger("fedge.session")
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -70,17 +71,18 @@ def default_providers() -> list[str]:
 
 def open_session(model: str | Path | bytes, threads: int = 0,
                  providers: list[str] | None = None) -> ort.InferenceSession:
-    """A session on ``model`` (a path, or the model's bytes); ``threads`` = 0 lets ONNX
-    Runtime choose; ``providers`` defaults to ``default_providers()``.
+    """A session on ``model`` (a path, or the model's bytes); ``threads`` = 0: this
+    process's share of the cores (``device_runtime.threads``; ONNX Runtime's own
+    default takes every core in every process); ``providers`` defaults to
+    ``default_providers()``.
 
     If creating it fails with a provider other than the last, it is tried again
     with the rest of the list; the last failure is raised as it is.
     """
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only: warnings about unused initializers are noise
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
+    so.intra_op_num_threads = threads or thread_budget()
+    so.inter_op_num_threads = 1
     chain = list(providers) if providers else default_providers()
     src = model if isinstance(model, bytes) else str(model)
     what = "the model" if isinstance(model, bytes) else Path(model).name

@@ -116,7 +116,7 @@ def test_partition_cli_writes_shards_and_server_split(tmp_path, capsys):
 
 def test_partition_cli_bad_input(tmp_path, capsys):
     code = main(["partition", "--dataset", "nope", "--devices", "4", "--out", str(tmp_path)])
-    assert_one_line_error(code, capsys.readouterr().err, 3, "unknown dataset 'nope'")
+    assert_one_line_error(code, capsys.readouterr().err, 2, "unknown dataset 'nope'")
     code = main(["partition", "--dataset", "mnist1d:lots", "--devices", "4",
                  "--out", str(tmp_path / "x")])
     assert_one_line_error(code, capsys.readouterr().err, 3, "got 'lots'")

@@ -128,7 +128,7 @@ def test_untraceable_model_is_a_model_error():
 def test_pretrain_cli_bad_input(tmp_path, capsys):
     code = main(["pretrain", "--dataset", "mnist1d", "--model", "resnet9000",
                  "--out", str(tmp_path / "c")])
-    assert_one_line_error(code, capsys.readouterr().err, 5, "unknown model 'resnet9000'")
+    assert_one_line_error(code, capsys.readouterr().err, 2, "unknown model 'resnet9000'")
     code = main(["pretrain", "--dataset", "mnist1d", "--epochs", "0", "--out", str(tmp_path)])
     assert_one_line_error(code, capsys.readouterr().err, 2, "--epochs")
     code = main(["pretrain", "--dataset", "mnist1d", "--model", "nosuch.module:f",

@@ -262,7 +262,7 @@ def test_the_acl_grants_a_device_agent_every_topic_it_uses(fleet):
     a.connect()
     d.connect()
     a.subscribe(topics.update(), lambda t, p: got.put((t, p)))
-    time.sleep(scaled(0.2))
+    assert a.wait_subscribed(scaled(10))  # the broker granted it: what follows reaches it
     d.publish(topics.update(1, "dev-0"), frame)
     assert got.get(timeout=scaled(5)) == (topics.update(1, "dev-0"), frame)
     d.close()

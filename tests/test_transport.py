@@ -71,7 +71,7 @@ def test_publish_subscribe_and_large_frames_are_chunked(pair):
     a, b = pair("a", max_payload=16 * 1024), pair("b")
     q, h = _collector()
     b.subscribe("fedge/j/round/+/update/+", h)
-    time.sleep(scaled(0.3))
+    assert b.wait_subscribed(scaled(10))
     big, small = _frame(50_000), json.dumps({"status": "online"}).encode()
     sent = a.publish("fedge/j/round/3/update/dev-1", big)
     a.publish("fedge/j/round/3/update/dev-2", small)
@@ -292,3 +292,9 @@ def test_a_chunk_flood_from_one_sender_is_refused_and_an_honest_update_completes
     finally:
         for t in (server, evil, honest):
             t.close()
+
+
+def test_wait_subscribed_is_false_until_the_broker_granted_it():
+    t = MqttTransport("mqtt://127.0.0.1:1", "never-connected")
+    t.subscribe("fedge/j/plan", lambda topic, payload: None)
+    assert t.wait_subscribed(0.2) is False  # no broker, no SUBACK

@@ -33,6 +33,12 @@ class DatasetError(ToolkitError):
     exit_code = EXIT_DATA
 
 
+class UnknownDatasetError(DatasetError):
+    """A dataset argument names no built-in dataset and no file: a usage mistake."""
+
+    exit_code = EXIT_USAGE
+
+
 class CheckpointError(ToolkitError):
     """A checkpoint is missing, corrupt, or does not match its config."""
 
@@ -43,6 +49,12 @@ class ModelError(ToolkitError):
     """A model cannot be built, traced, pruned or split."""
 
     exit_code = EXIT_MODEL
+
+
+class UnknownModelError(ModelError):
+    """A model name that is not in the zoo: a usage mistake."""
+
+    exit_code = EXIT_USAGE
 
 
 class SecureError(ToolkitError):

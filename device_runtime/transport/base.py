@@ -152,6 +152,11 @@ class Transport(ABC):
         if not pattern.endswith("#"):  # '#' already covers the chunk sub-topics
             self._subscribe_raw(pattern + CHUNK_SEP + "+")
 
+    def wait_subscribed(self, timeout: float = 10.0) -> bool:
+        """Wait until the broker granted every subscription so far; a transport that
+        subscribes synchronously has nothing to wait for."""
+        return True
+
     def unsubscribe(self, pattern: str) -> None:
         with self._lock:
             self._handlers.pop(pattern, None)

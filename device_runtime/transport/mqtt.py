@@ -49,6 +49,10 @@ class MqttTransport(Transport):
         # mids whose PUBACK arrived, until their info leaves _pending (see _acked); set.add
         # and .discard are atomic, and paho calls on_publish holding its own lock.
         self._acked_mids: set[int] = set()
+        # SUBSCRIBE mids sent, and those the broker granted (a SUBACK may be handled on the
+        # network thread before subscribe() returns its mid, hence two sets)
+        self._sub_sent: set[int] = set()
+        self._sub_acked: set[int] = set()
         self.reconnects = 0
         c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                         clean_session=not persistent, protocol=paho.MQTTv311)
@@ -64,6 +68,7 @@ class MqttTransport(Transport):
         c.on_connect = self._on_connect
         c.on_message = lambda client, userdata, msg: self._deliver(msg.topic, msg.payload)
         c.on_publish = lambda client, userdata, mid, rc, props: self._acked_mids.add(mid)
+        c.on_subscribe = lambda client, userdata, mid, codes, props: self._sub_acked.add(mid)
         self._client = c
 
     @property
@@ -147,7 +152,7 @@ class MqttTransport(Transport):
             return
         self.backoff.reset()
         for p in sorted(self._patterns):
-            client.subscribe(p, qos=1)
+            self._subscribe_now(p)
         self._connected.set()
         try:
             self.on_connect()
@@ -192,7 +197,26 @@ class MqttTransport(Transport):
     def _subscribe_raw(self, pattern: str) -> None:
         self._patterns.add(pattern)
         if self._connected.is_set():
-            self._client.subscribe(pattern, qos=1)
+            self._subscribe_now(pattern)
+
+    def _subscribe_now(self, pattern: str) -> None:
+        rc, mid = self._client.subscribe(pattern, qos=1)
+        if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+            self._sub_sent.add(mid)
+
+    def wait_subscribed(self, timeout: float = 10.0) -> bool:
+        """Wait until the broker granted every subscription sent so far (its SUBACK): a
+        message published after that reaches this client. False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self._sub_sent & self._sub_acked
+            self._sub_sent -= done
+            self._sub_acked -= done
+            if not self._sub_sent and self._connected.is_set():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
     def _unsubscribe_raw(self, pattern: str) -> None:
         self._patterns.discard(pattern)

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from toolkit import strategies
+from toolkit.deploy.wheelhouse import TARGETS
+
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bundle", help="one device's install bundle: fedge wheel, its "
@@ -13,8 +16,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--broker", required=True, help="mqtt[s]://host:port the device uses")
     p.add_argument("--job", required=True)
     p.add_argument("--id", help="device id (default: the profile's name)")
-    p.add_argument("--strategy", default="fedavg", help="the job's strategy: torch is "
-                   "installed unless the device only runs inference (ecofed)")
+    p.add_argument("--strategy", default="fedavg", help="the job's strategy (one of "
+                   f"{', '.join(strategies.names())}): torch is installed unless the "
+                   "device only runs inference (ecofed)")
     p.add_argument("--signing-key", help="the Ed25519 key that signs the bundle's "
                    "SHA256SUMS, the one that signed the export (default: "
                    "$FEDGE_HOME/signing.key)")
@@ -31,7 +35,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("wheelhouse", help="download the third-party wheels a device "
                        "install needs, for the device's platform (uses the network)")
-    p.add_argument("--target", default="host", help="host, rpi-bookworm or jetson-jp6")
+    p.add_argument("--target", default="host", help="the device platform: one of "
+                   f"{', '.join(TARGETS)}")
     p.add_argument("--torch", action="store_true", help="also torch (devices that train)")
     p.add_argument("--out", required=True, help="folder for the wheels")
     p.set_defaults(func=wheelhouse)

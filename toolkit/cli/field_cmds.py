@@ -5,6 +5,7 @@ import argparse
 
 from pathlib import Path
 
+from device_runtime import threads
 from toolkit.cli import strategy_args
 from toolkit.cli.model_cmds import allow_arg
 
@@ -14,8 +15,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--broker", help="mqtt://host:port (default: start the embedded broker)")
     p.add_argument("--job", required=True)
     p.add_argument("--checkpoint", required=True, help="initial model")
-    p.add_argument("--strategy", default="fedavg")
-    p.add_argument("--codec", default="fp32")
+    strategy_args.name_args(p)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--min-devices", type=int, default=2, help="quorum per round")
     p.add_argument("--round-timeout", type=float, default=60.0, help="seconds")
@@ -49,7 +49,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile")
     p.add_argument("--profiles-file")
     p.add_argument("--data", help="the device's .npz shard (x, y)")
-    p.add_argument("--threads", type=int, help="torch threads for local training (1)")
+    p.add_argument("--threads", type=int, help="torch and onnxruntime threads (default: "
+                   "FEDGE_THREADS, else the cores this process may use)")
     p.add_argument("--max-payload", type=int, help="bytes per MQTT message (131072)")
     p.add_argument("--idle-timeout", type=float, default=None)
     p.add_argument("--credentials", help="DIR/credentials/<id>.json from fedge secure init: "
@@ -195,7 +196,7 @@ def device(args: argparse.Namespace) -> int:
 
     config = load_config(args.config) if args.config else None
     o = argparse.Namespace(**merge(vars(args), config))
-    o.threads = o.threads or 1
+    o.threads = o.threads or threads.budget()  # FEDGE_THREADS, else its share of the cores
     o.max_payload = o.max_payload or 128 * 1024
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {o.id} %(message)s")
     ProfileCatalogue.load(o.profiles_file).get(o.profile)

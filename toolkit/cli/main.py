@@ -8,12 +8,40 @@ exits with its ``exit_code``; argument mistakes exit 2, also on one line.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
+from device_runtime import threads
 from device_runtime.errors import EXIT_USAGE, FedgeError
 
 
+class _Help(argparse.HelpFormatter):
+    """--help names every option's default (not the empty ones: None, False, "")."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        d = action.default  # by identity: 0 == False, and 0 is a default worth showing
+        return bool(action.option_strings) and action.nargs != 0 and not (
+            d is None or d is False or d is argparse.SUPPRESS or d == "")
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):  # argparse skips help-less ones
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not self._shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, not usage + error
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
@@ -36,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        threads.configure()  # before anything imports torch
         code = args.func(args)
     except FedgeError as e:
         print(f"fedge {args.command}: error: {e}", file=sys.stderr)

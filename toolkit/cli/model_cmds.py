@@ -98,7 +98,6 @@ def pretrain(args: argparse.Namespace) -> int:
 
     for name in ("epochs", "batch_size", "lr", "width"):
         _positive(name.replace("_", "-"), getattr(args, name))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     spec = datasets.spec_for(args.dataset)
     ds = datasets.load(spec)
     cfg = zoo.make_config(args.model, ds.sample_shape, ds.num_classes, args.width,

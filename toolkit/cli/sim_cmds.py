@@ -20,8 +20,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strategy", default="fedavg")
-    p.add_argument("--codec", default="fp32")
+    strategy_args.name_args(p)
     p.add_argument("--profiles", default="rpi3b,rpi4,rpi5,jetson-orin-nano",
                    help="comma list, dealt round-robin over the devices")
     p.add_argument("--profiles-file")

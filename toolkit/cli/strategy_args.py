@@ -9,6 +9,17 @@ import argparse
 from toolkit import strategies
 
 
+def name_args(p: argparse.ArgumentParser) -> None:
+    """--strategy and --codec, their valid names in the help (checked when used, with a
+    one-line error listing them)."""
+    from device_runtime import codecs
+
+    p.add_argument("--strategy", default="fedavg",
+                   help=f"one of {', '.join(strategies.names())}")
+    p.add_argument("--codec", default="fp32", help="how updates travel: one of "
+                   f"{', '.join(codecs.CODECS.names())}")
+
+
 def add(p: argparse.ArgumentParser) -> None:
     """Each strategy's flags, a flag shared by several strategies once, grouped by the
     strategies that read them."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device_runtime import threads
 from toolkit.field.jobs import DemoJob
 
 PROFILES = ("rpi3b", "rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "android-mid")
@@ -50,7 +51,7 @@ def _start_devices(url: str, job: str, work: Path, n: int, keys) -> list[subproc
              "--id", f"dev-{k}", "--profile", PROFILES[k % len(PROFILES)],
              "--data", str(work / "data" / f"device-{k}.npz"), "--idle-timeout", "600",
              "--key", str(keys.device_key(f"dev-{k}")), "--trust", str(keys.server_pub)],
-            stdout=log, stderr=subprocess.STDOUT))
+            stdout=log, stderr=subprocess.STDOUT, env=threads.child_env(n + 1)))
     return procs
 
 

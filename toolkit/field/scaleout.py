@@ -64,7 +64,9 @@ def supervisor(job: ServeJob, url: str):
             if value:  # else the credentials' (or the default key), as serve found them
                 cmd += [flag, str(Path(value).resolve())]
         cmds[name], logs[name] = cmd, d / "worker.log"
-    return Supervisor(cmds, logs)
+    from device_runtime import threads
+
+    return Supervisor(cmds, logs, env=threads.child_env(job.scale_out.workers + 1))
 
 
 def start(job: ServeJob, transport, url: str, fold_options: dict, trust):

@@ -48,7 +48,9 @@ class Supervisor:
 
     def __init__(self, workers: dict[str, list[str]], logs: dict[str, Path],
                  max_restarts: int = MAX_RESTARTS, stable: float = STABLE,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 env: dict[str, str] | None = None):
+        self.env = dict(os.environ if env is None else env)  # the workers' (their threads)
         self.slots = [_Slot(name, cmd, logs[name]) for name, cmd in workers.items()]
         self.max_restarts, self.stable, self.clock = max_restarts, stable, clock
         self.restarts = 0  # over the job, for the report
@@ -110,7 +112,7 @@ class Supervisor:
     def _spawn(self, s: _Slot) -> None:
         with open(s.log_path, "ab") as out:  # the child keeps its own descriptor
             s.proc = subprocess.Popen(s.cmd, stdout=out, stderr=subprocess.STDOUT,
-                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                      env=dict(self.env, PYTHONUNBUFFERED="1"))
         s.started = self.clock()
 
 

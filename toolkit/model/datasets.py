@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.errors import DatasetError
+from toolkit.errors import DatasetError, UnknownDatasetError
 
 BUILTIN = ("mnist1d", "digits")
 # Bounds for mnist1d:N. Below 50 a 20% test split has under ten samples; generation
@@ -62,7 +62,7 @@ def spec_for(arg: str) -> DatasetSpec:
         return DatasetSpec("mnist1d", samples=_mnist1d_samples(arg[len("mnist1d:"):]))
     if arg.endswith(".npz") or Path(arg).exists():
         return DatasetSpec("npz", str(Path(arg).resolve()))
-    raise DatasetError(f"unknown dataset {arg!r}; valid: {', '.join(BUILTIN)}, mnist1d:N "
+    raise UnknownDatasetError(f"unknown dataset {arg!r}; valid: {', '.join(BUILTIN)}, mnist1d:N "
                        "(N samples) or a path to .npz")
 
 

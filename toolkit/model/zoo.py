@@ -17,7 +17,7 @@ from device_runtime.training.models import (  # noqa: F401  (re-exported)
     scaled,
 )
 from device_runtime.local_models import NO_CUSTOM, LocalModels
-from toolkit.errors import ModelError
+from toolkit.errors import ModelError, UnknownModelError
 
 
 def resolve_arch(name: str, input_shape: tuple[int, ...]) -> str:
@@ -31,7 +31,7 @@ def resolve_arch(name: str, input_shape: tuple[int, ...]) -> str:
             return "cnn2d"
         raise ModelError(f"model cnn: no zoo CNN for samples of shape {input_shape}")
     if name not in ARCHS:
-        raise ModelError(f"unknown model {name!r}; valid: cnn, {', '.join(ARCHS)} "
+        raise UnknownModelError(f"unknown model {name!r}; valid: cnn, {', '.join(ARCHS)} "
                          "or package.module:callable")
     return name
 

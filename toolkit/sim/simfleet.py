@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from device_runtime import threads
 from toolkit.errors import SimulationError
 from toolkit.planning.profiles import DeviceProfile
 
@@ -64,7 +65,7 @@ class DeviceProcesses:
         data = {"x": str(self.workdir / "x.npy"), "y": str(self.workdir / "y.npy")}
         np.save(data["x"], x, allow_pickle=False)
         np.save(data["y"], y, allow_pickle=False)
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+        env = dict(threads.child_env(procs + 1), PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                             os.environ.get("PYTHONPATH")])))
         for w in range(min(procs, len(fleet))):
