@@ -101,6 +101,7 @@ def round_record(rs, accuracy: float | None, duplicates: int, rejected: int) -> 
             "change_rms": {d: rs.norms[d] for d in sorted(rs.norms)},
             "reference_rms": rms(rs.references.get("full", {})),
             "refused": sorted(rs.refused),
+            **(rs.fold.record() if rs.fold is not None else {}),
             **round_evidence(rs.folded, len(rs.folded), duplicates, rejected)}
 
 
@@ -142,7 +143,8 @@ def job_report(agg) -> dict:
             "device_errors": dict(agg.device_errors),
             "duplicates": agg.duplicates,
             "uplink_bytes_total": sum(h["uplink_bytes"] for h in hist),
-            "downlink_bytes_total": sum(h["downlink_bytes"] for h in hist)}
+            "downlink_bytes_total": sum(h["downlink_bytes"] for h in hist),
+            **agg.strategy.report()}
 
 
 @dataclass

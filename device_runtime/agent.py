@@ -276,7 +276,7 @@ class DeviceAgent:
                 log.warning("round %d: asset %r never arrived", task.round, name)
                 return
             down += fetched
-        kind = uplinks.get(task.uplink)  # its module (torch, for training) loads now
+        kind = self.uplink(task.uplink)  # its module (torch, for training) loads now
         if kind.asset and not any(n.split("-")[0] == kind.asset for n in task.assets):
             raise messages.MessageError(f"task.assets: expected {kind.asset!r} with uplink "
                                         f"{task.uplink}")
@@ -293,6 +293,10 @@ class DeviceAgent:
                              "samples": _samples_seen(task, len(self.y)), "epochs": 1,
                              "passes": kind.passes,
                              "seconds": round(time.perf_counter() - t0, 4)})
+
+    def uplink(self, kind: str) -> uplinks.Uplink:
+        """The work for a task of uplink ``kind`` (a simulated attacker replaces it)."""
+        return uplinks.get(kind)
 
     def _wait_model(self, task: messages.Task) -> tuple[bytes, int, str] | None:
         """(the model frame named by the task, bytes fetched for it, "sync" or "full"):

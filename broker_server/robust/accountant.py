@@ -109,3 +109,32 @@ def noise_multiplier(target_epsilon: float, rounds: int, sampling_rate: float,
     return float(mechanism_calibration.calibrate_dp_mechanism(
         lambda: _accountant("rdp"), make, target_epsilon, delta,
         mechanism_calibration.ExplicitBracketInterval(1e-2, 1e3), tol=1e-3))
+
+
+class Ledger:
+    """A job's running account (RDP): one composition a round at that round's sampling
+    rate, so a rate that changes (devices that come and go) is accounted as it was."""
+
+    def __init__(self, noise_multiplier: float, delta: float):
+        _check(0, noise_multiplier, 1.0, delta)
+        self.noise_multiplier, self.delta = noise_multiplier, delta
+        self.rates: list[float] = []
+        self._acc = None
+
+    def spend(self, sampling_rate: float) -> float:
+        """Account one more round at ``sampling_rate``; the epsilon spent so far."""
+        _check(1, self.noise_multiplier, sampling_rate, self.delta)
+        if self._acc is None:
+            self._acc = _accountant("rdp")
+        self._acc.compose(_event(self.noise_multiplier, sampling_rate))
+        self.rates.append(float(sampling_rate))
+        return float(self._acc.get_epsilon(self.delta))
+
+    def epsilon(self) -> float:
+        return 0.0 if self._acc is None else float(self._acc.get_epsilon(self.delta))
+
+    def load(self, rates: list[float]) -> None:
+        """Recompose the rounds of a resumed job (``rates`` from ``self.rates``)."""
+        self.rates, self._acc = [], None
+        for r in rates:
+            self.spend(float(r))

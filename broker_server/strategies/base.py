@@ -79,6 +79,10 @@ class Strategy(ABC):
         its fold matters); None: not one a worker can fold."""
         return None
 
+    def report(self) -> dict:
+        """Entries for the job report (e.g. the robust rule's name, the DP epsilon)."""
+        return {}
+
     def state(self) -> dict:
         """JSON state saved with every checkpoint (e.g. FV voting weights)."""
         return {}

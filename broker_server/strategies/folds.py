@@ -54,6 +54,10 @@ class Fold(ABC):
         """Whether ``partial`` and ``merge_partial`` work (scale-out workers)."""
         return False
 
+    def record(self) -> dict:
+        """Entries for the round log once ``result`` ran (e.g. the robust step's)."""
+        return {}
+
     def partial(self) -> tuple[Weights, dict]:
         """This fold's sums as wire tensors and JSON, for the coordinator to merge."""
         raise NotImplementedError(f"{type(self).__name__} cannot be split over workers")
@@ -112,9 +116,14 @@ class MeanFold(Fold):
 
 class FedMRNMean(Fold):
     """FedAvg of ``reference + noise * mask_k``: the noise is the round's, shared by all
-    devices, so the mean is ``reference + noise * (sum_k n_k mask_k) / sum_k n_k``."""
+    devices, so the mean is ``reference + noise * (sum_k n_k mask_k) / sum_k n_k``.
 
-    def __init__(self, codec: FedMRNCodec, ctx: CodecContext):
+    ``share_cap`` > 0: each device's sample weight is cut to at most that share of the
+    round's total (``robust.votes.cap_shares``, whole samples), so that no device moves a
+    weight by more than share_cap x |noise|; the total is known at the close, so the fold
+    then holds each update's mask bits and dense vectors until ``result``."""
+
+    def __init__(self, codec: FedMRNCodec, ctx: CodecContext, share_cap: float = 0.0):
         if ctx.reference is None:
             raise ValueError("FedMRNMean needs the round's global model as reference")
         self.codec, self.ctx = codec, ctx
@@ -123,14 +132,30 @@ class FedMRNMean(Fold):
         self.n_bits = sum(int(np.prod(self.shapes[k], dtype=np.int64)) for k in self.masked)
         self.bits = BitSum((self.n_bits + 7) // 8)
         self.rest = PartialSum()  # the full-precision vectors
+        self.cap, self.held = share_cap, {}
 
     def add(self, device: str, samples: int, tensors: Weights, params: dict,
             variant: str = "full") -> None:
         self.codec.check(tensors, params, self.ctx, self.shapes)
-        self.bits.add(tensors["mask"], int(samples))
+        if self.cap:
+            self.held[device] = (tensors, int(samples))
+            return
+        self._add(tensors, int(samples))
+
+    def _add(self, tensors: Weights, samples: int) -> None:
+        self.bits.add(tensors["mask"], samples)
         self.rest.add({"dense": tensors["dense"], "stats": tensors["stats"]}, float(samples))
 
     def result(self) -> Weights:
+        if self.held:
+            from broker_server.robust.votes import cap_shares
+
+            devices = sorted(self.held)
+            counts = np.array([self.held[d][1] for d in devices], np.float64)
+            capped = cap_shares(counts, max(self.cap, 1.0 / len(devices)), steps=1)
+            for d, w in zip(devices, capped):
+                self._add(self.held[d][0], max(int(w), 1))
+            self.held = {}
         total = self.bits.total_weight
         frac = self.bits.counts(self.n_bits).astype(np.float32) * np.float32(1.0 / total)
         if self.codec.signed:  # m in {-1, +1}: E[m] = 2 * P(bit) - 1
@@ -147,7 +172,7 @@ class FedMRNMean(Fold):
 
     @property
     def splittable(self) -> bool:
-        return True
+        return not self.cap  # a share needs the whole round's total
 
     def partial(self) -> tuple[Weights, dict]:
         bits, bits_meta = bits_out(self.bits, "bits")

@@ -33,6 +33,10 @@ class SignSGDOptions:
     # How FV estimates p_m: "vote" (agreement with the others' vote, the paper's) or
     # "pairs" (pairwise agreement, voting.pairwise_reliability); per device only.
     estimate: str = "vote"
+    # FV: each device's |weight| at most this share of the round's total (0: no cap;
+    # ``broker_server.robust.votes``): a device that earned the top weight cannot
+    # decide coordinates the honest devices agree on.
+    vote_cap: float = 0.0
 
 
 class SignSGD(Strategy):
@@ -65,6 +69,9 @@ class SignSGD(Strategy):
         if not self.opts.server_lr_half_life >= 0:
             raise ValueError("server_lr_half_life: expected >= 0 rounds (0: constant), got "
                              f"{self.opts.server_lr_half_life}")
+        if not 0 <= self.opts.vote_cap <= 1:
+            raise ValueError(f"vote_cap: expected a share in [0, 1] (0: none), got "
+                             f"{self.opts.vote_cap}")
         if self.opts.agreement_sample < 1:
             raise ValueError("agreement_sample: expected >= 1 coordinates, got "
                              f"{self.opts.agreement_sample}")
@@ -93,8 +100,8 @@ class SignSGD(Strategy):
         signs = [_signs(u, global_weights) for u in updates]
         stats = weighted_average([({k: u.weights[k] for k in global_weights if is_statistic(k)},
                                    float(u.samples)) for u in updates])
-        weights = [self.votes.weight(u.device) if self.weighted(round_) else 1.0
-                   for u in updates]
+        weights = self.capped([self.votes.weight(u.device) if self.weighted(round_) else 1.0
+                               for u in updates], round_)
         sums = vote_sums(signs, weights)
         decoded = {k: np.sign(v).astype(np.int8) for k, v in sums.items()}
         if self.opts.decoder == "fv" and self.opts.estimate == "pairs":
@@ -114,6 +121,18 @@ class SignSGD(Strategy):
                 self.votes.update(u.device, s,
                                   others_vote(ref, s, 1.0 if self.opts.per_coordinate else w))
         return self.step(round_, global_weights, decoded, stats)
+
+    def capped(self, weights: list, round_: int) -> list:
+        """The round's vote weights with each device's share capped (``vote_cap``)."""
+        if not self.opts.vote_cap or not self.weighted(round_):
+            return weights
+        from broker_server.robust.votes import cap_vote_weights
+
+        # Fewer devices than 1 / cap reported: each may hold at most an equal share.
+        return cap_vote_weights(weights, max(self.opts.vote_cap, 1.0 / max(len(weights), 1)))
+
+    def report(self) -> dict:
+        return {"vote_cap": self.opts.vote_cap} if self.opts.vote_cap else {}
 
     def server_lr(self, round_: int) -> float:
         """The server step of round ``round_`` (1-based): halved every half-life."""

@@ -14,6 +14,10 @@ over the ~100 rounds the discounted counters average (a weight error of about
 0.005), while exact leave-one-out counts over 10M coordinates cost more than the
 vote, and 8,192 coordinates cost 2 ms a round at 100 devices.
 Running statistics arrive as float16 values and are averaged by samples.
+With a vote cap (``SignSGDOptions.vote_cap``, FV past warm-up) a device's share
+needs the round's total weight, known only when the round closes: the fold then
+holds each update's packed bits until ``result`` (n x params / 8 bytes: 20 devices
+x 1M parameters, 2.5 MB) and adds them with the capped weights.
 """
 from __future__ import annotations
 
@@ -52,6 +56,8 @@ class VoteFold(Fold):
             self.where_byte, self.where_bit = self.where >> 3, (self.where & 7).astype(np.uint8)
         self.sampled: dict[str, np.ndarray] = {}  # device -> its bytes at ``where``
         self.q: dict[str, int] = {}
+        self.held: dict[str, tuple[np.ndarray, float]] = {}  # capped: (bits, weight)
+        self.cap = strategy.opts.vote_cap if self.weighted else 0.0
 
     def _sample(self, round_: int) -> np.ndarray:
         """Bit positions (in the concatenated packed vector) where agreement is measured."""
@@ -68,14 +74,25 @@ class VoteFold(Fold):
         stats = check_payload(tensors, params, self.all_shapes)
         vec = np.concatenate([tensors[k] for k in self.shapes])
         w = self.strategy.votes.weight(device) if self.weighted else 1.0
-        q = int(round(w * WEIGHT_STEPS))
-        self.bits.add(vec, abs(q), invert=q < 0)
         if self.records:
             self.sampled[device] = vec[self.where_byte]  # bytes; bits taken in result
-        self.q[device] = q
         self.stats.add(stats, float(samples))
+        if self.cap:
+            self.held[device] = (vec, w)
+            return
+        self._vote(device, vec, w)
+
+    def _vote(self, device: str, vec: np.ndarray, w: float) -> None:
+        q = int(round(w * WEIGHT_STEPS))
+        self.bits.add(vec, abs(q), invert=q < 0)
+        self.q[device] = q
 
     def result(self) -> Weights:
+        if self.held:
+            devices = sorted(self.held)
+            capped = self.strategy.capped([self.held[d][1] for d in devices], self.round)
+            for d, w in zip(devices, capped):
+                self._vote(d, self.held[d][0], float(w))
         # sum_m q_m s_m = 2 * count - total: positive where count > total // 2,
         # negative where count < ceil(total / 2) (integers, no overflow).
         counts, total = self.bits.counts(), self.bits.total_weight

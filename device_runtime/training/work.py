@@ -71,7 +71,9 @@ def _send_logits(agent, task, model, res: LocalResult, frame) -> tuple[dict, dic
     return {"logits": predict_logits(model, agent.asset(task, "public")["x"])}, None
 
 
-def _train(answer: Answer):
+def train_uplink(answer: Answer):
+    """The uplink work that trains the task's model and sends what ``answer`` makes of
+    it (the device's own: its weights or logits; a simulated attacker's: poisoned)."""
     def work(agent, task: messages.Task, frame_bytes: bytes) -> bytes:
         if agent.plan is None:
             raise messages.MessageError("task arrived before the plan")
@@ -84,5 +86,5 @@ def _train(answer: Answer):
     return work
 
 
-WEIGHTS = Uplink(_train(send_weights))
-LOGITS = Uplink(_train(_send_logits), asset="public")
+WEIGHTS = Uplink(train_uplink(send_weights))
+LOGITS = Uplink(train_uplink(_send_logits), asset="public")

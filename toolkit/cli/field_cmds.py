@@ -153,7 +153,8 @@ def serve_job(args: argparse.Namespace):
                    custom_models=tuple(args.allow_custom_model or ()))
     cat = ProfileCatalogue.load(args.profiles_file)
     names = [p.name for p in cat.select(args.profiles)]
-    return replace(job, strategy_options=strategy_args.options(args, cat, names))
+    return replace(job, strategy_options=strategy_args.options(args, cat, names,
+                                                               per_round=args.min_devices))
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:

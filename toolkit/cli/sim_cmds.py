@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from toolkit.cli import model_cmds, strategy_args
-from toolkit.cli.field_cmds import downlink_arg, train_args
+from toolkit.cli.field_cmds import downlink_arg, guard_args, train_args
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=float, default=1.0)
     train_args(p)
     downlink_arg(p)
+    guard_args(p)
     p.add_argument("--broker", help="mqtt://host:port (default: in-memory transport)")
     p.add_argument("--procs", type=int, default=1,
                    help="with --broker: run the devices, one MQTT client each, in this many "
@@ -36,6 +37,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-samples", type=int, default=10,
                    help="per device; shards left shorter by the Dirichlet draw are topped up")
     strategy_args.add(p)
+    p.add_argument("--attack", default="", metavar="KIND:COUNT[:SCALE]",
+                   help="the first COUNT devices attack: replace, signflip, noise, lie or "
+                   "labelflip (toolkit/sim/attackers.py)")
     p.add_argument("--export", help="write the final model's artifacts for the fleet here")
     model_cmds.signing_key_arg(p)
     p.add_argument("--json", required=True)
@@ -50,7 +54,8 @@ def simulate(args: argparse.Namespace) -> int:
     from toolkit.strategies.setups import check_strategy
 
     check_options(SimOptions(devices=args.devices, rounds=args.rounds, broker=args.broker,
-                             procs=args.procs, min_samples=args.min_samples))
+                             procs=args.procs, min_samples=args.min_samples,
+                             attack=args.attack))
     check_strategy(args.strategy)
     codecs.get(args.codec)
     check_downlink(args.downlink, args.strategy)
@@ -60,15 +65,18 @@ def simulate(args: argparse.Namespace) -> int:
                       args.strategy, args.codec, args.model, args.width, tuple(profiles),
                       args.epochs, args.batch_size, args.lr, broker=args.broker,
                       procs=args.procs, min_samples=args.min_samples,
-                      downlink=args.downlink,
+                      downlink=args.downlink, attack=args.attack,
+                      norm_bound=args.norm_bound, max_samples=args.max_samples,
                       strategy_options=strategy_args.options(args, cat, profiles, args.devices))
+
+    from toolkit.strategies.robust import round_note
 
     def show(rec: dict) -> None:
         fleet = (f"  aggregator {rec['aggregator_cpu_seconds']:.2f} CPU s, "
                  f"{rec['aggregator_rss_mb']:.0f} MB") if "aggregator_cpu_seconds" in rec else ""
         print(f"round {rec['round']:3d}  accuracy {rec['accuracy']:.4f}  "
               f"uplink {rec['uplink_bytes']:>10,} B  devices {rec['devices_reporting']}  "
-              f"{rec['seconds']:.1f} s{fleet}", file=sys.stderr, flush=True)
+              f"{rec['seconds']:.1f} s{fleet}{round_note(rec)}", file=sys.stderr, flush=True)
     key = model_cmds.signing_key(args) if args.export else None  # before the long part
     report, ckpt = run_simulation(opts, show, cat)
     if args.export:

@@ -35,9 +35,15 @@ def add(p: argparse.ArgumentParser) -> None:
         groups[title].add_argument(*flag.names, **flag.kwargs)
 
 
-def options(args: argparse.Namespace, cat, profiles: list[str], devices: int = 0):
-    """The typed options of ``args.strategy``, or None for its defaults."""
+def options(args: argparse.Namespace, cat, profiles: list[str], devices: int = 0,
+            per_round: int = 0):
+    """The typed options of ``args.strategy``, or None for its defaults; a robust or
+    vote-cap flag the strategy does not read is a UsageError."""
+    from toolkit.strategies.robust import refuse_unused
+
     spec = strategies.get(args.strategy)
+    refuse_unused(args, args.strategy, spec.flags)
     if spec.from_args is None:
         return None
-    return spec.from_args(args, strategies.ArgsContext(cat, profiles, devices))
+    return spec.from_args(args, strategies.ArgsContext(cat, profiles, devices,
+                                                       per_round or devices))

@@ -175,8 +175,11 @@ def _credentials(broker: BrokerSettings) -> dict:
 
 
 def _print_round(rec: dict) -> None:
+    from toolkit.strategies.robust import round_note
+
     print(f"round {rec['round']:3d}  accuracy {rec['accuracy']}  up {rec['uplink_bytes']:,} B  "
-          f"down {rec['downlink_bytes']:,} B  devices {rec['devices_reporting']}", flush=True)
+          f"down {rec['downlink_bytes']:,} B  devices {rec['devices_reporting']}"
+          f"{round_note(rec)}", flush=True)
     if "device_eval" in rec:
         print(f"          {eval_line(rec['device_eval'])}", flush=True)
 

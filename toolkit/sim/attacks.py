@@ -15,6 +15,7 @@ they give is a bound: its shift stays within z honest standard deviations.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
@@ -23,6 +24,7 @@ from toolkit.errors import UsageError
 
 Weights = dict[str, np.ndarray]
 ATTACKS = ("replace", "signflip", "noise", "lie")
+KINDS = ATTACKS + ("labelflip",)  # what ``fedge simulate --attack`` takes
 
 
 def _change(update: Weights, reference: Weights) -> Weights:
@@ -95,6 +97,33 @@ def little_is_enough(seen: list[Weights], z: float) -> Weights:
         v = np.stack([u[k].astype(np.float64) for u in seen])
         out[k] = (v.mean(axis=0) + z * v.std(axis=0)).astype(np.float32)
     return out
+
+
+@dataclass(frozen=True)
+class Attack:
+    """``count`` devices (dev-0 .. dev-{count-1}) attack with ``kind``; ``scale``: the
+    sign flip's factor, replace's boost (0: devices / count), the noise's std."""
+
+    kind: str
+    count: int
+    scale: float = 0.0
+
+
+def parse_attack(text: str, devices: int) -> Attack:
+    """``kind:count[:scale]`` (e.g. ``signflip:4``) for a fleet of ``devices``."""
+    kind, *rest = text.strip().split(":")
+    if kind not in KINDS:
+        raise UsageError(f"--attack: unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+    if not 1 <= len(rest) <= 2:
+        raise UsageError(f"--attack: expected kind:count[:scale], got {text!r}")
+    try:
+        count, scale = int(rest[0]), float(rest[1]) if len(rest) > 1 else 0.0
+    except ValueError:
+        raise UsageError(f"--attack: count and scale must be numbers, got {text!r}") from None
+    if not 0 <= count < devices or scale < 0:
+        raise UsageError(f"--attack: count must be in [0, {devices - 1}] and scale >= 0, "
+                         f"got {count} and {scale}")
+    return Attack(kind, count, scale)
 
 
 def poison(kind: str, updates: list[Weights], reference: Weights, attackers: int,

@@ -49,6 +49,7 @@ class SimOptions:
     downlink: str = "fp32"  # the model to devices: whole, or a coded change (downlink.py)
     norm_bound: float = NORM_BOUND  # the aggregator's guard (broker_server/guard.py)
     max_samples: int = MAX_SAMPLES
+    attack: str = ""  # kind:count[:scale]: the first count devices attack (attackers.py)
 
     def custom_models(self):
         """The allowlist of this run's own agents and rebuilds: the factory ``model``
@@ -141,6 +142,12 @@ def check_options(opts: SimOptions) -> None:
                          f"clients in one process, at most {MAX_CLIENTS_PER_PROCESS} fit "
                          f"(paho's select() takes file descriptors below 1024); use --procs "
                          f"{need} or more")
+    if opts.attack:
+        from toolkit.sim.attacks import parse_attack
+
+        parse_attack(opts.attack, opts.devices)
+        if opts.procs > 1:
+            raise UsageError("--attack: the attackers run in this process; drop --procs")
 
 
 def _shards(opts: SimOptions, labels: np.ndarray) -> list[np.ndarray]:
@@ -162,12 +169,15 @@ def _run_local(opts: SimOptions, job: str, ds, fleet: list[DeviceProfile], shard
 
     make = _transports(opts, opts.devices, job, keys)
     agents, threads = [], []
+    attacker = _attackers(opts, ds.num_classes)
     for k, (prof, idx) in enumerate(zip(fleet, shards)):
         dev = f"dev-{k}"
-        a = DeviceAgent(make(dev, dev), AgentOptions(job, dev, prof.name, key=keys.device(dev),
-                                                     server_key=keys.server.public,
-                                                     custom_models=opts.custom_models()),
-                        ds.x_train[idx], ds.y_train[idx])
+        agent_opts = AgentOptions(job, dev, prof.name, key=keys.device(dev),
+                                  server_key=keys.server.public,
+                                  custom_models=opts.custom_models())
+        x, y = ds.x_train[idx], ds.y_train[idx]
+        a = attacker(make(dev, dev), agent_opts, x, y) if k < attacker.count \
+            else DeviceAgent(make(dev, dev), agent_opts, x, y)
         agents.append(a)
         threads.append(threading.Thread(target=a.run, daemon=True, name=dev))
     for th in threads:
@@ -180,6 +190,22 @@ def _run_local(opts: SimOptions, job: str, ds, fleet: list[DeviceProfile], shard
     for t in [agg_t, *(a.t for a in agents)]:
         t.close()
     return agg, report, [SimDevice(a.device, int(len(a.y)), a.history) for a in agents]
+
+
+def _attackers(opts: SimOptions, classes: int):
+    """A factory of the run's attacking agents (``count`` 0: none attack)."""
+    from toolkit.sim.attackers import AttackerAgent, Collusion
+    from toolkit.sim.attacks import parse_attack
+
+    attack = parse_attack(opts.attack, opts.devices) if opts.attack else None
+    count = attack.count if attack else 0
+    board = Collusion(count)
+
+    def make(transport, agent_opts, x, y):
+        return AttackerAgent(transport, agent_opts, x, y, attack, opts.devices, classes,
+                             board, opts.seed)
+    make.count = count
+    return make
 
 
 def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = None,
@@ -279,6 +305,7 @@ def _add_fleet_figures(report: dict, opts: SimOptions, agents, fleet,
                                              for h in a.history])}
         for a, p in zip(agents, fleet)]
     report.update({"broker": opts.broker or "memory", "dataset": opts.dataset,
+                   "attack": opts.attack or None,
                    "alpha": opts.alpha, "seed": opts.seed,
                    "uplink_bytes_total": sum(d["uplink_bytes"] for d in report["devices"]),
                    "downlink_bytes_total": sum(d["downlink_bytes"] for d in report["devices"])})

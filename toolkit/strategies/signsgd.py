@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from toolkit.errors import UsageError
+from toolkit.strategies.robust import VOTE_CAP, vote_cap
 from toolkit.strategies.spec import ArgsContext, Flag, StrategySpec
 
 FLAGS = (
@@ -24,6 +25,7 @@ FLAGS = (
     Flag(("--batch-sizes",), {
         "help": "comma list, one per device (default: in proportion to each profile's "
                 "compute, 4..128)"}),
+    VOTE_CAP,
 )
 
 
@@ -42,6 +44,7 @@ def _from_args(args: argparse.Namespace, ctx: ArgsContext):
                           batch_by_device=_batch_sizes(args.batch_sizes, ctx.devices),
                           estimate=args.sign_estimate,
                           server_lr_half_life=args.server_lr_half_life,
+                          vote_cap=vote_cap(args, ctx.per_round),
                           batch_by_profile=batch_by_compute([ctx.catalogue.get(p)
                                                              for p in ctx.profiles]))
 

@@ -28,6 +28,7 @@ class ArgsContext:
     catalogue: Any  # toolkit.planning.profiles.ProfileCatalogue
     profiles: list[str]  # the fleet's profile names
     devices: int = 0  # ``fedge simulate``: the number of devices (0: unknown)
+    per_round: int = 0  # devices a round at least (simulate: all; serve: --min-devices)
 
 
 @dataclass(frozen=True)
