@@ -223,12 +223,8 @@ class DeviceAgent:
     def _on_plan(self, payload: bytes) -> None:
         # A custom model the operator did not allow: refused, the old plan stays.
         self.plan = self.server.take_plan(payload, self.opts.custom_models.check_json)
-        holdout = self.plan.train.get("holdout", 0.0)
-        if not isinstance(holdout, (int, float)) or isinstance(holdout, bool):
-            raise messages.MessageError(f"plan.train.holdout: expected a fraction, got "
-                                        f"{holdout!r}")
         (self.x, self.y), (self.eval_x, self.eval_y) = holdout_split(
-            *self._shard, float(holdout), self.device)
+            *self._shard, self.plan.train.get("holdout", 0.0), self.device)
         waiting, self._before_plan = self._before_plan, []
         for item in waiting:  # tasks and stops that came first: judged by this plan
             self._handle(*item)

@@ -33,13 +33,15 @@ def load_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
-def holdout_split(x: np.ndarray, y: np.ndarray, fraction: float, device: str
+def holdout_split(x: np.ndarray, y: np.ndarray, fraction: object, device: str
                   ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """((x, y) to train on, (x, y) held out for evaluation): ``fraction`` of the shard,
     drawn by a permutation seeded by the device id, so a restarted device holds out
     the same samples and never trains on them."""
-    if not 0.0 <= fraction < 1.0:
-        raise InputArrayError(f"holdout: expected a fraction in [0, 1), got {fraction!r}")
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or \
+            not 0.0 <= fraction < 1.0:  # from the (signed) plan: still checked
+        raise InputArrayError(f"plan.train.holdout: expected a fraction in [0, 1), got "
+                              f"{fraction!r}")
     n_eval = int(round(len(y) * fraction))
     if n_eval == 0:
         return (x, y), (x[:0], y[:0])

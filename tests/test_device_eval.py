@@ -132,3 +132,12 @@ def test_serve_without_a_central_test_set_reports_the_devices(mosquitto, tmp_pat
         assert rec["accuracy"] is None and de["devices_reporting"] == 2, rec
         assert 0.0 <= de["accuracy"] <= 1.0 and de["samples"] > 0, de
     assert "on devices: accuracy" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, "0.2", True])
+def test_a_bad_holdout_in_the_plan_is_named(bad):
+    from device_runtime.errors import InputArrayError
+
+    x, y = np.zeros((10, 2), np.float32), np.zeros(10, np.int64)
+    with pytest.raises(InputArrayError, match="plan.train.holdout: expected a fraction"):
+        holdout_split(x, y, bad, "dev-1")
