@@ -1,7 +1,8 @@
 """What the aggregator and its scale-out workers (``broker_server/workers.py``) share at
 the boundary: the checks every update passes before it is folded in (so both accept
 and refuse exactly the same payloads), and the loop step that handles queued
-messages without letting a bad one stop the service."""
+messages without letting a bad one stop the service; and the aggregator's reload of
+the updates it accepted before a restart."""
 from __future__ import annotations
 
 import logging
@@ -62,3 +63,25 @@ def pump(events: queue.Queue, timeout: float, parse: Callable[[str], dict],
             item = events.get_nowait()
         except queue.Empty:
             item = None
+
+
+def reload_accepted(agg, rs) -> None:
+    """For ``agg`` (an ``Aggregator``) opening round ``rs``: updates accepted before a
+    crash count again; none is lost (each still signed by its device). Updates sent
+    while no round was open were refused: the device answers the task again when it
+    is re-sent with the same nonce. A saved update that is damaged, not this round's or
+    not signed by its device is named and rejected; its device is asked again like any
+    other that has not reported."""
+    saved, damaged = agg.store.accepted_updates(rs.number)
+    for device, why in damaged:
+        agg._reject({"round": rs.number, "device": device, "kind": "update"}, why)
+    for device, (_, payload) in saved.items():
+        try:
+            frame = agg.trust.update(payload, wire.Expect(
+                kind="update", job=agg.opts.job, round=rs.number), device)
+            agg._fold_in(rs, frame, payload, enforce=False)  # checked when accepted
+        except FedgeError as e:
+            agg._reject({"round": rs.number, "device": device, "kind": "update"},
+                         f"saved update of round {rs.number}: {e}")
+            continue
+        rs.uplink_bytes += len(payload)

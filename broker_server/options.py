@@ -26,6 +26,8 @@ class ServeOptions:
     downlink: str = "fp32"  # how the model reaches devices: fp32 whole, or a coded change
     max_samples: int = MAX_SAMPLES  # the most samples any update counts with (guard.py)
     norm_bound: float = NORM_BOUND  # refuse a change RMS above this x the median (guard.py)
+    eval_every: int = 0  # devices score the global model every K rounds (evaluation.py)
+    holdout: float = 0.2  # with eval_every: the part of each shard devices never train on
 
 
 __all__ = ["ServeOptions"]

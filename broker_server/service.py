@@ -17,7 +17,8 @@ from typing import Callable
 from broker_server.downlink import HELD_KEY, Downlink, check_downlink, recount_fetch
 from broker_server.errors import BrokerServerError
 from broker_server.guard import UpdateGuard
-from broker_server.intake import pump, update_expect, update_meta
+from broker_server.evaluation import DeviceEvaluation
+from broker_server.intake import pump, reload_accepted, update_expect, update_meta
 from broker_server.options import ServeOptions
 from broker_server.records import Refusals, RoundState, digest, job_report, round_record
 from broker_server.state import StateStore
@@ -26,7 +27,7 @@ from broker_server.strategies.base import TrainsAlone
 from broker_server.trust import SERVER, ServerTrust
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
-from device_runtime.errors import FedgeError, WireError
+from device_runtime.errors import WireError
 from device_runtime.topics import Topics
 from device_runtime.transport.base import RECONNECTED, Transport
 
@@ -78,6 +79,7 @@ class Aggregator:
         self.assets: dict[str, bytes] = {}  # name -> frame, published once per job
         self.assets_sent: set[tuple[str, str]] = set()  # (device, asset): counted once each
         self.side = self.strategy.side_channel(opts.job)  # e.g. dpfl's batch exchange
+        self.evaluation = DeviceEvaluation(self, opts.eval_every)
         # Called whenever the loop waits for messages; raising from it ends run() with that
         # error (``fedge simulate --procs``: a device process died, the round would wait
         # for its devices forever).
@@ -96,7 +98,7 @@ class Aggregator:
                              self.opts.rounds, self.model_config, self.opts.min_devices,
                              self.opts.round_timeout,
                              {"epochs": self.opts.epochs, "batch_size": self.opts.batch_size,
-                              "lr": self.opts.lr},
+                              "lr": self.opts.lr, **self.evaluation.plan()},
                              {"full": {"tensors": {k: list(s) for k, s in self.shapes.items()}}},
                              self.trust.session, time.time())
         self.t.on_error = lambda topic, why: self._reject({"kind": "chunk", "topic": topic}, why)
@@ -155,7 +157,7 @@ class Aggregator:
         self._publish_models(rs)
         ctx = CodecContext(round=r, seed=self._task_seed(r), reference=rs.reference)
         rs.fold = self.strategy.fold(r, rs.reference, self.codec, ctx)
-        self._reload_accepted(rs)
+        reload_accepted(self, rs)
         self._assign(rs, self._online())
         alone = isinstance(self.strategy, TrainsAlone) and not self.strategy.needs_updates(r)
         while True:
@@ -191,26 +193,6 @@ class Aggregator:
         rs.references[variant] = w  # what the guard measures an update's change against
         rs.model_bytes[variant] = self.t.publish(self.topics.model(rs.number, variant),
                                                  frame, retain=True)
-
-    def _reload_accepted(self, rs: RoundState) -> None:
-        """Updates accepted before a crash count again; none is lost (each still signed by
-        its device). Updates sent while no round was open were refused: the device
-        answers the task again when it is re-sent with the same nonce. A saved update that
-        is damaged, not this round's or not signed by its device is named and rejected;
-        its device is asked again like any other that has not reported."""
-        saved, damaged = self.store.accepted_updates(rs.number)
-        for device, why in damaged:
-            self._reject({"round": rs.number, "device": device, "kind": "update"}, why)
-        for device, (_, payload) in saved.items():
-            try:
-                frame = self.trust.update(payload, wire.Expect(
-                    kind="update", job=self.opts.job, round=rs.number), device)
-                self._fold_in(rs, frame, payload, enforce=False)  # checked when accepted
-            except FedgeError as e:
-                self._reject({"round": rs.number, "device": device, "kind": "update"},
-                             f"saved update of round {rs.number}: {e}")
-                continue
-            rs.uplink_bytes += len(payload)
 
     def _assign(self, rs: RoundState, devices: list[DeviceInfo]) -> None:
         for device, a in self.strategy.assign(rs.number, devices).items():
@@ -370,6 +352,8 @@ class Aggregator:
         self.weights = rs.fold.result()
         acc = self.evaluate(self.weights) if self.evaluate else None
         record = round_record(rs, acc, self.duplicates, self.rejected.total)
+        if self.evaluation.due(rs.number):  # before the checkpoint: its record holds it
+            record["device_eval"] = self.evaluation.run(rs.number, self.weights)
         self.state.completed = rs.number
         self.state.history.append(record)
         self.state.extra = self.strategy.state()

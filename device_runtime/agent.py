@@ -34,6 +34,7 @@ from device_runtime.errors import (
     UnauthenticatedError,
     WireError,
 )
+from device_runtime.data import holdout_split
 from device_runtime.follow import ServerMessages
 from device_runtime.keys import PublicKey, Signer
 from device_runtime.local_models import NO_CUSTOM, LocalModels
@@ -59,6 +60,7 @@ class AgentOptions:
     # Custom model factories this device may build (its operator's, never a message's).
     custom_models: LocalModels = NO_CUSTOM
     allow_rollback: bool = False  # the operator's word: accept an older export version
+    models_dir: str | None = None  # installed exports; default $FEDGE_HOME/models/<job>/<id>
 
 
 def status_will(topics: Topics, device: str, key: Signer) -> tuple[str, bytes]:
@@ -82,7 +84,9 @@ class DeviceAgent:
         self._before_plan: list[tuple[str, bytes]] = []  # tasks and stops, for the plan
         self._task_bytes = 0  # of the task being worked on, counted as downlink
         self.topics = Topics(opts.job)
-        self.x, self.y = x, y
+        self.x, self.y = x, y  # what it trains on: the shard less the held-out part
+        self._shard = (x, y)
+        self.eval_x, self.eval_y = x[:0], y[:0]  # held out for "evaluate" tasks
         self.events: queue.Queue = queue.Queue()
         self.plan: messages.Plan | None = None
         self.models: dict[tuple[str, int, str], bytes] = {}  # (kind, round, variant) -> frame
@@ -106,6 +110,7 @@ class DeviceAgent:
 
         # What ORT would use; a checked export replaces it with what it really got.
         self.runtime = {"ort_provider": default_providers()[0]}
+        self.rollouts = None  # with an export: device_runtime.rollout.DeviceRollout
 
     def announce(self, state: str = "online", error: str = "") -> None:
         import onnxruntime
@@ -126,15 +131,29 @@ class DeviceAgent:
 
         policy = ExportPolicy(self.opts.job, self.opts.allow_rollback)
         try:
-            checked = check_device(self.opts.manifest, self.opts.profile, self.opts.trust,
+            store = self._store()
+            # A version a rollout installed since wins over an older one it was started with.
+            manifest = store.newest(self.opts.manifest)
+            checked = check_device(manifest, self.opts.profile, self.opts.trust,
                                    self.opts.threads, policy)
+            store.adopt(manifest, self.opts.profile)
         except FedgeError as e:
             refusal = RefusedError(e)  # the caller prints it; the status carries it
             # Also after a reconnect: the broker must keep showing the refusal.
             self.t.on_connect = lambda: self.announce("error", str(refusal))
             self.announce("error", str(refusal))
             raise refusal from None
-        self.runtime = checked.versions()
+        self.runtime = {**checked.versions(), "artifact_version": checked.version}
+        from device_runtime.rollout import DeviceRollout
+
+        self.rollouts = DeviceRollout(self, store)
+
+    def _store(self):
+        from device_runtime.artifact_store import ArtifactStore
+        from device_runtime.rollback import fedge_home
+
+        return ArtifactStore(self.opts.models_dir or
+                             fedge_home() / "models" / self.opts.job / self.device)
 
     def run(self) -> int:
         """Process messages until the job stops; returns the rounds this device trained.
@@ -148,6 +167,7 @@ class DeviceAgent:
         self.t.subscribe(self.topics.asset(), self._enqueue)
         self.t.subscribe(self.topics.task("+", self.device), self._enqueue)
         self.t.subscribe(self.topics.grad("+", self.device), self._enqueue)
+        self.t.subscribe(self.topics.rollout(self.device), self._enqueue)
         self.announce()
         last = time.time()
         # Without an idle timeout there is nothing to check between messages: block, so
@@ -187,6 +207,11 @@ class DeviceAgent:
                 self.grads[where["round"]] = payload
             elif where["kind"] == "task":
                 self._on_task(topic, payload, where["round"])
+            elif where["kind"] == "rollout":
+                if self.rollouts is None:
+                    raise messages.MessageError("rollout: this device runs no export "
+                                                "(start it with --manifest)")
+                self.rollouts.handle(payload)
         except UnauthenticatedError as e:
             self.server.count(where.get("kind", "?"), topic, e)
         except FedgeError as e:
@@ -199,6 +224,8 @@ class DeviceAgent:
     def _on_plan(self, payload: bytes) -> None:
         # A custom model the operator did not allow: refused, the old plan stays.
         self.plan = self.server.take_plan(payload, self.opts.custom_models.check_json)
+        (self.x, self.y), (self.eval_x, self.eval_y) = holdout_split(
+            *self._shard, self.plan.train.get("holdout", 0.0), self.device)
         waiting, self._before_plan = self._before_plan, []
         for item in waiting:  # tasks and stops that came first: judged by this plan
             self._handle(*item)
@@ -256,7 +283,7 @@ class DeviceAgent:
         self.sent = {r: b for r, b in self.sent.items() if r >= task.round - 2}
         self.sent[task.round] = (task.nonce, update)
         up = self.t.publish(self.topics.update(task.round, self.device), update)
-        self.rounds_done += 1
+        self.rounds_done += kind.trains
         self.history.append({"round": task.round, "uplink_bytes": up + self._split_io[0],
                              "downlink_bytes": down + self._split_io[1],
                              "exchanges": self._split_io[2],

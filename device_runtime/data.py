@@ -1,6 +1,7 @@
 """A device's local data: a ``.npz`` shard with ``x`` (features) and ``y`` (labels)."""
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,3 +31,20 @@ def load_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(x).all():
         raise InputArrayError(f"data shard {path}: x has NaN or infinite values")
     return x, y.astype(np.int64)
+
+
+def holdout_split(x: np.ndarray, y: np.ndarray, fraction: object, device: str
+                  ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((x, y) to train on, (x, y) held out for evaluation): ``fraction`` of the shard,
+    drawn by a permutation seeded by the device id, so a restarted device holds out
+    the same samples and never trains on them."""
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or \
+            not 0.0 <= fraction < 1.0:  # from the (signed) plan: still checked
+        raise InputArrayError(f"plan.train.holdout: expected a fraction in [0, 1), got "
+                              f"{fraction!r}")
+    n_eval = int(round(len(y) * fraction))
+    if n_eval == 0:
+        return (x, y), (x[:0], y[:0])
+    order = np.random.default_rng(zlib.crc32(device.encode())).permutation(len(y))
+    held, kept = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+    return (x[kept], y[kept]), (x[held], y[held])

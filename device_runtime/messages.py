@@ -1,4 +1,4 @@
-"""The control messages of the protocol: plan, status, task, control, summary.
+"""The control messages of the protocol: plan, status, task, control, summary, rollout.
 
 Each is a typed dataclass. On the wire a message is a signed frame
 (``seal``): kind = the class name in lower case, codec ``"json"``, and one
@@ -138,6 +138,19 @@ class Summary:
     rss_bytes: int = 0
     history: list = field(default_factory=list)  # earlier rounds, compact (protocol.md)
     session: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rollout:
+    """Retained on ``rollout/<device>``, sealed to the device with the rollout's id as
+    nonce and the target version as round (``fedge rollout``, docs/protocol.md)."""
+
+    rollout: str  # the rollout's id: the frame's nonce
+    action: str  # "install" | "rollback"
+    version: int  # the version to run after it
+    replaces: int  # the version it replaces (rollback: the one to leave)
+    manifest_sha256: str = ""  # install: content sha256 of the release's manifest frame
+    issued: float = 0.0  # unix time; a device takes none older than the last it took
 
 
 M = TypeVar("M")

@@ -66,6 +66,17 @@ class Topics:
         """Split learning (dpfl): the loss gradient for those activations, server to device."""
         return f"{self.root}/round/{round_}/grad/{device}"
 
+    # Staged rollout of inference exports (fedge rollout, device_runtime/rollout.py).
+    def release(self, version: int | str, name: str = "+") -> str:
+        """Retained, from the operator: an export version's files, each a signed frame:
+        ``manifest`` (manifest.json and its signature) and one per artifact, named by
+        its sha256."""
+        return f"{self.root}/release/{version}/{name}"
+
+    def rollout(self, device: str = "+") -> str:
+        """Retained, from the operator to one device: install a version, or go back."""
+        return f"{self.root}/rollout/{device}"
+
     # Scale-out (broker_server/workers.py): the coordinator and its aggregator workers.
     @property
     def work(self) -> str:
@@ -98,6 +109,10 @@ class Topics:
         if len(rest) == 3 and rest[0] == "workers" and \
                 rest[2] in ("status", "accepted", "refused", "partial"):
             return {"kind": "worker", "worker": rest[1], "what": rest[2]}
+        if len(rest) == 3 and rest[0] == "release" and rest[1].isdigit():
+            return {"kind": "release", "version": int(rest[1]), "name": rest[2]}
+        if len(rest) == 2 and rest[0] == "rollout":
+            return {"kind": "rollout", "device": rest[1]}
         if len(rest) == 3 and rest[0] == "devices" and rest[2] == "status":
             return {"kind": "status", "device": rest[1]}
         if len(rest) == 4 and rest[0] == "round" and rest[1].isdigit():

@@ -19,11 +19,12 @@ class Uplink:
     """``work(agent, task, model_frame)``: the signed update frame to send;
     ``asset``: the asset (name up to its first "-") a task of this kind must name;
     ``passes``: forward passes per sample, for the simulated compute time (training
-    is a forward and a backward, ~3)."""
+    is a forward and a backward, ~3); ``trains``: counts as a trained round."""
 
     work: Callable[..., bytes]
     asset: str = ""
     passes: int = 3
+    trains: bool = True
 
 
 KINDS: Registry[Uplink | str] = Registry("uplink")
@@ -31,6 +32,8 @@ KINDS.register("weights", "device_runtime.training.work:WEIGHTS")  # the trained
 KINDS.register("logits", "device_runtime.training.work:LOGITS")  # its answers (FedMD, reft)
 KINDS.register("acts", "device_runtime.frozen_head:ACTS")  # a frozen head's output (ecofed)
 KINDS.register("split", "device_runtime.training.split:SPLIT")  # split learning (dpfl)
+# scores the task's model on the held-out data (fedge serve --eval-every)
+KINDS.register("evaluate", "device_runtime.training.evaluate:EVALUATE")
 
 
 def register(kind: str, uplink: Uplink | str) -> None:

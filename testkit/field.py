@@ -63,7 +63,8 @@ def _env() -> dict:
 
 
 def start_device(url: str, job: str, work: Path, k: int, profile: str = "rpi4",
-                 extra: list[str] = ()) -> subprocess.Popen:
+                 extra: list[str] = (), env: dict | None = None) -> subprocess.Popen:
+    """``env``: more environment for the process (e.g. its own FEDGE_HOME)."""
     log = open(work / f"device-{k}.log", "ab")
     return subprocess.Popen(
         [sys.executable, "-m", "toolkit", "device", "--broker", url, "--job", job,
@@ -71,7 +72,7 @@ def start_device(url: str, job: str, work: Path, k: int, profile: str = "rpi4",
          str(work / "data" / f"device-{k}.npz"), "--idle-timeout", f"{scaled(120):g}",
          *([] if {"--key", "--credentials", "--config"} & set(extra)
            else device_keys(work, f"dev-{k}")), *extra],
-        stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+        stdout=log, stderr=subprocess.STDOUT, env={**_env(), **(env or {})}, cwd=ROOT)
 
 
 def start_server(url: str, job: str, work: Path, ckpt: Path, rounds: int, min_devices: int,

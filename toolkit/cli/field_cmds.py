@@ -24,7 +24,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     guard_args(p)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--eval-data", help=".npz with x_test, y_test (default: the "
-                   "checkpoint's dataset)")
+                   "checkpoint's dataset; with --eval-every and neither, no central test)")
+    eval_args(p)
     p.add_argument("--profiles", default="all", help="the fleet's profiles (comma list or "
                    "all): they set SplitMix/HeteroFL budgets and REFT's pruning")
     p.add_argument("--profiles-file")
@@ -62,6 +63,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                    "with it (default: the credentials' trust)")
     p.add_argument("--key", help="this device's signing key: its status and updates are "
                    "signed with it (default: the credentials' signing_key)")
+    p.add_argument("--models-dir", help="where rolled-out exports are installed (default "
+                   "$FEDGE_HOME/models/<job>/<id>); a newer version a rollout installed there "
+                   "wins over an older --manifest")
     p.add_argument("--check", action="store_true", help="check the config, data, "
                    "credentials and signed artifacts, then exit without connecting")
     allow_arg(p)  # else the config file's allow_custom_model list
@@ -80,8 +84,18 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round-timeout", type=float, default=30.0)
     p.add_argument("--workdir", help="keep shards, state and plots here")
     p.add_argument("--json", default="fedge-demo.json", help="report (a PNG plot goes beside)")
+    p.add_argument("--eval-every", type=int, default=5, help="the devices score the global "
+                   "model on held-out data every K rounds (0: off)")
     train_args(p)
     p.set_defaults(func=demo)
+
+
+def eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-every", type=int, default=0, help="every K rounds (and after the "
+                   "last) the devices score the global model on a held-out part of their "
+                   "data; the report gives the weighted mean, per profile and the spread")
+    p.add_argument("--holdout", type=float, default=0.2, help="with --eval-every: the part "
+                   "of each device's data it holds out (never trains on)")
 
 
 def downlink_arg(p: argparse.ArgumentParser) -> None:
@@ -120,8 +134,8 @@ def serve_job(args: argparse.Namespace):
     """``fedge serve``'s flags as a ``ServeJob``, the strategy's typed options included."""
     from dataclasses import replace
 
-    from toolkit.field.jobs import BrokerSettings, GuardLimits, RoundSettings, ScaleOutSettings, \
-        ServeJob
+    from toolkit.field.jobs import BrokerSettings, EvalSettings, GuardLimits, RoundSettings, \
+        ScaleOutSettings, ServeJob
     from toolkit.planning.profiles import ProfileCatalogue
 
     rounds = RoundSettings(args.rounds, args.min_devices, args.round_timeout, args.epochs,
@@ -132,7 +146,8 @@ def serve_job(args: argparse.Namespace):
                             args.max_payload)
     job = ServeJob(args.job, Path(args.checkpoint), Path(args.state_dir), args.strategy,
                    args.codec, args.downlink, rounds=rounds, guard=guard, broker=broker,
-                   scale_out=scale, profiles=args.profiles, profiles_file=args.profiles_file,
+                   scale_out=scale, evaluation=EvalSettings(args.eval_every, args.holdout),
+                   profiles=args.profiles, profiles_file=args.profiles_file,
                    eval_data=Path(args.eval_data) if args.eval_data else None,
                    report=Path(args.json) if args.json else None,
                    custom_models=tuple(args.allow_custom_model or ()))
@@ -204,7 +219,8 @@ def device(args: argparse.Namespace) -> int:
                                             o.idle_timeout, manifest=o.manifest,
                                             trust=o.trust, key=key, server_key=server_key,
                                             custom_models=allowed,
-                                            allow_rollback=o.allow_rollback), x, y)
+                                            allow_rollback=o.allow_rollback,
+                                            models_dir=o.models_dir), x, y)
         rounds = agent.run()
     finally:
         t.close()
@@ -245,8 +261,9 @@ def demo(args: argparse.Namespace) -> int:
 
     return run_demo(DemoJob(args.devices, args.rounds, args.alpha, args.seed,
                             args.round_timeout, args.epochs, args.batch_size, args.lr,
-                            args.broker, Path(args.workdir) if args.workdir else None,
-                            Path(args.json)))
+                            eval_every=args.eval_every, broker=args.broker,
+                            workdir=Path(args.workdir) if args.workdir else None,
+                            report=Path(args.json)))
 
 
 def aggregator_identity_args(p: argparse.ArgumentParser) -> None:

@@ -48,14 +48,14 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from toolkit.cli import (audit_cmds, dashboard_cmds, data_cmds, deploy_cmds, device_cmds,
-                             field_cmds, model_cmds, secure_cmds, sim_cmds)
+                             field_cmds, model_cmds, rollout_cmds, secure_cmds, sim_cmds)
 
     parser = _Parser(prog="fedge", description="Federated learning and inference on "
                      "fleets of small devices.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for module in (data_cmds, model_cmds, device_cmds, field_cmds, sim_cmds, deploy_cmds,
-                   secure_cmds, audit_cmds, dashboard_cmds):
+    for module in (data_cmds, model_cmds, device_cmds, field_cmds, rollout_cmds, sim_cmds,
+                   deploy_cmds, secure_cmds, audit_cmds, dashboard_cmds):
         module.add(sub)
     return parser
 

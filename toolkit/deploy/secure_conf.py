@@ -43,6 +43,8 @@ DEVICE_RULES: tuple[tuple[str, str], ...] = (
     ("read", "fedge/+/round/+/sync/+"),
     ("read", "fedge/+/round/+/task/{id}"),
     ("read", "fedge/+/round/+/grad/{id}"),
+    ("read", "fedge/+/release/+/+"),  # an export version's signed files (fedge rollout)
+    ("read", "fedge/+/rollout/{id}"),  # its own rollout command
 )
 
 

@@ -91,18 +91,37 @@ def plot(report: dict, path: Path) -> None:
 
 def _serve_job(demo: DemoJob, job: str, init: Path, work: Path, url: str, keys):
     """The aggregator's job: FedAvg with fp32, serve's defaults for the rest."""
-    from toolkit.field.jobs import BrokerSettings, RoundSettings, ServeJob
+    from toolkit.field.jobs import BrokerSettings, EvalSettings, RoundSettings, ServeJob
 
     rounds = RoundSettings(demo.rounds, max(2, demo.devices * 3 // 4), demo.round_timeout,
                            demo.epochs, demo.batch_size, demo.lr)
     broker = BrokerSettings(url, signing_key=str(keys.server_key),
                             registry=str(keys.registry))
-    return ServeJob(job, init, work / "state", rounds=rounds, broker=broker)
+    return ServeJob(job, init, work / "state", rounds=rounds, broker=broker,
+                    evaluation=EvalSettings(demo.eval_every))
+
+
+def _eval_rows(history: list[dict]) -> list[dict]:
+    """Per evaluation round: the devices' weighted accuracy beside the central test's
+    (both of the same round's aggregate) and the gap in points."""
+    rows = []
+    for r in history:
+        ev = r.get("device_eval")
+        if ev is None or ev.get("accuracy") is None:
+            continue
+        gap = round(100 * abs(ev["accuracy"] - r["accuracy"]), 2) \
+            if r["accuracy"] is not None else None
+        rows.append({"round": r["round"], "central": r["accuracy"],
+                     "devices": ev["accuracy"], "gap_points": gap, "samples": ev["samples"],
+                     "devices_reporting": ev["devices_reporting"],
+                     "by_profile": {p: v["accuracy"] for p, v in ev["by_profile"].items()},
+                     "spread": ev["spread"]})
+    return rows
 
 
 def run_demo(demo: DemoJob) -> int:
     from toolkit.field.fleet_keys import write_fleet_keys
-    from toolkit.field.serve import broker_url, run_serve
+    from toolkit.field.serve import broker_url, round_extra, run_serve
 
     work = Path(demo.workdir or tempfile.mkdtemp(prefix="fedge-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -117,7 +136,7 @@ def run_demo(demo: DemoJob) -> int:
               f"{demo.devices} device processes; work dir {work}", flush=True)
         procs = _start_devices(url, job, work, demo.devices, keys)
         try:
-            with RoundProgress(demo.rounds) as progress:
+            with RoundProgress(demo.rounds, extra=round_extra) as progress:
                 run_serve(_serve_job(demo, job, init, work, url, keys), on_round=progress)
         finally:
             _stop(procs)
@@ -127,10 +146,15 @@ def run_demo(demo: DemoJob) -> int:
            "rounds": [{k: r[k] for k in ("round", "accuracy", "uplink_bytes", "downlink_bytes",
                                          "devices_reporting", "seconds")}
                       for r in report["history"]],
-           "final_accuracy": report["history"][-1]["accuracy"]}
+           "final_accuracy": report["history"][-1]["accuracy"],
+           "device_eval": _eval_rows(report["history"])}
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(out, indent=1))
     plot(out, report_path.with_suffix(".png"))
+    if out["device_eval"]:
+        worst = max(e["gap_points"] for e in out["device_eval"])
+        print(f"on-device evaluation: {len(out['device_eval'])} rounds, the devices' weighted "
+              f"accuracy within {worst:.2f} points of the central test's")
     print(f"final accuracy {out['final_accuracy']:.4f} in {out['seconds']}s; wrote "
           f"{report_path} and {report_path.with_suffix('.png')}")
     return 0

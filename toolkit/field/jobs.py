@@ -77,6 +77,20 @@ class ScaleOutSettings:
 
 
 @dataclass(frozen=True)
+class EvalSettings:
+    """``--eval-every K``: the devices score the global model on held-out data every K
+    rounds (and after the last); ``--holdout``: the part of each shard held out."""
+    every: int = 0  # 0: off
+    holdout: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise UsageError(f"--eval-every: expected >= 0 (0: off), got {self.every}")
+        if not 0.0 < self.holdout < 1.0:
+            raise UsageError(f"--holdout: expected a fraction in (0, 1), got {self.holdout}")
+
+
+@dataclass(frozen=True)
 class ServeJob:
     """One ``fedge serve`` job: everything ``field.run_serve`` needs."""
     job: str
@@ -90,6 +104,7 @@ class ServeJob:
     guard: GuardLimits = field(default_factory=GuardLimits)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     scale_out: ScaleOutSettings | None = None  # None: the aggregator folds alone
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
     profiles: str = "all"  # the fleet: comma list of profile names, or all
     profiles_file: str | None = None
     eval_data: Path | None = None  # default: the checkpoint's dataset
@@ -103,6 +118,9 @@ class ServeJob:
         if self.scale_out is not None and not self.broker.url:
             raise UsageError("--workers needs --broker (Mosquitto, EMQX, HiveMQ, ...): the "
                              "embedded broker (amqtt) has no shared subscriptions")
+        if self.scale_out is not None and self.evaluation.every:
+            raise UsageError("--eval-every: expected without --workers (the workers take "
+                             "the devices' answers), got both")
 
 
 @dataclass(frozen=True)
@@ -130,6 +148,7 @@ class DemoJob:
     epochs: int = 2
     batch_size: int = 32
     lr: float = 0.02
+    eval_every: int = 5  # devices score the global model every K rounds (0: off)
     broker: str | None = None  # None: the embedded broker
     workdir: Path | None = None  # None: a new temporary folder
     report: Path = Path("fedge-demo.json")  # a PNG plot goes beside

@@ -88,7 +88,7 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
     fleet = ProfileCatalogue.load(job.profiles_file).select(job.profiles)
     allowed = LocalModels.parse(job.custom_models)  # the only factories it may name
     ckpt = checkpoint.load(job.checkpoint, allowed)
-    public_x, x, y = server_data(ckpt, job.eval_data)
+    public_x, x, y = _central(job, ckpt)
     cfg, strategy_options = setup_strategy(
         job.strategy, ckpt.config, fleet, public_x, job.codec, job.strategy_options,
         ckpt.model, allowed)
@@ -112,10 +112,11 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
         scale, sup = scaleout.start(job, t, url, fold_options, trust) \
             if fold_options is not None else (None, None)
         progress = None if on_round else RoundProgress(job.rounds.rounds,
-                                                        extra=robust_note)
+                                                        extra=round_extra)
         try:
             agg = Aggregator(t, _serve_options(job, strategy_options), ckpt.config.to_json(),
-                             weights, evaluator(ckpt, x, y), on_round or progress,
+                             weights, evaluator(ckpt, x, y) if x is not None else None,
+                             on_round or progress,
                              scale_out=scale, trust=trust)
             publish_summaries(agg, agg.on_round)  # for fedge dashboard (read-only)
             if sup:
@@ -136,6 +137,14 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
     return 0
 
 
+def _central(job: ServeJob, ckpt) -> tuple:
+    """``server_data``, or three Nones with --eval-every and neither --eval-data nor a
+    dataset the checkpoint names (the devices' evaluation is then the only one)."""
+    if job.eval_data is None and ckpt.dataset is None and job.evaluation.every:
+        return None, None, None
+    return server_data(ckpt, job.eval_data)
+
+
 def _serve_options(job: ServeJob, strategy_options: object):
     from broker_server.service import ServeOptions
 
@@ -143,7 +152,8 @@ def _serve_options(job: ServeJob, strategy_options: object):
     return ServeOptions(job.job, job.state_dir, job.strategy, job.codec, r.rounds,
                         r.min_devices, r.round_timeout, r.epochs, r.batch_size, r.lr,
                         strategy_options=strategy_options, downlink=job.downlink,
-                        max_samples=job.guard.max_samples, norm_bound=job.guard.norm_bound)
+                        max_samples=job.guard.max_samples, norm_bound=job.guard.norm_bound,
+                        eval_every=job.evaluation.every, holdout=job.evaluation.holdout)
 
 
 def _save(job: ServeJob, ckpt, weights: dict, report: dict) -> None:
@@ -171,3 +181,23 @@ def _credentials(broker: BrokerSettings) -> dict:
             "may publish plans, models and tasks", creds["username"])
     return creds
 
+
+
+def round_extra(rec: dict) -> str:
+    """The round line's notes: the robust rule's, and the devices' own evaluation."""
+    notes = [robust_note(rec)]
+    if "device_eval" in rec:
+        notes.append(eval_line(rec["device_eval"]))
+    return "  ".join(filter(None, notes))
+
+
+def eval_line(ev: dict) -> str:
+    """One line of a round's evaluation on the devices (``device_eval``)."""
+    spread = ev["spread"]
+    if not spread:
+        return f"on devices: no scores ({ev['devices_reporting']} of {ev['devices_assigned']})"
+    profiles = " ".join(f"{p} {v['accuracy']}" for p, v in ev["by_profile"].items()
+                        if v["accuracy"] is not None)
+    return (f"on devices: accuracy {ev['accuracy']} loss {ev['loss']} over {ev['samples']} "
+            f"samples, {ev['devices_reporting']}/{ev['devices_assigned']} devices, spread "
+            f"{spread['min']}..{spread['max']} (std {spread['std']}); {profiles}")
