@@ -56,8 +56,16 @@ def _host_env(bed: Bed) -> dict:
     return dict(os.environ, FEDGE_ARM64_ROOT=str(bed.root))
 
 
+OPT_IN = "FEDGE_ARM64"
+
+
 def unusable() -> str | None:
-    """Why the bed cannot be used here (a skip reason), or None."""
+    """Why the bed cannot be used here (a skip reason), or None. Opt-in: under emulation
+    the module takes 30+ minutes on 2 shared cores (docs/results/arm64.md), more than
+    CI's budget leaves, so CI runs it only where FEDGE_ARM64=1 is set."""
+    if os.environ.get(OPT_IN) != "1":
+        return (f"arm64 bed: opt-in, set {OPT_IN}=1 (30+ min under emulation; needs the "
+                "cached root, see docs/deploy.md#an-arm64-test-bed)")
     if os.uname().machine not in ("x86_64", "aarch64"):
         return f"arm64 bed: host {os.uname().machine} is neither x86_64 nor aarch64"
     if os.geteuid() != 0:

@@ -4,9 +4,10 @@ inside a Debian bookworm arm64 root run by qemu-user, its `fedge device` in FedA
 EcoFed (no torch) against a host `fedge serve` over mutual TLS, and the exported
 artifacts run in aarch64 ONNX Runtime against x86's.
 
-Skipped, saying why, where the bed cannot run: not root, binfmt_misc not mountable,
-or no cached root and wheelhouse (`sudo tools/arm64/build_root.sh` makes both; the
-tests themselves use no network). See docs/deploy.md, "An arm64 test bed".
+Opt-in (FEDGE_ARM64=1: 30+ minutes under emulation, CI leaves it out); skipped, saying
+why, where the bed cannot run: not root, binfmt_misc not mountable, or no cached root
+and wheelhouse (`sudo tools/arm64/build_root.sh` makes both; the tests themselves use
+no network). See docs/deploy.md, "An arm64 test bed".
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ STATE_SPEC = """
 import json, sys, torch
 from device_runtime.training.models import ModelConfig, build_model
 m = build_model(ModelConfig.from_json(json.load(open(sys.argv[1]))))
-print(json.dumps({"torch": torch.__version__, "state": {k: [str(v.dtype), list(v.shape)]
-                  for k, v in m.state_dict().items()}}))
+state = {k: [str(v.dtype), list(v.shape)] for k, v in m.state_dict().items()}
+print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "state": state}))
 """
 
 
@@ -148,7 +149,7 @@ def test_fedavg_trains_on_arm64_with_pypis_cpu_torch(bed, work, fleet_export, se
     assert p.returncode == 0, p.stderr[-2000:]
     device = json.loads(p.stdout)
     host = checkpoint.load(job).model.state_dict()
-    assert device["torch"].startswith("2.10.0")
+    assert device["torch"].startswith("2.10.0") and device["cuda"] is None  # a CPU build
     assert device["state"] == {k: [str(v.dtype), list(v.shape)] for k, v in host.items()}
     log = _rounds(bed, work, sec, job, prefix, "fedavg", [])
     assert "pi-1: trained 2 rounds" in log

@@ -158,7 +158,7 @@ while IFS= read -r line || [ -n "$line" ]; do
   key=${line%%=*} val=${line#*=}
   [ "$key" != "$line" ] || die "bundle.env line $N: expected KEY=VALUE, got '$line'"
   case "$key" in
-    *[!A-Z_]*|'') die "bundle.env line $N: unknown key '$key'; valid keys: $KEYS" ;;
+    *[!A-Z0-9_]*|'') die "bundle.env line $N: unknown key '$key'; valid keys: $KEYS" ;;
   esac
   case " $KEYS " in
     *" $key "*) ;;
@@ -237,9 +237,12 @@ if [ "$NEEDS_TORCH" = 1 ]; then
       "$TORCH_SPEC" || die "installing $TORCH_SPEC from $TORCH_INDEX failed"
   fi
   # A CUDA build is GBs a CPU device cannot use: refuse it rather than ship it.
-  CUDA=$("$PREFIX/venv/bin/python" -c 'import importlib.metadata as m; print(" ".join(sorted(
-    d.metadata["Name"] for d in m.distributions() if d.metadata["Name"].lower().startswith(
-    ("nvidia-", "nvidia_", "cuda-", "cuda_", "triton"))))')
+  # (the code in a variable: dash misparses quoted parentheses inside $( ))
+  CUDA_PY='import importlib.metadata as m
+names = [d.metadata["Name"] for d in m.distributions()]
+print(" ".join(sorted(n for n in names if n.lower().startswith(
+    ("nvidia-", "nvidia_", "cuda-", "cuda_", "triton")))))'
+  CUDA=$("$PREFIX/venv/bin/python" -c "$CUDA_PY")
   [ -z "$CUDA" ] || [ -n "$TORCH" ] \
     || die "torch came with CUDA packages ($CUDA); expected a CPU build (give --torch SPEC)"
 fi

@@ -24,6 +24,11 @@ done
 [ -f "$ROOT/.fedge-root-ready" ] || die "no arm64 root at $ROOT: run tools/arm64/build_root.sh"
 [ "$(id -u)" = 0 ] || die "must run as root (chroot and mounts need it)"
 setup="mount -t proc proc '$ROOT/proc' && mount --rbind /sys '$ROOT/sys' && mount --rbind /dev '$ROOT/dev'"
+# qemu-user 7.2 (bookworm's) shows the guest the host's x86 /proc/cpuinfo, and
+# onnxruntime's CPU detection segfaults on it at import: show a Pi 4's instead.
+if [ "$(uname -m)" != aarch64 ]; then
+  setup="$setup && mount --bind '$(cd "$(dirname "$0")" && pwd)/cpuinfo-rpi4' '$ROOT/proc/cpuinfo'"
+fi
 for b in "${binds[@]}"; do
   src="${b%%:*}"; dst="$ROOT${b#*:}"
   [ -d "$src" ] || die "--bind source is not a directory: $src"
