@@ -260,9 +260,9 @@ def test_a_bundle_signed_by_the_trusted_key_verifies(tmp_path, signed_bundle, ex
 
 
 @pytest.mark.parametrize("line, needle", [
-    ("touch {marker}", "bundle.env line 8: expected KEY=VALUE, got 'touch "),
-    ("JOB=j1$(touch {marker})", "bundle.env line 8: JOB: expected 1 or more of"),
-    ("PATH=/tmp/evil", "bundle.env line 8: unknown key 'PATH'; valid keys: FEDGE_VERSION"),
+    ("touch {marker}", "bundle.env line 9: expected KEY=VALUE, got 'touch "),
+    ("JOB=j1$(touch {marker})", "bundle.env line 9: JOB: expected 1 or more of"),
+    ("PATH=/tmp/evil", "bundle.env line 9: unknown key 'PATH'; valid keys: FEDGE_VERSION"),
 ])
 def test_bundle_env_is_data_even_in_a_signed_bundle(tmp_path, signed_bundle, export_key,
                                                     line, needle):

@@ -56,7 +56,10 @@ def load_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
     expected = {k for k, v in state.items() if v.is_floating_point()}
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise ModelBuildError(f"weights do not fit the model: missing {missing[:3]}, "
+        # Names come from the server's torch, the model from this device's (versions may
+        # differ, issue 23): a renamed state-dict entry must stop the round, loudly.
+        raise ModelBuildError(f"weights do not fit the model built by torch "
+                              f"{torch.__version__}: missing {missing[:3]}, "
                               f"unexpected {extra[:3]}")
     for k, w in weights.items():
         if tuple(state[k].shape) != tuple(w.shape):

@@ -33,7 +33,7 @@ from device_runtime.manifest import sha256_file
 from toolkit import strategies
 from toolkit.deploy.secure import replace_file
 from toolkit.deploy.wheel import build_wheel, device_requirements, fedge_version
-from toolkit.deploy.wheelhouse import TORCH, TORCH_INDEX
+from toolkit.deploy.wheelhouse import TORCH, TORCH_AARCH64, TORCH_INDEX
 from toolkit.deploy.wheellock import lock
 from toolkit.errors import UsageError
 
@@ -226,7 +226,7 @@ def _write_install_files(stage: Path, o: BundleOptions, needs_torch: bool) -> in
     (stage / "install.sh").chmod(0o755)
     env = {"FEDGE_VERSION": fedge_version(), "DEVICE_ID": o.id, "JOB": o.job,
            "UNIT_NAME": "fedge-device", "NEEDS_TORCH": "1" if needs_torch else "0",
-           "TORCH_SPEC": TORCH, "TORCH_INDEX": TORCH_INDEX}
+           "TORCH_SPEC": TORCH, "TORCH_INDEX": TORCH_INDEX, "TORCH_SPEC_AARCH64": TORCH_AARCH64}
     (stage / "bundle.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     roots = device_requirements()
     (stage / "requirements.txt").write_text("\n".join(roots) + "\n")
@@ -234,7 +234,8 @@ def _write_install_files(stage: Path, o: BundleOptions, needs_torch: bool) -> in
     if wheels is None:
         return 0
     has_torch = any(w.name.startswith("torch-") for w in wheels.glob("*.whl"))
-    text, pinned = lock(wheels, roots + ([TORCH] if needs_torch and has_torch else []))
+    # The wheelhouse's torch is its target's (2.10.0 on aarch64): pinned as found.
+    text, pinned = lock(wheels, roots + (["torch"] if needs_torch and has_torch else []))
     (stage / "requirements.lock").write_text(text)
     return pinned
 

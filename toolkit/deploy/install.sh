@@ -149,7 +149,8 @@ ed25519_der "$HERE/trust.pub" "$STAGE/bundle.der" && cmp -s "$STAGE/bundle.der" 
 
 # 3. bundle.env is data: known keys, values in a plain charset; never sourced.
 FEDGE_VERSION= DEVICE_ID= JOB= UNIT_NAME= NEEDS_TORCH= TORCH_SPEC= TORCH_INDEX=
-KEYS="FEDGE_VERSION DEVICE_ID JOB UNIT_NAME NEEDS_TORCH TORCH_SPEC TORCH_INDEX"
+TORCH_SPEC_AARCH64=
+KEYS="FEDGE_VERSION DEVICE_ID JOB UNIT_NAME NEEDS_TORCH TORCH_SPEC TORCH_INDEX TORCH_SPEC_AARCH64"
 SEEN=" "
 N=0
 while IFS= read -r line || [ -n "$line" ]; do
@@ -157,7 +158,7 @@ while IFS= read -r line || [ -n "$line" ]; do
   key=${line%%=*} val=${line#*=}
   [ "$key" != "$line" ] || die "bundle.env line $N: expected KEY=VALUE, got '$line'"
   case "$key" in
-    *[!A-Z_]*|'') die "bundle.env line $N: unknown key '$key'; valid keys: $KEYS" ;;
+    *[!A-Z0-9_]*|'') die "bundle.env line $N: unknown key '$key'; valid keys: $KEYS" ;;
   esac
   case " $KEYS " in
     *" $key "*) ;;
@@ -172,6 +173,7 @@ while IFS= read -r line || [ -n "$line" ]; do
     FEDGE_VERSION) FEDGE_VERSION=$val ;; DEVICE_ID) DEVICE_ID=$val ;; JOB) JOB=$val ;;
     UNIT_NAME) UNIT_NAME=$val ;; NEEDS_TORCH) NEEDS_TORCH=$val ;;
     TORCH_SPEC) TORCH_SPEC=$val ;; TORCH_INDEX) TORCH_INDEX=$val ;;
+    TORCH_SPEC_AARCH64) TORCH_SPEC_AARCH64=$val ;;
   esac
 done < "$HERE/bundle.env"
 for key in $KEYS; do
@@ -226,12 +228,23 @@ if [ "$NEEDS_TORCH" = 1 ]; then
     $PIP install "$@" "$TORCH" || die "installing $TORCH failed"
   elif grep -q '^torch==' "$REQS"; then
     :  # pinned, and installed with the rest
+  elif [ "$(uname -m)" = aarch64 ]; then  # PyPI's aarch64 torch <= 2.10 is a CPU build
+    $PIP install "$@" "$TORCH_SPEC_AARCH64" || die "installing $TORCH_SPEC_AARCH64 failed"
   elif [ -n "$OFFLINE" ]; then
     $PIP install "$@" "$TORCH_SPEC" || die "installing $TORCH_SPEC failed"
-  else  # PyPI's Linux torch is a CUDA build with GBs of NVIDIA packages
+  else  # PyPI's x86_64 torch is a CUDA build with GBs of NVIDIA packages
     $PIP install "$@" --index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple \
       "$TORCH_SPEC" || die "installing $TORCH_SPEC from $TORCH_INDEX failed"
   fi
+  # A CUDA build is GBs a CPU device cannot use: refuse it rather than ship it.
+  # (the code in a variable: dash misparses quoted parentheses inside $( ))
+  CUDA_PY='import importlib.metadata as m
+names = [d.metadata["Name"] for d in m.distributions()]
+print(" ".join(sorted(n for n in names if n.lower().startswith(
+    ("nvidia-", "nvidia_", "cuda-", "cuda_", "triton")))))'
+  CUDA=$("$PREFIX/venv/bin/python" -c "$CUDA_PY")
+  [ -z "$CUDA" ] || [ -n "$TORCH" ] \
+    || die "torch came with CUDA packages ($CUDA); expected a CPU build (give --torch SPEC)"
 fi
 
 # 5. The config, checked in a staging folder before it replaces the running one.
