@@ -49,7 +49,7 @@ def test_audit_reports_what_a_plain_broker_lets_through(mosquitto, tmp_path):
         wait_for(lambda: completed_rounds(tmp_path) >= 1, 300, "round 1", step=0.2)
         before = retained(mosquitto.url)
         code, out, err = run_fedge("audit", "--broker", mosquitto.url, "--job", JOB,
-                                   "--seconds", "2", "--giant-mib", "16",
+                                   "--seconds", f"{scaled(2.0):.1f}", "--giant-mib", "16",
                                    "--json", str(tmp_path / "audit.json"))
         done_by_audit_end = completed_rounds(tmp_path)
         after = retained(mosquitto.url)
@@ -111,7 +111,9 @@ def test_audit_as_a_leaked_device_under_the_acl(tmp_path):
     try:
         wait_for(lambda: completed_rounds(tmp_path) >= 1, 300, "round 1", step=0.2)
         code, out, err = run_fedge("audit", "--broker", url, "--job", JOB, "--credentials",
-                                   str(creds / "dev-2.json"), "--seconds", "1",
+                                   str(creds / "dev-2.json"),
+                                   # judged by progress alone: a loaded machine needs longer
+                                   "--seconds", f"{scaled(1.0):.1f}",
                                    "--json", str(tmp_path / "audit.json"))
     finally:
         for p in procs:

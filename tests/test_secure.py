@@ -359,7 +359,9 @@ def test_a_full_round_over_mutual_tls(fleet, tmp_path, workers):
     assert [x["devices_reporting"] for x in r["rounds"]] == [2, 2]
     # Nothing refused but a late copy of an update already folded (a re-sent task's answer
     # or a QoS 1 redelivery after its round closed): the gate holds none.
-    assert all("no open task" in x["reason"] for x in r["rejected"]), r["rejected"]
+    # (under load a device's statuses may also cross on the way; an older one is refused)
+    assert all("no open task" in x["reason"] or (x["kind"] == "status" and "(replayed)"
+               in x["reason"]) for x in r["rejected"]), r["rejected"]
     assert r["broker"] == f"mqtts://localhost:{agg_port}"
     if workers:
         assert sum(r["scale_out"]["updates_by_worker"].values()) == 4, r["scale_out"]
