@@ -13,6 +13,7 @@ never torch nor the rest of the toolkit.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -96,6 +97,9 @@ def infer(args: argparse.Namespace) -> int:
                                    policy=ExportPolicy(args.job, args.allow_rollback))
     if args.bases is not None or args.budget_ms is not None or args.budget_mb is not None:
         pred.set_budget(bases=args.bases, ms=args.budget_ms, mb=args.budget_mb)
+    for a in pred.fallbacks:
+        print(f"warning: {a.path} runs fp32 in the int8 slot: "
+              f"{a.int8_fallback.get('reason', '?')}", file=sys.stderr)
     t0 = time.perf_counter()
     logits = pred.predict_logits(x)
     ms = (time.perf_counter() - t0) * 1000 / len(logits)
