@@ -28,7 +28,7 @@ FORMAT = "fedge-manifest/2"
 FORMAT_V1 = "fedge-manifest/1"  # no version, no job: read only without a trusted key
 ROLES = ("full", "head", "tail", "base")
 PRECISIONS = ("fp32", "int8")
-FORMATS = ("onnx", "ort")
+FORMATS = ("onnx", "ort", "pte")  # pte: ExecuTorch, for phone apps (no Python runtime)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -2,8 +2,9 @@
 
 For each part (full model, head and tail at the split point) an fp32 ONNX
 file; for the full model an int8 static QDQ copy; for mobile profiles ORT
-format copies. Every file is checked against torch before it is listed, and a
-failed check stops the export with an error naming the artifact, with one
+format copies, and with ExecuTorch installed XNNPACK ``.pte`` programs of the
+full model (``exporters.executorch_pte``). Every file is checked against torch
+before it is listed, and a failed check stops the export with an error naming the artifact, with one
 exception: an int8 copy that no setting of ``exporters.int8_search`` brings
 within its bounds is not shipped, and the fp32 artifacts of that part carry an
 ``int8_fallback`` record (reason, measured agreement) saying they serve int8
@@ -55,6 +56,7 @@ class VariantRequest:
     metadata: dict = field(default_factory=dict)  # model config etc., into every file
     strict_int8: bool = False  # an int8 copy that fails parity fails the export
     search: Int8Search = field(default_factory=Int8Search)
+    pte: bool = False  # also ExecuTorch .pte (XNNPACK), fp32 and int8, of full/base parts
     # Search outcomes by (module, opset), shared across a fleet's requests: SplitMix
     # sends the same bases to every profile, and the search need not run again for them.
     int8_memo: dict = field(default_factory=dict)
@@ -83,8 +85,8 @@ def _io(path: Path) -> tuple[list, list]:
 
 
 def _record(root: Path, path: Path, part: Part, precision: str, fmt: str, opset: int,
-            parity: dict) -> dict:
-    inputs, outputs = _io(path)
+            parity: dict, io: tuple[list, list] | None = None) -> dict:
+    inputs, outputs = io or _io(path)  # ORT reads ONNX and .ort; a .pte's io is given
     return {"role": part.role, "index": part.index, "precision": precision, "format": fmt,
             "path": path.relative_to(root).as_posix(), "sha256": sha256_file(path),
             "opset": opset, "params": part.params, "macs": part.macs,
@@ -127,6 +129,8 @@ def export_variant(req: VariantRequest, data: ParityData, root: str | Path,
             if req.mobile:
                 records.append(_ort_copy(root, root / q["path"], part, x, ref, data,
                                          bounds, check_int8, precision="int8"))
+        if req.pte and part.role in ("full", "base"):
+            records += _pte(root, folder, part, x, ref, data, bounds, fp32[0], req.int8)
     _check_chain(req, root, records, data, bounds)
     return records
 
@@ -167,6 +171,37 @@ def _int8(root: Path, fp32_path: Path, part: Part, data: ParityData, ref: np.nda
     parity.update(settings)
     opset = onnx_opset(onnx.load(str(out_path)))
     return _record(root, out_path, part, "int8", "onnx", opset, parity)
+
+
+def _pte(root: Path, folder: Path, part: Part, x: np.ndarray, ref: np.ndarray,
+         data: ParityData, bounds: ParityBounds, onnx_rec: dict, int8: bool) -> list[dict]:
+    """ExecuTorch programs of one part, checked in ExecuTorch's runtime: fp32 (must pass),
+    int8 if asked and it passes (else the fp32 program records why, as for ONNX)."""
+    from exporters.executorch_pte import export_pte, run_pte
+
+    example = torch.from_numpy(x[:2])
+
+    def record(path: Path, precision: str, parity: dict) -> dict:
+        return dict(_record(root, path, part, precision, "pte", onnx_rec["opset"], parity,
+                            io=(onnx_rec["inputs"], onnx_rec["outputs"])))
+
+    path = export_pte(part.module, example, folder / f"{_stem(part)}.fp32.pte")
+    parity = compare(ref, run_pte(path, x), data.test_y)
+    check_fp32(f"{path.relative_to(root)}", parity, bounds)
+    out = [record(path, "fp32", parity)]
+    if int8:
+        qpath = export_pte(part.module, example, folder / f"{_stem(part)}.int8.pte",
+                           data.calib_x)
+        qparity = compare(ref, run_pte(qpath, x), data.test_y)
+        why = int8_failure(qparity, bounds)
+        if why is None:
+            out.append(record(qpath, "int8", qparity))
+        else:
+            qpath.unlink()
+            out[0]["int8_fallback"] = {
+                "reason": f"ExecuTorch int8 (XNNPACK quantizer) parity not met: {why}",
+                "top1_agreement": qparity.get("top1_agreement", 0.0)}
+    return out
 
 
 def _ort_copy(root: Path, src: Path, part: Part, x: np.ndarray, ref: np.ndarray,
