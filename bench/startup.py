@@ -42,22 +42,30 @@ sys.exit(main())
 
 
 def run_once(tree: Path, args: list[str], extra: list[str] = ()) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MB, stderr) of one ``fedge`` process from ``tree``.
+    """(wall seconds, peak RSS MB, stderr) of one ``fedge`` process from ``tree``; the
+    stderr ends with GNU time's line, which ``cpu_seconds`` reads.
 
     The peak comes from GNU time, a small C parent: Linux counts in a child's
     ``ru_maxrss`` the parent's pages at fork, so measured from this (numpy-laden)
     process every child would look at least as large as the bench itself."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     t0 = time.perf_counter()
-    p = subprocess.run([TIME, "-f", "FEDGE_PEAK_KB=%M", sys.executable, *extra, "-c", ENTRY,
-                        *args], env=env, cwd=tree, stdout=subprocess.DEVNULL,
+    p = subprocess.run([TIME, "-f", "FEDGE_PEAK_KB=%M FEDGE_CPU_S=%U+%S", sys.executable,
+                        *extra, "-c", ENTRY, *args], env=env, cwd=tree, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"fedge {' '.join(args)} from {tree} exited {p.returncode}: "
                          f"{p.stderr.strip().splitlines()[-1:]}")
     peak = [ln for ln in p.stderr.splitlines() if ln.startswith("FEDGE_PEAK_KB=")][-1]
-    return wall, int(peak.split("=")[1]) / 1024, p.stderr
+    return wall, int(peak.split()[0].split("=")[1]) / 1024, p.stderr
+
+
+def cpu_seconds(stderr: str) -> float:
+    """User + system CPU seconds of the run (less bent by a loaded machine than wall)."""
+    line = [ln for ln in stderr.splitlines() if ln.startswith("FEDGE_PEAK_KB=")][-1]
+    user, system = line.split("FEDGE_CPU_S=")[1].split("+")
+    return float(user) + float(system)
 
 
 def top_imports(stderr: str, n: int = 12) -> list[list]:
@@ -80,14 +88,16 @@ def bench(trees: dict[str, Path], args: list[str], reps: int) -> dict:
         run_once(tree, args)  # warm-up: page cache, .pyc files
     for _ in range(reps):
         for name, tree in trees.items():
-            wall, rss, _ = run_once(tree, args)
-            runs[name].append({"wall_s": round(wall, 4), "peak_rss_mb": round(rss, 1)})
+            wall, rss, err = run_once(tree, args)
+            runs[name].append({"wall_s": round(wall, 4), "peak_rss_mb": round(rss, 1),
+                               "cpu_s": round(cpu_seconds(err), 2)})
     out = {}
     first = next(iter(trees))
     for name in trees:
         walls = [r["wall_s"] for r in runs[name]]
         rsss = [r["peak_rss_mb"] for r in runs[name]]
         out[name] = {"tree": str(trees[name]), "median_wall_s": statistics.median(walls),
+                     "median_cpu_s": statistics.median(r["cpu_s"] for r in runs[name]),
                      "median_peak_rss_mb": statistics.median(rsss), "runs": runs[name]}
     for name in trees:
         out[name]["wall_ratio_to_" + first] = round(
@@ -105,10 +115,11 @@ def breakdown(tree: Path, args: list[str]) -> dict:
 def to_markdown(res: dict) -> str:
     first = next(iter(res["trees"]))
     lines = [f"`{res['command']}` — {res['machine']}, load: {res['uptime']}", "",
-             f"| tree | median wall s | median peak RSS MB | wall ratio to {first} | "
-             f"RSS ratio to {first} |", "|---|---|---|---|---|"]
+             f"| tree | median wall s | median CPU s | median peak RSS MB | wall ratio to "
+             f"{first} | RSS ratio to {first} |", "|---|---|---|---|---|---|"]
     for name, r in res["trees"].items():
-        lines.append(f"| {name} | {r['median_wall_s']:.3f} | {r['median_peak_rss_mb']:.1f} | "
+        lines.append(f"| {name} | {r['median_wall_s']:.3f} | {r['median_cpu_s']:.2f} | "
+                     f"{r['median_peak_rss_mb']:.1f} | "
                      f"{r['wall_ratio_to_' + first]:.2f} | {r['rss_ratio_to_' + first]:.2f} |")
     return "\n".join(lines) + "\n"
 

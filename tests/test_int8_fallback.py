@@ -108,3 +108,12 @@ def test_cli_export_falls_back_with_one_warning_and_strict_fails_one_line(tmp_pa
     assert [a.precision for a in entry.artifacts] == ["fp32"]
     assert entry.artifacts[0].int8_fallback["top1_agreement"] < 0.99
     assert "int8 fp32" in stdout  # the summary line says the int8 slot holds fp32
+    sample = tmp_path / "one.npy"
+    np.save(sample, np.zeros((1, 40), np.float32))
+    code, stdout, err = run_fedge("infer", "--manifest", str(out), "--device",
+                                  "jetson-orin-nano", "--input", str(sample), "--no-verify",
+                                  "--precision", "int8")
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: 1 of 1 models run fp32"), err
+    assert "full.fp32.onnx" in stdout
