@@ -88,6 +88,7 @@ def test_int8_fallback_on_an_int8_artifact_is_refused(mixed_export, tmp_path):
         load_manifest(tmp_path)
 
 
+@pytest.mark.slow  # four fedge processes: pretrain, two exports, infer
 def test_cli_export_falls_back_with_one_warning_and_strict_fails_one_line(tmp_path):
     ck = tmp_path / "h.safetensors"
     code, _, err = run_fedge("pretrain", "--dataset", "mnist1d", "--model", HOSTILE,
