@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from device_runtime.errors import TrustError
@@ -39,9 +38,22 @@ MAX_REGISTRY_FILE = 64 << 20  # ~60 bytes a device: room for a million devices
 BENCH_ONLY_SKIP_SIGNATURES = False
 
 
+# An Ed25519 SubjectPublicKeyInfo in DER is this 12-byte header and the 32-byte key
+# (RFC 8410). Reading it directly spares a device the import of cryptography's
+# serialization package (SSH, PKCS#12, ...) on every start; anything else is read by
+# cryptography, which names what it is.
+_SPKI_ED25519 = bytes.fromhex("302a300506032b6570032100")
+
+
+def _serialization():
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization
+
+
 def key_id(public_key: Ed25519PublicKey) -> str:
     """First 16 hex digits of the sha256 of the raw 32-byte public key."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = public_key.public_bytes_raw()
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
@@ -66,9 +78,10 @@ class PublicKey:
         return cls.of(load_public_key(path))
 
     def raw(self) -> bytes:
-        return self.key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return self.key.public_bytes_raw()
 
     def pem(self) -> bytes:
+        serialization = _serialization()
         return self.key.public_bytes(serialization.Encoding.PEM,
                                      serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -110,7 +123,7 @@ class Signer:
     @classmethod
     def from_pem(cls, data: bytes, path: str = "(in memory)") -> "Signer":
         try:
-            key = serialization.load_pem_private_key(data, password=None)
+            key = _serialization().load_pem_private_key(data, password=None)
         except TypeError:
             raise TrustError(f"signing key {path} is encrypted; expected an unencrypted "
                              "PKCS#8 PEM key (mode 0600)") from None
@@ -130,6 +143,7 @@ class Signer:
         return self.key.sign(bytes(data))
 
     def pem(self) -> bytes:
+        serialization = _serialization()
         return self.key.private_bytes(serialization.Encoding.PEM,
                                       serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption())
@@ -147,8 +161,11 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     """The Ed25519 public key in PEM file ``path``, or TrustError naming the file."""
     path = Path(path)
     data = _read(path, "trusted key")
+    key = _ed25519_pem(data)
+    if key is not None:
+        return key
     try:
-        key = serialization.load_pem_public_key(data)
+        key = _serialization().load_pem_public_key(data)
     except (ValueError, TypeError):
         why = "a private key; trust its .pub" if b"PRIVATE KEY" in data else "not a PEM key"
         raise TrustError(f"trusted key {path}: expected an Ed25519 public key (PEM), "
@@ -157,6 +174,21 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
         raise TrustError(f"trusted key {path}: expected an Ed25519 public key, got "
                          f"{type(key).__name__}")
     return key
+
+
+def _ed25519_pem(data: bytes) -> Ed25519PublicKey | None:
+    """The key of a one-block "PUBLIC KEY" PEM holding an Ed25519 SPKI, else None."""
+    lines = data.strip().splitlines()
+    if len(lines) < 3 or lines[0] != b"-----BEGIN PUBLIC KEY-----" \
+            or lines[-1] != b"-----END PUBLIC KEY-----":
+        return None
+    try:
+        der = base64.b64decode(b"".join(lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) != 44 or not der.startswith(_SPKI_ED25519):
+        return None
+    return Ed25519PublicKey.from_public_bytes(der[12:])
 
 
 def _read(path: Path, what: str, limit: int = MAX_KEY_FILE) -> bytes:
@@ -287,5 +319,5 @@ class FleetKeys:
 
 def device_keys(doc: dict, device: str) -> tuple[Signer, PublicKey]:
     """(the device's key, the aggregator's public key) from ``FleetKeys.to_json``."""
-    public = serialization.load_pem_public_key(doc["server_public"].encode())
+    public = _serialization().load_pem_public_key(doc["server_public"].encode())
     return Signer.from_pem(doc["devices"][device].encode()), PublicKey.of(public)

@@ -4,7 +4,10 @@
 (an integer that grows with every export) and the ``job`` it was made for (or
 null), and lists per device profile the artifacts exported for it, each with its
 sha256. A device loads nothing whose bytes do not match, and hashes the very
-bytes it then loads (``read_verified``). The exporters write this format; this
+bytes it then loads (``read_verified``). An fp32 artifact may carry an
+``int8_fallback`` record (why no int8 copy met its parity bounds, with the
+measured agreement): it then serves requests for int8 too (``DeviceEntry.serving``).
+The exporters write this format; this
 module is the one reader, so a device needs neither torch nor the exporters to
 use it. With a trusted public key, ``load_manifest`` checks the manifest's
 Ed25519 signature (``device_runtime.signing``) on the bytes it read before it
@@ -25,7 +28,7 @@ FORMAT = "fedge-manifest/2"
 FORMAT_V1 = "fedge-manifest/1"  # no version, no job: read only without a trusted key
 ROLES = ("full", "head", "tail", "base")
 PRECISIONS = ("fp32", "int8")
-FORMATS = ("onnx", "ort")
+FORMATS = ("onnx", "ort", "pte")  # pte: ExecuTorch, for phone apps (no Python runtime)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -50,6 +53,7 @@ class Artifact:
     inputs: list
     outputs: list
     parity: dict
+    int8_fallback: dict | None = None  # fp32 shipped in the int8 slot: why, measured
 
     @classmethod
     def from_json(cls, d: object, where: str) -> "Artifact":
@@ -69,9 +73,14 @@ class Artifact:
         if Path(d["path"]).is_absolute() or ".." in Path(d["path"]).parts:
             raise ManifestError(f"{where}.path: expected a path inside the manifest's "
                                 f"folder, got {d['path']!r}")
+        fallback = d.get("int8_fallback")
+        if fallback is not None and (not isinstance(fallback, dict)
+                                     or d["precision"] != "fp32"):
+            raise ManifestError(f"{where}.int8_fallback: expected an object on an fp32 "
+                                f"artifact or null, got {fallback!r} on {d['precision']}")
         return cls(d["role"], d.get("index"), d["precision"], d["format"], d["path"],
                    d["sha256"], d["opset"], d["params"], d["macs"], d["inputs"],
-                   d["outputs"], dict(d.get("parity") or {}))
+                   d["outputs"], dict(d.get("parity") or {}), fallback)
 
 
 def _expect(d: dict, where: str, key: str, typ: type, allowed: tuple | None = None) -> None:
@@ -99,6 +108,26 @@ class DeviceEntry:
         have = ", ".join(f"{a.role}/{a.precision}/{a.format}" for a in self.artifacts)
         raise ManifestError(f"device {self.name}: no {role}/{precision}/{fmt} artifact "
                             f"(has {have})")
+
+    def serving(self, role: str, precision: str, index: int | None = None,
+                formats: tuple[str, ...] = ("onnx", "ort")) -> Artifact | None:
+        """The artifact that answers a request for ``role``/``precision``/``index``: of that
+        precision in the first of ``formats`` listed, else (for int8) the fp32 one that
+        records an ``int8_fallback``; None if neither is listed."""
+        for want_fallback in (False, True):
+            for fmt in formats:
+                for a in self.artifacts:
+                    if (a.role, a.format, a.index) != (role, fmt, index):
+                        continue
+                    if not want_fallback and a.precision == precision:
+                        return a
+                    if want_fallback and precision == "int8" and a.int8_fallback is not None:
+                        return a
+        return None
+
+    def fallbacks(self) -> list[Artifact]:
+        """The fp32 artifacts that stand in for an int8 copy no setting could verify."""
+        return [a for a in self.artifacts if a.int8_fallback is not None]
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ class Predictor:
         self.artifacts = artifacts
         self.artifact = artifacts[0]
         self.sessions = sessions
+        # Artifacts that run fp32 although int8 was asked for (the manifest says why).
+        self.fallbacks: list[Artifact] = []
         self.provider = provider_of(sessions[0])  # e.g. CPUExecutionProvider after a fallback
         self.batch_size = batch_size
         self.sample_shape: tuple = tuple(self.artifact.inputs[0]["shape"][1:])
@@ -87,7 +89,10 @@ class Predictor:
         sessions = [open_verified(manifest, a, threads) for a in artifacts]
         if trust is not None:
             record(manifest, policy)
-        return cls(manifest, entry, artifacts, sessions, batch_size)
+        pred = cls(manifest, entry, artifacts, sessions, batch_size)
+        if precision == "int8":
+            pred.fallbacks = [a for a in artifacts if a.precision == "fp32"]
+        return pred
 
     @property
     def active(self) -> int:
@@ -181,24 +186,25 @@ class Predictor:
 
 
 def _pick_bases(entry: DeviceEntry, precision: str) -> list[Artifact]:
-    """SplitMix bases of ``precision``, by index (ONNX where listed, else ORT format)."""
-    by_index: dict[int, Artifact] = {}
-    for fmt in ("ort", "onnx"):  # ONNX last, so it wins
-        for a in entry.artifacts:
-            if a.role == "base" and a.precision == precision and a.format == fmt \
-                    and a.index is not None:
-                by_index[a.index] = a
-    return [by_index[i] for i in sorted(by_index)]
+    """SplitMix bases of ``precision``, by index (ONNX where listed, else ORT format); a
+    base whose int8 copy failed parity is served by its fp32 artifact, as the manifest
+    records."""
+    indices = sorted({a.index for a in entry.artifacts
+                      if a.role == "base" and a.index is not None})
+    picked = [entry.serving("base", precision, i) for i in indices]
+    if any(a is None for a in picked):
+        missing = [i for i, a in zip(indices, picked) if a is None]
+        raise ManifestError(f"device {entry.name}: no {precision} artifact for base "
+                            f"{', '.join(map(str, missing))}")
+    return picked
 
 
 def _pick_full(entry: DeviceEntry, precision: str) -> Artifact:
-    """The full model of ``precision``: ONNX if listed, else ORT format (mobile)."""
-    for fmt in ("onnx", "ort"):
-        for a in entry.artifacts:
-            if (a.role, a.precision, a.format, a.index) == ("full", precision, fmt, None):
-                return a
+    """The full model of ``precision``: ONNX if listed, else ORT format (mobile); for int8
+    the fp32 one if the manifest says it stands in for a failed int8 copy."""
+    a = entry.serving("full", precision)
     # find() builds the error that lists what the device does have.
-    return entry.find("full", precision, "onnx")
+    return a if a is not None else entry.find("full", precision, "onnx")
 
 
 def open_verified(manifest: Manifest, artifact: Artifact,

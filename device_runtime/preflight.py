@@ -17,9 +17,7 @@ from pathlib import Path
 from device_runtime.errors import ManifestError, TrustError
 from device_runtime.keys import Signer
 from device_runtime.manifest import Artifact, DeviceEntry, load_manifest
-from device_runtime.predictor import open_verified
 from device_runtime.rollback import ExportPolicy, check_binding, record
-from device_runtime.session import provider_of
 from device_runtime.signing import load_public_key
 
 
@@ -68,6 +66,10 @@ def check_device(manifest: str | Path, profile: str, trust: str | Path,
     or ManifestError (exit 2), each naming the file; nothing is loaded before its
     check passed, and nothing is recorded unless every check passed.
     """
+    # onnxruntime only here: a device started without a manifest never loads it.
+    from device_runtime.predictor import open_verified
+    from device_runtime.session import provider_of
+
     m = load_manifest(manifest, trust=trust)
     previous = check_binding(m, policy)
     entry = m.device(profile)

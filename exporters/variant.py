@@ -2,8 +2,13 @@
 
 For each part (full model, head and tail at the split point) an fp32 ONNX
 file; for the full model an int8 static QDQ copy; for mobile profiles ORT
-format copies. Every file is checked against torch before it is listed, and a
-failed check stops the export with an error naming the artifact.
+format copies, and with ExecuTorch installed XNNPACK ``.pte`` programs of the
+full model (``exporters.executorch_pte``). Every file is checked against torch
+before it is listed, and a failed check stops the export with an error naming the artifact, with one
+exception: an int8 copy that no setting of ``exporters.int8_search`` brings
+within its bounds is not shipped, and the fp32 artifacts of that part carry an
+``int8_fallback`` record (reason, measured agreement) saying they serve int8
+requests too; ``VariantRequest.strict_int8`` makes that an error instead.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from torch import nn
 from device_runtime.manifest import FORMAT, sha256_file
 from device_runtime.session import open_session, run
 from exporters.errors import ParityError
-from exporters.int8 import CALIBRATIONS, quantize_int8
+from exporters.int8_search import Int8Search, replay_int8, search_int8
 from exporters.onnx_fp32 import export_fp32, onnx_opset
 from exporters.ort_format import convert_to_ort
 from exporters.parity import ParityBounds, check_fp32, check_int8, compare, int8_failure
@@ -49,6 +54,12 @@ class VariantRequest:
     mobile: bool = False
     int8: bool = True
     metadata: dict = field(default_factory=dict)  # model config etc., into every file
+    strict_int8: bool = False  # an int8 copy that fails parity fails the export
+    search: Int8Search = field(default_factory=Int8Search)
+    pte: bool = False  # also ExecuTorch .pte (XNNPACK), fp32 and int8, of full/base parts
+    # Search outcomes by (module, opset), shared across a fleet's requests: SplitMix
+    # sends the same bases to every profile, and the search need not run again for them.
+    int8_memo: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,8 +85,8 @@ def _io(path: Path) -> tuple[list, list]:
 
 
 def _record(root: Path, path: Path, part: Part, precision: str, fmt: str, opset: int,
-            parity: dict) -> dict:
-    inputs, outputs = _io(path)
+            parity: dict, io: tuple[list, list] | None = None) -> dict:
+    inputs, outputs = io or _io(path)  # ORT reads ONNX and .ort; a .pte's io is given
     return {"role": part.role, "index": part.index, "precision": precision, "format": fmt,
             "path": path.relative_to(root).as_posix(), "sha256": sha256_file(path),
             "opset": opset, "params": part.params, "macs": part.macs,
@@ -104,35 +115,93 @@ def export_variant(req: VariantRequest, data: ParityData, root: str | Path,
         out = run(open_session(path, threads=1, providers=CPU), x)
         parity = compare(ref, out, data.test_y if outp == "logits" else None)
         check_fp32(f"{req.name}/{path.name}", parity, bounds)
-        records.append(_record(root, path, part, "fp32", "onnx", req.opset, parity))
+        fp32 = [_record(root, path, part, "fp32", "onnx", req.opset, parity)]
         if req.mobile:
-            records.append(_ort_copy(root, path, part, x, ref, data, bounds, check_fp32))
+            fp32.append(_ort_copy(root, path, part, x, ref, data, bounds, check_fp32))
+        records += fp32
         if req.int8 and part.role in ("full", "base"):
-            q = _int8(root, path, part, data, ref, meta, bounds)
+            q = _int8(root, path, part, data, ref, meta, bounds, req)
+            if "int8_fallback" in q:  # fp32 serves the int8 slot; say so where it is
+                for r in fp32:
+                    r["int8_fallback"] = q["int8_fallback"]
+                continue
             records.append(q)
             if req.mobile:
                 records.append(_ort_copy(root, root / q["path"], part, x, ref, data,
                                          bounds, check_int8, precision="int8"))
+        if req.pte and part.role in ("full", "base"):
+            records += _pte(root, folder, part, x, ref, data, bounds, fp32[0], req.int8)
     _check_chain(req, root, records, data, bounds)
     return records
 
 
 def _int8(root: Path, fp32_path: Path, part: Part, data: ParityData, ref: np.ndarray,
-          meta: dict, bounds: ParityBounds) -> dict:
+          meta: dict, bounds: ParityBounds, req: VariantRequest) -> dict:
+    """The int8 artifact's record, or ``{"int8_fallback": why}`` when none passes."""
     out_path = fp32_path.with_name(f"{_stem(part)}.int8.onnx")
-    why = ""
-    for method in CALIBRATIONS:
-        quantize_int8(fp32_path, out_path, data.calib_x, method, meta)
-        q_out = run(open_session(out_path, threads=1, providers=CPU), data.test_x)
-        parity = compare(ref, q_out, data.test_y)
-        why = int8_failure(parity, bounds)
+    ref_sq = float(np.mean(ref.astype(np.float64) ** 2)) or 1.0
+
+    def evaluate(path: Path) -> dict:
+        out = run(open_session(path, threads=1, providers=CPU), data.test_x)
+        parity = compare(ref, out, data.test_y)
+        parity["relative_sq_err"] = float(np.mean((out - ref).astype(np.float64) ** 2) / ref_sq)
+        return parity
+
+    key = (id(part.module), req.opset)
+    known, outcome = req.int8_memo.get(key), None
+    if known is not None and known.settings is not None:  # re-make the file that passed
+        outcome = replay_int8(fp32_path, out_path, data.calib_x, evaluate, known, meta)
+        if int8_failure(outcome.parity, bounds) is not None:
+            outcome = None
+    elif known is not None:  # the same model failed every setting already
+        outcome = known
+    if outcome is None:
+        outcome = search_int8(fp32_path, out_path, data.calib_x, evaluate, bounds, meta,
+                              req.search)
+    req.int8_memo[key] = outcome
+    name = out_path.relative_to(root)
+    if outcome.settings is None:
+        if req.strict_int8:
+            raise ParityError(f"artifact {name} fails int8 parity with every setting tried "
+                              f"({outcome.tried}): {outcome.why}")
+        return {"int8_fallback": outcome.fallback_record(bounds)}
+    parity = dict(outcome.parity)
+    parity.pop("relative_sq_err", None)
+    settings = parity.pop("settings")
+    parity.update(settings)
+    opset = onnx_opset(onnx.load(str(out_path)))
+    return _record(root, out_path, part, "int8", "onnx", opset, parity)
+
+
+def _pte(root: Path, folder: Path, part: Part, x: np.ndarray, ref: np.ndarray,
+         data: ParityData, bounds: ParityBounds, onnx_rec: dict, int8: bool) -> list[dict]:
+    """ExecuTorch programs of one part, checked in ExecuTorch's runtime: fp32 (must pass),
+    int8 if asked and it passes (else the fp32 program records why, as for ONNX)."""
+    from exporters.executorch_pte import export_pte, run_pte
+
+    example = torch.from_numpy(x[:2])
+
+    def record(path: Path, precision: str, parity: dict) -> dict:
+        return dict(_record(root, path, part, precision, "pte", onnx_rec["opset"], parity,
+                            io=(onnx_rec["inputs"], onnx_rec["outputs"])))
+
+    path = export_pte(part.module, example, folder / f"{_stem(part)}.fp32.pte")
+    parity = compare(ref, run_pte(path, x), data.test_y)
+    check_fp32(f"{path.relative_to(root)}", parity, bounds)
+    out = [record(path, "fp32", parity)]
+    if int8:
+        qpath = export_pte(part.module, example, folder / f"{_stem(part)}.int8.pte",
+                           data.calib_x)
+        qparity = compare(ref, run_pte(qpath, x), data.test_y)
+        why = int8_failure(qparity, bounds)
         if why is None:
-            parity["calibration"] = method.name
-            opset = onnx_opset(onnx.load(str(out_path)))
-            return _record(root, out_path, part, "int8", "onnx", opset, parity)
-    out_path.unlink(missing_ok=True)
-    raise ParityError(f"artifact {out_path.relative_to(root)} fails parity with every "
-                      f"calibration method: {why}")
+            out.append(record(qpath, "int8", qparity))
+        else:
+            qpath.unlink()
+            out[0]["int8_fallback"] = {
+                "reason": f"ExecuTorch int8 (XNNPACK quantizer) parity not met: {why}",
+                "top1_agreement": qparity.get("top1_agreement", 0.0)}
+    return out
 
 
 def _ort_copy(root: Path, src: Path, part: Part, x: np.ndarray, ref: np.ndarray,

@@ -13,6 +13,7 @@ never torch nor the rest of the toolkit.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -96,6 +97,12 @@ def infer(args: argparse.Namespace) -> int:
                                    policy=ExportPolicy(args.job, args.allow_rollback))
     if args.bases is not None or args.budget_ms is not None or args.budget_mb is not None:
         pred.set_budget(bases=args.bases, ms=args.budget_ms, mb=args.budget_mb)
+    if pred.fallbacks:  # one line, however many: the manifest has each one's reason
+        agree = ", ".join(f"{a.path} {a.int8_fallback.get('top1_agreement', 0):.4f}"
+                          for a in pred.fallbacks)
+        print(f"warning: {len(pred.fallbacks)} of {len(pred.artifacts)} models run fp32 "
+              f"in the int8 slot (their int8 copies failed parity; top-1 agreement: "
+              f"{agree}; reasons in the manifest's int8_fallback)", file=sys.stderr)
     t0 = time.perf_counter()
     logits = pred.predict_logits(x)
     ms = (time.perf_counter() - t0) * 1000 / len(logits)

@@ -46,22 +46,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from toolkit.cli import (audit_cmds, dashboard_cmds, data_cmds, deploy_cmds, device_cmds,
-                             field_cmds, model_cmds, rollout_cmds, secure_cmds, sim_cmds)
+# Which module defines each subcommand, in ``fedge --help`` order. A known command
+# builds only its own module's parser: ``fedge infer`` on a device then imports
+# neither the strategy table nor the server's argument modules (start-up time).
+MODULES = {"profiles": "data_cmds", "partition": "data_cmds", "pretrain": "model_cmds",
+           "export": "model_cmds", "infer": "device_cmds", "device": "agent_cmds",
+           "serve": "field_cmds", "demo": "field_cmds", "worker": "field_cmds",
+           "rollout": "rollout_cmds", "simulate": "sim_cmds", "bundle": "deploy_cmds",
+           "wheelhouse": "deploy_cmds", "secure": "secure_cmds", "audit": "audit_cmds",
+           "dashboard": "dashboard_cmds"}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``fedge`` parser: every subcommand, or only ``command``'s module's."""
+    import importlib
 
     parser = _Parser(prog="fedge", description="Federated learning and inference on "
                      "fleets of small devices.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for module in (data_cmds, model_cmds, device_cmds, field_cmds, rollout_cmds, sim_cmds,
-                   deploy_cmds, secure_cmds, audit_cmds, dashboard_cmds):
-        module.add(sub)
+    names = [MODULES[command]] if command in MODULES else list(dict.fromkeys(MODULES.values()))
+    for name in names:
+        importlib.import_module(f"toolkit.cli.{name}").add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         threads.configure()  # before anything imports torch

@@ -37,6 +37,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="compute at which a device gets the full model "
                         "(default: the strongest device of the fleet)")
     p.add_argument("--no-int8", action="store_true")
+    strict_int8_arg(p)
     version_args(p)
     signing_key_arg(p)
     allow_arg(p)
@@ -143,6 +144,7 @@ def export(args: argparse.Namespace) -> int:
                                           reference_gflops=args.reference_gflops,
                                           split_after=args.split_after),
                          finetune_epochs=args.finetune_epochs, int8=not args.no_int8,
+                         strict_int8=args.strict_int8,
                          signing_key=key.path, version=args.version, job=args.job)
     t0 = time.time()
     path = export_fleet(ckpt, profiles, args.out, ds, opts,
@@ -154,17 +156,35 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def strict_int8_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strict-int8", action="store_true", help="fail the export when an "
+                   "int8 artifact cannot meet its parity bounds with any setting (default: "
+                   "ship the fp32 artifact in its place, the reason in the manifest)")
+
+
+def int8_warnings(manifest) -> None:
+    """One line on stderr per fp32 artifact standing in for a failed int8 copy."""
+    for name, dev in manifest.devices.items():
+        for a in dev.fallbacks():
+            if a.format == "onnx":
+                fb = a.int8_fallback
+                print(f"warning: {a.path} ships in the int8 slot (top-1 agreement "
+                      f"{fb.get('top1_agreement', 0):.4f}): {fb.get('reason', '?')}",
+                      file=sys.stderr, flush=True)
+
+
 def _summary(path):
     """Print one line per device; returns the manifest (``Manifest``)."""
     from device_runtime.manifest import load_manifest
 
     m = load_manifest(path)
+    int8_warnings(m)
     for name, dev in m.devices.items():
-        full = dev.find("full")
+        full = dev.serving("full", "fp32") or dev.artifacts[0]  # SplitMix: base 0
         acc = full.parity.get("accuracy", float("nan"))
-        q = next((a for a in dev.artifacts if a.precision == "int8" and a.format == "onnx"),
-                 None)
-        qacc = f"{q.parity['accuracy']:.4f}" if q else "-"
+        q = dev.serving(full.role, "int8", full.index, ("onnx",))
+        qacc = "-" if q is None else "fp32" if q.int8_fallback else \
+            f"{q.parity['accuracy']:.4f}"
         print(f"{name:18s} prune {dev.plan['prune_ratio']:.2f}  MACs {full.macs:>9,}  "
               f"params {full.params:>7,}  opset {full.opset}  acc fp32 {acc:.4f} int8 {qacc}  "
               f"split after {dev.plan['split']['after'] if dev.plan.get('split') else '-'}")

@@ -43,7 +43,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attack", default="", metavar="KIND:COUNT[:SCALE]",
                    help="the first COUNT devices attack: replace, signflip, noise, lie or "
                    "labelflip (toolkit/sim/attackers.py)")
-    p.add_argument("--export", help="write the final model's artifacts for the fleet here")
+    p.add_argument("--export", help="write the final model's artifacts for the fleet here "
+                   "(after the --json report is written)")
+    model_cmds.strict_int8_arg(p)
     model_cmds.signing_key_arg(p)
     p.add_argument("--json", required=True)
     p.set_defaults(func=simulate)
@@ -83,15 +85,20 @@ def simulate(args: argparse.Namespace) -> int:
     key = model_cmds.signing_key(args) if args.export else None  # before the long part
     with RoundProgress(args.rounds, sys.stderr, "simulate", fleet) as show:
         report, ckpt = run_simulation(opts, show, cat)
-    if args.export:
-        from toolkit.planning.fleet import ExportOptions, export_fleet
-
-        export_fleet(ckpt, cat.select(args.profiles), args.export, None,
-                     ExportOptions(signing_key=key.path))
-        report["export"] = str(Path(args.export) / "manifest.json")
+    # The report first: an export that fails (say --strict-int8) must not lose the run.
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"final accuracy {report['final_accuracy']:.4f}; uplink "
           f"{report['uplink_bytes_total']:,} B, downlink {report['downlink_bytes_total']:,} B; "
-          f"wrote {args.json}")
+          f"wrote {args.json}", flush=True)
+    if args.export:
+        from device_runtime.manifest import load_manifest
+        from toolkit.planning.fleet import ExportOptions, export_fleet
+
+        path = export_fleet(ckpt, cat.select(args.profiles), args.export, None,
+                            ExportOptions(signing_key=key.path, strict_int8=args.strict_int8))
+        model_cmds.int8_warnings(load_manifest(path))
+        report["export"] = str(path)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {path}")
     return 0

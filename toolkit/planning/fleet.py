@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from exporters.executorch_pte import available as pte_available
 from exporters.parity import ParityBounds
 from exporters.variant import ParityData, Part, VariantRequest, export_variant, write_manifest
 from device_runtime.topics import check_id
@@ -42,6 +43,8 @@ class ExportOptions:
     finetune_epochs: int = 5  # short fine-tuning of pruned variants on the server's data
     calib_samples: int = 512
     int8: bool = True
+    pte: bool = True  # ExecuTorch programs for mobile profiles, when executorch is installed
+    strict_int8: bool = False  # an int8 copy that fails parity fails the export (else fp32)
     bounds: ParityBounds = field(default_factory=ParityBounds)
     seed: int = 0
     signing_key: Path | None = None  # Ed25519 private key file: sign the manifest with it
@@ -107,7 +110,7 @@ def export_fleet(ckpt: Checkpoint, profiles: list[DeviceProfile], out: str | Pat
     ft = TrainOptions(epochs=opts.finetune_epochs, lr=2e-3, seed=opts.seed)
     model_json = {"config": ckpt.config.to_json(), "macs": full_macs, "params": full_params,
                   "prune": ckpt.prune.to_json(), "metrics": ckpt.metrics}
-    devices = {}
+    devices, memo = {}, {}
     staging = Path(tempfile.mkdtemp(prefix=".fedge-export-", dir=out.parent))
     try:
         for p in profiles:
@@ -122,7 +125,9 @@ def export_fleet(ckpt: Checkpoint, profiles: list[DeviceProfile], out: str | Pat
             if on_variant:
                 on_variant(v)
             meta = {"fedge.config": ckpt.config.to_json(), "fedge.prune": v.record.to_json()}
-            req = VariantRequest(p.name, parts, v.plan.opset, p.mobile, opts.int8, meta)
+            req = VariantRequest(p.name, parts, v.plan.opset, p.mobile, opts.int8, meta,
+                                 strict_int8=opts.strict_int8, int8_memo=memo,
+                                 pte=p.mobile and opts.pte and pte_available())
             devices[p.name] = {"profile": p.to_json(), "plan": v.plan.to_json(),
                                "artifacts": export_variant(req, data, staging, opts.bounds)}
         manifest = write_manifest(staging, model_json, devices, version, opts.job)
