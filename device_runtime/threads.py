@@ -97,8 +97,7 @@ def child_env(siblings: int, base: dict[str, str] | None = None) -> dict[str, st
     """The environment for one of ``siblings`` child processes started together: each
     gets its share of this process's cores (at least one thread)."""
     env = dict(os.environ if base is None else base)
-    share = budget(1, env) if _override(env) is not None else max(
-        1, available_cpus() // max(1, siblings))
+    share = _override(env) or max(1, available_cpus() // max(1, siblings))
     env[ENV] = str(share)
     for var in _POOL_VARS:
         env[var] = str(share)
