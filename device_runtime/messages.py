@@ -1,4 +1,5 @@
-"""The control messages of the protocol: plan, status, task, control, summary, rollout.
+"""The control messages of the protocol: plan, status, task, control, summary, rollout
+and the rollout's report.
 
 Each is a typed dataclass. On the wire a message is a signed frame
 (``seal``): kind = the class name in lower case, codec ``"json"``, and one
@@ -151,6 +152,26 @@ class Rollout:
     replaces: int  # the version it replaces (rollback: the one to leave)
     manifest_sha256: str = ""  # install: content sha256 of the release's manifest frame
     issued: float = 0.0  # unix time; a device takes none older than the last it took
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutReport:
+    """Retained on ``rollouts``, from ``fedge rollout`` at every step, for watchers such
+    as ``fedge dashboard`` (docs/protocol.md, "Staged rollout"): where the rollout is."""
+
+    rollout: str  # its id: the frame's nonce
+    version: int  # the version being rolled out: the frame's round
+    stage: str  # canary | all | done | rolling-back | rolled-back
+    reason: str = ""  # why the canary failed
+    canary: list = field(default_factory=list)  # device ids
+    rest: list = field(default_factory=list)
+    previous: dict = field(default_factory=dict)  # device -> the version it ran before
+    devices: dict = field(default_factory=dict)  # device -> its last report (protocol.md)
+    omitted: int = 0  # reports of healthy devices left out to fit MAX_MESSAGE
+    hold_from: float = 0.0  # unix time the canary's hold began (0: not yet)
+    hold: float = 0.0  # its length in seconds
+    history: list = field(default_factory=list)  # [unix time, stage, note], oldest first
+    updated: float = 0.0  # unix time of this report; a watcher takes none older
 
 
 M = TypeVar("M")

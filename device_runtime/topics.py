@@ -77,6 +77,12 @@ class Topics:
         """Retained, from the operator to one device: install a version, or go back."""
         return f"{self.root}/rollout/{device}"
 
+    @property
+    def rollouts(self) -> str:
+        """Retained, from the operator to watchers (dashboards): where the newest rollout
+        of the job is, a signed ``RolloutReport``."""
+        return f"{self.root}/rollouts"
+
     # Scale-out (broker_server/workers.py): the coordinator and its aggregator workers.
     @property
     def work(self) -> str:
@@ -100,7 +106,7 @@ class Topics:
         if parts[:2] != ["fedge", self.job]:
             return {"kind": "foreign"}
         rest = parts[2:]
-        if rest in (["plan"], ["control"], ["summary"]):
+        if rest in (["plan"], ["control"], ["summary"], ["rollouts"]):
             return {"kind": rest[0]}
         if len(rest) == 2 and rest[0] == "asset":
             return {"kind": "asset", "asset": rest[1]}

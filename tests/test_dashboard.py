@@ -3,7 +3,8 @@ processes and a fifth whose export is forged, the dashboard process, and a real 
 Chromium reading the page. The fleet table shows the four online and the forged one's
 refusal; a device killed with SIGKILL turns offline within the broker's keep-alive; the
 round timeline gains a point per round, each shown under a second after the round
-closed; ``/metrics`` parses with prometheus-client's parser and agrees with the report.
+closed; ``/metrics`` parses with prometheus-client's parser and agrees with the report;
+a rollout's signed report becomes the rollout panel.
 Screenshots go to docs/results/dashboard/."""
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ def test_dashboard_shows_the_fleet_the_rounds_and_the_metrics(tmp_path, mosquitt
         report = json.loads((work / "report.json").read_text())
         _check_page(browser, report)
         _check_metrics(_metrics(page + "/metrics"), report)
+        _check_rollout(browser, mosquitto.url, job, work)
         print(f"offline {offline_after:.1f} s after SIGKILL; latency "
               f"{page_value(browser, 'fedge.latency')}")
     finally:
@@ -122,6 +124,47 @@ def _forge_status(url: str, job: str) -> None:
     t.publish(f"fedge/{job}/devices/dev-0/status",
               messages.seal(forged, job, "dev-0", Signer.generate()))
     t.close()
+
+
+def _check_rollout(browser, url: str, job: str, work) -> None:
+    """fedge rollout's signed report, as the driver publishes it, becomes the rollout
+    panel: stage, reason, a row per device with its result and error."""
+    from device_runtime import messages
+    from device_runtime.keys import Signer
+    from device_runtime.transport.mqtt import MqttTransport
+
+    report = messages.RolloutReport(
+        rollout="r-shot", version=2, stage="rolled-back", reason="canary error rate 50% > 0%",
+        canary=["dev-0", "dev-1"], rest=["dev-2"], previous={"dev-0": 1, "dev-1": 1,
+                                                             "dev-2": 1},
+        devices={"dev-0": {"action": "rollback", "ok": True, "artifact_version": 1,
+                           "latency_ms": None, "previous_latency_ms": None, "error": ""},
+                 "dev-1": {"action": "rollback", "ok": False, "artifact_version": 1,
+                           "latency_ms": None, "previous_latency_ms": None,
+                           "error": "<b>cannot load</b> v2"}},
+        history=[[time.time() - 3, "canary", "2 of 3 devices"],
+                 [time.time() - 1, "rolling-back", "canary error rate 50% > 0%"],
+                 [time.time(), "rolled-back", "canary error rate 50% > 0%"]],
+        updated=time.time())
+    t = MqttTransport(url, "operator")
+    t.connect()
+    t.publish(f"fedge/{job}/rollouts", messages.seal(
+        report, job, "server", Signer.load(work / "keys" / "server.key"), 2, "r-shot"),
+        retain=True)
+    t.close()
+    wait_for(lambda: page_value(browser, "fedge.rollout ? fedge.rollout.stage : ''")
+             == "rolled-back", 10, "the rollout panel")
+    rows = page_value(browser, "[...document.querySelectorAll('#rollout-devices tbody tr')]"
+                               ".map(tr => [...tr.cells].map(td => td.textContent))")
+    assert [r[:6] for r in rows] == [["canary", "dev-0", "v1", "v1", "rollback", "ok"],
+                                     ["canary", "dev-1", "v1", "v1", "rollback", "failed"],
+                                     ["rest", "dev-2", "v1", "-", "-", "waiting"]], rows
+    assert rows[1][7] == "<b>cannot load</b> v2"  # shown as text, never as HTML
+    stage = page_value(browser, "document.getElementById('rollout-stage').textContent")
+    assert stage.startswith("rolled-back: canary error rate 50%"), stage
+    panel = browser.find_element("id", "rollout")
+    browser.execute_script("arguments[0].scrollIntoView()", panel)
+    panel.screenshot(str(SHOTS / "rollout.png"))
 
 
 def _keys(work, k: int) -> list[str]:

@@ -1,7 +1,7 @@
 """The dashboard's view takes only what the aggregator would: statuses signed by their
-device's registered key and not replayed, summaries and plans signed by the aggregator
-for this job, and content of the shape the page shows. Everything else is counted as
-refused and changes nothing. /metrics parses with prometheus-client's parser."""
+device's registered key and not replayed, summaries, plans and rollout reports signed
+by the aggregator (the operator) for this job, and content of the shape the page
+shows. Everything else is counted as refused and changes nothing. /metrics parses with prometheus-client's parser."""
 from __future__ import annotations
 
 import dataclasses
@@ -114,6 +114,49 @@ def test_a_summary_not_signed_by_the_aggregator_or_malformed_is_refused(case):
     v.take(_topic("summary"), payload)
     _, out = v.changes(-1)
     assert out["summary"]["round"] == 1 and [r[0] for r in out["timeline"]] == [1]
+    assert sum(v.refused.values()) == 1
+
+
+def _rollout(stage="canary", updated=None, signer=None, version=2, nonce="r1", **kw) -> bytes:
+    r = messages.RolloutReport(
+        rollout="r1", version=2, stage=stage, canary=["d0"], rest=["d1"],
+        previous={"d0": 1, "d1": 1}, devices={"d0": {
+            "action": "install", "ok": True, "artifact_version": 2, "latency_ms": 0.2,
+            "previous_latency_ms": 0.1, "error": ""}}, hold_from=10.0, hold=600.0,
+        history=[[5.0, "canary", "1 of 2 devices"]],
+        updated=time.time() if updated is None else updated)
+    r = dataclasses.replace(r, **kw)
+    return messages.seal(r, JOB, "server", signer or KEYS.server, version, nonce)
+
+
+def test_a_rollout_report_is_shown_with_each_devices_result():
+    v = _view()
+    v.take(_topic("rollouts"), _rollout())
+    _, out = v.changes(-1)
+    r = out["rollout"]
+    assert (r["stage"], r["version"], r["canary"], r["rest"]) == ("canary", 2, ["d0"], ["d1"])
+    assert r["devices"]["d0"]["ok"] and r["devices"]["d0"]["artifact_version"] == 2
+    assert v.refused == {}
+
+
+@pytest.mark.parametrize("case", ["not the operator", "older", "unknown stage", "bad report",
+                                  "round is not the version", "nonce is not the id"])
+def test_a_rollout_report_not_signed_by_the_operator_or_malformed_is_refused(case):
+    v = _view()
+    now = time.time()
+    v.take(_topic("rollouts"), _rollout(updated=now))
+    bad_device = {"d0": {"action": "rm -rf", "ok": True}}
+    payload = {
+        "not the operator": _rollout("done", now + 1, signer=Signer.generate()),
+        "older": _rollout("done", now - 10),
+        "unknown stage": _rollout("<script>", now + 1),
+        "bad report": _rollout("done", now + 1, devices=bad_device),
+        "round is not the version": _rollout("done", now + 1, version=3),
+        "nonce is not the id": _rollout("done", now + 1, nonce="r0"),
+    }[case]
+    v.take(_topic("rollouts"), payload)
+    _, out = v.changes(-1)
+    assert out["rollout"]["stage"] == "canary"
     assert sum(v.refused.values()) == 1
 
 

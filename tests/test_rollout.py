@@ -79,6 +79,26 @@ def _runs(work: Path, k: int) -> int:
     return int(os.readlink(work / "models" / f"dev-{k}" / "current")[1:])
 
 
+def _watched(url: str, job: str, keys) -> dict:
+    """The rollout as a watcher sees it: the retained signed report, through the
+    dashboard's view (which checks it against the operator's key)."""
+    from device_runtime.keys import PublicKey, RegistryFile
+    from device_runtime.transport.mqtt import MqttTransport
+    from toolkit.field.dashboard.view import FleetView
+
+    view = FleetView(job, PublicKey.load(keys.server_pub), RegistryFile(keys.registry))
+    t = MqttTransport(url, f"watcher-{job}")
+    t.connect()
+    try:
+        t.subscribe(view.topics.rollouts, view.take)
+        wait_for(lambda: view.changes(0)[1].get("rollout", {}).get("stage") in
+                 ("done", "rolled-back"), 30, "the rollout's final report")
+    finally:
+        t.close()
+    assert view.refused == {}
+    return view.changes(0)[1]["rollout"]
+
+
 def test_canary_then_everyone(tmp_path, mosquitto):
     job = "roll-1"
     keys, procs = _fleet(tmp_path, mosquitto.url, job)
@@ -105,6 +125,11 @@ def test_canary_then_everyone(tmp_path, mosquitto):
         assert all(st["devices"][d]["since"] >= all_asked for d in st["rest"]), st
         assert all(r["ok"] and r["artifact_version"] == 2 for r in st["devices"].values())
         assert [_runs(tmp_path, k) for k in range(DEVICES)] == [2] * DEVICES
+        seen = _watched(mosquitto.url, job, keys)  # what the dashboard shows
+        assert (seen["stage"], seen["canary"], seen["rest"]) == ("done", st["canary"],
+                                                                 st["rest"])
+        assert all(r["ok"] and r["artifact_version"] == 2 for r in seen["devices"].values())
+        assert set(seen["devices"]) == set(st["devices"])
         code, out, _ = _rollout(tmp_path, mosquitto.url, job, v2, keys)  # restarted: done
         assert code == 0 and "stage done" in out, out
     finally:
@@ -123,6 +148,8 @@ def test_broken_artifact_rolls_the_canary_back(tmp_path, mosquitto):
         assert st["stage"] == "rolled-back" and "cannot load" in st["reason"], st
         assert [h[1] for h in st["history"]] == ["canary", "rolling-back", "rolled-back"]
         assert set(st["devices"]) == set(st["canary"]), st  # the rest never asked
+        seen = _watched(mosquitto.url, job, keys)
+        assert seen["stage"] == "rolled-back" and "cannot load" in seen["reason"], seen
         assert all(st["devices"][d]["action"] == "rollback" and st["devices"][d]["ok"]
                    and st["devices"][d]["artifact_version"] == 1 for d in st["canary"]), st
         for k in range(DEVICES):  # every device still runs a model that loads

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.errors import UsageError
-from toolkit.field.rollout_state import FINAL, RolloutState, default_path, describe
+from toolkit.field.rollout_state import FINAL, RolloutState, default_path, describe, report
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class Driver:
             self._choose(m)
         while self.st.stage not in FINAL:
             self._step()
-            self.st.save(self.job.state_path)
+            self._save()
         print(describe(self.st))
         return 0 if self.st.stage == "done" else 1
 
@@ -189,7 +189,7 @@ class Driver:
         self.st.previous = {d: int(self.statuses[d].versions["artifact_version"])
                             for d in fleet}
         self.st.enter("canary", f"{n} of {len(fleet)} devices")
-        self.st.save(self.job.state_path)
+        self._save()
 
     def _step(self) -> None:
         st = self.st
@@ -197,7 +197,7 @@ class Driver:
             self._stage(st.canary, "install", "canary")
             if not st.hold_from:
                 st.hold_from = time.time()
-                st.save(self.job.state_path)
+                self._save()
             # From the stored start: a restart continues the hold (with its own --hold).
             self._pump_for(st.hold_from + self.job.hold - time.time())
             why = self._judge(st.canary)
@@ -222,7 +222,7 @@ class Driver:
 
         st = self.st
         issued = st.issued.setdefault(key, round(time.time(), 3))
-        st.save(self.job.state_path)
+        self._save()
         for d in devices:
             version = st.version if action == "install" else st.previous[d]
             cmd = messages.Rollout(rollout=st.rollout, action=action, version=version,
@@ -257,18 +257,27 @@ class Driver:
                     f"version's > {self.job.max_latency_ratio:g}x")
         return ""
 
+    def _save(self) -> None:
+        """The state file, then the same news for watchers: a signed retained report."""
+        self.st.save(self.job.state_path)
+        self.t.publish(self.topics.rollouts, self.trust.seal(
+            report(self.st, self.job.hold), round_=self.st.version, nonce=self.st.rollout),
+            retain=True)
+
     def _pump_for(self, seconds: float) -> None:
         end = time.time() + max(0.0, seconds)
         while True:
             try:
                 topic, payload = self.events.get(timeout=max(0.0, min(0.2, end - time.time())))
-                self._on_status(topic, payload)
+                if self._on_status(topic, payload) and self.st.stage not in FINAL:
+                    self._save()  # a device's report: the state file and the watchers
             except queue.Empty:
                 pass
             if time.time() >= end:
                 return
 
-    def _on_status(self, topic: str, payload: bytes) -> None:
+    def _on_status(self, topic: str, payload: bytes) -> bool:
+        """Take a status; True if it is a new report of this rollout."""
         from device_runtime.errors import FedgeError
 
         where = self.topics.parse(topic)
@@ -276,7 +285,7 @@ class Driver:
             s = self.trust.status(where.get("device", ""), payload)
         except FedgeError as e:
             print(f"refused status on {topic}: {e}", flush=True)
-            return
+            return False
         self.statuses[s.device] = s
         rep = s.versions.get("rollout")
         if isinstance(rep, dict) and rep.get("id") == self.st.rollout:
@@ -293,3 +302,5 @@ class Driver:
             if same:  # the same result again (a re-sent command): keep what was measured
                 for k in ("latency_ms", "previous_latency_ms"):
                     self.st.devices[s.device][k] = was.get(k)
+            return not same
+        return False

@@ -18,6 +18,7 @@ Stages: ``canary`` -> ``all`` -> ``done``, or ``canary`` -> ``rolling-back`` ->
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -28,6 +29,8 @@ from toolkit.errors import UsageError
 
 FORMAT = "fedge-rollout/1"
 FINAL = ("done", "rolled-back")
+# A device's report as the RolloutReport carries it (docs/protocol.md).
+REPORTED = ("action", "ok", "artifact_version", "latency_ms", "previous_latency_ms", "error")
 
 
 @dataclass
@@ -75,6 +78,26 @@ class RolloutState:
             return cls(**doc)
         except TypeError as e:
             raise UsageError(f"--state {path}: {e}") from None
+
+
+def report(st: RolloutState, hold: float):
+    """The state as the signed ``RolloutReport`` watchers read (``rollouts``). Past
+    ``MAX_MESSAGE`` (fleets of thousands) the healthy devices' reports are left out,
+    counted in ``omitted``: the failures are what an operator has to see."""
+    from device_runtime import messages
+
+    devices = {d: {k: r.get(k) for k in REPORTED} for d, r in st.devices.items()}
+    for d in devices:
+        devices[d]["error"] = str(devices[d]["error"] or "")[:200]
+    msg = messages.RolloutReport(
+        rollout=st.rollout, version=st.version, stage=st.stage, reason=st.reason[:400],
+        canary=st.canary, rest=st.rest, previous=st.previous, devices=devices,
+        hold_from=st.hold_from, hold=hold, history=st.history[-50:], updated=time.time())
+    if len(messages.dump(msg)) > messages.MAX_MESSAGE // 2:
+        bad = {d: r for d, r in devices.items() if not r["ok"]}
+        bad = dict(sorted(bad.items())[:500])
+        msg = dataclasses.replace(msg, devices=bad, omitted=len(devices) - len(bad))
+    return msg
 
 
 def default_path(job: str) -> Path:

@@ -124,3 +124,53 @@ def summary(s: messages.Summary) -> dict:
 def plan(p: messages.Plan) -> dict:
     return {"strategy": _text(p.strategy), "codec": _text(p.codec), "rounds": p.rounds,
             "min_devices": p.min_devices, "issued": p.issued}
+
+
+STAGES = ("canary", "all", "done", "rolling-back", "rolled-back")
+ACTIONS = ("install", "rollback")
+
+
+def _optional(where: str, v):
+    return None if v is None else _number(where, v, 0.0)
+
+
+def _report(d: str, r) -> dict:
+    where = f"rollout.devices[{d[:40]!r}]"
+    if not isinstance(r, dict):
+        raise Invalid(f"{where}: expected an object, got {type(r).__name__}")
+    if r.get("action") not in ACTIONS or not isinstance(r.get("ok"), bool):
+        raise Invalid(f"{where}: expected action in {', '.join(ACTIONS)} and a boolean ok, "
+                      f"got {str(r.get('action'))[:40]!r}, {str(r.get('ok'))[:10]!r}")
+    v = r.get("artifact_version")
+    return {"action": r["action"], "ok": r["ok"],
+            "artifact_version": None if v is None else _count(f"{where}.artifact_version", v),
+            "latency_ms": _optional(f"{where}.latency_ms", r.get("latency_ms")),
+            "previous_latency_ms": _optional(f"{where}.previous_latency_ms",
+                                             r.get("previous_latency_ms")),
+            "error": _text(r.get("error") or "", ERROR)}
+
+
+def rollout(r: messages.RolloutReport) -> dict:
+    """A rollout report's figures, checked (the page draws the rollout panel from it)."""
+    if r.stage not in STAGES:
+        raise Invalid(f"rollout.stage: expected one of {', '.join(STAGES)}, got "
+                      f"{r.stage[:40]!r}")
+    _count("rollout.version", r.version)
+    for name in ("hold_from", "hold", "updated"):
+        _number(f"rollout.{name}", getattr(r, name), 0.0)
+    if len(r.devices) > MAX_DEVICES or len(r.previous) > MAX_DEVICES:
+        raise Invalid(f"rollout.devices: expected at most {MAX_DEVICES}")
+    history = []
+    for i, h in enumerate(r.history[-50:]):
+        if not (isinstance(h, list) and len(h) == 3 and h[1] in STAGES):
+            raise Invalid(f"rollout.history[{i}]: expected [time, stage, note]")
+        history.append([_number(f"rollout.history[{i}].time", h[0], 0.0), h[1],
+                        _text(h[2], ERROR)])
+    return {"rollout": _text(r.rollout, 64), "version": r.version, "stage": r.stage,
+            "reason": _text(r.reason, ERROR), "canary": ids("rollout.canary", r.canary),
+            "rest": ids("rollout.rest", r.rest),
+            "previous": {_text(d, 64): _count(f"rollout.previous[{d[:40]!r}]", v)
+                         for d, v in r.previous.items()},
+            "devices": {_text(d, 64): _report(d, x) for d, x in r.devices.items()},
+            "omitted": _count("rollout.omitted", r.omitted), "hold_from": r.hold_from,
+            "hold": r.hold, "history": history, "updated": r.updated}

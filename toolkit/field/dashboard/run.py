@@ -1,6 +1,7 @@
 """``fedge dashboard``: the keys, the read-only subscription and the web server.
 
-The dashboard only subscribes (the plan, the devices' statuses, the round summary):
+The dashboard only subscribes (the plan, the devices' statuses, the round summary,
+the newest rollout's report):
 it publishes nothing, so a broker credential that may only read ``fedge/#`` is enough
 (``fedge secure init`` issues one: ``credentials/dashboard.json``). It needs the
 aggregator's public key (``server.pub``, the credentials' ``trust``) and the fleet's
@@ -61,7 +62,8 @@ def subscribe(opts: DashboardOptions, view):
                       **transport_kwargs(opts.credentials))
     t.on_error = lambda topic, why: view.refuse("chunk", ValueError(why))
     t.connect()
-    for topic in (view.topics.plan, view.topics.summary, view.topics.status()):
+    for topic in (view.topics.plan, view.topics.summary, view.topics.status(),
+                  view.topics.rollouts):
         t.subscribe(topic, view.take)
     return t
 

@@ -3,8 +3,9 @@
 Fed from the MQTT thread (``take``), read by the web server's threads (``changes``,
 ``snapshot``), hence one lock. Every message is checked as the aggregator checks it
 (docs/protocol.md): a status must be signed by its device's key in the fleet registry
-and be no older than the last one taken (the signed will "offline" excepted); the plan
-and the round summary must be signed by the aggregator's key for this job. The broker
+and be no older than the last one taken (the signed will "offline" excepted); the plan,
+the round summary and the rollout report must be signed by the aggregator's key for
+this job (the operator's, for ``fedge rollout``), no older than the last. The broker
 is not trusted, so what passes is still data: each field the page shows is checked
 for type and size (``clean.py``) and anything else is counted as refused, never shown.
 
@@ -44,6 +45,7 @@ class JobState:
     summary: dict = field(default_factory=dict)  # the newest round summary, cleaned
     timeline: dict[int, list] = field(default_factory=dict)  # round -> history row
     profiles: dict[str, dict[int, dict]] = field(default_factory=dict)  # name -> round -> figs
+    rollout: dict = field(default_factory=dict)  # the newest rollout report, cleaned
     version: int = 0
     closed_seen: dict[int, float] = field(default_factory=dict)  # round -> when shown here
 
@@ -72,6 +74,8 @@ class FleetView:
                 self._summary(payload)
             elif where["kind"] == "plan":
                 self._plan(payload)
+            elif where["kind"] == "rollouts":
+                self._rollout(payload)
         except (FedgeError, clean.Invalid) as e:
             self.refuse(where.get("kind", "?"), e)
         except Exception as e:  # a bug on one message must not stop the feed
@@ -156,6 +160,19 @@ class FleetView:
             self.state.plan = clean.plan(plan)
             self.state.version = self._bump()
 
+    def _rollout(self, payload: bytes) -> None:
+        sealed = messages.unseal(messages.RolloutReport, payload, self.server_key, self.job,
+                                 sender=SERVER)
+        r = clean.rollout(sealed.msg)
+        if sealed.frame.round != r["version"] or sealed.frame.nonce != r["rollout"]:
+            raise clean.Invalid("rollout: the frame's round and nonce must be its version "
+                                "and id")
+        with self._lock:
+            if self.state.rollout and r["updated"] < self.state.rollout["updated"]:
+                raise clean.Invalid("rollout.updated: older than the last taken (replayed)")
+            self.state.rollout = r
+            self.state.version = self._bump()
+
     # --- the web side ---------------------------------------------------------------
     def wait(self, since: int, timeout: float) -> int:
         """The version, once it is past ``since`` or after ``timeout`` seconds."""
@@ -177,7 +194,8 @@ class FleetView:
                                                   if k not in ("history", "row")},
                            timeline=[st.timeline[r] for r in sorted(st.timeline)],
                            profiles={n: [[r, f] for r, f in sorted(s.items())]
-                                     for n, s in st.profiles.items()})
+                                     for n, s in st.profiles.items()},
+                           rollout=st.rollout)
             return self.version, out
 
     @staticmethod

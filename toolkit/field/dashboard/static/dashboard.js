@@ -115,21 +115,58 @@
     const last = state.summary.profiles || {};
     const pb = $("profiles").tBodies[0];
     pb.replaceChildren(...Object.keys(profiles).sort().map((name) => {
-      const tr = document.createElement("tr");
       const f = last[name] || {};
-      for (const v of [name, profiles[name].n, profiles[name].on, f.devices ?? "-",
-        num(f.loss, 4), num(f.accuracy, 4)]) {
-        const td = document.createElement("td"); td.textContent = String(v); tr.appendChild(td);
-      }
-      return tr;
+      return cells([name, profiles[name].n, profiles[name].on, f.devices ?? "-",
+        num(f.loss, 4), num(f.accuracy, 4)]);
     }));
     const reasons = state.summary.rejected_by_reason || {};
-    $("reasons").tBodies[0].replaceChildren(...Object.keys(reasons).sort().map((r) => {
-      const tr = document.createElement("tr");
-      for (const v of [r, reasons[r]]) {
-        const td = document.createElement("td"); td.textContent = String(v); tr.appendChild(td);
+    $("reasons").tBodies[0].replaceChildren(...Object.keys(reasons).sort().map(
+      (r) => cells([r, reasons[r]])));
+  }
+
+  function cells(values) {
+    const tr = document.createElement("tr");
+    for (const v of values) {
+      const td = document.createElement("td"); td.textContent = String(v); tr.appendChild(td);
+    }
+    return tr;
+  }
+
+  // The newest rollout (fedge rollout's signed report): its stage, each device's report.
+  function drawRollout(r) {
+    fedge.rollout = r;
+    $("rollout").hidden = false;
+    text($("rollout-what"), r.rollout + " · version " + r.version + " · updated " +
+      fmtTime(r.updated));
+    let stage = r.stage + (r.reason ? ": " + r.reason : "");
+    if (r.stage === "canary" && r.hold_from) {
+      stage += " · judged at " + fmtTime(r.hold_from + r.hold);
+    }
+    if (r.omitted) stage += " · " + r.omitted + " healthy devices not listed";
+    text($("rollout-stage"), stage);
+    $("rollout-stage").className = "stage " + r.stage;
+    const rows = [];
+    for (const [group, ids] of [["canary", r.canary], ["rest", r.rest]]) {
+      for (const d of ids) {
+        const rep = r.devices[d];
+        if (!rep && r.omitted) continue;  // a healthy report left out of a big fleet
+        const result = !rep ? "waiting" : (rep.ok ? "ok" : "failed");
+        const tr = cells([group, d, "v" + (r.previous[d] ?? "?"),
+          rep && rep.artifact_version !== null ? "v" + rep.artifact_version : "-",
+          rep ? rep.action : "-", result,
+          rep && rep.latency_ms !== null ? num(rep.latency_ms, 3) + " / " +
+            num(rep.previous_latency_ms ?? -1, 3) : "-", rep ? rep.error : ""]);
+        tr.dataset.device = d;
+        tr.cells[5].className = result === "failed" ? "failed" : (result === "ok" ? "ok" : "");
+        tr.cells[7].className = "errtext";
+        rows.push(tr);
       }
-      return tr;
+    }
+    $("rollout-devices").tBodies[0].replaceChildren(...rows);
+    $("rollout-history").replaceChildren(...r.history.map((h) => {
+      const li = document.createElement("li");
+      li.textContent = fmtTime(h[0]) + " " + h[1] + (h[2] ? " · " + h[2] : "");
+      return li;
     }));
   }
 
@@ -174,6 +211,7 @@
       }
       drawTimeline();
       drawProfiles();
+      if (data.rollout && data.rollout.rollout) drawRollout(data.rollout);
     }
     drawCards(data);
     fedge.rounds = state.timeline.map((r) => r[C.round]);
