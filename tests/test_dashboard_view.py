@@ -1,7 +1,8 @@
 """The dashboard's view takes only what the aggregator would: statuses signed by their
 device's registered key and not replayed, summaries, plans and rollout reports signed
 by the aggregator (the operator) for this job, and content of the shape the page
-shows. Everything else is counted as refused and changes nothing. /metrics parses with prometheus-client's parser."""
+shows. Everything else is counted as refused and changes nothing. /metrics parses with
+prometheus-client's parser."""
 from __future__ import annotations
 
 import dataclasses

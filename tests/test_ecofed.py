@@ -186,7 +186,8 @@ def test_replay_buffers_survive_an_aggregator_restart(tmp_path):
     path.write_bytes(bytes(data))
     from broker_server.errors import BrokerServerError
 
-    with pytest.raises(BrokerServerError, match=f"kept tensors 'replay-{cut}-dev-0' are unreadable"):
+    with pytest.raises(BrokerServerError,
+                       match=f"kept tensors 'replay-{cut}-dev-0' are unreadable"):
         serve(3, "server-3")
 
 

@@ -73,7 +73,8 @@ def test_add_and_revoke_on_a_running_broker(tmp_path):
         assert not (root / "credentials" / "dev-1.json").exists()
         assert not (root / "certs" / "dev-1.key").exists()
         assert "user dev-1\n" not in (root / "broker" / "acl").read_text()
-        serial = x509.load_pem_x509_certificate((root / "certs/dev-1.crt").read_bytes()).serial_number
+        cert = (root / "certs/dev-1.crt").read_bytes()
+        serial = x509.load_pem_x509_certificate(cert).serial_number
         crl = x509.load_pem_x509_crl((root / "broker" / "crl.pem").read_bytes())
         assert crl.get_revoked_certificate_by_serial_number(serial) is not None
         broker.proc.send_signal(signal.SIGHUP)
