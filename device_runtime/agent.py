@@ -380,13 +380,11 @@ class DeviceAgent:
         if key not in self._models:
             import torch
 
+            from device_runtime.splitmix_variants import config_for
             from device_runtime.training.models import ModelConfig, build_model
-            from device_runtime.splitmix_variants import parse_variant
 
             torch.set_num_threads(self.opts.threads)
-            cfg = ModelConfig.from_json(config or self.plan.model)
-            if variant != "full" and cfg.arch == "splitmix":
-                cfg = cfg.replace(kwargs={**cfg.kwargs, "indices": parse_variant(variant)})
+            cfg = config_for(ModelConfig.from_json(config or self.plan.model), variant)
             if len(self._models) >= 8:
                 self._models.pop(next(iter(self._models)))
             self._models[key] = build_model(cfg, self.opts.custom_models)

@@ -6,6 +6,23 @@ from __future__ import annotations
 from device_runtime.errors import ModelBuildError
 
 
+ARCH = "splitmix"  # the model arch (training/models.py) whose variants are sets of bases
+
+
+def has_bases(arch: str) -> bool:
+    """Whether a model of ``arch`` is SplitMix's ensemble of bases: every device gets
+    every base, and a variant name picks the bases a model runs."""
+    return arch == ARCH
+
+
+def config_for(cfg, variant: str):
+    """The ModelConfig a device builds for ``variant``: SplitMix's names pick bases;
+    any other model is the plan's (or the task's) config as it is."""
+    if variant == "full" or not has_bases(cfg.arch):
+        return cfg
+    return cfg.replace(kwargs={**cfg.kwargs, "indices": parse_variant(variant)})
+
+
 def variant_name(indices: list[int]) -> str:
     """The variant (model topic) of a set of bases, e.g. ``bases-0-3``."""
     return "bases-" + "-".join(str(i) for i in sorted(indices))
@@ -22,4 +39,4 @@ def parse_variant(name: str) -> list[int]:
     return idx
 
 
-__all__ = ["variant_name", "parse_variant"]
+__all__ = ["ARCH", "has_bases", "config_for", "variant_name", "parse_variant"]

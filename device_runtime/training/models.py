@@ -24,6 +24,7 @@ from torch import nn
 
 from device_runtime.errors import ModelBuildError
 from device_runtime.local_models import NO_CUSTOM, LocalModels
+from device_runtime.splitmix_variants import has_bases
 
 # Base channel counts at width 1, per architecture.
 ARCHS = {
@@ -187,7 +188,7 @@ def build_model(cfg: ModelConfig, allowed: LocalModels = NO_CUSTOM) -> nn.Module
         return build_cnn(cfg)
     if cfg.arch == "custom":
         return _build_custom(cfg, allowed)
-    if cfg.arch == "splitmix":
+    if has_bases(cfg.arch):
         from device_runtime.training.splitmix import build_splitmix
 
         return build_splitmix(cfg, ARCHS, build_cnn)

@@ -35,12 +35,9 @@ def train_task(agent, task: messages.Task, frame_bytes: bytes, model, shapes: di
     codec = codecs.get(task.codec)
     local = LocalTrainOptions(task.epochs, task.batch_size, task.lr, seed=task.seed,
                               steps=task.steps)
-    if getattr(codec, "trainer", "sgd") == "fedmrn":
-        from device_runtime.training.fedmrn import train_fedmrn
-
-        res = train_fedmrn(model, agent.x, agent.y, local, seed=task.seed,
-                           mask_lr=codec.mask_lr, scale=codec.scale, signed=codec.signed,
-                           device=agent.device)
+    own = getattr(codec, "local_trainer", None)  # a codec that trains its own way
+    if own is not None:
+        res = own()(model, agent.x, agent.y, local, seed=task.seed, device=agent.device)
     else:
         res = fit(model, agent, task, local)
     sent, reference = answer(agent, task, model, res, frame)

@@ -24,6 +24,7 @@ import torch
 from exporters.executorch_pte import available as pte_available
 from exporters.parity import ParityBounds
 from exporters.variant import ParityData, Part, VariantRequest, export_variant, write_manifest
+from device_runtime.splitmix_variants import has_bases
 from device_runtime.topics import check_id
 from toolkit.model import datasets
 from toolkit.model.checkpoint import Checkpoint, example_input
@@ -116,7 +117,7 @@ def export_fleet(ckpt: Checkpoint, profiles: list[DeviceProfile], out: str | Pat
         for p in profiles:
             if progress:
                 progress(p.name)
-            if ckpt.config.arch == "splitmix":  # every device gets every base
+            if has_bases(ckpt.config.arch):  # every device gets every base
                 v, parts = _splitmix_variant(ckpt, p, plans[p.name], example)
             else:
                 v = prepare_variant(ckpt, p, plans[p.name], ft, (ds.x_train, ds.y_train),
