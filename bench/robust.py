@@ -3,7 +3,8 @@
 20 devices, Dirichlet 0.5, for 0, 2 and 4 attackers of each kind (replace, signflip,
 noise, lie, labelflip: ``fedge simulate --attack``, toolkit/sim/attackers.py), the
 final accuracy of FedAvg (mean) and of each rule (median, trimmed:0.1, multikrum:4,
-mean with adaptive clip at the median norm), with fp32 updates and with FedMRN's 1-bit
+mean with adaptive clip at the median norm, zeno:4 with the server's public split of
+400 labelled samples as its root data), with fp32 updates and with FedMRN's 1-bit
 masks; medians over the seeds. The aggregator's norm guard is off (``--norm-bound
 inf``) so that the rules, not the guard, are measured (with it on, replace and noise
 are refused from round 2 on). Central DP: FedAvg with a fixed clip and the noise the
@@ -37,7 +38,7 @@ from toolkit.sim.simulate import SimOptions, run_simulation  # noqa: E402
 
 KINDS = ("replace", "signflip", "noise", "lie", "labelflip")
 RULES = {"mean": None, "median": "median", "trimmed:0.1": "trimmed:0.1",
-         "multikrum:4": "multikrum:4", "clip:q0.5": "mean"}
+         "multikrum:4": "multikrum:4", "clip:q0.5": "mean", "zeno:4": "zeno:4"}
 DEFAULT = "clip:q0.5"  # the rule this bench recommends switching on (say why in the md)
 EPSILONS = (1.0, 4.0, 8.0)
 DELTA = 1e-5
@@ -239,7 +240,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--codecs", default="fp32,fedmrn")
-    ap.add_argument("--onebit-rules", default="mean,median")
+    ap.add_argument("--onebit-rules", default="mean,median,zeno:4")
     ap.add_argument("--dp-clips", default="2,8",
                     help="DP's fixed clip bounds (comma list; the median change norm is "
                     "~2 late and ~8 in round 1)")

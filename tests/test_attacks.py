@@ -126,6 +126,48 @@ def test_label_flipped_devices_are_contained_by_the_median():
                "spread": float(np.mean([dist(u) for u in ups[BAD:]]))}, "median")
 
 
+class SoftmaxRoot:
+    """Root data the server holds, drawn like the honest devices' (zeno's loss)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x, self.y = x, y
+
+    def loss(self, w: dict) -> float:
+        z = self.x @ np.asarray(w["w"], np.float64)
+        z -= z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(self.y)), self.y]))
+
+
+@pytest.mark.parametrize("attack", ["labelflip", "signflip"])
+def test_label_and_sign_flippers_are_dropped_by_zeno(attack):
+    """Both look like honest updates one by one (median and Krum keep some); a step
+    along them raises the loss on the server's own data, so zeno drops exactly them."""
+    from broker_server.robust.options import aggregate, parse_rule
+
+    rng = np.random.default_rng(6)
+    classes, dim = 4, 6
+    centres = rng.normal(0, 2, (classes, dim))
+
+    def data(n: int):
+        y = rng.integers(0, classes, n)
+        return centres[y] + rng.normal(0, 1, (n, dim)), y
+    w0 = {"w": np.zeros((dim, classes), np.float32)}
+    ups = []
+    for i in range(HONEST + BAD):
+        x, y = data(200)
+        if i < BAD and attack == "labelflip":
+            x, y = attacks.label_flip(x, y, classes)
+        ups.append(local_step(w0["w"], x, y))
+    if attack == "signflip":
+        ups[:BAD] = [attacks.sign_flip(w0, u) for u in ups[:BAD]]
+    out, info = aggregate(parse_rule(f"zeno:{BAD}"), ups, w0, root=SoftmaxRoot(*data(100)))
+    assert list(info.chosen) == list(range(BAD, HONEST + BAD))
+    hm = flat_w(rules.mean(ups[BAD:]))
+    dist = lambda w: float(np.linalg.norm(flat_w(w) - hm))
+    contained({"zeno": dist(out), "fedavg": dist(rules.mean(ups)),
+               "spread": float(np.mean([dist(u) for u in ups[BAD:]]))}, "zeno")
+
+
 def flat_w(w: dict) -> np.ndarray:
     return np.asarray(w["w"], np.float64).ravel()
 

@@ -191,6 +191,47 @@ def test_inconsistent_options_are_one_line_errors(opts, devices, words):
     assert words in one_line(e)
 
 
+class QuadraticRoot:
+    """Root data of a least-squares task: L(w) = mean((w - target)^2)."""
+
+    def __init__(self, target: dict):
+        self.target = target
+
+    def loss(self, w: dict) -> float:
+        return float(np.mean(np.concatenate([
+            (w[k].astype(np.float64) - self.target[k]).ravel() ** 2 for k in SHAPES])))
+
+
+def test_zeno_matches_reference():
+    ref, target = updates(1, seed=3)[0], updates(1, seed=4)[0]
+    ups, samples = updates(7, seed=5), [float(i + 1) for i in range(7)]
+    root = QuadraticRoot(target)
+    base = root.loss(ref)
+    scores = [base - root.loss({k: ref[k] + 0.5 * (u[k] - ref[k]) for k in SHAPES})
+              for u in ups]
+    keep = sorted(int(i) for i in np.argsort(scores)[2:])  # drop the b = 2 lowest
+    out, info = aggregate(parse_rule("zeno:2:0.5"), ups, ref, samples, root=root)
+    assert list(info.chosen) == keep and info.rule == "zeno:2:0.5"
+    assert close(out, weighted_average([(ups[i], samples[i]) for i in keep]), 1e-5)
+    assert parse_rule("zeno:3") == RobustOptions("zeno", f=3, step=0.1)
+
+
+@pytest.mark.parametrize("opts,devices,words", [
+    (RobustOptions("zeno", f=7), 7, "b must be in [0, n - 1] = [0, 6], got 7"),
+    (RobustOptions("zeno", f=1, step=0.0), 7, "step must be in (0, 1]"),
+])
+def test_zeno_bad_choices_are_one_line_errors(opts, devices, words):
+    with pytest.raises(RobustError) as e:
+        opts.check(devices)
+    assert words in one_line(e)
+
+
+def test_zeno_without_root_data_is_a_one_line_error():
+    with pytest.raises(RobustError) as e:
+        aggregate(parse_rule("zeno:1"), updates(4), updates(1)[0])
+    assert "needs labelled data on the aggregator" in one_line(e)
+
+
 def test_aggregate_pipeline():
     ref = {k: np.full(s, 0.5, np.float32) for k, s in SHAPES.items()}
     ups, samples = updates(8, seed=9), [float(i + 1) for i in range(8)]

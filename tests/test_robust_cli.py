@@ -70,6 +70,25 @@ def test_serve_checks_krum_against_the_quorum_before_anything(tmp_path, capsys, 
     assert code != 0 and "dp: noise without clipping" in capsys.readouterr().err
 
 
+def test_serve_zeno_needs_root_data_and_names_a_bad_file(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from toolkit.errors import UsageError
+    from toolkit.field.root_data import load_root
+
+    _never(monkeypatch, "toolkit.field.serve.run_serve")
+    code = main(_serve(tmp_path, "--robust", "zeno:1", "--min-devices", "4"))
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "--robust zeno: expected --root-data FILE" in err and "\n" not in err
+    assert not (tmp_path / "state").exists()
+    bad = tmp_path / "root.npz"
+    np.savez(bad, x=np.zeros((3, 4)), y=np.array([0.5, 1.0, 2.0]))
+    with pytest.raises(UsageError, match="expected as many integer labels y"):
+        load_root(bad)
+    with pytest.raises(UsageError, match="expected an .npz with arrays x and y"):
+        load_root(tmp_path / "missing.npz")
+
+
 def test_simulate_reports_the_rule_and_epsilon_per_round(tmp_path):
     out = tmp_path / "r.json"
     # The guard off: a noisy model makes every next change large against the last

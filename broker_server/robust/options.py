@@ -1,8 +1,9 @@
 """The robust rule as a typed option, its CLI syntax, its checks, and one round's pipeline.
 
 ``parse_rule`` reads the ``--robust`` syntax: ``mean`` (FedAvg, the default),
-``median``, ``trimmed[:beta]``, ``krum[:f]``, ``multikrum[:f[:m]]`` (defaults: beta 0.1,
-f 1, m n - f). ``RobustOptions``
+``median``, ``trimmed[:beta]``, ``krum[:f]``, ``multikrum[:f[:m]]``, ``zeno[:b[:step]]``
+(defaults: beta 0.1, f and b 1, m n - f, step 0.1). ``zeno`` needs the server's own
+labelled data: ``aggregate``'s ``root`` (``RootData``). ``RobustOptions``
 adds the clip bound (fixed, or a quantile of the round's norms) and the DP noise, and
 ``check(devices)`` refuses inconsistent choices in one line before a round starts.
 ``aggregate`` runs one round: clip the changes (if asked), apply the rule, add the DP
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -19,14 +21,16 @@ from broker_server.errors import RobustError
 from broker_server.robust import clipping, rules
 from broker_server.robust.rules import Weights
 
-RULES = ("mean", "median", "trimmed", "krum", "multikrum")
+RULES = ("mean", "median", "trimmed", "krum", "multikrum", "zeno")
+DEFAULT_STEP = 0.1  # zeno's step along each change (measured: docs/results/robust.md)
 DEFAULT_BETA = 0.1
 
 
 @dataclass(frozen=True)
 class RobustOptions:
     """rule: one of RULES; beta: trimmed mean's cut per side; f: Byzantine devices Krum
-    tolerates; m: updates multi-Krum averages (0: n - f); clip: a fixed L2 bound on each
+    tolerates, or updates zeno drops; m: updates multi-Krum averages (0: n - f); step:
+    zeno's step along each change; clip: a fixed L2 bound on each
     change (0: none); clip_quantile: the adaptive bound, a quantile of the round's change
     norms (0: none); dp_noise: the DP noise multiplier (0: no DP); delta: DP's delta."""
 
@@ -34,6 +38,7 @@ class RobustOptions:
     beta: float = DEFAULT_BETA
     f: int = 0
     m: int = 0
+    step: float = DEFAULT_STEP
     clip: float = 0.0
     clip_quantile: float = 0.0
     dp_noise: float = 0.0
@@ -49,6 +54,10 @@ class RobustOptions:
             rules.trim_count(devices, self.beta)
         if self.rule in ("krum", "multikrum"):
             rules.check_krum(devices, self.f)
+        if self.rule == "zeno":
+            rules.check_zeno(devices, self.f)
+            if not 0 < self.step <= 1:
+                raise RobustError(f"zeno: step must be in (0, 1], got {self.step}")
         if self.rule == "multikrum" and not 0 <= self.m <= devices - self.f:
             raise RobustError(f"multikrum: m must be in [1, n - f] = [1, {devices - self.f}] "
                               f"(0: n - f), got {self.m}")
@@ -85,8 +94,8 @@ class RobustOptions:
         """The rule as the report names it, e.g. ``trimmed:0.1+clip:q0.5``."""
         name = {"mean": "mean", "median": "median", "trimmed": f"trimmed:{self.beta:g}",
                 "krum": f"krum:{self.f}",
-                "multikrum": f"multikrum:{self.f}" + (f":{self.m}" if self.m else "")
-                }.get(self.rule, self.rule)
+                "multikrum": f"multikrum:{self.f}" + (f":{self.m}" if self.m else ""),
+                "zeno": f"zeno:{self.f}:{self.step:g}"}.get(self.rule, self.rule)
         if self.clip > 0:
             name += f"+clip:{self.clip:g}"
         if self.clip_quantile > 0:
@@ -102,7 +111,8 @@ def parse_rule(text: str, **extra) -> RobustOptions:
     name, *args = text.strip().split(":")
     if name not in RULES:
         raise RobustError(f"robust: unknown rule {name!r}; valid: {', '.join(RULES)}")
-    arity = {"mean": 0, "median": 0, "trimmed": 1, "krum": 1, "multikrum": 2}[name]
+    arity = {"mean": 0, "median": 0, "trimmed": 1, "krum": 1, "multikrum": 2,
+             "zeno": 2}[name]
     if len(args) > arity:
         raise RobustError(f"robust: {name} takes at most {arity} ':' argument(s), got "
                           f"{text!r}")
@@ -112,6 +122,9 @@ def parse_rule(text: str, **extra) -> RobustOptions:
         elif name in ("krum", "multikrum"):
             extra["f"] = int(args[0]) if args else 1
             extra["m"] = int(args[1]) if len(args) > 1 else 0
+        elif name == "zeno":
+            extra["f"] = int(args[0]) if args else 1
+            extra["step"] = float(args[1]) if len(args) > 1 else DEFAULT_STEP
     except ValueError:
         raise RobustError(f"robust: {text!r} has a value that is not a number") from None
     fields = {f.name for f in dataclasses.fields(RobustOptions)}
@@ -123,7 +136,7 @@ def parse_rule(text: str, **extra) -> RobustOptions:
 @dataclass(frozen=True)
 class RoundRobust:
     """What one round's robust step did: the rule's name, the clip bound used (0: none),
-    how many changes were clipped, and the chosen updates (Krum; else empty)."""
+    how many changes were clipped, and the chosen updates (Krum, DnC; else empty)."""
 
     rule: str
     bound: float = 0.0
@@ -131,11 +144,24 @@ class RoundRobust:
     chosen: tuple[int, ...] = ()
 
 
+class RootData(Protocol):
+    """Labelled data the aggregator holds and the model's code to use it (toolkit's
+    ``field.root_data``): what zeno measures the devices' updates against."""
+
+    def loss(self, weights: Weights) -> float:
+        """The model's mean cross-entropy on the root data."""
+
+
 def aggregate(options: RobustOptions, updates: list[Weights], reference: Weights,
-              samples: list[float] | None = None,
-              rng: np.random.Generator | None = None) -> tuple[Weights, RoundRobust]:
-    """One round: clip, then the rule over the changes, then DP noise; reference + result."""
+              samples: list[float] | None = None, rng: np.random.Generator | None = None,
+              root: RootData | None = None) -> tuple[Weights, RoundRobust]:
+    """One round: clip, then the rule over the changes, then DP noise; reference + result.
+    ``root``: the aggregator's own labelled data (rule zeno only)."""
     options.check(len(updates))
+    if options.rule == "zeno" and root is None:
+        raise RobustError(f"{options.rule}: needs labelled data on the aggregator to judge "
+                          "updates by (fedge serve --root-data; fedge simulate uses its "
+                          "public split)")
     x, shapes = clipping.changes(updates, reference)
     bound, n_clipped = 0.0, 0
     if options.clip > 0 or options.clip_quantile > 0:
@@ -155,6 +181,12 @@ def aggregate(options: RobustOptions, updates: list[Weights], reference: Weights
     elif options.rule in ("krum", "multikrum"):
         m = 1 if options.rule == "krum" else (options.m or len(updates) - options.f)
         chosen = tuple(rules.krum_rows(x, options.f, m))
+        w = None if samples is None else [samples[i] for i in chosen]
+        change = rules.weighted_rows(x[list(chosen)], w)
+    elif options.rule == "zeno":
+        chosen = tuple(rules.zeno_rows(
+            x, options.f, lambda row: root.loss(clipping.apply(reference, row, shapes)),
+            options.step))
         w = None if samples is None else [samples[i] for i in chosen]
         change = rules.weighted_rows(x[list(chosen)], w)
     else:

@@ -151,6 +151,41 @@ def multi_krum(updates: list[Weights], f: int, m: int,
     return unstack(weighted_rows(x, w), shapes)
 
 
+def check_zeno(n: int, b: int) -> None:
+    if not 0 <= b < n:
+        raise RobustError(f"zeno: b must be in [0, n - 1] = [0, {n - 1}], got {b}")
+
+
+def zeno_scores(x: np.ndarray, loss, step: float, rho: float = 0.0) -> np.ndarray:
+    """score_i = L(0) - L(step x_i) - rho |step x_i|^2: how much a step along change i
+    lowers the loss on the server's own data (``loss`` of a flat change from the round's
+    reference)."""
+    base = loss(np.zeros(x.shape[1]))
+    return np.array([base - loss(step * row) - rho * step * step * float(row @ row)
+                     for row in x])
+
+
+def zeno_rows(x: np.ndarray, b: int, loss, step: float, rho: float = 0.0) -> list[int]:
+    """Zeno (Xie, Koyejo and Gupta, "Zeno: distributed stochastic gradient descent with
+    suspicion-based fault-tolerance", ICML 2019): score each candidate by how much a step
+    of size ``step`` along it lowers the loss on a small labelled set the server holds
+    (its root data), less rho x the step's squared norm, and keep the n - b best. The
+    rows kept, in order.
+
+    Why a server-data rule: with non-IID shards a reversed honest change, or a model
+    trained on flipped labels, is in distribution another device's honest change, so
+    no statistic of the updates alone tells them apart (multi-Krum keeps them); the
+    loss on data the server trusts does. Why a small step: a device's whole change
+    (epochs of local SGD on a few classes) often raises the loss on the other classes
+    (it overshoots), so the full step scores honest and reversed changes alike; its
+    first part is a descent direction for honest devices and an ascent one for
+    reversed ones. The cost: a forward pass over the root data per update, and root
+    data."""
+    check_zeno(x.shape[0], b)
+    scores = zeno_scores(x, loss, step, rho)
+    return sorted(int(i) for i in np.argsort(-scores, kind="stable")[:x.shape[0] - b])
+
+
 def weighted_rows(x: np.ndarray, samples: list[float] | None) -> np.ndarray:
     if samples is None:
         return x.mean(axis=0)

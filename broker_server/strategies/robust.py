@@ -41,6 +41,9 @@ class RobustAggregation:
         self.rng = np.random.default_rng(dp_seed)  # None: OS entropy
         self.ledger = Ledger(options.dp_noise, options.delta) if options.dp_noise > 0 else None
         self.rate = 1.0  # this round's sampling rate, set when the round is assigned
+        # Labelled data the aggregator holds (rule zeno: options.RootData), set by
+        # whoever has the data and the model's code (toolkit.field.root_data).
+        self.root = None
 
     @property
     def streaming(self) -> bool:
@@ -57,7 +60,8 @@ class RobustAggregation:
                 devices: list[str]) -> tuple[Weights, dict]:
         """The keeping fold's close (and ``FedAvg.aggregate``'s): the rule over all."""
         self.options.check(len(updates))
-        out, rec = aggregate(self.options, updates, reference, samples, self.rng)
+        out, rec = aggregate(self.options, updates, reference, samples, self.rng,
+                             self.root)
         return out, self.entry(rec, devices)
 
     def entry(self, rec: RoundRobust, devices: list[str]) -> dict:

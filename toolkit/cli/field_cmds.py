@@ -25,6 +25,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-data", help=".npz with x_test, y_test (default: the "
                    "checkpoint's dataset; with --eval-every and neither, no central test)")
     eval_args(p)
+    p.add_argument("--root-data", help=".npz with labelled x, y the aggregator holds: "
+                   "--robust zeno scores each update by the loss it removes there")
     p.add_argument("--profiles", default="all", help="the fleet's profiles (comma list or "
                    "all): they set SplitMix/HeteroFL budgets and REFT's pruning")
     p.add_argument("--profiles-file")
@@ -114,6 +116,7 @@ def serve_job(args: argparse.Namespace):
                    scale_out=scale, evaluation=EvalSettings(args.eval_every, args.holdout),
                    profiles=args.profiles, profiles_file=args.profiles_file,
                    eval_data=Path(args.eval_data) if args.eval_data else None,
+                   root_data=Path(args.root_data) if args.root_data else None,
                    report=Path(args.json) if args.json else None,
                    custom_models=tuple(args.allow_custom_model or ()))
     cat = ProfileCatalogue.load(args.profiles_file)

@@ -18,7 +18,7 @@ import numpy as np
 from toolkit.console import RoundProgress
 from toolkit.strategies.robust import round_note as robust_note
 from toolkit.errors import UsageError
-from toolkit.field import scaleout
+from toolkit.field import root_data, scaleout
 from toolkit.field.jobs import BrokerSettings, ServeJob
 from toolkit.field.summary import publish_summaries
 
@@ -99,6 +99,7 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
               f"{ckpt.config.arch}", flush=True)
         ckpt = checkpoint.Checkpoint(cfg, zoo.build_model(cfg, allowed), dataset=ckpt.dataset)
     weights = weights_of(ckpt.model)
+    root = _root(job, ckpt)
     if fold_options is not None:
         scaleout.check_size(job.codec, {k: v.shape for k, v in weights.items()},
                             job.broker.max_payload)
@@ -118,6 +119,8 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
                              weights, evaluator(ckpt, x, y) if x is not None else None,
                              on_round or progress,
                              scale_out=scale, trust=trust)
+            if root is not None:
+                root_data.attach(agg, root)
             publish_summaries(agg, agg.on_round)  # for fedge dashboard (read-only)
             if sup:
                 agg.watch = sup.check  # a worker that exits mid-job is started again
@@ -135,6 +138,16 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
     _save(job, ckpt, agg.weights, report)
     print(f"done: {len(report['rounds'])} rounds, final accuracy {report['final_accuracy']}")
     return 0
+
+
+def _root(job: ServeJob, ckpt):
+    """``--root-data`` as the aggregator's RootData (None without), checked up front."""
+    if job.root_data is None:
+        return None
+    if job.scale_out is not None:
+        raise UsageError("--root-data: expected without --workers (zeno needs every update "
+                         "on the aggregator), got both")
+    return root_data.RootData(ckpt.model, *root_data.load_root(job.root_data))
 
 
 def _central(job: ServeJob, ckpt) -> tuple:

@@ -222,6 +222,7 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     from device_runtime.keys import FleetKeys
     from device_runtime.training.local import load_weights, weights_of
     from toolkit import strategies
+    from toolkit.field import root_data
     from toolkit.field.serve import evaluator
     from toolkit.field.summary import publish_summaries
     from toolkit.model import checkpoint, datasets, zoo
@@ -268,6 +269,9 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
                              evaluator(ckpt, ds.x_test, ds.y_test), hook,
                              trust=ServerTrust(job, keys.server, keys, Path(state)))
             publish_summaries(agg, hook)  # a dashboard can watch a --broker run
+            # The server's public split is its labelled root data (rule zeno).
+            root_data.attach(agg, root_data.RootData(ckpt.model, ds.x_train[pub],
+                                                     ds.y_train[pub]))
             return agg
         if opts.procs > 1:
             from toolkit.sim.simfleet import run_fleet
