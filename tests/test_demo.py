@@ -29,6 +29,33 @@ def test_demo_runs_device_processes_over_the_embedded_broker(tmp_path):
         assert "trained" in (tmp_path / "w" / f"device-{k}.log").read_text()
 
 
+
+def test_demo_writes_into_its_own_work_dir_and_clears_it_next_time(tmp_path):
+    """No --json, no --workdir: nothing in the current folder; the work dir is
+    $FEDGE_HOME/demo, named at the end, and the next demo clears the last one's."""
+    import os
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    work = home / "demo"
+    work.mkdir(parents=True)
+    (work / ".fedge-demo").write_text("")
+    (work / "stale-shard.npz").write_text("from the last demo")
+    env = {"FEDGE_HOME": str(home)}
+    code, out, err = run_fedge("demo", "--devices", "2", "--rounds", "1", "--eval-every",
+                               "0", cwd=cwd, env=env)
+    assert code == 0, err
+    assert os.listdir(cwd) == []
+    assert json.loads((work / "demo.json").read_text())["rounds"][0]["round"] == 1
+    assert not (work / "stale-shard.npz").exists() and (work / "broker.log").exists()
+    assert f"in {work}" in out
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a demo's")
+    code, _, err = run_fedge("demo", "--workdir", str(tmp_path / "mine"), cwd=cwd, env=env)
+    assert code == 2 and "expected an empty folder or an earlier demo's" in err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "not a demo's"
+
+
 def test_serve_bad_arguments_are_one_line(tmp_path):
     from tests.conftest import assert_one_line_error
 

@@ -49,8 +49,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--round-timeout", type=float, default=30.0)
-    p.add_argument("--workdir", help="keep shards, state and plots here")
-    p.add_argument("--json", default="fedge-demo.json", help="report (a PNG plot goes beside)")
+    p.add_argument("--workdir", help="shards, state, keys, logs and (without --json) the "
+                   "report go here (default: $FEDGE_HOME/demo; a demo clears its own)")
+    p.add_argument("--json", help="report (a PNG plot goes beside; default: demo.json in "
+                   "the work dir)")
     p.add_argument("--eval-every", type=int, default=5, help="the devices score the global "
                    "model on held-out data every K rounds (0: off)")
     train_args(p)
@@ -157,7 +159,7 @@ def demo(args: argparse.Namespace) -> int:
                             args.round_timeout, args.epochs, args.batch_size, args.lr,
                             eval_every=args.eval_every, broker=args.broker,
                             workdir=Path(args.workdir) if args.workdir else None,
-                            report=Path(args.json)))
+                            report=Path(args.json) if args.json else None))
 
 
 def aggregator_identity_args(p: argparse.ArgumentParser) -> None:

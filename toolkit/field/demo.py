@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from device_runtime import threads
 from toolkit.console import RoundProgress
+from toolkit.errors import UsageError
 from toolkit.field.jobs import DemoJob
 
 PROFILES = ("rpi3b", "rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "android-mid")
@@ -119,19 +120,37 @@ def _eval_rows(history: list[dict]) -> list[dict]:
     return rows
 
 
+MARK = ".fedge-demo"  # a folder with it is a demo's own work dir: a new demo may clear it
+
+
+def _workdir(demo: DemoJob) -> Path:
+    """--workdir, else $FEDGE_HOME/demo, cleared first (the last demo's shards, state,
+    keys and logs): runs do not pile up, and nothing goes into the current folder."""
+    from device_runtime.rollback import fedge_home
+
+    work = Path(demo.workdir) if demo.workdir else fedge_home() / "demo"
+    if (work / MARK).is_file():
+        shutil.rmtree(work)
+    elif work.is_dir() and any(work.iterdir()):
+        raise UsageError(f"--workdir {work}: expected an empty folder or an earlier demo's, "
+                         f"got a folder with other files")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARK).write_text("fedge demo work dir: the next fedge demo clears it\n")
+    return work
+
+
 def run_demo(demo: DemoJob) -> int:
     from toolkit.field.fleet_keys import write_fleet_keys
     from toolkit.field.serve import broker_url, round_extra, run_serve
 
-    work = Path(demo.workdir or tempfile.mkdtemp(prefix="fedge-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = _workdir(demo)
     t0 = time.time()
     init = _prepare(work, demo)
     job = f"demo-{secrets.token_hex(3)}"
     # Keys made on the fly, as fedge secure init would issue them: signed is the only path.
     keys = write_fleet_keys(work / f"keys-{job}", [f"dev-{k}" for k in range(demo.devices)])
-    report_path = demo.report
-    with broker_url(demo.broker) as url:
+    report_path = demo.report or work / "demo.json"
+    with broker_url(demo.broker, work / "broker.log") as url:
         print(f"broker {url}{' (embedded amqtt)' if not demo.broker else ''}; job {job}; "
               f"{demo.devices} device processes; work dir {work}", flush=True)
         procs = _start_devices(url, job, work, demo.devices, keys)
@@ -156,5 +175,6 @@ def run_demo(demo: DemoJob) -> int:
         print(f"on-device evaluation: {len(out['device_eval'])} rounds, the devices' weighted "
               f"accuracy within {worst:.2f} points of the central test's")
     print(f"final accuracy {out['final_accuracy']:.4f} in {out['seconds']}s; wrote "
-          f"{report_path} and {report_path.with_suffix('.png')}")
+          f"{report_path} and {report_path.with_suffix('.png')}; shards, state, keys and "
+          f"logs in {work} (the next demo clears it)")
     return 0

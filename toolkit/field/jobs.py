@@ -155,8 +155,8 @@ class DemoJob:
     lr: float = 0.02
     eval_every: int = 5  # devices score the global model every K rounds (0: off)
     broker: str | None = None  # None: the embedded broker
-    workdir: Path | None = None  # None: a new temporary folder
-    report: Path = Path("fedge-demo.json")  # a PNG plot goes beside
+    workdir: Path | None = None  # None: $FEDGE_HOME/demo, cleared by each demo
+    report: Path | None = None  # None: demo.json in the work dir; a PNG plot goes beside
 
     def __post_init__(self) -> None:
         if self.devices < 2:

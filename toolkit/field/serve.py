@@ -24,14 +24,15 @@ from toolkit.field.summary import publish_summaries
 
 
 @contextlib.contextmanager
-def broker_url(url: str | None) -> Iterator[str]:
-    """``url`` itself, or the URL of an embedded broker started for the duration."""
+def broker_url(url: str | None, log_file: Path | None = None) -> Iterator[str]:
+    """``url`` itself, or the URL of an embedded broker started for the duration (its
+    own warnings and errors into ``log_file`` if given, else on the console)."""
     if url:
         yield url
         return
     from broker_server.embedded import EmbeddedBroker
 
-    with EmbeddedBroker() as b:
+    with EmbeddedBroker(log_file=str(log_file) if log_file else None) as b:
         yield b.url
 
 
