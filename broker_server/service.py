@@ -17,6 +17,7 @@ from typing import Callable
 from broker_server.downlink import HELD_KEY, Downlink, check_downlink, recount_fetch
 from broker_server.errors import BrokerServerError
 from broker_server.guard import UpdateGuard
+from broker_server.heartbeat import Heartbeat
 from broker_server.evaluation import DeviceEvaluation
 from broker_server.intake import pump, reload_accepted, update_expect, update_meta
 from broker_server.options import ServeOptions
@@ -28,6 +29,7 @@ from broker_server.trust import SERVER, ServerTrust
 from device_runtime import codecs, messages, wire
 from device_runtime.codecs import CodecContext
 from device_runtime.errors import WireError
+from device_runtime.notice import EVERY, Notice
 from device_runtime.topics import Topics
 from device_runtime.transport.base import RECONNECTED, Transport
 
@@ -52,6 +54,7 @@ class Aggregator:
         self.downlink = Downlink(opts.downlink, opts.job, trust.signer)
         self.model_config = model_config
         self.evaluate, self.on_round = evaluate, on_round
+        self.notice = Notice(None)  # what it waits for, every ~10 s (serve: the console)
         self.store = StateStore(opts.state_dir, opts.job)
         self.state, saved = self.store.load()
         self.weights = saved if saved is not None else initial_weights
@@ -116,12 +119,17 @@ class Aggregator:
         if self.state.completed < self.opts.rounds:
             self.t.clear_retained(self.topics.control)  # a stop left by an earlier run
         self.t.publish(self.topics.plan, self._plan, retain=True)
-        if self.resumed_from:
-            log.info("resuming after round %d", self.resumed_from)
+        if self.state.completed >= self.opts.rounds:
+            self.notice("state", f"{self.opts.state_dir} holds this job finished "
+                        f"({self.state.completed} of {self.opts.rounds} rounds): nothing to run")
+        elif self.resumed_from:
+            self.notice("state", f"resumed from {self.opts.state_dir} after round "
+                        f"{self.resumed_from}")
         if self.scale:
             self.scale.wait_ready(self)
-        while self.state.completed < self.opts.rounds:
-            self._run_round(self.state.completed + 1)
+        with Heartbeat(self):  # devices waiting meanwhile know the job is alive
+            while self.state.completed < self.opts.rounds:
+                self._run_round(self.state.completed + 1)
         # Retained, so that a device that was away when the job ended learns it too.
         self.t.publish(self.topics.control, self.trust.seal(
             messages.Control("stop", "done"), nonce=self.trust.session), retain=True)
@@ -134,7 +142,9 @@ class Aggregator:
             self.t.publish(self.topics.asset(name), self.assets[name], retain=True)
 
     def _wait_for_devices(self, start: float) -> None:
-        while len(self._online()) < self.opts.min_devices:
+        while (online := len(self._online())) < self.opts.min_devices:
+            self.notice("devices", f"job {self.opts.job}: waiting for devices, {online} of "
+                        f"{self.opts.min_devices} online (the quorum)")
             if self.opts.wait_timeout is not None and \
                     time.time() - start > self.opts.wait_timeout:
                 raise BrokerServerError(
@@ -165,6 +175,10 @@ class Aggregator:
             pending = set(rs.assigned) - set(rs.accepted) - rs.refused
             if not pending and (rs.accepted or alone):
                 break
+            if time.time() - rs.started >= EVERY:
+                self.notice(f"round {r}", f"round {r}: {len(rs.accepted)} of "
+                            f"{len(rs.assigned)} updates in, quorum {self.opts.min_devices}, "
+                            f"deadline in {max(0.0, rs.deadline - time.time()):.0f}s")
             if time.time() >= rs.deadline:
                 if len(rs.accepted) >= self.opts.min_devices:
                     break

@@ -29,7 +29,6 @@ import numpy as np
 from device_runtime import fedge_version, messages, uplinks, wire
 from device_runtime.errors import (
     FedgeError,
-    RefusedError,
     TrustError,
     UnauthenticatedError,
     WireError,
@@ -39,6 +38,7 @@ from device_runtime.follow import ServerMessages
 from device_runtime.keys import PublicKey, Signer
 from device_runtime.local_models import NO_CUSTOM, LocalModels
 from device_runtime.model_sync import rebuild
+from device_runtime.notice import EVERY, Notice
 from device_runtime.topics import Topics, check_id
 from device_runtime.transport.base import Transport
 
@@ -102,6 +102,7 @@ class DeviceAgent:
         self._via = "full"  # how this round's model came: "sync" or "full"
         self.stopped = False
         self.rounds_done = 0
+        self.notice = Notice(None)  # status lines while it waits (fedge device: the log)
         self._models: dict = {}  # variant -> torch model
         self.started = time.time()
         # Per round: bytes in and out and the work done, for reports and simulated time.
@@ -126,34 +127,9 @@ class DeviceAgent:
     def check_export(self) -> None:
         """Verify the export (opts.manifest, opts.trust) before any task; on failure
         publish the refusal as the retained status (state "error") and raise it."""
-        from device_runtime.preflight import check_device
-        from device_runtime.rollback import ExportPolicy
+        from device_runtime.rollout import adopt_export
 
-        policy = ExportPolicy(self.opts.job, self.opts.allow_rollback)
-        try:
-            store = self._store()
-            # A version a rollout installed since wins over an older one it was started with.
-            manifest = store.newest(self.opts.manifest)
-            checked = check_device(manifest, self.opts.profile, self.opts.trust,
-                                   self.opts.threads, policy)
-            store.adopt(manifest, self.opts.profile)
-        except FedgeError as e:
-            refusal = RefusedError(e)  # the caller prints it; the status carries it
-            # Also after a reconnect: the broker must keep showing the refusal.
-            self.t.on_connect = lambda: self.announce("error", str(refusal))
-            self.announce("error", str(refusal))
-            raise refusal from None
-        self.runtime = {**checked.versions(), "artifact_version": checked.version}
-        from device_runtime.rollout import DeviceRollout
-
-        self.rollouts = DeviceRollout(self, store)
-
-    def _store(self):
-        from device_runtime.artifact_store import ArtifactStore
-        from device_runtime.rollback import fedge_home
-
-        return ArtifactStore(self.opts.models_dir or
-                             fedge_home() / "models" / self.opts.job / self.device)
+        adopt_export(self)
 
     def run(self) -> int:
         """Process messages until the job stops; returns the rounds this device trained.
@@ -164,15 +140,16 @@ class DeviceAgent:
         self.t.on_connect = self.announce  # re-announce after every reconnect
         self.t.subscribe(self.topics.plan, self._enqueue)
         self.t.subscribe(self.topics.control, self._enqueue)
+        self.t.subscribe(self.topics.heartbeat, self._enqueue)
         self.t.subscribe(self.topics.asset(), self._enqueue)
         self.t.subscribe(self.topics.task("+", self.device), self._enqueue)
         self.t.subscribe(self.topics.grad("+", self.device), self._enqueue)
         self.t.subscribe(self.topics.rollout(self.device), self._enqueue)
         self.announce()
         last = time.time()
-        # Without an idle timeout there is nothing to check between messages: block, so
-        # that an idle agent costs no wake-ups (a simulated fleet runs hundreds per process).
-        poll = 0.2 if self.opts.idle_timeout else None
+        # Without an idle timeout or status lines there is nothing to do between messages:
+        # block, so that an idle agent costs no wake-ups (a simulated fleet runs hundreds).
+        poll = 0.2 if self.opts.idle_timeout or self.notice.say else None
         while not self.stopped:
             try:
                 topic, payload = self.events.get(timeout=poll)
@@ -180,6 +157,11 @@ class DeviceAgent:
                 if self.opts.idle_timeout and time.time() - last > self.opts.idle_timeout:
                     log.warning("no message for %.0fs, giving up", self.opts.idle_timeout)
                     break
+                if time.time() - last >= EVERY:
+                    self.notice("idle", f"job {self.opts.job}: waiting for " + (
+                        f"a task (rounds trained: {self.rounds_done})" if self.plan
+                        else "the job's plan") + f", {time.time() - last:.0f}s since the "
+                        "last message")
                 continue
             last = time.time()
             self._handle(topic, payload)
@@ -197,6 +179,8 @@ class DeviceAgent:
                 self._on_plan(payload)
             elif where["kind"] == "control":
                 self._on_control(topic, payload)
+            elif where["kind"] == "heartbeat":  # the server is alive: "last" moved on
+                self.server.take_heartbeat(payload)
             elif where["kind"] == "asset":
                 self.assets[where["asset"]] = payload
             elif where["kind"] in ("model", "sync"):

@@ -63,6 +63,13 @@ class ServerMessages:
         """A control message of the followed plan's session (the caller has a plan)."""
         return self.unseal(messages.Control, payload, nonce=self.plan.session).msg
 
+    def take_heartbeat(self, payload: bytes) -> messages.Heartbeat | None:
+        """The aggregator's heartbeat of the followed plan's session (None before a plan:
+        nothing to bind it to yet)."""
+        if self.plan is None:
+            return None
+        return self.unseal(messages.Heartbeat, payload, nonce=self.plan.session).msg
+
     def take_task(self, payload: bytes, round_: int) -> messages.Task:
         """A task for this device, of round ``round_`` (the topic's), of the plan's
         session, and no older than one already taken."""

@@ -1,5 +1,5 @@
-"""The control messages of the protocol: plan, status, task, control, summary, rollout
-and the rollout's report.
+"""The control messages of the protocol: plan, status, task, control, heartbeat,
+summary, rollout and the rollout's report.
 
 Each is a typed dataclass. On the wire a message is a signed frame
 (``seal``): kind = the class name in lower case, codec ``"json"``, and one
@@ -112,6 +112,16 @@ class Control:
 
     action: str  # "stop" | "pause"
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """On ``heartbeat`` every ~10 s while the aggregator runs, bound to the plan's
+    session: a device waiting for a task can tell "server busy" (training alone,
+    evaluating, a slow fold) from "job gone" (its idle timeout counts from the last)."""
+
+    completed: int  # rounds closed so far
+    ts: float  # unix time it was sent
 
 
 @dataclass(frozen=True)

@@ -161,3 +161,37 @@ class DeviceRollout:
 
 def _sha(arr: np.ndarray) -> str:
     return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def store_of(agent) -> ArtifactStore:
+    """The device's store of installed versions (``--models-dir``, default
+    ``$FEDGE_HOME/models/<job>/<device>``)."""
+    from device_runtime.rollback import fedge_home
+
+    return ArtifactStore(agent.opts.models_dir or
+                         fedge_home() / "models" / agent.opts.job / agent.device)
+
+
+def adopt_export(agent) -> None:
+    """``DeviceAgent.check_export``: verify the export (agent.opts.manifest, .trust) as
+    the store's current version; on failure the refusal becomes the retained status
+    (state "error", also after a reconnect) and is raised."""
+    from device_runtime.errors import RefusedError
+    from device_runtime.preflight import check_device
+    from device_runtime.rollback import ExportPolicy
+
+    policy = ExportPolicy(agent.opts.job, agent.opts.allow_rollback)
+    try:
+        store = store_of(agent)
+        # A version a rollout installed since wins over an older one it was started with.
+        manifest = store.newest(agent.opts.manifest)
+        checked = check_device(manifest, agent.opts.profile, agent.opts.trust,
+                               agent.opts.threads, policy)
+        store.adopt(manifest, agent.opts.profile)
+    except FedgeError as e:
+        refusal = RefusedError(e)  # the caller prints it; the status carries it
+        agent.t.on_connect = lambda: agent.announce("error", str(refusal))
+        agent.announce("error", str(refusal))
+        raise refusal from None
+    agent.runtime = {**checked.versions(), "artifact_version": checked.version}
+    agent.rollouts = DeviceRollout(agent, store)

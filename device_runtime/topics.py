@@ -34,6 +34,11 @@ class Topics:
         return f"{self.root}/control"
 
     @property
+    def heartbeat(self) -> str:
+        """Aggregator to devices, every ~10 s while it runs (not retained)."""
+        return f"{self.root}/heartbeat"
+
+    @property
     def summary(self) -> str:
         """Retained, aggregator to readers (dashboards): the last closed round's figures."""
         return f"{self.root}/summary"
@@ -106,7 +111,7 @@ class Topics:
         if parts[:2] != ["fedge", self.job]:
             return {"kind": "foreign"}
         rest = parts[2:]
-        if rest in (["plan"], ["control"], ["summary"], ["rollouts"]):
+        if rest in (["plan"], ["control"], ["heartbeat"], ["summary"], ["rollouts"]):
             return {"kind": rest[0]}
         if len(rest) == 2 and rest[0] == "asset":
             return {"kind": "asset", "asset": rest[1]}

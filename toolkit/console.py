@@ -82,6 +82,13 @@ class RoundProgress:
         self._progress.console.print(table)
         self._progress.update(self._task, completed=min(self.done, self.rounds))
 
+    def note(self, text: str) -> None:
+        """A status line (what the job waits for) above the bar, or a plain line."""
+        if self._live:
+            self._progress.console.print(text, style="dim")
+        else:
+            print(text, file=self.stream, flush=True)
+
     def close(self) -> None:
         if self._live:
             self._progress.stop()

@@ -7,6 +7,7 @@ while disconnected stay in paho's queue and go out after the reconnect.
 """
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 import time
@@ -14,8 +15,12 @@ import time
 import paho.mqtt.client as paho
 
 from device_runtime.backoff import Backoff
+from device_runtime.notice import Notice
 from device_runtime.transport.base import Transport
 from device_runtime.transport.url import BrokerURL, TransportError
+
+log = logging.getLogger("fedge.transport")
+SLOW_CONNECT = 2.0  # seconds of a first connect before it is said what it waits for
 
 # CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps 3.1.1's to them):
 # client id not valid, bad user name or password, not authorized, banned, bad auth method
@@ -54,6 +59,7 @@ class MqttTransport(Transport):
         self._sub_sent: set[int] = set()
         self._sub_acked: set[int] = set()
         self.reconnects = 0
+        self.notice = Notice(log.warning)  # what a slow connect or a reconnect waits for
         c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                         clean_session=not persistent, protocol=paho.MQTTv311)
         c.max_queued_messages_set(0)  # unbounded: nothing accepted is dropped
@@ -81,12 +87,16 @@ class MqttTransport(Transport):
             self._thread = threading.Thread(target=self._run, daemon=True,
                                             name=f"mqtt-{self.client_id}")
             self._thread.start()
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         # A broker that answers "not authorized" will not change its mind: say so now
         # rather than after the whole timeout.
         while not (self._connected.wait(0.05) or self._denied.is_set()
                    or time.monotonic() >= deadline):
-            pass
+            if time.monotonic() - start >= SLOW_CONNECT:
+                self.notice("connect", f"connecting to broker {self.url} as "
+                            f"{self.client_id!r}: {self._refused or 'no answer yet'}; "
+                            f"trying until {timeout:g}s")
         if not self._connected.is_set():
             why = self._refused or "no answer"
             self.close()
@@ -138,7 +148,11 @@ class MqttTransport(Transport):
             if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 self._connected.clear()
                 self.reconnects += 1
-                self._stop.wait(self.backoff.next_delay())
+                delay = self.backoff.next_delay()
+                self.notice("reconnect", f"lost broker {self.url} ({paho.error_string(rc)});"
+                            f" reconnecting, attempt {self.backoff.attempt}, next in "
+                            f"{delay:.1f}s")
+                self._stop.wait(delay)
                 try:
                     self._client.reconnect()
                 except (OSError, ssl.SSLError):
@@ -150,7 +164,11 @@ class MqttTransport(Transport):
             if reason_code.value in _DENIED:
                 self._denied.set()
             return
+        if self.backoff.attempt:
+            log.warning("connected to broker %s (attempt %d)", self.url,
+                        self.backoff.attempt + 1)
         self.backoff.reset()
+        self.notice.end()
         for p in sorted(self._patterns):
             self._subscribe_now(p)
         self._connected.set()

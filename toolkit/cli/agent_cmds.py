@@ -57,6 +57,7 @@ def device(args: argparse.Namespace) -> int:
     from device_runtime.data import load_shard
     from device_runtime.keys import PublicKey, Signer
     from device_runtime.local_models import LocalModels
+    from device_runtime.notice import Notice
     from device_runtime.preflight import check_options
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
@@ -88,6 +89,7 @@ def device(args: argparse.Namespace) -> int:
                                             custom_models=allowed,
                                             allow_rollback=o.allow_rollback,
                                             models_dir=o.models_dir), x, y)
+        agent.notice = Notice(logging.getLogger("fedge.device").warning)
         rounds = agent.run()
     finally:
         t.close()

@@ -38,6 +38,7 @@ DEVICE_RULES: tuple[tuple[str, str], ...] = (
     ("write", "fedge/+/round/+/acts/{id}"),
     ("read", "fedge/+/plan"),
     ("read", "fedge/+/control"),
+    ("read", "fedge/+/heartbeat"),
     ("read", "fedge/+/asset/+"),
     ("read", "fedge/+/round/+/model/+"),
     ("read", "fedge/+/round/+/sync/+"),

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from device_runtime.notice import Notice
 from toolkit.console import RoundProgress
 from toolkit.strategies.robust import round_note as robust_note
 from toolkit.errors import UsageError
@@ -111,6 +112,9 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
         t = MqttTransport(url, f"fedge-{job.job}-aggregator", persistent=True,
                           max_payload=b.max_payload, **creds)
         t.connect()
+        if on_round is None:
+            print(f"aggregator of job {job.job} connected to {url}: {job.rounds.rounds} "
+                  f"rounds, quorum {job.rounds.min_devices}", flush=True)
         scale, sup = scaleout.start(job, t, url, fold_options, trust) \
             if fold_options is not None else (None, None)
         progress = None if on_round else RoundProgress(job.rounds.rounds,
@@ -122,6 +126,7 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
                              scale_out=scale, trust=trust)
             if root is not None:
                 root_data.attach(agg, root)
+            agg.notice = Notice(progress.note if progress else _say)
             publish_summaries(agg, agg.on_round)  # for fedge dashboard (read-only)
             if sup:
                 agg.watch = sup.check  # a worker that exits mid-job is started again
@@ -139,6 +144,10 @@ def run_serve(job: ServeJob, on_round: Callable[[dict], None] | None = None) -> 
     _save(job, ckpt, agg.weights, report)
     print(f"done: {len(report['rounds'])} rounds, final accuracy {report['final_accuracy']}")
     return 0
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
 
 
 def _root(job: ServeJob, ckpt):
