@@ -83,20 +83,14 @@ class FedMRNCodec(Codec):
     # As a downlink code (seeded like the round it sums): entropy-coded mask fractions.
     relative = True
 
+    # The device trains masks, not weights: FedMRN's trainer, named by import path (it
+    # imports this module, and torch, which a codec must not).
+    trainer = "device_runtime.training.fedmrn:train_for_codec"
+
     def __init__(self, scale: float = NOISE_SCALE, signed: bool = False, name: str = "fedmrn",
                  mask_lr: float = MASK_LR):
         # Signed masks (m in {-1, +1}) let every weight move either way along its noise.
         self.scale, self.signed, self.name, self.mask_lr = scale, signed, name, mask_lr
-
-    def local_trainer(self):
-        """The device trains masks, not weights: FedMRN's own trainer (torch, imported
-        only here), called as ``fit(model, x, y, local, seed=, device=)``."""
-        from functools import partial
-
-        from device_runtime.training.fedmrn import train_fedmrn
-
-        return partial(train_fedmrn, mask_lr=self.mask_lr, scale=self.scale,
-                       signed=self.signed)
 
     def encode(self, weights: Weights, ctx: CodecContext) -> tuple[Weights, dict[str, dict]]:
         ref = self._reference(ctx)

@@ -98,3 +98,11 @@ def _mask(u: torch.Tensor, n: torch.Tensor, p_sample: float, gen: torch.Generato
         return ste
     pick = torch.rand(prob.shape, generator=gen) < p_sample
     return torch.where(pick, ste, prob)
+
+
+def train_for_codec(codec, model: nn.Module, x: np.ndarray, y: np.ndarray,
+                    opts: LocalTrainOptions, seed: int, device: str) -> LocalResult:
+    """``train_fedmrn`` with ``codec``'s mask learning rate, noise scale and signedness
+    (the codec's ``trainer``: how ``training.work`` calls it)."""
+    return train_fedmrn(model, x, y, opts, seed, device=device, mask_lr=codec.mask_lr,
+                        scale=codec.scale, signed=codec.signed)

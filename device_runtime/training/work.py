@@ -3,6 +3,8 @@
 update. Torch is imported here, never by the agent itself."""
 from __future__ import annotations
 
+import importlib
+
 from typing import Callable
 
 from device_runtime import codecs, messages, wire
@@ -35,9 +37,11 @@ def train_task(agent, task: messages.Task, frame_bytes: bytes, model, shapes: di
     codec = codecs.get(task.codec)
     local = LocalTrainOptions(task.epochs, task.batch_size, task.lr, seed=task.seed,
                               steps=task.steps)
-    own = getattr(codec, "local_trainer", None)  # a codec that trains its own way
-    if own is not None:
-        res = own()(model, agent.x, agent.y, local, seed=task.seed, device=agent.device)
+    trainer = getattr(codec, "trainer", "")  # a codec that trains its own way
+    if trainer:
+        module, _, name = trainer.partition(":")
+        res = getattr(importlib.import_module(module), name)(
+            codec, model, agent.x, agent.y, local, task.seed, agent.device)
     else:
         res = fit(model, agent, task, local)
     sent, reference = answer(agent, task, model, res, frame)

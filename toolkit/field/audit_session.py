@@ -115,10 +115,11 @@ class Session:
             self.seen.capturing = False
 
     def connect(self, role: str, sink: Callable[[str, bytes, bool], None] = lambda *a: None,
-                client_id: str | None = None, persistent: bool = False) -> _Raw:
+                client_id: str | None = None, persistent: bool = False,
+                timeout: float = 10.0) -> _Raw:
         t = _Raw(self.opts.broker, client_id or f"fedge-audit-{role}-{uuid.uuid4().hex[:8]}",
                  sink, persistent=persistent, **self.creds)
-        t.connect()
+        t.connect(timeout)
         return t
 
     def _sink(self, topic: str, payload: bytes, retain: bool) -> None:
