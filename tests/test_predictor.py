@@ -207,6 +207,8 @@ def test_infer_cli_without_torch(fleet_export, export_key, predictor, mnist1d, t
 
     p, tried = _run_without_torch(tmp_path, *common, "--output", str(tmp_path / "y.npy"))
     assert p.returncode == 0, p.stderr
+    # the summary with --output too: the execution provider really used, the signature
+    assert "CPUExecutionProvider" in p.stdout and "manifest signature verified" in p.stdout
     labels = np.load(tmp_path / "y.npy")
     assert labels.dtype == np.int64
     np.testing.assert_array_equal(labels, predictor.predict(mnist1d.x_test))

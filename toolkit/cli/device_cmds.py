@@ -112,7 +112,6 @@ def infer(args: argparse.Namespace) -> int:
         _save(args.output, out)
         print(f"wrote {args.output}: {'logits' if args.logits else 'labels'} "
               f"{out.dtype} {tuple(out.shape)}")
-        return 0
     values, counts = np.unique(labels, return_counts=True)
     spread = " ".join(f"{v}:{c}" for v, c in zip(values.tolist(), counts.tolist()))
     what = pred.artifact.path if len(pred.sessions) == 1 else \
