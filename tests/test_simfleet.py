@@ -30,6 +30,18 @@ def test_procs_usage_errors(tmp_path):
     assert_one_line_error(code, err, 2, "500 MQTT clients", "--procs 4")
 
 
+def test_broker_throughput_without_sys_counters_says_why():
+    """No $SYS samples (amqtt, or Mosquitto without sys_interval): the report's nulls
+    come with the reason, not as if the broker had carried nothing."""
+    from toolkit.sim.fleetstats import NO_SYS, FleetMeter
+
+    meter = FleetMeter(None, None)
+    meter({"round": 1, "seconds": 1.0, "uplink_bytes": 10, "downlink_bytes": 20})
+    out = meter.finish()
+    assert out["broker_job"] == {} and out["broker_note"] == NO_SYS
+    assert meter.records[0]["broker_bytes_received_per_s"] is None
+
+
 def test_top_up_gives_every_device_of_a_big_fleet_samples():
     from toolkit.model.partition import dirichlet_split
 

@@ -91,6 +91,8 @@ def simulate(args: argparse.Namespace) -> int:
     print(f"final accuracy {report['final_accuracy']:.4f}; uplink "
           f"{report['uplink_bytes_total']:,} B, downlink {report['downlink_bytes_total']:,} B; "
           f"wrote {args.json}", flush=True)
+    if report.get("fleet", {}).get("broker_note"):
+        print(report["fleet"]["broker_note"], flush=True)
     if args.export:
         from device_runtime.manifest import load_manifest
         from toolkit.planning.fleet import ExportOptions, export_fleet

@@ -43,6 +43,11 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+NO_SYS = ("broker throughput not measured: the broker published no $SYS counters during "
+          "the job (Mosquitto: set sys_interval 1 in its configuration; amqtt and the "
+          "embedded broker publish none)")
+
+
 class BrokerMonitor:
     """A separate client that records Mosquitto's ``$SYS`` counters as they arrive."""
 
@@ -121,6 +126,10 @@ class FleetMeter:
             first = self.records[0]
             job = self.monitor.rates(first["closed"] - first["seconds"],
                                      self.records[-1]["closed"])
-        return {"aggregator_peak_rss_mb": peak_rss_mb(),
-                "broker_job": {f"{k}_per_s": v for k, v in job.items()},
-                "broker_publish_dropped_total": self.monitor.dropped if self.monitor else None}
+        out = {"aggregator_peak_rss_mb": peak_rss_mb(),
+               "broker_job": {f"{k}_per_s": v for k, v in job.items()},
+               "broker_publish_dropped_total": self.monitor.dropped if self.monitor else None}
+        if not any(v is not None for v in job.values()):
+            # null is not "zero traffic": say why there is no figure
+            out["broker_note"] = NO_SYS
+        return out
