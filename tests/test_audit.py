@@ -120,6 +120,7 @@ def test_audit_as_a_leaked_device_under_the_acl(tmp_path):
             p.kill()
         finish(procs)
         broker.stop()
+    assert (tmp_path / "audit.json").exists(), (code, out + err)
     audit = json.loads((tmp_path / "audit.json").read_text())
     verdicts = {a["attack"]: a["verdict"] for a in audit["attacks"]}
     assert verdicts == {"forged-stop": "refused", "forged-task": "refused",

@@ -44,6 +44,9 @@ class MqttTransport(Transport):
         self.loop_timeout = loop_timeout
         self._patterns: set[str] = set()
         self._connected = threading.Event()
+        # A CONNACK came once: connect() is done even if the link dropped since (a client
+        # knocked off at once by another of the same id would otherwise never "connect")
+        self._accepted = threading.Event()
         self._stop = threading.Event()
         self._refused: str | None = None
         self._denied = threading.Event()  # the broker refused these credentials
@@ -91,13 +94,13 @@ class MqttTransport(Transport):
         deadline = start + timeout
         # A broker that answers "not authorized" will not change its mind: say so now
         # rather than after the whole timeout.
-        while not (self._connected.wait(0.05) or self._denied.is_set()
+        while not (self._accepted.wait(0.05) or self._denied.is_set()
                    or time.monotonic() >= deadline):
             if time.monotonic() - start >= SLOW_CONNECT:
                 self.notice("connect", f"connecting to broker {self.url} as "
                             f"{self.client_id!r}: {self._refused or 'no answer yet'}; "
                             f"trying until {timeout:g}s")
-        if not self._connected.is_set():
+        if not self._accepted.is_set():
             why = self._refused or "no answer"
             self.close()
             raise TransportError(f"cannot connect to broker {self.url} as "
@@ -172,6 +175,7 @@ class MqttTransport(Transport):
         for p in sorted(self._patterns):
             self._subscribe_now(p)
         self._connected.set()
+        self._accepted.set()
         try:
             self.on_connect()
         except Exception as e:  # a handler's bug must not kill the network thread

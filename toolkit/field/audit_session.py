@@ -104,6 +104,7 @@ class Session:
         self.creds = transport_kwargs(opts.credentials)
         self.lock, self.seen = threading.Lock(), _Seen()
         self.stranger = Signer.generate()  # a key nobody trusts
+        self.closed = False
         self.t = self.connect("audit", self._sink)
         for pattern in (self.topics.status(), self.topics.plan, self.topics.control,
                         self.topics.plan + CHUNK_SEP + "+", self.topics.model("+", "+"),
@@ -177,4 +178,7 @@ class Session:
         self.t.flush()
 
     def close(self) -> None:
-        self.t.close()
+        """Close the watcher (again: a no-op)."""
+        if not self.closed:
+            self.closed = True
+            self.t.close()
