@@ -37,7 +37,10 @@ def train_task(agent, task: messages.Task, frame_bytes: bytes, model, shapes: di
     codec = codecs.get(task.codec)
     local = LocalTrainOptions(task.epochs, task.batch_size, task.lr, seed=task.seed,
                               steps=task.steps)
-    trainer = getattr(codec, "trainer", "")  # a codec that trains its own way
+    # A codec that trains its own way names its trainer. The task names only the codec,
+    # which codecs.get takes from the registry (unknown names refused); the trainer's
+    # path is the registered class's, never anything from the network.
+    trainer = getattr(codec, "trainer", "")
     if trainer:
         module, _, name = trainer.partition(":")
         res = getattr(importlib.import_module(module), name)(
