@@ -47,6 +47,7 @@ def test_a_heartbeat_counts_only_from_the_followed_plans_session():
             server.take_heartbeat(payload)
 
 
+@pytest.mark.slow  # waits out several idle timeouts on a real broker
 def test_an_idle_device_waits_while_the_aggregator_beats_and_gives_up_after(mosquitto):
     tr, topics, idle = trust(JOB), Topics(JOB), scaled(1.5)
     every = idle / 5
