@@ -3,8 +3,8 @@
 20 devices, Dirichlet 0.5, for 0, 2 and 4 attackers of each kind (replace, signflip,
 noise, lie, labelflip: ``fedge simulate --attack``, toolkit/sim/attackers.py), the
 final accuracy of FedAvg (mean) and of each rule (median, trimmed:0.1, multikrum:4,
-mean with adaptive clip at the median norm, zeno:4 with the server's public split of
-400 labelled samples as its root data), with fp32 updates and with FedMRN's 1-bit
+mean with adaptive clip at the median norm, zeno:4 and fltrust with the server's public
+split of 400 labelled samples as their root data), with fp32 updates and with FedMRN's 1-bit
 masks; medians over the seeds. The aggregator's norm guard is off (``--norm-bound
 inf``) so that the rules, not the guard, are measured (with it on, replace and noise
 are refused from round 2 on). Central DP: FedAvg with a fixed clip and the noise the
@@ -38,7 +38,8 @@ from toolkit.sim.simulate import SimOptions, run_simulation  # noqa: E402
 
 KINDS = ("replace", "signflip", "noise", "lie", "labelflip")
 RULES = {"mean": None, "median": "median", "trimmed:0.1": "trimmed:0.1",
-         "multikrum:4": "multikrum:4", "clip:q0.5": "mean", "zeno:4": "zeno:4"}
+         "multikrum:4": "multikrum:4", "clip:q0.5": "mean", "zeno:4": "zeno:4",
+         "fltrust": "fltrust"}
 DEFAULT = "clip:q0.5"  # the rule this bench recommends switching on (say why in the md)
 EPSILONS = (1.0, 4.0, 8.0)
 DELTA = 1e-5
@@ -60,18 +61,18 @@ def robust_of(rule: str) -> FedAvgOptions | None:
 
 def grid(args) -> list[tuple[str, SimOptions, list[int]]]:
     """(arm name, options, seeds), most needed first (a bench stopped early has the
-    acceptance cells): fp32 clean and with 4 attackers on the first seed, the 1-bit
-    codec with none and 4 (``--side-seeds``), fp32 on the other seeds, then fp32 with
+    acceptance cells): fp32 clean and with 4 attackers on the first seed, then on the
+    other seeds, the 1-bit codec with none and 4 (``--side-seeds``), then fp32 with
     2 attackers (``--side-seeds``)."""
     b, seeds, side = base(args), _ints(args.seeds), _ints(args.side_seeds)
     kinds = [f"{k}:4" for k in KINDS]
     first, rest = seeds[:1], seeds[1:]  # every arm once before any arm twice
-    tiers = [("fp32", list(RULES), ["none", *kinds], first)]
+    tiers = [("fp32", list(RULES), ["none", *kinds], first),
+             ("fp32", list(RULES), ["none", *kinds], rest)]
     if not args.quick:
         for codec in args.codecs.split(","):
             if codec != "fp32":
                 tiers.append((codec, args.onebit_rules.split(","), ["none", *kinds], side))
-    tiers.append(("fp32", list(RULES), ["none", *kinds], rest))
     if not args.quick:
         tiers.append(("fp32", list(RULES), [f"{k}:2" for k in KINDS], side))
     out = []
@@ -240,7 +241,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--codecs", default="fp32,fedmrn")
-    ap.add_argument("--onebit-rules", default="mean,median,zeno:4")
+    ap.add_argument("--onebit-rules", default="mean,median,zeno:4,fltrust")
     ap.add_argument("--dp-clips", default="2,8",
                     help="DP's fixed clip bounds (comma list; the median change norm is "
                     "~2 late and ~8 in round 1)")
@@ -259,7 +260,7 @@ def main() -> None:
         args.seeds, args.codecs, args.no_dp = "0", "fp32", True
     dp = [] if args.no_dp else dp_grid(args)
     tasks = [(n, o, s) for n, o, seeds in grid(args) for s in seeds]
-    # DP after the first pass over fp32 and the 1-bit codec (few runs, all needed)
+    # DP after the first pass over fp32 (few runs, all needed)
     at = next((i for i, t in enumerate(tasks) if t[2] not in _ints(args.side_seeds)),
               len(tasks))
     tasks[at:at] = [(n, o, s) for n, o, _ in dp for s in _ints(args.side_seeds)]

@@ -70,17 +70,19 @@ def test_serve_checks_krum_against_the_quorum_before_anything(tmp_path, capsys, 
     assert code != 0 and "dp: noise without clipping" in capsys.readouterr().err
 
 
-def test_serve_zeno_needs_root_data_and_names_a_bad_file(tmp_path, capsys, monkeypatch):
+def test_serve_root_data_rules_need_root_data_and_names_a_bad_file(tmp_path, capsys, monkeypatch):
     import numpy as np
 
     from toolkit.errors import UsageError
     from toolkit.field.root_data import load_root
 
     _never(monkeypatch, "toolkit.field.serve.run_serve")
-    code = main(_serve(tmp_path, "--robust", "zeno:1", "--min-devices", "4"))
-    err = capsys.readouterr().err.strip()
-    assert code != 0 and "--robust zeno: expected --root-data FILE" in err and "\n" not in err
-    assert not (tmp_path / "state").exists()
+    for rule in ("zeno:1", "fltrust"):
+        code = main(_serve(tmp_path, "--robust", rule, "--min-devices", "4"))
+        err = capsys.readouterr().err.strip()
+        name = rule.split(":")[0]
+        assert code != 0 and f"--robust {name}: expected --root-data FILE" in err
+        assert "\n" not in err and not (tmp_path / "state").exists()
     bad = tmp_path / "root.npz"
     np.savez(bad, x=np.zeros((3, 4)), y=np.array([0.5, 1.0, 2.0]))
     with pytest.raises(UsageError, match="expected as many integer labels y"):

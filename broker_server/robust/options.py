@@ -1,9 +1,10 @@
 """The robust rule as a typed option, its CLI syntax, its checks, and one round's pipeline.
 
 ``parse_rule`` reads the ``--robust`` syntax: ``mean`` (FedAvg, the default),
-``median``, ``trimmed[:beta]``, ``krum[:f]``, ``multikrum[:f[:m]]``, ``zeno[:b[:step]]``
-(defaults: beta 0.1, f and b 1, m n - f, step 0.1). ``zeno`` needs the server's own
-labelled data: ``aggregate``'s ``root`` (``RootData``). ``RobustOptions``
+``median``, ``trimmed[:beta]``, ``krum[:f]``, ``multikrum[:f[:m]]``, ``zeno[:b[:step]]``,
+``fltrust[:clip|server]`` (defaults: beta 0.1, f and b 1, m n - f, step 0.1, clip). ``zeno`` and
+``fltrust`` need the server's own labelled data: ``aggregate``'s ``root``
+(``RootData``). ``RobustOptions``
 adds the clip bound (fixed, or a quantile of the round's norms) and the DP noise, and
 ``check(devices)`` refuses inconsistent choices in one line before a round starts.
 ``aggregate`` runs one round: clip the changes (if asked), apply the rule, add the DP
@@ -21,7 +22,7 @@ from broker_server.errors import RobustError
 from broker_server.robust import clipping, rules
 from broker_server.robust.rules import Weights
 
-RULES = ("mean", "median", "trimmed", "krum", "multikrum", "zeno")
+RULES = ("mean", "median", "trimmed", "krum", "multikrum", "zeno", "fltrust")
 DEFAULT_STEP = 0.1  # zeno's step along each change (measured: docs/results/robust.md)
 DEFAULT_BETA = 0.1
 
@@ -30,15 +31,18 @@ DEFAULT_BETA = 0.1
 class RobustOptions:
     """rule: one of RULES; beta: trimmed mean's cut per side; f: Byzantine devices Krum
     tolerates, or updates zeno drops; m: updates multi-Krum averages (0: n - f); step:
-    zeno's step along each change; clip: a fixed L2 bound on each
-    change (0: none); clip_quantile: the adaptive bound, a quantile of the round's change
-    norms (0: none); dp_noise: the DP noise multiplier (0: no DP); delta: DP's delta."""
+    zeno's step along each change; size: how fltrust sizes the changes (clip: at the
+    round's median norm; server: each to the server's own, as published); clip: a
+    fixed L2 bound on each change (0: none); clip_quantile: the adaptive bound, a
+    quantile of the round's change norms (0: none); dp_noise: the DP noise multiplier
+    (0: no DP); delta: DP's delta."""
 
     rule: str = "mean"
     beta: float = DEFAULT_BETA
     f: int = 0
     m: int = 0
     step: float = DEFAULT_STEP
+    size: str = "clip"
     clip: float = 0.0
     clip_quantile: float = 0.0
     dp_noise: float = 0.0
@@ -58,6 +62,9 @@ class RobustOptions:
             rules.check_zeno(devices, self.f)
             if not 0 < self.step <= 1:
                 raise RobustError(f"zeno: step must be in (0, 1], got {self.step}")
+        if self.rule == "fltrust" and self.size not in rules.FLTRUST_SIZES:
+            raise RobustError(f"fltrust: size must be one of "
+                              f"{', '.join(rules.FLTRUST_SIZES)}, got {self.size!r}")
         if self.rule == "multikrum" and not 0 <= self.m <= devices - self.f:
             raise RobustError(f"multikrum: m must be in [1, n - f] = [1, {devices - self.f}] "
                               f"(0: n - f), got {self.m}")
@@ -95,7 +102,8 @@ class RobustOptions:
         name = {"mean": "mean", "median": "median", "trimmed": f"trimmed:{self.beta:g}",
                 "krum": f"krum:{self.f}",
                 "multikrum": f"multikrum:{self.f}" + (f":{self.m}" if self.m else ""),
-                "zeno": f"zeno:{self.f}:{self.step:g}"}.get(self.rule, self.rule)
+                "zeno": f"zeno:{self.f}:{self.step:g}",
+                "fltrust": f"fltrust:{self.size}"}.get(self.rule, self.rule)
         if self.clip > 0:
             name += f"+clip:{self.clip:g}"
         if self.clip_quantile > 0:
@@ -112,7 +120,7 @@ def parse_rule(text: str, **extra) -> RobustOptions:
     if name not in RULES:
         raise RobustError(f"robust: unknown rule {name!r}; valid: {', '.join(RULES)}")
     arity = {"mean": 0, "median": 0, "trimmed": 1, "krum": 1, "multikrum": 2,
-             "zeno": 2}[name]
+             "zeno": 2, "fltrust": 1}[name]
     if len(args) > arity:
         raise RobustError(f"robust: {name} takes at most {arity} ':' argument(s), got "
                           f"{text!r}")
@@ -125,6 +133,8 @@ def parse_rule(text: str, **extra) -> RobustOptions:
         elif name == "zeno":
             extra["f"] = int(args[0]) if args else 1
             extra["step"] = float(args[1]) if len(args) > 1 else DEFAULT_STEP
+        elif name == "fltrust" and args:
+            extra["size"] = args[0]
     except ValueError:
         raise RobustError(f"robust: {text!r} has a value that is not a number") from None
     fields = {f.name for f in dataclasses.fields(RobustOptions)}
@@ -136,7 +146,8 @@ def parse_rule(text: str, **extra) -> RobustOptions:
 @dataclass(frozen=True)
 class RoundRobust:
     """What one round's robust step did: the rule's name, the clip bound used (0: none),
-    how many changes were clipped, and the chosen updates (Krum, DnC; else empty)."""
+    how many changes were clipped, and the chosen updates (Krum, zeno; fltrust: those
+    with trust above 0; else empty)."""
 
     rule: str
     bound: float = 0.0
@@ -151,6 +162,18 @@ class RootData(Protocol):
     def loss(self, weights: Weights) -> float:
         """The model's mean cross-entropy on the root data."""
 
+    def update(self, weights: Weights) -> Weights:
+        """The model after the job's local training from ``weights`` on the root data
+        (what a device holding the root data would send)."""
+
+
+def _statistics(shapes: dict[str, tuple[int, ...]]) -> np.ndarray:
+    """A mask over the flat columns: True where a tensor is a BatchNorm statistic."""
+    from device_runtime.codecs.base import is_statistic
+
+    return np.concatenate([np.full(int(np.prod(s)), is_statistic(k)) for k, s in
+                           shapes.items()]) if shapes else np.zeros(0, bool)
+
 
 def aggregate(options: RobustOptions, updates: list[Weights], reference: Weights,
               samples: list[float] | None = None, rng: np.random.Generator | None = None,
@@ -158,7 +181,7 @@ def aggregate(options: RobustOptions, updates: list[Weights], reference: Weights
     """One round: clip, then the rule over the changes, then DP noise; reference + result.
     ``root``: the aggregator's own labelled data (rule zeno only)."""
     options.check(len(updates))
-    if options.rule == "zeno" and root is None:
+    if options.rule in ("zeno", "fltrust") and root is None:
         raise RobustError(f"{options.rule}: needs labelled data on the aggregator to judge "
                           "updates by (fedge serve --root-data; fedge simulate uses its "
                           "public split)")
@@ -189,6 +212,10 @@ def aggregate(options: RobustOptions, updates: list[Weights], reference: Weights
             options.step))
         w = None if samples is None else [samples[i] for i in chosen]
         change = rules.weighted_rows(x[list(chosen)], w)
+    elif options.rule == "fltrust":
+        g0, _ = clipping.changes([root.update(reference)], reference)
+        change, trust = rules.fltrust_rows(x, g0[0], _statistics(shapes), options.size)
+        chosen = tuple(int(i) for i in np.flatnonzero(trust > 0))
     else:
         change = rules.weighted_rows(x, samples)
     out = clipping.apply(reference, change, shapes)

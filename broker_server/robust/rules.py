@@ -186,6 +186,66 @@ def zeno_rows(x: np.ndarray, b: int, loss, step: float, rho: float = 0.0) -> lis
     return sorted(int(i) for i in np.argsort(-scores, kind="stable")[:x.shape[0] - b])
 
 
+FLTRUST_SIZES = ("clip", "server")
+
+
+def fltrust_rows(x: np.ndarray, g0: np.ndarray, stats: np.ndarray | None = None,
+                 size: str = "clip") -> tuple[np.ndarray, np.ndarray]:
+    """FLTrust (Cao, Fang, Liu and Gong, "FLTrust: Byzantine-robust federated learning
+    via trust bootstrapping", NDSS 2021): the server's own change ``g0`` (the same local
+    training from the round's reference on its root data) is the yardstick. Each
+    change's trust is ReLU(cos(x_i, g0)); the result is the trust-weighted mean of the
+    changes after bringing them to one size. Returns (change, trust per row); no trust
+    at all (every change at 90 degrees or more from g0) gives a zero change, i.e. the
+    model stays.
+
+    ``size``: ``server`` rescales every change to |g0|, as the paper does; ``clip``
+    (fedge's default) only scales down a change (every column, statistics too: a
+    factor <= 1 keeps a variance between the reference's and the device's) longer
+    than the median norm of the round's changes. Why not the paper's: |g0| depends on
+    how much root data the server holds against a device's shard, and rescaling short
+    changes up inflates the step (MNIST-1D, 400 root samples, 20 devices, seed 0: |g0|
+    was twice a device's change; clean accuracy after 10 rounds 0.68 against 0.83
+    clipped and 0.84 FedAvg, docs/results/robust.md).
+
+    ``stats`` (a boolean mask over the columns): BatchNorm running statistics, which
+    are measured, not trained: they take no part in the cosine or |g0|, and ``server``
+    leaves them unscaled (rescaled up, a variance could turn negative).
+
+    Why it fits what the update-statistics rules miss: a reversed honest change points
+    away from g0 (trust 0) however typical its norm and coordinates are, and the size
+    bound takes a boosted change back to an honest size. Unlike zeno, no update is
+    dropped by rank, so a device whose classes the others lack keeps a (smaller) say.
+    Sample counts are not used (as in the paper): a count is the device's own claim."""
+    if size not in FLTRUST_SIZES:
+        raise RobustError(f"fltrust: size must be one of {', '.join(FLTRUST_SIZES)}, "
+                          f"got {size!r}")
+    if x.ndim != 2 or g0.shape != (x.shape[1],):
+        raise RobustError(f"fltrust: server change has shape {g0.shape}, expected "
+                          f"({x.shape[1]},)")
+    train = np.ones(x.shape[1], bool) if stats is None else ~np.asarray(stats, bool)
+    xt, gt = x[:, train], g0[train]
+    norm0 = float(np.linalg.norm(gt))
+    if norm0 == 0 or not np.isfinite(norm0):
+        raise RobustError(f"fltrust: the server's own change has norm {norm0}, expected a "
+                          f"positive finite one (is the root data empty?)")
+    norms = np.linalg.norm(xt, axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    trust = np.maximum((xt @ gt) / (safe * norm0), 0.0) * (norms > 0)
+    out = np.zeros(x.shape[1])
+    if trust.sum() <= 0:
+        return out, trust
+    w = trust / trust.sum()
+    if size == "server":
+        out[train] = w @ (xt * (norm0 / safe)[:, None])
+        out[~train] = w @ x[:, ~train]
+    else:
+        whole = np.linalg.norm(x, axis=1)  # as --clip-quantile 0.5 clips: every column
+        out = w @ (x * np.minimum(1.0, float(np.median(whole)) / np.where(
+            whole > 0, whole, 1.0))[:, None])
+    return out, trust
+
+
 def weighted_rows(x: np.ndarray, samples: list[float] | None) -> np.ndarray:
     if samples is None:
         return x.mean(axis=0)

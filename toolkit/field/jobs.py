@@ -108,7 +108,7 @@ class ServeJob:
     profiles: str = "all"  # the fleet: comma list of profile names, or all
     profiles_file: str | None = None
     eval_data: Path | None = None  # default: the checkpoint's dataset
-    root_data: Path | None = None  # --root-data: labelled x, y for --robust zeno
+    root_data: Path | None = None  # --root-data: labelled x, y for zeno, fltrust
     report: Path | None = None  # --json: the report is written here too
     custom_models: tuple[str, ...] = ()  # --allow-custom-model specs
 
@@ -123,9 +123,9 @@ class ServeJob:
             raise UsageError("--eval-every: expected without --workers (the workers take "
                              "the devices' answers), got both")
         rule = getattr(getattr(self.strategy_options, "robust", None), "rule", "")
-        if rule == "zeno" and self.root_data is None:
-            raise UsageError("--robust zeno: expected --root-data FILE (an .npz of labelled "
-                             "x and y the aggregator holds), got none")
+        if rule in ("zeno", "fltrust") and self.root_data is None:
+            raise UsageError(f"--robust {rule}: expected --root-data FILE (an .npz of "
+                             f"labelled x and y the aggregator holds), got none")
 
 
 @dataclass(frozen=True)

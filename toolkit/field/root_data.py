@@ -1,5 +1,6 @@
-"""The aggregator's own labelled data (its root data) for the robust rule that judges
-updates by it, ``zeno`` (how much a step along each update lowers the loss there).
+"""The aggregator's own labelled data (its root data) for the robust rules that judge
+updates by it: ``zeno`` (how much a step along each update lowers the loss there) and
+``fltrust`` (how far each update points from the server's own training on it).
 Implements ``broker_server.robust.options.RootData`` with the job's torch model; the
 rule itself stays numpy.
 
@@ -19,11 +20,16 @@ from toolkit.errors import UsageError
 
 
 class RootData:
-    """Root data (``x``, ``y``) and a copy of the job's model to score on it."""
+    """Root data (``x``, ``y``), a copy of the job's model to score and train on it, and
+    the job's local training (``train``: epochs, batch, lr; FLTrust trains as the
+    devices do, so that the server's change is comparable with theirs)."""
 
-    def __init__(self, model, x: np.ndarray, y: np.ndarray) -> None:
+    def __init__(self, model, x: np.ndarray, y: np.ndarray, train=None) -> None:
+        from device_runtime.training.local import LocalTrainOptions
+
         self.model = copy.deepcopy(model)
         self.x, self.y = np.ascontiguousarray(x, np.float32), np.asarray(y, np.int64)
+        self.train = train or LocalTrainOptions()
 
     def loss(self, weights: dict) -> float:
         from device_runtime.training.local import load_weights, predict_logits
@@ -33,6 +39,13 @@ class RootData:
         z -= z.max(axis=1, keepdims=True)
         return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(self.y)),
                                                                  self.y]))
+
+
+    def update(self, weights: dict) -> dict:
+        from device_runtime.training.local import load_weights, train_local
+
+        load_weights(self.model, weights)
+        return train_local(self.model, self.x, self.y, self.train).weights
 
 
 def load_root(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +64,7 @@ def load_root(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def attach(agg, root: RootData) -> None:
-    """Give the aggregator's robust step its root data (used by rule zeno only)."""
+    """Give the aggregator's robust step its root data (used by zeno and fltrust only)."""
     robust = getattr(agg.strategy, "robust", None)
     if robust is not None:
         robust.root = root

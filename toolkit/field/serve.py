@@ -155,9 +155,13 @@ def _root(job: ServeJob, ckpt):
     if job.root_data is None:
         return None
     if job.scale_out is not None:
-        raise UsageError("--root-data: expected without --workers (zeno needs every update "
-                         "on the aggregator), got both")
-    return root_data.RootData(ckpt.model, *root_data.load_root(job.root_data))
+        raise UsageError("--root-data: expected without --workers (zeno and fltrust need "
+                         "every update on the aggregator), got both")
+    from device_runtime.training.local import LocalTrainOptions
+
+    r = job.rounds  # the server trains on it as the devices do (fltrust)
+    train = LocalTrainOptions(epochs=r.epochs, batch_size=r.batch_size, lr=r.lr)
+    return root_data.RootData(ckpt.model, *root_data.load_root(job.root_data), train)
 
 
 def _central(job: ServeJob, ckpt) -> tuple:

@@ -212,6 +212,14 @@ def _attackers(opts: SimOptions, classes: int):
     return make
 
 
+def _root_training(opts: SimOptions):
+    """The devices' local training, for the server's own on its root data (fltrust)."""
+    from device_runtime.training.local import LocalTrainOptions
+
+    return LocalTrainOptions(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr,
+                             seed=opts.seed)
+
+
 def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = None,
                    catalogue=None) -> tuple[dict, object]:
     """Run the job; returns (report, final checkpoint)."""
@@ -269,9 +277,9 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
                              evaluator(ckpt, ds.x_test, ds.y_test), hook,
                              trust=ServerTrust(job, keys.server, keys, Path(state)))
             publish_summaries(agg, hook)  # a dashboard can watch a --broker run
-            # The server's public split is its labelled root data (rule zeno).
+            # The server's public split is its labelled root data (zeno, fltrust).
             root_data.attach(agg, root_data.RootData(ckpt.model, ds.x_train[pub],
-                                                     ds.y_train[pub]))
+                                                     ds.y_train[pub], _root_training(opts)))
             return agg
         if opts.procs > 1:
             from toolkit.sim.simfleet import run_fleet

@@ -14,8 +14,9 @@ from toolkit.strategies.spec import Flag
 
 ROBUST = Flag(("--robust",), {
     "metavar": "RULE", "help": "robust rule: mean (default), median, trimmed[:beta], "
-    "krum[:f], multikrum[:f[:m]], zeno[:b[:step]] (fedavg; every rule but mean holds every "
-    "update of a round: n x model size floats; zeno needs serve --root-data)"})
+    "krum[:f], multikrum[:f[:m]], zeno[:b[:step]], fltrust (fedavg; every rule but mean "
+    "holds every update of a round: n x model size floats; zeno and fltrust need serve "
+    "--root-data)"})
 CLIP = Flag(("--clip",), {"type": float, "default": 0.0, "metavar": "X",
                           "help": "clip each change to L2 norm X (0: no clip)"})
 CLIP_QUANTILE = Flag(("--clip-quantile",), {
