@@ -61,3 +61,14 @@ def test_sign_flipping_is_contained_by_the_trimmed_mean():
     # 3 of 8 send their change reversed x 4: the mean walks backwards
     plain, trimmed = _run("signflip:3:4"), _run("signflip:3:4", "trimmed:0.375")
     assert trimmed["final_accuracy"] > plain["final_accuracy"] + 0.1
+
+
+@pytest.mark.slow
+def test_sign_flipping_is_contained_by_fltrust():
+    # 3 of 8 reversed x 4: their changes point away from the server's own training on
+    # its public split, so they get no trust in any round
+    plain, fl = _run("signflip:3:4"), _run("signflip:3:4", "fltrust")
+    assert fl["final_accuracy"] > plain["final_accuracy"] + 0.1
+    for rec in fl["rounds"]:
+        assert rec["robust"]["rule"] == "fltrust:clip"
+        assert not {"dev-0", "dev-1", "dev-2"} & set(rec["robust"]["chosen"]), rec["robust"]
