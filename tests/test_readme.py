@@ -61,8 +61,9 @@ class Sub:
 SUBSTITUTIONS = (
     Sub(r'^pip install -e "\.\[dev\]" && ', "",
         "installed already (CI installs exactly so, .ci/run); no network at test time"),
-    Sub(r"^fedge demo$", "fedge demo --rounds 2",
-        "25 rounds take a minute; 2 print the same table, report and plot"),
+    Sub(r"^fedge demo$", "fedge demo --rounds 2 --devices 4",
+        "a minute quiet; 2 rounds of 4 device processes (each imports torch) print the "
+        "same table, report and plot"),
     Sub(r"--rounds \d+", "--rounds 2", "time: every round runs the same code"),
     Sub(r"^fedge pretrain ", "fedge pretrain --epochs 2 ",
         "30 epochs take minutes; 2 make a checkpoint the rest can use"),
