@@ -10,7 +10,8 @@ home; ``PYTHONPATH`` is the repository and ``PATH`` starts with this interpreter
 folder (``python``, ``fedge``). The only broker outside the README's own is a private
 Mosquitto on a free port; nothing uses the network.
 
-How the documents mark what a reader reads anyway as shell:
+The conventions are plain shell, which a reader follows anyway, and one HTML comment,
+which GitHub does not show:
 - A command ends at a line that does not end in ``\\``; blank and comment lines are none.
 - ``CMD &`` runs in the background, as in a shell; ``wait`` waits for the block's
   background commands. A background command must exit 0 whenever it exits; those still
@@ -40,6 +41,7 @@ from testkit import ROOT
 from testkit.brokers import mosquitto_binary
 from testkit.timing import scaled
 
+DOCS = ("README.md", "docs/deploy.md")  # run in this order
 SKIP_MARK = re.compile(r"<!-- readme-test: skip: (.+?) -->\s*$")
 FENCE = re.compile(r"^```sh\n(.*?)^```", re.M | re.S)
 
@@ -126,8 +128,6 @@ def doc_blocks(doc: str) -> list[Block]:
                             split_commands(m.group(1)), skip.group(1) if skip else None))
     return blocks
 
-
-DOCS = ("README.md", "docs/deploy.md")
 
 
 def code_of(cmd: str) -> tuple[str, bool]:
