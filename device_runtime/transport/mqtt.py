@@ -2,7 +2,8 @@
 
 The network loop runs in our own thread rather than paho's ``loop_start`` so
 that reconnection follows ``Backoff`` (exponential with jitter, reset on
-success). Subscriptions are renewed on every connect; QoS 1 messages published
+success); it alone reads and writes the socket (a publish from another thread is
+queued and wakes it: one TLS connection must not be used by two threads). Subscriptions are renewed on every connect; QoS 1 messages published
 while disconnected stay in paho's queue and go out after the reconnect.
 """
 from __future__ import annotations
