@@ -286,7 +286,7 @@ class Runner:
         that had exited must have exited 0 (``check``)."""
         if check:
             self.settle()
-        for j in self.background:
+        for j in reversed(self.background):  # the broker last: its clients go first
             self._stop(j)
         self.background = []
 
