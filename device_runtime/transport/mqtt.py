@@ -3,8 +3,9 @@
 The network loop runs in our own thread rather than paho's ``loop_start`` so
 that reconnection follows ``Backoff`` (exponential with jitter, reset on
 success); it alone reads and writes the socket (a publish from another thread is
-queued and wakes it: one TLS connection must not be used by two threads). Subscriptions are renewed on every connect; QoS 1 messages published
-while disconnected stay in paho's queue and go out after the reconnect.
+queued and wakes it: one TLS connection must not be used by two threads).
+Subscriptions are renewed on every connect; QoS 1 messages published while
+disconnected stay in paho's queue and go out after the reconnect.
 """
 from __future__ import annotations
 
@@ -84,8 +85,8 @@ class MqttTransport(Transport):
         # thread while the network thread reads: two threads in one OpenSSL connection,
         # which broke TLS records ("decryption failed or bad record mac": the broker
         # dropped the client) and once the heap ("free(): corrupted unsorted chunks").
-        # With it, paho queues the packet and wakes the loop, which writes it.
-        c.on_socket_register_write = lambda client, userdata, sock: None
+        # With it, paho queues the packet and calls it (_write_soon).
+        c.on_socket_register_write = self._write_soon
         self._closing = threading.Event()  # close(): the DISCONNECT is on its way
         self._client = c
 
@@ -183,6 +184,14 @@ class MqttTransport(Transport):
                     self._client.reconnect()
                 except (OSError, ssl.SSLError):
                     pass
+
+    def _write_soon(self, client, userdata, sock) -> None:
+        """paho queued a packet. On the network thread it goes out now, as paho would
+        write it (a PUBACK, the next in-flight publish: a consumer that acknowledged a
+        loop pass later fell behind a flood and the broker dropped messages); from any
+        other thread paho has woken the loop, which writes it."""
+        if threading.current_thread() is self._thread:
+            client.loop_write()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:
