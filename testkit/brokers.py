@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -29,9 +30,12 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on {host}:{port}")
 
 
-def _user_line() -> str:
+def _user_line(config_text: str = "") -> str:
     # Started as root, Mosquitto drops to user "mosquitto", which cannot read the
-    # password and certificate files in pytest's private temp folders.
+    # password and certificate files in pytest's private temp folders. A config that
+    # names its user already (fedge secure init's) keeps it: a second is an error.
+    if re.search(r"^user\s", config_text, re.M):
+        return ""
     return "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
 
 
@@ -64,7 +68,8 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         if self.config is not None:
-            conf.write_text(f"{self.config.read_text()}\n{_user_line()}{self.extra_conf}")
+            text = self.config.read_text()
+            conf.write_text(f"{text}\n{_user_line(text)}{self.extra_conf}")
         else:
             conf.write_text(f"listener {self.port} 127.0.0.1\n"
                             f"allow_anonymous {'true' if self.anonymous else 'false'}\n"

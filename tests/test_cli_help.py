@@ -7,10 +7,22 @@ import argparse
 from toolkit.cli.main import build_parser
 
 
-def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
+def _subparsers(parser: argparse.ArgumentParser | None = None,
+                prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)command's parser by its command line, nested ones (``secure init``)
+    included."""
+    parser = parser or build_parser()
+    out = {}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, p in a.choices.items():
+                out[f"{prefix}{name}"] = p
+                out.update(_subparsers(p, f"{prefix}{name} "))
+    return out
+
+
+def test_nested_commands_are_covered():
+    assert {"secure init", "secure add", "secure revoke"} <= set(_subparsers())
 
 
 def test_every_option_with_a_default_shows_it_in_help():
@@ -40,3 +52,15 @@ def test_names_options_list_the_valid_names():
     from toolkit.deploy.wheelhouse import TARGETS
 
     assert all(t in text for t in TARGETS)
+
+
+def test_options_with_fixed_choices_list_them():
+    missing = []
+    for name, p in _subparsers().items():
+        text = " ".join(p.format_help().split()).replace("- ", "-")
+        for a in p._actions:
+            if a.option_strings and a.choices and not isinstance(
+                    a, argparse._SubParsersAction):
+                missing += [f"{name} {a.option_strings[0]} {c}" for c in a.choices
+                            if str(c) not in text]
+    assert not missing, missing

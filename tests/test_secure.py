@@ -87,7 +87,12 @@ def test_secure_init_writes_the_layout_with_private_keys_0600(fleet):
         assert PublicKey.load(creds.trust).raw() == agg.public.raw()
     assert sorted(registry.devices) == list(CLIENTS[1:])
     conf = (root / "mosquitto.conf").read_text()
-    for line in (f"listener {broker.port}", f"listener {agg_port}", "require_certificate true",
+    # who wrote the files, and can read them, is who a root-started broker runs as
+    # (the default "mosquitto" could not: README's command as root, "Unable to open pwfile")
+    from toolkit.deploy.secure_conf import current_user
+
+    for line in (f"user {current_user()}", f"listener {broker.port}", f"listener {agg_port}",
+                 "require_certificate true",
                  "allow_anonymous false", "per_listener_settings false",
                  f"cafile {root / 'ca.crt'}", f"crlfile {root / 'broker' / 'crl.pem'}",
                  f"password_file {root / 'broker' / 'passwd'}",

@@ -2,8 +2,10 @@
 
 The network loop runs in our own thread rather than paho's ``loop_start`` so
 that reconnection follows ``Backoff`` (exponential with jitter, reset on
-success). Subscriptions are renewed on every connect; QoS 1 messages published
-while disconnected stay in paho's queue and go out after the reconnect.
+success); it alone reads and writes the socket (a publish from another thread is
+queued and wakes it: one TLS connection must not be used by two threads).
+Subscriptions are renewed on every connect; QoS 1 messages published while
+disconnected stay in paho's queue and go out after the reconnect.
 """
 from __future__ import annotations
 
@@ -78,6 +80,14 @@ class MqttTransport(Transport):
         c.on_message = lambda client, userdata, msg: self._deliver(msg.topic, msg.payload)
         c.on_publish = lambda client, userdata, mid, rc, props: self._acked_mids.add(mid)
         c.on_subscribe = lambda client, userdata, mid, codes, props: self._sub_acked.add(mid)
+        # Every write on the network thread. Without paho's own thread (loop_start) or
+        # this callback, paho writes a publish (subscribe, disconnect) from the calling
+        # thread while the network thread reads: two threads in one OpenSSL connection,
+        # which broke TLS records ("decryption failed or bad record mac": the broker
+        # dropped the client) and once the heap ("free(): corrupted unsorted chunks").
+        # With it, paho queues the packet and calls it (_write_soon).
+        c.on_socket_register_write = self._write_soon
+        self._closing = threading.Event()  # close(): the DISCONNECT is on its way
         self._client = c
 
     @property
@@ -121,18 +131,31 @@ class MqttTransport(Transport):
         """A clean disconnect (no last will), after outstanding publishes are acknowledged."""
         if self._connected.is_set():
             self.flush(flush_timeout)
-        self._stop.set()
+        self._closing.set()
         try:
-            self._client.disconnect()
+            self._client.disconnect()  # queued: the network thread writes it
         except Exception:
             pass
-        if self._thread is not None and self._thread is not threading.current_thread():
+        own = self._thread is threading.current_thread()
+        if own:  # a handler closing: this is the network thread, so write it here
+            try:
+                self._client.loop_write()
+            except Exception:
+                pass
+        elif self._thread is not None and self._thread.is_alive():
+            deadline = time.monotonic() + 2.0  # paho closes the socket once it is written
+            while self._client.socket() is not None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._stop.set()
+        if self._thread is not None and not own:
             self._thread.join(timeout=5)
         self._connected.clear()
 
     def _run(self) -> None:
         first = True
         while not self._stop.is_set():
+            if self._closing.is_set() and self._client.socket() is None:
+                break  # the DISCONNECT went out (or there was no link): no reconnect
             # (Re)connect only without a socket: with one, a CONNACK may still be on its
             # way (over TLS it often takes more than one loop), and reconnecting then
             # would drop that connection and start another, forever.
@@ -148,7 +171,8 @@ class MqttTransport(Transport):
                     self._stop.wait(self.backoff.next_delay())
                     continue
             rc = self._client.loop(timeout=self.loop_timeout)
-            if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
+            if rc != paho.MQTT_ERR_SUCCESS and not (self._stop.is_set()
+                                                    or self._closing.is_set()):
                 self._connected.clear()
                 self.reconnects += 1
                 delay = self.backoff.next_delay()
@@ -160,6 +184,14 @@ class MqttTransport(Transport):
                     self._client.reconnect()
                 except (OSError, ssl.SSLError):
                     pass
+
+    def _write_soon(self, client, userdata, sock) -> None:
+        """paho queued a packet. On the network thread it goes out now, as paho would
+        write it (a PUBACK, the next in-flight publish: a consumer that acknowledged a
+        loop pass later fell behind a flood and the broker dropped messages); from any
+        other thread paho has woken the loop, which writes it."""
+        if threading.current_thread() is self._thread:
+            client.loop_write()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:

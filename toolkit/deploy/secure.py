@@ -46,6 +46,7 @@ from toolkit.deploy.secure_conf import (
     Limits,
     acl_text,
     conf_text,
+    current_user,
     credentials_json,
     password_line,
 )
@@ -179,7 +180,7 @@ def _broker_files(opts: SecureOptions, hostname: str | None) -> tuple[dict, obje
              "broker/crl.pem": (crl_pem(make_crl(ca, ca_key, [], opts.days)), PUBLIC),
              "broker/acl": (acl_text(opts.devices).encode(), PUBLIC),
              "mosquitto.conf": (conf_text(opts.out, opts.port, opts.agg_port,
-                                          opts.limits).encode(), PUBLIC)}
+                                          opts.limits, current_user()).encode(), PUBLIC)}
     return files, ca, ca_key
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,24 +97,42 @@ def _tls_listener(r: Path, port: int) -> str:
             "require_certificate true\n")
 
 
-def conf_text(root: Path, port: int, aggregator_port: int, limits: Limits) -> str:
+def current_user() -> str | None:
+    """The name of the user this process runs as (None where there is no passwd)."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, AttributeError, KeyError):  # not POSIX, or a uid without a name
+        return None
+
+
+def conf_text(root: Path, port: int, aggregator_port: int, limits: Limits,
+              owner: str | None = None) -> str:
     """mosquitto.conf: the devices' TLS listener (identity from the certificate), the
     aggregator's (certificate and password), the ACL and the size limits. Paths are
-    absolute: mosquitto resolves relative ones against its cwd."""
+    absolute: mosquitto resolves relative ones against its cwd. ``owner`` (the user
+    writing the files) is the ``user`` a root-started mosquitto runs as: its default,
+    "mosquitto", can read neither 0600 files nor a 0700 home (README's command, as
+    root, failed with "Unable to open pwfile")."""
     r = Path(root).resolve()
+    user = f"user {owner}\n" if owner else ""
     return f"""\
 # Mosquitto 2 configuration for a fedge fleet, written by `fedge secure init`.
 # Run the broker:     mosquitto -c {r / "mosquitto.conf"}
-# Started as root, mosquitto switches to the user "mosquitto" before it reads the
-# files below: chown -R mosquitto {r / "broker"} (or run it as the owner of {r}).
+# Started as root, mosquitto switches to the "user" below before it reads the files
+# named here: the one who wrote them (its default, "mosquitto", can read neither
+# these 0600 files nor a home folder); started by anyone else, it ignores the line.
+# For a root-started broker that runs as "mosquitto": chown -R mosquitto
+# {r / "broker"}, make the folders above it readable and say "user mosquitto" below.
 # After `fedge secure add` or `revoke`, send it a SIGHUP: it re-reads the password
 # file, the ACL and the CRL (mosquitto 2.0.11; a client already connected keeps its
 # connection, but loses its ACL).
 # The aggregator (and its workers) on port {aggregator_port}, devices on port {port}:
-#   fedge serve  --broker mqtts://HOST:{aggregator_port} --credentials \
-#       {r}/credentials/{AGGREGATOR}.json ...
+#   fedge serve  --broker mqtts://HOST:{aggregator_port} \
+#       --credentials {r}/credentials/{AGGREGATOR}.json ...
 #   fedge device --broker mqtts://HOST:{port} --credentials {r}/credentials/<id>.json ...
-per_listener_settings false
+{user}per_listener_settings false
 allow_anonymous false
 password_file {r / "broker" / "passwd"}
 acl_file {r / "broker" / "acl"}
