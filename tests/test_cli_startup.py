@@ -1,6 +1,8 @@
 """A device command builds only its own parser: ``fedge infer`` and ``fedge device`` load
 neither the strategy table nor broker_server (nor onnxruntime before they need it), and
-every subcommand is registered with the module that defines it."""
+every subcommand is registered with the module that defines it. ``fedge infer`` loads no
+second OpenSSL (hashlib's), nor logging, and starts no OpenBLAS pool."""
+import os
 import subprocess
 import sys
 
@@ -35,3 +37,42 @@ print(heavy)
                        cwd=ROOT, timeout=scaled(120))
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]", p.stdout
+
+
+def test_infer_loads_no_second_openssl_nor_logging_nor_a_blas_pool(fleet_export, export_key,
+                                                                    tmp_path):
+    import numpy as np
+
+    x = tmp_path / "one.npy"
+    np.save(x, np.zeros((1, 40), np.float32))
+    code = BLOCK_TORCH + """
+import atexit, os
+atexit.register(lambda: print(sorted(m for m in sys.modules if m in (
+    "hashlib", "_hashlib", "logging")), os.environ.get("OPENBLAS_NUM_THREADS")))
+from toolkit.cli.main import main
+sys.exit(main())
+"""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")}
+    p = subprocess.run([sys.executable, "-c", code, "infer", "--manifest", str(fleet_export),
+                        "--device", "rpi4", "--trust", str(export_key.public_path),
+                        "--input", str(x)], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=scaled(120))
+    assert p.returncode == 0, p.stderr
+    assert "manifest signature verified" in p.stdout
+    assert p.stdout.strip().splitlines()[-1] == "[] 1", p.stdout
+
+
+def test_the_parser_does_not_import_shutil():
+    # -S: this machine's site may import shutil itself; the parser needs only the stdlib
+    code = f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+from toolkit.cli.main import build_parser
+build_parser("infer").parse_args(["infer", "--manifest", "m", "--device", "d", "--input", "x",
+                                  "--no-verify"])
+print("shutil" in sys.modules)
+"""
+    p = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                       timeout=scaled(60))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False"

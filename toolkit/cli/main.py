@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 
 from device_runtime import threads
@@ -17,6 +18,13 @@ from device_runtime.errors import EXIT_USAGE, FedgeError
 
 class _Help(argparse.HelpFormatter):
     """--help names every option's default (not the empty ones: None, False, "")."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None, **kwargs) -> None:
+        # argparse builds a formatter for every add_argument, and its own width lookup
+        # imports shutil (with zlib, bz2, lzma): 0.6 MB and ~5 ms of a device's start.
+        super().__init__(prog, indent_increment, max_help_position,
+                         _columns() - 2 if width is None else width, **kwargs)
 
     @staticmethod
     def _shows_default(action: argparse.Action) -> bool:
@@ -35,6 +43,21 @@ class _Help(argparse.HelpFormatter):
         if "default" in text or not self._shows_default(action):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def _columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size`` gives it: $COLUMNS, else
+    stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 class _Parser(argparse.ArgumentParser):
