@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from device_runtime.digest import sha256_hex
 from device_runtime.errors import TrustError
 from device_runtime.files import read_bytes
 
@@ -54,7 +54,7 @@ def _serialization():
 def key_id(public_key: Ed25519PublicKey) -> str:
     """First 16 hex digits of the sha256 of the raw 32-byte public key."""
     raw = public_key.public_bytes_raw()
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return sha256_hex(raw)[:16]
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ and jobs a device accepts is ``device_runtime.rollback``'s business.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from device_runtime.digest import sha256_hex, sha256_stream
 from device_runtime.errors import ArtifactVerificationError, ExportRefusedError, ManifestError
 from device_runtime.signing import verify_bytes
 
@@ -32,11 +32,8 @@ FORMATS = ("onnx", "ort", "pte")  # pte: ExecuTorch, for phone apps (no Python r
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_stream(f)
 
 
 @dataclass(frozen=True)
@@ -163,7 +160,7 @@ class Manifest:
         except OSError as e:
             raise ArtifactVerificationError(f"artifact {artifact.path}: cannot read "
                                             f"({e.strerror or e})") from None
-        _check_digest(artifact, hashlib.sha256(data).hexdigest())
+        _check_digest(artifact, sha256_hex(data))
         return data
 
     def _existing(self, artifact: Artifact) -> Path:

@@ -15,9 +15,8 @@ mistake gets an error naming it, not an ORT trace.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -32,10 +31,16 @@ from device_runtime.errors import (
 from device_runtime.manifest import PRECISIONS, Artifact, DeviceEntry, Manifest, load_manifest
 from device_runtime.rollback import ExportPolicy, check_binding, record
 from device_runtime.session import open_session, provider_of, run
+from device_runtime.threads import forced as threads_forced
 
 # Kinds numpy can cast to float32 without losing what the values mean: float,
 # signed and unsigned int. bool, complex, strings, objects and dates are refused.
 _NUMERIC_KINDS = "fiu"
+# A run of at most this many multiply-accumulates (the model's MACs times the samples the
+# caller will run) gets one intra-op thread: a pool's start and its threads' spinning cost
+# more than they can save on a few milliseconds of work (one sample with the rpi4 model
+# here: 28 ms less wall time with one thread, identical logits; docs/results/startup.md).
+SMALL_RUN_MACS = 20_000_000
 
 
 class Predictor:
@@ -64,14 +69,18 @@ class Predictor:
     def from_manifest(cls, path: str | Path, device: str, precision: str = "fp32",
                       threads: int = 0, batch_size: int = 1024,
                       trust: str | Path | None = None,
-                      policy: ExportPolicy | None = None) -> "Predictor":
+                      policy: ExportPolicy | None = None,
+                      samples: int | None = None) -> "Predictor":
         """A predictor on ``device``'s full model of ``precision`` from ``path``.
 
         ``path`` is a manifest.json or its folder. The ONNX artifact is
         preferred; the ORT-format one is used where it is the only one. With
         ``trust`` (a public key file) the manifest's signature is verified first,
         then its job and version against ``policy`` (default ``ExportPolicy()``),
-        and the version is recorded as accepted once the models loaded.
+        and the version is recorded as accepted once the models loaded. ``samples``:
+        how many samples the caller will run, if it knows; with ``threads`` = 0 a model
+        whose run is small (``SMALL_RUN_MACS``) then gets one thread (not with
+        ``FEDGE_THREADS`` set).
         """
         if threads < 0:
             raise ValueError(f"threads: expected >= 0, got {threads}")
@@ -86,7 +95,8 @@ class Predictor:
             check_binding(manifest, policy)
         entry = manifest.device(device)
         artifacts = _pick_bases(entry, precision) or [_pick_full(entry, precision)]
-        sessions = [open_verified(manifest, a, threads) for a in artifacts]
+        sessions = [open_verified(manifest, a, _threads_for(a, threads, samples))
+                    for a in artifacts]
         if trust is not None:
             record(manifest, policy)
         pred = cls(manifest, entry, artifacts, sessions, batch_size)
@@ -205,6 +215,14 @@ def _pick_full(entry: DeviceEntry, precision: str) -> Artifact:
     a = entry.serving("full", precision)
     # find() builds the error that lists what the device does have.
     return a if a is not None else entry.find("full", precision, "onnx")
+
+
+def _threads_for(artifact: Artifact, threads: int, samples: int | None) -> int:
+    """``threads``, or 1 for a small known run (``SMALL_RUN_MACS``) unless the caller or
+    ``FEDGE_THREADS`` chose a number, or the manifest does not know the model's MACs."""
+    if threads or samples is None or artifact.macs <= 0 or threads_forced():
+        return threads
+    return 1 if samples * artifact.macs <= SMALL_RUN_MACS else threads
 
 
 def open_verified(manifest: Manifest, artifact: Artifact,

@@ -9,7 +9,6 @@ warning says so. ``session.get_providers()[0]`` is the provider really in use.
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import onnxruntime as ort
 from device_runtime.errors import ProviderError
 from device_runtime.threads import budget as thread_budget
 
-log = logging.getLogger("fedge.session")
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDERS_ENV = "FEDGE_ORT_PROVIDERS"
 _SUFFIX = "ExecutionProvider"
@@ -93,9 +91,17 @@ def open_session(model: str | Path | bytes, threads: int = 0,
             if i == len(chain) - 1:
                 raise
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            log.warning("onnxruntime cannot open %s with %s (%s); falling back to %s",
-                        what, chain[i], why, chain[i + 1])
+            _log().warning("onnxruntime cannot open %s with %s (%s); falling back to %s",
+                           what, chain[i], why, chain[i + 1])
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _log():
+    # Imported on the fallback only: logging (with threading, traceback, string) costs a
+    # device start 0.6-0.75 MB and a few ms for a warning most starts never give.
+    import logging
+
+    return logging.getLogger("fedge.session")
 
 
 def provider_of(session: ort.InferenceSession) -> str:

@@ -11,18 +11,23 @@ divided among the sibling processes started with it.
 ``OMP_NUM_THREADS`` from the user is respected next. ``configure()`` runs before
 torch is imported and sets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, which torch reads
 when it starts its pool and which children inherit; ``child_env`` gives each of
-``siblings`` child processes its share. Torch-free.
+``siblings`` child processes its share. ``one_blas_thread`` keeps numpy's OpenBLAS
+from starting a pool in a process whose numpy computes nothing worth one (``fedge
+infer``). Torch-free.
 """
 from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 from device_runtime.errors import EXIT_USAGE, DeviceRuntimeError
 
 ENV = "FEDGE_THREADS"
 _POOL_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# OpenBLAS reads these before OMP_NUM_THREADS; a user who set one has chosen.
+_BLAS_VARS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")
 _CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -91,6 +96,29 @@ def configure(env: dict[str, str] | None = None) -> int:
     for var in _POOL_VARS:
         env[var] = str(n)
     return n
+
+
+def one_blas_thread(env: dict[str, str] | None = None) -> bool:
+    """Give numpy's OpenBLAS one thread, in a process where numpy does no BLAS work
+    (``fedge infer``: ONNX Runtime computes, numpy only checks and counts). OpenBLAS
+    starts a thread per core when numpy is imported, and they spin waiting for work:
+    on a 2-core machine that cost ``fedge infer`` of one sample about 65 ms of CPU and
+    of wall time out of 0.37 s (docs/results/startup.md).
+
+    Only before numpy is imported (after it, the pool exists, and an in-process caller's
+    numpy is not this function's to change) and only if the user set neither of
+    OpenBLAS's own variables; returns whether it set ``OPENBLAS_NUM_THREADS``. Child
+    processes would inherit it: call it only where none that computes is started."""
+    env = os.environ if env is None else env
+    if "numpy" in sys.modules or any(env.get(v, "").strip() for v in _BLAS_VARS):
+        return False
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    return True
+
+
+def forced(env: dict[str, str] | None = None) -> bool:
+    """Whether the user set ``FEDGE_THREADS`` (then every pool takes that many)."""
+    return _override(os.environ if env is None else env) is not None
 
 
 def child_env(siblings: int, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -93,6 +93,15 @@ def test_batches_match_one_run(fleet_export, predictor, mnist1d):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_one_thread_for_a_small_run_gives_the_same_logits(fleet_export, mnist1d):
+    one = Predictor.from_manifest(fleet_export, DEVICE, samples=1)
+    two = Predictor.from_manifest(fleet_export, DEVICE, threads=2)
+    assert one.sessions[0].get_session_options().intra_op_num_threads == 1
+    assert two.sessions[0].get_session_options().intra_op_num_threads == 2
+    for x in (mnist1d.x_test[:1], mnist1d.x_test):
+        np.testing.assert_array_equal(one.predict_logits(x), two.predict_logits(x))
+
+
 def _with_nan(x):
     x = x[:4].copy()
     x[2, 5] = np.nan

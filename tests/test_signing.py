@@ -46,6 +46,16 @@ def _flip_byte(path):
     path.write_bytes(bytes(data))
 
 
+def test_the_device_digest_is_hashlibs_sha256(tmp_path):
+    from device_runtime.digest import sha256_hex
+
+    data = bytes(range(256)) * 8200  # more than one 1 MiB block
+    (tmp_path / "blob").write_bytes(data)
+    for chunk in (b"", b"abc", data):
+        assert sha256_hex(chunk) == hashlib.sha256(chunk).hexdigest()
+    assert sha256_file(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
+
+
 @pytest.mark.slow
 def test_export_creates_the_default_key_and_a_signature_that_verifies(
         trained_ckpt, tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,7 +42,8 @@ def test_siblings_share_the_cores_and_the_override_wins():
 
 def _child(code: str, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items()
-            if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FEDGE_THREADS")}
+            if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FEDGE_THREADS",
+                         "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**base, **env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
 
@@ -60,3 +62,27 @@ def test_a_bad_override_is_a_one_line_usage_error_from_the_cli():
     assert r.returncode == 2
     assert r.stderr.strip() == ("fedge profiles: error: FEDGE_THREADS: expected a whole "
                                 "number >= 1, got '0'")
+
+
+def test_one_blas_thread_only_before_numpy_and_only_if_the_user_did_not_choose():
+    code = ("import os; from device_runtime import threads; "
+            "print(threads.one_blas_thread(), os.environ.get('OPENBLAS_NUM_THREADS')); "
+            "import numpy; print(threads.one_blas_thread())")
+    assert _child(code).stdout.split() == ["True", "1", "False"]
+    assert _child(code, OPENBLAS_NUM_THREADS="3").stdout.split() == ["False", "3", "False"]
+    assert _child(code, GOTO_NUM_THREADS="2").stdout.split() == ["False", "None", "False"]
+
+
+def test_a_small_known_run_gets_one_onnxruntime_thread(monkeypatch):
+    from device_runtime.predictor import SMALL_RUN_MACS, _threads_for
+
+    monkeypatch.delenv("FEDGE_THREADS", raising=False)
+    model = SimpleNamespace(macs=370_000)
+    assert _threads_for(model, 0, 1) == 1
+    assert _threads_for(model, 0, SMALL_RUN_MACS // 370_000) == 1
+    assert _threads_for(model, 0, SMALL_RUN_MACS // 370_000 + 1) == 0  # the budget decides
+    assert _threads_for(model, 0, None) == 0  # the caller does not know
+    assert _threads_for(model, 3, 1) == 3  # the caller chose
+    assert _threads_for(SimpleNamespace(macs=0), 0, 1) == 0  # the manifest does not know
+    monkeypatch.setenv("FEDGE_THREADS", "2")
+    assert _threads_for(model, 0, 1) == 0  # the user chose: the budget gives FEDGE_THREADS

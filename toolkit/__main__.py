@@ -1,6 +1,6 @@
 """``python -m toolkit`` is the ``fedge`` command."""
 import sys
 
-from toolkit.cli.main import main
+from toolkit.cli.main import console
 
-sys.exit(main())
+sys.exit(console())

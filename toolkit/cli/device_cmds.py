@@ -79,6 +79,9 @@ def _load_failure(e: Exception) -> str:
 
 
 def infer(args: argparse.Namespace) -> int:
+    from device_runtime.threads import one_blas_thread
+
+    one_blas_thread()  # before numpy is imported: numpy computes nothing here (start-up)
     import numpy as np
 
     from device_runtime.errors import TrustError
@@ -94,7 +97,8 @@ def infer(args: argparse.Namespace) -> int:
     x = load_npy(args.input)
     pred = Predictor.from_manifest(args.manifest, args.device, args.precision,
                                    trust=args.trust,
-                                   policy=ExportPolicy(args.job, args.allow_rollback))
+                                   policy=ExportPolicy(args.job, args.allow_rollback),
+                                   samples=_samples(x))
     if args.bases is not None or args.budget_ms is not None or args.budget_mb is not None:
         pred.set_budget(bases=args.bases, ms=args.budget_ms, mb=args.budget_mb)
     if pred.fallbacks:  # one line, however many: the manifest has each one's reason
@@ -125,6 +129,12 @@ def infer(args: argparse.Namespace) -> int:
         print("manifest NOT verified (--no-verify)")
     print(f"labels {spread}")
     return 0
+
+
+def _samples(x) -> int:
+    """How many samples ``x`` holds, at most: one sample may come without its batch axis
+    (then its first axis is counted, which only errs toward more threads)."""
+    return len(x) if x.ndim > 1 else 1
 
 
 def _job(job: str | None) -> str:
