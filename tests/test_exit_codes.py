@@ -7,7 +7,7 @@ import re
 
 from device_runtime.errors import FedgeError
 from testkit import ROOT
-from tests.conftest import assert_one_line_error, run_fedge
+from tests.conftest import assert_one_line_error
 
 
 def _all_errors() -> set[type]:
@@ -37,12 +37,15 @@ def test_unknown_names_are_usage_errors():
     assert UnknownDatasetError.exit_code == UnknownModelError.exit_code == EXIT_USAGE
 
 
-def test_the_issue_s_unknown_names_exit_2_from_the_cli(tmp_path):
-    """Issue 27's two examples, run as a user would: one line, exit 2."""
-    code, _, err = run_fedge("partition", "--dataset", "mnist1D", "--devices", "2",
-                             "--out", str(tmp_path / "parts"))
-    assert_one_line_error(code, err, 2, "unknown dataset 'mnist1D'")
-    code, _, err = run_fedge("pretrain", "--dataset", "mnist1d", "--model", "resnet",
-                             "--out", str(tmp_path / "m.safetensors"))
-    assert_one_line_error(code, err, 2, "unknown model 'resnet'")
+def test_the_issue_s_unknown_names_exit_2_from_the_cli(tmp_path, capsys):
+    """Issue 27's two examples, through the CLI's own entry (in process: a subprocess
+    each cost ~3 s of torch import in the quick tier): one line, exit 2."""
+    from toolkit.cli.main import main
+
+    code = main(["partition", "--dataset", "mnist1D", "--devices", "2",
+                 "--out", str(tmp_path / "parts")])
+    assert_one_line_error(code, capsys.readouterr().err, 2, "unknown dataset 'mnist1D'")
+    code = main(["pretrain", "--dataset", "mnist1d", "--model", "resnet",
+                 "--out", str(tmp_path / "m.safetensors")])
+    assert_one_line_error(code, capsys.readouterr().err, 2, "unknown model 'resnet'")
     assert not (tmp_path / "parts").exists() and not (tmp_path / "m.safetensors").exists()

@@ -100,6 +100,7 @@ def pretrain(args: argparse.Namespace) -> int:
     for name in ("epochs", "batch_size", "lr", "width"):
         _positive(name.replace("_", "-"), getattr(args, name))
     spec = datasets.spec_for(args.dataset)
+    zoo.check_name(args.model)
     ds = datasets.load(spec)
     cfg = zoo.make_config(args.model, ds.sample_shape, ds.num_classes, args.width,
                           float(np.mean(ds.x_train)), float(np.std(ds.x_train)) or 1.0)

@@ -30,10 +30,17 @@ def resolve_arch(name: str, input_shape: tuple[int, ...]) -> str:
         if len(input_shape) == 2:
             return "cnn2d"
         raise ModelError(f"model cnn: no zoo CNN for samples of shape {input_shape}")
-    if name not in ARCHS:
-        raise UnknownModelError(f"unknown model {name!r}; valid: cnn, {', '.join(ARCHS)} "
-                         "or package.module:callable")
+    check_name(name)
     return name
+
+
+def check_name(name: str) -> None:
+    """A one-line UnknownModelError for a ``--model`` that is neither a zoo name, ``cnn``
+    nor ``module:callable``: checked before a command loads its data, which can take
+    seconds."""
+    if ":" not in name and name != "cnn" and name not in ARCHS:
+        raise UnknownModelError(f"unknown model {name!r}; valid: cnn, {', '.join(ARCHS)} "
+                                "or package.module:callable")
 
 
 def named_locally(name: str) -> LocalModels:
