@@ -19,7 +19,9 @@ from testkit.brokers import mosquitto_binary
 from testkit.timing import scaled
 from tests.secure_helpers import creds_of, start_fleet
 
-pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+# slow: a TLS Mosquitto and a flood from threads, end to end (~6 s of the quick tier)
+pytestmark = [pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed"),
+              pytest.mark.slow]
 
 
 def test_publishing_from_threads_while_receiving_keeps_the_tls_link_and_closes_cleanly(
