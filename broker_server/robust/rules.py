@@ -239,10 +239,11 @@ def fltrust_rows(x: np.ndarray, g0: np.ndarray, stats: np.ndarray | None = None,
     if size == "server":
         out[train] = w @ (xt * (norm0 / safe)[:, None])
         out[~train] = w @ x[:, ~train]
-    else:
-        whole = np.linalg.norm(x, axis=1)  # as --clip-quantile 0.5 clips: every column
-        out = w @ (x * np.minimum(1.0, float(np.median(whole)) / np.where(
-            whole > 0, whole, 1.0))[:, None])
+    else:  # --clip-quantile 0.5's clip, over every column
+        from broker_server.robust import clipping  # imports this module: here, not on top
+
+        median = float(np.median(np.linalg.norm(x, axis=1)))
+        out = w @ (clipping.clip_rows(x, median)[0] if median > 0 else x)
     return out, trust
 
 
