@@ -179,7 +179,7 @@ def aggregate(options: RobustOptions, updates: list[Weights], reference: Weights
               samples: list[float] | None = None, rng: np.random.Generator | None = None,
               root: RootData | None = None) -> tuple[Weights, RoundRobust]:
     """One round: clip, then the rule over the changes, then DP noise; reference + result.
-    ``root``: the aggregator's own labelled data (rule zeno only)."""
+    ``root``: the aggregator's own labelled data (rules zeno and fltrust)."""
     options.check(len(updates))
     if options.rule in ("zeno", "fltrust") and root is None:
         raise RobustError(f"{options.rule}: needs labelled data on the aggregator to judge "

@@ -40,8 +40,8 @@ class RootData:
         return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(self.y)),
                                                                  self.y]))
 
-
     def update(self, weights: dict) -> dict:
+        """The model after ``train`` from ``weights`` on the root data (fltrust's yardstick)."""
         from device_runtime.training.local import load_weights, train_local
 
         load_weights(self.model, weights)
