@@ -1,5 +1,7 @@
 """Robust aggregation, norm clipping and central DP for the aggregator (torch-free numpy).
 
+- ``rows``: the stacked form (one float64 row per device) and the two row operations
+  (weighted mean, norm clip) the rules and clipping share.
 - ``rules``: coordinate-wise median, trimmed mean, Krum and multi-Krum over
   ``list[Weights]``; the memory they cost (every update held: O(n x params)).
 - ``clipping``: fixed and adaptive (quantile) norm clipping of changes, and DP-FedAvg's

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from broker_server.errors import RobustError
-from broker_server.robust.rules import Weights, stack, unstack, weighted_rows
+from broker_server.robust.rows import (  # noqa: F401  (clipping.clip_rows stays importable)
+    Weights, clip_rows, stack, unstack, weighted_rows)
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,6 @@ def adaptive_bound(norms: np.ndarray, quantile: float) -> float:
     if not 0 < quantile <= 1:
         raise RobustError(f"clipping: quantile must be in (0, 1], got {quantile}")
     return float(np.quantile(norms, quantile))
-
-
-def clip_rows(x: np.ndarray, bound: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """(rows scaled to norm <= bound, their norms before, how many were scaled)."""
-    if not bound > 0:
-        raise RobustError(f"clipping: bound must be > 0, got {bound}")
-    norms = np.linalg.norm(x, axis=1)
-    scale = np.minimum(1.0, bound / np.maximum(norms, 1e-300))
-    return x * scale[:, None], norms, int((scale < 1.0).sum())
 
 
 def clip_updates(updates: list[Weights], reference: Weights, bound: float = 0.0,

@@ -29,42 +29,8 @@ import math
 import numpy as np
 
 from broker_server.errors import RobustError
-
-Weights = dict[str, np.ndarray]
-
-
-def stack(updates: list[Weights]) -> tuple[np.ndarray, dict[str, tuple[int, ...]]]:
-    """(n x params float64 matrix, the first update's shapes in its order).
-
-    Every update must have the first one's tensor names and shapes: a device that
-    sends another layout is an error here, not a silent misalignment."""
-    if not updates:
-        raise RobustError("robust aggregation of no updates")
-    shapes = {k: tuple(v.shape) for k, v in updates[0].items()}
-    rows = []
-    for i, u in enumerate(updates):
-        got = {k: tuple(v.shape) for k, v in u.items()}
-        if got != shapes:
-            raise RobustError(f"robust: update {i} has tensors {got}, expected {shapes}")
-        row = (np.concatenate([np.asarray(u[k], np.float64).reshape(-1) for k in shapes])
-               if shapes else np.zeros(0))
-        if not np.isfinite(row).all():  # the guard refuses these first; a NaN would
-            # pass through median and Krum's sort as if it were a value
-            raise RobustError(f"robust: update {i} has {int((~np.isfinite(row)).sum())} "
-                              f"non-finite values, expected none")
-        rows.append(row)
-    return np.stack(rows), shapes
-
-
-def unstack(vec: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> Weights:
-    """One flat vector back into float32 tensors of ``shapes``."""
-    out, at = {}, 0
-    for k, s in shapes.items():
-        size = math.prod(s)
-        out[k] = vec[at:at + size].astype(np.float32).reshape(s)
-        at += size
-    return out
-
+from broker_server.robust.rows import (  # noqa: F401  (rules.stack etc. stay importable)
+    Weights, clip_rows, stack, unstack, weighted_rows)
 
 def mean(updates: list[Weights], samples: list[float] | None = None) -> Weights:
     """The (sample-weighted) mean, FedAvg's rule: the baseline the others are tested
@@ -240,18 +206,6 @@ def fltrust_rows(x: np.ndarray, g0: np.ndarray, stats: np.ndarray | None = None,
         out[train] = w @ (xt * (norm0 / safe)[:, None])
         out[~train] = w @ x[:, ~train]
     else:  # --clip-quantile 0.5's clip, over every column
-        from broker_server.robust import clipping  # imports this module: here, not on top
-
         median = float(np.median(np.linalg.norm(x, axis=1)))
-        out = w @ (clipping.clip_rows(x, median)[0] if median > 0 else x)
+        out = w @ (clip_rows(x, median)[0] if median > 0 else x)
     return out, trust
-
-
-def weighted_rows(x: np.ndarray, samples: list[float] | None) -> np.ndarray:
-    if samples is None:
-        return x.mean(axis=0)
-    w = np.asarray(samples, np.float64)
-    if w.shape != (x.shape[0],) or w.sum() <= 0 or (w < 0).any():
-        raise RobustError(f"robust: samples must be {x.shape[0]} non-negative counts with "
-                          f"a positive total, got {list(samples)}")
-    return w @ x / w.sum()
