@@ -29,9 +29,12 @@ from bench.common import command, machine, write_results  # noqa: E402
 
 from broker_server.embedded import EmbeddedBroker  # noqa: E402
 from broker_server.service import Aggregator, ServeOptions  # noqa: E402
+from broker_server.trust import ServerTrust  # noqa: E402
 from device_runtime import wire  # noqa: E402
 from device_runtime.agent import AgentOptions, DeviceAgent, status_will  # noqa: E402
+from device_runtime.keys import FleetKeys  # noqa: E402
 from device_runtime.topics import Topics  # noqa: E402
+from device_runtime.uplinks import Uplink  # noqa: E402
 from device_runtime.transport.mqtt import MqttTransport  # noqa: E402
 from testkit.brokers import Mosquitto  # noqa: E402
 
@@ -80,27 +83,38 @@ def run_throughput(url: str, repeats: int) -> list[dict]:
 
 
 class EchoAgent(DeviceAgent):
-    """Answers every task at once with the model it got: zero training time."""
+    """Answers every task at once with the model it got, signed: zero training time."""
 
-    def _train(self, task, frame_bytes):
+    def uplink(self, kind: str) -> Uplink:
+        base = super().uplink(kind)
+        return Uplink(self._echo, base.asset, base.passes) if kind == "weights" else base
+
+    @staticmethod
+    def _echo(agent, task, frame_bytes: bytes) -> bytes:
         frame = wire.decode(frame_bytes)
-        return wire.encode(wire.Frame("update", self.opts.job, task.round, self.device, "fp32",
-                                      frame.tensors, meta={"samples": 10, "train_seconds": 0.0}))
+        return wire.encode(wire.Frame(
+            "update", agent.opts.job, task.round, agent.device, "fp32", frame.tensors,
+            meta={"samples": 10, "train_seconds": 0.0}, nonce=task.nonce), signer=agent.key)
 
 
 def orchestration(url: str, devices: int, rounds: int) -> dict:
     from device_runtime.training.local import weights_of
     from device_runtime.training.models import ModelConfig, build_model
 
+    from toolkit.strategies.setups import check_strategy
+
+    check_strategy("fedavg")  # makes FedAvg's rule known to the aggregator, as serve does
     job = f"orch{devices}-{int(time.time() * 1000) % 100000}"
     cfg = ModelConfig("cnn1d", (40,), 10)
-    topics = Topics(job)
+    topics, keys = Topics(job), FleetKeys()
     agents = []
     for k in range(devices):
-        t = MqttTransport(url, f"{job}-d{k}", will=status_will(topics, f"d{k}"))
+        dev = f"d{k}"
+        t = MqttTransport(url, f"{job}-{dev}", will=status_will(topics, dev, keys.device(dev)))
         t.connect()
-        a = EchoAgent(t, AgentOptions(job, f"d{k}", "rpi4"), np.zeros((10, 40), np.float32),
-                      np.zeros(10, np.int64))
+        a = EchoAgent(t, AgentOptions(job, dev, "rpi4", key=keys.device(dev),
+                                      server_key=keys.server.public),
+                      np.zeros((10, 40), np.float32), np.zeros(10, np.int64))
         threading.Thread(target=a.run, daemon=True).start()
         agents.append(t)
     agg_t = MqttTransport(url, f"{job}-agg", persistent=True)
@@ -108,7 +122,8 @@ def orchestration(url: str, devices: int, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as state:
         agg = Aggregator(agg_t, ServeOptions(job, Path(state), rounds=rounds,
                                              min_devices=devices, round_timeout=120),
-                         cfg.to_json(), weights_of(build_model(cfg)))
+                         cfg.to_json(), weights_of(build_model(cfg)),
+                         trust=ServerTrust(job, keys.server, keys, Path(state)))
         report = agg.run()
     for t in (agg_t, *agents):
         t.close()

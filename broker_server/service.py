@@ -269,6 +269,7 @@ class Aggregator:
         if self.watch is not None:
             self.watch()
         pump(self.events, timeout, self.topics.parse, self._handle, self._reject)
+        self.store.sync_updates()  # the burst just handled, in one journal commit
 
     def _handle(self, topic: str, where: dict, payload: bytes) -> None:
         if topic == RECONNECTED:

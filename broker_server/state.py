@@ -14,11 +14,18 @@ Layout of ``--state-dir``::
 Every file is written atomically (temp file, fsync, rename, fsync of the
 folder), and ``state.json`` is written last, so after a crash the state is
 either the previous round's or the new one's, never a mix; accepted updates
-of the open round are reloaded, so none is lost. Damage is named, not fatal where
-it need not be: an unreadable saved update, or one whose header names another
-job, round or device, is skipped with its file named (the aggregator counts it
-rejected and asks the device again); an entry of the folder that is none of the
-above (a ``round-old`` folder) is left alone with one warning.
+of the open round are reloaded, so none is lost. The updates are made durable in
+groups (``sync_updates``, called by the aggregator once it has handled every queued
+message): written and renamed at once, fsynced together, so that a burst of
+updates costs one journal commit, not one each (16 updates a round: 32 fsyncs were
+half the aggregator's time a round, docs/results/field.md). A SIGKILL loses none of
+them (the page cache outlives the process); a power cut can lose the last burst's,
+whose devices are asked again like any device that has not reported.
+
+Damage is named, not fatal where it need not be: an unreadable saved update, or one
+whose header names another job, round or device, is skipped with its file named (the
+aggregator counts it rejected and asks the device again); an entry of the folder that
+is none of the above (a ``round-old`` folder) is left alone with one warning.
 """
 from __future__ import annotations
 
@@ -70,6 +77,7 @@ class StateStore:
         self.job = job
         self.root.mkdir(parents=True, exist_ok=True)
         self.warned: set[str] = set()  # stray entries already warned about
+        self.unsynced: list[Path] = []  # updates saved, not yet fsynced (sync_updates)
 
     @property
     def state_path(self) -> Path:
@@ -184,9 +192,28 @@ class StateStore:
         return out
 
     def save_update(self, round_: int, device: str, payload: bytes) -> None:
+        """Write an accepted update (temp file, rename); durable at ``sync_updates``."""
         d = self.root / f"round-{round_}"
         d.mkdir(exist_ok=True)
-        atomic_write(d / f"{_safe(device)}.fdg", payload)
+        path = d / f"{_safe(device)}.fdg"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+        self.unsynced.append(path)
+
+    def sync_updates(self) -> None:
+        """fsync the updates saved since the last call, then their folders."""
+        folders = {p.parent for p in self.unsynced}
+        for path in [*self.unsynced, *folders]:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # its round closed and was removed meanwhile
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.unsynced.clear()
 
     def accepted_updates(self, round_: int
                          ) -> tuple[dict[str, tuple[wire.Frame, bytes]], list[tuple[str, str]]]:

@@ -214,3 +214,27 @@ def test_guard_state_that_is_not_the_jobs_or_not_numbers_is_refused_naming_the_f
     (tmp_path / "registered.json").write_text('{"job": "other", "devices": {"d0": 1}}')
     with pytest.raises(BrokerServerError, match="registered.json belongs to job 'other'"):
         store.load()
+
+
+def test_saved_updates_are_fsynced_together_when_the_burst_is_handled(tmp_path, monkeypatch):
+    """An accepted update is renamed into place at once and fsynced with the rest of its
+    burst (``sync_updates``, which the aggregator calls once its queue is empty): one
+    journal commit for the burst, and every file and its folder synced by then."""
+    import os
+
+    from broker_server import state
+
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(state.os, "fsync", lambda fd: (synced.append(
+        os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    store = StateStore(tmp_path, "job")
+    for d in ("a", "b", "c"):
+        store.save_update(3, d, _update("job", 3, d))
+    assert synced == [] and sorted(store.accepted_updates(3)[0]) == ["a", "b", "c"]
+    store.sync_updates()
+    folder = tmp_path / "round-3"
+    assert sorted(synced) == sorted([str(folder / f"{d}.fdg") for d in "abc"] + [str(folder)])
+    synced.clear()
+    store.sync_updates()  # nothing new: nothing to sync
+    assert synced == []
