@@ -7,6 +7,14 @@ instead of seconds. Each process fedge starts therefore sizes its pools from the
 cores it may really use (its CPU affinity and the cgroup's CPU quota, v2 or v1),
 divided among the sibling processes started with it.
 
+Sizing alone is not enough: the OpenMP runtime under torch's pool spins at every
+barrier waiting for its sibling threads, and when another process holds the other
+core the sibling is descheduled and the spinning never ends early. A 5-epoch
+pre-training with 2 threads beside a busy process took 131 s of wall and 128 s of
+CPU time against 7.4 s with one thread (docs/results/threads.md); with
+``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at a barrier instead) 11 s. ``configure``
+and ``child_env`` therefore set the passive policy unless the user chose one.
+
 ``FEDGE_THREADS`` (the one documented override) wins; an explicit
 ``OMP_NUM_THREADS`` from the user is respected next. ``configure()`` runs before
 torch is imported and sets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, which torch reads
@@ -26,6 +34,8 @@ from device_runtime.errors import EXIT_USAGE, DeviceRuntimeError
 
 ENV = "FEDGE_THREADS"
 _POOL_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# Read by libgomp (torch's OpenMP) and Intel's runtime when they load: sleep, not spin.
+_WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 # OpenBLAS reads these before OMP_NUM_THREADS; a user who set one has chosen.
 _BLAS_VARS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")
 _CGROUP = Path("/sys/fs/cgroup")
@@ -95,7 +105,16 @@ def configure(env: dict[str, str] | None = None) -> int:
     n = budget(1, env)
     for var in _POOL_VARS:
         env[var] = str(n)
+    passive(env)
     return n
+
+
+def passive(env: dict[str, str]) -> None:
+    """Threads that wait sleep instead of spinning (see the module's docstring), unless
+    the user set the policy; only effective before torch is imported."""
+    for var, value in _WAIT_POLICY.items():
+        if not env.get(var, "").strip():
+            env[var] = value
 
 
 def one_blas_thread(env: dict[str, str] | None = None) -> bool:
@@ -129,6 +148,7 @@ def child_env(siblings: int, base: dict[str, str] | None = None) -> dict[str, st
     env[ENV] = str(share)
     for var in _POOL_VARS:
         env[var] = str(share)
+    passive(env)
     return env
 
 

@@ -40,6 +40,19 @@ def test_siblings_share_the_cores_and_the_override_wins():
         threads.budget(1, {"FEDGE_THREADS": "lots"})
 
 
+def test_waiting_threads_sleep_unless_the_user_chose_a_policy():
+    """OpenMP threads that spin at a barrier while a busy neighbour holds the other
+    core made a pre-training 17x slower in wall and CPU time (docs/results/threads.md):
+    every fedge process and its children get the passive policy."""
+    env: dict[str, str] = {}
+    threads.configure(env)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["KMP_BLOCKTIME"] == "0"
+    assert threads.child_env(2, base={})["OMP_WAIT_POLICY"] == "PASSIVE"
+    chosen = {"OMP_WAIT_POLICY": "ACTIVE"}
+    threads.configure(chosen)
+    assert chosen["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def _child(code: str, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items()
             if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FEDGE_THREADS",
