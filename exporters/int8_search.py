@@ -5,7 +5,9 @@ in int8 with the default settings. The search tries, in order, until one
 passes: every calibration method with per-channel weights, then with
 per-tensor weights; then, with the best of those, leaves the most sensitive
 layers in float, one more at a time, up to a share of the weighted layers.
-A layer's sensitivity is measured, not guessed: the model is quantized with
+Settings the quantizer itself fails on (ONNX Runtime's histogram calibrations raise
+on some pruned variants' activations) count as failed attempts, not as a failed
+export. A layer's sensitivity is measured, not guessed: the model is quantized with
 that layer alone and the relative squared error of the logits taken. If
 nothing passes, the outcome carries the best attempt's figures, which the
 exporter records as the reason it shipped fp32 in the int8 slot.
@@ -20,6 +22,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from exporters.errors import ExportError
 from exporters.int8 import CALIBRATIONS, Int8Settings, preprocess, quantize_pre, weighted_nodes
 from exporters.onnx_fp32 import onnx_opset
 from exporters.parity import ParityBounds, int8_failure
@@ -76,8 +79,13 @@ def search_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray,
 
         def attempt(s: Int8Settings) -> dict:
             nonlocal best, tried
-            quantize_pre(pre, out_path, calib_x, s, opset, metadata)
             tried += 1
+            try:
+                quantize_pre(pre, out_path, calib_x, s, opset, metadata)
+            except ExportError as e:  # e.g. a histogram calibration on a constant tensor
+                parity = {"top1_agreement": 0.0, "error": str(e), "settings": s.to_json()}
+                best = best or (s, parity)
+                return parity
             parity = dict(evaluate(out_path), settings=s.to_json())
             if best is None or _rank(parity) > _rank(best[1]):
                 best = (s, parity)
@@ -109,7 +117,11 @@ def _sensitivity(pre: Path, probe: Path, calib_x: np.ndarray, base: Int8Settings
     """Weighted layers, the one whose quantization alone hurts the logits most first."""
     errs = {}
     for n in nodes:
-        quantize_pre(pre, probe, calib_x, replace(base, only=(n,)), opset)
+        try:
+            quantize_pre(pre, probe, calib_x, replace(base, only=(n,)), opset)
+        except ExportError:  # a layer the quantizer cannot take: the first to leave fp32
+            errs[n] = float("inf")
+            continue
         errs[n] = evaluate(probe).get("relative_sq_err", 0.0)
     return sorted(nodes, key=lambda n: -errs[n])
 

@@ -44,6 +44,8 @@ def check_fp32(name: str, parity: dict, bounds: ParityBounds) -> None:
 
 def int8_failure(parity: dict, bounds: ParityBounds) -> str | None:
     """Why an int8 artifact fails its bounds, or None if it passes."""
+    if parity.get("error"):
+        return f"the quantizer failed: {parity['error']}"
     agree = parity.get("top1_agreement", 0.0)
     if agree < bounds.int8_min_top1_agreement:
         return f"top-1 agreement {agree:.4f} < {bounds.int8_min_top1_agreement}"

@@ -30,6 +30,9 @@ def test_the_mnist1d_cnn_exports_2d_convs_with_the_same_outputs(tmp_path):
     x = torch.randn(64, 40)
     path = export_fp32(model, x[:2], tmp_path / "m.onnx", 17, "x", "y", {})
     assert _conv_weight_ranks(path) == [4, 4, 4, 4]
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "BatchNormalization" not in ops  # folded into the convs, as for a 1-D conv
+    assert ops.count("Relu") == 4 and ops.index("Relu") == ops.index("Conv") + 1
     with torch.no_grad():
         want = model(x).numpy()
     np.testing.assert_allclose(_run(path, x.numpy()), want, atol=1e-4, rtol=1e-4)

@@ -55,6 +55,14 @@ def add(sub: argparse._SubParsersAction) -> None:
                    "the work dir)")
     p.add_argument("--eval-every", type=int, default=5, help="the devices score the global "
                    "model on held-out data every K rounds (0: off)")
+    from device_runtime import codecs
+
+    p.add_argument("--codec", default="fedmrn", help="how updates travel: one of "
+                   f"{', '.join(codecs.CODECS.names())} (default: fedmrn, 1 bit a weight)")
+    p.add_argument("--downlink", default="int8", help="how the model reaches devices: fp32 "
+                   "(whole) or a codec for the change (default: int8)")
+    p.add_argument("--no-variants", action="store_true", help="skip exporting each "
+                   "profile's variant of the final model at the end")
     train_args(p)
     p.set_defaults(func=demo)
 
@@ -157,7 +165,9 @@ def demo(args: argparse.Namespace) -> int:
 
     return run_demo(DemoJob(args.devices, args.rounds, args.alpha, args.seed,
                             args.round_timeout, args.epochs, args.batch_size, args.lr,
-                            eval_every=args.eval_every, broker=args.broker,
+                            eval_every=args.eval_every, codec=args.codec,
+                            downlink=args.downlink, variants=not args.no_variants,
+                            broker=args.broker,
                             workdir=Path(args.workdir) if args.workdir else None,
                             report=Path(args.json) if args.json else None))
 

@@ -76,7 +76,8 @@ def plot(report: dict, path: Path) -> None:
     rounds = [r["round"] for r in report["rounds"]]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(rounds, [r["accuracy"] for r in report["rounds"]], marker="o")
-    a.set(xlabel="round", ylabel="test accuracy", title="MNIST-1D, FedAvg over MQTT")
+    a.set(xlabel="round", ylabel="test accuracy",
+          title=f"MNIST-1D, FedAvg ({report['codec']} up, {report['downlink']} down)")
     a.grid(alpha=0.3)
     w = 0.4
     b.bar([r - w / 2 for r in rounds], [r["uplink_bytes"] / 1e6 for r in report["rounds"]],
@@ -91,15 +92,16 @@ def plot(report: dict, path: Path) -> None:
 
 
 def _serve_job(demo: DemoJob, job: str, init: Path, work: Path, url: str, keys):
-    """The aggregator's job: FedAvg with fp32, serve's defaults for the rest."""
+    """The aggregator's job: FedAvg with the demo's codecs, serve's defaults for the rest."""
     from toolkit.field.jobs import BrokerSettings, EvalSettings, RoundSettings, ServeJob
 
     rounds = RoundSettings(demo.rounds, max(2, demo.devices * 3 // 4), demo.round_timeout,
                            demo.epochs, demo.batch_size, demo.lr)
     broker = BrokerSettings(url, signing_key=str(keys.server_key),
                             registry=str(keys.registry))
-    return ServeJob(job, init, work / "state", rounds=rounds, broker=broker,
-                    evaluation=EvalSettings(demo.eval_every))
+    return ServeJob(job, init, work / "state", codec=demo.codec, downlink=demo.downlink,
+                    rounds=rounds, broker=broker, evaluation=EvalSettings(demo.eval_every),
+                    profiles=",".join(PROFILES))
 
 
 def _eval_rows(history: list[dict]) -> list[dict]:
@@ -139,10 +141,63 @@ def _workdir(demo: DemoJob) -> Path:
     return work
 
 
+def _report(demo: DemoJob, job: str, history: list[dict], seconds: float) -> dict:
+    return {"broker": demo.broker or "embedded", "strategy": "fedavg", "codec": demo.codec,
+            "downlink": demo.downlink, "job": job, "devices": demo.devices,
+            "rounds": [{k: r[k] for k in ("round", "accuracy", "uplink_bytes",
+                                          "downlink_bytes", "devices_reporting", "seconds")}
+                       for r in history],
+            "final_accuracy": history[-1]["accuracy"], "device_eval": _eval_rows(history),
+            "train_seconds": round(seconds, 1)}
+
+
+def _finish(demo: DemoJob, job: str, work: Path, keys, history: list[dict]) -> dict:
+    """Each profile's variant of the final model (printed), and the traffic line."""
+    from toolkit.field import demo_report
+    from toolkit.model import checkpoint
+
+    final = checkpoint.load(work / "state" / "final.safetensors")
+    out: dict = {}
+    if demo.variants:
+        t = time.time()
+        manifest = _export(final, job, work, keys)
+        out["variants"] = demo_report.variant_rows(manifest)
+        out["export_seconds"] = round(time.time() - t, 1)
+        print("\n".join(demo_report.variant_lines(out["variants"])))
+    weights = {k: v.detach().numpy() for k, v in final.model.state_dict().items()
+               if v.is_floating_point()}
+    t = demo_report.traffic(history, demo_report.fp32_frame_bytes(job, weights))
+    out["traffic"] = {"sent_bytes": t.sent, "fedavg_fp32_bytes": t.fp32,
+                      "ratio": round(t.ratio, 2)}
+    print(demo_report.traffic_line(t, demo.codec, demo.downlink, len(history),
+                                   history[-1]["accuracy"]))
+    return out
+
+
+def _export(final, job: str, work: Path, keys) -> Path:
+    """``fedge export`` of the final model for the demo's profiles, one fine-tuning
+    epoch for the pruned ones, signed by the demo's key."""
+    from toolkit.model import datasets
+    from toolkit.planning.fleet import ExportOptions, export_fleet
+    from toolkit.planning.profiles import ProfileCatalogue
+
+    profiles = ProfileCatalogue.load(None).select(",".join(PROFILES))
+    opts = ExportOptions(finetune_epochs=1, pte=False, signing_key=keys.server_key, job=job)
+    return export_fleet(final, profiles, work / "variants",
+                        datasets.load_npz(work / "data" / "server.npz"), opts)
+
+
 def run_demo(demo: DemoJob) -> int:
     from toolkit.field.fleet_keys import write_fleet_keys
     from toolkit.field.serve import broker_url, round_extra, run_serve
 
+    from broker_server.downlink import check_downlink
+    from device_runtime import codecs
+    from toolkit.strategies.setups import check_strategy
+
+    codecs.get(demo.codec)  # a bad name is a one-line error before anything is made
+    check_strategy("fedavg")  # FedAvg's rule known, for the downlink's check
+    check_downlink(demo.downlink, "fedavg")
     work = _workdir(demo)
     t0 = time.time()
     init = _prepare(work, demo)
@@ -152,21 +207,18 @@ def run_demo(demo: DemoJob) -> int:
     report_path = demo.report or work / "demo.json"
     with broker_url(demo.broker, work / "broker.log") as url:
         print(f"broker {url}{' (embedded amqtt)' if not demo.broker else ''}; job {job}; "
-              f"{demo.devices} device processes; work dir {work}", flush=True)
+              f"{demo.devices} device processes ({', '.join(PROFILES)}); FedAvg, "
+              f"{demo.codec} up, {demo.downlink} down; work dir {work}", flush=True)
         procs = _start_devices(url, job, work, demo.devices, keys)
         try:
             with RoundProgress(demo.rounds, extra=round_extra) as progress:
                 run_serve(_serve_job(demo, job, init, work, url, keys), on_round=progress)
         finally:
             _stop(procs)
-    report = json.loads((work / "state" / "state.json").read_text())
-    out = {"broker": demo.broker or "embedded", "strategy": "fedavg", "codec": "fp32",
-           "job": job, "devices": demo.devices, "seconds": round(time.time() - t0, 1),
-           "rounds": [{k: r[k] for k in ("round", "accuracy", "uplink_bytes", "downlink_bytes",
-                                         "devices_reporting", "seconds")}
-                      for r in report["history"]],
-           "final_accuracy": report["history"][-1]["accuracy"],
-           "device_eval": _eval_rows(report["history"])}
+    history = json.loads((work / "state" / "state.json").read_text())["history"]
+    out = _report(demo, job, history, time.time() - t0)
+    out.update(_finish(demo, job, work, keys, history))
+    out["seconds"] = round(time.time() - t0, 1)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(out, indent=1))
     plot(out, report_path.with_suffix(".png"))
@@ -175,6 +227,6 @@ def run_demo(demo: DemoJob) -> int:
         print(f"on-device evaluation: {len(out['device_eval'])} rounds, the devices' weighted "
               f"accuracy within {worst:.2f} points of the central test's")
     print(f"final accuracy {out['final_accuracy']:.4f} in {out['seconds']}s; wrote "
-          f"{report_path} and {report_path.with_suffix('.png')}; shards, state, keys and "
-          f"logs in {work} (the next demo clears it)")
+          f"{report_path} and {report_path.with_suffix('.png')}; shards, state, keys, "
+          f"variants and logs in {work} (the next demo clears it)")
     return 0
