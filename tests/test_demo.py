@@ -15,7 +15,8 @@ def test_demo_runs_device_processes_over_the_embedded_broker(tmp_path):
                                "--workdir", str(tmp_path / "w"), "--json", str(report))
     assert code == 0, err
     r = json.loads(report.read_text())
-    assert r["broker"] == "embedded" and r["strategy"] == "fedavg" and r["codec"] == "fp32"
+    assert r["broker"] == "embedded" and r["strategy"] == "fedavg"
+    assert r["codec"] == "fedmrn" and r["downlink"] == "int8"  # compressed both ways
     assert [x["round"] for x in r["rounds"]] == [1, 2, 3]
     for x in r["rounds"]:
         assert set(x) >= {"round", "accuracy", "uplink_bytes", "downlink_bytes",
@@ -27,6 +28,17 @@ def test_demo_runs_device_processes_over_the_embedded_broker(tmp_path):
     assert "round 3/3  accuracy" in out and "\x1b" not in out
     for k in range(3):
         assert "trained" in (tmp_path / "w" / f"device-{k}.log").read_text()
+    # each profile's own variant, exported and measured in ONNX Runtime
+    profiles = {v["profile"]: v for v in r["variants"]}
+    assert set(profiles) == {"rpi3b", "rpi4", "rpi5", "jetson-nano", "jetson-orin-nano",
+                             "android-mid"}
+    assert profiles["rpi3b"]["params"] < profiles["jetson-orin-nano"]["params"]
+    assert "variant per profile" in out and "jetson-orin-nano" in out
+    # the traffic line: this run's bytes against FedAvg fp32's, from the same run
+    t = r["traffic"]
+    sent = sum(x["uplink_bytes"] + x["downlink_bytes"] for x in r["rounds"])
+    assert t["sent_bytes"] == sent and t["fedavg_fp32_bytes"] > 3 * sent
+    assert f"{t['ratio']:.1f}x less" in out and "FedAvg with fp32 both ways" in out
 
 
 
@@ -42,8 +54,8 @@ def test_demo_writes_into_its_own_work_dir_and_clears_it_next_time(tmp_path):
     (work / ".fedge-demo").write_text("")
     (work / "stale-shard.npz").write_text("from the last demo")
     env = {"FEDGE_HOME": str(home)}
-    code, out, err = run_fedge("demo", "--devices", "2", "--rounds", "1", "--eval-every",
-                               "0", cwd=cwd, env=env)
+    code, out, err = run_fedge("demo", "--devices", "2", "--rounds", "1", "--no-variants",
+                               "--eval-every", "0", cwd=cwd, env=env)
     assert code == 0, err
     assert os.listdir(cwd) == []
     assert json.loads((work / "demo.json").read_text())["rounds"][0]["round"] == 1
