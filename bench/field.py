@@ -139,15 +139,16 @@ def to_markdown(res: dict) -> str:
            "128 KB chunked as fedge sends them)\n",
            "| frame size | amqtt frames/s | amqtt MB/s | Mosquitto frames/s | Mosquitto MB/s |",
            "|---|---|---|---|---|"]
-    for a, m in zip(res["throughput"]["amqtt"], res["throughput"]["mosquitto"]):
+    for a, m in zip(res["throughput"].get("amqtt", []), res["throughput"].get("mosquitto", [])):
         fmt = lambda v: "failed" if v is None else v
         out.append(f"| {a['size'] // 1024} KB | {fmt(a['frames_per_s'])} | {fmt(a['mb_per_s'])} "
                    f"| {fmt(m['frames_per_s'])} | {fmt(m['mb_per_s'])} |")
     out += ["\n## Orchestration overhead per round (Mosquitto, devices answer at once)\n",
-            "| devices | median round time = overhead (s) | model frame bytes |",
-            "|---|---|---|"]
+            "| devices | median round time = overhead (s) | per device (ms) | model frame bytes |",
+            "|---|---|---|---|"]
     for r in res["orchestration"]:
-        out.append(f"| {r['devices']} | {r['overhead_s_median']} | {r['model_bytes']:,} |")
+        out.append(f"| {r['devices']} | {r['overhead_s_median']} | "
+                   f"{1e3 * r['overhead_s_median'] / r['devices']:.1f} | {r['model_bytes']:,} |")
     return "\n".join(out) + "\n"
 
 
@@ -155,18 +156,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--devices", default="4,16,64", help="fleet sizes for the orchestration "
+                    "overhead")
+    ap.add_argument("--no-throughput", action="store_true", help="only the orchestration "
+                    "overhead (the broker throughput tables are left out)")
     ap.add_argument("--json", default="runs/bench_field.json")
     ap.add_argument("--md")
     args = ap.parse_args()
     res = {"machine": machine(), "command": command("bench/field.py"),
            "throughput": {}, "orchestration": []}
-    with EmbeddedBroker() as b:
-        res["throughput"]["amqtt"] = run_throughput(b.url, args.repeats)
+    if not args.no_throughput:
+        with EmbeddedBroker() as b:
+            res["throughput"]["amqtt"] = run_throughput(b.url, args.repeats)
     with tempfile.TemporaryDirectory() as d:
         m = Mosquitto(Path(d)).start()
         try:
-            res["throughput"]["mosquitto"] = run_throughput(m.url, args.repeats)
-            for n in (4, 16, 64):
+            if not args.no_throughput:
+                res["throughput"]["mosquitto"] = run_throughput(m.url, args.repeats)
+            for n in (int(v) for v in args.devices.split(",")):
                 res["orchestration"].append(orchestration(m.url, n, args.rounds))
         finally:
             m.stop()
