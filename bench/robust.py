@@ -14,6 +14,12 @@ the same rounds, every device in every round (sampling rate 1).
     nice python bench/robust.py --jobs 2 --json docs/results/robust.json \\
         --md docs/results/robust.md
     python bench/robust.py --quick --json /tmp/robust.json    # 1 seed, 4 attackers, fp32
+    python bench/robust.py --rounds 20 --arms 'fp32|mean|none,fp32|oracle|absent:4' ...
+
+``fp32|oracle|absent:4``: FedAvg over the 16 honest devices only (the attackers' four
+never join; the others keep their shards of the 20-device partition), the ceiling of
+any rule that removes the attackers. The md's ``## Findings`` on are kept when the
+tables are written again.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ KINDS = ("replace", "signflip", "noise", "lie", "labelflip")
 RULES = {"mean": None, "median": "median", "trimmed:0.1": "trimmed:0.1",
          "multikrum:4": "multikrum:4", "clip:q0.5": "mean", "zeno:4": "zeno:4",
          "fltrust": "fltrust"}
+ORACLE = "fp32|oracle|absent:4"  # FedAvg over the 16 honest devices: the attackers' absent
 DEFAULT = "clip:q0.5"  # the rule this bench recommends switching on (say why in the md)
 EPSILONS = (1.0, 4.0, 8.0)
 DELTA = 1e-5
@@ -62,8 +69,8 @@ def robust_of(rule: str) -> FedAvgOptions | None:
 def grid(args) -> list[tuple[str, SimOptions, list[int]]]:
     """(arm name, options, seeds), most needed first (a bench stopped early has the
     acceptance cells): fp32 clean and with 4 attackers on the first seed, then on the
-    other seeds, the 1-bit codec with none and 4 (``--side-seeds``), then fp32 with
-    2 attackers (``--side-seeds``)."""
+    other seeds, the oracle (the 4 attackers' devices absent), the 1-bit codec with none
+    and 4 (``--side-seeds``), then fp32 with 2 attackers (``--side-seeds``)."""
     b, seeds, side = base(args), _ints(args.seeds), _ints(args.side_seeds)
     kinds = [f"{k}:4" for k in KINDS]
     first, rest = seeds[:1], seeds[1:]  # every arm once before any arm twice
@@ -76,13 +83,40 @@ def grid(args) -> list[tuple[str, SimOptions, list[int]]]:
     if not args.quick:
         tiers.append(("fp32", list(RULES), [f"{k}:2" for k in KINDS], side))
     out = []
-    for codec, rules, attacks, tier_seeds in tiers:
+    for i, (codec, rules, attacks, tier_seeds) in enumerate(tiers):
         for attack in attacks:
             for rule in rules:
                 out.append((f"{codec}|{rule}|{attack}", replace(
                     b, codec=codec, attack="" if attack == "none" else attack,
                     strategy_options=robust_of(rule)), tier_seeds))
+        if i == 1:  # plain FedAvg, its 4 first devices never joining
+            out.append((ORACLE, replace(b, attack=ORACLE.split("|")[2]), seeds))
     return out
+
+
+def chosen(args) -> list[tuple[str, SimOptions, int]]:
+    """The runs to do: the whole grid, or (``--arms``) the arms named, in that order,
+    each on every one of ``--seeds``."""
+    dp = [] if args.no_dp else dp_grid(args)
+    if not args.arms:
+        tasks = [(n, o, s) for n, o, seeds in grid(args) for s in seeds]
+        # DP after the first pass over fp32 (few runs, all needed)
+        at = next((i for i, t in enumerate(tasks) if t[2] not in _ints(args.side_seeds)),
+                  len(tasks))
+        tasks[at:at] = [(n, o, s) for n, o, _ in dp for s in _ints(args.side_seeds)]
+        return tasks
+    known = {n: o for n, o, _ in grid(replace_args(args, quick=False))}
+    known.update({n: o for n, o, _ in dp_grid(args)})
+    names = [a.strip() for a in args.arms.split(",")]
+    bad = [a for a in names if a not in known]
+    if bad:
+        raise ValueError(f"--arms: unknown arm {bad[0]!r}; an arm is codec|rule|attack as "
+                         f"in the tables, e.g. fp32|mean|none or {ORACLE}")
+    return [(n, known[n], s) for n in names for s in _ints(args.seeds)]
+
+
+def replace_args(args, **changes) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
 def _ints(text: str) -> list[int]:
@@ -155,20 +189,30 @@ def _table(summary: dict, codec: str, rules: list[str], attacks: list[str]) -> l
     return lines
 
 
-def _clean(summary: dict, seeds: list[int]) -> float:
-    """Clean FedAvg's median final accuracy over ``seeds`` (those the arm ran)."""
-    runs = summary["fp32|mean|none"]
-    return statistics.median(a for a, s in zip(runs["finals"], runs["seeds"]) if s in seeds)
+def _clean(summary: dict, seeds: list[int], arm: str = "fp32|mean|none") -> float | None:
+    """Clean FedAvg's (``arm``'s) median final accuracy over those of ``seeds`` it ran."""
+    runs = summary.get(arm, {"finals": [], "seeds": []})
+    got = [a for a, s in zip(runs["finals"], runs["seeds"]) if s in seeds]
+    return statistics.median(got) if got else None
 
 
 def acceptance(summary: dict) -> list[str]:
-    """With 4 attackers, the best rule per attack against clean FedAvg on the same seeds
-    (< 3 points); with none, each rule's cost against FedAvg (the default's < 1 point)."""
+    """With 4 attackers, the best rule per attack against clean FedAvg and the oracle on
+    the same seeds (< 3 points); with none, each rule's cost against FedAvg (the
+    default's < 1 point)."""
+    if "fp32|mean|none" not in summary:
+        return ["Clean FedAvg (fp32|mean|none) not run yet."]
     clean = summary["fp32|mean|none"]["median"]
     lines = [f"Clean FedAvg (fp32, no attackers): {clean:.3f} (seeds "
-             f"{summary['fp32|mean|none']['seeds']}).", "",
-             "| attack (4 of 20) | FedAvg | best rule | its accuracy | seeds | clean FedAvg, "
-             "same seeds | points below | within 3 points |", "|---|---|---|---|---|---|---|---|"]
+             f"{summary['fp32|mean|none']['seeds']})."]
+    if ORACLE in summary:
+        o = summary[ORACLE]
+        lines.append(f"Oracle (FedAvg over the 16 honest devices only, the 4 attackers' "
+                     f"devices never joining): {o['median']:.3f} (seeds {o['seeds']}: "
+                     f"{', '.join(f'{a:.3f}' for a in o['finals'])}).")
+    lines += ["", "| attack (4 of 20) | FedAvg | best rule | its accuracy | seeds | clean "
+              "FedAvg, same seeds | oracle, same seeds | points below clean | within 3 "
+              "points |", "|---|---|---|---|---|---|---|---|---|"]
     for kind in KINDS:
         got = {r: summary[f"fp32|{r}|{kind}:4"] for r in RULES
                if r != "mean" and f"fp32|{r}|{kind}:4" in summary}
@@ -177,13 +221,25 @@ def acceptance(summary: dict) -> list[str]:
         best = max(got, key=lambda r: got[r]["median"])
         seeds = got[best]["seeds"]
         base = _clean(summary, seeds)
+        oracle = _clean(summary, seeds, ORACLE)
+        if base is None:
+            continue
         gap = 100 * (base - got[best]["median"])
         plain = summary.get(f"fp32|mean|{kind}:4", {}).get("median")
-        lines.append(f"| {kind} | {'-' if plain is None else f'{plain:.3f}'} | {best} | "
-                     f"{got[best]['median']:.3f} | {seeds} | {base:.3f} | {gap:.1f} | "
+        lines.append(f"| {kind} | {_fmt(plain)} | {best} | {got[best]['median']:.3f} | "
+                     f"{seeds} | {base:.3f} | {_fmt(oracle)} | {gap:.1f} | "
                      f"{'yes' if gap < 3 else '**no**'} |")
-    lines += ["", "| rule, no attackers | accuracy | points below FedAvg | under 1 point |",
-              "|---|---|---|---|"]
+    return lines + ["", *costs(summary, clean)]
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def costs(summary: dict, clean: float) -> list[str]:
+    """Each rule's accuracy with no attackers against FedAvg's."""
+    lines = ["| rule, no attackers | accuracy | points below FedAvg | under 1 point |",
+             "|---|---|---|---|"]
     for r in RULES:
         if f"fp32|{r}|none" in summary:
             acc = summary[f"fp32|{r}|none"]["median"]
@@ -232,7 +288,7 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2", help="fp32, clean and 4 attackers")
     ap.add_argument("--side-seeds", default="0",
@@ -248,6 +304,8 @@ def main() -> None:
     ap.add_argument("--no-dp", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="one seed, 4 attackers only, fp32 only, no DP")
+    ap.add_argument("--arms", help="run only these arms (comma list, e.g. "
+                    f"fp32|mean|none,{ORACLE}), in this order, each on every --seeds")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--cache", help="append each finished run here (JSON lines) and skip "
                     "the runs already in it (a bench stopped early resumes)")
@@ -255,15 +313,20 @@ def main() -> None:
                     help="write the tables from --cache without running anything")
     ap.add_argument("--json", default="runs/bench_robust.json")
     ap.add_argument("--md")
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.codecs, args.no_dp = "0", "fp32", True
-    dp = [] if args.no_dp else dp_grid(args)
-    tasks = [(n, o, s) for n, o, seeds in grid(args) for s in seeds]
-    # DP after the first pass over fp32 (few runs, all needed)
-    at = next((i for i, t in enumerate(tasks) if t[2] not in _ints(args.side_seeds)),
-              len(tasks))
-    tasks[at:at] = [(n, o, s) for n, o, _ in dp for s in _ints(args.side_seeds)]
+    try:
+        tasks = chosen(args)
+    except ValueError as e:
+        ap.error(str(e))
+    names = {t[0] for t in tasks}
+    dp = [d for d in dp_grid(args) if d[0] in names]
     done = cached(args.cache)
     todo = [] if args.report_only else [t for t in tasks if (t[0], t[2]) not in done]
     print(f"{len(tasks)} runs, {len(tasks) - len(todo)} cached, on {args.jobs} processes",
@@ -286,7 +349,15 @@ def main() -> None:
            "runs_planned": len(tasks), "runs_done": len(runs),
            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
            "runs": runs, "summary": summarize(runs)}
-    write_results(res, args.json, args.md, to_markdown)
+    notes = kept(args.md)
+    write_results(res, args.json, args.md, lambda r: to_markdown(r) + notes)
+
+
+def kept(md: str | None) -> str:
+    """The md's written part, from its ``## Findings`` on (kept when the tables are)."""
+    text = Path(md).read_text() if md and Path(md).exists() else ""
+    at = text.find("\n## Findings")
+    return text[at:] if at >= 0 else ""
 
 
 if __name__ == "__main__":

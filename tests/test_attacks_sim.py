@@ -22,6 +22,7 @@ def _run(attack: str, rule: str | None = None, codec: str = "fp32", rounds: int 
 def test_parse_attack_and_its_errors():
     assert parse_attack("signflip:4", 20) == Attack("signflip", 4, 0.0)
     assert parse_attack("noise:2:0.5", 20) == Attack("noise", 2, 0.5)
+    assert parse_attack("absent:4", 20) == Attack("absent", 4, 0.0)
     for bad in ("flood:2", "lie", "lie:x", "lie:20", "noise:2:-1"):
         with pytest.raises(UsageError, match="--attack"):
             parse_attack(bad, 20)
@@ -38,6 +39,17 @@ def test_colluding_liars_send_one_update_through_the_fp16_codec():
         rms = rec["change_rms"]
         assert rms["dev-0"] == pytest.approx(rms["dev-1"], rel=1e-6)
         assert len({round(v, 9) for d, v in rms.items() if d not in ("dev-0", "dev-1")}) == 6
+
+
+def test_absent_devices_never_join_and_the_others_keep_their_shards():
+    """The oracle's run: dev-0 and dev-1 never join, the round closes on the other six,
+    whose shards are those of the 8-device partition (the same sizes as with all 8)."""
+    report = _run("absent:2", rounds=1)
+    full = {d["id"]: d["samples"] for d in _run("", rounds=1)["devices"]}
+    assert [d["id"] for d in report["devices"]] == [f"dev-{k}" for k in range(2, 8)]
+    assert {d["id"]: d["samples"] for d in report["devices"]} == \
+        {d: n for d, n in full.items() if d not in ("dev-0", "dev-1")}
+    assert sorted(report["rounds"][0]["change_rms"]) == [f"dev-{k}" for k in range(2, 8)]
 
 
 @pytest.mark.slow

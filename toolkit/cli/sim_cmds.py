@@ -42,7 +42,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     strategy_args.add(p)
     p.add_argument("--attack", default="", metavar="KIND:COUNT[:SCALE]",
                    help="the first COUNT devices attack: replace, signflip, noise, lie or "
-                   "labelflip (toolkit/sim/attackers.py)")
+                   "labelflip (toolkit/sim/attackers.py); absent: they never join")
     p.add_argument("--export", help="write the final model's artifacts for the fleet here "
                    "(after the --json report is written)")
     model_cmds.strict_int8_arg(p)

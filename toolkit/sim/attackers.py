@@ -14,6 +14,8 @@ negative variance would only break the evaluation).
 - ``lie``: the attackers pool their honest updates of the round (``Collusion``) and
   all send the same mean + z x std ("a little is enough", z from devices and count).
 - ``labelflip``: trains honestly on flipped labels (label c -> classes - 1 - c).
+- ``absent``: no agent at all (``toolkit.sim.simulate``): the other devices keep the
+  shards of the same partition, and the aggregator waits for them only (the oracle).
 """
 from __future__ import annotations
 

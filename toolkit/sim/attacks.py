@@ -24,7 +24,9 @@ from toolkit.errors import UsageError
 
 Weights = dict[str, np.ndarray]
 ATTACKS = ("replace", "signflip", "noise", "lie")
-KINDS = ATTACKS + ("labelflip",)  # what ``fedge simulate --attack`` takes
+# What ``fedge simulate --attack`` takes; ``absent``: the first count devices never join
+# (FedAvg over the others: the ceiling of any rule that removes the attackers).
+KINDS = ATTACKS + ("labelflip", "absent")
 
 
 def _change(update: Weights, reference: Weights) -> Weights:

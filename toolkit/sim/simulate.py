@@ -50,6 +50,7 @@ class SimOptions:
     norm_bound: float = NORM_BOUND  # the aggregator's guard (broker_server/guard.py)
     max_samples: int = MAX_SAMPLES
     attack: str = ""  # kind:count[:scale]: the first count devices attack (attackers.py)
+    # (absent:count: they never join, the others keep their shards of the same partition)
     job: str | None = None  # None: a fresh "sim-<seed>-<random>"
     # Write the run's public keys here (server.pub, registry.json), for a watcher such as
     # fedge dashboard, which checks every message it shows.
@@ -154,6 +155,14 @@ def check_options(opts: SimOptions) -> None:
             raise UsageError("--attack: the attackers run in this process; drop --procs")
 
 
+def absent(opts: SimOptions) -> int:
+    """How many devices (dev-0 ...) never join: ``--attack absent:count``, else 0."""
+    from toolkit.sim.attacks import parse_attack
+
+    attack = parse_attack(opts.attack, opts.devices) if opts.attack else None
+    return attack.count if attack and attack.kind == "absent" else 0
+
+
 def _shards(opts: SimOptions, labels: np.ndarray) -> list[np.ndarray]:
     """Each device's indices into ``labels``: Dirichlet, short shards topped up."""
     from toolkit.model.partition import dirichlet_split
@@ -173,8 +182,10 @@ def _run_local(opts: SimOptions, job: str, ds, fleet: list[DeviceProfile], shard
 
     make = _transports(opts, opts.devices, job, keys)
     agents, threads = [], []
-    attacker = _attackers(opts, ds.num_classes)
+    attacker, missing = _attackers(opts, ds.num_classes), absent(opts)
     for k, (prof, idx) in enumerate(zip(fleet, shards)):
+        if k < missing:
+            continue
         dev = f"dev-{k}"
         agent_opts = AgentOptions(job, dev, prof.name, key=keys.device(dev),
                                   server_key=keys.server.public,
@@ -202,7 +213,7 @@ def _attackers(opts: SimOptions, classes: int):
     from toolkit.sim.attacks import parse_attack
 
     attack = parse_attack(opts.attack, opts.devices) if opts.attack else None
-    count = attack.count if attack else 0
+    count = attack.count if attack and attack.kind != "absent" else 0
     board = Collusion(count)
 
     def make(transport, agent_opts, x, y):
@@ -267,8 +278,8 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
         _write_public_keys(keys, opts.devices, Path(opts.keys_out))
     with tempfile.TemporaryDirectory(prefix="fedge-sim-", dir=opts.state_parent) as state:
         serve = ServeOptions(job, Path(state), opts.strategy, opts.codec, opts.rounds,
-                             opts.devices, opts.round_timeout, opts.epochs, opts.batch_size,
-                             opts.lr, opts.seed, strategy_options=strategy_options,
+                             opts.devices - absent(opts), opts.round_timeout, opts.epochs,
+                             opts.batch_size, opts.lr, opts.seed, strategy_options=strategy_options,
                              downlink=opts.downlink, max_samples=opts.max_samples,
                              norm_bound=opts.norm_bound)
 
@@ -290,6 +301,7 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
             agg, report, agents = _run_local(opts, job, ds, fleet, shards, make_aggregator,
                                              on_round, keys)
     load_weights(ckpt.model, agg.weights)
+    fleet = fleet[absent(opts):]  # the profiles of the devices that took part
     ckpt.metrics = {"test_accuracy": report["final_accuracy"]}
     run = SimRun(strategy_options, agg.strategy, ckpt.model, cfg, macs, agents, fleet,
                  ds.x_test, ds.y_test)
