@@ -48,6 +48,13 @@ RULES = {"mean": None, "median": "median", "trimmed:0.1": "trimmed:0.1",
          "fltrust": "fltrust"}
 ORACLE = "fp32|oracle|absent:4"  # FedAvg over the 16 honest devices: the attackers' absent
 DEFAULT = "clip:q0.5"  # the rule this bench recommends switching on (say why in the md)
+# signSGD-FV (codec sign), without and with a vote cap; its step and local steps (the
+# sweep arms: clean only, to choose them)
+SIGN_RULES = ("fv", "fv cap:0.1")
+SIGN_ATTACKS = ("none", "signflip:4", "replace:4")
+SIGN_SWEEP = ("fv lr:0.005", "fv lr:0.02", "fv lr:0.005 steps:10", "fv lr:0.02 steps:10",
+              "fv lr:0.05 steps:10", "fv lr:0.02 steps:40")
+SIGN_LR, SIGN_STEPS = 0.02, 1
 EPSILONS = (1.0, 4.0, 8.0)
 DELTA = 1e-5
 
@@ -66,6 +73,21 @@ def robust_of(rule: str) -> FedAvgOptions | None:
     return FedAvgOptions(robust=parse_rule(RULES[rule], **extra))
 
 
+def sign_of(rule: str, profiles: tuple[str, ...]):
+    """signSGD-FV's options for an arm's rule: ``fv`` then ``cap:C``, ``lr:X``,
+    ``steps:K`` (the vote cap, server step and local steps; defaults SIGN_*)."""
+    from broker_server.strategies import SignSGDOptions
+    from toolkit.planning.profiles import ProfileCatalogue
+    from toolkit.sim.simulate import batch_by_compute
+
+    kw = dict(tuple(part.split(":")) for part in rule.split()[1:])
+    cat = ProfileCatalogue.load()
+    return SignSGDOptions("fv", server_lr=float(kw.get("lr", SIGN_LR)),
+                          local_steps=int(kw.get("steps", SIGN_STEPS)),
+                          vote_cap=float(kw.get("cap", 0.0)),
+                          batch_by_profile=batch_by_compute([cat.get(p) for p in profiles]))
+
+
 def grid(args) -> list[tuple[str, SimOptions, list[int]]]:
     """(arm name, options, seeds), most needed first (a bench stopped early has the
     acceptance cells): fp32 clean and with 4 attackers on the first seed, then on the
@@ -82,13 +104,17 @@ def grid(args) -> list[tuple[str, SimOptions, list[int]]]:
                 tiers.append((codec, args.onebit_rules.split(","), ["none", *kinds], side))
     if not args.quick:
         tiers.append(("fp32", list(RULES), [f"{k}:2" for k in KINDS], side))
+        tiers += [("sign", list(SIGN_RULES), list(SIGN_ATTACKS), side),
+                  ("sign", list(SIGN_SWEEP), ["none"], side)]
     out = []
     for i, (codec, rules, attacks, tier_seeds) in enumerate(tiers):
         for attack in attacks:
             for rule in rules:
+                how = dict(strategy="signsgd", strategy_options=sign_of(rule, b.profiles)) \
+                    if codec == "sign" else dict(strategy_options=robust_of(rule))
                 out.append((f"{codec}|{rule}|{attack}", replace(
-                    b, codec=codec, attack="" if attack == "none" else attack,
-                    strategy_options=robust_of(rule)), tier_seeds))
+                    b, codec=codec, attack="" if attack == "none" else attack, **how),
+                    tier_seeds))
         if i == 1:  # plain FedAvg, its 4 first devices never joining
             out.append((ORACLE, replace(b, attack=ORACLE.split("|")[2]), seeds))
     return out
@@ -281,7 +307,9 @@ def to_markdown(res: dict) -> str:
     for codec in onebit:
         rules = sorted({a.split("|")[1] for a in s if a.startswith(codec + "|")})
         rows = [a for a in attacks if a == "none" or a.endswith(":4")]
-        lines += ["", f"## {codec} (1-bit masks)\n", *_table(s, codec, rules, rows)]
+        title = f"signSGD-FV, codec sign (server step {SIGN_LR:g}, {SIGN_STEPS} local " \
+            "step(s) unless the column says)" if codec == "sign" else f"{codec} (1-bit masks)"
+        lines += ["", f"## {title}\n", *_table(s, codec, rules, rows)]
     if res["dp_noise"]:
         lines += ["", "## Central DP (every device every round)\n",
                   *dp_table(res)]

@@ -20,9 +20,12 @@ def test_arms_are_run_in_the_order_named_on_every_seed():
     assert (oracle.attack, oracle.strategy_options, oracle.rounds) == ("absent:4", None, 20)
 
 
-def test_the_whole_grid_has_the_oracle_on_every_seed():
+def test_the_whole_grid_has_the_oracle_on_every_seed_and_signsgd_with_a_vote_cap():
     tasks = chosen(parser().parse_args([]))
     assert [s for n, _, s in tasks if n == ORACLE] == [0, 1, 2]
+    sign = {n: o for n, o, _ in tasks}["sign|fv cap:0.1|replace:4"]
+    assert (sign.strategy, sign.codec, sign.attack) == ("signsgd", "sign", "replace:4")
+    assert (sign.strategy_options.decoder, sign.strategy_options.vote_cap) == ("fv", 0.1)
 
 
 def test_an_unknown_arm_is_a_one_line_error():
