@@ -18,7 +18,8 @@ the same rounds, every device in every round (sampling rate 1).
 
 ``fp32|oracle|absent:4``: FedAvg over the 16 honest devices only (the attackers' four
 never join; the others keep their shards of the 20-device partition), the ceiling of
-any rule that removes the attackers. The md's ``## Findings`` on are kept when the
+any rule that removes the attackers. ``sign|fv[ cap:C]|attack``: signSGD-FV (codec
+sign), without and with ``--vote-cap``. The md's ``## Findings`` on are kept when the
 tables are written again.
 """
 from __future__ import annotations
