@@ -47,9 +47,10 @@ def traffic_line(t: Traffic, codec: str, downlink: str, rounds: int, accuracy: f
             f"would have sent {t.fp32 / mb:.1f} MB for the same rounds: {t.ratio:.1f}x less")
 
 
-def variant_rows(manifest_path: Path) -> list[dict]:
-    """One row per profile of the export: its plan and its artifacts as measured in
-    ONNX Runtime when they were exported (``parity``)."""
+def variant_rows(manifest_path: Path, shared: dict[str, str] | None = None) -> list[dict]:
+    """One row per profile: its plan and its artifacts as measured in ONNX Runtime
+    when they were exported (``parity``); ``shared``: profile -> the exported profile
+    whose variant it gets (the row names it in ``same_as``)."""
     from device_runtime.manifest import load_manifest
 
     m = load_manifest(manifest_path)
@@ -64,13 +65,19 @@ def variant_rows(manifest_path: Path) -> list[dict]:
                      "fp32_kb": round(size(full), 1),
                      "int8_kb": round(size(int8), 1) if int8 else None,
                      "accuracy_fp32": full.parity.get("accuracy"),
-                     "accuracy_int8": int8.parity.get("accuracy") if int8 else None})
-    return rows
+                     "accuracy_int8": int8.parity.get("accuracy") if int8 else None,
+                     "same_as": None})
+    by_name = {r["profile"]: r for r in rows}
+    return [dict(by_name[rep], profile=name, same_as=None if rep == name else rep)
+            for name, rep in (shared or {r["profile"]: r["profile"] for r in rows}).items()]
 
 
 def variant_lines(rows: list[dict]) -> list[str]:
     out = ["variant per profile (fedge export; accuracy measured in ONNX Runtime):"]
     for r in rows:
+        if r["same_as"]:
+            out.append(f"  {r['profile']:17s} the same variant as {r['same_as']}")
+            continue
         int8 = (f"int8 {r['int8_kb']:.0f} KB acc {r['accuracy_int8']:.4f}"
                 if r["int8_kb"] is not None else "int8 -")
         out.append(f"  {r['profile']:17s} pruned {100 * r['prune_ratio']:3.0f}%  "
