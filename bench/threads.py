@@ -44,22 +44,22 @@ def _pretrain(tree: str, out: Path, epochs: int, dataset: str) -> list[str]:
             "--model", "cnn", "--epochs", str(epochs), "--out", str(out)]
 
 
-def one(tree: str, epochs: int, busy: bool, work: Path) -> dict:
-    """(wall s, CPU s) of one pre-training, with or without the neighbour."""
-    neighbour = None
-    if busy:
-        neighbour = subprocess.Popen(_pretrain(tree, work / "n.safetensors", 1000,
-                                               "mnist1d:20000"), env=_env(tree),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(3.0)  # past its imports and data generation: training
+def one(tree: str, epochs: int, neighbours: int, work: Path) -> dict:
+    """(wall s, CPU s) of one pre-training, beside ``neighbours`` busy ones."""
+    others = [subprocess.Popen(_pretrain(tree, work / f"n{i}.safetensors", 1000,
+                                         "mnist1d:20000"), env=_env(tree),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+              for i in range(neighbours)]
+    if others:
+        time.sleep(3.0 + neighbours)  # past their imports and data generation: training
     t0 = time.perf_counter()
     p = subprocess.Popen(_pretrain(tree, work / "m.safetensors", epochs, "mnist1d"),
                          env=_env(tree), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
-    if neighbour is not None:
-        neighbour.kill()
-        neighbour.wait()
+    for n in others:
+        n.kill()
+        n.wait()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"pretrain in {tree} failed: {p.stderr.read().decode()[-300:]}")
     return {"wall_s": round(wall, 3), "cpu_s": round(ru.ru_utime + ru.ru_stime, 3)}
@@ -72,7 +72,8 @@ def run(args) -> dict:
         for _ in range(args.reps):
             for name, path in trees.items():
                 for case in ("alone", "busy"):
-                    r = one(path, args.epochs, case == "busy", Path(d))
+                    r = one(path, args.epochs, args.neighbours if case == "busy" else 0,
+                            Path(d))
                     runs[name][case].append(r)
                     print(f"{name} {case}: {r}", flush=True)
     rows = []
@@ -85,13 +86,15 @@ def run(args) -> dict:
                      "wall_ratio": med["busy"]["wall_s"] / med["alone"]["wall_s"],
                      "runs": cases})
     return {"bench": "threads", "machine": machine(), "command": command(__file__),
-            "epochs": args.epochs, "reps": args.reps, "load": os.getloadavg(), "rows": rows}
+            "epochs": args.epochs, "neighbours": args.neighbours, "reps": args.reps,
+            "load": os.getloadavg(), "rows": rows}
 
 
 def to_markdown(res: dict) -> str:
-    lines = ["# `fedge pretrain` alone and beside a busy fedge process", "",
+    lines = [f"# `fedge pretrain` alone and beside {res['neighbours']} busy fedge "
+             "process(es)", "",
              f"`fedge pretrain --dataset mnist1d --model cnn --epochs {res['epochs']}`, "
-             f"medians of {res['reps']} runs per cell, interleaved; the neighbour: the same "
+             f"medians of {res['reps']} runs per cell, interleaved; each neighbour: the same "
              f"tree's pre-training on mnist1d:20000, already training. Machine "
              f"{res['machine']}; load average at the end "
              f"{', '.join(f'{v:.2f}' for v in res['load'])}; code {res.get('code', '?')}.", "",
@@ -110,6 +113,8 @@ def main() -> None:
     ap.add_argument("--tree", action="append", required=True, help="NAME=PATH")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--neighbours", type=int, default=1, help="busy fedge processes beside "
+                    "the measured one in the busy case")
     ap.add_argument("--json", default="runs/bench_threads.json")
     ap.add_argument("--md")
     args = ap.parse_args()
