@@ -2,11 +2,12 @@
 a second busy fedge process, for each code tree given (e.g. the code before the
 thread policy, in a detached worktree, and this one).
 
-Each measured run is ``python -m toolkit.cli.main pretrain`` from the tree, in a fresh
-process, with the tree's own thread policy (nothing set in the environment). The
-neighbour is the same tree's pre-training of a bigger dataset, started first and
-killed when the measured run ends, so a tree is measured against its own kind, as a
-user running two fedge commands would see it. Runs are interleaved between the trees
+Each measured run is ``python -m toolkit.cli.main pretrain`` from the tree (its cwd and
+PYTHONPATH: ``-m`` puts the cwd first on the path), in a fresh process, with the
+tree's own thread policy (nothing set in the environment). The ``--neighbours`` are
+the same tree's pre-trainings of a bigger dataset, started first and killed when the
+measured run ends, so a tree is measured against its own kind, as a user running
+several fedge commands would see it. Runs are interleaved between the trees
 (``--reps`` each); CPU time is the measured process's user + system time
 (``os.wait4``), medians reported with the contended/alone ratios.
 
@@ -47,14 +48,15 @@ def _pretrain(tree: str, out: Path, epochs: int, dataset: str) -> list[str]:
 def one(tree: str, epochs: int, neighbours: int, work: Path) -> dict:
     """(wall s, CPU s) of one pre-training, beside ``neighbours`` busy ones."""
     others = [subprocess.Popen(_pretrain(tree, work / f"n{i}.safetensors", 1000,
-                                         "mnist1d:20000"), env=_env(tree),
+                                         "mnist1d:20000"), env=_env(tree), cwd=tree,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
               for i in range(neighbours)]
     if others:
         time.sleep(3.0 + neighbours)  # past their imports and data generation: training
     t0 = time.perf_counter()
     p = subprocess.Popen(_pretrain(tree, work / "m.safetensors", epochs, "mnist1d"),
-                         env=_env(tree), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                         env=_env(tree), cwd=tree, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     for n in others:
