@@ -134,11 +134,13 @@ def orchestration(url: str, devices: int, rounds: int) -> dict:
 
 
 def to_markdown(res: dict) -> str:
-    out = ["# Field loop benchmark\n", f"Machine: {res['machine']}. Command: `{res['command']}`.\n",
-           "## Broker throughput (QoS 1, one publisher, one subscriber, frames above "
-           "128 KB chunked as fedge sends them)\n",
-           "| frame size | amqtt frames/s | amqtt MB/s | Mosquitto frames/s | Mosquitto MB/s |",
-           "|---|---|---|---|---|"]
+    out = ["# Field loop benchmark\n", f"Machine: {res['machine']}. Command: `{res['command']}`.\n"]
+    if res["throughput"]:
+        out += ["## Broker throughput (QoS 1, one publisher, one subscriber, frames above "
+                "128 KB chunked as fedge sends them)\n",
+                "| frame size | amqtt frames/s | amqtt MB/s | Mosquitto frames/s "
+                "| Mosquitto MB/s |",
+                "|---|---|---|---|---|"]
     for a, m in zip(res["throughput"].get("amqtt", []), res["throughput"].get("mosquitto", [])):
         fmt = lambda v: "failed" if v is None else v
         out.append(f"| {a['size'] // 1024} KB | {fmt(a['frames_per_s'])} | {fmt(a['mb_per_s'])} "
