@@ -45,13 +45,18 @@ from broker_server.errors import BrokerServerError
 log = logging.getLogger("fedge.server")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Temp file, rename; ``durable``: fsync the file before and its folder after
+    (without: the caller syncs later, as ``StateStore.sync_updates`` does)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -196,9 +201,7 @@ class StateStore:
         d = self.root / f"round-{round_}"
         d.mkdir(exist_ok=True)
         path = d / f"{_safe(device)}.fdg"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
+        atomic_write(path, payload, durable=False)
         self.unsynced.append(path)
 
     def sync_updates(self) -> None:

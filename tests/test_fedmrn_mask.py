@@ -63,3 +63,29 @@ def test_two_draws_differ_and_a_seed_repeats():
     assert (a == b).all() and 0 <= a.min() and a.max() < 1
     uniform16(np.random.default_rng(2), b)
     assert (a != b).mean() > 0.99
+
+
+def test_a_weight_the_loss_does_not_use_keeps_its_value():
+    """A masked weight with no gradient (a layer the forward skips) takes no step and
+    keeps its reference value, as a parameter SGD never touched."""
+    from device_runtime.training.fedmrn import train_fedmrn
+    from device_runtime.training.local import LocalTrainOptions
+
+    class Partly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = Partly()
+    before = model.unused.weight.detach().clone()
+    used_before = model.used.weight.detach().clone()
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    y = np.arange(64) % 3
+    res = train_fedmrn(model, x, y, LocalTrainOptions(epochs=1, batch_size=16), seed=3,
+                       device="d")
+    assert np.array_equal(res.weights["unused.weight"], before.numpy())
+    assert not np.array_equal(res.weights["used.weight"], used_before.numpy())  # trained

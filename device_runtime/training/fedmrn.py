@@ -61,8 +61,10 @@ def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrai
             loss.backward()
             opt.step()
             with torch.no_grad():  # straight through: d loss / d u is d loss / d weight
-                for k in names:
-                    ratio[k].addcdiv_(params[k].grad, noises[k], value=-mask_lr).clamp_(*band)
+                for k in names:  # a weight the loss did not use has no gradient: no step
+                    if params[k].grad is not None:
+                        ratio[k].addcdiv_(params[k].grad, noises[k], value=-mask_lr)
+                        ratio[k].clamp_(*band)
             step += 1
             total += mean * len(idx)
             seen += len(idx)

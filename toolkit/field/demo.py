@@ -153,6 +153,7 @@ def _report(demo: DemoJob, job: str, history: list[dict], seconds: float) -> dic
 
 def _finish(demo: DemoJob, job: str, work: Path, keys, history: list[dict]) -> dict:
     """Each profile's variant of the final model (printed), and the traffic line."""
+    from device_runtime.training.local import weights_of
     from toolkit.field import demo_report
     from toolkit.model import checkpoint
 
@@ -164,9 +165,7 @@ def _finish(demo: DemoJob, job: str, work: Path, keys, history: list[dict]) -> d
         out["variants"] = demo_report.variant_rows(manifest, shared)
         out["export_seconds"] = round(time.time() - t, 1)
         print("\n".join(demo_report.variant_lines(out["variants"])))
-    weights = {k: v.detach().numpy() for k, v in final.model.state_dict().items()
-               if v.is_floating_point()}
-    t = demo_report.traffic(history, demo_report.fp32_frame_bytes(job, weights))
+    t = demo_report.traffic(history, demo_report.fp32_frame_bytes(job, weights_of(final.model)))
     out["traffic"] = {"sent_bytes": t.sent, "fedavg_fp32_bytes": t.fp32,
                       "ratio": round(t.ratio, 2)}
     print(demo_report.traffic_line(t, demo.codec, demo.downlink, len(history),
