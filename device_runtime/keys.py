@@ -24,25 +24,16 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from device_runtime.digest import sha256_hex
 from device_runtime.errors import TrustError
-from device_runtime.files import read_bytes
+from device_runtime.raw_keys import ed25519_raw, raw_key_id, read_key_file
 
 REGISTRY_FORMAT = "fedge-registry/1"
 SIGNATURE_BYTES = 64
-MAX_KEY_FILE = 64 * 1024  # a PEM key is ~120 bytes; never read a huge file as one
 MAX_REGISTRY_FILE = 64 << 20  # ~60 bytes a device: room for a million devices
 
 # Benchmark-only: bench/signing.py sets it to measure a round without signatures, side
 # by side with the signed one. Nothing else may set it; a test checks it is off.
 BENCH_ONLY_SKIP_SIGNATURES = False
-
-
-# An Ed25519 SubjectPublicKeyInfo in DER is this 12-byte header and the 32-byte key
-# (RFC 8410). Reading it directly spares a device the import of cryptography's
-# serialization package (SSH, PKCS#12, ...) on every start; anything else is read by
-# cryptography, which names what it is.
-_SPKI_ED25519 = bytes.fromhex("302a300506032b6570032100")
 
 
 def _serialization():
@@ -53,8 +44,7 @@ def _serialization():
 
 def key_id(public_key: Ed25519PublicKey) -> str:
     """First 16 hex digits of the sha256 of the raw 32-byte public key."""
-    raw = public_key.public_bytes_raw()
-    return sha256_hex(raw)[:16]
+    return raw_key_id(public_key.public_bytes_raw())
 
 
 @dataclass(frozen=True)
@@ -118,7 +108,7 @@ class Signer:
     def load(cls, path: str | Path) -> "Signer":
         """The Ed25519 private key in PEM file ``path`` (TrustError naming the file)."""
         path = Path(path).expanduser()
-        return cls.from_pem(_read(path, "signing key"), str(path))
+        return cls.from_pem(read_key_file(path, "signing key"), str(path))
 
     @classmethod
     def from_pem(cls, data: bytes, path: str = "(in memory)") -> "Signer":
@@ -160,7 +150,7 @@ class Signer:
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
     """The Ed25519 public key in PEM file ``path``, or TrustError naming the file."""
     path = Path(path)
-    data = _read(path, "trusted key")
+    data = read_key_file(path, "trusted key")
     key = _ed25519_pem(data)
     if key is not None:
         return key
@@ -177,25 +167,11 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
 
 
 def _ed25519_pem(data: bytes) -> Ed25519PublicKey | None:
-    """The key of a one-block "PUBLIC KEY" PEM holding an Ed25519 SPKI, else None."""
-    lines = data.strip().splitlines()
-    if len(lines) < 3 or lines[0] != b"-----BEGIN PUBLIC KEY-----" \
-            or lines[-1] != b"-----END PUBLIC KEY-----":
-        return None
-    try:
-        der = base64.b64decode(b"".join(lines[1:-1]), validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    if len(der) != 44 or not der.startswith(_SPKI_ED25519):
-        return None
-    return Ed25519PublicKey.from_public_bytes(der[12:])
+    """The key of a one-block "PUBLIC KEY" PEM holding an Ed25519 SPKI, else None: read
+    directly, it spares a device cryptography's serialization package (SSH, PKCS#12...)."""
+    raw = ed25519_raw(data)
+    return None if raw is None else Ed25519PublicKey.from_public_bytes(raw)
 
-
-def _read(path: Path, what: str, limit: int = MAX_KEY_FILE) -> bytes:
-    data = read_bytes(path, what, TrustError, at_most=limit + 1, missing="does not exist")
-    if len(data) > limit:
-        raise TrustError(f"{what} {path}: expected at most {limit} bytes")
-    return data
 
 
 @dataclass(frozen=True)
@@ -251,7 +227,7 @@ class Registry:
     @classmethod
     def load(cls, path: str | Path) -> "Registry":
         path = Path(path)
-        return cls.loads(_read(path, "registry", MAX_REGISTRY_FILE), str(path))
+        return cls.loads(read_key_file(path, "registry", MAX_REGISTRY_FILE), str(path))
 
 
 class RegistryFile:

@@ -185,13 +185,15 @@ def _check_digest(artifact: Artifact, digest: str) -> None:
             f"{artifact.sha256[:12]}..., file {digest[:12]}...)")
 
 
-def load_manifest(path: str | Path, trust: str | Path | None = None) -> Manifest:
+def load_manifest(path: str | Path, trust: str | Path | None = None,
+                  verified: Path | None = None) -> Manifest:
     """The manifest at ``path`` (a manifest.json or its folder).
 
     With ``trust`` (a public key file), the signature beside the manifest is
     verified on the bytes read, before any of them is parsed or used; a failure
     raises SignatureError, and an unversioned ``fedge-manifest/1`` raises
-    ExportRefusedError. Artifacts are verified later, one by one.
+    ExportRefusedError. ``verified``: a device's cache of signatures checked before
+    (``device_runtime.verified``). Artifacts are verified later, one by one.
     """
     path = Path(path)
     if path.is_dir():
@@ -202,7 +204,7 @@ def load_manifest(path: str | Path, trust: str | Path | None = None) -> Manifest
         raise ManifestError(f"manifest {path} does not exist") from None
     except OSError as e:
         raise ManifestError(f"manifest {path} is not readable: {e.strerror or e}") from None
-    key_id = verify_bytes(raw, path, trust) if trust is not None else None
+    key_id = verify_bytes(raw, path, trust, verified) if trust is not None else None
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -78,9 +78,9 @@ class Predictor:
         ``trust`` (a public key file) the manifest's signature is verified first,
         then its job and version against ``policy`` (default ``ExportPolicy()``),
         and the version is recorded as accepted once the models loaded. ``samples``:
-        how many samples the caller will run, if it knows; with ``threads`` = 0 a model
-        whose run is small (``SMALL_RUN_MACS``) then gets one thread (not with
-        ``FEDGE_THREADS`` set).
+        how many samples the caller will run, if it knows: a model whose run is small
+        (``SMALL_RUN_MACS``) then skips ONNX Runtime's graph rewrites and, with
+        ``threads`` = 0 and no ``FEDGE_THREADS``, gets one thread.
         """
         if threads < 0:
             raise ValueError(f"threads: expected >= 0, got {threads}")
@@ -89,14 +89,14 @@ class Predictor:
         if precision not in PRECISIONS:
             raise ManifestError(f"precision: expected one of {', '.join(PRECISIONS)}, "
                                 f"got {precision!r}")
-        manifest = load_manifest(path, trust=trust)
         policy = policy or ExportPolicy()
+        manifest = load_manifest(path, trust=trust, verified=policy.verified_path)
         if trust is not None:  # an unsigned manifest's version proves nothing
             check_binding(manifest, policy)
         entry = manifest.device(device)
         artifacts = _pick_bases(entry, precision) or [_pick_full(entry, precision)]
-        sessions = [open_verified(manifest, a, _threads_for(a, threads, samples))
-                    for a in artifacts]
+        sessions = [open_verified(manifest, a, _threads_for(a, threads, samples),
+                                  optimize=not _small_run(a, samples)) for a in artifacts]
         if trust is not None:
             record(manifest, policy)
         pred = cls(manifest, entry, artifacts, sessions, batch_size)
@@ -217,23 +217,30 @@ def _pick_full(entry: DeviceEntry, precision: str) -> Artifact:
     return a if a is not None else entry.find("full", precision, "onnx")
 
 
+def _small_run(artifact: Artifact, samples: int | None) -> bool:
+    """Whether the caller's run is known to be small (``SMALL_RUN_MACS``)."""
+    return samples is not None and artifact.macs > 0 and \
+        samples * artifact.macs <= SMALL_RUN_MACS
+
+
 def _threads_for(artifact: Artifact, threads: int, samples: int | None) -> int:
     """``threads``, or 1 for a small known run (``SMALL_RUN_MACS``) unless the caller or
     ``FEDGE_THREADS`` chose a number, or the manifest does not know the model's MACs."""
-    if threads or samples is None or artifact.macs <= 0 or threads_forced():
+    if threads or threads_forced():
         return threads
-    return 1 if samples * artifact.macs <= SMALL_RUN_MACS else threads
+    return 1 if _small_run(artifact, samples) else threads
 
 
-def open_verified(manifest: Manifest, artifact: Artifact,
-                  threads: int = 0) -> ort.InferenceSession:
-    """A session on ``artifact``'s bytes, once they match the manifest's sha256.
+def open_verified(manifest: Manifest, artifact: Artifact, threads: int = 0,
+                  optimize: bool = True) -> ort.InferenceSession:
+    """A session on ``artifact``'s bytes, once they match the manifest's sha256
+    (``optimize``: ``open_session``'s).
 
     ONNX Runtime gets the bytes that were hashed, never the path: a file swapped
     between the check and the load cannot be what runs."""
     data = manifest.read_verified(artifact)  # before ORT parses a single byte of it
     try:
-        return open_session(data, threads)
+        return open_session(data, threads, optimize=optimize)
     except FedgeError:  # e.g. FEDGE_ORT_PROVIDERS names a provider this machine lacks
         raise
     except Exception as e:  # ORT raises its own pybind types, with no common base

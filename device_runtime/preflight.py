@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_runtime.errors import ManifestError, TrustError
-from device_runtime.keys import Signer
+from device_runtime.keys import Signer, load_public_key
 from device_runtime.manifest import Artifact, DeviceEntry, load_manifest
 from device_runtime.rollback import ExportPolicy, check_binding, record
-from device_runtime.signing import load_public_key
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from device_runtime import verified
 from device_runtime.errors import ExportRefusedError
 from device_runtime.manifest import Manifest
 from device_runtime.signing import parse_document
@@ -58,6 +59,11 @@ class ExportPolicy:
     @property
     def ledger_path(self) -> Path:
         return self.ledger if self.ledger is not None else fedge_home() / LEDGER_NAME
+
+    @property
+    def verified_path(self) -> Path:
+        """The cache of manifest signatures checked before, beside the ledger."""
+        return self.ledger_path.with_name(verified.CACHE_NAME)
 
 
 def check_binding(manifest: Manifest, policy: ExportPolicy,

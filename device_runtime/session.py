@@ -68,11 +68,13 @@ def default_providers() -> list[str]:
 
 
 def open_session(model: str | Path | bytes, threads: int = 0,
-                 providers: list[str] | None = None) -> ort.InferenceSession:
+                 providers: list[str] | None = None,
+                 optimize: bool = True) -> ort.InferenceSession:
     """A session on ``model`` (a path, or the model's bytes); ``threads`` = 0: this
     process's share of the cores (``device_runtime.threads``; ONNX Runtime's own
     default takes every core in every process); ``providers`` defaults to
-    ``default_providers()``.
+    ``default_providers()``. ``optimize=False`` skips ONNX Runtime's graph rewrites:
+    for a run of a few samples they cost more than they save (docs/results/startup.md).
 
     If creating it fails with a provider other than the last, it is tried again
     with the rest of the list; the last failure is raised as it is.
@@ -81,6 +83,8 @@ def open_session(model: str | Path | bytes, threads: int = 0,
     so.log_severity_level = 3  # errors only: warnings about unused initializers are noise
     so.intra_op_num_threads = threads or thread_budget()
     so.inter_op_num_threads = 1
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     chain = list(providers) if providers else default_providers()
     src = model if isinstance(model, bytes) else str(model)
     what = "the model" if isinstance(model, bytes) else Path(model).name

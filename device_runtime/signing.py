@@ -21,11 +21,10 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from cryptography.exceptions import InvalidSignature
-
+from device_runtime import verified
 from device_runtime.errors import SignatureError
 from device_runtime.files import read_bytes
-from device_runtime.keys import key_id, load_public_key  # noqa: F401  (re-exported)
+from device_runtime.raw_keys import ed25519_raw, raw_key_id, read_key_file
 
 SIG_FORMAT = "fedge-signature/1"
 ALG = "ed25519"
@@ -52,24 +51,52 @@ def verify_manifest(manifest_path: str | Path, public_key_path: str | Path) -> s
 
 
 def verify_bytes(data: bytes, manifest_path: str | Path,
-                 public_key_path: str | Path) -> str:
+                 public_key_path: str | Path, cache: Path | None = None) -> str:
     """Check ``data`` (the bytes of ``manifest_path``) against the signature beside that
-    file and the trusted key; returns the key id."""
+    file and the trusted key; returns the key id. With ``cache`` (a device's
+    ``device_runtime.verified`` file), a signature checked before is taken as checked
+    (without importing cryptography) and a newly checked one is recorded."""
     manifest_path = Path(manifest_path)
-    trusted = load_public_key(public_key_path)
-    trusted_id = key_id(trusted)
+    raw_key = _trusted_raw(public_key_path)
+    trusted_id = raw_key_id(raw_key)
     sig_path = signature_path(manifest_path)
     doc = _read_signature(sig_path, manifest_path)
     if doc["key_id"] != trusted_id:
         raise SignatureError(f"manifest {manifest_path} is signed by key {doc['key_id']}, "
                              f"not by the trusted key {trusted_id} ({public_key_path})")
-    try:
-        trusted.verify(doc["signature"], data)
-    except InvalidSignature:
+    tok = verified.token(raw_key, doc["signature"], data) if cache is not None else ""
+    if cache is not None and verified.known(cache, tok):
+        return trusted_id
+    if not _ed25519_valid(raw_key, doc["signature"], data):
         raise SignatureError(f"manifest {manifest_path} does not match its signature "
                              f"{sig_path.name} (key {trusted_id}): modified after "
-                             "signing") from None
+                             "signing")
+    if cache is not None:
+        verified.remember(cache, tok)
     return trusted_id
+
+
+def _ed25519_valid(raw_key: bytes, signature: bytes, data: bytes) -> bool:
+    # cryptography is imported here, only when a check runs: 7 MB of a device's start
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        Ed25519PublicKey.from_public_bytes(raw_key).verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _trusted_raw(path: str | Path) -> bytes:
+    """The trusted key's 32 raw bytes: read directly from the PEM fedge writes, or by
+    ``device_runtime.keys`` (cryptography) for any other form, which it names."""
+    raw = ed25519_raw(read_key_file(path, "trusted key"))
+    if raw is not None:
+        return raw
+    from device_runtime.keys import load_public_key
+
+    return load_public_key(path).public_bytes_raw()
 
 
 def parse_document(raw: bytes, fmt: str, bad: Callable[[str], Exception]) -> dict:

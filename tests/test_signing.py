@@ -15,13 +15,14 @@ import pytest
 
 from device_runtime import messages
 from device_runtime.errors import ManifestError, SignatureError
+from device_runtime.keys import key_id, load_public_key
 from device_runtime.manifest import load_manifest, sha256_file
 from device_runtime.predictor import Predictor
-from device_runtime.signing import key_id, load_public_key, verify_manifest
+from device_runtime.signing import verify_manifest
 from device_runtime.transport.mqtt import MqttTransport
-from tests.conftest import EXPORT_JOB, assert_one_line_error, run_fedge
 from testkit.field import wait_for
 from testkit.timing import scaled
+from tests.conftest import EXPORT_JOB, assert_one_line_error, run_fedge
 from toolkit.cli.main import main
 from toolkit.deploy.signing import ensure_key, public_key_path
 
@@ -227,10 +228,10 @@ def _agents(url, job, n, manifest, trust):
 def test_device_refuses_a_tampered_export_and_the_aggregator_reports_it(
         fleet_export, export_key, mosquitto, tmp_path, caplog):
     from broker_server.service import Aggregator, ServeOptions
-    from device_runtime.training.local import weights_of
-    from device_runtime.training.models import ModelConfig, build_model
     from broker_server.trust import ServerTrust
     from device_runtime.keys import Signer
+    from device_runtime.training.local import weights_of
+    from device_runtime.training.models import ModelConfig, build_model
     from device_runtime.transport.mqtt import MqttTransport
     from tests.keys import KEYS
 

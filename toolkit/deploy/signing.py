@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_runtime.files import read_bytes
+from device_runtime.keys import key_id
 from device_runtime.rollback import fedge_home  # noqa: F401  (re-exported)
-from device_runtime.signing import ALG, SIG_FORMAT, key_id, signature_path
+from device_runtime.signing import ALG, SIG_FORMAT, signature_path
 from toolkit.errors import UsageError
 
 KEY_NAME = "signing.key"
