@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from toolkit import strategies
+from toolkit.strategies.spec import PAPER
 
 
 def name_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,12 @@ def options(args: argparse.Namespace, cat, profiles: list[str], devices: int = 0
 
     spec = strategies.get(args.strategy)
     refuse_unused(args, args.strategy, spec.flags)
+    if getattr(args, "paper", False) and PAPER not in spec.flags:
+        from toolkit.errors import UsageError
+
+        have = [n for n in strategies.names() if PAPER in strategies.spec(n).flags]
+        raise UsageError(f"--paper: strategy {args.strategy} has no paper mode (these do: "
+                         f"{', '.join(have) or 'none'})")
     if spec.from_args is None:
         return None
     return spec.from_args(args, strategies.ArgsContext(cat, profiles, devices,

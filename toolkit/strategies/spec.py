@@ -6,6 +6,7 @@ given, whose devices each train the whole model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,6 +20,22 @@ class Flag:
 
     names: tuple[str, ...]
     kwargs: dict = field(default_factory=dict)
+
+
+# Shared by every strategy with a paper mode: its options as the paper publishes them
+# (the options class's ``paper()``, documented in docs/ALGORITHMS.md, "Paper modes").
+PAPER = Flag(("--paper",), {
+    "action": "store_true",
+    "help": "run the method as its paper publishes it, not fedge's tuned defaults "
+            "(docs/ALGORITHMS.md, 'Paper modes'); flags given explicitly still win"})
+
+
+def options_from(args: argparse.Namespace, cls: type, **given: Any):
+    """``cls.paper()`` with ``--paper``, else ``cls()``, with each option in ``given``
+    (field name = value from a flag) laid over it unless the value is None, the flag's
+    "not given". A strategy with a paper mode gives its flags ``default=None`` for this."""
+    base = cls.paper() if getattr(args, "paper", False) else cls()
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
 @dataclass(frozen=True)
