@@ -44,7 +44,7 @@ class DeviceEvaluation:
                                            weights))
         model_topic = agg.topics.model(number, "full")
         sent = agg.t.publish(model_topic, frame, retain=True)
-        deadline = time.time() + agg.opts.round_timeout
+        deadline = messages.task_deadline(agg.opts.round_timeout, time.time())
         tasks: dict[str, tuple[messages.Task, str]] = {}
         for d in agg._online():
             task = messages.Task(

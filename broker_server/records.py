@@ -95,8 +95,8 @@ def round_record(rs, accuracy: float | None, duplicates: int, rejected: int) -> 
             "downlink_bytes": rs.downlink_bytes, "devices_reporting": len(updates),
             "devices_assigned": len(rs.assigned),
             "seconds": round(time.time() - rs.started, 3),
-            "train_seconds_max": max((u.get("train_seconds", 0.0) for u in updates),
-                                     default=0.0),
+            "train_seconds_max": max((messages.seconds_of(u.get("train_seconds"))
+                                      for u in updates), default=0.0),
             "accepted": sorted(rs.accepted),
             **train_loss(rs.accepted),
             # The guard's measure of each accepted update (docs/results/guard.md).

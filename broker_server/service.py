@@ -163,7 +163,7 @@ class Aggregator:
     def _run_round(self, r: int) -> None:
         self._wait_for_devices(time.time())
         rs = self.round = RoundState(r, started=time.time())
-        rs.deadline = rs.started + self.opts.round_timeout
+        rs.deadline = messages.task_deadline(self.opts.round_timeout, rs.started)
         self._publish_models(rs)
         ctx = CodecContext(round=r, seed=self._task_seed(r), reference=rs.reference)
         rs.fold = self.strategy.fold(r, rs.reference, self.codec, ctx)

@@ -106,6 +106,37 @@ class Task:
     session: str = ""  # the plan's session
 
 
+def task_deadline(seconds: float, now: float) -> float:
+    """``now + seconds``, up to the next whole second: a whole float's JSON has the same
+    length every time (the deadline sent at 12.5 s past a second would be one byte
+    longer than one at 12.25 s), so the bytes a run counts do not depend on the clock."""
+    return float(math.ceil(now + seconds))
+
+
+SECONDS_WIDTH = 10  # "00002.0318": up to 99999.9999 s
+
+
+def fixed_seconds(seconds: float) -> str:
+    """A measured duration for a frame's meta, as text of a fixed width: a number's JSON
+    is as long as its digits, and an update's bytes (which runs count) must not depend
+    on how long this machine took. ``seconds_of`` reads it back."""
+    return f"{min(max(seconds, 0.0), 99999.9999):0{SECONDS_WIDTH}.4f}"
+
+
+def seconds_of(value: object) -> float:
+    """A duration from a frame's meta: ``fixed_seconds`` text or a plain number (older
+    devices); 0.0 for anything else (meta is the device's word)."""
+    if isinstance(value, str) and len(value) <= SECONDS_WIDTH:
+        try:
+            value = float(value)
+        except ValueError:
+            return 0.0
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value):
+        return float(value)
+    return 0.0
+
+
 @dataclass(frozen=True)
 class Control:
     """On ``control``: the job's end (or a pause)."""

@@ -54,7 +54,7 @@ def train_task(agent, task: messages.Task, frame_bytes: bytes, model, shapes: di
     return wire.encode(wire.Frame(
         "update", agent.opts.job, task.round, agent.device, task.codec, tensors, params,
         {"samples": res.samples, "loss": round(res.loss, 6),
-         "train_seconds": round(res.seconds, 4), "variant": task.variant,
+         "train_seconds": messages.fixed_seconds(res.seconds), "variant": task.variant,
          "via": agent._via}, nonce=task.nonce), signer=agent.key)
 
 

@@ -271,7 +271,9 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
                                                                       opts.custom_models())
     ckpt = checkpoint.Checkpoint(cfg, model, dataset=datasets.spec_for(opts.dataset))
     macs, _ = count_macs(model, checkpoint.example_input(cfg))
-    job = opts.job or f"sim-{opts.seed}-{np.random.default_rng().integers(1 << 30):x}"
+    # Random, so that runs on one broker never share retained messages; of a fixed
+    # width, so that the bytes counted (the job is in every frame) do not vary with it.
+    job = opts.job or f"sim-{opts.seed}-{np.random.default_rng().integers(1 << 32):08x}"
     shards = [rest[p] for p in parts]
     keys = FleetKeys()  # made on the fly: the signed path is the only path
     if opts.keys_out:
