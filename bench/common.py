@@ -1,7 +1,10 @@
-"""What every benchmark shares: the machine line, the command line, the code version,
-writing results (every JSON records the code it ran: ``code``)."""
+"""What every benchmark shares: the machine line, the command line, the code version and
+the thread settings, writing results (every JSON records the code it ran, ``code``, and
+the threads it ran with, ``threads``: a simulation's figures are reproducible for one
+code version and one thread count on one machine, docs/results/reproducibility.md)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -34,11 +37,59 @@ def code_version() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
+def threads_arg(ap: argparse.ArgumentParser) -> None:
+    """``--threads``, for a bench that runs simulations in its own process(es)."""
+    ap.add_argument("--threads", type=int, help="torch threads of each simulation's server "
+                    "side (default: FEDGE_THREADS, else the cores this process may use); "
+                    "its figures are reproducible for a given count")
+
+
+def use_threads(n: int | None) -> int:
+    """Every simulation this process (and the workers it starts) runs takes ``n``
+    threads (None: the budget as it stands); returns the count."""
+    from device_runtime import threads
+
+    if n is not None:
+        if n < 1:
+            sys.exit(f"--threads: expected >= 1, got {n}")
+        os.environ[threads.ENV] = str(n)  # what run_simulation's budget() reads
+    return threads.budget()
+
+
+def thread_settings() -> dict:
+    """What a simulation's thread count came from: the budget (``FEDGE_THREADS``, else
+    ``OMP_NUM_THREADS``, else the cores this process may use), the variables, and torch's
+    count in this thread if torch is loaded (a simulation pins it to the budget)."""
+    from device_runtime import threads
+
+    out: dict = {"budget": threads.budget(), "cpus": threads.available_cpus()}
+    out.update({k: os.environ.get(k) for k in (threads.ENV, "OMP_NUM_THREADS",
+                                              "MKL_NUM_THREADS", "OMP_WAIT_POLICY")})
+    if "torch" in sys.modules:
+        out["torch"] = sys.modules["torch"].get_num_threads()
+    return out
+
+
+def provenance(parts: list[dict]) -> dict:
+    """``code`` and ``threads`` for results joined from several runs' results: a list of
+    each one's (flattened: a part may be a join itself), so a join of runs of different
+    code or thread counts shows it."""
+    def entries(v):
+        return v if isinstance(v, list) else ["unrecorded" if v is None else v]
+    return {k: [e for p in parts for e in entries(p.get(k))] for k in ("code", "threads")}
+
+
+def this_run() -> dict:
+    """``code`` and ``threads`` of this process, as ``provenance`` takes them."""
+    return {"code": code_version(), "threads": thread_settings()}
+
+
 def write_results(res: dict, json_path: str, md_path: str | None,
                   to_markdown: Callable[[dict], str]) -> None:
-    """JSON always (with the code version), the markdown table when asked; the table is
-    printed too."""
+    """JSON always (with the code version and thread settings), the markdown table when
+    asked; the table is printed too."""
     res.setdefault("code", code_version())
+    res.setdefault("threads", thread_settings())
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(res, indent=1))
     table = to_markdown(res)

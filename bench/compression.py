@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command, machine, write_results  # noqa: E402
+from bench.common import (command, machine, threads_arg, use_threads,  # noqa: E402
+                          write_results)
 
 from broker_server.strategies import SignSGDOptions  # noqa: E402
 from toolkit.sim.simulate import SimOptions, run_simulation  # noqa: E402
@@ -158,7 +159,9 @@ def main() -> None:
     ap.add_argument("--arms", help="comma list (default: all)")
     ap.add_argument("--json", default="runs/bench_compression.json")
     ap.add_argument("--md")
+    threads_arg(ap)
     args = ap.parse_args()
+    use_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = arms(args.devices, args.rounds, args.sign_rounds, args.wide_rounds,
                   args.fedmrn_codec)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command, machine, write_results  # noqa: E402
+from bench.common import (command, machine, threads_arg, use_threads,  # noqa: E402
+                          write_results)
 
 # (label, SimOptions overrides): the brief's run first, then spread-widening variants.
 SETTINGS = (("cnn mnist1d 10 dev alpha 0.5 fp32", {}),
@@ -112,7 +113,9 @@ def main() -> None:
     ap.add_argument("--only", type=int, default=None, help="run only setting number N")
     ap.add_argument("--json", default="docs/results/guard.json")
     ap.add_argument("--md", default=None)
+    threads_arg(ap)
     args = ap.parse_args()
+    use_threads(args.threads)
     chosen = SETTINGS if args.only is None else (SETTINGS[args.only],)
     runs = [measure(label, o, args.rounds, args.seed) for label, o in chosen]
     res = {"machine": machine(), "command": command("bench/guard.py"), "rounds": args.rounds,

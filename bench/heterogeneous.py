@@ -35,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command, machine, write_results  # noqa: E402
+from bench.common import (command, machine, provenance, this_run, threads_arg,  # noqa: E402
+                          use_threads, write_results)
 
 from broker_server.strategies import FedAvgOptions, HeteroFLOptions, SplitMixOptions  # noqa: E402
 from toolkit.strategies.server.heterofl import common_width, full_width_profiles, snap_width  # noqa: E402
@@ -216,7 +217,9 @@ def main() -> None:
     ap.add_argument("--md")
     ap.add_argument("--merge", action="store_true", help="keep the other arms' runs from "
                     "--json (same seeds, devices, rounds and model) and rerun only --arms")
+    threads_arg(ap)
     args = ap.parse_args()
+    use_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     profiles = tuple(args.profiles.split(","))
     chosen = arms(args.devices, args.rounds, args.model, profiles)
@@ -244,7 +247,7 @@ def merged(res: dict, path: str) -> dict:
             sys.exit(f"--merge: {path} has {key} {old.get(key)!r}, this run {res[key]!r}")
     commands = old["command"] if isinstance(old["command"], list) else [old["command"]]
     return {**res, "runs": old["runs"], "predictor_switch": old.get("predictor_switch", {}),
-            "command": [*commands, res["command"]]}
+            "command": [*commands, res["command"]], **provenance([old, this_run()])}
 
 
 if __name__ == "__main__":

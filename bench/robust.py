@@ -37,7 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command, machine, write_results  # noqa: E402
+from bench.common import (code_version, command, machine, threads_arg,  # noqa: E402
+                          use_threads, write_results)
 
 from broker_server.robust import parse_rule  # noqa: E402
 from broker_server.strategies import FedAvgOptions  # noqa: E402
@@ -182,7 +183,9 @@ def one(task: tuple[str, SimOptions, int]) -> dict:
     rounds = report["rounds"]
     out = {"arm": name, "seed": seed, "final_accuracy": report["final_accuracy"],
            "accuracy": [r["accuracy"] for r in rounds], "seconds": round(time.time() - t0, 1),
-           "robust": report.get("robust"), "refused": sum(len(r["refused"]) for r in rounds)}
+           "robust": report.get("robust"), "refused": sum(len(r["refused"]) for r in rounds),
+           # per run: --cache joins runs of several invocations, maybe of several versions
+           "code": code_version(), "threads": report["threads"]}
     if "dp" in report:
         out["epsilon"] = report["dp"]["epsilon"]
         out["epsilon_per_round"] = [r["robust"]["epsilon"] for r in rounds]
@@ -344,12 +347,14 @@ def parser() -> argparse.ArgumentParser:
                     help="write the tables from --cache without running anything")
     ap.add_argument("--json", default="runs/bench_robust.json")
     ap.add_argument("--md")
+    threads_arg(ap)
     return ap
 
 
 def main() -> None:
     ap = parser()
     args = ap.parse_args()
+    use_threads(args.threads)  # before the pool: its workers inherit it
     if args.quick:
         args.seeds, args.codecs, args.no_dp = "0", "fp32", True
     try:

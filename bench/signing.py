@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import command, machine, write_results  # noqa: E402
+from bench.common import (command, machine, threads_arg, use_threads,  # noqa: E402
+                          write_results)
 from device_runtime import chunking, keys, messages, wire  # noqa: E402
 from device_runtime.chunk_auth import ChunkVerifier  # noqa: E402
 from device_runtime.keys import Signer  # noqa: E402
@@ -173,7 +174,9 @@ def main() -> None:
     p.add_argument("--ops-reps", type=int, default=200)
     p.add_argument("--json", default="runs/signing.json")
     p.add_argument("--md")
+    threads_arg(p)
     a = p.parse_args()
+    use_threads(a.threads)
     write_results(run(a.reps, a.rounds, a.ops_reps), a.json, a.md, to_markdown)
 
 

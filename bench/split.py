@@ -35,7 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command, machine, write_results  # noqa: E402
+from bench.common import (command, machine, provenance, threads_arg,  # noqa: E402
+                          use_threads, write_results)
 
 from toolkit.strategies.server.dpfl import DPFLOptions  # noqa: E402
 from toolkit.strategies.server.ecofed import EcoFedOptions  # noqa: E402
@@ -167,7 +168,7 @@ def combine(paths: list[str]) -> dict:
                 sys.exit(f"--combine: {key} differs: {p[key]!r} vs {res[key]!r}")
         res["runs"].update(p["runs"])
         res["command"] += p["command"]
-    return res
+    return {**res, **provenance(parts)}
 
 
 def main() -> None:
@@ -181,7 +182,9 @@ def main() -> None:
     ap.add_argument("--combine", help="comma list of JSON results to join")
     ap.add_argument("--json", default="runs/bench_split.json")
     ap.add_argument("--md")
+    threads_arg(ap)
     args = ap.parse_args()
+    use_threads(args.threads)
     if args.combine:
         res = combine(args.combine.split(","))
     else:

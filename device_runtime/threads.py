@@ -152,6 +152,19 @@ def child_env(siblings: int, base: dict[str, str] | None = None) -> dict[str, st
     return env
 
 
+def pin_torch_threads(n: int) -> int:
+    """Give the calling thread ``n`` torch intra-op threads for good; returns the count.
+
+    torch fixes a thread's count at its first parallel operation, from the last
+    ``set_num_threads`` made by *any* thread: a thread that sets ``n`` but computes
+    only after another thread set 1 (a simulated device agent) computes with 1. Reading
+    the count back at once fixes it at ``n`` while no other thread has had a say."""
+    import torch
+
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def set_torch_threads(n: int) -> None:
     """Size an already imported torch's pools (the intra-op pool only resizes; the
     inter-op pool can be set once, before any parallel work, so a later call skips it)."""

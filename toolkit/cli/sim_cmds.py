@@ -67,6 +67,10 @@ def simulate(args: argparse.Namespace) -> int:
     check_downlink(args.downlink, args.strategy)
     cat = ProfileCatalogue.load(args.profiles_file)
     profiles = [p.name for p in cat.select(args.profiles)]
+    if getattr(args, "dp_seed", 0) is None:
+        # Same seed, same run: the DP noise too (fedge serve keeps OS entropy there,
+        # as noise anyone can regenerate protects nothing).
+        args.dp_seed = args.seed
     opts = SimOptions(args.dataset, args.devices, args.rounds, args.alpha, args.seed,
                       args.strategy, args.codec, args.model, args.width, tuple(profiles),
                       args.epochs, args.batch_size, args.lr, broker=args.broker,

@@ -55,6 +55,11 @@ class SimOptions:
     # Write the run's public keys here (server.pub, registry.json), for a watcher such as
     # fedge dashboard, which checks every message it shows.
     keys_out: str | None = None
+    # torch threads of the run's server side (aggregator, server-side training,
+    # evaluation); None: threads.budget(). Server-side training differs in its last bits
+    # with the thread count, so a run is reproducible at a given count (the report's
+    # ``threads``); the devices train with one thread each.
+    threads: int | None = None
 
     def custom_models(self):
         """The allowlist of this run's own agents and rebuilds: the factory ``model``
@@ -239,6 +244,7 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     from broker_server.service import Aggregator, ServeOptions
     from broker_server.trust import ServerTrust
     from device_runtime.keys import FleetKeys
+    from device_runtime.threads import budget, pin_torch_threads
     from device_runtime.training.local import load_weights, weights_of
     from toolkit import strategies
     from toolkit.field import root_data
@@ -252,6 +258,7 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     from toolkit.strategies.setups import setup_strategy
 
     check_options(opts)
+    server_threads = pin_torch_threads(opts.threads or budget())
     catalogue = catalogue or ProfileCatalogue.load()
     fleet = _fleet(opts, catalogue)
     ds = datasets.load(opts.dataset)
@@ -312,6 +319,7 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
     if spec.report:
         report.update(spec.report(run))
     _add_fleet_figures(report, opts, agents, fleet, per_device)
+    report["threads"] = {"server": server_threads, "device": 1}
     return report, ckpt
 
 

@@ -28,7 +28,8 @@ DP_NOISE = Flag(("--dp-noise",), {
 DP_DELTA = Flag(("--dp-delta",), {"type": float, "default": 1e-5, "metavar": "D",
                                   "help": "the delta the reported epsilon holds at"})
 DP_SEED = Flag(("--dp-seed",), {"type": int, "default": None,
-                                "help": "seed of the DP noise (default: OS entropy)"})
+                                "help": "seed of the DP noise (default: OS entropy; "
+                                        "fedge simulate: --seed)"})
 VOTE_CAP = Flag(("--vote-cap",), {
     "type": float, "default": 0.0, "metavar": "C",
     "help": "signSGD-FV: cap each device's share of a round's vote weight at C (0: none)"})
