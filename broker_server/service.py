@@ -14,6 +14,7 @@ import queue
 import time
 from typing import Callable
 
+from broker_server import batches
 from broker_server.downlink import HELD_KEY, Downlink, check_downlink, recount_fetch
 from broker_server.errors import BrokerServerError
 from broker_server.guard import UpdateGuard
@@ -172,6 +173,7 @@ class Aggregator:
         alone = isinstance(self.strategy, TrainsAlone) and not self.strategy.needs_updates(r)
         while True:
             self._pump(0.05)
+            batches.release(self)  # lockstep: the batches held for a device that reported
             pending = set(rs.assigned) - set(rs.accepted) - rs.refused
             if not pending and (rs.accepted or alone):
                 break
@@ -279,7 +281,7 @@ class Aggregator:
         elif where["kind"] == "update":
             self._on_update(where, payload)
         elif where["kind"] == "acts":
-            self._on_acts(where, payload)
+            batches.on_acts(self, where, payload)
         elif where["kind"] == "worker" and self.scale:
             self.scale.handle(self, where, payload)
 
@@ -334,18 +336,6 @@ class Aggregator:
         self._fold_in(rs, frame, payload)
         self.store.save_update(r, device, payload)
         rs.uplink_bytes += len(payload)
-
-    def _on_acts(self, where: dict, payload: bytes) -> None:
-        """A device's mid-round message to the strategy's side channel, answered."""
-        rs, device, r = self.round, where["device"], where["round"]
-        if rs is None or r != rs.number or device not in rs.assigned or device in rs.accepted:
-            raise WireError(f"round: {device!r} has no open split task in round {r}")
-        if self.side is None:
-            raise WireError(f"acts: strategy {self.strategy.name} takes no per-batch "
-                            "activations")
-        reply = self.side.answer(r, device, payload, rs.assigned[device], self.trust)
-        rs.uplink_bytes += len(payload)
-        rs.downlink_bytes += self.t.publish(self.topics.grad(r, device), reply)
 
     def _fold_in(self, rs: RoundState, frame: wire.Frame, payload: bytes,
                  enforce: bool = True) -> None:

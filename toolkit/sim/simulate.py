@@ -272,7 +272,7 @@ def run_simulation(opts: SimOptions, on_round: Callable[[dict], None] | None = N
         if spec.pretrain else None
     cfg, strategy_options = setup_strategy(opts.strategy, cfg, fleet, ds.x_train[pub],
                                            opts.codec, opts.strategy_options, pretrained,
-                                           opts.custom_models())
+                                           opts.custom_models(), simulated=True)
     torch.manual_seed(opts.seed)
     model = pretrained if pretrained is not None else zoo.build_model(cfg,
                                                                       opts.custom_models())

@@ -4,15 +4,26 @@ device_runtime/training/split.py)."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from toolkit.errors import UsageError
 from toolkit.strategies.ecofed import SPLIT_AFTER, head_macs
 from toolkit.strategies.options import DPFLOptions
-from toolkit.strategies.spec import ArgsContext, SetupContext, SimRun, StrategySpec
+from toolkit.strategies.spec import ArgsContext, Flag, SetupContext, SimRun, StrategySpec
+
+
+BATCH_ORDER = Flag(("--batch-order",), {
+    "choices": ("arrival", "lockstep"), "default": None,
+    "help": "the order the server trains the devices' batches in: as they arrive, or a "
+            "step of every device at a time in device order (the same on every run; each "
+            "step waits for the slowest device) (default: lockstep in fedge simulate, "
+            "arrival in fedge serve)"})
 
 
 def _from_args(args: argparse.Namespace, ctx: ArgsContext):
-    return DPFLOptions(split_after=args.split_after)
+    order = getattr(args, "batch_order", None)
+    return DPFLOptions(split_after=args.split_after,
+                       lockstep=None if order is None else order == "lockstep")
 
 
 def _setup(options, ctx: SetupContext):
@@ -26,6 +37,8 @@ def _setup(options, ctx: SetupContext):
     from toolkit.strategies.spec import checked_options
 
     do, cfg = checked_options(options, DPFLOptions), ctx.cfg
+    if do.lockstep is None:  # a simulation repeats itself; a real fleet waits for nobody
+        do = replace(do, lockstep=ctx.simulated)
     if ctx.codec not in HEAD_CODECS:
         raise UsageError(f"--codec: dpfl sends its head whole, expected "
                          f"{' or '.join(HEAD_CODECS)}, got {ctx.codec}")
@@ -50,6 +63,6 @@ def _device_macs(run: SimRun) -> dict[str, int]:
 
 
 SPEC = StrategySpec(rule="toolkit.strategies.server.dpfl:DPFL", options=DPFLOptions,
-                    flags=(SPLIT_AFTER,),
+                    flags=(SPLIT_AFTER, BATCH_ORDER),
                     from_args=_from_args, setup=_setup, device_macs=_device_macs,
                     report=lambda run: {"cuts": dict(run.options.cuts)})

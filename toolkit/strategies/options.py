@@ -51,6 +51,10 @@ class DPFLOptions:
     split_after: int | None = None  # None: the planner's cut per profile
     momentum: float = 0.9
     weight_decay: float = 5e-4  # as the devices' local SGD
+    # The server's step order: True a step of every device at a time, in device order
+    # (reproducible); False as the batches arrive; None: True in fedge simulate, False in
+    # fedge serve (broker_server/batches.py)
+    lockstep: bool | None = None
 
 
 __all__ = ["EcoFedOptions", "REFTOptions", "DPFLOptions"]

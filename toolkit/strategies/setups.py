@@ -20,16 +20,17 @@ def check_strategy(name: str) -> None:
 
 def setup_strategy(strategy: str, cfg: ModelConfig, fleet: list[DeviceProfile],
                    public_x: np.ndarray, codec: str, options: object | None,
-                   model=None, allowed: LocalModels = NO_CUSTOM
+                   model=None, allowed: LocalModels = NO_CUSTOM, simulated: bool = False
                    ) -> tuple[ModelConfig, object | None]:
     """The model config the job trains and the strategy's options (``options`` filled in
     from the fleet where the user left them out). ``model``: the pre-trained model
     (EcoFed freezes its head); ``allowed``: the custom factories the operator named, for
-    the strategies that rebuild ``cfg`` on the server (dpfl, ecofed)."""
+    the strategies that rebuild ``cfg`` on the server (dpfl, ecofed); ``simulated``:
+    for fedge simulate, whose runs must repeat (dpfl's lockstep)."""
     from toolkit import strategies
 
     spec = strategies.get(strategy)
     if spec.setup is None:
         return cfg, options
     return spec.setup(options, strategies.SetupContext(cfg, fleet, public_x, codec, model,
-                                                       allowed))
+                                                       allowed, simulated))

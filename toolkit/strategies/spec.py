@@ -58,6 +58,7 @@ class SetupContext:
     codec: str
     model: Any = None  # the pre-trained model, if any
     allowed: Any = None  # LocalModels: the operator's custom factories
+    simulated: bool = False  # fedge simulate (its runs must repeat), not fedge serve
 
 
 @dataclass(frozen=True)

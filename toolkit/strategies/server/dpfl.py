@@ -2,8 +2,9 @@
 
 Each device trains the head (the stages before its cut) with torch; for every
 minibatch it sends the fp32 activations and labels up and gets the loss gradient
-with respect to them back, while the server trains the tail on them in arrival
-order (one server-side model, SplitFed v2). At the round's end the devices send
+with respect to them back, while the server trains the tail on them one batch at a
+time (one server-side model, SplitFed v2), in arrival order or in lockstep
+(``DPFLOptions.lockstep``, ``broker_server/batches.py``). At the round's end the devices send
 their heads and every tensor is averaged over whoever trained it, weighted by
 samples: a device for the stages of its head, the server for the stages it
 trained on behalf of devices with an earlier cut. Cuts may differ per profile
@@ -105,7 +106,12 @@ class DPFL(Strategy):
         return DecodeAll(self, round_, global_weights, codec, ctx)
 
     def side_channel(self, job: str) -> BatchReplies:
-        return BatchReplies(job, self.on_batch)
+        return BatchReplies(job, self.on_batch, self.check, lockstep=bool(self.opts.lockstep))
+
+    def check(self, device: str, tensors: Weights, batch_size: int) -> None:
+        """WireError unless ``tensors`` are a batch for ``device``'s cut."""
+        check_batch(tensors, self.setup.act_shapes[self.cut[device]], batch_size,
+                    self.setup.config.num_classes)
 
     def on_batch(self, round_: int, device: str, tensors: Weights,
                  batch_size: int) -> tuple[np.ndarray, float]:
@@ -113,7 +119,7 @@ class DPFL(Strategy):
         ``batch_size``); returns the loss gradient w.r.t. the activations, and the loss."""
         after = self.cut[device]
         acts, labels = check_batch(tensors, self.setup.act_shapes[after], batch_size,
-                                   self.setup.config.num_classes)
+                                   self.setup.config.num_classes)  # again: cheap, and safe
         a = torch.from_numpy(acts).requires_grad_(True)
         tail = nn.Sequential(*self.model.stages[after:])
         tail.train()
