@@ -37,6 +37,16 @@ def code_version() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
+# As the bench imported its code (this module comes first): a file edited while a long
+# bench runs does not make its record say "+dirty" when the code it ran was clean.
+_STARTED = code_version()
+
+
+def started_code() -> str:
+    """``code_version()`` as this bench started."""
+    return _STARTED
+
+
 def threads_arg(ap: argparse.ArgumentParser) -> None:
     """``--threads``, for a bench that runs simulations in its own process(es)."""
     ap.add_argument("--threads", type=int, help="torch threads of each simulation's server "
@@ -81,14 +91,14 @@ def provenance(parts: list[dict]) -> dict:
 
 def this_run() -> dict:
     """``code`` and ``threads`` of this process, as ``provenance`` takes them."""
-    return {"code": code_version(), "threads": thread_settings()}
+    return {"code": _STARTED, "threads": thread_settings()}
 
 
 def write_results(res: dict, json_path: str, md_path: str | None,
                   to_markdown: Callable[[dict], str]) -> None:
     """JSON always (with the code version and thread settings), the markdown table when
     asked; the table is printed too."""
-    res.setdefault("code", code_version())
+    res.setdefault("code", _STARTED)
     res.setdefault("threads", thread_settings())
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(res, indent=1))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (code_version, command, machine, threads_arg,  # noqa: E402
+from bench.common import (command, machine, started_code, threads_arg,  # noqa: E402
                           use_threads, write_results)
 
 from broker_server.robust import parse_rule  # noqa: E402
@@ -185,7 +185,7 @@ def one(task: tuple[str, SimOptions, int]) -> dict:
            "accuracy": [r["accuracy"] for r in rounds], "seconds": round(time.time() - t0, 1),
            "robust": report.get("robust"), "refused": sum(len(r["refused"]) for r in rounds),
            # per run: --cache joins runs of several invocations, maybe of several versions
-           "code": code_version(), "threads": report["threads"]}
+           "code": started_code(), "threads": report["threads"]}
     if "dp" in report:
         out["epsilon"] = report["dp"]["epsilon"]
         out["epsilon_per_round"] = [r["robust"]["epsilon"] for r in rounds]

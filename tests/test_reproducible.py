@@ -75,6 +75,20 @@ def test_dpfl_gives_the_same_run_when_its_batches_arrive_in_another_order(monkey
     assert _run("dpfl", 1) == undisturbed
 
 
+def test_fedge_simulate_seeds_dp_noise_with_its_seed(tmp_path):
+    from tests.conftest import run_fedge
+
+    tiny = ("--dataset", "mnist1d:1000", "--devices", "2", "--rounds", "2", "--epochs", "1")
+    runs = []
+    for i, extra in enumerate([("--clip", "1", "--dp-noise", "0.5")] * 2 +
+                              [("--strategy", "heterofl")]):  # no DP: nothing to seed
+        code, _, err = run_fedge("simulate", *tiny, *extra, "--json", str(tmp_path / f"{i}"))
+        assert code == 0, err
+        rep = json.loads((tmp_path / f"{i}").read_text())
+        runs.append([(r["accuracy"], r["loss"], r["change_rms"]) for r in rep["rounds"]])
+    assert runs[0] == runs[1]  # before: the noise's seed was the OS's
+
+
 def test_a_pinned_thread_keeps_its_count_whatever_another_thread_sets():
     from device_runtime.threads import pin_torch_threads
 

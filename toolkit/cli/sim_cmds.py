@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from toolkit.cli import model_cmds, strategy_args
@@ -67,10 +68,11 @@ def simulate(args: argparse.Namespace) -> int:
     check_downlink(args.downlink, args.strategy)
     cat = ProfileCatalogue.load(args.profiles_file)
     profiles = [p.name for p in cat.select(args.profiles)]
-    if getattr(args, "dp_seed", 0) is None:
+    options = strategy_args.options(args, cat, profiles, args.devices)
+    if getattr(options, "dp_seed", 0) is None:
         # Same seed, same run: the DP noise too (fedge serve keeps OS entropy there,
         # as noise anyone can regenerate protects nothing).
-        args.dp_seed = args.seed
+        options = replace(options, dp_seed=args.seed)
     opts = SimOptions(args.dataset, args.devices, args.rounds, args.alpha, args.seed,
                       args.strategy, args.codec, args.model, args.width, tuple(profiles),
                       args.epochs, args.batch_size, args.lr, broker=args.broker,
@@ -78,7 +80,7 @@ def simulate(args: argparse.Namespace) -> int:
                       downlink=args.downlink, attack=args.attack,
                       norm_bound=args.norm_bound, max_samples=args.max_samples,
                       job=args.job, keys_out=args.keys_out,
-                      strategy_options=strategy_args.options(args, cat, profiles, args.devices))
+                      strategy_options=options)
 
     from toolkit.strategies.robust import round_note
 
