@@ -66,6 +66,16 @@ def use_threads(n: int | None) -> int:
     return threads.budget()
 
 
+def passive_waits() -> None:
+    """Threads waiting at an OpenMP barrier sleep instead of spinning, as in every fedge
+    command (device_runtime/threads.py); effective only before torch loads. A simulation's
+    server side uses every core beside its device threads: spinning, a REFT arm took 6x
+    the wall time (3 rounds at a load of 10: 82 s against 14 s), with the same figures."""
+    from device_runtime import threads
+
+    threads.passive(os.environ)
+
+
 def thread_settings() -> dict:
     """What a simulation's thread count came from: the budget (``FEDGE_THREADS``, else
     ``OMP_NUM_THREADS``, else the cores this process may use), the variables, and torch's

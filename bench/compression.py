@@ -23,8 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (command, machine, threads_arg, use_threads,  # noqa: E402
-                          write_results)
+from bench.common import (command, machine, passive_waits, threads_arg,  # noqa: E402
+                          use_threads, write_results)
+
+passive_waits()  # before torch loads (below)
 
 from broker_server.strategies import SignSGDOptions  # noqa: E402
 from toolkit.sim.simulate import SimOptions, run_simulation  # noqa: E402

@@ -19,8 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (command, machine, threads_arg, use_threads,  # noqa: E402
-                          write_results)
+from bench.common import (command, machine, passive_waits, threads_arg,  # noqa: E402
+                          use_threads, write_results)
+
+passive_waits()  # before torch loads (below)
 
 # (label, SimOptions overrides): the brief's run first, then spread-widening variants.
 SETTINGS = (("cnn mnist1d 10 dev alpha 0.5 fp32", {}),

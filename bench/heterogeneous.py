@@ -35,8 +35,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (command, machine, provenance, this_run, threads_arg,  # noqa: E402
-                          use_threads, write_results)
+from bench.common import (command, machine, passive_waits, provenance,  # noqa: E402
+                          this_run, threads_arg, use_threads, write_results)
+
+passive_waits()  # before torch loads (below)
 
 from broker_server.strategies import FedAvgOptions, HeteroFLOptions, SplitMixOptions  # noqa: E402
 from toolkit.strategies.server.heterofl import common_width, full_width_profiles, snap_width  # noqa: E402

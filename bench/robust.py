@@ -37,8 +37,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (command, machine, started_code, threads_arg,  # noqa: E402
-                          use_threads, write_results)
+from bench.common import (command, machine, passive_waits, started_code,  # noqa: E402
+                          threads_arg, use_threads, write_results)
+
+passive_waits()  # before torch loads (below)
 
 from broker_server.robust import parse_rule  # noqa: E402
 from broker_server.strategies import FedAvgOptions  # noqa: E402

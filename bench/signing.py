@@ -28,8 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (command, machine, threads_arg, use_threads,  # noqa: E402
-                          write_results)
+from bench.common import (command, machine, passive_waits, threads_arg,  # noqa: E402
+                          use_threads, write_results)
+
+passive_waits()  # before torch loads (below)
 from device_runtime import chunking, keys, messages, wire  # noqa: E402
 from device_runtime.chunk_auth import ChunkVerifier  # noqa: E402
 from device_runtime.keys import Signer  # noqa: E402

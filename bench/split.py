@@ -35,8 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (command, machine, provenance, threads_arg,  # noqa: E402
-                          use_threads, write_results)
+from bench.common import (command, machine, passive_waits, provenance,  # noqa: E402
+                          threads_arg, use_threads, write_results)
+
+passive_waits()  # before torch loads (below)
 
 from toolkit.strategies.server.dpfl import DPFLOptions  # noqa: E402
 from toolkit.strategies.server.ecofed import EcoFedOptions  # noqa: E402
