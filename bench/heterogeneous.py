@@ -9,6 +9,10 @@ arm, so each arm asks the same of each device:
 - ``heterofl``: nested widths, the device's budget snapped to 1/8 steps;
 - ``reft`` / ``reft-logits``: the global model pruned per profile to the MACs of
   that width, distilled on the server's public split (weights or logits uplink);
+- ``reft-average-only`` / ``reft-distill-only``: the ablation of fedge's REFT (the
+  clients' weights averaged back into place, no distillation; distillation alone);
+- ``reft-paper``: REFT as described (``REFTOptions.paper()``: one-shot pruning,
+  distillation alone);
 - ``fedavg-capable``: FedAvg at full width, only the devices whose budget is 1;
 - ``fedavg-common``: FedAvg at the weakest budget's width, every device;
 - ``fedavg-full``: FedAvg at full width on every device, ignoring budgets (reference).
@@ -81,6 +85,12 @@ def arms(devices: int, rounds: int, model: str, profiles: tuple[str, ...]) -> di
         "reft": replace(base, strategy="reft", strategy_options=REFTOptions(fractions=fr)),
         "reft-logits": replace(base, strategy="reft",
                                strategy_options=REFTOptions(fractions=fr, uplink="logits")),
+        "reft-average-only": replace(base, strategy="reft", strategy_options=REFTOptions(
+            fractions=fr, distill_epochs=0)),
+        "reft-distill-only": replace(base, strategy="reft", strategy_options=REFTOptions(
+            fractions=fr, average_first=False)),
+        "reft-paper": replace(base, strategy="reft", strategy_options=replace(
+            REFTOptions.paper(), fractions=fr)),
         "fedavg-capable": replace(base, strategy_options=FedAvgOptions(full_width_profiles(b))),
         "fedavg-common": replace(base, width=common_width(b)),
         "fedavg-full": base,
