@@ -38,7 +38,9 @@ BENCHES = {
 
 
 def bench_command(name: str) -> list[str]:
-    return [*BENCHES[name], "--json", str((OUT / f"{name}.json").relative_to(ROOT))]
+    path = OUT / f"{name}.json"
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    return [*BENCHES[name], "--json", str(shown)]
 
 
 def run_missing() -> None:
