@@ -6,6 +6,8 @@ network the profile's compute affords next to the strongest) drives every
 arm, so each arm asks the same of each device:
 
 - ``splitmix``: a device trains budget / (1/8) bases; accuracy for k = 1..8 bases;
+- ``splitmix-paper``: the same as the authors' code runs it (``SplitMixOptions.paper()``:
+  their width tricks, BatchNorm on batch statistics, bases reshuffled each cycle);
 - ``heterofl``: nested widths, the device's budget snapped to 1/8 steps;
 - ``reft`` / ``reft-logits``: the global model pruned per profile to the MACs of
   that width, distilled on the server's public split (weights or logits uplink);
@@ -80,6 +82,8 @@ def arms(devices: int, rounds: int, model: str, profiles: tuple[str, ...]) -> di
     return {
         "splitmix": replace(base, strategy="splitmix",
                             strategy_options=SplitMixOptions(budget_by_profile=b)),
+        "splitmix-paper": replace(base, strategy="splitmix", strategy_options=replace(
+            SplitMixOptions.paper(), budget_by_profile=b)),
         "heterofl": replace(base, strategy="heterofl",
                             strategy_options=HeteroFLOptions(width_by_profile=b)),
         "reft": replace(base, strategy="reft", strategy_options=REFTOptions(fractions=fr)),
