@@ -179,7 +179,7 @@ def to_markdown(table: list[Row]) -> str:
              "docs/results/papers/ (medians over seeds " + SEEDS + "); paper mode is "
              "`--paper` (docs/ALGORITHMS.md, 'Paper modes'), fedge mode the defaults fedge "
              "ships. Code versions: " + ", ".join(
-                 f"{n} {(load(n) or {}).get("code", "not run")}" for n in BENCHES)
+                 f"{n} {(load(n) or {}).get('code', 'not run')}" for n in BENCHES)
              + ".", "",
              "| paper | headline claim | paper mode | fedge mode | reference and ablations "
              "| verdict | why | command |", "|---|---|---|---|---|---|---|---|"]
