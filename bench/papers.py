@@ -26,7 +26,7 @@ OUT = ROOT / "docs" / "results" / "papers"
 SEEDS = "0,1,2"
 BENCHES = {
     "split": ["bench/split.py", "--seeds", SEEDS, "--rounds", "20", "--arms",
-              "fedavg,dpfl,ecofed-act8,ecofed-act4,ecofed-paper-act8,ecofed-paper-act4"],
+              "fedavg,dpfl,ecofed-act8,ecofed-paper-act8"],
     "heterogeneous": ["bench/heterogeneous.py", "--seeds", SEEDS, "--rounds", "50", "--arms",
                       "splitmix,splitmix-paper,heterofl,reft,reft-average-only,"
                       "reft-distill-only,reft-paper,fedavg-common,fedavg-full"],
@@ -98,9 +98,8 @@ def ecofed_row(res: dict | None) -> Row:
                f"up to 133x, on a model with far more weights per activation)")
     else:
         verdict, why = "not", "paper mode does not reach FedAvg's accuracy in every seed"
-    return ("EcoFed", claim, "act8: " + cell("ecofed-paper-act8") + "; act4: "
-            + cell("ecofed-paper-act4"), "act8: " + cell("ecofed-act8") + "; act4: "
-            + cell("ecofed-act4"), f"fedge mode keeps >= 20x less than FedAvg: "
+    return ("EcoFed", claim, "act8: " + cell("ecofed-paper-act8"),
+            "act8: " + cell("ecofed-act8"), f"fedge mode keeps >= 20x less than FedAvg: "
             f"{'yes' if tuned and (tuned['traffic_ratio_vs_fedavg'] or 0) >= 20 else 'no'}",
             verdict, why, "split")
 
