@@ -80,6 +80,13 @@ def arms(devices: int, rounds: int, sign_rounds: int, wide_rounds: int, fedmrn_c
             "mv", server_lr=0.005, batch_by_device=mixed154, server_lr_half_life=50)),
         "signsgd-fv-iid-50k": replace(big, **sign, alpha=100.0, strategy_options=SignSGDOptions(
             "fv", server_lr=0.005, batch_by_device=mixed154, server_lr_half_life=50)),
+        # signSGD-FV as its authors' code runs it (SignSGDOptions.paper(): counters per
+        # device and coordinate, gamma 1, the full vote as reference, 100 warm-up rounds)
+        "signsgd-fv-paper": replace(base, **sign, strategy_options=replace(
+            SignSGDOptions.paper(), server_lr=0.005, batch_by_device=mixed)),
+        "signsgd-fv-paper-50k": replace(big, **sign, strategy_options=replace(
+            SignSGDOptions.paper(), server_lr=0.005, batch_by_device=mixed154,
+            server_lr_half_life=50)),
         "fedavg-fp32-wide": wide,
         "fedavg-fedmrn-wide": replace(wide, codec=fedmrn_codec),
     }

@@ -6,9 +6,15 @@ network the profile's compute affords next to the strongest) drives every
 arm, so each arm asks the same of each device:
 
 - ``splitmix``: a device trains budget / (1/8) bases; accuracy for k = 1..8 bases;
+- ``splitmix-paper``: the same as the authors' code runs it (``SplitMixOptions.paper()``:
+  their width tricks, BatchNorm on batch statistics, bases reshuffled each cycle);
 - ``heterofl``: nested widths, the device's budget snapped to 1/8 steps;
 - ``reft`` / ``reft-logits``: the global model pruned per profile to the MACs of
   that width, distilled on the server's public split (weights or logits uplink);
+- ``reft-average-only`` / ``reft-distill-only``: the ablation of fedge's REFT (the
+  clients' weights averaged back into place, no distillation; distillation alone);
+- ``reft-paper``: REFT as described (``REFTOptions.paper()``: one-shot pruning,
+  distillation alone);
 - ``fedavg-capable``: FedAvg at full width, only the devices whose budget is 1;
 - ``fedavg-common``: FedAvg at the weakest budget's width, every device;
 - ``fedavg-full``: FedAvg at full width on every device, ignoring budgets (reference).
@@ -79,11 +85,19 @@ def arms(devices: int, rounds: int, model: str, profiles: tuple[str, ...]) -> di
     return {
         "splitmix": replace(base, strategy="splitmix",
                             strategy_options=SplitMixOptions(budget_by_profile=b)),
+        "splitmix-paper": replace(base, strategy="splitmix", strategy_options=replace(
+            SplitMixOptions.paper(), budget_by_profile=b)),
         "heterofl": replace(base, strategy="heterofl",
                             strategy_options=HeteroFLOptions(width_by_profile=b)),
         "reft": replace(base, strategy="reft", strategy_options=REFTOptions(fractions=fr)),
         "reft-logits": replace(base, strategy="reft",
                                strategy_options=REFTOptions(fractions=fr, uplink="logits")),
+        "reft-average-only": replace(base, strategy="reft", strategy_options=REFTOptions(
+            fractions=fr, distill_epochs=0)),
+        "reft-distill-only": replace(base, strategy="reft", strategy_options=REFTOptions(
+            fractions=fr, average_first=False)),
+        "reft-paper": replace(base, strategy="reft", strategy_options=replace(
+            REFTOptions.paper(), fractions=fr)),
         "fedavg-capable": replace(base, strategy_options=FedAvgOptions(full_width_profiles(b))),
         "fedavg-common": replace(base, width=common_width(b)),
         "fedavg-full": base,

@@ -7,15 +7,20 @@ to activations), a fleet of Raspberry Pis and a Jetson Orin. Arms:
 - ``dpfl``: split learning (SplitFed), per-profile cuts from the planner, fp32
   activations up and gradients down every batch, heads averaged;
 - ``ecofed-act8`` / ``ecofed-act4``: the frozen pre-trained head in onnxruntime,
-  quantized activations every ``period`` rounds, tails trained on replay buffers.
+  quantized activations every ``period`` rounds, tails trained on replay buffers
+  (fedge's tuned mode: one shared tail, ``--iterations`` server steps a round);
+- ``ecofed-paper-act8`` / ``ecofed-paper-act4``: the same with the paper's settings
+  (``EcoFedOptions.paper()``: a tail per device averaged, 50 steps at batch 10, only
+  the device layers pre-trained).
 
 The target is FedAvg's final accuracy (same seed) minus ``--margin``. Per arm and
 seed: the first round at or above the target, the total bytes (up + down, every
 frame the aggregator sent or received, assets included) and the simulated time
 (each round as long as its slowest device: compute from MACs and GFLOP/s,
 transfer from bytes and link rates, a round trip per split-learning batch) up to
-it. Server compute is not in the simulated time; its wall time on this machine is
-reported beside. Each arm can run in its own process (``--arms``, ``--json``) and
+it, plus the server's own compute each round as measured on this machine, and also
+with the server's part scaled to a stated server (``--server-gflops``,
+toolkit/sim/server_time.py). Each arm can run in its own process (``--arms``, ``--json``) and
 the results be joined with ``--combine``:
 
     python bench/split.py --arms fedavg,dpfl --json runs/split_a.json
@@ -47,9 +52,11 @@ from toolkit.sim.simulate import SimOptions, run_simulation  # noqa: E402
 PROFILES = ("rpi3b", "rpi4", "rpi5", "jetson-orin-nano")
 
 
-def arms(devices: int, rounds: int, eco: EcoFedOptions) -> dict[str, SimOptions]:
+def arms(devices: int, rounds: int, eco: EcoFedOptions,
+         server_gflops: float) -> dict[str, SimOptions]:
     base = SimOptions(devices=devices, rounds=rounds, alpha=0.5, profiles=PROFILES,
-                      model="cnn-wide")
+                      model="cnn-wide", server_gflops=server_gflops)
+    paper = EcoFedOptions.paper()
     return {"fedavg": base,
             "dpfl": replace(base, strategy="dpfl", strategy_options=DPFLOptions()),
             "ecofed-act8": replace(base, strategy="ecofed", codec="act8",
@@ -57,7 +64,11 @@ def arms(devices: int, rounds: int, eco: EcoFedOptions) -> dict[str, SimOptions]
             "ecofed-act4": replace(base, strategy="ecofed", codec="act4",
                                    strategy_options=eco),
             "ecofed-act8-pertail": replace(base, strategy="ecofed", codec="act8",
-                                           strategy_options=replace(eco, shared_tail=False))}
+                                           strategy_options=replace(eco, shared_tail=False)),
+            "ecofed-paper-act8": replace(base, strategy="ecofed", codec="act8",
+                                         strategy_options=paper),
+            "ecofed-paper-act4": replace(base, strategy="ecofed", codec="act4",
+                                         strategy_options=paper)}
 
 
 def run_arm(name: str, opts: SimOptions, seeds: list[int]) -> list[dict]:
@@ -72,7 +83,8 @@ def run_arm(name: str, opts: SimOptions, seeds: list[int]) -> list[dict]:
                            "uplink_bytes": r["uplink_bytes"],
                            "downlink_bytes": r["downlink_bytes"],
                            "simulated_elapsed": r["simulated_elapsed"],
-                           "server_seconds": r["seconds"]})
+                           "simulated_elapsed_scaled": r.get("simulated_elapsed_scaled"),
+                           "server_seconds": r["server_seconds"]})
         runs.append({"seed": s, "rounds": rounds, "final_accuracy": report["final_accuracy"],
                      "cuts": report.get("cuts"), "split_after": report.get("split_after"),
                      "act_shape": report.get("act_shape"),
@@ -87,8 +99,10 @@ def reach(run: dict, target: float) -> dict:
     for r in run["rounds"]:
         if r["accuracy"] >= target:
             return {"round": r["round"], "bytes": r["bytes"],
-                    "simulated_seconds": r["simulated_elapsed"]}
-    return {"round": None, "bytes": None, "simulated_seconds": None}
+                    "simulated_seconds": r["simulated_elapsed"],
+                    "simulated_seconds_scaled": r.get("simulated_elapsed_scaled")}
+    return {"round": None, "bytes": None, "simulated_seconds": None,
+            "simulated_seconds_scaled": None}
 
 
 def summarize(runs: dict[str, list[dict]], margin: float) -> dict:
@@ -107,15 +121,19 @@ def summarize(runs: dict[str, list[dict]], margin: float) -> dict:
             else None,
             "seconds_to_target": round(statistics.median(g["simulated_seconds"] for g in done),
                                        1) if done else None,
+            "seconds_to_target_scaled": round(statistics.median(
+                g["simulated_seconds_scaled"] for g in done), 1)
+            if done and done[0]["simulated_seconds_scaled"] is not None else None,
             "rounds_to_target": statistics.median(g["round"] for g in done) if done else None,
             "bytes_per_round": round(statistics.mean(r["bytes"] / r["round"] for r in last)),
             "server_seconds_per_round": round(statistics.mean(
                 q["server_seconds"] for r in arm for q in r["rounds"]), 2),
             "cuts": arm[0]["cuts"] or arm[0]["split_after"]}
-    base = out["fedavg"]["bytes_to_target"]
-    for s in out.values():
-        s["traffic_ratio_vs_fedavg"] = round(base / s["bytes_to_target"], 1) \
-            if base and s["bytes_to_target"] else None
+    for ref in ("fedavg", "dpfl"):
+        base = out[ref]["bytes_to_target"] if ref in out else None
+        for s in out.values():
+            s[f"traffic_ratio_vs_{ref}"] = round(base / s["bytes_to_target"], 1) \
+                if base and s["bytes_to_target"] else None
     return {"targets": targets, "arms": out}
 
 
@@ -134,15 +152,17 @@ def to_markdown(res: dict) -> str:
              + f". EcoFed: {res['ecofed']}. Machine {res['machine']}. Commands: "
              + "; ".join(f"`{c}`" for c in res["command"]) + ".\n",
              "| arm | final accuracy (mean ± sd) | reached | rounds to target | "
-             "total MB to target (median) | FedAvg's bytes / the arm's | simulated s to target | "
-             "MB per round | server s per round (this machine) | cut |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "total MB to target (median) | FedAvg's bytes / the arm's | dpfl's bytes / the "
+             "arm's | simulated s to target (server as measured here) | the same, server "
+             "scaled | MB per round | server s per round (this machine) | cut |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, a in s["arms"].items():
-        ratio = "-" if a["traffic_ratio_vs_fedavg"] is None else \
-            f"{a['traffic_ratio_vs_fedavg']}"
+        ratios = ["-" if a.get(f"traffic_ratio_vs_{r}") is None else
+                  f"{a[f'traffic_ratio_vs_{r}']}" for r in ("fedavg", "dpfl")]
         lines.append(f"| {name} | {a['final_mean']:.4f} ± {a['final_std']:.4f} | "
                      f"{a['reached']} | {a['rounds_to_target']} | "
-                     f"{_mb(a['bytes_to_target'])} | {ratio} | {a['seconds_to_target']} | "
+                     f"{_mb(a['bytes_to_target'])} | {ratios[0]} | {ratios[1]} | "
+                     f"{a['seconds_to_target']} | {a.get('seconds_to_target_scaled')} | "
                      f"{a['bytes_per_round'] / 1e6:,.2f} | {a['server_seconds_per_round']} | "
                      f"{a['cuts']} |")
     lines += ["", "Reading the table:", "",
@@ -151,13 +171,17 @@ def to_markdown(res: dict) -> str:
               "once per device).",
               "- Simulated time adds up, round by round, the slowest device's compute (MACs x "
               "samples x passes / GFLOP/s), transfer (its bytes / its link rates) and, for "
-              "dpfl, one round trip (`rtt_ms`) per batch. Server compute is not in it: EcoFed "
-              "trains the tail on the server every round (rounds without a send cost the "
-              "devices nothing), dpfl runs the tail once per batch; the last column gives the "
-              "server's wall time per round on this machine.",
-              "- `ecofed-*` use one shared tail (`--shared-tail`) and 200 server steps per "
-              "buffer; `ecofed-act8-pertail`, when present, averages one tail per device as "
-              "the paper does."]
+              "dpfl, one round trip (`rtt_ms`) per batch, then the server's own compute that "
+              "round (`server_seconds`: folding updates in and computing the new model, "
+              "EcoFed's tail training among it) as measured on this machine. The next column "
+              f"scales the server's part to a stated server of {res.get('server_gflops')} "
+              "GFLOP/s from this machine's measured rate (a FLOP-rate estimate, "
+              "toolkit/sim/server_time.py).",
+              "- `ecofed-act8`/`-act4` are fedge's tuned mode (one shared tail, "
+              f"{res['ecofed'].get('iterations')} server steps a round); `ecofed-paper-*` the "
+              "paper's (`EcoFedOptions.paper()`: a tail per device averaged, 50 steps at batch "
+              "10, only the device layers pre-trained); `ecofed-act8-pertail`, when present, "
+              "the tuned mode with a tail per device."]
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +189,7 @@ def combine(paths: list[str]) -> dict:
     parts = [json.loads(Path(p).read_text()) for p in paths]
     res = dict(parts[0], runs={}, command=[])
     for p in parts:
-        for key in ("seeds", "devices", "rounds", "margin", "ecofed"):
+        for key in ("seeds", "devices", "rounds", "margin", "ecofed", "server_gflops"):
             if p[key] != res[key]:
                 sys.exit(f"--combine: {key} differs: {p[key]!r} vs {res[key]!r}")
         res["runs"].update(p["runs"])
@@ -180,6 +204,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--margin", type=float, default=0.02)
     ap.add_argument("--iterations", type=int, default=200, help="EcoFed server steps")
+    ap.add_argument("--server-gflops", type=float, default=2000.0,
+                    help="the stated server the server's compute is also scaled to")
     ap.add_argument("--arms", help="comma list (default: all)")
     ap.add_argument("--combine", help="comma list of JSON results to join")
     ap.add_argument("--json", default="runs/bench_split.json")
@@ -191,12 +217,14 @@ def main() -> None:
         res = combine(args.combine.split(","))
     else:
         eco = EcoFedOptions(iterations=args.iterations, shared_tail=True)
-        chosen = arms(args.devices, args.rounds, eco)
+        chosen = arms(args.devices, args.rounds, eco, args.server_gflops)
         if args.arms:
             chosen = {k: v for k, v in chosen.items() if k in set(args.arms.split(","))}
         res = {"machine": machine(), "seeds": [int(s) for s in args.seeds.split(",")],
                "devices": args.devices, "rounds": args.rounds, "margin": args.margin,
                "ecofed": {k: v for k, v in vars(eco).items()},
+               "ecofed_paper": dict(vars(EcoFedOptions.paper())),
+               "server_gflops": args.server_gflops,
                "command": [command("bench/split.py")], "runs": {}}
         for name, opts in chosen.items():
             print(name, flush=True)

@@ -22,7 +22,9 @@ import math
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from broker_server.guard import rms
 from broker_server.strategies.folds import Fold
@@ -95,6 +97,7 @@ def round_record(rs, accuracy: float | None, duplicates: int, rejected: int) -> 
             "downlink_bytes": rs.downlink_bytes, "devices_reporting": len(updates),
             "devices_assigned": len(rs.assigned),
             "seconds": round(time.time() - rs.started, 3),
+            "server_seconds": round(rs.server_seconds, 4),
             "train_seconds_max": max((messages.seconds_of(u.get("train_seconds"))
                                       for u in updates), default=0.0),
             "accepted": sorted(rs.accepted),
@@ -189,3 +192,16 @@ class RoundState:
     # Fold.add, in fold order (a device folded twice shows twice).
     folded: list[tuple[str, str]] = field(default_factory=list)
     resent_at: float = 0.0  # when tasks were last re-sent past the deadline
+    # Wall seconds of the server's own compute this round: folding updates in (decode,
+    # screen) and the fold's result (e.g. EcoFed's tail training, REFT's distillation).
+    server_seconds: float = 0.0
+
+
+@contextmanager
+def server_time(rs: "RoundState") -> Iterator[None]:
+    """Add the wall time of the block to ``rs.server_seconds`` (the server's compute)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        rs.server_seconds += time.perf_counter() - t0

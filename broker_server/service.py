@@ -22,7 +22,8 @@ from broker_server.heartbeat import Heartbeat
 from broker_server.evaluation import DeviceEvaluation
 from broker_server.intake import pump, reload_accepted, update_expect, update_meta
 from broker_server.options import ServeOptions
-from broker_server.records import Refusals, RoundState, digest, job_report, round_record
+from broker_server.records import (Refusals, RoundState, digest, job_report, round_record,
+                                    server_time)
 from broker_server.state import StateStore
 from broker_server.strategies import DeviceInfo, create
 from broker_server.strategies.base import TrainsAlone
@@ -344,17 +345,19 @@ class Aggregator:
         not waited for (an update it sends again is considered)."""
         task = rs.assigned.get(frame.device)
         samples, variant = update_meta(frame, task.variant if task is not None else None)
-        norm = self.guard.screen(rs, self.codec, self._task_seed(rs.number), frame, variant,
-                                 enforce)
-        rs.fold.add(frame.device, self.guard.weight(frame.device, samples), frame.tensors,
-                    frame.params, variant=variant)
+        with server_time(rs):
+            norm = self.guard.screen(rs, self.codec, self._task_seed(rs.number), frame,
+                                     variant, enforce)
+            rs.fold.add(frame.device, self.guard.weight(frame.device, samples),
+                        frame.tensors, frame.params, variant=variant)
         self.guard.accept(frame.device, norm, rs)
         rs.folded.append((frame.device, digest(payload)))
         rs.accepted[frame.device] = dict(frame.meta)
         recount_fetch(rs, frame.device, frame.meta, variant)
 
     def _close_round(self, rs: RoundState) -> None:
-        self.weights = rs.fold.result()
+        with server_time(rs):
+            self.weights = rs.fold.result()
         acc = self.evaluate(self.weights) if self.evaluate else None
         record = round_record(rs, acc, self.duplicates, self.rejected.total)
         if self.evaluation.due(rs.number):  # before the checkpoint: its record holds it

@@ -7,6 +7,10 @@ from device_runtime.errors import ModelBuildError
 
 
 ARCH = "splitmix"  # the model arch (training/models.py) whose variants are sets of bases
+# The authors' width tricks and BatchNorm choice, as booleans in the model config's kwargs
+# (absent: off): they change how the bases train and what state they hold, so they
+# travel with the config to every device and artifact (training/splitmix.py applies them).
+TRICKS = ("rescale_init", "rescale_layer", "batch_stats")
 
 
 def has_bases(arch: str) -> bool:
@@ -39,4 +43,4 @@ def parse_variant(name: str) -> list[int]:
     return idx
 
 
-__all__ = ["ARCH", "has_bases", "config_for", "variant_name", "parse_variant"]
+__all__ = ["ARCH", "TRICKS", "has_bases", "config_for", "variant_name", "parse_variant"]

@@ -17,6 +17,7 @@ import onnx
 import torch
 from torch import nn
 
+from exporters.batch_stats import explicit_batch_stats
 from exporters.conv_layout import conv2d_form
 from exporters.errors import ExportError
 
@@ -29,7 +30,7 @@ def export_fp32(module: nn.Module, example: torch.Tensor, path: str | Path, opse
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
-    module = conv2d_form(module)  # ONNX Runtime's faster form of a 1-D conv
+    module = conv2d_form(explicit_batch_stats(module))  # ONNX Runtime's faster 1-D conv
     if example.shape[0] < 2:  # a batch of 1 would be specialised away
         example = example.expand(2, *example.shape[1:]).contiguous()
     try:

@@ -70,9 +70,12 @@ class ParityData:
 
 
 @torch.no_grad()
-def _torch_out(module: nn.Module, x: np.ndarray) -> np.ndarray:
+def _torch_out(module: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """In the batches ``session.run`` gives ONNX Runtime: a model normalising with each
+    batch's statistics (SplitMix's ``batch_stats``) is then compared on the same ones."""
     module.eval()
-    return module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+    return np.concatenate([module(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])))
+                           .numpy() for i in range(0, max(len(x), 1), batch_size)])
 
 
 def _io(path: Path) -> tuple[list, list]:

@@ -215,7 +215,8 @@ def test_artifacts_agree_across_architectures(bed, work, fleet_export, mnist1d,
     (out / "arm.json").write_text(json.dumps(arm))
     shutil.copy(arm64.TOOLS / "ort_outputs.py", out)  # the very script the host ran
     p = bed.run([str(ecofed_prefix / "venv" / "bin" / "python"), str(out / "ort_outputs.py"),
-                 str(out / "arm.json")], [work], timeout=scaled(1800))
+                 str(out / "arm.json")], [work, fleet_export.parent],
+                timeout=scaled(1800))
     assert p.returncode == 0 and "on aarch64" in p.stdout, p.stderr[-2000:]
     rows = []
     for j in first + tails:

@@ -119,13 +119,15 @@ def test_fedmrn_fold_rejects_corrupt_payload_and_stays_unchanged():
         np.testing.assert_array_equal(before[n], after[n])
 
 
-@pytest.mark.parametrize("decoder,estimate", [("mv", "vote"), ("fv", "vote"), ("fv", "pairs")])
-def test_vote_fold_decides_exactly_as_the_float_vote(decoder, estimate):
+@pytest.mark.parametrize("decoder,estimate,reference", [
+    ("mv", "vote", "others"), ("fv", "vote", "others"), ("fv", "pairs", "others"),
+    ("fv", "vote", "all")])
+def test_vote_fold_decides_exactly_as_the_float_vote(decoder, estimate, reference):
     rng = np.random.default_rng(3)
     ref = _ref(rng)
     codec = codecs.get("sign")
     opts = SignSGDOptions(decoder, server_lr=0.01, warmup_rounds=1, gamma=0.9,
-                          estimate=estimate, server_lr_half_life=2)
+                          estimate=estimate, server_lr_half_life=2, reference=reference)
     fast, slow = SignSGD(options=opts), SignSGD(options=opts)
     weights_fast = weights_slow = ref
     for r in range(1, 5):

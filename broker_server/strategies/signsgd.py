@@ -11,8 +11,8 @@ import numpy as np
 
 from broker_server.strategies.aggregate import weighted_average
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update, Weights
-from broker_server.strategies.voting import (VotingWeights, others_vote, pairwise_reliability,
-                                             sample_positions, vote_sums)
+from broker_server.strategies.voting import (VotingWeights, agreement_references,
+                                             pairwise_reliability, sample_positions, vote_sums)
 from device_runtime.codecs.base import is_statistic
 
 
@@ -37,6 +37,45 @@ class SignSGDOptions:
     # ``broker_server.robust.votes``): a device that earned the top weight cannot
     # decide coordinates the honest devices agree on.
     vote_cap: float = 0.0
+    # What FV (estimate "vote") counts a device's agreement against: "others", the vote
+    # without it (leave-one-out, see voting.others_vote), or "all", the round's decoded
+    # vote, the device included, as the authors' code does.
+    reference: str = "others"
+    # Per-coordinate counters: the prior of voting.reliability_weight (1: Laplace; 0: none,
+    # the authors'); per-device counters have none.
+    coordinate_prior: float = 1.0
+
+    @classmethod
+    def paper(cls) -> SignSGDOptions:
+        """signSGD-FV as the authors' code runs it (docs/ALGORITHMS.md, "Paper modes"):
+        counters per device and coordinate (every coordinate counted, no prior),
+        undiscounted (gamma 1), against the full decoded vote, 100 iterations of
+        majority vote first (one round of ``local_steps`` 1 is one iteration)."""
+        return cls(decoder="fv", per_coordinate=True, gamma=1.0, reference="all",
+                   warmup_rounds=100, coordinate_prior=0.0)
+
+    def check(self) -> None:
+        """ValueError naming the first field out of range, expected and actual value."""
+        for name, value, ok in (("decoder", self.decoder, ("mv", "fv")),
+                                ("estimate", self.estimate, ("vote", "pairs")),
+                                ("reference", self.reference, ("others", "all"))):
+            if value not in ok:
+                raise ValueError(f"{name}: expected {' or '.join(ok)}, got {value!r}")
+        if self.estimate == "pairs" and self.per_coordinate:
+            raise ValueError("estimate pairs: per device only, not with per_coordinate")
+        for name, value, expected, good in (
+                ("server_lr_half_life", self.server_lr_half_life, ">= 0 rounds (0: constant)",
+                 self.server_lr_half_life >= 0),
+                ("vote_cap", self.vote_cap, "a share in [0, 1] (0: none)",
+                 0 <= self.vote_cap <= 1),
+                ("agreement_sample", self.agreement_sample, ">= 1 coordinates",
+                 self.agreement_sample >= 1),
+                ("gamma", self.gamma, "a discount in (0, 1]", 0 < self.gamma <= 1),
+                ("warmup_rounds", self.warmup_rounds, ">= 0 rounds", self.warmup_rounds >= 0),
+                ("coordinate_prior", self.coordinate_prior, ">= 0",
+                 self.coordinate_prior >= 0)):
+            if not good:  # written so that NaN fails too
+                raise ValueError(f"{name}: expected {expected}, got {value}")
 
 
 class SignSGD(Strategy):
@@ -45,9 +84,11 @@ class SignSGD(Strategy):
 
     @classmethod
     def split_options(cls, codec: str, options: object | None) -> dict | None:
-        """Majority vote over whole devices is a sum of signs; FV's weights are not."""
+        """A majority vote is a sum of signs, split over workers; FV's weights (and
+        the counters they come from, whatever their reference) are not. A majority vote
+        never reads counters, so ``per_coordinate`` (``--paper``'s) does not matter."""
         opts = options if isinstance(options, SignSGDOptions) else SignSGDOptions()
-        if codec == "sign" and opts.decoder == "mv" and not opts.per_coordinate:
+        if codec == "sign" and opts.decoder == "mv":
             return {"decoder": "mv"}
         return None
 
@@ -60,23 +101,10 @@ class SignSGD(Strategy):
     def __init__(self, epochs: int = 1, batch_size: int = 32, lr: float = 0.05,
                  options: SignSGDOptions | None = None):
         self.opts = options or SignSGDOptions()
-        if self.opts.decoder not in ("mv", "fv"):
-            raise ValueError(f"decoder: expected mv or fv, got {self.opts.decoder!r}")
-        if self.opts.estimate not in ("vote", "pairs"):
-            raise ValueError(f"estimate: expected vote or pairs, got {self.opts.estimate!r}")
-        if self.opts.estimate == "pairs" and self.opts.per_coordinate:
-            raise ValueError("estimate pairs: per device only, not with per_coordinate")
-        if not self.opts.server_lr_half_life >= 0:
-            raise ValueError("server_lr_half_life: expected >= 0 rounds (0: constant), got "
-                             f"{self.opts.server_lr_half_life}")
-        if not 0 <= self.opts.vote_cap <= 1:
-            raise ValueError(f"vote_cap: expected a share in [0, 1] (0: none), got "
-                             f"{self.opts.vote_cap}")
-        if self.opts.agreement_sample < 1:
-            raise ValueError("agreement_sample: expected >= 1 coordinates, got "
-                             f"{self.opts.agreement_sample}")
+        self.opts.check()
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
-        self.votes = VotingWeights(self.opts.per_coordinate, self.opts.gamma)
+        self.votes = VotingWeights(self.opts.per_coordinate, self.opts.gamma,
+                                   self.opts.coordinate_prior)
 
     def batch_for(self, d: DeviceInfo) -> int:
         return int(self.opts.batch_by_device.get(d.id)
@@ -90,7 +118,8 @@ class SignSGD(Strategy):
         return self.opts.decoder == "fv" and round_ > self.opts.warmup_rounds
 
     def fold(self, round_: int, global_weights: Weights, codec, ctx):
-        if codec.name != "sign" or self.opts.per_coordinate:
+        # Per-coordinate counters need every update's signs unpacked; MV reads none.
+        if codec.name != "sign" or (self.opts.per_coordinate and self.opts.decoder == "fv"):
             return super().fold(round_, global_weights, codec, ctx)
         from broker_server.strategies.vote_fold import VoteFold
 
@@ -112,14 +141,10 @@ class SignSGD(Strategy):
             for u, v in zip(updates, pairwise_reliability(flat)):
                 self.votes.record(u.device, (1 + float(v)) / 2, 1)
         elif self.opts.decoder == "fv":  # a majority vote never reads the counters
-            # Per coordinate, the reference is the others' unweighted majority: measured
-            # against the weighted vote, a coordinate where noise made every weight
-            # negative inverts the vote, every device then disagrees with it, and the
-            # weights stay negative (the model climbs the loss there).
-            ref = vote_sums(signs, [1.0] * len(signs)) if self.opts.per_coordinate else sums
-            for u, s, w in zip(updates, signs, weights):
-                self.votes.update(u.device, s,
-                                  others_vote(ref, s, 1.0 if self.opts.per_coordinate else w))
+            refs = agreement_references(signs, sums, weights, self.opts.per_coordinate,
+                                        self.opts.reference)
+            for u, s, ref in zip(updates, signs, refs):
+                self.votes.update(u.device, s, ref)
         return self.step(round_, global_weights, decoded, stats)
 
     def capped(self, weights: list, round_: int) -> list:

@@ -2,10 +2,13 @@
 
 docs/ALGORITHMS.md, section 1. A device with width budget R trains n = floor(R / r)
 bases (at least 1, at most M): the first from a global shuffled cyclic sampler
-(so every base is trained within any ceil(M / devices) rounds), the others drawn at
-random without repeats. It uploads only those bases, through any codec; the
-server averages each base over the devices that trained it, weighted by samples,
-and a base nobody trained keeps its weights. The maths is ``average_bases``.
+(fedge: one fixed order, so every base is trained within any ceil(M / devices) rounds;
+the paper: reshuffled after each cycle), the others drawn at random without repeats.
+It uploads only those bases, through any codec; the server averages each base over
+the devices that trained it, weighted by samples, and a base nobody trained keeps its
+weights. The maths is ``average_bases``. The width tricks and batch statistics
+(``SplitMixOptions.paper()``) act in the model (device_runtime/training/splitmix.py),
+through the config kwargs ``model_kwargs`` gives.
 
 Budgets come from ``SplitMixOptions.budgets`` (per device), else
 ``budget_by_profile``, else ``default_budget``;
@@ -22,7 +25,9 @@ from broker_server.strategies.aggregate import PartialSum
 from broker_server.strategies.base import Assignment, DeviceInfo, Strategy, Update, Weights
 from broker_server.strategies.folds import Fold
 from device_runtime.codecs import CodecContext
-from device_runtime.splitmix_variants import parse_variant, variant_name
+from device_runtime.splitmix_variants import TRICKS, parse_variant, variant_name
+
+SAMPLINGS = ("cyclic", "reshuffle")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,24 @@ class SplitMixOptions:
     budgets: dict = field(default_factory=dict)  # device id -> width budget in (0, 1]
     budget_by_profile: dict = field(default_factory=dict)
     default_budget: float = 1.0
+    # The authors' tricks (docs/ALGORITHMS.md, section 1), all off in fedge's defaults:
+    rescale_init: bool = False  # init each base as if full width: fan-in / atom
+    rescale_layer: bool = False  # conv outputs / atom while training
+    batch_stats: bool = False  # BatchNorm on each batch's statistics, at test too
+    base_sampling: str = "cyclic"  # first base per device: one fixed order, or "reshuffle"
+
+    @classmethod
+    def paper(cls) -> "SplitMixOptions":
+        """The authors' code (illidanlab/SplitMix): ``--rescale_init`` and
+        ``--rescale_layer`` default true, every published run has ``--no_track_stat``,
+        and the base sampler reshuffles once each cycle is handed out."""
+        return cls(rescale_init=True, rescale_layer=True, batch_stats=True,
+                   base_sampling="reshuffle")
+
+    def model_kwargs(self) -> dict:
+        """The tricks that are on, for the bases' model config (off ones are left out,
+        so a default config is what it always was)."""
+        return {name: True for name in TRICKS if getattr(self, name)}
 
     @property
     def bases(self) -> int:
@@ -55,6 +78,21 @@ class SplitMixOptions:
                 if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0 < b <= 1:
                     name = f"{where}[{key!r}]" if key else where
                     raise ValueError(f"{name}: expected a width budget in (0, 1], got {b!r}")
+        self._check_tricks()
+
+    def _check_tricks(self) -> None:
+        for name in TRICKS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        if self.base_sampling not in SAMPLINGS:
+            raise ValueError(f"base_sampling: expected one of {', '.join(SAMPLINGS)}, got "
+                             f"{self.base_sampling!r}")
+        if self.rescale_layer and not self.batch_stats:
+            # BatchNorm would track statistics of outputs 1/atom too large, then meet the
+            # unscaled ones at test; the authors' runs all use batch statistics.
+            raise ValueError("rescale_layer: expected False unless batch_stats is True "
+                             "(running statistics would be kept at the training-only "
+                             "1/atom scale), got True")
 
 
 def bases_for(budget: float, atom: float) -> int:
@@ -64,23 +102,32 @@ def bases_for(budget: float, atom: float) -> int:
 
 
 class CyclicSampler:
-    """The bases in one shuffled order, handed out cyclically.
+    """The bases in a shuffled order, handed out cyclically.
 
-    The paper reshuffles once all bases are handed out; then a window that straddles
-    two cycles can miss a base. One fixed order means any M consecutive picks hold
-    every base, so n devices a round train all M within ceil(M / n) rounds; the
-    device order is shuffled each round instead (``SplitMix.assign``), so no device
-    is tied to a base.
+    The authors' sampler (``shuffle_sampler``) reshuffles once all bases are handed
+    out (``reshuffle=True``): each aligned run of M picks holds every base, but a
+    window that straddles two cycles can miss one. fedge keeps one fixed order, so
+    any M consecutive picks hold every base and n devices a round train all M within
+    ceil(M / n) rounds; the device order is shuffled each round instead
+    (``SplitMix.assign``), so no device is tied to a base. Cycle c's order is seeded
+    by (seed, M, c), so the position alone restores the sampler.
     """
 
-    def __init__(self, m: int, seed: int = 0):
-        self.m, self.seed, self.pos = m, seed, 0
+    def __init__(self, m: int, seed: int = 0, reshuffle: bool = False):
+        self.m, self.seed, self.pos, self.reshuffle = m, seed, 0, reshuffle
         self.order = np.random.default_rng([seed, m]).permutation(m)
 
+    def order_of(self, cycle: int) -> np.ndarray:
+        """The order of the ``cycle``-th run of M picks (the first one's, unless
+        reshuffling)."""
+        if cycle and self.reshuffle:
+            return np.random.default_rng([self.seed, self.m, cycle]).permutation(self.m)
+        return self.order
+
     def next(self) -> int:
-        i = int(self.order[self.pos % self.m])
+        cycle, at = divmod(self.pos, self.m)
         self.pos += 1
-        return i
+        return int(self.order_of(cycle)[at])
 
     def state(self) -> dict:
         return {"pos": self.pos}
@@ -142,7 +189,7 @@ class SplitMix(Strategy):
         self.opts.check()
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.m, self.seed = self.opts.bases, seed
-        self.sampler = CyclicSampler(self.m, seed)
+        self.sampler = CyclicSampler(self.m, seed, self.opts.base_sampling == "reshuffle")
 
     def variants(self, global_weights: Weights) -> dict[str, Weights]:
         return {}  # published on demand, once the round's assignment names them
@@ -192,5 +239,5 @@ class BaseMeanFold(Fold):
         return self.sums.result(self.weights)
 
 
-__all__ = ["SplitMix", "SplitMixOptions", "CyclicSampler", "average_bases", "bases_for",
-           "choose_bases", "base_of", "subset"]
+__all__ = ["SplitMix", "SplitMixOptions", "SAMPLINGS", "CyclicSampler", "average_bases",
+           "bases_for", "choose_bases", "base_of", "subset"]

@@ -6,8 +6,9 @@ a majority vote and in federated voting's warm-up); a negative weight adds the
 complemented bits, since ``-w * s = |w| * (-s)``. The vote is then
 ``sign(2 * count - sum |w|)`` per coordinate, the same decision as
 ``voting.weighted_vote`` on the unpacked signs, without unpacking any update.
-For federated voting, each device's agreement with the others' vote
-(leave-one-out) is measured on a systematic sample of the round's coordinates
+For federated voting, each device's agreement with the reference vote (the
+others', leave-one-out, or the full one: ``SignSGDOptions.reference``) is measured
+on a systematic sample of the round's coordinates
 (``SignSGDOptions.agreement_sample``, all of them in a smaller model): p_m is a
 probability, and 2,048 coordinates estimate it to about +-0.011 per round, +-0.0011
 over the ~100 rounds the discounted counters average (a weight error of about
@@ -31,7 +32,7 @@ from broker_server.strategies.bitsum import BitSum
 from broker_server.strategies.folds import Fold
 from broker_server.strategies.partials import bits_in, bits_out, only, sums_in, sums_out
 from broker_server.strategies.voting import (WEIGHT_STEPS, pairwise_reliability,
-                                             sample_positions)
+                                             sample_positions, sampled_agreement)
 from device_runtime.codecs.base import is_statistic
 from device_runtime.codecs.bits import packed_size
 from device_runtime.codecs.sign import check_payload
@@ -129,7 +130,8 @@ class VoteFold(Fold):
         self.bits.merge(bits)
 
     def _record_agreement(self) -> None:
-        """Each device against the others' vote, sign(sum - q_m s_m), on the sample."""
+        """Each device against the reference vote (``SignSGDOptions.reference``: the
+        others' sign(sum - q_m s_m) or the full sign(sum)) on the sample."""
         devices = sorted(self.sampled)
         bits = (np.stack([self.sampled[d] for d in devices]) >> self.where_bit) & 1
         s = bits.view(np.int8) * np.int8(2) - np.int8(1)
@@ -138,12 +140,7 @@ class VoteFold(Fold):
                 self.strategy.votes.record(d, (1 + float(v)) / 2, 1)
             return
         q = np.array([self.q[d] for d in devices], np.int32)
-        sums = q @ s.astype(np.int32)  # |q| <= 2560: 800k devices fit in int32
-        # s == sign(sums - q s)  <=>  s * sums > q, for s in {-1, +1}; a tie (the others'
-        # vote is 0) <=> s * sums == q, and is no evidence (VotingWeights.update)
-        agree = s * sums[None, :]
-        same = np.count_nonzero(agree > q[:, None], axis=1)
-        decided = s.shape[1] - np.count_nonzero(agree == q[:, None], axis=1)
+        same, decided = sampled_agreement(s, q, self.strategy.opts.reference)
         for d, x, n in zip(devices, same, decided):
             self.strategy.votes.record(d, int(x), int(n))
 

@@ -2,9 +2,10 @@
 
 Signs are int8 arrays in {-1, +1}. The federated-voting weights are
 w_m = ln((1 - p_m) / p_m), clipped to +-10, where p_m estimates how often device
-m's sign disagrees with the vote of the other devices (Park, Poor, Lee, arXiv
-2403.16372, with the vote taken leave-one-out, see ``others_vote``), tracked with
-discounted counters per device or per device and coordinate.
+m's sign disagrees with a reference vote (Park, Poor, Lee, arXiv 2403.16372),
+tracked with discounted counters per device or per device and coordinate. The
+reference is fedge's leave-one-out vote of the other devices (``others_vote``) or, as
+in the authors' code, the round's full decoded vote (``agreement_references``).
 
 ``pairwise_reliability`` is the other estimate of p_m (``SignSGDOptions.estimate
 = "pairs"``): from how often each pair of devices agrees, with no vote as the
@@ -50,6 +51,45 @@ def others_vote(sums: dict[str, np.ndarray], signs: Signs, weight: float | Signs
     partly because it cast it, and the estimates would not separate them.
     """
     return {k: np.sign(sums[k] - signs[k] * _at(weight, k)).astype(np.int8) for k in sums}
+
+
+def agreement_references(signs: list[Signs], sums: dict[str, np.ndarray],
+                         weights: list[float | Signs], per_coordinate: bool,
+                         reference: str) -> list[Signs]:
+    """What each device's signs are compared with to count its agreement.
+
+    ``reference`` "all": the round's decoded vote sign(sums), the device included (the
+    authors' code). "others": the vote without the device; per coordinate the others'
+    *unweighted* majority: measured against the weighted vote, a coordinate where noise
+    made every weight negative inverts the vote, every device then disagrees with it,
+    and the weights stay negative (the model climbs the loss there).
+    """
+    if reference == "all":
+        decoded = {k: np.sign(v).astype(np.int8) for k, v in sums.items()}
+        return [decoded] * len(signs)
+    if per_coordinate:
+        plain = vote_sums(signs, [1.0] * len(signs))
+        return [others_vote(plain, s, 1.0) for s in signs]
+    return [others_vote(sums, s, w) for s, w in zip(signs, weights)]
+
+
+def sampled_agreement(s: np.ndarray, q: np.ndarray,
+                      reference: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per device (row of ``s``: its signs on the sampled coordinates, ``q``: its
+    integer vote weight), how many signs agree with the reference vote and on how many
+    coordinates that vote decided (a tie is no evidence, ``VotingWeights.update``).
+
+    With sums = q @ s: the full vote is sign(sums), and the others' is
+    sign(sums - q_m s_m), which s_m matches <=> s_m * sums > q_m (s in {-1, +1}) and
+    ties <=> s_m * sums == q_m; no per-device vote is built.
+    """
+    sums = q.astype(np.int32) @ s.astype(np.int32)  # |q| <= 2560: 800k devices fit
+    agree = s * sums[None, :]
+    if reference == "all":
+        same = np.count_nonzero(agree > 0, axis=1)
+        return same, np.full(len(s), np.count_nonzero(sums))
+    same = np.count_nonzero(agree > q[:, None], axis=1)
+    return same, s.shape[1] - np.count_nonzero(agree == q[:, None], axis=1)
 
 
 def pairwise_reliability(s: np.ndarray, iters: int = 30) -> np.ndarray:
@@ -128,6 +168,7 @@ class VotingWeights:
 
     per_coordinate: bool = False
     gamma: float = 0.99
+    prior: float = 1.0  # per coordinate: ``reliability_weight``'s prior (0: the authors')
     total: dict[str, object] = field(default_factory=dict)
     agree: dict[str, object] = field(default_factory=dict)
 
@@ -135,7 +176,8 @@ class VotingWeights:
         if device not in self.total:
             return 1.0
         if self.per_coordinate:
-            return {k: reliability_weight(self.agree[device][k], self.total[device][k], 1.0)
+            return {k: reliability_weight(self.agree[device][k], self.total[device][k],
+                                          self.prior)
                     for k in self.total[device]}
         return _scalar_weight(float(self.agree[device]), float(self.total[device]))
 

@@ -8,11 +8,17 @@ width r (times any global width), ``kwargs["base"]`` the zoo architecture of eac
 everywhere (global model, device variant, update, checkpoint), so a device's update
 lands on the right base without any renaming.
 
-BatchNorm keeps tracked running statistics (fedge's choice; the paper uses batch
-statistics at test time): exported ONNX bases then run one sample at a time.
+Three options of the authors' code (illidanlab/SplitMix), booleans in the kwargs
+(``splitmix_variants.TRICKS``), all off by default: ``rescale_init`` draws each base's
+initial weights as if it were full width, ``rescale_layer`` divides conv outputs by the
+atom width while training, and ``batch_stats`` gives BatchNorm no running statistics,
+so it normalises with each batch's own, at test too. fedge's default keeps tracked
+running statistics: exported bases then answer each sample alone, whereas with
+``batch_stats`` a prediction depends on the batch it arrives in.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -20,6 +26,7 @@ import torch
 from torch import nn
 
 from device_runtime.errors import ModelBuildError
+from device_runtime.splitmix_variants import TRICKS
 from device_runtime.training.local import (
     LocalResult,
     LocalTrainOptions,
@@ -74,7 +81,76 @@ def build_splitmix(cfg, archs, build_base) -> SplitMixNet:
         raise ModelBuildError(f"splitmix kwargs.base: expected one of {', '.join(archs)}, "
                               f"got {base!r}")
     one = cfg.replace(arch=base, kwargs={})
-    return SplitMixNet({i: build_base(one) for i in indices_of(cfg.kwargs)})
+    indices, tricks = indices_of(cfg.kwargs), tricks_of(cfg.kwargs)
+    atom = 1 / cfg.kwargs["bases"]
+    return SplitMixNet({i: with_tricks(build_base(one), atom, tricks) for i in indices})
+
+
+def tricks_of(cfg_kwargs: dict) -> set[str]:
+    """The tricks a config turns on (each kwarg, when given, a bool)."""
+    on = set()
+    for name in TRICKS:
+        value = cfg_kwargs.get(name, False)
+        if not isinstance(value, bool):
+            raise ModelBuildError(f"splitmix kwargs.{name}: expected true or false, got "
+                                  f"{value!r}")
+        if value:
+            on.add(name)
+    return on
+
+
+def with_tricks(base: nn.Module, atom: float, tricks: set[str]) -> nn.Module:
+    """``base`` (freshly built) with the tricks named in ``tricks``, in place."""
+    layers = [m for m in base.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    if "rescale_init" in tricks:
+        # torch draws U(-b, b), b = 1/sqrt(fan_in), for weights and biases alike; the
+        # authors redraw with fan_in / atom, which is the same draw times sqrt(atom).
+        # The first layer's input (the raw sample) has no width: they leave it be.
+        with torch.no_grad():
+            for layer in layers[1:]:
+                for p in (layer.weight, layer.bias):
+                    if p is not None:
+                        p.mul_(math.sqrt(atom))
+    if "rescale_layer" in tricks:
+        for conv in _followed_by_norm(base):
+            conv.register_forward_hook(TrainingScale(atom))
+    if "batch_stats" in tricks:
+        for bn in base.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                # as built with track_running_stats=False: no buffers, batch statistics
+                bn.track_running_stats = False
+                bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+    return base
+
+
+def _followed_by_norm(base: nn.Module) -> list[nn.Module]:
+    """The conv and linear layers a BatchNorm directly follows. The authors scale every
+    layer but the classifier, and in their nets a BatchNorm follows each one, which
+    makes the training-only factor harmless at test; a layer with no BatchNorm after it
+    (cnn-wide's hidden linear) would hand the next layer inputs 1/atom larger in
+    training than at test, so it is left alone."""
+    out = []
+    for seq in base.modules():
+        if isinstance(seq, nn.Sequential):
+            kids = list(seq)
+            out += [a for a, b in zip(kids, kids[1:])
+                    if isinstance(a, (nn.Linear, nn.modules.conv._ConvNd))
+                    and isinstance(b, nn.modules.batchnorm._BatchNorm)]
+    return out
+
+
+class TrainingScale:
+    """Forward hook: the layer's output divided by ``width`` in training mode, untouched
+    in eval mode (so exported graphs, traced in eval mode, do not hold it)."""
+
+    def __init__(self, width: float):
+        self.width = width
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor):
+        return output / self.width if module.training else None
+
+    def __repr__(self) -> str:
+        return f"TrainingScale(1/{self.width:g})"
 
 
 def supervised_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, call=None

@@ -48,6 +48,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                    "(after the --json report is written)")
     model_cmds.strict_int8_arg(p)
     model_cmds.signing_key_arg(p)
+    p.add_argument("--server-gflops", type=float, default=0.0, metavar="GFLOPS",
+                   help="also give each round's server compute scaled to a server of this "
+                        "sustained fp32 GFLOP/s (default 0: only as measured here)")
     p.add_argument("--json", required=True)
     p.set_defaults(func=simulate)
 
@@ -62,7 +65,7 @@ def simulate(args: argparse.Namespace) -> int:
 
     check_options(SimOptions(devices=args.devices, rounds=args.rounds, broker=args.broker,
                              procs=args.procs, min_samples=args.min_samples,
-                             attack=args.attack))
+                             attack=args.attack, server_gflops=args.server_gflops))
     check_strategy(args.strategy)
     codecs.get(args.codec)
     check_downlink(args.downlink, args.strategy)
@@ -79,7 +82,7 @@ def simulate(args: argparse.Namespace) -> int:
                       procs=args.procs, min_samples=args.min_samples,
                       downlink=args.downlink, attack=args.attack,
                       norm_bound=args.norm_bound, max_samples=args.max_samples,
-                      job=args.job, keys_out=args.keys_out,
+                      job=args.job, keys_out=args.keys_out, server_gflops=args.server_gflops,
                       strategy_options=options)
 
     from toolkit.strategies.robust import round_note

@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 
 from toolkit.errors import UsageError
-from toolkit.strategies.options import EcoFedOptions
-from toolkit.strategies.spec import ArgsContext, Flag, SetupContext, SimRun, StrategySpec
+from toolkit.strategies.options import TAIL_INITS, EcoFedOptions
+from toolkit.strategies.spec import (
+    PAPER,
+    ArgsContext,
+    Flag,
+    SetupContext,
+    SimRun,
+    StrategySpec,
+    options_from,
+)
 
 # EcoFed's head is frozen after pre-training on the small public split, so it must
 # hold few parameters: on cnn-wide a cut after three convs (8.6% of the parameters)
@@ -21,8 +29,14 @@ SPLIT_AFTER = Flag(("--split-after",), {
 
 
 def _from_args(args: argparse.Namespace, ctx: ArgsContext):
-    return EcoFedOptions(period=args.period, split_after=args.split_after,
-                         shared_tail=args.shared_tail)
+    eo = options_from(args, EcoFedOptions, period=args.period, split_after=args.split_after,
+                      shared_tail=args.shared_tail, iterations=args.tail_steps,
+                      batch_size=args.tail_batch, tail_init=args.tail_init)
+    try:
+        eo.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return eo
 
 
 def _setup(options, ctx: SetupContext):
@@ -57,9 +71,26 @@ def _setup(options, ctx: SetupContext):
                                  light(split_candidates(infos, p)), eo.split_after).after
             for p in ctx.fleet}
     after = max(cuts.values())  # the frozen depth; earlier cuts are bridged by the server
+    if eo.tail_init == "fresh":  # the paper's: only the device layers are pre-trained
+        fresh_tail(model, after)
     heads = {c: export_head(model, cfg, c, ctx.public_x[:64])
              for c in sorted(set(cuts.values()))}
     return cfg, EcoFedSetup(cfg, after, *heads[after], eo, cuts, heads, ctx.allowed)
+
+
+def fresh_tail(model, after: int, seed: int = 0) -> None:
+    """Initialise the stages from ``after`` on afresh (in place), as a model that was never
+    trained there; seeded, so that a run is repeatable."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for stage in model.stages[after:]:
+            for m in stage.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+                if hasattr(m, "reset_running_stats"):
+                    m.reset_running_stats()
 
 
 def _pretrain(sim, cfg, x, y):
@@ -101,11 +132,22 @@ def _report(run: SimRun) -> dict:
 
 SPEC = StrategySpec(
     rule="toolkit.strategies.server.ecofed:EcoFed", options=EcoFedOptions,
-    flags=(Flag(("--period",), {"type": int, "default": 2, "help":
+    flags=(PAPER,
+           Flag(("--period",), {"type": int, "default": None, "help":
                                 "devices send activations every PERIOD rounds; the server "
-                                "trains on its replay buffers in between"}),
+                                "trains on its replay buffers in between (default: 2)"}),
            SPLIT_AFTER,
-           Flag(("--shared-tail",), {"action": "store_true", "help": "one tail trained over "
-                                     "all buffers (default: one per device, averaged)"})),
+           Flag(("--shared-tail",), {"action": "store_true", "default": None,
+                                     "help": "one tail trained over all buffers (default: "
+                                             "one per device, averaged)"}),
+           Flag(("--tail-steps",), {"type": int, "default": None, "metavar": "N",
+                                    "help": "server SGD steps per tail a round (default: 200; "
+                                            "the paper's 50)"}),
+           Flag(("--tail-batch",), {"type": int, "default": None, "metavar": "B",
+                                    "help": "their batch size (default: 32; the paper's 10)"}),
+           Flag(("--tail-init",), {"choices": TAIL_INITS, "default": None,
+                                   "help": "the tail at the start: the pre-trained model's, or "
+                                           "fresh (the paper's: only the device layers are "
+                                           "pre-trained; default: pretrained)"})),
     from_args=_from_args, setup=_setup, pretrain=_pretrain, device_macs=_device_macs,
     report=_report, device_trains=False)

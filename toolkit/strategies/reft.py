@@ -7,11 +7,26 @@ import argparse
 
 from toolkit.errors import UsageError
 from toolkit.strategies.options import REFTOptions
-from toolkit.strategies.spec import ArgsContext, Flag, SetupContext, SimRun, StrategySpec
+from toolkit.strategies.spec import (
+    PAPER,
+    ArgsContext,
+    Flag,
+    SetupContext,
+    SimRun,
+    StrategySpec,
+    options_from,
+)
 
 
 def _from_args(args: argparse.Namespace, ctx: ArgsContext):
-    return REFTOptions(uplink=args.reft_uplink)
+    average = None if args.reft_average is None else args.reft_average == "yes"
+    ro = options_from(args, REFTOptions, uplink=args.reft_uplink, average_first=average,
+                      one_shot=args.reft_one_shot, distill_epochs=args.reft_distill_epochs)
+    try:
+        ro.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return ro
 
 
 def _setup(options, ctx: SetupContext):
@@ -24,8 +39,10 @@ def _setup(options, ctx: SetupContext):
     from toolkit.strategies.spec import checked_options
 
     ro, cfg = checked_options(options, REFTOptions), ctx.cfg
-    if ro.uplink not in ("weights", "logits"):
-        raise UsageError(f"--reft-uplink: expected weights or logits, got {ro.uplink!r}")
+    try:
+        ro.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if ro.uplink == "logits" and ctx.codec not in LOGIT_CODECS:
         raise UsageError(f"--reft-uplink logits: expected --codec {', '.join(LOGIT_CODECS)}, "
                          f"got {ctx.codec}")
@@ -48,8 +65,21 @@ def _device_macs(run: SimRun) -> dict[str, int]:
 
 SPEC = StrategySpec(
     rule="toolkit.strategies.server.reft:REFT", options=REFTOptions,
-    flags=(Flag(("--reft-uplink",), {
-        "choices": ("weights", "logits"), "default": "weights",
-        "help": "devices send their pruned models, or only their logits on the server's "
-                "public split"}),),
+    flags=(PAPER,
+           Flag(("--reft-uplink",), {
+               "choices": ("weights", "logits"), "default": None,
+               "help": "devices send their pruned models, or only their logits on the "
+                       "server's public split (default: weights)"}),
+           Flag(("--reft-average",), {
+               "choices": ("yes", "no"), "default": None,
+               "help": "average the clients' pruned weights back into place before "
+                       "distilling (default: yes; the paper: no)"}),
+           Flag(("--reft-one-shot",), {
+               "action": "store_true", "default": None,
+               "help": "prune once in the first round and keep each profile's channels "
+                       "(the paper's; default: prune the new global model every round)"}),
+           Flag(("--reft-distill-epochs",), {
+               "type": int, "default": None, "metavar": "E",
+               "help": "distillation epochs on the public split a round (default: 3; 0: "
+                       "averaging only)"})),
     from_args=_from_args, setup=_setup, device_macs=_device_macs)

@@ -8,16 +8,40 @@ import dataclasses
 
 from toolkit.errors import UsageError
 from toolkit.strategies.spec import (
+    PAPER,
     ArgsContext,
     Flag,
     SetupContext,
     SimRun,
     StrategySpec,
     checked_options,
+    options_from,
 )
 
-ATOM = Flag(("--splitmix-atom",), {"type": float, "default": 0.125,
-                                   "help": "base width r (M = 1/r bases)"})
+# default=None throughout: "not given", so that --paper's settings stand (options_from).
+ATOM = Flag(("--splitmix-atom",), {"type": float, "default": None,
+                                   "help": "base width r (M = 1/r bases; default 0.125)"})
+RESCALE_INIT = Flag(("--splitmix-rescale-init",), {
+    "action": argparse.BooleanOptionalAction, "default": None,
+    "help": "initialise each base as if full width, fan-in / r (default: off; --paper: on)"})
+RESCALE_LAYER = Flag(("--splitmix-rescale-layer",), {
+    "action": argparse.BooleanOptionalAction, "default": None,
+    "help": "divide conv outputs by r while training; needs --splitmix-batch-stats "
+            "(default: off; --paper: on)"})
+BATCH_STATS = Flag(("--splitmix-batch-stats",), {
+    "action": argparse.BooleanOptionalAction, "default": None,
+    "help": "BatchNorm without running statistics: each batch's own, at test too "
+            "(default: off; --paper: on)"})
+BASE_SAMPLING = Flag(("--splitmix-base-sampling",), {
+    "default": None, "metavar": "cyclic|reshuffle",
+    "help": "each device's first base: from one fixed shuffled cycle, or reshuffled "
+            "after each cycle (default: cyclic; --paper: reshuffle)"})
+# Where each option comes from, for errors that name the flag.
+FLAG_OF = {"atom": "--splitmix-atom", "budget_by_profile": "--budgets",
+           "rescale_init": "--splitmix-rescale-init",
+           "rescale_layer": "--splitmix-rescale-layer",
+           "batch_stats": "--splitmix-batch-stats",
+           "base_sampling": "--splitmix-base-sampling"}
 # Shared with heterofl: per profile, the width it can afford.
 BUDGETS = Flag(("--budgets",), {"help": "comma list profile=width, e.g. rpi4=0.25,jetson-orin-"
                                         "nano=1 (default: from each profile's compute)"})
@@ -44,11 +68,17 @@ def budgets(args: argparse.Namespace, cat) -> dict[str, float]:
 def _from_args(args: argparse.Namespace, ctx: ArgsContext):
     from broker_server.strategies.splitmix import SplitMixOptions
 
-    sm = SplitMixOptions(args.splitmix_atom, budget_by_profile=budgets(args, ctx.catalogue))
+    sm = options_from(args, SplitMixOptions, atom=args.splitmix_atom,
+                      budget_by_profile=budgets(args, ctx.catalogue) or None,
+                      rescale_init=args.splitmix_rescale_init,
+                      rescale_layer=args.splitmix_rescale_layer,
+                      batch_stats=args.splitmix_batch_stats,
+                      base_sampling=args.splitmix_base_sampling)
     try:
         sm.check()
-    except ValueError as e:
-        raise UsageError(f"--splitmix-atom/--budgets: {e}") from None
+    except ValueError as e:  # its message starts with the option's name
+        field = str(e).split(":", 1)[0].split("[", 1)[0]
+        raise UsageError(f"{FLAG_OF.get(field, '--splitmix-atom/--budgets')}: {e}") from None
     return sm
 
 
@@ -62,10 +92,17 @@ def _setup(options, ctx: SetupContext):
         sm = dataclasses.replace(sm, budget_by_profile=budgets_from_profiles(ctx.fleet, sm.atom))
     cfg = ctx.cfg
     if cfg.arch != "splitmix":
-        return splitmix_config(cfg, sm.atom), sm
+        return splitmix_config(cfg, sm.atom, sm.model_kwargs()), sm
     if cfg.kwargs.get("bases") != sm.bases:  # a SplitMix checkpoint: its M must agree
         raise UsageError(f"--splitmix-atom: the checkpoint holds {cfg.kwargs.get('bases')} "
                          f"bases, the options ask for {sm.bases}")
+    # ...and so must the tricks that act from now on (rescale_init acted once, when its
+    # bases were made); a different config would have the server start afresh.
+    for name in ("rescale_layer", "batch_stats"):
+        if bool(cfg.kwargs.get(name)) != getattr(sm, name):
+            raise UsageError(f"{FLAG_OF[name]}: the checkpoint's bases were trained with "
+                             f"{name} {bool(cfg.kwargs.get(name))}, the options ask for "
+                             f"{getattr(sm, name)}")
     return cfg, sm
 
 
@@ -84,5 +121,6 @@ def _report(run: SimRun) -> dict:
 
 SPEC = StrategySpec(rule="broker_server.strategies.splitmix:SplitMix",
                     options="broker_server.strategies.splitmix:SplitMixOptions",
-                    flags=(ATOM, BUDGETS), from_args=_from_args, setup=_setup,
+                    flags=(PAPER, ATOM, BUDGETS, RESCALE_INIT, RESCALE_LAYER, BATCH_STATS,
+                           BASE_SAMPLING), from_args=_from_args, setup=_setup,
                     device_macs=_device_macs, report=_report)

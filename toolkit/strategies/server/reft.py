@@ -141,18 +141,34 @@ class REFT(Strategy):
         self.full_macs, _ = count_macs(self.student, self.example)
         self.pruned: dict[str, tuple[ModelConfig, Weights, int]] = {}  # profile -> variant
         self.index: dict[str, dict[str, np.ndarray]] = {}  # profile -> index_map
+        # profile -> the pruning first chosen (one-shot; a restarted aggregator chooses
+        # again, on the weights it resumes from)
+        self.records: dict[str, PruneRecord] = {}
         self.round = 0
 
     def _prune_all(self, global_weights: Weights) -> None:
         load_weights(self.student, global_weights)
         self.pruned = {}
         for profile, frac in self.setup.fractions.items():
-            model, rec = prune_to_macs(self.student, self.example, int(self.full_macs * frac))
+            model, rec = self._pruned(profile, frac)
             if self.setup.options.average_first and not self.logits:
                 self.index[profile] = index_map(self.setup.config, rec, self.example)
             macs, _ = count_macs(model, self.example)
             self.pruned[profile] = (pruned_config(self.setup.config, model), weights_of(model),
                                     macs)
+
+    def _pruned(self, profile: str, frac: float) -> tuple[nn.Module, PruneRecord]:
+        """The student pruned to ``frac`` of its MACs: anew, or (one-shot) along the
+        channels chosen the first time, replayed on the current weights."""
+        rec = self.records.get(profile) if self.setup.options.one_shot else None
+        if rec is None:
+            model, rec = prune_to_macs(self.student, self.example, int(self.full_macs * frac))
+            self.records[profile] = rec
+            return model, rec
+        model = build_model(self.setup.config)
+        load_weights(model, weights_of(self.student))
+        replay(model, rec, self.example)
+        return model, rec
 
     def variants(self, global_weights: Weights) -> dict[str, Weights]:
         self._prune_all(global_weights)  # anew every round, from the new global model

@@ -16,13 +16,16 @@ from toolkit.errors import UsageError
 from toolkit.planning.profiles import DeviceProfile
 
 
-def splitmix_config(cfg: ModelConfig, atom: float) -> ModelConfig:
-    """M = 1 / atom bases of ``cfg``'s architecture, each at width ``cfg.width * atom``."""
+def splitmix_config(cfg: ModelConfig, atom: float, tricks: dict | None = None
+                    ) -> ModelConfig:
+    """M = 1 / atom bases of ``cfg``'s architecture, each at width ``cfg.width * atom``;
+    ``tricks``: the width tricks and BatchNorm choice that are on
+    (``SplitMixOptions.model_kwargs``)."""
     if cfg.arch in ("splitmix", "custom"):
         raise UsageError(f"splitmix: bases need a zoo architecture, got {cfg.arch!r}")
     m = int(round(1 / atom))
     return cfg.replace(arch="splitmix", width=cfg.width * atom,
-                       kwargs={"base": cfg.arch, "bases": m})
+                       kwargs={"base": cfg.arch, "bases": m, **(tricks or {})})
 
 
 def budgets_from_profiles(profiles: list[DeviceProfile], atom: float,
