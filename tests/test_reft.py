@@ -95,7 +95,8 @@ def test_logits_uplink_refuses_codecs_that_code_model_updates():
     with pytest.raises(UsageError, match="--reft-uplink logits: expected --codec fp32"):
         run_simulation(SimOptions(devices=2, rounds=1, strategy="reft", codec="fedmrn",
                                   strategy_options=REFTOptions(uplink="logits")))
-    with pytest.raises(UsageError, match="reft uplink: expected .weights. or .logits., got .probs."):
+    with pytest.raises(UsageError,
+                       match="reft uplink: expected .weights. or .logits., got .probs."):
         run_simulation(SimOptions(devices=2, rounds=1, strategy="reft",
                                   strategy_options=REFTOptions(uplink="probs")))
 

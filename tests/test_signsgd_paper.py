@@ -189,7 +189,8 @@ def test_paper_with_a_strategy_without_a_paper_mode_is_one_line(tmp_path, capsys
                  "--rounds", "1", "--json", str(tmp_path / "r.json")])
     err = capsys.readouterr().err.strip()
     assert code == EXIT_USAGE and "\n" not in err
-    assert "--paper: strategy fedavg has no paper mode (these do: ecofed, reft, signsgd, splitmix)" in err
+    assert ("--paper: strategy fedavg has no paper mode (these do: ecofed, reft, signsgd, "
+            "splitmix)") in err
     assert not (tmp_path / "r.json").exists()
 
 
