@@ -13,6 +13,7 @@ from toolkit.strategies.spec import (
     SetupContext,
     SimRun,
     StrategySpec,
+    checked_flags,
     options_from,
 )
 
@@ -28,15 +29,16 @@ SPLIT_AFTER = Flag(("--split-after",), {
                          "for dpfl)"})
 
 
+# Where each option comes from, for errors that name the flag.
+FLAG_OF = {"period": "--period", "iterations": "--tail-steps", "batch_size": "--tail-batch",
+           "tail_init": "--tail-init"}
+
+
 def _from_args(args: argparse.Namespace, ctx: ArgsContext):
-    eo = options_from(args, EcoFedOptions, period=args.period, split_after=args.split_after,
-                      shared_tail=args.shared_tail, iterations=args.tail_steps,
-                      batch_size=args.tail_batch, tail_init=args.tail_init)
-    try:
-        eo.check()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return eo
+    return checked_flags(options_from(
+        args, EcoFedOptions, period=args.period, split_after=args.split_after,
+        shared_tail=args.shared_tail, iterations=args.tail_steps, batch_size=args.tail_batch,
+        tail_init=args.tail_init), FLAG_OF)
 
 
 def _setup(options, ctx: SetupContext):
@@ -49,11 +51,8 @@ def _setup(options, ctx: SetupContext):
     from toolkit.strategies.server.ecofed import ACT_CODECS, EcoFedSetup, export_head
     from toolkit.strategies.spec import checked_options
 
-    eo, cfg, model = checked_options(options, EcoFedOptions), ctx.cfg, ctx.model
-    try:
-        eo.check()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    eo = checked_flags(checked_options(options, EcoFedOptions), FLAG_OF)
+    cfg, model = ctx.cfg, ctx.model
     if ctx.codec not in ACT_CODECS:
         raise UsageError(f"--codec: ecofed sends activations, expected "
                          f"{' or '.join(ACT_CODECS)}, got {ctx.codec}")

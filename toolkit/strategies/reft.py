@@ -14,19 +14,17 @@ from toolkit.strategies.spec import (
     SetupContext,
     SimRun,
     StrategySpec,
+    checked_flags,
     options_from,
 )
 
 
 def _from_args(args: argparse.Namespace, ctx: ArgsContext):
     average = None if args.reft_average is None else args.reft_average == "yes"
-    ro = options_from(args, REFTOptions, uplink=args.reft_uplink, average_first=average,
-                      one_shot=args.reft_one_shot, distill_epochs=args.reft_distill_epochs)
-    try:
-        ro.check()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return ro
+    return checked_flags(options_from(
+        args, REFTOptions, uplink=args.reft_uplink, average_first=average,
+        one_shot=args.reft_one_shot, distill_epochs=args.reft_distill_epochs),
+        {"distill_epochs": "--reft-distill-epochs"})
 
 
 def _setup(options, ctx: SetupContext):
@@ -38,11 +36,7 @@ def _setup(options, ctx: SetupContext):
     from toolkit.strategies.server.reft import LOGIT_CODECS, REFTSetup
     from toolkit.strategies.spec import checked_options
 
-    ro, cfg = checked_options(options, REFTOptions), ctx.cfg
-    try:
-        ro.check()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    ro, cfg = checked_flags(checked_options(options, REFTOptions), {}), ctx.cfg
     if ro.uplink == "logits" and ctx.codec not in LOGIT_CODECS:
         raise UsageError(f"--reft-uplink logits: expected --codec {', '.join(LOGIT_CODECS)}, "
                          f"got {ctx.codec}")

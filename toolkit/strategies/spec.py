@@ -38,6 +38,26 @@ def options_from(args: argparse.Namespace, cls: type, **given: Any):
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
+def checked_flags(options, flag_of: dict[str, str]):
+    """``options`` after its ``check()``, whose ValueError becomes a UsageError led by
+    the flag ``flag_of`` names for the option the message is about."""
+    try:
+        options.check()
+    except ValueError as e:
+        from toolkit.errors import UsageError
+
+        raise UsageError(_led_by_flag(str(e), flag_of)) from None
+    return options
+
+
+def _led_by_flag(message: str, flag_of: dict[str, str]) -> str:
+    """``message`` (an options check's: "[strategy ]option[...]: ...") with the option's
+    flag in front, when ``flag_of`` knows it."""
+    words = message.split(":", 1)[0].split("[", 1)[0].split()
+    flag = flag_of.get(words[-1]) if words else None
+    return f"{flag}: {message}" if flag else message
+
+
 @dataclass(frozen=True)
 class ArgsContext:
     """What the CLI knows when it turns flags into options."""

@@ -14,6 +14,7 @@ from toolkit.strategies.spec import (
     SetupContext,
     SimRun,
     StrategySpec,
+    checked_flags,
     checked_options,
     options_from,
 )
@@ -68,18 +69,12 @@ def budgets(args: argparse.Namespace, cat) -> dict[str, float]:
 def _from_args(args: argparse.Namespace, ctx: ArgsContext):
     from broker_server.strategies.splitmix import SplitMixOptions
 
-    sm = options_from(args, SplitMixOptions, atom=args.splitmix_atom,
-                      budget_by_profile=budgets(args, ctx.catalogue) or None,
-                      rescale_init=args.splitmix_rescale_init,
-                      rescale_layer=args.splitmix_rescale_layer,
-                      batch_stats=args.splitmix_batch_stats,
-                      base_sampling=args.splitmix_base_sampling)
-    try:
-        sm.check()
-    except ValueError as e:  # its message starts with the option's name
-        field = str(e).split(":", 1)[0].split("[", 1)[0]
-        raise UsageError(f"{FLAG_OF.get(field, '--splitmix-atom/--budgets')}: {e}") from None
-    return sm
+    return checked_flags(options_from(
+        args, SplitMixOptions, atom=args.splitmix_atom,
+        budget_by_profile=budgets(args, ctx.catalogue) or None,
+        rescale_init=args.splitmix_rescale_init, rescale_layer=args.splitmix_rescale_layer,
+        batch_stats=args.splitmix_batch_stats, base_sampling=args.splitmix_base_sampling),
+        FLAG_OF)
 
 
 def _setup(options, ctx: SetupContext):
