@@ -18,10 +18,10 @@ seed: the first round at or above the target, the total bytes (up + down, every
 frame the aggregator sent or received, assets included) and the simulated time
 (each round as long as its slowest device: compute from MACs and GFLOP/s,
 transfer from bytes and link rates, a round trip per split-learning batch) up to
-it, plus the server's own compute each round as measured on this machine, and also
-with the server's part scaled to a stated server (``--server-gflops``,
-toolkit/sim/server_time.py). Each arm can run in its own process (``--arms``, ``--json``) and
-the results be joined with ``--combine``:
+it, plus the server's own compute each round: its counted FLOPs at a stated
+server's rate (``--server-gflops``, toolkit/sim/server_time.py; reproducible), and
+beside it as measured on this machine. Each arm can run in its own process
+(``--arms``, ``--json``) and the results be joined with ``--combine``:
 
     python bench/split.py --arms fedavg,dpfl --json runs/split_a.json
     python bench/split.py --arms ecofed-act8,ecofed-act4 --json runs/split_b.json
@@ -47,6 +47,7 @@ passive_waits()  # before torch loads (below)
 
 from toolkit.strategies.server.dpfl import DPFLOptions  # noqa: E402
 from toolkit.strategies.server.ecofed import EcoFedOptions  # noqa: E402
+from toolkit.sim.server_time import DEFAULT_SERVER_GFLOPS  # noqa: E402
 from toolkit.sim.simulate import SimOptions, run_simulation  # noqa: E402
 
 PROFILES = ("rpi3b", "rpi4", "rpi5", "jetson-orin-nano")
@@ -83,7 +84,8 @@ def run_arm(name: str, opts: SimOptions, seeds: list[int]) -> list[dict]:
                            "uplink_bytes": r["uplink_bytes"],
                            "downlink_bytes": r["downlink_bytes"],
                            "simulated_elapsed": r["simulated_elapsed"],
-                           "simulated_elapsed_scaled": r.get("simulated_elapsed_scaled"),
+                           "simulated_elapsed_measured": r["simulated_elapsed_measured"],
+                           "server_flops": r["server_flops"],
                            "server_seconds": r["server_seconds"]})
         runs.append({"seed": s, "rounds": rounds, "final_accuracy": report["final_accuracy"],
                      "cuts": report.get("cuts"), "split_after": report.get("split_after"),
@@ -100,9 +102,9 @@ def reach(run: dict, target: float) -> dict:
         if r["accuracy"] >= target:
             return {"round": r["round"], "bytes": r["bytes"],
                     "simulated_seconds": r["simulated_elapsed"],
-                    "simulated_seconds_scaled": r.get("simulated_elapsed_scaled")}
+                    "simulated_seconds_measured": r["simulated_elapsed_measured"]}
     return {"round": None, "bytes": None, "simulated_seconds": None,
-            "simulated_seconds_scaled": None}
+            "simulated_seconds_measured": None}
 
 
 def summarize(runs: dict[str, list[dict]], margin: float) -> dict:
@@ -121,11 +123,12 @@ def summarize(runs: dict[str, list[dict]], margin: float) -> dict:
             else None,
             "seconds_to_target": round(statistics.median(g["simulated_seconds"] for g in done),
                                        1) if done else None,
-            "seconds_to_target_scaled": round(statistics.median(
-                g["simulated_seconds_scaled"] for g in done), 1)
-            if done and done[0]["simulated_seconds_scaled"] is not None else None,
+            "seconds_to_target_measured": round(statistics.median(
+                g["simulated_seconds_measured"] for g in done), 1) if done else None,
             "rounds_to_target": statistics.median(g["round"] for g in done) if done else None,
             "bytes_per_round": round(statistics.mean(r["bytes"] / r["round"] for r in last)),
+            "server_gflop_per_round": round(statistics.mean(
+                q["server_flops"] for r in arm for q in r["rounds"]) / 1e9, 1),
             "server_seconds_per_round": round(statistics.mean(
                 q["server_seconds"] for r in arm for q in r["rounds"]), 2),
             "cuts": arm[0]["cuts"] or arm[0]["split_after"]}
@@ -153,17 +156,19 @@ def to_markdown(res: dict) -> str:
              + "; ".join(f"`{c}`" for c in res["command"]) + ".\n",
              "| arm | final accuracy (mean ± sd) | reached | rounds to target | "
              "total MB to target (median) | FedAvg's bytes / the arm's | dpfl's bytes / the "
-             "arm's | simulated s to target (server as measured here) | the same, server "
-             "scaled | MB per round | server s per round (this machine) | cut |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "arm's | simulated s to target (server counted) | the same, server as measured "
+             "here | MB per round | server GFLOP per round | server s per round (this "
+             "machine) | cut |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, a in s["arms"].items():
         ratios = ["-" if a.get(f"traffic_ratio_vs_{r}") is None else
                   f"{a[f'traffic_ratio_vs_{r}']}" for r in ("fedavg", "dpfl")]
         lines.append(f"| {name} | {a['final_mean']:.4f} ± {a['final_std']:.4f} | "
                      f"{a['reached']} | {a['rounds_to_target']} | "
                      f"{_mb(a['bytes_to_target'])} | {ratios[0]} | {ratios[1]} | "
-                     f"{a['seconds_to_target']} | {a.get('seconds_to_target_scaled')} | "
-                     f"{a['bytes_per_round'] / 1e6:,.2f} | {a['server_seconds_per_round']} | "
+                     f"{a['seconds_to_target']} | {a['seconds_to_target_measured']} | "
+                     f"{a['bytes_per_round'] / 1e6:,.2f} | {a['server_gflop_per_round']} | "
+                     f"{a['server_seconds_per_round']} | "
                      f"{a['cuts']} |")
     lines += ["", "Reading the table:", "",
               "- Bytes are every frame the aggregator sent or received: models, tasks, "
@@ -172,11 +177,11 @@ def to_markdown(res: dict) -> str:
               "- Simulated time adds up, round by round, the slowest device's compute (MACs x "
               "samples x passes / GFLOP/s), transfer (its bytes / its link rates) and, for "
               "dpfl, one round trip (`rtt_ms`) per batch, then the server's own compute that "
-              "round (`server_seconds`: folding updates in and computing the new model, "
-              "EcoFed's tail training among it) as measured on this machine. The next column "
-              f"scales the server's part to a stated server of {res.get('server_gflops')} "
-              "GFLOP/s from this machine's measured rate (a FLOP-rate estimate, "
-              "toolkit/sim/server_time.py).",
+              "round (EcoFed's tail training, REFT's distillation): its counted FLOPs "
+              f"(`server_flops`) at a stated server of {res.get('server_gflops')} GFLOP/s "
+              "(toolkit/sim/server_time.py), the same on every run. The next column has "
+              "the server's part as measured on this machine instead (`server_seconds`: "
+              "the numpy folding too; it varies with the load).",
               "- `ecofed-act8`/`-act4` are fedge's tuned mode (one shared tail, "
               f"{res['ecofed'].get('iterations')} server steps a round); `ecofed-paper-*` the "
               "paper's (`EcoFedOptions.paper()`: a tail per device averaged, 50 steps at batch "
@@ -204,8 +209,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--margin", type=float, default=0.02)
     ap.add_argument("--iterations", type=int, default=200, help="EcoFed server steps")
-    ap.add_argument("--server-gflops", type=float, default=2000.0,
-                    help="the stated server the server's compute is also scaled to")
+    ap.add_argument("--server-gflops", type=float, default=DEFAULT_SERVER_GFLOPS,
+                    help="the stated server's sustained fp32 GFLOP/s, at which the server's "
+                    "counted FLOPs are its part of the simulated time")
     ap.add_argument("--arms", help="comma list (default: all)")
     ap.add_argument("--combine", help="comma list of JSON results to join")
     ap.add_argument("--json", default="runs/bench_split.json")

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from broker_server import compute
 from broker_server.guard import rms
 from broker_server.strategies.folds import Fold
 from device_runtime import messages
@@ -98,6 +99,7 @@ def round_record(rs, accuracy: float | None, duplicates: int, rejected: int) -> 
             "devices_assigned": len(rs.assigned),
             "seconds": round(time.time() - rs.started, 3),
             "server_seconds": round(rs.server_seconds, 4),
+            "server_flops": rs.server_flops,
             "train_seconds_max": max((messages.seconds_of(u.get("train_seconds"))
                                       for u in updates), default=0.0),
             "accepted": sorted(rs.accepted),
@@ -195,13 +197,17 @@ class RoundState:
     # Wall seconds of the server's own compute this round: folding updates in (decode,
     # screen) and the fold's result (e.g. EcoFed's tail training, REFT's distillation).
     server_seconds: float = 0.0
+    # The FLOPs of that compute's torch work (compute.py): the same on every run.
+    server_flops: int = 0
 
 
 @contextmanager
 def server_time(rs: "RoundState") -> Iterator[None]:
-    """Add the wall time of the block to ``rs.server_seconds`` (the server's compute)."""
-    t0 = time.perf_counter()
+    """Add the wall time of the block to ``rs.server_seconds`` and the FLOPs counted in
+    it to ``rs.server_flops`` (the server's compute)."""
+    t0, f0 = time.perf_counter(), compute.total()
     try:
         yield
     finally:
         rs.server_seconds += time.perf_counter() - t0
+        rs.server_flops += compute.total() - f0

@@ -26,7 +26,7 @@ def _fingerprint(report: dict, ckpt) -> dict:
     for name, w in sorted(weights_of(ckpt.model).items()):
         h.update(name.encode() + w.tobytes())
     keys = ("accuracy", "loss", "device_loss", "change_rms", "uplink_bytes",
-            "downlink_bytes", "accepted", "refused")
+            "downlink_bytes", "accepted", "refused", "server_flops", "simulated_elapsed")
     return {"weights": h.hexdigest(),
             "rounds": [{k: r.get(k) for k in keys} for r in report["rounds"]],
             "devices": [(d["id"], d["uplink_bytes"], d["downlink_bytes"])

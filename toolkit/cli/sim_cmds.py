@@ -9,6 +9,7 @@ from pathlib import Path
 
 from toolkit.cli import model_cmds, strategy_args
 from toolkit.cli.field_cmds import downlink_arg, guard_args, train_args
+from toolkit.sim.server_time import DEFAULT_SERVER_GFLOPS
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -48,9 +49,10 @@ def add(sub: argparse._SubParsersAction) -> None:
                    "(after the --json report is written)")
     model_cmds.strict_int8_arg(p)
     model_cmds.signing_key_arg(p)
-    p.add_argument("--server-gflops", type=float, default=0.0, metavar="GFLOPS",
-                   help="also give each round's server compute scaled to a server of this "
-                        "sustained fp32 GFLOP/s (default 0: only as measured here)")
+    p.add_argument("--server-gflops", type=float, default=DEFAULT_SERVER_GFLOPS,
+                   metavar="GFLOPS", help="the stated server's sustained fp32 GFLOP/s: the "
+                   "server's counted FLOPs at this rate are its part of the simulated time "
+                   "(default %(default)g; its measured seconds here are reported too)")
     p.add_argument("--json", required=True)
     p.set_defaults(func=simulate)
 

@@ -6,7 +6,8 @@ Every byte counted is a frame that was really encoded and sent; each device's
 simulated round time comes from its profile (compute from MACs and GFLOP/s,
 transfer from frame bytes and link bandwidth), so time-to-accuracy compares
 methods on the fleet the user names, not on this machine; the server's own compute
-is added as measured here, and scaled to a stated server (``server_time.py``).
+is added as counted FLOPs at a stated server's rate, and as measured here
+(``server_time.py``).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 from broker_server.guard import MAX_SAMPLES, NORM_BOUND
 from toolkit.errors import UsageError
 from toolkit.planning.profiles import DeviceProfile
-from toolkit.sim.server_time import add_server_time, host_gflops
+from toolkit.sim.server_time import DEFAULT_SERVER_GFLOPS, add_server_time
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,9 @@ class SimOptions:
     # with the thread count, so a run is reproducible at a given count (the report's
     # ``threads``); the devices train with one thread each.
     threads: int | None = None
-    # A stated server's sustained fp32 GFLOP/s: each round's server seconds are also
-    # given scaled to it (toolkit/sim/server_time.py; 0: only as measured here).
-    server_gflops: float = 0.0
+    # A stated server's sustained fp32 GFLOP/s: the server's counted FLOPs at this rate
+    # are its part of the simulated time (toolkit/sim/server_time.py).
+    server_gflops: float = DEFAULT_SERVER_GFLOPS
 
     def custom_models(self):
         """The allowlist of this run's own agents and rebuilds: the factory ``model``
@@ -150,8 +151,8 @@ def check_options(opts: SimOptions) -> None:
                          "the aggregator only through a broker)")
     if opts.min_samples < 1:
         raise UsageError(f"--min-samples: expected >= 1, got {opts.min_samples}")
-    if not opts.server_gflops >= 0:
-        raise UsageError(f"--server-gflops: expected >= 0, got {opts.server_gflops}")
+    if not opts.server_gflops > 0:
+        raise UsageError(f"--server-gflops: expected > 0, got {opts.server_gflops}")
     per = -(-opts.devices // opts.procs)
     if opts.broker and per > MAX_CLIENTS_PER_PROCESS:
         need = -(-opts.devices // MAX_CLIENTS_PER_PROCESS)
@@ -352,11 +353,9 @@ def _add_fleet_figures(report: dict, opts: SimOptions, agents, fleet,
     ``agents`` are ``SimDevice`` records, wherever the agents ran."""
     profiles = {a.device: p for a, p in zip(agents, fleet)}
     histories = {a.device: a.history for a in agents}
-    host = host_gflops() if opts.server_gflops > 0 else None
-    add_server_time(report["rounds"], simulated_round_times(histories, profiles, macs), host,
+    add_server_time(report["rounds"], simulated_round_times(histories, profiles, macs),
                     opts.server_gflops)
-    if host is not None:
-        report["server_scale"] = {"host_gflops": host, "server_gflops": opts.server_gflops}
+    report["server_gflops"] = opts.server_gflops
     report["devices"] = [
         {"id": a.device, "profile": p.name, "macs": macs[a.device], "samples": a.samples,
          "uplink_bytes": sum(h["uplink_bytes"] for h in a.history),

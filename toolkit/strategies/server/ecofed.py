@@ -37,6 +37,7 @@ from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.training.split import parse_head_variant, stage_of
 from device_runtime.wire import TensorSpec
 from toolkit.strategies.options import EcoFedOptions
+from toolkit.strategies.server.flops import counted, shape_key
 
 ACT_CODECS = ("act8", "act4")
 
@@ -103,12 +104,18 @@ def train_tail(model: nn.Module, after: int, acts: np.ndarray, labels: np.ndarra
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(acts), torch.from_numpy(labels)
     tail.train()
-    for _ in range(opts.iterations):
-        idx = torch.randint(0, len(xt), (min(opts.batch_size, len(xt)),), generator=gen)
+    batch = min(opts.batch_size, len(xt))
+    key = shape_key("train", tail, (batch, *xt.shape[1:]))
+
+    def step(idx: torch.Tensor) -> None:
         loss = nn.functional.cross_entropy(tail(xt[idx]), yt[idx])
         sgd.zero_grad()
         loss.backward()
         sgd.step()
+
+    for _ in range(opts.iterations):
+        idx = torch.randint(0, len(xt), (batch,), generator=gen)
+        counted(key, lambda: step(idx))
     tail.eval()
 
 
@@ -165,8 +172,9 @@ class EcoFed(Strategy, TrainsAlone):
         if cut == self.setup.split_after:
             return acts
         between = nn.Sequential(*self.model.stages[cut:self.setup.split_after]).eval()
-        return np.concatenate([between(torch.from_numpy(acts[i:i + 512])).numpy()
-                               for i in range(0, len(acts), 512)]).astype(np.float32)
+        return counted(shape_key("infer", between, acts.shape), lambda: np.concatenate(
+            [between(torch.from_numpy(acts[i:i + 512])).numpy()
+             for i in range(0, len(acts), 512)]).astype(np.float32))
 
     def fold(self, round_: int, global_weights: Weights, codec, ctx):
         if codec.name not in ACT_CODECS:

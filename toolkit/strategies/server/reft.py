@@ -33,6 +33,7 @@ from device_runtime.training.models import ModelConfig, build_model
 from toolkit.model.checkpoint import example_input
 from toolkit.model.pruning import PruneRecord, count_macs, prune_to_macs, replay
 from toolkit.strategies.options import REFTOptions
+from toolkit.strategies.server.flops import counted, shape_key
 
 
 LOGIT_CODECS = ("fp32", "fp16", "int8")  # the codecs that code any tensor as it is
@@ -112,14 +113,19 @@ def distill_to(student: nn.Module, target: torch.Tensor, x: np.ndarray, opts: RE
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
     opt = torch.optim.SGD(student.parameters(), lr=opts.distill_lr, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
+
+    def step(idx: torch.Tensor) -> None:
+        log_p = torch.log_softmax(student(xt[idx]) / t, dim=1)
+        loss = nn.functional.kl_div(log_p, target[idx], reduction="batchmean") * t * t
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
     student.train()
     for _ in range(opts.distill_epochs):
         for idx in minibatches(len(xt), opts.distill_batch, gen):
-            log_p = torch.log_softmax(student(xt[idx]) / t, dim=1)
-            loss = nn.functional.kl_div(log_p, target[idx], reduction="batchmean") * t * t
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            counted(shape_key("train", student, (len(idx), *xt.shape[1:])),
+                    lambda idx=idx: step(idx))
     student.eval()
 
 
@@ -220,7 +226,9 @@ class REFT(Strategy):
                 continue
             m = build_model(by_variant[u.meta["variant"]])
             load_weights(m, u.weights)
-            teachers.append((predict_logits(m, self.setup.public_x), float(u.samples)))
+            x = self.setup.public_x
+            teachers.append((counted(shape_key("infer", m, x.shape),
+                                     lambda: predict_logits(m, x)), float(u.samples)))
             index = self.index.get(u.meta["variant"].removeprefix("reft-"))
             if index is not None:
                 placed.append((u.weights, index, float(u.samples)))
