@@ -15,6 +15,7 @@ accuracy. Writes JSON and a markdown table.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -23,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (command, machine, passive_waits, threads_arg,  # noqa: E402
-                          use_threads, write_results)
+from bench.common import (command, machine, passive_waits, provenance,  # noqa: E402
+                          threads_arg, use_threads, write_results)
 
 passive_waits()  # before torch loads (below)
 
@@ -145,7 +146,9 @@ def summarize(results: dict) -> dict:
 def to_markdown(res: dict) -> str:
     lines = ["# Compression benchmark: MNIST-1D, Dirichlet 0.5\n",
              f"{res['devices']} devices, seeds {res['seeds']}; machine {res['machine']}. "
-             f"Command: `{res['command']}`.\n",
+             "Command: " + "; ".join(f"`{c}`" for c in (
+                 res["command"] if isinstance(res["command"], list) else [res["command"]]))
+             + ".\n",
              "| arm | model | data | rounds | final accuracy (mean ± sd) | points below fp32 "
              "| uplink B / device / round | fp32 / arm | rounds to 90% of fp32 final (per seed) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -157,6 +160,21 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def combine(paths: list[str]) -> dict:
+    """One result from several runs of this bench (same seeds and fleet): their arms
+    side by side, each compared with the baseline of its own run's model and data."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    res = dict(parts[0], runs={}, command=[])
+    for p in parts:
+        for key in ("seeds", "devices"):
+            if p[key] != res[key]:
+                sys.exit(f"--combine: {key} differs: {p[key]!r} vs {res[key]!r}")
+        res["runs"].update(p["runs"])
+        res["command"] += p["command"] if isinstance(p["command"], list) else [p["command"]]
+    res["summary"] = summarize(res["runs"])
+    return {**res, **provenance(parts)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
@@ -166,11 +184,17 @@ def main() -> None:
     ap.add_argument("--wide-rounds", type=int, default=20)
     ap.add_argument("--fedmrn-codec", default="fedmrn")
     ap.add_argument("--arms", help="comma list (default: all)")
+    ap.add_argument("--combine", help="comma list of JSON results to join (their runs, "
+                    "summarized again; each arm with its baseline)")
     ap.add_argument("--json", default="runs/bench_compression.json")
     ap.add_argument("--md")
     threads_arg(ap)
     args = ap.parse_args()
     use_threads(args.threads)
+    if args.combine:
+        res = combine(args.combine.split(","))
+        write_results(res, args.json, args.md, to_markdown)
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = arms(args.devices, args.rounds, args.sign_rounds, args.wide_rounds,
                   args.fedmrn_codec)

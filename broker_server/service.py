@@ -132,6 +132,7 @@ class Aggregator:
         with Heartbeat(self):  # devices waiting meanwhile know the job is alive
             while self.state.completed < self.opts.rounds:
                 self._run_round(self.state.completed + 1)
+        self.store.flush()  # every update the syncer holds, durable before "done"
         # Retained, so that a device that was away when the job ended learns it too.
         self.t.publish(self.topics.control, self.trust.seal(
             messages.Control("stop", "done"), nonce=self.trust.session), retain=True)

@@ -16,10 +16,11 @@ folder), and ``state.json`` is written last, so after a crash the state is
 either the previous round's or the new one's, never a mix; accepted updates
 of the open round are reloaded, so none is lost. The updates are made durable in
 groups (``sync_updates``, called by the aggregator once it has handled every queued
-message): written and renamed at once, fsynced together, so that a burst of
-updates costs one journal commit, not one each (16 updates a round: 32 fsyncs were
-half the aggregator's time a round, docs/results/field.md). A SIGKILL loses none of
-them (the page cache outlives the process); a power cut can lose the last burst's,
+message): written and renamed at once, and fsynced off the aggregator's thread by
+``syncer.py`` (each file once, then its folder), so that no update waits for a disk
+commit (16 updates a round: their fsyncs were the largest part of the aggregator's
+time a round, docs/results/field.md). A SIGKILL loses none of them (the page cache
+outlives the process); a power cut can lose those of the last few milliseconds,
 whose devices are asked again like any device that has not reported.
 
 Damage is named, not fatal where it need not be: an unreadable saved update, or one
@@ -41,6 +42,7 @@ from pathlib import Path
 from device_runtime import wire
 from device_runtime.errors import WireError
 from broker_server.errors import BrokerServerError
+from broker_server.syncer import Syncer
 
 log = logging.getLogger("fedge.server")
 
@@ -82,7 +84,8 @@ class StateStore:
         self.job = job
         self.root.mkdir(parents=True, exist_ok=True)
         self.warned: set[str] = set()  # stray entries already warned about
-        self.unsynced: list[Path] = []  # updates saved, not yet fsynced (sync_updates)
+        self.unsynced: list[Path] = []  # updates saved, not yet handed to the syncer
+        self.syncer = Syncer()
 
     @property
     def state_path(self) -> Path:
@@ -205,18 +208,14 @@ class StateStore:
         self.unsynced.append(path)
 
     def sync_updates(self) -> None:
-        """fsync the updates saved since the last call, then their folders."""
-        folders = {p.parent for p in self.unsynced}
-        for path in [*self.unsynced, *folders]:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:  # its round closed and was removed meanwhile
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self.unsynced.clear()
+        """Hand the updates saved since the last call to the syncer (syncer.py), which
+        fsyncs them and their folders off this thread; ``flush`` waits for it."""
+        self.syncer.submit(self.unsynced)
+        self.unsynced = []
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every update handed over is durable (False: ``timeout`` passed)."""
+        return self.syncer.flush(timeout)
 
     def accepted_updates(self, round_: int
                          ) -> tuple[dict[str, tuple[wire.Frame, bytes]], list[tuple[str, str]]]:

@@ -16,7 +16,6 @@ is logged and counted, never fatal.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from broker_server.guard import GuardError, UpdateGuard
 from broker_server.intake import pump, update_expect, update_meta
 from broker_server.scaleout import (Accepted, Refused, WorkRound, check_worker_id,
                                     fold_strategy, parse_work, status)
+from broker_server.records import digest
 from broker_server.state import atomic_write
 from broker_server.trust import ServerTrust
 from device_runtime import codecs, messages, wire
@@ -177,11 +177,11 @@ class Worker:
             return
         frame = wire.decode(payload, wire.Expect(kind="model", job=self.opts.job,
                                                  round=w.round), key=self.key)
-        digest = wire.content_sha(payload)
-        if digest != self.model_sha:
+        sha = wire.content_sha(payload)
+        if sha != self.model_sha:
             raise WireError(f"model of round {w.round}: sha256 expected "
                             f"{self.model_sha[:16]}... (the round message's), got "
-                            f"{digest[:16]}...")
+                            f"{sha[:16]}...")
         self.reference = frame.tensors
         self.shapes = {k: tuple(v.shape) for k, v in frame.tensors.items()}
         self.strategy = fold_strategy(w.strategy, w.options)
@@ -190,7 +190,7 @@ class Worker:
         for path in sorted(self._dir().glob("*.fdg")):  # accepted before a restart
             data = path.read_bytes()
             try:  # bounded when it was accepted: the reference it met may be gone
-                self._accept(path.stem, data, hashlib.sha256(data).hexdigest(), save=False)
+                self._accept(path.stem, data, digest(data), save=False)
             except FedgeError as e:
                 self._reject({"kind": "saved update", "device": path.stem}, str(e))
         self._after_change()
@@ -221,13 +221,13 @@ class Worker:
             return
         if r < w.round or w.state != "open":
             raise WireError(f"round: expected {w.round} (open), got {r} (late update)")
-        digest = hashlib.sha256(payload).hexdigest()
+        name = digest(payload)
         if device in self.held:
             self.counts["duplicates"] += 1
             log.info("worker %s: duplicate update from %s in round %d ignored", self.id,
                      device, r)
             return
-        self._accept(device, payload, digest, save=True)
+        self._accept(device, payload, name, save=True)
 
     def _hold(self, where: dict, payload: bytes) -> None:
         if len(self.pending) >= MAX_PENDING:
@@ -236,7 +236,7 @@ class Worker:
                               "their round")
         self.pending.append((where, payload))
 
-    def _accept(self, device: str, payload: bytes, digest: str, save: bool) -> None:
+    def _accept(self, device: str, payload: bytes, name: str, save: bool) -> None:
         """Validate, fold, save, report: the aggregator's checks (broker_server.intake)."""
         w = self.work
         try:
@@ -251,7 +251,7 @@ class Worker:
         if save:  # only after the fold accepted it: a rejected payload leaves no trace
             self._dir().mkdir(exist_ok=True)
             atomic_write(self._dir() / f"{device}.fdg", payload)
-        report = messages.seal(Accepted(self.id, w.round, device, samples, digest,
+        report = messages.seal(Accepted(self.id, w.round, device, samples, name,
                                         len(payload), dict(frame.meta), norm or 0.0),
                                self.opts.job,
                                self.id, self.trust.signer, w.round)

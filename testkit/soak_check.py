@@ -35,6 +35,14 @@ from device_runtime.topics import Topics
 from toolkit import strategies
 
 
+def _body_matches(payload: bytes) -> bool:
+    try:
+        wire.verify(payload, None)
+    except WireError:
+        return False
+    return True
+
+
 @dataclass
 class Seen:
     """What crossed the broker, as the observer received it."""
@@ -46,7 +54,8 @@ class Seen:
     first_seen: dict[int, float] = field(default_factory=dict)  # round -> model first seen
 
     def add_update(self, r: int, device: str, payload: bytes) -> None:
-        self.updates.setdefault((r, device), {})[digest(payload)] = payload
+        if _body_matches(payload):  # the digest names the head, which names the body
+            self.updates.setdefault((r, device), {})[digest(payload)] = payload
         self.sends[(r, device)] = self.sends.get((r, device), 0) + 1
 
     def add_model(self, r: int, frame: bytes, now: float) -> None:

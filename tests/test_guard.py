@@ -218,8 +218,8 @@ def test_guard_state_that_is_not_the_jobs_or_not_numbers_is_refused_naming_the_f
 
 def test_saved_updates_are_fsynced_together_when_the_burst_is_handled(tmp_path, monkeypatch):
     """An accepted update is renamed into place at once and fsynced with the rest of its
-    burst (``sync_updates``, which the aggregator calls once its queue is empty): one
-    journal commit for the burst, and every file and its folder synced by then."""
+    burst (``sync_updates``, which the aggregator calls once its queue is empty, hands
+    them to the syncer's thread): every file and its folder synced by ``flush``."""
     import os
 
     from broker_server import state
@@ -233,8 +233,29 @@ def test_saved_updates_are_fsynced_together_when_the_burst_is_handled(tmp_path, 
         store.save_update(3, d, _update("job", 3, d))
     assert synced == [] and sorted(store.accepted_updates(3)[0]) == ["a", "b", "c"]
     store.sync_updates()
+    assert store.flush(30)
     folder = tmp_path / "round-3"
     assert sorted(synced) == sorted([str(folder / f"{d}.fdg") for d in "abc"] + [str(folder)])
     synced.clear()
     store.sync_updates()  # nothing new: nothing to sync
-    assert synced == []
+    assert store.flush(30) and synced == []
+
+
+def test_the_aggregator_does_not_wait_for_the_disk(tmp_path, monkeypatch):
+    """``sync_updates`` returns while the disk is still committing (the fsyncs run on the
+    syncer's thread); ``flush`` waits for them. Before, the aggregator's thread waited
+    for two fsyncs per update."""
+    import os
+    import threading
+
+    from broker_server import syncer
+
+    disk = threading.Event()
+    real = os.fsync
+    monkeypatch.setattr(syncer.os, "fsync", lambda fd: (disk.wait(60), real(fd))[1])
+    store = StateStore(tmp_path, "job")
+    store.save_update(2, "a", _update("job", 2, "a"))
+    store.sync_updates()  # would block here until the disk answers
+    assert not store.flush(timeout=0.2)  # the commit is still in flight
+    disk.set()
+    assert store.flush(timeout=60)
