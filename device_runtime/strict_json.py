@@ -19,6 +19,32 @@ JSON_NAMES = {type(None): "null", bool: "boolean", int: "integer", float: "numbe
 def check_json(value: object, where: str, depth: int) -> None:
     """Only plain JSON, nested no deeper than decode allows: json.dumps would quietly
     turn int keys into strings, and numpy scalars would fail deep inside it."""
+    # Every frame's header passes here: a quick walk first, and the walk that words
+    # the error (with the path to the bad value) only when there is one.
+    if not _plain(value, depth):
+        _check_json(value, where, depth)
+
+
+_PLAIN = {str, bool, int, type(None)}
+
+
+def _plain(value: object, depth: int) -> bool:
+    """True if ``value`` is plain JSON as check_json wants it (no path kept)."""
+    t = type(value)
+    if t in _PLAIN:
+        return True
+    if t is float:
+        return math.isfinite(value)
+    if t is dict or t is list or t is tuple:
+        if depth > JSON_DEPTH:
+            return False
+        if t is dict:
+            return all(type(k) is str and _plain(v, depth + 1) for k, v in value.items())
+        return all(_plain(v, depth + 1) for v in value)
+    return False  # subclasses too: the wording walk decides what they are
+
+
+def _check_json(value: object, where: str, depth: int) -> None:
     if isinstance(value, (list, tuple, dict)) and depth > JSON_DEPTH:
         raise WireError(f"{where}: expected JSON nested at most {JSON_DEPTH} deep, got deeper")
     if value is None or isinstance(value, (str, bool, int)):
@@ -28,12 +54,12 @@ def check_json(value: object, where: str, depth: int) -> None:
             raise WireError(f"{where}: expected a finite number, got {value}")
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            check_json(v, f"{where}[{i}]", depth + 1)
+            _check_json(v, f"{where}[{i}]", depth + 1)
     elif isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise WireError(f"{where}: expected string keys, got {short(k)}")
-            check_json(v, f"{where}.{k}", depth + 1)
+            _check_json(v, f"{where}.{k}", depth + 1)
     else:
         kind = f"{type(value).__module__}.{type(value).__qualname__}"
         raise WireError(f"{where}: expected a JSON value (dict, list, str, int, float, bool, "

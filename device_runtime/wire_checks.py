@@ -94,36 +94,60 @@ def _check_tensors(tensors: list, limits) -> int:
     seen: set[str] = set()
     offset = 0
     for i, t in enumerate(tensors):
-        where = f"header.tensors[{i}]"
+        # Error texts are built only for an error: this runs for every tensor of every
+        # frame, on the aggregator and on each device.
         if not isinstance(t, dict):
-            raise WireError(f"{where}: expected an object, got {json_type(t)}")
-        _fields(t, _TENSOR_FIELDS, where)
+            raise WireError(f"header.tensors[{i}]: expected an object, got {json_type(t)}")
+        if not _typed(t):
+            _fields(t, _TENSOR_FIELDS, f"header.tensors[{i}]")
         name = t["name"]
         if not name or name in seen:
-            raise WireError(f"{where}.name: expected a unique non-empty string, got "
-                            f"{short(name)}{' again' if name else ''}")
+            raise WireError(f"header.tensors[{i}].name: expected a unique non-empty string, "
+                            f"got {short(name)}{' again' if name else ''}")
         seen.add(name)
-        where = f"tensor {short(name)}"
-        if t["dtype"] not in DTYPES:
-            raise WireError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, "
-                            f"got {short(t['dtype'])}")
-        shape = t["shape"]
-        if len(shape) > limits.max_ndim:
-            raise WireError(f"{where}.shape: expected at most {limits.max_ndim} dimensions, "
-                            f"got {len(shape)}")
-        if not all(_is_int(d) and d >= 0 for d in shape):
-            raise WireError(f"{where}.shape: expected non-negative integers, got "
-                            f"{short(shape)}")
-        itemsize = np.dtype(t["dtype"]).itemsize
-        nbytes = math.prod(shape) * itemsize
-        if t["nbytes"] != nbytes:
-            raise WireError(f"{where}.nbytes: expected {nbytes} (shape {short(shape)} x "
-                            f"{itemsize} bytes), got {t['nbytes']}")
-        if t["offset"] != offset:
-            raise WireError(f"{where}.offset: expected {offset} (right after the previous "
-                            f"tensor), got {t['offset']}")
-        offset += nbytes
+        shape, dtype = t["shape"], t["dtype"]
+        itemsize = _ITEMSIZE.get(dtype)
+        if itemsize is not None and len(shape) <= limits.max_ndim and \
+                all(type(d) is int and d >= 0 for d in shape):
+            nbytes = math.prod(shape) * itemsize
+            if t["nbytes"] == nbytes and t["offset"] == offset:
+                offset += nbytes
+                continue
+        offset = _tensor_error(t, offset, limits)
     return offset
+
+
+_ITEMSIZE = {d: np.dtype(d).itemsize for d in DTYPES}
+
+
+def _typed(t: dict) -> bool:
+    """Every field of a tensor entry there with its exact JSON type (the common case)."""
+    return all(type(t.get(key)) is typ for key, typ in _TENSOR_FIELDS)
+
+
+def _tensor_error(t: dict, offset: int, limits) -> int:
+    """The slow check of tensor entry ``t`` (its fields typed, its name new), which words
+    what is wrong; returns the offset after it if nothing is (an int subclass)."""
+    where = f"tensor {short(t['name'])}"
+    if t["dtype"] not in DTYPES:
+        raise WireError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, "
+                        f"got {short(t['dtype'])}")
+    shape = t["shape"]
+    if len(shape) > limits.max_ndim:
+        raise WireError(f"{where}.shape: expected at most {limits.max_ndim} dimensions, "
+                        f"got {len(shape)}")
+    if not all(_is_int(d) and d >= 0 for d in shape):
+        raise WireError(f"{where}.shape: expected non-negative integers, got "
+                        f"{short(shape)}")
+    itemsize = np.dtype(t["dtype"]).itemsize
+    nbytes = math.prod(shape) * itemsize
+    if t["nbytes"] != nbytes:
+        raise WireError(f"{where}.nbytes: expected {nbytes} (shape {short(shape)} x "
+                        f"{itemsize} bytes), got {t['nbytes']}")
+    if t["offset"] != offset:
+        raise WireError(f"{where}.offset: expected {offset} (right after the previous "
+                        f"tensor), got {t['offset']}")
+    return offset + nbytes
 
 
 def check_expect(header: dict, expect) -> None:
