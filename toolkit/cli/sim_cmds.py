@@ -52,7 +52,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server-gflops", type=float, default=DEFAULT_SERVER_GFLOPS,
                    metavar="GFLOPS", help="the stated server's sustained fp32 GFLOP/s: the "
                    "server's counted FLOPs at this rate are its part of the simulated time "
-                   "(default %(default)g; its measured seconds here are reported too)")
+                   "(default: %(default)s; its measured seconds here are reported too)")
     p.add_argument("--json", required=True)
     p.set_defaults(func=simulate)
 
