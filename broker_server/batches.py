@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from broker_server.records import server_time
 from broker_server.trust import SERVER, ServerTrust
 from device_runtime import messages, wire
 from device_runtime.errors import WireError
@@ -122,7 +123,8 @@ def on_acts(agg, where: dict, payload: bytes) -> None:
         raise WireError(f"round: {device!r} has no open split task in round {r}")
     if agg.side is None:
         raise WireError(f"acts: strategy {agg.strategy.name} takes no per-batch activations")
-    reply = agg.side.answer(r, device, payload, rs.assigned[device], agg.trust)
+    with server_time(rs):  # the tail's step on this batch is the server's compute
+        reply = agg.side.answer(r, device, payload, rs.assigned[device], agg.trust)
     rs.uplink_bytes += len(payload)
     if reply is not None:
         rs.downlink_bytes += agg.t.publish(agg.topics.grad(r, device), reply)
@@ -137,5 +139,7 @@ def release(agg) -> None:
         return
     training = {d for d in rs.assigned if d not in rs.accepted and d not in rs.refused
                 and getattr(agg.devices.get(d), "state", "") == "online"}
-    for device, reply in agg.side.release(rs.number, training, agg.trust):
+    with server_time(rs):
+        ready = agg.side.release(rs.number, training, agg.trust)
+    for device, reply in ready:
         rs.downlink_bytes += agg.t.publish(agg.topics.grad(rs.number, device), reply)

@@ -74,3 +74,14 @@ def test_a_server_rate_that_is_not_positive_is_refused(rate):
 
     with pytest.raises(UsageError, match=f"--server-gflops: expected > 0, got {rate}"):
         check_options(SimOptions(server_gflops=rate))
+
+
+def test_dpfl_counts_the_tail_steps_it_takes_for_the_devices():
+    # Split learning trains the tail on every device batch on the server: before, none
+    # of that was in the server's time.
+    from toolkit.sim.simulate import SimOptions, run_simulation
+
+    report, _ = run_simulation(SimOptions(strategy="dpfl", dataset="mnist1d:1000", devices=3,
+                                          rounds=1, epochs=1, threads=1,
+                                          profiles=("rpi4", "jetson-orin-nano")))
+    assert report["rounds"][0]["server_flops"] > 0

@@ -33,6 +33,7 @@ from device_runtime.training.models import ModelConfig, build_model
 from device_runtime.training.split import head_names, parse_head_variant, stage_of
 from toolkit.planning.profiles import DeviceProfile
 from toolkit.strategies.options import DPFLOptions
+from toolkit.strategies.server.flops import counted, shape_key
 
 HEAD_CODECS = ("fp32", "fp16")  # the round's upload is the head itself
 SAMPLES_HINT = 500  # samples per device assumed when planning cuts before devices join
@@ -123,10 +124,15 @@ class DPFL(Strategy):
         a = torch.from_numpy(acts).requires_grad_(True)
         tail = nn.Sequential(*self.model.stages[after:])
         tail.train()
-        loss = nn.functional.cross_entropy(tail(a), torch.from_numpy(labels))
-        self.sgd.zero_grad()
-        loss.backward()
-        self.sgd.step()  # head parameters have no gradient here, so SGD leaves them be
+
+        def step() -> torch.Tensor:
+            loss = nn.functional.cross_entropy(tail(a), torch.from_numpy(labels))
+            self.sgd.zero_grad()
+            loss.backward()
+            self.sgd.step()  # head parameters have no gradient here, so SGD leaves them be
+            return loss
+
+        loss = counted(shape_key("train", tail, acts.shape), step)
         self.trained[after] = self.trained.get(after, 0) + len(labels)
         return a.grad.numpy().astype(np.float32), float(loss.detach())
 
