@@ -185,7 +185,7 @@ def orchestration(url: str, devices: int, rounds: int) -> dict:
 
 
 def to_markdown(res: dict) -> str:
-    load = res.get("load", {})
+    load = {k: [round(x, 2) for x in v] for k, v in res.get("load", {}).items()}
     out = ["# Field loop benchmark\n", f"Machine: {res['machine']}; load (1, 5, 15 min) "
            f"{load.get('start')} at the start, {load.get('end')} at the end. Command: "
            f"`{res['command']}`.\n"]

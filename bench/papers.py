@@ -188,7 +188,8 @@ def to_markdown(table: list[Row]) -> str:
              "`--paper` (docs/ALGORITHMS.md, 'Paper modes'), fedge mode the defaults fedge "
              "ships. Code versions: " + ", ".join(
                  f"{n} {(load(n) or {}).get('code', 'not run')}" for n in BENCHES)
-             + ".", "",
+             + ". A bench whose arms ran in several invocations has its JSON joined from "
+             "theirs (`--combine`); the JSON's `command` lists each.", "",
              "| paper | headline claim | paper mode | fedge mode | reference and ablations "
              "| verdict | why | command |", "|---|---|---|---|---|---|---|---|"]
     for paper, claim, pm, fm, abl, verdict, why, bench in table:
