@@ -30,6 +30,7 @@ def test_parse_attack_and_its_errors():
         check_options(SimOptions(attack="lie:2", procs=2, broker="mqtt://x:1"))
 
 
+@pytest.mark.slow  # a whole attacked run (8 s)
 def test_colluding_liars_send_one_update_through_the_fp16_codec():
     """"A little is enough": both attackers send the same mean + z std of their honest
     updates, coded by fp16 like the rest; the honest devices' changes all differ."""

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 
+import pytest
 import torch
 
 from toolkit.sim.simulate import SimOptions, run_simulation
@@ -75,6 +76,7 @@ def test_dpfl_gives_the_same_run_when_its_batches_arrive_in_another_order(monkey
     assert _run("dpfl", 1) == undisturbed
 
 
+@pytest.mark.slow  # two `fedge simulate` processes: 25 s, the quick loop's longest test
 def test_fedge_simulate_seeds_dp_noise_with_its_seed(tmp_path):
     from tests.conftest import run_fedge
 

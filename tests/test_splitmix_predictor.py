@@ -10,6 +10,9 @@ from device_runtime.predictor import Predictor
 from device_runtime.session import run
 from tests.conftest import assert_one_line_error, run_fedge
 
+# Trains and exports a SplitMix ensemble (12 s): CI, not the quick loop.
+pytestmark = pytest.mark.slow
+
 DEVICE = "jetson-orin-nano"
 M = 4
 
