@@ -22,6 +22,7 @@ import logging
 import platform
 import queue
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,9 @@ class AgentOptions:
     custom_models: LocalModels = NO_CUSTOM
     allow_rollback: bool = False  # the operator's word: accept an older export version
     models_dir: str | None = None  # installed exports; default $FEDGE_HOME/models/<job>/<id>
+    # Agents simulated in one process share its cores: at most this many train at once
+    # (a semaphore they all hold; None: no limit, as on a device of its own).
+    compute: AbstractContextManager | None = None
 
 
 def status_will(topics: Topics, device: str, key: Signer) -> tuple[str, bytes]:
@@ -355,6 +359,10 @@ class DeviceAgent:
             if self.stopped:
                 return None
         return None
+
+    def computing(self) -> AbstractContextManager:
+        """Held while this agent computes without waiting for anyone (see ``compute``)."""
+        return self.opts.compute if self.opts.compute is not None else nullcontext()
 
     def _build(self, variant: str = "full", config: dict | None = None):
         """The model to train for ``variant``: the task's config (a pruned or narrower

@@ -15,7 +15,9 @@ per weight, entropy-coded.
 """
 from __future__ import annotations
 
+import threading
 import zlib
+from collections import OrderedDict
 
 import numpy as np
 
@@ -39,14 +41,49 @@ def masked(shape: tuple[int, ...]) -> bool:
 
 def noise(name: str, shape: tuple[int, ...], seed: int, scale: float = NOISE_SCALE
           ) -> np.ndarray:
-    """The same float32 noise on both ends: seeded by (seed, tensor name)."""
+    """The same float32 noise on both ends: seeded by (seed, tensor name). Read-only: a
+    round's noise is used again and again (training, coding the update, decoding the
+    next round's change; on the server folding and coding the downlink; in a simulation
+    by every device), so the recent ones are kept (``_NoiseCache``)."""
+    return _CACHE.get((name, tuple(int(d) for d in shape), int(seed), float(scale)))
+
+
+def _draw(name: str, shape: tuple[int, ...], seed: int, scale: float) -> np.ndarray:
     rng = np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(name.encode())])
     n = rng.random(size=shape, dtype=np.float32)  # float32 draws: half the cost of float64
     n *= 2
     n -= 1
     n *= np.float32(scale)  # uniform on [-scale, scale)
     n[n == 0] = 1e-8  # a zero would make the mask meaningless there
+    n.flags.writeable = False
     return n
+
+
+class _NoiseCache:
+    """The most recently used noise tensors, up to ``limit`` bytes (a tensor larger than
+    that is drawn each time). Drawing is 2.3 ns a weight; a simulated round of ten
+    cnn-wide devices drew the same 1.4M weights 33 times. One lock: a thread asking for
+    a tensor being drawn waits for it instead of drawing it again."""
+
+    def __init__(self, limit: int = 48 << 20):
+        self.limit, self.lock = limit, threading.Lock()
+        self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple) -> np.ndarray:
+        with self.lock:
+            hit = self.items.get(key)
+            if hit is not None:
+                self.items.move_to_end(key)
+                return hit
+            n = _draw(*key)
+            if n.nbytes <= self.limit:
+                self.items[key] = n
+                while sum(v.nbytes for v in self.items.values()) > self.limit:
+                    self.items.popitem(last=False)
+            return n
+
+
+_CACHE = _NoiseCache()
 
 
 def layout(shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:

@@ -34,7 +34,7 @@ def train_fedmrn(model: nn.Module, x: np.ndarray, y: np.ndarray, opts: LocalTrai
     params = dict(model.named_parameters())
     names = [k for k, p in params.items() if masked(tuple(p.shape))]
     base = {k: params[k].detach().clone() for k in names}
-    noises = {k: torch.from_numpy(noise(k, tuple(base[k].shape), seed, scale)) for k in names}
+    noises = {k: torch.tensor(noise(k, tuple(base[k].shape), seed, scale)) for k in names}
     # The latent is kept as the ratio r = u / n: the mask's clip is then of r itself and
     # SGD on u (u -= lr g) is r -= lr g / n, the same steps with one division fewer.
     ratio = {k: torch.zeros_like(base[k]) for k in names}
@@ -96,12 +96,15 @@ class Masker:
     weight is built without autograd, straight into the model's own parameter, so
     the forward and backward are plain training's and the parameter's gradient is
     the latent's (d weight / d u = 1); buffers are kept across steps (a fresh 5 MB
-    tensor per op page-faults); the arithmetic is float only (CPU torch.where and bool
-    casts cost 10-20x an add). One uniform draw v per entry serves both choices: an
-    entry is sampled when v < p, and then v / p is uniform, so "v < p x prob" is its
-    Bernoulli(prob) draw; as v >= p means not sampled, the mask is [v < p x prob] +
-    [v >= p] x prob (signed: 2 [v < p x (prob + 1) / 2] - [v < p] + [v >= p] x
-    prob). The draws are 16-bit, from numpy's SFC64 (``uniform16``)."""
+    tensor per op page-faults); no torch.where or bool tensors (on the CPU they cost
+    20x an add): a comparison written into a float tensor is as cheap as an add, and
+    ``lerp`` picks between the sample and the clipped ratio in one pass. Each pass
+    over 1.4M weights is 0.1-0.3 ms, so the passes are counted: 7 for a step (8
+    signed). One uniform draw v per entry serves both choices: u = v / p (scaled as it
+    is drawn) is below 1 with probability p (the entry is sampled), and then it is
+    uniform on [0, 1), so [u < prob] is its Bernoulli(prob) draw (signed: [2u - 1 <
+    prob] is the +1 of a draw with P(+1) = (prob + 1) / 2). The draws are 16-bit,
+    from numpy's SFC64 (``uniform16``)."""
 
     def __init__(self, base: torch.Tensor, n: torch.Tensor, signed: bool,
                  rng: np.random.Generator):
@@ -112,34 +115,31 @@ class Masker:
 
     def weight(self, r: torch.Tensor, p: float, out: torch.Tensor) -> None:
         """``out`` <- base + n x mask(r), r = u / n, each entry sampled with probability p."""
-        prob, hit, v = self.prob, self.hit, self.vt
+        prob, hit, u = self.prob, self.hit, self.vt
         torch.clamp(r, -1.0 if self.signed else 0.0, 1.0, out=prob)
         if p > 0:
-            uniform16(self.rng, self.v)
-            # Each difference below lies in [-1, 1), so floor is -[difference < 0].
-            if self.signed:  # hit <- -[v < p (prob + 1) / 2]
-                torch.add(v, prob, alpha=-p / 2, out=hit).sub_(p / 2)
-            else:  # hit <- -[v < p prob]
-                torch.add(v, prob, alpha=-p, out=hit)
-            hit.floor_()
-            v.sub_(p).floor_()  # v <- -[v < p]
-            prob.addcmul_(prob, v)  # [v >= p] x prob
-            if self.signed:
-                prob.add_(v).sub_(hit, alpha=2)
-            else:
-                prob.sub_(hit)
+            uniform16(self.rng, self.v, 1.0 / p)  # u = v / p
+            if self.signed:  # hit <- 2 [2u - 1 < prob] - 1, a +-1 sample
+                torch.mul(u, 2.0, out=hit).sub_(1.0)
+                torch.lt(hit, prob, out=hit)
+                hit.mul_(2.0).sub_(1.0)
+            else:  # hit <- [u < prob], a 0/1 sample
+                torch.lt(u, prob, out=hit)
+            torch.lt(u, 1.0, out=u)  # sampled: [v < p]
+            torch.lerp(prob, hit, u, out=prob)  # the sample where sampled, else prob
         torch.addcmul(self.base, prob, self.n, out=out)
 
 
-def uniform16(rng: np.random.Generator, out: np.ndarray) -> None:
-    """``out`` (float32) filled with uniforms on [0, 1) of 16-bit resolution, k / 65536,
-    four to each raw 64-bit draw of ``rng``'s bit generator: 0.9 ms per 1.3M against
-    2.4 ms for ``rng.random``'s float32 (and 1.3 ms through ``rng.bytes``). A Bernoulli
-    probability off by at most 2^-16 is far below what the sampling itself moves; even
-    at the first steps' p = 1/steps the sampled entries' v / p keep 2^16 p levels."""
+def uniform16(rng: np.random.Generator, out: np.ndarray, scale: float = 1.0) -> None:
+    """``out`` (float32) filled with ``scale`` x uniforms on [0, 1) of 16-bit resolution,
+    k / 65536, four to each raw 64-bit draw of ``rng``'s bit generator: 0.8 ms per 1.3M
+    against 2.4 ms for ``rng.random``'s float32 (and 1.3 ms through ``rng.bytes``). A
+    Bernoulli probability off by at most 2^-16 is far below what the sampling itself
+    moves; even at the first steps' p = 1/steps the sampled entries' v / p keep 2^16 p
+    levels."""
     raw = rng.bit_generator.random_raw(-(-out.size // 4))
     k = raw.view(np.uint16)[:out.size].reshape(out.shape)
-    np.multiply(k, np.float32(1 / 65536), out=out)
+    np.multiply(k, np.float32(scale / 65536), out=out)
 
 
 def train_for_codec(codec, model: nn.Module, x: np.ndarray, y: np.ndarray,

@@ -4,6 +4,7 @@ update. Torch is imported here, never by the agent itself."""
 from __future__ import annotations
 
 import importlib
+from contextlib import nullcontext
 
 from typing import Callable
 
@@ -26,10 +27,31 @@ Answer = Callable[..., tuple[dict, dict | None]]
 
 
 def train_task(agent, task: messages.Task, frame_bytes: bytes, model, shapes: dict,
-               fit: Fit, answer: Answer, merge: bool = False) -> bytes:
+               fit: Fit, answer: Answer, merge: bool = False, gated: bool = False) -> bytes:
     """Load the frame (holding ``shapes``; ``merge``: only part of the model) into
     ``model``, train it with ``fit`` (or the codec's own trainer), and sign what
-    ``answer`` makes of it as the update."""
+    ``answer`` makes of it as the update. ``gated``: the loading and training, and the
+    coding, hold the agent's compute slot (``agent.computing()``); only for a ``fit``
+    that waits for nobody (split learning waits for the server) and never around
+    ``answer`` (colluding attackers wait for each other there)."""
+    with agent.computing() if gated else nullcontext():
+        res, frame, codec = _load_and_train(agent, task, frame_bytes, model, shapes, fit,
+                                            merge)
+    sent, reference = answer(agent, task, model, res, frame)
+    ctx = CodecContext(round=task.round, seed=task.seed, reference=reference,
+                       device=agent.device)
+    with agent.computing() if gated else nullcontext():
+        tensors, params = codec.encode(sent, ctx)
+        return wire.encode(wire.Frame(
+            "update", agent.opts.job, task.round, agent.device, task.codec, tensors, params,
+            {"samples": res.samples, "loss": round(res.loss, 6),
+             "train_seconds": messages.fixed_seconds(res.seconds), "variant": task.variant,
+             "via": agent._via}, nonce=task.nonce), signer=agent.key)
+
+
+def _load_and_train(agent, task: messages.Task, frame_bytes: bytes, model, shapes: dict,
+                    fit: Fit, merge: bool):
+    """(the training's result, the decoded model frame, the task's codec)."""
     frame = wire.decode(frame_bytes, wire.Expect(
         kind="model", job=agent.opts.job, round=task.round,
         tensors={k: wire.TensorSpec("float32", s) for k, s in shapes.items()}))
@@ -47,15 +69,7 @@ def train_task(agent, task: messages.Task, frame_bytes: bytes, model, shapes: di
             codec, model, agent.x, agent.y, local, task.seed, agent.device)
     else:
         res = fit(model, agent, task, local)
-    sent, reference = answer(agent, task, model, res, frame)
-    ctx = CodecContext(round=task.round, seed=task.seed, reference=reference,
-                       device=agent.device)
-    tensors, params = codec.encode(sent, ctx)
-    return wire.encode(wire.Frame(
-        "update", agent.opts.job, task.round, agent.device, task.codec, tensors, params,
-        {"samples": res.samples, "loss": round(res.loss, 6),
-         "train_seconds": messages.fixed_seconds(res.seconds), "variant": task.variant,
-         "via": agent._via}, nonce=task.nonce), signer=agent.key)
+    return res, frame, codec
 
 
 def _fit(model, agent, task: messages.Task, local: LocalTrainOptions) -> LocalResult:
@@ -86,7 +100,7 @@ def train_uplink(answer: Answer):
             shapes = {k: tuple(v) for k, v in agent.plan.variants[task.variant]["tensors"].items()}
         else:  # a variant the model config defines (SplitMix bases): the model says
             shapes = {k: tuple(v.shape) for k, v in weights_of(model).items()}
-        return train_task(agent, task, frame_bytes, model, shapes, _fit, answer)
+        return train_task(agent, task, frame_bytes, model, shapes, _fit, answer, gated=True)
     return work
 
 
