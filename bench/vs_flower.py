@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -207,7 +208,8 @@ def spawn(arm: str, seed: int, args: argparse.Namespace, python: str, broker: st
     res.update(seed=seed, wall_seconds=round(time.time() - t0, 1))
     print(f"  {arm} seed {seed}: final {res['final_accuracy']:.4f}, "
           f"{(res['up_bytes_per_round'] + res['down_bytes_per_round']) / 1e6:.3f} MB/round, "
-          f"{res['seconds_per_round']} s/round, {res['peak_rss_mb']} MB RSS", flush=True)
+          f"{res['seconds_per_round']} s/round, {res['peak_rss_mb']} MB RSS, load "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
     return res
 
 
@@ -237,7 +239,24 @@ def summarize(runs: dict) -> dict:
             s["flower_over_arm_uplink"] = round(fl["up_bytes"] / s["up_bytes"], 2)
             s["flower_over_arm_all_rounds"] = round(fl["bytes_total"] / s["bytes_total"], 2)
             s["points_below_flower"] = round(100 * (fl["final_median"] - s["final_median"]), 2)
+            s["s_per_round_over_flower"] = paired(runs[arm], runs["flower-fedavg"])
     return out
+
+
+def paired(arm: list[dict], flower: list[dict]) -> dict:
+    """This arm's seconds per round over Flower's, seed by seed (each pair ran back to
+    back), and their median."""
+    fl = {r["seed"]: r["seconds_per_round"] for r in flower}
+    ratios = [round(r["seconds_per_round"] / fl[r["seed"]], 3) for r in arm
+              if fl.get(r["seed"])]
+    return {"per_seed": ratios, "median": round(statistics.median(ratios), 3) if ratios else None}
+
+
+def _paired(s: dict) -> str:
+    p = s.get("s_per_round_over_flower")
+    if not p or p["median"] is None:
+        return "-"
+    return f"{p['median']}x ({', '.join(f'{x}x' for x in p['per_seed'])})"
 
 
 def _ratio(s: dict, key: str) -> str:
@@ -248,7 +267,8 @@ def to_markdown(res: dict) -> str:
     lines = ["# fedge against Flower: MNIST-1D, Dirichlet 0.5\n",
              f"{res['devices']} devices, {res['rounds']} rounds, {EPOCHS} local epochs "
              f"(SGD lr {LR}, momentum 0.9, batch {BATCH}), model {res['model']}, seeds "
-             f"{res['seeds']}; machine {res['machine']}; flwr {res['flwr'] or 'not installed'}. "
+             f"{res['seeds']}; machine {res['machine']}, load average at the end "
+             f"{res.get('load_end', '-')}; flwr {res['flwr'] or 'not installed'}. "
              f"Command: `{res['command']}`.\n",
              "Medians over seeds; accuracy ± half the range. Bytes per round are summed "
              "over all devices; the per-round columns are the median round (a round after "
@@ -257,9 +277,9 @@ def to_markdown(res: dict) -> str:
              "codec B (default fp32: the whole model every round).\n",
              "| system / arm | final accuracy | points below Flower | MB / round (up + down) "
              "| up MB | down MB | Flower / arm (per round) | Flower / arm (uplink) "
-             "| Flower / arm (all rounds) | s / round "
+             "| Flower / arm (all rounds) | s / round | s / round over Flower's (same seed) "
              "| peak RSS MB (server + clients, one process) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, s in res["summary"].items():
         lines.append(f"| {arm} | {s['final_median']:.4f} ± {s['final_spread']:.4f} "
                      f"| {s.get('points_below_flower', '-')} | {s['mb_per_round']:.3f} "
@@ -267,7 +287,7 @@ def to_markdown(res: dict) -> str:
                      f"| {_ratio(s, 'flower_over_arm_total')} "
                      f"| {_ratio(s, 'flower_over_arm_uplink')} "
                      f"| {_ratio(s, 'flower_over_arm_all_rounds')} | {s['s_per_round']} "
-                     f"| {s['peak_rss_mb']} |")
+                     f"| {_paired(s)} | {s['peak_rss_mb']} |")
     if res.get("note"):
         lines.append(f"\n{res['note']}")
     return "\n".join(lines) + "\n"
@@ -306,17 +326,21 @@ def run_all(args: argparse.Namespace) -> None:
         note = (f"Flower arm skipped: flwr is not importable by {fpy} (install it in a "
                 "separate venv, see the module docstring).")
         print(note, flush=True)
-    runs: dict = {}
+    runs: dict = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as work:
         broker = Mosquitto(Path(work)).start()
         try:
-            for arm in arms:
-                print(arm, flush=True)
-                py = fpy if arm == "flower-fedavg" else sys.executable
-                runs[arm] = [spawn(arm, s, args, py, broker.url) for s in seeds]
+            # Seed by seed, the arms back to back: a shared machine's speed drifts over
+            # minutes, so each arm's seconds are compared with Flower's of the same seed,
+            # measured next to them (``paired``).
+            for s in seeds:
+                for arm in arms:
+                    py = fpy if arm == "flower-fedavg" else sys.executable
+                    runs[arm].append(spawn(arm, s, args, py, broker.url))
         finally:
             broker.stop()
-    res = {"machine": machine(), "seeds": seeds, "devices": args.devices,
+    res = {"machine": machine(), "load_end": [round(x, 2) for x in os.getloadavg()],
+           "seeds": seeds, "devices": args.devices,
            "rounds": args.rounds, "model": args.model, "flwr": flwr_version, "note": note,
            "command": command("bench/vs_flower.py"), "runs": runs,
            "summary": summarize(runs)}

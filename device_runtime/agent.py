@@ -38,7 +38,7 @@ from device_runtime.data import holdout_split
 from device_runtime.follow import ServerMessages
 from device_runtime.keys import PublicKey, Signer
 from device_runtime.local_models import NO_CUSTOM, LocalModels
-from device_runtime.model_sync import rebuild
+from device_runtime.model_sync import REBUILT
 from device_runtime.notice import EVERY, Notice
 from device_runtime.topics import Topics, check_id
 from device_runtime.transport.base import Transport
@@ -293,8 +293,8 @@ class DeviceAgent:
                                min(task.deadline, time.time() + SYNC_PATIENCE))
             try:
                 if sync is not None:
-                    frame = rebuild(self.opts.job, task.round, self.held[1], sync,
-                                    task.model_sha256)
+                    frame = REBUILT.get(self.opts.job, task.round, self.held, sync,
+                                        task.sync_sha256, task.model_sha256)
                     self.held = (task.model_sha256, frame)
                     return frame, len(sync), "sync"
             except WireError as e:
