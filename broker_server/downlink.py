@@ -27,6 +27,7 @@ restarted aggregator recomputes the same frames.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from broker_server.errors import BrokerServerError
@@ -93,6 +94,7 @@ class Downlink:
         self.held: Weights | None = None
         self.held_round = 0  # the round whose model ``held`` is
         self.held_sha = ""  # body sha256 of held's model frame (of round held_round)
+        self._ahead: _Ahead | None = None  # the next round's frames, being computed
 
     @property
     def coded(self) -> bool:
@@ -107,9 +109,22 @@ class Downlink:
         """The round's model: ``x`` itself when uncoded or nothing is held, else held
         advanced by the coded change toward ``x``. ``seed`` is the previous round's task
         seed: the change is that round's aggregate, and a FedMRN aggregate is a sum of
-        masks over that round's noise."""
+        masks over that round's noise. Taken from ``prepare`` when it was asked for the
+        same."""
+        ahead, self._ahead = self._ahead, None
+        rm = ahead.result((x, round_, seed)) if ahead is not None else None
+        return self._hold(rm or self._compute(x, round_, seed), round_)
+
+    def prepare(self, x: Weights, round_: int, seed: int) -> None:
+        """Start computing ``advance(x, round_, seed)`` on a thread of its own, while the
+        caller closes the round before (its evaluation: the coding, LZMA2 and the
+        frames' sha256 release the GIL, and the devices wait for both)."""
+        self._ahead = _Ahead(self._compute, x, round_, seed)
+
+    def _compute(self, x: Weights, round_: int, seed: int) -> RoundModel:
+        """The round's model frames (a pure function of ``x`` and what is held)."""
         if not self.coded or self.held is None or self.held_round != round_ - 1:
-            return self._hold(RoundModel(x, model_frame(self.job, round_, x, self.signer)), round_)
+            return RoundModel(x, model_frame(self.job, round_, x, self.signer))
         base = self.held_sha
         tensors, params, held = code_change(self.codec, x, self.held,
                                             sync_context(round_, seed, self.held))
@@ -117,13 +132,37 @@ class Downlink:
                                       tensors, params, {"base": base, "seed": seed}),
                            signer=self.signer)
         frame = model_frame(self.job, round_, held, self.signer)
-        return self._hold(RoundModel(held, frame, sync, base), round_)
+        return RoundModel(held, frame, sync, base)
 
     def _hold(self, rm: RoundModel, round_: int) -> RoundModel:
         self.held, self.held_round = rm.weights, round_
         # The base of the next change; uncoded, there is none to name.
         self.held_sha = wire.content_sha(rm.frame) if self.coded else ""
         return rm
+
+
+class _Ahead:
+    """``compute(x, round_, seed)`` running on a thread; ``result`` gives it for the
+    same arguments (the same ``x`` object), None for others (its error is raised)."""
+
+    def __init__(self, compute, x: Weights, round_: int, seed: int):
+        self.args, self.out, self.error = (x, round_, seed), None, None
+        self.thread = threading.Thread(target=self._run, args=(compute,), daemon=True,
+                                       name="downlink-ahead")
+        self.thread.start()
+
+    def _run(self, compute) -> None:
+        try:
+            self.out = compute(*self.args)
+        except BaseException as e:  # raised in the aggregator's thread by result()
+            self.error = e
+
+    def result(self, args: tuple) -> RoundModel | None:
+        self.thread.join()
+        same = args[0] is self.args[0] and args[1:] == self.args[1:]
+        if same and self.error is not None:
+            raise self.error
+        return self.out if same else None
 
 
 def recount_fetch(rs, device: str, meta: dict, variant: str) -> None:

@@ -359,6 +359,8 @@ class Aggregator:
     def _close_round(self, rs: RoundState) -> None:
         with server_time(rs):
             self.weights = rs.fold.result()
+        if rs.number < self.opts.rounds:  # the next round's frames, beside the evaluation
+            self.downlink.prepare(self.weights, rs.number + 1, self._task_seed(rs.number))
         acc = self.evaluate(self.weights) if self.evaluate else None
         record = round_record(rs, acc, self.duplicates, self.rejected.total)
         if self.evaluation.due(rs.number):  # before the checkpoint: its record holds it

@@ -270,3 +270,22 @@ def test_devices_in_one_process_rebuild_a_change_once(monkeypatch):
            for _ in range(3)]
     assert got[0] == second.frame and all(g is got[0] for g in got)
     assert len(calls) == 2 and not any(k[2] == "0" * 64 for k in shared.items)
+
+
+def test_the_next_rounds_frames_computed_ahead_are_the_ones_advance_gives():
+    # The aggregator codes the next round's change while it evaluates the closing round;
+    # what it then publishes is byte for byte what coding it in turn gives.
+    x1, x2 = _models()
+    x3 = {k: v + np.float32(0.001) for k, v in x2.items()}
+    plain, ahead = Downlink("fedmrn", JOB), Downlink("fedmrn", JOB)
+    for dl in (plain, ahead):
+        dl.advance(x1, 1, seed=1)
+    ahead.prepare(x2, 2, seed=2)
+    got, want = ahead.advance(x2, 2, seed=2), plain.advance(x2, 2, seed=2)
+    assert (got.frame, got.sync, got.base_sha256) == (want.frame, want.sync, want.base_sha256)
+    ahead.prepare(x3, 3, seed=3)  # asked for another model: computed again, same result
+    got, want = ahead.advance(dict(x3), 3, seed=3), plain.advance(x3, 3, seed=3)
+    assert (got.frame, got.sync) == (want.frame, want.sync)
+    ahead.prepare({"not": np.zeros(2, np.float32)}, 4, seed=4)  # a failure is the caller's
+    with pytest.raises(Exception):
+        ahead.advance(ahead._ahead.args[0], 4, seed=4)
