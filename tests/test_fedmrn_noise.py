@@ -32,6 +32,14 @@ def test_the_cache_keeps_the_recent_ones_within_its_limit_and_threads_wait_for_a
     big = cache.get(("big", (4000,), 1, 0.05))  # larger than the limit: drawn, not kept
     assert big.shape == (4000,) and ("big", (4000,), 1, 0.05) not in cache.items
 
+    # Only the two most recent seeds are kept, whatever room is left: the soak found an
+    # aggregator's memory growing round after round while the cache filled its bytes.
+    by_seed = fedmrn._NoiseCache(limit=1 << 30)
+    for seed in (1, 2, 3, 2, 4):
+        by_seed.get(("w", (10,), seed, 0.05))
+        by_seed.get(("v", (10,), seed, 0.05))
+    assert sorted({k[2] for k in by_seed.items}) == [2, 4] and len(by_seed.items) == 4
+
     got: list[np.ndarray] = []
     key = ("shared", (500,), 3, 0.05)
     workers = [threading.Thread(target=lambda: got.append(cache.get(key))) for _ in range(8)]

@@ -60,13 +60,16 @@ def _draw(name: str, shape: tuple[int, ...], seed: int, scale: float) -> np.ndar
 
 
 class _NoiseCache:
-    """The most recently used noise tensors, up to ``limit`` bytes (a tensor larger than
-    that is drawn each time). Drawing is 2.3 ns a weight; a simulated round of ten
-    cnn-wide devices drew the same 1.4M weights 33 times. One lock: a thread asking for
-    a tensor being drawn waits for it instead of drawing it again."""
+    """The noise of the ``seeds`` most recently used seeds (a round's and the round
+    before's: a device decodes the change of the round before while it starts the
+    next), at most ``limit`` bytes (a tensor larger than that is drawn each time).
+    Drawing is 2.3 ns a weight; a simulated round of ten cnn-wide devices drew the
+    same 1.4M weights 33 times. Bounded by seeds, not only by bytes: a job's memory
+    must not grow round after round (tests/test_soak.py). One lock: a thread asking
+    for a tensor being drawn waits for it instead of drawing it again."""
 
-    def __init__(self, limit: int = 48 << 20):
-        self.limit, self.lock = limit, threading.Lock()
+    def __init__(self, limit: int = 48 << 20, seeds: int = 2):
+        self.limit, self.seeds, self.lock = limit, seeds, threading.Lock()
         self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     def get(self, key: tuple) -> np.ndarray:
@@ -78,9 +81,15 @@ class _NoiseCache:
             n = _draw(*key)
             if n.nbytes <= self.limit:
                 self.items[key] = n
-                while sum(v.nbytes for v in self.items.values()) > self.limit:
-                    self.items.popitem(last=False)
+                self._evict()
             return n
+
+    def _evict(self) -> None:
+        recent = list(dict.fromkeys(k[2] for k in reversed(self.items)))[:self.seeds]
+        for k in [k for k in self.items if k[2] not in recent]:
+            del self.items[k]
+        while sum(v.nbytes for v in self.items.values()) > self.limit:
+            self.items.popitem(last=False)
 
 
 _CACHE = _NoiseCache()
