@@ -62,19 +62,20 @@ def rebuild(job: str, round_: int, held_frame: bytes, sync: bytes, model_sha256:
 
 
 class _Rebuilt:
-    """The model frames last rebuilt in this process, by (held model's sha256, sync
-    frame's sha256, the model's sha256): devices simulated in one process all rebuild
+    """The model frames last rebuilt in this process, by (job, round, held model's
+    sha256, sync frame's sha256, the model's sha256; the frame's header names the job
+    and round, the sha256 only its body): devices simulated in one process all rebuild
     the same model from the same change (ten cnn-wide devices: 240 ms of CPU a round),
     a device of its own keeps one. Every key names content already checked against its
     sha256, and a frame is kept only after its own sha256 matched the task's."""
 
     def __init__(self, size: int = 2):
         self.size, self.lock = size, threading.Lock()
-        self.items: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
+        self.items: OrderedDict[tuple[str, int, str, str, str], bytes] = OrderedDict()
 
     def get(self, job: str, round_: int, held: tuple[str, bytes], sync: bytes,
             sync_sha256: str, model_sha256: str) -> bytes:
-        key = (held[0], sync_sha256, model_sha256)
+        key = (job, round_, held[0], sync_sha256, model_sha256)
         with self.lock:  # one thread rebuilds, the others wait and take its frame
             frame = self.items.get(key)
             if frame is None:

@@ -269,7 +269,15 @@ def test_devices_in_one_process_rebuild_a_change_once(monkeypatch):
     got = [shared.get(JOB, 2, (held[0], bytes(first.frame)), second.sync, sync_sha, sha)
            for _ in range(3)]
     assert got[0] == second.frame and all(g is got[0] for g in got)
-    assert len(calls) == 2 and not any(k[2] == "0" * 64 for k in shared.items)
+    assert len(calls) == 2 and not any(k[-1] == "0" * 64 for k in shared.items)
+    # Another job's devices with the very same models get their own job's frame (the
+    # header names the job; the sha256 names only the body).
+    dl2 = Downlink("int8", "other")
+    first2, second2 = dl2.advance(x1, 1, seed=1), dl2.advance(x2, 2, seed=2)
+    assert wire.content_sha(second2.frame) == sha
+    other = shared.get("other", 2, (wire.content_sha(first2.frame), first2.frame),
+                       second2.sync, wire.content_sha(second2.sync), sha)
+    assert other == second2.frame != second.frame
 
 
 def test_the_next_rounds_frames_computed_ahead_are_the_ones_advance_gives():
