@@ -45,8 +45,8 @@ def counting_training(monkeypatch, wait_for: int, patience: float):
 @pytest.mark.parametrize("cores, peak, patience", [(1, 1, 0.3), (3, 3, 60.0)])
 def test_simulated_devices_train_at_most_as_many_at_once_as_the_cores(monkeypatch, cores,
                                                                       peak, patience):
-    # Ten cnn-wide devices training at once on two cores spent 1.1x the CPU of two at a
-    # time (caches and the GIL shared ten ways; docs/results/vs_flower.md).
+    # Ten cnn-wide devices training at once on two cores spent about 5% more CPU than
+    # two at a time (docs/results/vs_flower_speed.md).
     monkeypatch.setattr(threads, "available_cpus", lambda *a, **k: cores)
     with counting_training(monkeypatch, 3, patience) as state:
         report, _ = run_simulation(OPTS)

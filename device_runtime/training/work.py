@@ -34,13 +34,14 @@ def train_task(agent, task: messages.Task, frame_bytes: bytes, model, shapes: di
     coding, hold the agent's compute slot (``agent.computing()``); only for a ``fit``
     that waits for nobody (split learning waits for the server) and never around
     ``answer`` (colluding attackers wait for each other there)."""
-    with agent.computing() if gated else nullcontext():
+    slot = agent.computing if gated else nullcontext
+    with slot():
         res, frame, codec = _load_and_train(agent, task, frame_bytes, model, shapes, fit,
                                             merge)
     sent, reference = answer(agent, task, model, res, frame)
     ctx = CodecContext(round=task.round, seed=task.seed, reference=reference,
                        device=agent.device)
-    with agent.computing() if gated else nullcontext():
+    with slot():
         tensors, params = codec.encode(sent, ctx)
         return wire.encode(wire.Frame(
             "update", agent.opts.job, task.round, agent.device, task.codec, tensors, params,

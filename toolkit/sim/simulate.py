@@ -197,8 +197,9 @@ def _run_local(opts: SimOptions, job: str, ds, fleet: list[DeviceProfile], shard
 
     make = _transports(opts, opts.devices, job, keys)
     agents, threads = [], []
-    # They share this process's cores: ten training at once on two cores ran each
-    # step 1.3x slower (caches and the GIL shared ten ways) than two at a time.
+    # They share this process's cores: ten cnn-wide devices training at once on two
+    # cores spent 5.2-5.4 s of training CPU a round, two at a time 4.9-5.1 (caches and
+    # the GIL shared ten ways; paired runs, docs/results/vs_flower_speed.md).
     compute = threading.BoundedSemaphore(available_cpus())
     attacker, missing = _attackers(opts, ds.num_classes), absent(opts)
     for k, (prof, idx) in enumerate(zip(fleet, shards)):
