@@ -17,19 +17,29 @@ arrival order, so expiry pops from the front and never scans.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import struct
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
-
 from device_runtime.errors import ChunkRefusedError, WireError
 from device_runtime.strict_json import short
 from device_runtime.topics import sender_of
-from device_runtime.wire import Expect, Frame, decode, encode, peek_header, signed_digest
+from device_runtime.wire import (
+    MAGIC,
+    MAX_HEADER,
+    VERSION,
+    Expect,
+    Frame,
+    encode,
+    open_frame,
+    peek_header,
+)
+from device_runtime.wire_checks import SIGNED_VERSION
 
 if TYPE_CHECKING:
     from device_runtime.keys import Signer
@@ -47,22 +57,24 @@ def split(data: bytes, max_payload: int, chunk_id: str, signer: Signer | None = 
     if len(data) <= max_payload:
         return [data]
     head = peek_header(data)
-    digest = hashlib.sha256(data).hexdigest()
+    view = memoryview(data).cast("B")
+    digest = hashlib.sha256(view).hexdigest()
     auth = head.get("auth", {}) if signer else {}
+    origin = (head["job"], head["round"], head["device"], head["codec"])
 
-    def chunk(index: int, count: int, payload: np.ndarray, parts: list | None = None,
-              signed: bool = True) -> bytes:
+    def chunk(index: int, count: int, payload: memoryview, parts: list | None = None,
+              signed: bool = True) -> tuple[bytes, bytes]:
         c = {"id": chunk_id, "index": index, "count": count, "sha256": digest}
         if parts is not None:
             c["parts"] = parts
-        bind = auth if signed else {}  # an unsigned chunk is vouched for by chunk 0
-        return encode(Frame("chunk", head["job"], head["round"], head["device"], head["codec"],
-                            {"data": payload}, chunk=c, nonce=bind.get("nonce", ""),
-                            to=bind.get("to", "")), signer=signer if signed else None)
+        # An unsigned chunk is vouched for by chunk 0 (its digest of this chunk's header)
+        return chunk_frame(origin, c, payload, signer if signed else None,
+                           auth.get("nonce", "") if signed else "",
+                           auth.get("to", "") if signed else "")
 
     # The header of chunk 0 of 1 with an empty slice, plus room for the widest
     # index, count, shape and nbytes any chunk can have: an upper bound for all.
-    overhead = (len(chunk(0, 1, np.empty(0, np.uint8)))
+    overhead = (len(chunk(0, 1, view[:0])[0])
                 + 2 * len(str(len(data))) + 2 * len(str(max_payload)))
     step = max_payload - overhead
     if step < 1:
@@ -70,12 +82,38 @@ def split(data: bytes, max_payload: int, chunk_id: str, signer: Signer | None = 
                         f"header), got {max_payload}")
     count, first = _layout(len(data), step, manifest=signer is not None)
     starts = [0] + [first + i * step for i in range(count - 1)] + [len(data)]
-    pieces = [np.frombuffer(data, np.uint8, starts[i + 1] - starts[i], starts[i])
-              for i in range(count)]
+    pieces = [view[starts[i]:starts[i + 1]] for i in range(count)]
     if first == step:  # no manifest: unsigned, or too many chunks for one header
-        return [chunk(i, count, pieces[i]) for i in range(count)]
+        return [chunk(i, count, pieces[i])[0] for i in range(count)]
     rest = [chunk(i, count, pieces[i], signed=sign_all) for i in range(1, count)]
-    return [chunk(0, count, pieces[0], [signed_digest(c)[1] for c in rest])] + rest
+    parts = [hashlib.sha256(signed_part).hexdigest()[:32] for _, signed_part in rest]
+    return [chunk(0, count, pieces[0], parts)[0]] + [c for c, _ in rest]
+
+
+def chunk_frame(origin: tuple[str, int, str, str], chunk: dict, payload: memoryview,
+                signer: Signer | None = None, nonce: str = "", to: str = ""
+                ) -> tuple[bytes, bytes]:
+    """The bytes ``wire.encode`` makes of the chunk frame of ``payload`` (job, round,
+    device and codec from ``origin``, a validated header's), and its signed part (magic,
+    length, header: what chunk 0 names it by, ``wire.signed_digest``). Built here
+    rather than by ``encode``: a chunk's header is known valid by construction, and
+    the payload is hashed and copied once, straight from the frame being cut
+    (tests/test_chunking.py checks the bytes are encode's)."""
+    n = len(payload)
+    header = {"v": SIGNED_VERSION if signer else VERSION, "kind": "chunk", "job": origin[0],
+              "round": origin[1], "device": origin[2], "codec": origin[3],
+              "sha256": hashlib.sha256(payload).hexdigest(),
+              "tensors": [{"name": "data", "dtype": "uint8", "shape": [n], "offset": 0,
+                           "nbytes": n, "params": {}}],
+              "meta": {}, "chunk": chunk}
+    if signer is not None:
+        header["auth"] = {"key": signer.key_id, "nonce": nonce, "to": to}
+    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("ascii")
+    if len(raw) > MAX_HEADER:
+        raise WireError(f"header length: expected at most {MAX_HEADER} bytes, got {len(raw)} "
+                        f"(a chunk header)")
+    signed = b"".join((MAGIC, struct.pack("<I", len(raw)), raw))
+    return b"".join((signed, signer.sign(signed) if signer else b"", payload)), signed
 
 
 DIGEST_ROOM = 35  # one digest in chunk 0's header: '"' + 32 hex digits + '",'
@@ -222,21 +260,22 @@ class Reassembler:
         # A Frame is checked exactly like received bytes: by the decoder.
         data = encode(chunk) if isinstance(chunk, Frame) else chunk
         try:
-            frame = decode(data, Expect(kind="chunk"))
+            header, body = open_frame(data, Expect(kind="chunk"))
         except WireError:
             self._drop_id_of(data, topic)
             raise
-        if frame.chunk is None:
+        if "chunk" not in header:
             raise WireError("header.chunk: expected an object in a chunk frame, got nothing")
-        names = list(frame.tensors)
-        if names != ["data"] or frame.tensors["data"].dtype != np.uint8 \
-                or frame.tensors["data"].ndim != 1:
-            got = [f"{n}: {a.dtype}{list(a.shape)}" for n, a in frame.tensors.items()]
+        tensors = header["tensors"]
+        if [(t["name"], t["dtype"], len(t["shape"])) for t in tensors] != [("data", "uint8", 1)]:
+            got = [f"{t['name']}: {t['dtype']}{t['shape']}" for t in tensors]
             raise WireError(f"header.tensors: expected one 1-d uint8 tensor 'data' in a chunk "
                             f"frame, got {got}")
+        frame = Frame("chunk", header["job"], header["round"], header["device"],
+                      header["codec"], chunk=header["chunk"])
         with self._lock:
             self._expire(self._clock())
-            return self._add(frame, frame.tensors["data"].tobytes(), topic)
+            return self._add(frame, bytes(body), topic)
 
     def expire(self) -> int:
         """Drop the messages whose first chunk is older than ``ttl``; how many.

@@ -189,6 +189,19 @@ def verify(data: bytes | bytearray | memoryview, key: PublicKey | None,
     return _guarded(run)
 
 
+def open_frame(data: bytes | bytearray | memoryview, expect: Expect | None = None,
+               limits: Limits = Limits()) -> tuple[dict, memoryview]:
+    """The validated header and the body (a view into ``data``) of a frame whose body
+    matches its header's sha256, without creating an array: for a caller that takes
+    the body as bytes (the reassembler, a chunk's payload). No signature is checked."""
+    def run() -> tuple[dict, memoryview]:
+        header, body = _authentic(_byte_view(data), None, limits)
+        if expect is not None:
+            check_expect(header, expect)
+        return header, body
+    return _guarded(run)
+
+
 def signed_digest(data: bytes | bytearray | memoryview, limits: Limits = Limits()
                   ) -> tuple[dict, str]:
     """The validated header and the first 32 hex digits of the sha256 of the frame's
@@ -329,4 +342,4 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
 
 __all__ = ["MAGIC", "SUPPORTED_VERSIONS", "SIGNED_VERSION", "DTYPES", "MAX_HEADER", "Limits",
            "TensorSpec", "Expect", "Frame", "encode", "decode", "verify", "peek_header",
-           "signed_digest", "check_signature", "content_sha"]
+           "signed_digest", "check_signature", "content_sha", "open_frame"]

@@ -49,6 +49,28 @@ def test_split_chunks_fit_and_carry_the_original_header(max_payload):
     assert b"".join(decode(c).tensors["data"].tobytes() for c in chunks) == BIG
 
 
+@pytest.mark.parametrize("signed,sign_all", [(False, True), (True, True), (True, False)])
+def test_split_builds_the_chunk_frames_encode_would(signed, sign_all):
+    # split builds chunk frames itself (one hash and one copy of the payload); a
+    # decoder must see exactly the frames the generic encoder makes of the same chunks
+    from device_runtime.keys import FleetKeys
+    from device_runtime.wire import peek_header
+
+    signer = FleetKeys().server if signed else None
+    frame = encode(Frame("model", "job", 3, "server", "fp32", {"w": np.arange(9000, dtype=np.float32)},
+                         nonce="n1", to="d1"), signer=signer) if signed else BIG
+    chunks = split(frame, 4096, "cid", signer, sign_all)
+    assert len(chunks) > 2
+    for c in chunks:
+        got = decode(c)
+        again = encode(Frame("chunk", got.job, got.round, got.device, got.codec,
+                             {"data": got.tensors["data"]}, chunk=got.chunk, nonce=got.nonce,
+                             to=got.to), signer=signer if peek_header(c)["v"] == 2 else None)
+        assert again == c
+    r = Reassembler()
+    assert [r.add(c, "t") for c in chunks][-1] == frame
+
+
 def test_split_refuses_a_payload_limit_too_small_to_progress():
     with pytest.raises(WireError, match=r"max_payload: expected more than \d+ bytes"):
         split(BIG, 300, "cid")

@@ -98,7 +98,8 @@ def test_secure_init_writes_the_layout_with_private_keys_0600(fleet):
                  f"password_file {root / 'broker' / 'passwd'}",
                  "use_identity_as_username true", "use_username_as_clientid true",
                  f"message_size_limit {64 << 20}", f"max_packet_size {(64 << 20) + 131072}",
-                 "max_queued_messages 10000", f"max_queued_bytes {256 << 20}"):
+                 "max_queued_messages 10000", f"max_queued_bytes {256 << 20}",
+                 "set_tcp_nodelay true"):
         assert f"\n{line}\n" in conf, line
     # the identity settings are the devices' listener's, not the aggregator's
     assert conf.index("use_username_as_clientid") < conf.index(f"listener {agg_port}")

@@ -82,6 +82,21 @@ def test_publish_subscribe_and_large_frames_are_chunked(pair):
     assert a.stats.by_topic_kind["update"] == sent + len(small)
 
 
+def test_small_packets_leave_at_once_without_nagle(mosquitto):
+    # With Nagle's algorithm a task or a PUBACK sent after an unacknowledged packet
+    # waited for the peer's delayed ACK (up to 40 ms on Linux): a round of 4 devices
+    # took 94 ms instead of 38 (docs/results/field.md). Reconnected sockets too.
+    import socket
+
+    t = MqttTransport(mosquitto.url, f"nodelay-{random.randrange(1 << 30)}")
+    t.connect()
+    try:
+        sock = t._client.socket()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        t.close()
+
+
 def test_retained_messages_reach_late_subscribers_and_can_be_cleared(pair):
     a = pair("a", max_payload=8 * 1024)
     model = _frame(10_000)

@@ -10,6 +10,7 @@ disconnected stay in paho's queue and go out after the reconnect.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -87,6 +88,7 @@ class MqttTransport(Transport):
         # dropped the client) and once the heap ("free(): corrupted unsorted chunks").
         # With it, paho queues the packet and calls it (_write_soon).
         c.on_socket_register_write = self._write_soon
+        c.on_socket_open = _no_delay
         self._closing = threading.Event()  # close(): the DISCONNECT is on its way
         self._client = c
 
@@ -276,6 +278,13 @@ class MqttTransport(Transport):
         self._patterns.discard(pattern)
         if self._connected.is_set():
             self._client.unsubscribe(pattern)
+
+
+def _no_delay(client, userdata, sock) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
 
 
 def _tls_context(ca_file: str | None, cert_file: str | None,

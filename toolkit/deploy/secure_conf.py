@@ -144,6 +144,10 @@ max_packet_size {limits.max_message + PACKET_SLACK}
 max_queued_messages {limits.max_queued_messages}
 max_queued_bytes {limits.queued_bytes}
 
+# Tasks and acknowledgements leave at once: with Nagle's algorithm a small packet
+# after an unacknowledged one waits for the peer's delayed ACK (up to 40 ms on Linux).
+set_tcp_nodelay true
+
 # Devices: the certificate's CN is the username (any username or password sent is
 # ignored) and the username is the client id.
 {_tls_listener(r, port)}use_identity_as_username true
