@@ -214,6 +214,31 @@ def test_inf_in_float16_is_named():
         decode(bad)
 
 
+@pytest.mark.parametrize("bad", ["a", "b", "c", "h", "d"])
+def test_a_non_finite_value_is_named_among_many_tensors(bad):
+    # Finiteness is checked a run of same-dtype tensors at a time; the error still
+    # names the one at fault, whichever it is, on both ends.
+    tensors = {"a": np.zeros(4, np.float32), "b": np.ones((2, 3), np.float32),
+               "i": np.arange(3, dtype=np.int64), "c": np.zeros(5, np.float32),
+               "h": np.zeros(2, np.float16), "d": np.zeros(0, np.float32)}
+    good = encode(Frame("u", "j", 0, "d", tensors=tensors))
+    assert set(decode(good).tensors) == set(tensors)
+    if bad == "d":  # an empty tensor holds nothing to check
+        return
+    tensors[bad] = tensors[bad].copy()
+    tensors[bad].flat[1] = np.nan
+    want = rf"tensor '{bad}': expected finite values, got 1 NaN and 0 Inf \(first at flat index 1\)"
+    with pytest.raises(WireError, match=want):
+        encode(Frame("u", "j", 0, "d", tensors=tensors))
+    entries = peek_header(good)["tensors"]
+    at = next(t for t in entries if t["name"] == bad)
+    body = bytearray(good[-sum(t["nbytes"] for t in entries):])
+    np.frombuffer(body, at["dtype"], at["nbytes"] // np.dtype(at["dtype"]).itemsize,
+                  at["offset"])[1] = np.nan
+    with pytest.raises(WireError, match=want):
+        decode(_rewrite(good, body=bytes(body)))
+
+
 def test_limits_are_checked_before_anything_is_allocated():
     with pytest.raises(WireError, match="header.tensors: expected at most 1 entries, got 2"):
         decode(GOOD, limits=Limits(max_tensors=1))
