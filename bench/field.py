@@ -110,12 +110,12 @@ class EchoAgent(DeviceAgent):
             meta={"samples": 10, "train_seconds": 0.0}, nonce=task.nonce), signer=agent.key)
 
 
-def _echo_fleet(url: str, job: str, keys: FleetKeys, devices: int, ready, stop,
+def _echo_fleet(url: str, job: str, keys: FleetKeys, devices: list[int], ready, stop,
                 cpu) -> None:
     """The devices, in a process of their own (as in the field, where each has its own
     CPU): connected, answering every task until ``stop``."""
     topics, transports = Topics(job), []
-    for k in range(devices):
+    for k in devices:
         dev = f"d{k}"
         t = MqttTransport(url, f"{job}-{dev}", will=status_will(topics, dev, keys.device(dev)))
         t.connect()
@@ -144,7 +144,7 @@ class TimedAggregator(Aggregator):
         self.state.history[-1]["server_process_cpu_s"] = round(time.process_time() - p0, 4)
 
 
-def orchestration(url: str, devices: int, rounds: int) -> dict:
+def orchestration(url: str, devices: int, rounds: int, procs: int = 1) -> dict:
     from device_runtime.training.local import weights_of
     from device_runtime.training.models import ModelConfig, build_model
 
@@ -156,13 +156,20 @@ def orchestration(url: str, devices: int, rounds: int) -> dict:
     keys = FleetKeys()
     for k in range(devices):
         keys.device(f"d{k}")
-    # Forked before this process opens any connection or starts a thread of its own.
+    # Forked before this process opens any connection or starts a thread of its own;
+    # ``procs`` processes share the devices (one: 16 agents and their network threads
+    # take turns at one interpreter lock, which a fleet of real devices never does).
     ctx = multiprocessing.get_context("fork")
-    ready, stop, cpu = ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
-    fleet = ctx.Process(target=_echo_fleet, args=(url, job, keys, devices, ready, stop, cpu))
-    fleet.start()
+    stop = ctx.Event()
+    fleet = []
+    for p in range(procs):
+        ready, cpu = ctx.Event(), ctx.Value("d", 0.0)
+        proc = ctx.Process(target=_echo_fleet, args=(url, job, keys, list(
+            range(p, devices, procs)), ready, stop, cpu))
+        proc.start()
+        fleet.append((proc, ready, cpu))
     try:
-        if not ready.wait(120):
+        if not all(ready.wait(120) for _, ready, _ in fleet):
             raise RuntimeError(f"{devices} echo devices did not connect within 120 s")
         agg_t = MqttTransport(url, f"{job}-agg", persistent=True)
         agg_t.connect()
@@ -175,7 +182,8 @@ def orchestration(url: str, devices: int, rounds: int) -> dict:
         agg_t.close()
     finally:
         stop.set()
-        fleet.join(60)
+        for proc, _, _ in fleet:
+            proc.join(60)
     later = report["rounds"][1:]  # round 1 includes start-up
     return {"devices": devices, "rounds": rounds,
             "overhead_s_median": round(statistics.median(r["seconds"] for r in later), 3),
@@ -183,7 +191,8 @@ def orchestration(url: str, devices: int, rounds: int) -> dict:
                 r["aggregator_cpu_s"] for r in later), 4),
             "server_process_cpu_s_median": round(statistics.median(
                 r["server_process_cpu_s"] for r in later), 4),
-            "devices_cpu_s_per_round": round(cpu.value / rounds, 4),
+            "devices_cpu_s_per_round": round(sum(c.value for _, _, c in fleet) / rounds, 4),
+            "device_procs": procs,
             "round_seconds": [r["seconds"] for r in later],
             "model_bytes": report["rounds"][-1]["downlink_bytes"] // devices}
 
@@ -204,26 +213,28 @@ def to_markdown(res: dict) -> str:
         out.append(f"| {a['size'] // 1024} KB | {fmt(a['frames_per_s'])} | {fmt(a['mb_per_s'])} "
                    f"| {fmt(m['frames_per_s'])} | {fmt(m['mb_per_s'])} |")
     out += ["\n## Orchestration overhead per round (Mosquitto, devices answer at once)\n",
-            "| devices | median round time = overhead (s) | per device (ms) | aggregator CPU "
+            "| devices | device processes | median round time = overhead (s) | per device (ms) "
+            "| aggregator CPU "
             "per round (s) | server process CPU per round (s) | devices' CPU per round "
             "(s, one core) | model frame bytes |",
-            "|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|"]
     for r in res["orchestration"]:
-        out.append(f"| {r['devices']} | {r['overhead_s_median']} | "
+        out.append(f"| {r['devices']} | {r.get('device_procs', 1)} | {r['overhead_s_median']} | "
                    f"{1e3 * r['overhead_s_median'] / r['devices']:.1f} | "
                    f"{r.get('aggregator_cpu_s_median', '-')} | "
                    f"{r.get('server_process_cpu_s_median', '-')} | "
                    f"{r.get('devices_cpu_s_per_round', '-')} | {r['model_bytes']:,} |")
-    out += ["", "The devices run in a process of their own (as in the field, where each has "
-            "its own CPU; here they share one core), answering every task at once with the "
-            "model they got, signed. A round's time is then all overhead: the model and "
-            "tasks published, fetched and checked, updates sent, checked, screened, folded "
-            "and saved durably, the round closed and checkpointed. Aggregator CPU is that "
-            "thread's own time (the part that grows with the fleet), the server process's "
-            "adds its network thread (receiving and reassembling chunks), the syncer and "
-            "the downlink's; the devices' CPU is the "
-            "echo devices' process over all rounds, per round: work that in the field is "
-            "spread over the devices' own CPUs, here queued on one core."]
+    out += ["", "The devices run apart from the aggregator, in as many processes as the "
+            "table says (in the field each has its own CPU; here they share this machine's "
+            "cores with the aggregator and the broker), answering every task at once with "
+            "the model they got, signed. A round's time is then all overhead: the model "
+            "and tasks published, fetched and checked, updates sent, checked, screened, "
+            "folded and saved durably, the round closed and checkpointed. Aggregator CPU "
+            "is that thread's own time (the part that grows with the fleet), the server "
+            "process's adds its network thread (receiving and reassembling chunks), the "
+            "syncer and the downlink's; the devices' CPU is their processes' over all "
+            "rounds, per round: work that in the field is spread over the devices' own "
+            "CPUs."]
     return "\n".join(out) + "\n"
 
 
@@ -233,6 +244,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--devices", default="4,16,64", help="fleet sizes for the orchestration "
                     "overhead")
+    ap.add_argument("--device-procs", default="1", help="processes the echo devices are "
+                    "spread over, e.g. 1,4: each layout measured for each fleet size")
     ap.add_argument("--no-throughput", action="store_true", help="only the orchestration "
                     "overhead (the broker throughput tables are left out)")
     ap.add_argument("--json", default="runs/bench_field.json")
@@ -249,7 +262,9 @@ def main() -> None:
             if not args.no_throughput:
                 res["throughput"]["mosquitto"] = run_throughput(m.url, args.repeats)
             for n in (int(v) for v in args.devices.split(",")):
-                res["orchestration"].append(orchestration(m.url, n, args.rounds))
+                for procs in (int(v) for v in args.device_procs.split(",")):
+                    res["orchestration"].append(orchestration(m.url, n, args.rounds,
+                                                              min(procs, n)))
         finally:
             m.stop()
     res["load"]["end"] = os.getloadavg()

@@ -122,7 +122,12 @@ _ITEMSIZE = {d: np.dtype(d).itemsize for d in DTYPES}
 
 def _typed(t: dict) -> bool:
     """Every field of a tensor entry there with its exact JSON type (the common case)."""
-    return all(type(t.get(key)) is typ for key, typ in _TENSOR_FIELDS)
+    # Written out: a generator over _TENSOR_FIELDS cost 5% of a device's CPU (every
+    # tensor of every header, each time one is parsed or encoded).
+    get = t.get
+    return (type(get("name")) is str and type(get("dtype")) is str
+            and type(get("shape")) is list and type(get("offset")) is int
+            and type(get("nbytes")) is int and type(get("params")) is dict)
 
 
 def _tensor_error(t: dict, offset: int, limits) -> int:
