@@ -2,8 +2,10 @@
 
 Layout of ``--state-dir``::
 
-    state.json          completed rounds, history, the current global file name, the
-                        last round's accepted change norms (broker_server/guard.py)
+    state.json          completed rounds, the current global file name, the last
+                        round's accepted change norms (broker_server/guard.py), the
+                        number of round records and the last RECENT of them
+    history.jsonl       the round records, one JSON object a line, appended
     registered.json     each device's sample count as first seen online (the guard's
                         cap on its weight), rewritten when a new device appears
     global-<r>.fdg      the global weights after round r (a wire frame, no pickle)
@@ -11,7 +13,13 @@ Layout of ``--state-dir``::
                         rewritten only when they change; state.json lists the live ones
     round-<r>/<id>.fdg  every update accepted in the open round r, as received
 
-Every file is written atomically (temp file, fsync, rename, fsync of the
+The history is appended, not rewritten: state.json holding every round record made
+closing round r cost O(r x devices) (at 200 rounds, 30% of the aggregator's CPU). The
+append is fsynced off the aggregator's thread like the updates; state.json keeps the
+last ``RECENT`` records, so a power cut that loses the last lines of history.jsonl
+loses no record (at load, lines past the count state.json names are dropped).
+
+Every other file is written atomically (temp file, fsync, rename, fsync of the
 folder), and ``state.json`` is written last, so after a crash the state is
 either the previous round's or the new one's, never a mix; accepted updates
 of the open round are reloaded, so none is lost. The updates are made durable in
@@ -45,6 +53,8 @@ from broker_server.errors import BrokerServerError
 from broker_server.syncer import Syncer
 
 log = logging.getLogger("fedge.server")
+HISTORY = "history.jsonl"
+RECENT = 4  # round records kept in state.json too (the syncer lags a round at most)
 
 
 def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
@@ -86,6 +96,7 @@ class StateStore:
         self.warned: set[str] = set()  # stray entries already warned about
         self.unsynced: list[Path] = []  # updates saved, not yet handed to the syncer
         self.syncer = Syncer()
+        self._persisted: int | None = None  # records in history.jsonl (None: unknown)
 
     @property
     def state_path(self) -> Path:
@@ -97,13 +108,14 @@ class StateStore:
             return ServerState(self.job, registered=self._load_registered()), None
         try:
             d = json.loads(self.state_path.read_text())
-            st = ServerState(d["job"], d["completed"], d["global_file"], d["history"],
+            st = ServerState(d["job"], d["completed"], d["global_file"], [],
                              d.get("extra", {}), d.get("kept", {}), d.get("norms", []))
             if not isinstance(st.norms, list) or not all(
                     _number(n) and math.isfinite(n) and n >= 0 for n in st.norms):
                 raise TypeError(f"norms: expected a list of finite numbers >= 0, got "
                                 f"{str(st.norms)[:60]}")
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            st.history = self._load_history(d)
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise BrokerServerError(f"state {self.state_path} is unreadable: {e}") from None
         st.registered = self._load_registered()
         if st.job != self.job:
@@ -134,10 +146,11 @@ class StateStore:
         atomic_write(self.root / name, wire.encode(frame))
         old = st.global_file
         st.global_file = name
+        self._append_history(st.history)
         atomic_write(self.state_path, json.dumps(
             {"job": st.job, "completed": st.completed, "global_file": st.global_file,
-             "history": st.history, "extra": st.extra, "kept": st.kept, "norms": st.norms},
-            indent=1).encode())
+             "history_records": len(st.history), "recent": st.history[-RECENT:],
+             "extra": st.extra, "kept": st.kept, "norms": st.norms}).encode())
         for key in stale:
             self._kept_path(key).unlink(missing_ok=True)
         if old and old != name:
@@ -146,6 +159,31 @@ class StateStore:
             r = self._round_of(d)
             if r is not None and r <= st.completed:
                 shutil.rmtree(d, ignore_errors=True)
+
+    @property
+    def history_path(self) -> Path:
+        return self.root / HISTORY
+
+    def _append_history(self, history: list[dict]) -> None:
+        """The records not yet in history.jsonl appended (the whole file rewritten if
+        what it holds is unknown: a fresh store, or a load that found it differ), made
+        durable by the syncer before ``flush`` returns."""
+        start = self._persisted if self._persisted is not None and \
+            self._persisted <= len(history) else None
+        lines = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n"
+                         for r in history[start or 0:])
+        if start is None:
+            atomic_write(self.history_path, lines, durable=False)
+        elif lines:
+            with open(self.history_path, "ab") as f:
+                f.write(lines)
+        self._persisted = len(history)
+        self.syncer.submit([self.history_path])
+
+    def _load_history(self, d: dict) -> list[dict]:
+        records, in_step = read_history(self.root, d)
+        self._persisted = len(records) if in_step else None
+        return records
 
     def _round_of(self, d: Path) -> int | None:
         """r for a ``round-<r>`` folder; None (and one warning) for anything else there."""
@@ -235,6 +273,38 @@ class StateStore:
             except (OSError, WireError) as e:
                 bad.append((p.stem, f"saved update {p} is unusable: {e}"))
         return good, bad
+
+
+def read_history(root: str | Path, state: dict | None = None) -> tuple[list[dict], bool]:
+    """The round records of the state in ``root`` (``state``: its state.json, parsed),
+    and whether history.jsonl holds exactly them. They are history.jsonl's first lines,
+    then the last ``RECENT`` from state.json (the authority for them); a state.json of
+    before history.jsonl holds them all. ValueError, KeyError or TypeError if unreadable."""
+    root = Path(root)
+    d = state if state is not None else json.loads((root / "state.json").read_text())
+    if "history" in d:
+        if not isinstance(d["history"], list):
+            raise TypeError("history: expected a list")
+        return d["history"], False
+    n, recent = d["history_records"], d["recent"]
+    if not (_count(n) and isinstance(recent, list) and len(recent) <= n):
+        raise TypeError(f"history_records, recent: expected a count and at most that many "
+                        f"records, got {str(n)[:20]} and {type(recent).__name__}")
+    lines, path = [], root / HISTORY
+    if path.exists():
+        for line in path.read_bytes().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                break  # a line torn by a crash: what follows is not the state's
+    need = n - len(recent)
+    if len(lines) < need:
+        raise TypeError(f"{HISTORY}: expected at least {need} round records, got {len(lines)}")
+    return lines[:need] + recent, len(lines) == n
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _number(v: object) -> bool:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from broker_server.state import read_history
 from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
 from tests.conftest import assert_one_line_error, run_fedge
@@ -73,7 +74,7 @@ def test_audit_reports_what_a_plain_broker_lets_through(mosquitto, tmp_path):
     # The genuine retained plan is back, byte for byte; no forged stop was left behind.
     assert Topics(JOB).plan in before and after == before, (before.keys(), after.keys())
     # Every round, during the audit and after it, had every device.
-    history = json.loads((tmp_path / "state" / "state.json").read_text())["history"]
+    history = read_history(tmp_path / "state")[0]
     assert len(history) >= done_by_audit_end + 2, server_log[-2000:]
     assert all(r["devices_reporting"] == 3 for r in history), (history, logs[-3000:])
     assert "refused control" in logs and "refused plan" in logs and "refused task" in logs

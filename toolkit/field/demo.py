@@ -233,7 +233,9 @@ def run_demo(demo: DemoJob) -> int:
                 run_serve(_serve_job(demo, job, init, work, url, keys), on_round=progress)
         finally:
             _stop(procs)
-    history = json.loads((work / "state" / "state.json").read_text())["history"]
+    from broker_server.state import read_history
+
+    history = read_history(work / "state")[0]
     out = _report(demo, job, history, time.time() - t0)
     out.update(_finish(demo, job, work, keys, history))
     out["seconds"] = round(time.time() - t0, 1)
