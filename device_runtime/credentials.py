@@ -10,6 +10,9 @@ The file is a JSON object; only ``username`` is required::
     signing_key  the client's Ed25519 private key (device_runtime.keys.Signer)
     trust        a device's: the aggregator's public key (server.pub)
     registry     the aggregator's: the devices' public keys (registry.json)
+    max_payload  bytes per MQTT message this broker takes (frames above it travel as
+                 chunks): fedge secure init writes what its Mosquitto accepts, capped
+                 at 1 MiB; an explicit --max-payload wins, without either 128 KiB
 
 Paths are relative to DIR, the file's grandparent (a bundle copied elsewhere keeps the
 layout ``credentials/<id>.json``, ``ca.crt``, ``certs/<id>.*``, ``server.pub``), or
@@ -26,6 +29,8 @@ from device_runtime.errors import EXIT_USAGE, DeviceRuntimeError
 from device_runtime.files import read_bytes
 
 STRINGS = ("username", "password")
+DEFAULT_MAX_PAYLOAD = 128 * 1024  # any broker (AWS IoT Core takes 128 KB)
+MAX_PAYLOAD_RANGE = (4096, 268_435_455)  # room for a chunk's header .. MQTT's ceiling
 FILES = ("cert", "key", "ca", "signing_key", "trust", "registry")
 
 
@@ -45,6 +50,7 @@ class Credentials:
     signing_key: Path | None = None
     trust: Path | None = None
     registry: Path | None = None
+    max_payload: int | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "Credentials":
@@ -70,12 +76,17 @@ class Credentials:
             has, lacks = ("cert", "key") if "cert" in raw else ("key", "cert")
             raise CredentialsError(f"credentials {path}: field {lacks!r}: expected a "
                                    f"non-empty string, got nothing (it goes with {has!r})")
+        size = raw.get("max_payload")
+        low, high = MAX_PAYLOAD_RANGE
+        if "max_payload" in raw and not (type(size) is int and low <= size <= high):
+            raise CredentialsError(f"credentials {path}: field 'max_payload': expected an "
+                                   f"integer in {low}..{high}, got {str(size)[:20]}")
         root = path.resolve().parent.parent
         files = {name: root / raw[name] for name in FILES if name in raw}
         for name, p in files.items():
             if not p.is_file():
                 raise CredentialsError(f"credentials {path}: field {name!r}: no file {p}")
-        return cls(raw["username"], raw.get("password"), **files)
+        return cls(raw["username"], raw.get("password"), **files, max_payload=size)
 
     def transport_kwargs(self) -> dict:
         """Keyword arguments for ``MqttTransport``: the username, and the password and
@@ -99,6 +110,15 @@ def transport_kwargs(path: str | Path | None, client: str | None = None) -> dict
         raise CredentialsError(f"credentials {path}: they are for {creds.username!r}, "
                                f"not for this client {client!r}")
     return creds.transport_kwargs()
+
+
+def payload_limit(option: int | None, path: str | Path | None) -> int:
+    """Bytes per MQTT message: ``option`` (--max-payload) if given, else the credentials
+    file's ``max_payload``, else ``DEFAULT_MAX_PAYLOAD``."""
+    if option is not None:
+        return option
+    creds = Credentials.load(path) if path is not None else None
+    return creds.max_payload if creds and creds.max_payload else DEFAULT_MAX_PAYLOAD
 
 
 def key_paths(path: str | Path | None, given: dict[str, str | None]) -> tuple:

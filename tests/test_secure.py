@@ -17,7 +17,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from device_runtime import wire
-from device_runtime.credentials import transport_kwargs
+from device_runtime.credentials import Credentials, transport_kwargs
 from device_runtime.topics import Topics
 from device_runtime.transport.mqtt import MqttTransport
 from device_runtime.transport.url import TransportError
@@ -59,12 +59,17 @@ def test_secure_init_writes_the_layout_with_private_keys_0600(fleet):
     dash = json.loads((root / "credentials" / "dashboard.json").read_text())
     assert dash == {"username": "dashboard", "password": dash["password"],
                     "cert": "certs/dashboard.crt", "key": "certs/dashboard.key",
-                    "ca": "ca.crt", "registry": "registry.json", "trust": "server.pub"}
+                    "ca": "ca.crt", "registry": "registry.json", "trust": "server.pub",
+                    "max_payload": 1 << 20}
     raw = json.loads((root / "credentials" / "aggregator.json").read_text())
     assert raw == {"username": "aggregator", "password": raw["password"],
                    "cert": "certs/aggregator.crt", "key": "certs/aggregator.key",
                    "ca": "ca.crt", "signing_key": "certs/aggregator.signing.key",
-                   "registry": "registry.json"}
+                   "registry": "registry.json", "max_payload": 1 << 20}
+    # every client of this broker (64 MiB messages) sends up to 1 MiB a message: a model
+    # frame in one, not in 128 KiB chunks (35% of a 16-device round, docs/results/field.md)
+    for c in CLIENTS:
+        assert Credentials.load(root / "credentials" / f"{c}.json").max_payload == 1 << 20
     assert len(raw["password"]) >= 24
     # Mosquitto's $7$: PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt, 64-byte hash
     _, kind, rounds, salt, digest = hashes["aggregator"].split("$")
@@ -79,7 +84,7 @@ def test_secure_init_writes_the_layout_with_private_keys_0600(fleet):
         raw = json.loads((root / "credentials" / f"{d}.json").read_text())
         assert raw == {"username": d, "cert": f"certs/{d}.crt", "key": f"certs/{d}.key",
                        "ca": "ca.crt", "signing_key": f"certs/{d}.signing.key",
-                       "trust": "server.pub"}
+                       "trust": "server.pub", "max_payload": 1 << 20}
         creds = creds_of(fleet, d)
         assert creds.cert == root / "certs" / f"{d}.crt" and creds.ca == root / "ca.crt"
         assert creds.password is None and creds.trust == root / "server.pub"
@@ -159,7 +164,13 @@ def test_bad_credentials_give_one_line_errors(tmp_path, fleet):
                          (json.dumps({"username": "dev-0", "trust": ""}),
                           "field 'trust': expected a non-empty string, got an empty string"),
                          (json.dumps({"username": "dev-0", "cert": "ca.crt"}),
-                          "field 'key': expected a non-empty string, got nothing")):
+                          "field 'key': expected a non-empty string, got nothing"),
+                         (json.dumps({"username": "dev-0", "max_payload": 100}),
+                          "field 'max_payload': expected an integer in 4096..268435455, "
+                          "got 100"),
+                         (json.dumps({"username": "dev-0", "max_payload": "1MiB"}),
+                          "field 'max_payload': expected an integer in 4096..268435455, "
+                          "got 1MiB")):
         bad.write_text(text)
         code, _, err = run_fedge(*device, str(bad))
         assert_one_line_error(code, err, 2, f"credentials {bad}", needle)

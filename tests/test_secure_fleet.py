@@ -56,6 +56,7 @@ def test_add_and_revoke_on_a_running_broker(tmp_path):
         assert code == 0, err
         assert "kill -HUP" in out
         creds = Credentials.load(root / "credentials" / "dev-2.json")
+        assert creds.max_payload == 1 << 20  # as the aggregator's: the broker's limit
         registry = Registry.load(root / "registry.json")
         assert sorted(registry.devices) == ["dev-0", "dev-1", "dev-2"]
         assert registry.get("dev-2").raw() == Signer.load(creds.signing_key).public.raw()
@@ -187,3 +188,22 @@ def test_secure_add_dashboard_issues_a_read_only_login_to_an_older_tls_fleet(tmp
     assert creds.signing_key is None and creds.registry == root / "registry.json"
     assert "user dashboard\ntopic read fedge/#\n" in (root / "broker" / "acl").read_text()
     assert stat.S_IMODE((root / "certs" / "dashboard.key").stat().st_mode) == 0o600
+
+
+def test_max_payload_is_the_option_else_the_credentials_else_128_kib(tmp_path):
+    # fedge secure init writes its broker's message limit (capped at 1 MiB) into every
+    # client's credentials: the fleet's frames then travel whole, not in 128 KiB chunks.
+    from device_runtime.credentials import DEFAULT_MAX_PAYLOAD, payload_limit
+    from toolkit.deploy.secure_conf import Limits, client_payload
+
+    assert client_payload(Limits()) == 1 << 20
+    assert client_payload(Limits(max_message=512 * 1024)) == 512 * 1024
+    assert client_payload(Limits(max_message=2048)) is None  # no chunk fits: the default
+    path = tmp_path / "credentials" / "dev-0.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"username": "dev-0", "max_payload": 1 << 20}))
+    assert payload_limit(None, path) == 1 << 20
+    assert payload_limit(4096, path) == 4096  # --max-payload wins
+    assert payload_limit(None, None) == DEFAULT_MAX_PAYLOAD == 128 * 1024
+    path.write_text(json.dumps({"username": "dev-0"}))
+    assert payload_limit(None, path) == DEFAULT_MAX_PAYLOAD

@@ -24,7 +24,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="the device's .npz shard (x, y)")
     p.add_argument("--threads", type=int, help="torch and onnxruntime threads (default: "
                    "FEDGE_THREADS, else the cores this process may use)")
-    p.add_argument("--max-payload", type=int, help="bytes per MQTT message (131072)")
+    p.add_argument("--max-payload", type=int, help="bytes per MQTT message (default: "
+                   "the credentials' max_payload, else 131072)")
     p.add_argument("--idle-timeout", type=float, default=None)
     p.add_argument("--credentials", help="DIR/credentials/<id>.json from fedge secure init: "
                    "TLS with a client certificate, and a password")
@@ -53,7 +54,7 @@ def device(args: argparse.Namespace) -> int:
 
     from device_runtime.agent import AgentOptions, DeviceAgent, status_will
     from device_runtime.config import load_config, merge
-    from device_runtime.credentials import key_paths, transport_kwargs
+    from device_runtime.credentials import key_paths, payload_limit, transport_kwargs
     from device_runtime.data import load_shard
     from device_runtime.keys import PublicKey, Signer
     from device_runtime.local_models import LocalModels
@@ -66,7 +67,7 @@ def device(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else None
     o = argparse.Namespace(**merge(vars(args), config))
     o.threads = o.threads or threads.budget()  # FEDGE_THREADS, else its share of the cores
-    o.max_payload = o.max_payload or 128 * 1024
+    o.max_payload = payload_limit(o.max_payload, o.credentials)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {o.id} %(message)s")
     ProfileCatalogue.load(o.profiles_file).get(o.profile)
     check_id("device", o.id)

@@ -32,7 +32,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profiles-file")
     train_args(p)
     strategy_args.add(p)
-    p.add_argument("--max-payload", type=int, default=128 * 1024)
+    p.add_argument("--max-payload", type=int, help="bytes per MQTT message (default: the "
+                   "credentials' max_payload, else 131072)")
     aggregator_identity_args(p)
     p.add_argument("--workers", type=int, help="fold the updates in N worker processes "
                    "sharing the update topic ($share; needs --broker with shared "
@@ -111,6 +112,7 @@ def serve_job(args: argparse.Namespace):
     """``fedge serve``'s flags as a ``ServeJob``, the strategy's typed options included."""
     from dataclasses import replace
 
+    from device_runtime.credentials import payload_limit
     from toolkit.field.jobs import BrokerSettings, EvalSettings, GuardLimits, RoundSettings, \
         ScaleOutSettings, ServeJob
     from toolkit.planning.profiles import ProfileCatalogue
@@ -120,7 +122,7 @@ def serve_job(args: argparse.Namespace):
     guard = GuardLimits(args.max_samples, args.norm_bound)
     scale = ScaleOutSettings(args.workers) if args.workers is not None else None
     broker = BrokerSettings(args.broker, args.credentials, args.signing_key, args.registry,
-                            args.max_payload)
+                            payload_limit(args.max_payload, args.credentials))
     job = ServeJob(args.job, Path(args.checkpoint), Path(args.state_dir), args.strategy,
                    args.codec, args.downlink, rounds=rounds, guard=guard, broker=broker,
                    scale_out=scale, evaluation=EvalSettings(args.eval_every, args.holdout),

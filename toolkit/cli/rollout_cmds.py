@@ -30,12 +30,14 @@ def add(sub: argparse._SubParsersAction) -> None:
                    "report")
     p.add_argument("--state", help="state file (default $FEDGE_HOME/rollouts/<job>.json); "
                    "a restarted rollout resumes from it")
-    p.add_argument("--max-payload", type=int, default=128 * 1024)
+    p.add_argument("--max-payload", type=int, help="bytes per MQTT message (default: the "
+                   "credentials' max_payload, else 131072)")
     aggregator_identity_args(p)
     p.set_defaults(func=rollout)
 
 
 def rollout(args: argparse.Namespace) -> int:
+    from device_runtime.credentials import payload_limit
     from toolkit.errors import UsageError
     from toolkit.field.rollout import RolloutJob, parse_duration, parse_share, run_rollout
     from toolkit.field.rollout_state import RolloutState, default_path, describe
@@ -57,5 +59,6 @@ def rollout(args: argparse.Namespace) -> int:
                      args.max_latency_ratio, parse_duration("--fleet-wait", args.fleet_wait),
                      parse_duration("--report-timeout", args.report_timeout),
                      Path(args.state) if args.state else None, args.credentials,
-                     args.signing_key, args.registry, args.max_payload)
+                     args.signing_key, args.registry,
+                     payload_limit(args.max_payload, args.credentials))
     return run_rollout(job)

@@ -45,6 +45,7 @@ from toolkit.deploy.secure_conf import (
     PACKET_SLACK,
     Limits,
     acl_text,
+    client_payload,
     conf_text,
     current_user,
     credentials_json,
@@ -153,14 +154,14 @@ def aggregator_signer(path: Path | None) -> Signer:
 # --- the files -----------------------------------------------------------------------------
 
 
-def device_files(device: str, ca, ca_key, days: int, tls: bool
+def device_files(device: str, ca, ca_key, days: int, tls: bool, max_payload: int | None = None
                  ) -> tuple[dict[str, tuple[bytes, int]], Signer]:
     """A device's own files (its certificate and key with ``tls``, its signing key and
     its credentials) and its signer, whose public key goes into the registry."""
     signer = Signer.generate()
     files = {f"certs/{device}.signing.key": (signer.pem(), SECRET),
              f"credentials/{device}.json": (credentials_json(
-                 device, None, tls, f"certs/{device}.signing.key"), SECRET)}
+                 device, None, tls, f"certs/{device}.signing.key", max_payload), SECRET)}
     if tls:
         key = new_key()
         files[f"certs/{device}.crt"] = (cert_pem(issue(ca, ca_key, key, device, days)), PUBLIC)
@@ -205,13 +206,16 @@ def materials(opts: SecureOptions, hostname: str | None = None,
             files[f"certs/{client}.crt"] = (cert_pem(issue(ca, ca_key, key, client,
                                                            opts.days)), PUBLIC)
             files[f"certs/{client}.key"] = (key_pem(key), SECRET)
+    # The broker written here takes limits.max_message: its clients need not chunk at
+    # the 128 KiB any broker takes (--keys-only: the broker is someone else's).
+    payload = client_payload(opts.limits) if tls else None
     files[f"credentials/{AGGREGATOR}.json"] = (credentials_json(
-        AGGREGATOR, passwords[AGGREGATOR], tls, own), SECRET)
+        AGGREGATOR, passwords[AGGREGATOR], tls, own, payload), SECRET)
     files[f"credentials/{DASHBOARD}.json"] = (credentials_json(
-        DASHBOARD, passwords[DASHBOARD], tls, None), SECRET)
+        DASHBOARD, passwords[DASHBOARD], tls, None, payload), SECRET)
     keys = {}
     for d in opts.devices:
-        mine, device_signer = device_files(d, ca, ca_key, opts.days, tls)
+        mine, device_signer = device_files(d, ca, ca_key, opts.days, tls, payload)
         files.update(mine)
         keys[d] = device_signer.public
     files["server.pub"] = (signer.public.pem(), PUBLIC)

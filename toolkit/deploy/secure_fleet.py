@@ -13,6 +13,7 @@ ACL and the CRL on SIGHUP (docs/security.md).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from cryptography import x509
@@ -31,7 +32,13 @@ from toolkit.deploy.secure import (
     new_key,
     write_file,
 )
-from toolkit.deploy.secure_conf import DASHBOARD, acl_text, credentials_json, password_line
+from toolkit.deploy.secure_conf import (
+    AGGREGATOR,
+    DASHBOARD,
+    acl_text,
+    credentials_json,
+    password_line,
+)
 from toolkit.deploy.secure_pki import crl_pem, load_ca, make_crl, revoked_serials
 from toolkit.errors import SecureError
 
@@ -50,6 +57,18 @@ def _registry(root: Path) -> Registry:
 def _tls(root: Path) -> bool:
     """A TLS fleet (its mosquitto.conf, CA and ACL), or a --keys-only one."""
     return (root / "ca.crt").is_file()
+
+
+def _payload(root: Path) -> int | None:
+    """The max_payload the fleet's clients use: the aggregator's credentials' (written
+    by init from the broker's message limit); None if it has none (--keys-only, or a
+    fleet written before credentials carried it)."""
+    try:
+        value = json.loads(_read(root / "credentials" / f"{AGGREGATOR}.json",
+                                 "credentials")).get("max_payload")
+    except (SecureError, ValueError, AttributeError):
+        return None
+    return value if type(value) is int else None
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -76,7 +95,7 @@ def add(root: Path, device: str, days: int = 825) -> dict:
                           f"revoke it first to issue new credentials")
     tls = _tls(root)
     ca, ca_key = _ca(root) if tls else (None, None)
-    files, signer = device_files(device, ca, ca_key, days, tls)
+    files, signer = device_files(device, ca, ca_key, days, tls, _payload(root))
     try:
         for rel, (data, mode) in files.items():
             write_file(root / rel, data, mode)
@@ -118,7 +137,8 @@ def add_dashboard(root: Path, days: int = 825) -> dict:
                 SECRET)
             write_file(root / "broker" / "acl", acl_text(list(reg.devices)).encode(), PUBLIC)
         creds.parent.mkdir(exist_ok=True)
-        write_file(creds, credentials_json(DASHBOARD, password, tls, None), SECRET)
+        write_file(creds, credentials_json(DASHBOARD, password, tls, None, _payload(root)),
+                   SECRET)
     except OSError as e:
         raise SecureError(f"{root}: cannot write: {e}") from None
     return {"out": str(root), "device": DASHBOARD, "tls": tls, "credentials": str(creds)}

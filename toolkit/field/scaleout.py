@@ -85,7 +85,7 @@ def run_worker(w: WorkerJob) -> int:
     """One worker of a scaled-out job, until the job ends (or its parent is gone)."""
     from broker_server.scaleout import check_worker_id, status
     from broker_server.workers import Worker, WorkerOptions
-    from device_runtime.credentials import transport_kwargs
+    from device_runtime.credentials import payload_limit, transport_kwargs
     from device_runtime.topics import Topics, check_id
     from device_runtime.transport.mqtt import MqttTransport
     from toolkit import strategies
@@ -99,7 +99,8 @@ def run_worker(w: WorkerJob) -> int:
     will = (Topics(w.job).worker(w.worker, "status"),
             status(w.worker, "offline", trust.signer, w.job))
     t = MqttTransport(w.broker, f"fedge-{w.job}-worker-{w.worker}", persistent=True,
-                      will=will, **transport_kwargs(w.credentials))
+                      will=will, max_payload=payload_limit(None, w.credentials),
+                      **transport_kwargs(w.credentials))
     t.connect()
     try:
         counts = Worker(t, WorkerOptions(w.job, w.worker, w.state_dir, w.idle_timeout,
