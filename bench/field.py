@@ -35,6 +35,7 @@ from broker_server.embedded import EmbeddedBroker  # noqa: E402
 from broker_server.service import Aggregator, ServeOptions  # noqa: E402
 from broker_server.trust import ServerTrust  # noqa: E402
 from device_runtime import wire  # noqa: E402
+from device_runtime.credentials import DEFAULT_MAX_PAYLOAD  # noqa: E402
 from device_runtime.agent import AgentOptions, DeviceAgent, status_will  # noqa: E402
 from device_runtime.keys import FleetKeys  # noqa: E402
 from device_runtime.topics import Topics  # noqa: E402
@@ -111,13 +112,14 @@ class EchoAgent(DeviceAgent):
 
 
 def _echo_fleet(url: str, job: str, keys: FleetKeys, devices: list[int], ready, stop,
-                cpu) -> None:
+                cpu, max_payload: int) -> None:
     """The devices, in a process of their own (as in the field, where each has its own
     CPU): connected, answering every task until ``stop``."""
     topics, transports = Topics(job), []
     for k in devices:
         dev = f"d{k}"
-        t = MqttTransport(url, f"{job}-{dev}", will=status_will(topics, dev, keys.device(dev)))
+        t = MqttTransport(url, f"{job}-{dev}", will=status_will(topics, dev, keys.device(dev)),
+                          max_payload=max_payload)
         t.connect()
         a = EchoAgent(t, AgentOptions(job, dev, "rpi4", key=keys.device(dev),
                                       server_key=keys.server.public),
@@ -144,7 +146,8 @@ class TimedAggregator(Aggregator):
         self.state.history[-1]["server_process_cpu_s"] = round(time.process_time() - p0, 4)
 
 
-def orchestration(url: str, devices: int, rounds: int, procs: int = 1) -> dict:
+def orchestration(url: str, devices: int, rounds: int, procs: int = 1,
+                  max_payload: int = DEFAULT_MAX_PAYLOAD) -> dict:
     from device_runtime.training.local import weights_of
     from device_runtime.training.models import ModelConfig, build_model
 
@@ -165,13 +168,13 @@ def orchestration(url: str, devices: int, rounds: int, procs: int = 1) -> dict:
     for p in range(procs):
         ready, cpu = ctx.Event(), ctx.Value("d", 0.0)
         proc = ctx.Process(target=_echo_fleet, args=(url, job, keys, list(
-            range(p, devices, procs)), ready, stop, cpu))
+            range(p, devices, procs)), ready, stop, cpu, max_payload))
         proc.start()
         fleet.append((proc, ready, cpu))
     try:
         if not all(ready.wait(120) for _, ready, _ in fleet):
             raise RuntimeError(f"{devices} echo devices did not connect within 120 s")
-        agg_t = MqttTransport(url, f"{job}-agg", persistent=True)
+        agg_t = MqttTransport(url, f"{job}-agg", persistent=True, max_payload=max_payload)
         agg_t.connect()
         with tempfile.TemporaryDirectory() as state:
             agg = TimedAggregator(agg_t, ServeOptions(job, Path(state), rounds=rounds,
@@ -192,7 +195,7 @@ def orchestration(url: str, devices: int, rounds: int, procs: int = 1) -> dict:
             "server_process_cpu_s_median": round(statistics.median(
                 r["server_process_cpu_s"] for r in later), 4),
             "devices_cpu_s_per_round": round(sum(c.value for _, _, c in fleet) / rounds, 4),
-            "device_procs": procs,
+            "device_procs": procs, "max_payload": max_payload,
             "round_seconds": [r["seconds"] for r in later],
             "model_bytes": report["rounds"][-1]["downlink_bytes"] // devices}
 
@@ -213,13 +216,15 @@ def to_markdown(res: dict) -> str:
         out.append(f"| {a['size'] // 1024} KB | {fmt(a['frames_per_s'])} | {fmt(a['mb_per_s'])} "
                    f"| {fmt(m['frames_per_s'])} | {fmt(m['mb_per_s'])} |")
     out += ["\n## Orchestration overhead per round (Mosquitto, devices answer at once)\n",
-            "| devices | device processes | median round time = overhead (s) | per device (ms) "
+            "| devices | max payload (KiB) | device processes | median round time = overhead (s) "
+            "| per device (ms) "
             "| aggregator CPU "
             "per round (s) | server process CPU per round (s) | devices' CPU per round "
             "(s, one core) | model frame bytes |",
-            "|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in res["orchestration"]:
-        out.append(f"| {r['devices']} | {r.get('device_procs', 1)} | {r['overhead_s_median']} | "
+        out.append(f"| {r['devices']} | {r.get('max_payload', 131072) // 1024} | "
+                   f"{r.get('device_procs', 1)} | {r['overhead_s_median']} | "
                    f"{1e3 * r['overhead_s_median'] / r['devices']:.1f} | "
                    f"{r.get('aggregator_cpu_s_median', '-')} | "
                    f"{r.get('server_process_cpu_s_median', '-')} | "
@@ -246,6 +251,9 @@ def main() -> None:
                     "overhead")
     ap.add_argument("--device-procs", default="1", help="processes the echo devices are "
                     "spread over, e.g. 1,4: each layout measured for each fleet size")
+    ap.add_argument("--max-payload", default=str(DEFAULT_MAX_PAYLOAD), help="bytes per "
+                    "MQTT message, e.g. 131072,1048576 (the default, and what fedge secure "
+                    "init's credentials carry): each measured for each layout")
     ap.add_argument("--no-throughput", action="store_true", help="only the orchestration "
                     "overhead (the broker throughput tables are left out)")
     ap.add_argument("--json", default="runs/bench_field.json")
@@ -262,9 +270,10 @@ def main() -> None:
             if not args.no_throughput:
                 res["throughput"]["mosquitto"] = run_throughput(m.url, args.repeats)
             for n in (int(v) for v in args.devices.split(",")):
-                for procs in (int(v) for v in args.device_procs.split(",")):
-                    res["orchestration"].append(orchestration(m.url, n, args.rounds,
-                                                              min(procs, n)))
+                for size in (int(v) for v in args.max_payload.split(",")):
+                    for procs in (int(v) for v in args.device_procs.split(",")):
+                        res["orchestration"].append(orchestration(
+                            m.url, n, args.rounds, min(procs, n), size))
         finally:
             m.stop()
     res["load"]["end"] = os.getloadavg()
