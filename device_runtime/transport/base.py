@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from device_runtime import wire
-from device_runtime.chunking import Reassembler, ReassemblyLimits, split
+from device_runtime.chunk_split import split
+from device_runtime.chunking import Reassembler, ReassemblyLimits
 from device_runtime.errors import WireError
 
 if TYPE_CHECKING:
