@@ -64,6 +64,11 @@ def topic_kind(topic: str) -> str:
     return parts[-1] if parts else ""
 
 
+def _with_chunks(pattern: str) -> list[str]:
+    """``pattern`` and its chunks' sub-topics ('#' already covers them)."""
+    return [pattern] if pattern.endswith("#") else [pattern, pattern + CHUNK_SEP + "+"]
+
+
 def topic_matches(pattern: str, topic: str) -> bool:
     """MQTT topic filter matching (``+`` one level, ``#`` the rest). A shared
     subscription (``$share/<group>/<filter>``) matches as its filter does."""
@@ -118,6 +123,15 @@ class Transport(ABC):
     @abstractmethod
     def _unsubscribe_raw(self, pattern: str) -> None: ...
 
+    def _subscribe_many(self, patterns: list[str]) -> None:
+        """Subscribe to each of ``patterns``; a subclass may send them in one request."""
+        for p in patterns:
+            self._subscribe_raw(p)
+
+    def _unsubscribe_many(self, patterns: list[str]) -> None:
+        for p in patterns:
+            self._unsubscribe_raw(p)
+
     # --- the interface ---------------------------------------------------------
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
         """Send ``payload`` (chunked if needed); returns bytes put on the wire."""
@@ -149,9 +163,7 @@ class Transport(ABC):
                 self._early_bytes = sum(len(p) for _, p in self._early)
         for t, p in early:  # oldest first, as the broker sent them
             handler(t, p)
-        self._subscribe_raw(pattern)
-        if not pattern.endswith("#"):  # '#' already covers the chunk sub-topics
-            self._subscribe_raw(pattern + CHUNK_SEP + "+")
+        self._subscribe_many(_with_chunks(pattern))
 
     def wait_subscribed(self, timeout: float = 10.0) -> bool:
         """Wait until the broker granted every subscription so far; a transport that
@@ -161,9 +173,7 @@ class Transport(ABC):
     def unsubscribe(self, pattern: str) -> None:
         with self._lock:
             self._handlers.pop(pattern, None)
-        self._unsubscribe_raw(pattern)
-        if not pattern.endswith("#"):
-            self._unsubscribe_raw(pattern + CHUNK_SEP + "+")
+        self._unsubscribe_many(_with_chunks(pattern))
 
     def _deliver(self, topic: str, payload: bytes) -> None:
         """Called by subclasses for every message received, on their delivery thread."""

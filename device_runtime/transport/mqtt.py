@@ -206,8 +206,8 @@ class MqttTransport(Transport):
                         self.backoff.attempt + 1)
         self.backoff.reset()
         self.notice.end()
-        for p in sorted(self._patterns):
-            self._subscribe_now(p)
+        if self._patterns:
+            self._subscribe_now(sorted(self._patterns))
         self._connected.set()
         self._accepted.set()
         try:
@@ -251,12 +251,18 @@ class MqttTransport(Transport):
             return info.mid in self._acked_mids
 
     def _subscribe_raw(self, pattern: str) -> None:
-        self._patterns.add(pattern)
-        if self._connected.is_set():
-            self._subscribe_now(pattern)
+        self._subscribe_many([pattern])
 
-    def _subscribe_now(self, pattern: str) -> None:
-        rc, mid = self._client.subscribe(pattern, qos=1)
+    def _subscribe_many(self, patterns: list[str]) -> None:
+        # One SUBSCRIBE for a filter and its chunks' twin (and for all of them after a
+        # connect): each is a packet and an acknowledgement to handle, and a device
+        # fetching its model each round sent four of its ~13 packets that way.
+        self._patterns.update(patterns)
+        if self._connected.is_set():
+            self._subscribe_now(patterns)
+
+    def _subscribe_now(self, patterns: list[str]) -> None:
+        rc, mid = self._client.subscribe([(p, 1) for p in patterns])
         if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
             self._sub_sent.add(mid)
 
@@ -275,9 +281,12 @@ class MqttTransport(Transport):
             time.sleep(0.01)
 
     def _unsubscribe_raw(self, pattern: str) -> None:
-        self._patterns.discard(pattern)
+        self._unsubscribe_many([pattern])
+
+    def _unsubscribe_many(self, patterns: list[str]) -> None:
+        self._patterns.difference_update(patterns)
         if self._connected.is_set():
-            self._client.unsubscribe(pattern)
+            self._client.unsubscribe(list(patterns))
 
 
 def _no_delay(client, userdata, sock) -> None:
