@@ -16,9 +16,9 @@ Layout of ``--state-dir``::
 The history is appended, not rewritten: state.json holding every round record made
 closing round r cost O(r x devices) (a 200-round run at 16 devices: 30% of the server's
 Python time). The append is fsynced off the aggregator's thread like the updates;
-state.json keeps the
-last ``RECENT`` records, so a power cut that loses the last lines of history.jsonl
-loses no record (at load, lines past the count state.json names are dropped).
+state.json keeps the last ``RECENT`` records, so a power cut that loses the last lines
+of history.jsonl loses no record (at load, lines past the count state.json names are
+dropped).
 
 Every other file is written atomically (temp file, fsync, rename, fsync of the
 folder), and ``state.json`` is written last, so after a crash the state is
