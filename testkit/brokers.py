@@ -73,7 +73,9 @@ class Mosquitto:
         else:
             conf.write_text(f"listener {self.port} 127.0.0.1\n"
                             f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
-                            f"persistence false\nset_tcp_nodelay true\n{_user_line()}{self.extra_conf}")
+                            # no Nagle delay on small packets, as fedge secure's conf
+                            f"persistence false\nset_tcp_nodelay true\n"
+                            f"{_user_line()}{self.extra_conf}")
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=open(self.workdir / "mosquitto.log", "ab"))
         wait_port("127.0.0.1", self.port)

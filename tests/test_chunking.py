@@ -57,8 +57,9 @@ def test_split_builds_the_chunk_frames_encode_would(signed, sign_all):
     from device_runtime.wire import peek_header
 
     signer = FleetKeys().server if signed else None
-    frame = encode(Frame("model", "job", 3, "server", "fp32", {"w": np.arange(9000, dtype=np.float32)},
-                         nonce="n1", to="d1"), signer=signer) if signed else BIG
+    w = {"w": np.arange(9000, dtype=np.float32)}
+    frame = encode(Frame("model", "job", 3, "server", "fp32", w, nonce="n1", to="d1"),
+                   signer=signer) if signed else BIG
     chunks = split(frame, 4096, "cid", signer, sign_all)
     assert len(chunks) > 2
     for c in chunks:
