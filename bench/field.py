@@ -35,7 +35,7 @@ from broker_server.embedded import EmbeddedBroker  # noqa: E402
 from broker_server.service import Aggregator, ServeOptions  # noqa: E402
 from broker_server.trust import ServerTrust  # noqa: E402
 from device_runtime import wire  # noqa: E402
-from device_runtime.credentials import DEFAULT_MAX_PAYLOAD  # noqa: E402
+from device_runtime.transport.base import DEFAULT_MAX_PAYLOAD  # noqa: E402
 from device_runtime.agent import AgentOptions, DeviceAgent, status_will  # noqa: E402
 from device_runtime.keys import FleetKeys  # noqa: E402
 from device_runtime.topics import Topics  # noqa: E402
@@ -223,7 +223,7 @@ def to_markdown(res: dict) -> str:
             "(s, one core) | model frame bytes |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["orchestration"]:
-        out.append(f"| {r['devices']} | {r.get('max_payload', 131072) // 1024} | "
+        out.append(f"| {r['devices']} | {r.get('max_payload', DEFAULT_MAX_PAYLOAD) // 1024} | "
                    f"{r.get('device_procs', 1)} | {r['overhead_s_median']} | "
                    f"{1e3 * r['overhead_s_median'] / r['devices']:.1f} | "
                    f"{r.get('aggregator_cpu_s_median', '-')} | "

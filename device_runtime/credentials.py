@@ -27,9 +27,9 @@ from pathlib import Path
 
 from device_runtime.errors import EXIT_USAGE, DeviceRuntimeError
 from device_runtime.files import read_bytes
+from device_runtime.transport.base import DEFAULT_MAX_PAYLOAD
 
 STRINGS = ("username", "password")
-DEFAULT_MAX_PAYLOAD = 128 * 1024  # any broker (AWS IoT Core takes 128 KB)
 MAX_PAYLOAD_RANGE = (4096, 268_435_455)  # room for a chunk's header .. MQTT's ceiling
 FILES = ("cert", "key", "ca", "signing_key", "trust", "registry")
 

@@ -28,6 +28,10 @@ from device_runtime.errors import WireError
 if TYPE_CHECKING:
     from device_runtime.keys import Signer
 
+# Bytes per MQTT message unless told otherwise: any broker takes 128 KiB (AWS IoT Core no
+# more); fedge secure init's credentials carry what its Mosquitto takes (credentials.py).
+DEFAULT_MAX_PAYLOAD = 128 * 1024
+
 Handler = Callable[[str, bytes], None]
 CHUNK_SEP = "/_c/"
 SHARE = "$share/"  # MQTT v5 shared subscriptions: $share/<group>/<filter>
@@ -86,7 +90,7 @@ def topic_matches(pattern: str, topic: str) -> bool:
 class Transport(ABC):
     """Publish/subscribe with chunking; subclasses move the bytes."""
 
-    def __init__(self, client_id: str, max_payload: int = 128 * 1024,
+    def __init__(self, client_id: str, max_payload: int = DEFAULT_MAX_PAYLOAD,
                  reassembly_timeout: float = 60.0):
         self.client_id = client_id
         self.max_payload = max_payload

@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from device_runtime.transport.base import Transport, topic_matches
+from device_runtime.transport.base import DEFAULT_MAX_PAYLOAD, Transport, topic_matches
 
 
 class MemoryHub:
@@ -78,7 +78,7 @@ class MemoryHub:
 
 
 class MemoryTransport(Transport):
-    def __init__(self, hub: MemoryHub, client_id: str, max_payload: int = 128 * 1024,
+    def __init__(self, hub: MemoryHub, client_id: str, max_payload: int = DEFAULT_MAX_PAYLOAD,
                  will: tuple[str, bytes] | None = None):
         super().__init__(client_id, max_payload)
         self.hub = hub

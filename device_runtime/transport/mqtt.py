@@ -19,7 +19,7 @@ import paho.mqtt.client as paho
 
 from device_runtime.backoff import Backoff
 from device_runtime.notice import Notice
-from device_runtime.transport.base import Transport
+from device_runtime.transport.base import DEFAULT_MAX_PAYLOAD, Transport
 from device_runtime.transport.url import BrokerURL, TransportError
 
 log = logging.getLogger("fedge.transport")
@@ -31,7 +31,8 @@ _DENIED = frozenset({133, 134, 135, 138, 140})
 
 
 class MqttTransport(Transport):
-    def __init__(self, url: BrokerURL | str, client_id: str, *, max_payload: int = 128 * 1024,
+    def __init__(self, url: BrokerURL | str, client_id: str, *,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD,
                  will: tuple[str, bytes] | None = None, persistent: bool = False,
                  backoff: Backoff | None = None, keepalive: int = 15,
                  ca_file: str | None = None, cert_file: str | None = None,

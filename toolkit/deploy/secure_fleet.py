@@ -13,11 +13,11 @@ ACL and the CRL on SIGHUP (docs/security.md).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cryptography import x509
 
+from device_runtime.credentials import Credentials, CredentialsError
 from device_runtime.errors import FedgeError
 from device_runtime.files import read_bytes
 from device_runtime.keys import Registry
@@ -61,14 +61,13 @@ def _tls(root: Path) -> bool:
 
 def _payload(root: Path) -> int | None:
     """The max_payload the fleet's clients use: the aggregator's credentials' (written
-    by init from the broker's message limit); None if it has none (--keys-only, or a
-    fleet written before credentials carried it)."""
+    by init from the broker's message limit, checked as every client checks it); None
+    if it has none (--keys-only, a fleet written before credentials carried it, or a
+    file that does not load)."""
     try:
-        value = json.loads(_read(root / "credentials" / f"{AGGREGATOR}.json",
-                                 "credentials")).get("max_payload")
-    except (SecureError, ValueError, AttributeError):
+        return Credentials.load(root / "credentials" / f"{AGGREGATOR}.json").max_payload
+    except CredentialsError:
         return None
-    return value if type(value) is int else None
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker_server.guard import MAX_SAMPLES, NORM_BOUND
+from device_runtime.transport.base import DEFAULT_MAX_PAYLOAD
 from toolkit.errors import UsageError
 
-MAX_PAYLOAD = 128 * 1024  # bytes per MQTT message, as every device defaults to
 
 
 def _at_least_one(flag: str, value: int) -> None:
@@ -60,7 +60,7 @@ class BrokerSettings:
     credentials: str | None = None  # fedge secure init's aggregator.json (TLS, password)
     signing_key: str | None = None  # default: the credentials', else $FEDGE_HOME's
     registry: str | None = None  # the fleet's device keys; default: the credentials'
-    max_payload: int = MAX_PAYLOAD
+    max_payload: int = DEFAULT_MAX_PAYLOAD
 
     def __post_init__(self) -> None:
         if self.credentials and not self.url:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from device_runtime.transport.base import DEFAULT_MAX_PAYLOAD
 from toolkit.errors import UsageError
 from toolkit.field.rollout_state import FINAL, RolloutState, default_path, describe, report
 
@@ -45,7 +46,7 @@ class RolloutJob:
     credentials: str | None = None
     signing_key: str | None = None
     registry: str | None = None
-    max_payload: int = 128 * 1024
+    max_payload: int = DEFAULT_MAX_PAYLOAD
 
     def __post_init__(self) -> None:
         if not 0.0 < self.canary <= 1.0:

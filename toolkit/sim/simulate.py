@@ -191,9 +191,8 @@ def _run_local(opts: SimOptions, job: str, ds, fleet: list[DeviceProfile], shard
                make_aggregator, on_round, keys):
     """Every agent a thread of this process; returns (aggregator, report, devices)."""
     from device_runtime.agent import AgentOptions, DeviceAgent
-    from toolkit.sim.simfleet import SimDevice
-
     from device_runtime.threads import available_cpus
+    from toolkit.sim.simfleet import SimDevice
 
     make = _transports(opts, opts.devices, job, keys)
     agents, threads = [], []
