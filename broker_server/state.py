@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,14 +151,18 @@ class StateStore:
             {"job": st.job, "completed": st.completed, "global_file": st.global_file,
              "history_records": len(st.history), "recent": st.history[-RECENT:],
              "extra": st.extra, "kept": st.kept, "norms": st.norms}).encode())
-        for key in stale:
+        for key in stale:  # here: a later round may keep the same name again
             self._kept_path(key).unlink(missing_ok=True)
+        # The rest that state.json (durable now) no longer names goes on the syncer's
+        # thread: names no later round writes again.
+        gone = []
         if old and old != name:
-            (self.root / old).unlink(missing_ok=True)
+            gone.append(self.root / old)
         for d in self.root.glob("round-*"):
             r = self._round_of(d)
             if r is not None and r <= st.completed:
-                shutil.rmtree(d, ignore_errors=True)
+                gone.append(d)
+        self.syncer.remove(gone)
 
     @property
     def history_path(self) -> Path:
@@ -253,7 +256,8 @@ class StateStore:
         self.unsynced = []
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every update handed over is durable (False: ``timeout`` passed)."""
+        """Wait until every update handed over is durable and what a closed round left
+        is removed (False: ``timeout`` passed)."""
         return self.syncer.flush(timeout)
 
     def accepted_updates(self, round_: int
