@@ -18,6 +18,25 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores"
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies of every CPU so far, from /proc/stat (None elsewhere): the
+    time a hypervisor gave this machine's vCPUs to others, beside all of it."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return ticks[7], sum(ticks)
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None
+                ) -> float | None:
+    """The share of CPU time stolen by the hypervisor between two ``cpu_ticks``."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 3)
+
+
 def command(script: str) -> str:
     return " ".join(["python", script, *sys.argv[1:]])
 

@@ -5,8 +5,9 @@
    frames/s and MB/s (median of --repeats runs).
 2. Orchestration overhead per round for 4, 16 and 64 devices: the aggregator
    over Mosquitto with devices that answer at once (they echo the model, so
-   training time is zero); the round time is then all overhead: publishing the
-   model and tasks, fetching, decoding, validating, aggregating, checkpointing.
+   training time is zero); the round's whole cycle, from its start to the next
+   round's, is then all overhead: publishing the model and tasks, fetching,
+   decoding, validating, aggregating, checkpointing.
    The devices run in a process of their own (forked first), so that their work
    does not hold this process's GIL; the aggregator's own CPU per round is recorded.
 
@@ -29,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command, machine, write_results  # noqa: E402
+from bench.common import (command, cpu_ticks, machine, steal_share,  # noqa: E402
+                          write_results)
 
 from broker_server.embedded import EmbeddedBroker  # noqa: E402
 from broker_server.service import Aggregator, ServeOptions  # noqa: E402
@@ -135,12 +137,15 @@ def _echo_fleet(url: str, job: str, keys: FleetKeys, devices: list[int], ready, 
 
 
 class TimedAggregator(Aggregator):
-    """Records each round's CPU time in the aggregator's thread (its own work: the
-    part that grows with the fleet), beside the round's wall time in its record."""
+    """Records each round's whole cycle (from its start to the next round's: the record's
+    own ``seconds`` stop before the checkpoint is written and the round before's models
+    are cleared) and its CPU time in the aggregator's thread (its own work: the part
+    that grows with the fleet)."""
 
     def _run_round(self, r: int) -> None:
-        t0, p0 = time.thread_time(), time.process_time()
+        w0, t0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
         super()._run_round(r)
+        self.state.history[-1]["cycle_s"] = round(time.perf_counter() - w0, 4)
         self.state.history[-1]["aggregator_cpu_s"] = round(time.thread_time() - t0, 4)
         # and with its network, syncer and downlink threads: the server's whole CPU
         self.state.history[-1]["server_process_cpu_s"] = round(time.process_time() - p0, 4)
@@ -171,6 +176,7 @@ def orchestration(url: str, devices: int, rounds: int, procs: int = 1,
             range(p, devices, procs)), ready, stop, cpu, max_payload))
         proc.start()
         fleet.append((proc, ready, cpu))
+    ticks = cpu_ticks()
     try:
         if not all(ready.wait(120) for _, ready, _ in fleet):
             raise RuntimeError(f"{devices} echo devices did not connect within 120 s")
@@ -189,15 +195,23 @@ def orchestration(url: str, devices: int, rounds: int, procs: int = 1,
             proc.join(60)
     later = report["rounds"][1:]  # round 1 includes start-up
     return {"devices": devices, "rounds": rounds,
-            "overhead_s_median": round(statistics.median(r["seconds"] for r in later), 3),
+            "overhead_s_median": round(statistics.median(r["cycle_s"] for r in later), 3),
+            "record_seconds_median": round(statistics.median(r["seconds"] for r in later), 3),
             "aggregator_cpu_s_median": round(statistics.median(
                 r["aggregator_cpu_s"] for r in later), 4),
             "server_process_cpu_s_median": round(statistics.median(
                 r["server_process_cpu_s"] for r in later), 4),
             "devices_cpu_s_per_round": round(sum(c.value for _, _, c in fleet) / rounds, 4),
             "device_procs": procs, "max_payload": max_payload,
-            "round_seconds": [r["seconds"] for r in later],
+            # CPU time the hypervisor gave to other guests meanwhile: this machine's
+            # two vCPUs are shared, and a round is CPU-bound
+            "steal_share": steal_share(ticks, cpu_ticks()),
+            "round_seconds": [r["cycle_s"] for r in later],
             "model_bytes": report["rounds"][-1]["downlink_bytes"] // devices}
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
 
 
 def to_markdown(res: dict) -> str:
@@ -216,25 +230,30 @@ def to_markdown(res: dict) -> str:
         out.append(f"| {a['size'] // 1024} KB | {fmt(a['frames_per_s'])} | {fmt(a['mb_per_s'])} "
                    f"| {fmt(m['frames_per_s'])} | {fmt(m['mb_per_s'])} |")
     out += ["\n## Orchestration overhead per round (Mosquitto, devices answer at once)\n",
-            "| devices | max payload (KiB) | device processes | median round time = overhead (s) "
+            "| devices | max payload (KiB) | device processes | median round cycle = overhead (s) "
+            "| record's seconds (s) "
             "| per device (ms) "
             "| aggregator CPU "
             "per round (s) | server process CPU per round (s) | devices' CPU per round "
-            "(s, one core) | model frame bytes |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "(s, one core) | model frame bytes | CPU stolen by the hypervisor |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["orchestration"]:
         out.append(f"| {r['devices']} | {r.get('max_payload', DEFAULT_MAX_PAYLOAD) // 1024} | "
                    f"{r.get('device_procs', 1)} | {r['overhead_s_median']} | "
+                   f"{r.get('record_seconds_median', '-')} | "
                    f"{1e3 * r['overhead_s_median'] / r['devices']:.1f} | "
                    f"{r.get('aggregator_cpu_s_median', '-')} | "
                    f"{r.get('server_process_cpu_s_median', '-')} | "
-                   f"{r.get('devices_cpu_s_per_round', '-')} | {r['model_bytes']:,} |")
+                   f"{r.get('devices_cpu_s_per_round', '-')} | {r['model_bytes']:,} | "
+                   f"{_pct(r.get('steal_share'))} |")
     out += ["", "The devices run apart from the aggregator, in as many processes as the "
             "table says (in the field each has its own CPU; here they share this machine's "
             "cores with the aggregator and the broker), answering every task at once with "
-            "the model they got, signed. A round's time is then all overhead: the model "
-            "and tasks published, fetched and checked, updates sent, checked, screened, "
-            "folded and saved durably, the round closed and checkpointed. Aggregator CPU "
+            "the model they got, signed. A round's cycle, from its start to the next "
+            "round's, is then all overhead: the model and tasks published, fetched and "
+            "checked, updates sent, checked, screened, folded and saved durably, the round "
+            "closed and checkpointed (the round record's own seconds, beside it, stop "
+            "before the checkpoint). Aggregator CPU "
             "is that thread's own time (the part that grows with the fleet), the server "
             "process's adds its network thread (receiving and reassembling chunks), the "
             "syncer and the downlink's; the devices' CPU is their processes' over all "

@@ -73,12 +73,38 @@ def rms(tensors: Weights) -> float:
 
 
 def difference(weights: Weights, reference: Weights) -> Weights | None:
-    """``weights - reference`` per tensor in float64, or None when ``weights`` are not
-    the reference's tensors (a name it lacks or another shape)."""
+    """``weights - reference`` in float64, or None when ``weights`` are not the
+    reference's tensors (a name it lacks or another shape). Every tensor of the
+    reference, in its order (a whole model): one flat vector ``{"change": ...}`` (the
+    RMS is over every value either way); a subset: per tensor."""
     if not weights or any(k not in reference or np.shape(reference[k]) != np.shape(v)
                           for k, v in weights.items()):
         return None
+    if len(weights) == len(reference) and all(a == b for a, b in zip(weights, reference)):
+        # One subtraction, not one per tensor: per-tensor numpy calls were most of the
+        # guard's time (24 tensors: 0.18 -> 0.08 ms an update).
+        flat = np.concatenate([np.asarray(v).reshape(-1) for v in weights.values()])
+        return {"change": np.subtract(flat, _flat(reference), dtype=np.float64)}
     return {k: np.subtract(v, reference[k], dtype=np.float64) for k, v in weights.items()}
+
+
+_FLAT: dict[int, tuple[list, np.ndarray]] = {}  # id(reference) -> (its arrays, flat)
+
+
+def _flat(reference: Weights) -> np.ndarray:
+    """The reference's values as one float64 vector, made once per round's reference:
+    the cached one is used only while the reference holds the very same arrays (the
+    round's weights are never changed in place)."""
+    arrays = list(reference.values())
+    hit = _FLAT.get(id(reference))
+    if hit is not None and len(hit[0]) == len(arrays) and \
+            all(a is b for a, b in zip(hit[0], arrays)):
+        return hit[1]
+    flat = np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in arrays])
+    if len(_FLAT) >= 8:  # a few variants a round
+        _FLAT.pop(next(iter(_FLAT)))
+    _FLAT[id(reference)] = (arrays, flat)
+    return flat
 
 
 def change_rms(weights: Weights, reference: Weights) -> float | None:

@@ -233,7 +233,10 @@ class Sealed(Generic[M]):
 
 def dump(msg) -> bytes:
     """The message as a JSON document (unsigned: for files and reports, not the wire)."""
-    return json.dumps(dataclasses.asdict(msg), sort_keys=True).encode()
+    # Its fields, not ``dataclasses.asdict``: every field is a JSON value already, and
+    # asdict's deep copy was a tenth of the aggregator's time sealing a round's tasks.
+    return json.dumps({f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)},
+                      sort_keys=True).encode()
 
 
 def seal(msg, job: str, sender: str, signer: Signer, round_: int = 0, nonce: str = "",

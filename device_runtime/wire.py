@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, TypeVar
 
@@ -260,7 +261,7 @@ def _decode(data: object, expect: Expect | None, limits: Limits, key: PublicKey 
     if expect is not None:
         check_expect(header, expect)
     _check_body_finite(body, header["tensors"])
-    tensors = {t["name"]: _array(body, t) for t in header["tensors"]}
+    tensors = _arrays(body, header["tensors"])
     params = {t["name"]: t["params"] for t in header["tensors"]}
     auth = header.get("auth", {})
     return Frame(header["kind"], header["job"], header["round"], header["device"],
@@ -330,6 +331,21 @@ def _parse(view: memoryview, limits: Limits) -> tuple[dict, memoryview]:
     body = view[start:]
     check_header(header, len(body), limits)
     return header, body
+
+
+def _arrays(body: memoryview, entries: list[dict]) -> dict[str, np.ndarray]:
+    """The tensors, independent of ``data`` (which a caller may reuse) and writable: on a
+    little-endian machine, views of one copy of the body (one copy, not one a tensor)
+    when every tensor's offset suits its dtype; else a copy each."""
+    if not _NATIVE_LITTLE or any(t["offset"] % _LITTLE[t["dtype"]].itemsize
+                                 for t in entries):
+        return {t["name"]: _array(body, t) for t in entries}
+    own = bytearray(body)
+    return {t["name"]: np.frombuffer(own, _LITTLE[t["dtype"]], math.prod(t["shape"]),
+                                     t["offset"]).reshape(t["shape"]) for t in entries}
+
+
+_NATIVE_LITTLE = sys.byteorder == "little"
 
 
 def _array(body: memoryview, t: dict) -> np.ndarray:

@@ -53,6 +53,22 @@ def test_change_rms_measures_only_the_reference_tensors():
     assert change_rms({"fc.weight": np.zeros((3, 3), np.float32)}, ref) is None
 
 
+def test_change_rms_of_a_whole_model_is_the_per_tensor_one_whatever_the_round():
+    """A whole model's change is measured as one vector against the reference's values,
+    made once per reference: the same figure as per tensor, and a new round's reference
+    (or one whose tensors were replaced) is measured against its own values."""
+    ref = _model()
+    new = _trained(ref, 0.01)
+    per_tensor = math.sqrt(sum(float(((new[k].astype(np.float64) - ref[k]) ** 2).sum())
+                               for k in ref) / sum(v.size for v in ref.values()))
+    assert change_rms(new, ref) == pytest.approx(per_tensor, rel=1e-12)
+    assert change_rms(new, ref) == pytest.approx(per_tensor, rel=1e-12)  # cached: same
+    moved = {k: v + 1.0 for k, v in ref.items()}
+    assert change_rms(moved, moved) == 0.0 and change_rms(ref, moved) == pytest.approx(1.0)
+    ref[next(iter(ref))] = ref[next(iter(ref))] + 2.0  # a tensor replaced in that dict
+    assert change_rms(new, ref) != pytest.approx(per_tensor, rel=1e-6)
+
+
 def test_bound_is_factor_times_median_or_the_cold_bound_before_one_exists():
     bound, why = norm_bound([1.0, 2.0, 100.0], 8.0, 0.5)
     assert bound == 16.0 and "median" in why
