@@ -137,6 +137,10 @@ def run(seconds: float, rounds: int, modes: list[str]) -> dict:
             "devices": DEVICES, "rounds": rounds, "flood_seconds": seconds, "runs": out}
 
 
+HEAD = ("| flood | sent | rounds (devices reporting) | job s | aggregator peak RSS MiB | "
+        "vs none | refused | accuracy |")
+
+
 def to_markdown(r: dict) -> str:
     rows = "\n".join(
         f"| {x['mode']} | {x['hostile_messages']:,} msgs, {x['hostile_bytes'] / 2**20:,.1f} MiB"
@@ -151,7 +155,7 @@ def to_markdown(r: dict) -> str:
 (`message_size_limit` 192 KiB: chunking bounds every fedge message to `--max-payload`
 128 KiB); the hostile client is another client of the same broker.
 
-| flood | sent | rounds (devices reporting) | job s | aggregator peak RSS MiB | vs none | refused | accuracy |
+{HEAD}
 |---|---|---|---|---|---|---|---|
 {rows}
 """

@@ -35,11 +35,7 @@ _fleet = pytest.fixture(scope="module", name="fleet")(module_fleet)
 
 
 def test_secure_init_writes_the_layout_with_private_keys_0600(fleet):
-    from cryptography import x509
-
-    from device_runtime.keys import PublicKey, Registry, Signer
-
-    root, broker, agg_port = fleet
+    root, _, _ = fleet
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     secret = (["ca.key", "broker/server.key", "broker/passwd"]
               + [f"certs/{c}.{ext}" for c in CLIENTS for ext in ("key", "signing.key")]
@@ -56,6 +52,13 @@ def test_secure_init_writes_the_layout_with_private_keys_0600(fleet):
     # identity
     hashes = dict(line.split(":", 1) for line in (root / "broker/passwd").read_text().split())
     assert sorted(hashes) == ["aggregator", "dashboard"]
+
+
+def test_secure_init_writes_each_clients_credentials_and_signing_keys(fleet):
+    from device_runtime.keys import PublicKey, Registry, Signer
+
+    root, _, _ = fleet
+    hashes = dict(line.split(":", 1) for line in (root / "broker/passwd").read_text().split())
     dash = json.loads((root / "credentials" / "dashboard.json").read_text())
     assert dash == {"username": "dashboard", "password": dash["password"],
                     "cert": "certs/dashboard.crt", "key": "certs/dashboard.key",
@@ -91,6 +94,12 @@ def test_secure_init_writes_the_layout_with_private_keys_0600(fleet):
         assert registry.get(d).raw() == Signer.load(creds.signing_key).public.raw()
         assert PublicKey.load(creds.trust).raw() == agg.public.raw()
     assert sorted(registry.devices) == list(CLIENTS[1:])
+
+
+def test_secure_init_writes_the_brokers_conf_certificate_and_crl(fleet):
+    from cryptography import x509
+
+    root, broker, agg_port = fleet
     conf = (root / "mosquitto.conf").read_text()
     # who wrote the files, and can read them, is who a root-started broker runs as
     # (the default "mosquitto" could not: README's command as root, "Unable to open pwfile")
