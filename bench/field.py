@@ -36,7 +36,7 @@ from bench.common import (command, cpu_ticks, machine, steal_share,  # noqa: E40
 from broker_server.embedded import EmbeddedBroker  # noqa: E402
 from broker_server.service import Aggregator, ServeOptions  # noqa: E402
 from broker_server.trust import ServerTrust  # noqa: E402
-from device_runtime import wire  # noqa: E402
+from device_runtime import heap, wire  # noqa: E402
 from device_runtime.transport.base import DEFAULT_MAX_PAYLOAD  # noqa: E402
 from device_runtime.agent import AgentOptions, DeviceAgent, status_will  # noqa: E402
 from device_runtime.keys import FleetKeys  # noqa: E402
@@ -167,6 +167,9 @@ def orchestration(url: str, devices: int, rounds: int, procs: int = 1,
     # Forked before this process opens any connection or starts a thread of its own;
     # ``procs`` processes share the devices (one: 16 agents and their network threads
     # take turns at one interpreter lock, which a fleet of real devices never does).
+    # as `fedge device` and `fedge serve` do (toolkit/cli/main.py): the forked devices
+    # keep a device's share of freed heap, this process then an aggregator's
+    heap.keep_freed(heap.DEVICE_RETAIN)
     ctx = multiprocessing.get_context("fork")
     stop = ctx.Event()
     fleet = []
@@ -180,6 +183,7 @@ def orchestration(url: str, devices: int, rounds: int, procs: int = 1,
     try:
         if not all(ready.wait(120) for _, ready, _ in fleet):
             raise RuntimeError(f"{devices} echo devices did not connect within 120 s")
+        heap.keep_freed(heap.SERVER_RETAIN)
         agg_t = MqttTransport(url, f"{job}-agg", persistent=True, max_payload=max_payload)
         agg_t.connect()
         with tempfile.TemporaryDirectory() as state:

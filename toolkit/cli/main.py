@@ -13,7 +13,7 @@ import copy
 import os
 import sys
 
-from device_runtime import threads
+from device_runtime import heap, threads
 from device_runtime.errors import EXIT_USAGE, FedgeError
 
 
@@ -95,12 +95,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run an aggregator (or its workers): they keep more freed heap for the
+# next round's buffers than a device does (device_runtime/heap.py).
+SERVER_SIDE = frozenset({"serve", "demo", "worker", "simulate"})
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         threads.configure()  # before anything imports torch
+        heap.keep_freed(heap.SERVER_RETAIN if args.command in SERVER_SIDE
+                        else heap.DEVICE_RETAIN)
         code = args.func(args)
     except FedgeError as e:
         print(f"fedge {args.command}: error: {e}", file=sys.stderr)
