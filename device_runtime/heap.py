@@ -14,9 +14,6 @@ the aggregator. A no-op where the C library is not glibc. Torch-free.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 SERVER_RETAIN = 64 << 20
@@ -35,8 +32,10 @@ def keep_freed(retain: int) -> bool:
 
 
 def _glibc():
+    import ctypes  # here: a command that never calls this starts without it
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library this interpreter runs on
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.gnu_get_libc_version  # glibc only: musl and others have no mallopt to tune
     except (OSError, AttributeError):

@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         threads.configure()  # before anything imports torch
-        heap.keep_freed(heap.SERVER_RETAIN if args.command in SERVER_SIDE
-                        else heap.DEVICE_RETAIN)
+        if args.command not in QUICK_EXIT:  # one sample's inference reuses no buffers
+            heap.keep_freed(heap.SERVER_RETAIN if args.command in SERVER_SIDE
+                            else heap.DEVICE_RETAIN)
         code = args.func(args)
     except FedgeError as e:
         print(f"fedge {args.command}: error: {e}", file=sys.stderr)
