@@ -19,6 +19,7 @@ import argparse
 import multiprocessing
 import os
 import queue
+import resource
 import statistics
 import sys
 import tempfile
@@ -144,8 +145,12 @@ class TimedAggregator(Aggregator):
 
     def _run_round(self, r: int) -> None:
         w0, t0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         super()._run_round(r)
         self.state.history[-1]["cycle_s"] = round(time.perf_counter() - w0, 4)
+        # pages the server process faulted in (device_runtime/heap.py keeps them)
+        self.state.history[-1]["page_faults"] = \
+            resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         self.state.history[-1]["aggregator_cpu_s"] = round(time.thread_time() - t0, 4)
         # and with its network, syncer and downlink threads: the server's whole CPU
         self.state.history[-1]["server_process_cpu_s"] = round(time.process_time() - p0, 4)
@@ -206,6 +211,7 @@ def orchestration(url: str, devices: int, rounds: int, procs: int = 1,
             "server_process_cpu_s_median": round(statistics.median(
                 r["server_process_cpu_s"] for r in later), 4),
             "devices_cpu_s_per_round": round(sum(c.value for _, _, c in fleet) / rounds, 4),
+            "server_page_faults_median": statistics.median(r["page_faults"] for r in later),
             "device_procs": procs, "max_payload": max_payload,
             # CPU time the hypervisor gave to other guests meanwhile: this machine's
             # two vCPUs are shared, and a round is CPU-bound
