@@ -7,7 +7,7 @@ twice the largest recently freed block is free there, so the next message's buff
 page-faulted the same memory in again: 1,850 page faults a round in the aggregator at
 16 devices, and a round bound by CPU paid for each (docs/results/field.md). With the
 trim threshold raised to ``retain`` and large blocks taken from the heap below it, a
-round reuses the last round's pages (550 faults a round).
+round reuses the last round's pages (about 500 faults a round).
 
 ``retain`` caps what a process keeps beyond its live memory; a device uses less than
 the aggregator. A no-op where the C library is not glibc. Torch-free.

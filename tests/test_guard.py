@@ -69,6 +69,17 @@ def test_change_rms_of_a_whole_model_is_the_per_tensor_one_whatever_the_round():
     assert change_rms(new, ref) != pytest.approx(per_tensor, rel=1e-6)
 
 
+def test_the_flat_references_kept_are_few_and_bounded_in_bytes(monkeypatch):
+    monkeypatch.setattr(guard, "_FLAT", {})
+    refs = [{k: v + i for k, v in _model().items()} for i in range(6)]
+    for ref in refs:
+        change_rms(ref, ref)
+    assert len(guard._FLAT) == guard.FLAT_KEPT  # the newest: a round's variants
+    monkeypatch.setattr(guard, "FLAT_BYTES", 1)  # a model too big to keep two of
+    change_rms(refs[0], refs[0])
+    assert list(guard._FLAT) == [id(refs[0])]
+
+
 def test_bound_is_factor_times_median_or_the_cold_bound_before_one_exists():
     bound, why = norm_bound([1.0, 2.0, 100.0], 8.0, 0.5)
     assert bound == 16.0 and "median" in why
