@@ -31,10 +31,9 @@ from typing import Iterator
 from broker_server import compute
 from broker_server.guard import rms
 from broker_server.strategies.folds import Fold
-from device_runtime import messages, wire
+from device_runtime import heap, messages, wire
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_LIBC = None  # glibc, loaded on first use; False where there is none
 
 
 def digest(payload: bytes) -> str:
@@ -75,21 +74,10 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 
 def trim_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc's malloc_trim), so that RSS
-    measures what is live rather than what the allocator kept from the round's
-    transient buffers (+-10 MiB jumps from round to round without it). A no-op
-    elsewhere."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    """Give the C heap's free pages back to the OS, so that RSS measures what is live
+    rather than what the allocator kept from the round's transient buffers (+-10 MiB
+    jumps from round to round without it; ``heap.give_back``)."""
+    heap.give_back()
 
 
 def round_evidence(updates: list[tuple[str, str]], folded: int, duplicates: int,

@@ -10,7 +10,8 @@ trim threshold raised to ``retain`` and large blocks taken from the heap below i
 round reuses the last round's pages (about 500 faults a round).
 
 ``retain`` caps what a process keeps beyond its live memory; a device uses less than
-the aggregator. A no-op where the C library is not glibc. Torch-free.
+the aggregator. ``give_back`` returns it all at once (the aggregator, as it records a
+round's RSS). No-ops where the C library is not glibc. Torch-free.
 """
 from __future__ import annotations
 
@@ -31,16 +32,35 @@ def keep_freed(retain: int) -> bool:
         bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_below))
 
 
+def give_back() -> None:
+    """Return every free page of the heap to the OS now (glibc's malloc_trim): the
+    aggregator does it as it records a round, so that the RSS it records is what is
+    live rather than what the heap keeps (records.py). A no-op elsewhere."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+_LIBC: list = []  # [glibc or None], once looked up
+
+
 def _glibc():
+    if not _LIBC:
+        _LIBC.append(_load())
+    return _LIBC[0]
+
+
+def _load():
     import ctypes  # here: a command that never calls this starts without it
 
     try:
         libc = ctypes.CDLL(None)  # the C library this interpreter runs on
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        libc.gnu_get_libc_version  # glibc only: musl and others have no mallopt to tune
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.gnu_get_libc_version  # glibc only: musl and others have neither to call
     except (OSError, AttributeError):
         return None
     return libc
 
 
-__all__ = ["keep_freed", "SERVER_RETAIN", "DEVICE_RETAIN"]
+__all__ = ["keep_freed", "give_back", "SERVER_RETAIN", "DEVICE_RETAIN"]
