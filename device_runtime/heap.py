@@ -15,6 +15,8 @@ round's RSS). No-ops where the C library is not glibc. Torch-free.
 """
 from __future__ import annotations
 
+import functools
+
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 SERVER_RETAIN = 64 << 20
@@ -41,16 +43,8 @@ def give_back() -> None:
         libc.malloc_trim(0)
 
 
-_LIBC: list = []  # [glibc or None], once looked up
-
-
+@functools.cache
 def _glibc():
-    if not _LIBC:
-        _LIBC.append(_load())
-    return _LIBC[0]
-
-
-def _load():
     import ctypes  # here: a command that never calls this starts without it
 
     try:
