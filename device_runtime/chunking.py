@@ -4,9 +4,12 @@
 A chunk is itself a frame (kind ``"chunk"``) with one uint8 tensor ``"data"``
 holding a slice of the original frame's bytes, the original's job, round,
 device and codec, and ``chunk = {id, index, count, sha256}`` where ``sha256`` is
-that of the whole original frame. Every chunk therefore passes the full frame
-decoder (its own body sha256 included) before ``Reassembler`` keeps it, and the
-reassembled bytes are checked against ``chunk.sha256`` before they are returned.
+the sha256 of the chunks' body digests in order (``chunk_split.chunk_root``): a
+hash over the whole original frame's bytes, made from the digests each chunk
+carries. Every chunk therefore passes the full frame decoder (its own body sha256
+included) before ``Reassembler`` keeps it, and the digests of the pieces put back
+are checked against ``chunk.sha256`` before they are returned: each byte is hashed
+once at each end.
 
 The reassembler is built to survive a flood of chunks (``ReassemblyLimits``): it
 keeps a running count of the bytes it holds (payload plus a measured overhead per
@@ -41,6 +44,7 @@ from device_runtime.wire import Expect, Frame, encode, open_frame, peek_header
 # remembered against redeliveries (``max_closed`` at most, outside ``held_bytes``): ~190.
 PARTIAL_OVERHEAD = 768
 PART_OVERHEAD = 112
+DIGEST_BYTES = 32  # per chunk of a message: its body's sha256, kept until it completes
 SENDER_OVERHEAD = 160
 TOPIC_OVERHEAD = 48
 CLOSED_OVERHEAD = 192
@@ -69,17 +73,21 @@ class _Partial:
     """The chunks of one message received so far."""
 
     __slots__ = ("count", "sha256", "origin", "started", "sender", "topic", "parts",
-                 "held", "expect")
+                 "digests", "held", "expect")
 
     def __init__(self, count: int, sha256: bytes, origin: bytes, started: float,
                  sender: bytes, topic: bytes, chunk_bytes: int) -> None:
         self.count, self.sha256, self.origin, self.started = count, sha256, origin, started
         self.sender, self.topic = sender, topic
         self.parts: dict[int, bytes] = {}
-        self.held = 0  # PARTIAL_OVERHEAD + (PART_OVERHEAD + len) per part so far
+        # each part's body sha256 (checked by its decode) at 32 x its index: allocated
+        # with the first part, once the message was admitted
+        self.digests = bytearray()
+        # PARTIAL_OVERHEAD + DIGEST_BYTES x count + (PART_OVERHEAD + len) per part so far
+        self.held = 0
         # Reserved from the first chunk on (all chunks but the last are as long), so
         # an admitted message can complete whatever else arrives meanwhile.
-        self.expect = PARTIAL_OVERHEAD + count * (PART_OVERHEAD + chunk_bytes)
+        self.expect = PARTIAL_OVERHEAD + count * (PART_OVERHEAD + DIGEST_BYTES + chunk_bytes)
 
     @property
     def charged(self) -> int:
@@ -169,7 +177,7 @@ class Reassembler:
                       header["codec"], chunk=header["chunk"])
         with self._lock:
             self._expire(self._clock())
-            return self._add(frame, bytes(body), topic)
+            return self._add(frame, bytes(body), bytes.fromhex(header["sha256"]), topic)
 
     def expire(self) -> int:
         """Drop the messages whose first chunk is older than ``ttl``; how many.
@@ -189,7 +197,7 @@ class Reassembler:
             self._closed.popitem(last=False)
         return n
 
-    def _add(self, frame: Frame, payload: bytes, topic: str) -> bytes | None:
+    def _add(self, frame: Frame, payload: bytes, digest: bytes, topic: str) -> bytes | None:
         c = frame.chunk
         cid, index = c["id"], c["index"]
         where = f"chunk {short(cid, 40)} index {index}"
@@ -208,11 +216,15 @@ class Reassembler:
                 self._close(key)
                 raise WireError(f"{where}: expected the same bytes as its first copy, got "
                                 f"different bytes")
-        cost = PART_OVERHEAD + len(payload) + (PARTIAL_OVERHEAD if not p.parts else 0)
+        cost = PART_OVERHEAD + len(payload) + \
+            (PARTIAL_OVERHEAD + DIGEST_BYTES * p.count if not p.parts else 0)
         extra = max(p.held + cost, p.expect) - p.charged  # beyond its reservation
         if extra:
             self._check_bytes(p.sender, extra, where, topic)
+        if not p.parts:
+            p.digests = bytearray(DIGEST_BYTES * p.count)
         p.parts[index] = payload
+        p.digests[DIGEST_BYTES * index:DIGEST_BYTES * (index + 1)] = digest
         p.held += cost
         self._held += cost
         self._charged += extra
@@ -220,12 +232,11 @@ class Reassembler:
         if len(p.parts) < p.count:
             return None
         self._close(key)
-        whole = b"".join(p.parts[i] for i in range(p.count))
-        got = hashlib.sha256(whole).digest()
+        got = hashlib.sha256(p.digests).digest()  # chunk_root of the digests in order
         if got != p.sha256:
-            raise WireError(f"chunk {short(cid, 40)}: sha256 of the reassembled frame: expected "
+            raise WireError(f"chunk {short(cid, 40)}: sha256 of the chunks' digests: expected "
                             f"{p.sha256.hex()[:16]}..., got {got.hex()[:16]}...")
-        return whole
+        return b"".join(p.parts[i] for i in range(p.count))
 
     def _admit(self, key: bytes, c: dict, origin: bytes, chunk_bytes: int, topic: str,
                where: str) -> _Partial:

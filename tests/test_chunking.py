@@ -41,12 +41,14 @@ def test_a_frame_that_fits_is_not_split():
 def test_split_chunks_fit_and_carry_the_original_header(max_payload):
     chunks = split(BIG, max_payload, "cid")
     assert len(chunks) > 1 and all(len(c) <= max_payload for c in chunks)
+    pieces = [decode(c).tensors["data"].tobytes() for c in chunks]
+    # the message's digest: the sha256 of its pieces' sha256s, in order (docs/protocol.md)
+    root = hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in pieces)).hexdigest()
     for i, c in enumerate(chunks):
         f = decode(c, Expect(kind="chunk", job="job", round=3, devices=frozenset({"dev-1"}),
                              codec="fp32"))
-        assert f.chunk == {"id": "cid", "index": i, "count": len(chunks),
-                           "sha256": hashlib.sha256(BIG).hexdigest()}
-    assert b"".join(decode(c).tensors["data"].tobytes() for c in chunks) == BIG
+        assert f.chunk == {"id": "cid", "index": i, "count": len(chunks), "sha256": root}
+    assert b"".join(pieces) == BIG
 
 
 @pytest.mark.parametrize("signed,sign_all", [(False, True), (True, True), (True, False)])
@@ -122,16 +124,21 @@ def test_a_corrupted_chunk_is_rejected_and_its_message_dropped():
     assert all(r.add(c) is None for c in chunks)
 
 
-def test_a_substituted_chunk_fails_the_whole_frame_sha256():
+def test_a_substituted_chunk_fails_the_message_digest():
+    # a chunk whose own body sha256 is right (it was re-encoded) but whose bytes are
+    # not the sender's: the digests put back do not hash to chunk.sha256
     chunks = split(BIG, 4096, "cid")
     f = decode(chunks[1])
     forged = encode(Frame("chunk", f.job, f.round, f.device, f.codec,
                           {"data": f.tensors["data"][::-1].copy()}, chunk=f.chunk))
     r = Reassembler()
-    with pytest.raises(WireError, match="sha256 of the reassembled frame"):
+    with pytest.raises(WireError, match="sha256 of the chunks' digests: expected"):
         for c in [chunks[0], forged, *chunks[2:]]:
             r.add(c)
     assert r.held_bytes == 0
+    # and chunks that arrive out of order are put back by index, digests too
+    r = Reassembler()
+    assert [r.add(c) for c in [chunks[2], chunks[0], chunks[1], *chunks[3:]]][-1] == BIG
 
 
 def test_inconsistent_chunks_are_rejected():
