@@ -11,7 +11,8 @@ Layout of ``--state-dir``::
     global-<r>.fdg      the global weights after round r (a wire frame, no pickle)
     kept-<name>.fdg     tensors the strategy keeps across rounds (``Strategy.kept``),
                         rewritten only when they change; state.json lists the live ones
-    round-<r>/<id>.fdg  every update accepted in the open round r, as received
+    round-<r>.log       every update accepted in the open round r, as received,
+                        appended (update_log.py)
 
 The history is appended, not rewritten: state.json holding every round record made
 closing round r cost O(r x devices) (a 200-round run at 16 devices: 30% of the server's
@@ -25,17 +26,18 @@ folder), and ``state.json`` is written last, so after a crash the state is
 either the previous round's or the new one's, never a mix; accepted updates
 of the open round are reloaded, so none is lost. The updates are made durable in
 groups (``sync_updates``, called by the aggregator once it has handled every queued
-message): written and renamed at once, and fsynced off the aggregator's thread by
-``syncer.py`` (each file once, then its folder), so that no update waits for a disk
-commit (16 updates a round: their fsyncs were the largest part of the aggregator's
-time a round, docs/results/field.md). A SIGKILL loses none of them (the page cache
-outlives the process); a power cut can lose those of the last few milliseconds,
-whose devices are asked again like any device that has not reported.
+message): appended to the round's log at once, and fsynced off the aggregator's
+thread by ``syncer.py`` (the log, then its folder), so that no update waits for a
+disk commit (16 updates a round: their fsyncs were the largest part of the
+aggregator's time a round, docs/results/field.md). A SIGKILL loses none of them
+(the page cache outlives the process); a power cut can lose those of the last few
+milliseconds, whose devices are asked again like any device that has not reported.
 
-Damage is named, not fatal where it need not be: an unreadable saved update, or one
-whose header names another job, round or device, is skipped with its file named (the
-aggregator counts it rejected and asks the device again); an entry of the folder that
-is none of the above (a ``round-old`` folder) is left alone with one warning.
+Damage is named, not fatal where it need not be: an unreadable saved update (a
+record torn by a crash), or one whose header names another job, round or device, is
+skipped with its log named (the aggregator counts it rejected and asks the device
+again); an entry of the folder that is none of the above (a ``round-old`` folder) is
+left alone with one warning.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ from device_runtime import wire
 from device_runtime.errors import WireError
 from broker_server.errors import BrokerServerError
 from broker_server.syncer import Syncer
+from broker_server.update_log import UpdateLog, read_log
 
 log = logging.getLogger("fedge.server")
 HISTORY = "history.jsonl"
@@ -95,6 +98,8 @@ class StateStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.warned: set[str] = set()  # stray entries already warned about
         self.unsynced: list[Path] = []  # updates saved, not yet handed to the syncer
+        self._log: tuple[int, UpdateLog] | None = None  # the open round's, for appending
+        self._log_ends: dict[int, int] = {}  # where a read log's whole records end
         self.syncer = Syncer()
         self._persisted: int | None = None  # records in history.jsonl (None: unknown)
 
@@ -158,6 +163,8 @@ class StateStore:
         gone = []
         if old and old != name:
             gone.append(self.root / old)
+        if self._log is not None and self._log[0] <= st.completed:
+            self._close_log()
         for d in self.root.glob("round-*"):
             r = self._round_of(d)
             if r is not None and r <= st.completed:
@@ -190,13 +197,18 @@ class StateStore:
         return records
 
     def _round_of(self, d: Path) -> int | None:
-        """r for a ``round-<r>`` folder; None (and one warning) for anything else there."""
+        """r for a ``round-<r>.log`` (or an older fedge's ``round-<r>`` folder); None
+        (and one warning) for anything else there."""
         number = d.name.removeprefix("round-")
-        if d.is_dir() and number.isdigit() and number.isascii():
+        if d.is_dir() or not number.endswith(".log"):
+            ok = d.is_dir()
+        else:
+            number, ok = number.removesuffix(".log"), d.is_file()
+        if ok and number.isdigit() and number.isascii():
             return int(number)
         if d.name not in self.warned:
             self.warned.add(d.name)
-            log.warning("state dir %s: ignoring %s (not a round-<number> folder of fedge's)",
+            log.warning("state dir %s: ignoring %s (not a round-<number>.log of fedge's)",
                         self.root, d)
         return None
 
@@ -242,12 +254,20 @@ class StateStore:
         return out
 
     def save_update(self, round_: int, device: str, payload: bytes) -> None:
-        """Write an accepted update (temp file, rename); durable at ``sync_updates``."""
-        d = self.root / f"round-{round_}"
-        d.mkdir(exist_ok=True)
-        path = d / f"{_safe(device)}.fdg"
-        atomic_write(path, payload, durable=False)
-        self.unsynced.append(path)
+        """Append an accepted update to its round's log (update_log.py); durable at
+        ``sync_updates``."""
+        if self._log is None or self._log[0] != round_:
+            self._close_log()
+            self._log = (round_, UpdateLog(self.root / f"round-{round_}.log",
+                                           self._log_ends.pop(round_, None)))
+        self._log[1].append(device, payload)
+        if self._log[1].path not in self.unsynced:
+            self.unsynced.append(self._log[1].path)
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log[1].close()
+            self._log = None
 
     def sync_updates(self) -> None:
         """Hand the updates saved since the last call to the syncer (syncer.py), which
@@ -263,20 +283,36 @@ class StateStore:
     def accepted_updates(self, round_: int
                          ) -> tuple[dict[str, tuple[wire.Frame, bytes]], list[tuple[str, str]]]:
         """The updates saved in round ``round_``: ({device: (frame, payload)}, [(device,
-        why)] for each file that cannot be read or whose header is not this job's update
-        from that device in that round (named in ``why``)."""
-        d = self.root / f"round-{round_}"
+        why)] for each record that cannot be read or whose header is not this job's
+        update from that device in that round (the log and the fault named in ``why``).
+        A torn last record is one of them; the next ``save_update`` cuts it off. (A
+        ``round-<r>/`` folder of one file an update, as fedge kept them before the log,
+        is read too.)"""
         good, bad = {}, []
-        if not d.is_dir():
-            return good, bad
-        for p in sorted(d.glob("*.fdg")):
-            expect = wire.Expect(kind="update", job=self.job, round=round_,
-                                 devices=frozenset([p.stem]))
+        path = self.root / f"round-{round_}.log"
+        saved: list[tuple[str, bytes | Path, Path]] = []
+        d = self.root / f"round-{round_}"
+        if d.is_dir():
+            saved += [(p.stem, p, p) for p in sorted(d.glob("*.fdg"))]  # read below
+        if path.exists():
             try:
-                payload = p.read_bytes()
-                good[p.stem] = (wire.decode(payload, expect), payload)
+                read = read_log(path)
+            except OSError as e:
+                bad.append(("", f"saved updates {path} are unreadable: {e}"))
+            else:
+                if self._log is None or self._log[0] != round_:
+                    self._log_ends[round_] = read.end
+                saved += [(dev, payload, path) for dev, payload in read.records]
+                if read.torn:
+                    bad.append((read.torn_device, f"saved updates {path}: torn at {read.torn}"))
+        for device, payload, where in saved:
+            expect = wire.Expect(kind="update", job=self.job, round=round_,
+                                 devices=frozenset([device]))
+            try:
+                payload = payload.read_bytes() if isinstance(payload, Path) else payload
+                good[device] = (wire.decode(payload, expect), payload)
             except (OSError, WireError) as e:
-                bad.append((p.stem, f"saved update {p} is unusable: {e}"))
+                bad.append((device, f"saved update of {device!r} in {where} is unusable: {e}"))
         return good, bad
 
 

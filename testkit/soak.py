@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from broker_server.records import rss_bytes
+from broker_server.update_log import read_log
 from device_runtime.keys import PublicKey
 from testkit.brokers import Mosquitto
 from testkit.field import (
@@ -123,13 +124,13 @@ class Fleet:
     def _kill_aggregator(self, r: int) -> dict:
         """SIGKILL once an update of the open round is persisted (so the restart must
         reload it and must not fold its resend again), then restart on the same state."""
-        folder = self.work / "state" / f"round-{r}"
+        log = self.work / "state" / f"round-{r}.log"
         deadline = time.time() + 4 * self.cfg.round_timeout
         while time.time() < deadline and completed_rounds(self.work) < r and \
-                not any(folder.glob("*.fdg")):
+                not (log.exists() and read_log(log).records):
             time.sleep(0.01)
         sigkill(self.server)
-        persisted = sorted(p.stem for p in folder.glob("*.fdg"))
+        persisted = sorted(d for d, _ in read_log(log).records) if log.exists() else []
         completed = completed_rounds(self.work)
         time.sleep(1.0)
         self._start_server()

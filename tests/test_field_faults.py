@@ -9,6 +9,7 @@ import secrets
 
 import pytest
 
+from broker_server.update_log import read_log
 from device_runtime.transport.mqtt import MqttTransport
 from testkit.field import (
     completed_rounds,
@@ -74,10 +75,11 @@ def test_aggregator_killed_and_restarted_resumes_without_loss(tmp_path, job_file
     devices = [start_device(broker.url, job, work, k) for k in range(3)]
     server = start_server(broker.url, job, work, ckpt, rounds=4, min_devices=3,
                           round_timeout=scaled(20.0))
-    wait_for(lambda: completed_rounds(work) >= 2 and
-             any((work / "state" / "round-3").glob("*.fdg")), 180, "an update in round 3")
+    log = work / "state" / "round-3.log"
+    wait_for(lambda: completed_rounds(work) >= 2 and log.exists() and
+             read_log(log).records, 180, "an update in round 3")
     sigkill(server)
-    saved = sorted(p.stem for p in (work / "state" / "round-3").glob("*.fdg"))
+    saved = sorted(device for device, _ in read_log(log).records)
     assert completed_rounds(work) == 2 and saved
     server = start_server(broker.url, job, work, ckpt, rounds=4, min_devices=3,
                           round_timeout=scaled(20.0))

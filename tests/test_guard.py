@@ -192,8 +192,66 @@ def test_saved_updates_that_are_damaged_or_of_another_round_are_named_and_skippe
     assert list(saved) == ["good"]
     reasons = dict(bad)
     assert set(reasons) == {"torn", "stale", "other"}
-    assert "round-2/torn.fdg" in reasons["torn"]
-    assert "round" in reasons["stale"] and "round-2/stale.fdg" in reasons["stale"]
+    assert "round-2.log" in reasons["torn"] and "'torn'" in reasons["torn"]
+    assert "round" in reasons["stale"] and "round-2.log" in reasons["stale"]
+
+
+def test_a_record_torn_by_a_crash_is_named_and_cut_off_before_the_next_append(tmp_path):
+    """A SIGKILL in the middle of an append leaves a partial record at the log's end.
+    The restarted aggregator names it (its device is asked again) and appends after the
+    last whole record: appended behind the torn one, a later update would be unreadable."""
+    store = StateStore(tmp_path, "job")
+    store.save_update(2, "a", _update("job", 2, "a"))
+    store.save_update(2, "b", _update("job", 2, "b"))
+    log = tmp_path / "round-2.log"
+    with open(log, "r+b") as f:
+        f.truncate(log.stat().st_size - 50)
+    again = StateStore(tmp_path, "job")  # the restart
+    saved, bad = again.accepted_updates(2)
+    assert list(saved) == ["a"] and [d for d, _ in bad] == ["b"]
+    assert "torn at byte" in bad[0][1] and "round-2.log" in bad[0][1]
+    again.save_update(2, "b", _update("job", 2, "b"))  # its device answered again
+    saved, bad = StateStore(tmp_path, "job").accepted_updates(2)
+    assert sorted(saved) == ["a", "b"] and bad == []
+
+
+def test_a_failed_append_leaves_no_partial_record(tmp_path, monkeypatch):
+    """A full disk mid-append: the error reaches the caller and the log is cut back, so
+    the next update appended is read (a partial record would hide it)."""
+    import errno
+
+    from broker_server import update_log
+
+    store = StateStore(tmp_path, "job")
+    store.save_update(2, "a", _update("job", 2, "a"))
+    real = update_log.os.pwritev
+
+    def full(fd, parts, at):
+        update_log.os.pwrite(fd, b"".join(parts)[:1000], at)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(update_log.os, "pwritev", full)
+    with pytest.raises(OSError, match="No space"):
+        store.save_update(2, "b", _update("job", 2, "b"))
+    monkeypatch.setattr(update_log.os, "pwritev", real)
+    store.save_update(2, "c", _update("job", 2, "c"))
+    saved, bad = StateStore(tmp_path, "job").accepted_updates(2)
+    assert sorted(saved) == ["a", "c"] and bad == []
+
+
+def test_updates_saved_one_file_each_by_an_older_fedge_are_read(tmp_path):
+    """A state dir left mid-round by a fedge that kept round-<r>/<id>.fdg: its updates
+    still count after the upgrade, and the folder goes when the round closes."""
+    (tmp_path / "round-2").mkdir()
+    (tmp_path / "round-2" / "old.fdg").write_bytes(_update("job", 2, "old"))
+    store = StateStore(tmp_path, "job")
+    store.save_update(2, "new", _update("job", 2, "new"))
+    saved, bad = store.accepted_updates(2)
+    assert sorted(saved) == ["new", "old"] and bad == []
+    st = ServerState("job", completed=2)
+    store.save_round(st, _model())
+    assert store.flush(30)
+    assert not (tmp_path / "round-2").exists() and not (tmp_path / "round-2.log").exists()
 
 
 def test_a_stray_entry_in_the_state_dir_is_ignored_with_one_warning(tmp_path, caplog):
@@ -244,9 +302,10 @@ def test_guard_state_that_is_not_the_jobs_or_not_numbers_is_refused_naming_the_f
 
 
 def test_saved_updates_are_fsynced_together_when_the_burst_is_handled(tmp_path, monkeypatch):
-    """An accepted update is renamed into place at once and fsynced with the rest of its
-    burst (``sync_updates``, which the aggregator calls once its queue is empty, hands
-    them to the syncer's thread): every file and its folder synced by ``flush``."""
+    """An accepted update is appended to its round's log at once and fsynced with the
+    rest of its burst (``sync_updates``, which the aggregator calls once its queue is
+    empty, hands them to the syncer's thread): the log and its folder synced by
+    ``flush``, once each."""
     import os
 
     from broker_server import state
@@ -261,8 +320,7 @@ def test_saved_updates_are_fsynced_together_when_the_burst_is_handled(tmp_path, 
     assert synced == [] and sorted(store.accepted_updates(3)[0]) == ["a", "b", "c"]
     store.sync_updates()
     assert store.flush(30)
-    folder = tmp_path / "round-3"
-    assert sorted(synced) == sorted([str(folder / f"{d}.fdg") for d in "abc"] + [str(folder)])
+    assert sorted(synced) == sorted([str(tmp_path / "round-3.log"), str(tmp_path)])
     synced.clear()
     store.sync_updates()  # nothing new: nothing to sync
     assert store.flush(30) and synced == []

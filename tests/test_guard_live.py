@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from broker_server.service import Aggregator, ServeOptions
+from broker_server.update_log import UpdateLog
 from device_runtime import messages, wire
 from device_runtime.agent import DeviceAgent
 from device_runtime.topics import Topics
@@ -143,10 +144,11 @@ def test_lying_devices_neither_replace_the_model_nor_hang_the_job(broker, tmp_pa
 
 
 def test_a_damaged_state_dir_is_named_and_the_job_goes_on(broker, tmp_path, mnist1d):
-    """Issue 20, item 8: after round 1, the state dir gets a torn saved update, one whose
-    header is of round 1 though it sits in round-2/, and a stray round-old folder. The
-    restarted aggregator names the two files, asks their devices again and completes;
-    the old code stopped on the torn file and raised ValueError on round-old."""
+    """Issue 20, item 8: after round 1, the state dir gets a saved update whose header is
+    of round 1 though it sits in round 2's log, a torn one after it, and a stray
+    round-old folder. The restarted aggregator names both, asks their devices again and
+    completes; the old code stopped on the torn update and raised ValueError on
+    round-old."""
     ds, state = mnist1d, tmp_path / "state"
     data = (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
     first, _ = _run(broker.url, "guard-state", state, data, hostile=False, rounds=1)
@@ -155,17 +157,20 @@ def test_a_damaged_state_dir_is_named_and_the_job_goes_on(broker, tmp_path, mnis
     t.connect()
     t.clear_retained(Topics("guard-state").control)
     t.close()
-    (state / "round-2").mkdir()
     model = {k: np.zeros_like(v) for k, v in weights_of(build_model(CFG)).items()}
     stale = wire.encode(wire.Frame("update", "guard-state", 1, "dev-1", "fp32", model,
                                    meta={"samples": 10**15}), signer=KEYS.device("dev-1"))
-    (state / "round-2" / "dev-0.fdg").write_bytes(stale[:200])
-    (state / "round-2" / "dev-1.fdg").write_bytes(stale)
+    log = UpdateLog(state / "round-2.log")
+    log.append("dev-1", stale)
+    log.append("dev-0", stale)
+    log.close()
+    with open(state / "round-2.log", "r+b") as f:
+        f.truncate(len(stale) + len(stale) // 2)
     (state / "round-old").mkdir()
     report, agg = _run(broker.url, "guard-state", state, data, hostile=False, rounds=2)
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert report["rounds"][-1]["accepted"] == [f"dev-{k}" for k in range(HONEST)]
     why = {r["device"]: r["reason"] for r in report["rejected"]}
-    assert "round-2/dev-0.fdg" in why["dev-0"]
-    assert "round-2/dev-1.fdg" in why["dev-1"] and "round" in why["dev-1"]
+    assert "round-2.log: torn at byte" in why["dev-0"]
+    assert "round-2.log" in why["dev-1"] and "round" in why["dev-1"]
     assert (state / "round-old").is_dir()

@@ -96,8 +96,8 @@ def test_a_closed_rounds_files_go_without_holding_up_the_next_round(tmp_path, mo
 
     from broker_server import syncer
 
-    disk, real = threading.Event(), syncer.shutil.rmtree
-    monkeypatch.setattr(syncer.shutil, "rmtree", lambda p: (disk.wait(60), real(p)))
+    disk, real = threading.Event(), syncer.remove_paths
+    monkeypatch.setattr(syncer, "remove_paths", lambda paths: (disk.wait(60), real(paths)))
     store = _run(tmp_path, 1)
     st, _ = store.load()
     store.save_update(2, "d0", b"an update")
@@ -108,8 +108,8 @@ def test_a_closed_rounds_files_go_without_holding_up_the_next_round(tmp_path, mo
     done.join(30)
     assert not done.is_alive()  # returned while the folder's removal is held up
     assert json.loads((tmp_path / "state.json").read_text())["global_file"] == "global-2.fdg"
-    assert (tmp_path / "round-2" / "d0.fdg").exists() and not store.flush(timeout=0.2)
+    assert (tmp_path / "round-2.log").exists() and not store.flush(timeout=0.2)
     disk.set()
     assert store.flush(timeout=60)
-    assert not (tmp_path / "round-2").exists() and not (tmp_path / "global-1.fdg").exists()
+    assert not (tmp_path / "round-2.log").exists() and not (tmp_path / "global-1.fdg").exists()
     assert store.load()[0].completed == 2
