@@ -91,11 +91,13 @@ class ServerTrust:
 
     def gate(self, topics: Topics):
         """The transport gate: cheap checks before a message is held or queued."""
-        def check(topic: str, data: bytes, chunk: bool) -> None:
+        def check(topic: str, data: bytes, chunk: bool) -> dict | None:
+            """Refuse (WireError) what must not be held; a chunk's header is returned
+            for the reassembler (which hashes its body)."""
             where = topics.parse(topic)
             kind, device = where.get("kind"), where.get("device")
             if kind not in DEVICE_KINDS or device is None:
-                return  # the aggregator's own topics (workers') are checked where handled
+                return None  # the aggregator's own topics (workers') are checked where handled
             if kind != "status" and not (chunk or data[:4] == wire.MAGIC):
                 raise WireError(f"{kind}: expected a frame (magic FDG1), got {len(data)} "
                                 "other bytes")
@@ -105,7 +107,7 @@ class ServerTrust:
                     raise WireError(f"{kind}: {device!r} has no open task in round "
                                     f"{where.get('round')}")
             if not (chunk or kind == "status"):
-                return  # a whole frame: the handler checks its signature
+                return None  # a whole frame: the handler checks its signature
             key, expect = self.key_of(device), wire.Expect(job=self.job)
             # A chunk's body is hashed by the reassembler's decode, right after.
             header = self.chunks.verify(topic, data, key, expect) if chunk else \
@@ -113,6 +115,7 @@ class ServerTrust:
             if header["device"] != device:
                 raise WireError(f"header.device: expected {device!r} (the topic's), "
                                 f"got {header['device']!r}")
+            return header if chunk else None
         return check
 
 

@@ -32,7 +32,8 @@ from device_runtime.chunk_split import chunk_frame, split  # noqa: F401
 from device_runtime.errors import ChunkRefusedError, WireError
 from device_runtime.strict_json import short
 from device_runtime.topics import sender_of
-from device_runtime.wire import Expect, Frame, encode, open_frame, peek_header
+from device_runtime.wire import (Expect, Frame, check_expect, checked_body, encode, open_frame,
+                                 peek_header)
 
 # What holding costs beyond the payload bytes, measured with tracemalloc (CPython
 # 3.11, 64-bit; tests/test_chunking.py checks the running count against tracemalloc,
@@ -156,13 +157,21 @@ class Reassembler:
         """Incomplete messages held."""
         return len(self._partials)
 
-    def add(self, chunk: bytes | Frame, topic: str = "") -> bytes | None:
+    def add(self, chunk: bytes | Frame, topic: str = "", header: dict | None = None
+            ) -> bytes | None:
         """The original frame's bytes once its last chunk arrived, else None. ``topic``
-        is the message's topic (without the chunk suffix); it names the sender."""
+        is the message's topic (without the chunk suffix); it names the sender.
+        ``header``: the chunk's header as ``wire.peek_header`` validated it from these
+        bytes (a transport's gate did), so it is not parsed again; the body is still
+        checked against it."""
         # A Frame is checked exactly like received bytes: by the decoder.
         data = encode(chunk) if isinstance(chunk, Frame) else chunk
         try:
-            header, body = open_frame(data, Expect(kind="chunk"))
+            if header is None:
+                header, body = open_frame(data, Expect(kind="chunk"))
+            else:
+                check_expect(header, Expect(kind="chunk"))
+                body = checked_body(data, header)
         except WireError:
             self._drop_id_of(data, topic)
             raise

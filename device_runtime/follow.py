@@ -87,12 +87,14 @@ class ServerMessages:
         self.round_seen = task.round
         return task
 
-    def gate(self, topic: str, data: bytes, chunk: bool) -> None:
+    def gate(self, topic: str, data: bytes, chunk: bool) -> dict | None:
         """On the transport thread: a chunk must be signed by the aggregator before it
         is held (a flood of forged chunks costs one signature check each; an honest
-        message's chunks after its chunk 0, a hash each: chunk_auth.py)."""
-        if chunk:  # its body is hashed by the reassembler's decode, right after
-            self.chunks.verify(topic, data, self.key, wire.Expect(job=self.job))
+        message's chunks after its chunk 0, a hash each: chunk_auth.py). Its header is
+        returned for the reassembler, which hashes its body right after."""
+        if chunk:
+            return self.chunks.verify(topic, data, self.key, wire.Expect(job=self.job))
+        return None
 
     def count(self, kind: str, topic: str, e: Exception) -> None:
         """Count a refusal; log the first of each kind and reason (the field it names),

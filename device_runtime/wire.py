@@ -212,6 +212,26 @@ def open_frame(data: bytes | bytearray | memoryview, expect: Expect | None = Non
     return _guarded(run)
 
 
+def checked_body(data: bytes | bytearray | memoryview, header: dict) -> memoryview:
+    """The body (a view into ``data``) of a frame whose header ``header`` is, as
+    ``peek_header`` or ``signed_digest`` validated it from these same bytes, checked
+    against the header's sha256: ``open_frame`` without parsing the header again."""
+    def run() -> memoryview:
+        view = _byte_view(data)
+        (h,) = struct.unpack_from("<I", view, 4)
+        body = view[PREFIX + h + (SIGNATURE if header["v"] == SIGNED_VERSION else 0):]
+        total = sum(t["nbytes"] for t in header["tensors"])
+        if len(body) != total:
+            raise WireError(f"body length: expected {total} bytes (the sum of tensor nbytes), "
+                            f"got {len(body)} (a header of other bytes)")
+        digest = hashlib.sha256(body).hexdigest()
+        if digest != header["sha256"]:
+            raise WireError(f"header.sha256: expected the body's sha256 {digest[:16]}..., got "
+                            f"{header['sha256'][:16]}...")
+        return body
+    return _guarded(run)
+
+
 def signed_digest(data: bytes | bytearray | memoryview, limits: Limits = Limits()
                   ) -> tuple[dict, str]:
     """The validated header and the first 32 hex digits of the sha256 of the frame's

@@ -141,6 +141,21 @@ def test_a_substituted_chunk_fails_the_message_digest():
     assert [r.add(c) for c in [chunks[2], chunks[0], chunks[1], *chunks[3:]]][-1] == BIG
 
 
+def test_a_header_the_gate_validated_is_not_parsed_again_but_the_body_is_checked():
+    # a transport's gate hands the reassembler the chunk's header (wire.peek_header's)
+    from device_runtime.wire import peek_header
+
+    chunks = split(BIG, 4096, "cid")
+    headers = [peek_header(c) for c in chunks]
+    r = Reassembler()
+    assert [r.add(c, "t", h) for c, h in zip(chunks, headers)][-1] == BIG
+    # a header not of these bytes: the body does not hash to it
+    with pytest.raises(WireError, match="header.sha256: expected the body's sha256"):
+        Reassembler().add(chunks[1], "t", headers[2])
+    with pytest.raises(WireError, match="header.kind: expected 'chunk'"):
+        Reassembler().add(GOOD, "t", peek_header(GOOD))
+
+
 def test_inconsistent_chunks_are_rejected():
     chunks = split(BIG, 4096, "cid")
     f = decode(chunks[1])

@@ -108,8 +108,10 @@ class Transport(ABC):
         # each chunk before holding it (chunk_auth.py: a live message's chunk 0 only).
         self.signer: Signer | None = None
         # The receiver's check of every chunk and every whole message, on the delivery
-        # thread, before anything is held or queued: raises WireError to refuse it.
-        self.gate: Callable[[str, bytes, bool], None] | None = None
+        # thread, before anything is held or queued: raises WireError to refuse it. For
+        # a chunk it may return the header it validated (wire.peek_header's), which the
+        # reassembler then need not parse again.
+        self.gate: Callable[[str, bytes, bool], dict | None] | None = None
 
     # --- what subclasses provide -------------------------------------------
     @abstractmethod
@@ -187,9 +189,8 @@ class Transport(ABC):
         if CHUNK_SEP in topic:
             topic = topic.split(CHUNK_SEP)[0]
             try:
-                if self.gate is not None:
-                    self.gate(topic, payload, True)
-                whole = self._reassembler.add(payload, topic)  # expires the old too
+                header = self.gate(topic, payload, True) if self.gate is not None else None
+                whole = self._reassembler.add(payload, topic, header)  # expires the old too
             except WireError as e:
                 self.on_error(topic, f"chunk rejected: {e}")
                 return
