@@ -73,8 +73,7 @@ def load_json(raw: memoryview) -> object:
         raise WireError(f"header: expected UTF-8, got an invalid byte at offset {e.start}") \
             from None
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates,
-                            parse_constant=_finite_float, parse_float=_finite_float)
+        header = _DECODER.decode(text)
     except RecursionError:
         raise WireError("header: expected JSON of sane nesting depth, got nesting deeper than "
                         "the parser's recursion limit") from None
@@ -101,11 +100,13 @@ def _nesting(value: object) -> int:
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     # Two "round" keys would let two readers disagree on what the frame says.
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise WireError(f"header: expected unique keys, got {short(k)} twice")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):  # rare: find the key to name (the dict is built in C)
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise WireError(f"header: expected unique keys, got {short(k)} twice")
+            seen.add(k)
     return out
 
 
@@ -114,6 +115,12 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):  # NaN, Infinity, and "1e999" which parses as inf
         raise WireError(f"header: expected finite JSON numbers, got {short(text)}")
     return value
+
+
+# One decoder for every header: json.loads builds a new one (and its scanner) per call
+# when given hooks, a third of parsing a chunk's header.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_finite_float,
+                            parse_float=_finite_float)
 
 
 def json_type(v: object) -> str:
