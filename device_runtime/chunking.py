@@ -32,8 +32,7 @@ from device_runtime.chunk_split import chunk_frame, split  # noqa: F401
 from device_runtime.errors import ChunkRefusedError, WireError
 from device_runtime.strict_json import short
 from device_runtime.topics import sender_of
-from device_runtime.wire import (Expect, Frame, check_expect, checked_body, encode, open_frame,
-                                 peek_header)
+from device_runtime.wire import Expect, Frame, encode, open_frame, peek_header
 
 # What holding costs beyond the payload bytes, measured with tracemalloc (CPython
 # 3.11, 64-bit; tests/test_chunking.py checks the running count against tracemalloc,
@@ -167,11 +166,7 @@ class Reassembler:
         # A Frame is checked exactly like received bytes: by the decoder.
         data = encode(chunk) if isinstance(chunk, Frame) else chunk
         try:
-            if header is None:
-                header, body = open_frame(data, Expect(kind="chunk"))
-            else:
-                check_expect(header, Expect(kind="chunk"))
-                body = checked_body(data, header)
+            header, body = open_frame(data, Expect(kind="chunk"), header=header)
         except WireError:
             self._drop_id_of(data, topic)
             raise

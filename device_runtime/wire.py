@@ -200,32 +200,25 @@ def verify(data: bytes | bytearray | memoryview, key: PublicKey | None,
 
 
 def open_frame(data: bytes | bytearray | memoryview, expect: Expect | None = None,
-               limits: Limits = Limits()) -> tuple[dict, memoryview]:
+               limits: Limits = Limits(), header: dict | None = None
+               ) -> tuple[dict, memoryview]:
     """The validated header and the body (a view into ``data``) of a frame whose body
     matches its header's sha256, without creating an array: for a caller that takes
-    the body as bytes (the reassembler, a chunk's payload). No signature is checked."""
+    the body as bytes (the reassembler, a chunk's payload). No signature is checked.
+    ``header``: the header as ``peek_header`` or ``signed_digest`` validated it from
+    these same bytes (a transport's gate did), not parsed again."""
     def run() -> tuple[dict, memoryview]:
-        header, body = _authentic(_byte_view(data), None, limits)
-        if expect is not None:
-            check_expect(header, expect)
-        return header, body
-    return _guarded(run)
-
-
-def checked_body(data: bytes | bytearray | memoryview, header: dict) -> memoryview:
-    """The body (a view into ``data``) of a frame whose header ``header`` is, as
-    ``peek_header`` or ``signed_digest`` validated it from these same bytes, checked
-    against the header's sha256: ``open_frame`` without parsing the header again."""
-    def run() -> memoryview:
         view = _byte_view(data)
-        (h,) = struct.unpack_from("<I", view, 4)
-        body = view[PREFIX + h + (SIGNATURE if header["v"] == SIGNED_VERSION else 0):]
-        total = sum(t["nbytes"] for t in header["tensors"])
-        if len(body) != total:
-            raise WireError(f"body length: expected {total} bytes (the sum of tensor nbytes), "
-                            f"got {len(body)} (a header of other bytes)")
-        _check_body_sha(body, header)
-        return body
+        if header is None:
+            checked, body = _authentic(view, None, limits)
+        else:
+            (h,) = struct.unpack_from("<I", view, 4)
+            checked = header
+            body = view[PREFIX + h + (SIGNATURE if header["v"] == SIGNED_VERSION else 0):]
+            _check_body_sha(body, header)
+        if expect is not None:
+            check_expect(checked, expect)
+        return checked, body
     return _guarded(run)
 
 
